@@ -1,0 +1,109 @@
+"""The only reader of environment variables: typed values with safe local defaults for the settings."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from depthsite.units import parse_size
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class EnvError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value is None else value.strip()
+
+
+def get_str(name: str, default: str = "") -> str:
+    value = _raw(name)
+    return default if value is None or value == "" else value
+
+
+def get_bool(name: str, default: bool = False) -> bool:
+    value = _raw(name)
+    if value is None:
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise EnvError(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no)")
+
+
+def get_int(name: str, default: int) -> int:
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise EnvError(f"{name}={value!r} is not an integer") from None
+
+
+def get_size(name: str, default: int | None) -> int | None:
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise EnvError(f"{name}: {exc}") from None
+
+
+def get_list(name: str, default: list[str]) -> list[str]:
+    value = _raw(name)
+    if value is None or value == "":
+        return list(default)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+# --- Django core -------------------------------------------------------------------------------
+SECRET_KEY = get_str("DJANGO_SECRET_KEY", "")
+DEBUG = get_bool("DJANGO_DEBUG", True)
+ALLOWED_HOSTS = get_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = get_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+LOG_LEVEL = get_str("DEPTHSITE_LOG_LEVEL", "WARNING").upper()
+
+# --- storage and services ----------------------------------------------------------------------
+VAR_DIR = Path(get_str("DEPTHSITE_VAR_DIR", str(BASE_DIR / "var")))
+DATABASE_URL = get_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'depthsite.sqlite3'}")
+REDIS_URL = get_str("REDIS_URL", "")
+MEDIA_ROOT = Path(get_str("DEPTHSITE_MEDIA_ROOT", str(VAR_DIR / "media")))
+
+# --- the weight cache --------------------------------------------------------------------------
+_XDG_CACHE = Path(get_str("XDG_CACHE_HOME", str(Path.home() / ".cache")))
+CACHE_DIR = Path(get_str("DEPTHSITE_CACHE_DIR", str(_XDG_CACHE / "depthsite" / "models"))).expanduser()
+CACHE_MAX_BYTES = get_size("DEPTHSITE_CACHE_MAX_BYTES", None)
+CACHE_FORMAT = get_str("DEPTHSITE_CACHE_FORMAT", "").lower()
+NODE = get_str("DEPTHSITE_NODE", socket.gethostname())
+MODEL_MIRROR = get_str("DEPTHSITE_MODEL_MIRROR", "")
+OFFLINE = get_bool("DEPTHSITE_OFFLINE", False)
+
+# --- inference ---------------------------------------------------------------------------------
+DEVICE = get_str("DEPTHSITE_DEVICE", "")
+COMPILE = get_bool("DEPTHSITE_COMPILE", False)
+FP16 = get_bool("DEPTHSITE_FP16", False)
+WARM_MODELS = get_int("DEPTHSITE_WARM_MODELS", 2)
+TORCH_THREADS = get_int("DEPTHSITE_TORCH_THREADS", 0)
+MAX_IMAGE_PIXELS = get_int("DEPTHSITE_MAX_IMAGE_PIXELS", 50_000_000)
+
+# --- jobs, web and API -------------------------------------------------------------------------
+WORKERS = get_int("DEPTHSITE_WORKERS", 1)
+JOB_TIMEOUT = get_int("DEPTHSITE_JOB_TIMEOUT", 600)
+JOB_MAX_ATTEMPTS = get_int("DEPTHSITE_JOB_MAX_ATTEMPTS", 3)
+WORKER_MAX_RSS_KB = get_int("DEPTHSITE_WORKER_MAX_RSS_KB", 8 * 1024 * 1024)
+REUSE_RESULTS = get_bool("DEPTHSITE_REUSE_RESULTS", True)
+MAX_UPLOAD_BYTES = get_size("DEPTHSITE_MAX_UPLOAD_BYTES", 25 * 1000**2)
+MAX_IMPORT_BYTES = get_size("DEPTHSITE_MAX_IMPORT_BYTES", 4 * 1000**3)
+PUBLIC_UPLOADS = get_bool("DEPTHSITE_PUBLIC_UPLOADS", False)
+PUBLIC_STATUS = get_bool("DEPTHSITE_PUBLIC_STATUS", False)
+UPLOAD_RATE = get_str("DEPTHSITE_UPLOAD_RATE", "30/hour")
+WRITE_RATE = get_str("DEPTHSITE_WRITE_RATE", "120/hour")

@@ -1,0 +1,25 @@
+"""django-q2: the ORM broker by default, Redis when REDIS_URL is set; settings that cannot lose or duplicate work."""
+from depthsite import env
+
+# timeout < retry: a task is only handed out again after its worker must have given up on it, so a
+# slow job is never run twice at once; max_attempts bounds re-deliveries of a job whose worker died.
+_timeout = env.JOB_TIMEOUT
+Q_CLUSTER = {
+    "name": "depthsite",
+    "workers": env.WORKERS,
+    "timeout": _timeout,
+    "retry": _timeout + 60,
+    "max_attempts": env.JOB_MAX_ATTEMPTS,
+    "recycle": 10_000,
+    "max_rss": env.WORKER_MAX_RSS_KB,
+    "queue_limit": max(2, env.WORKERS * 2),
+    "ack_failures": True,
+    "catch_up": False,
+    "save_limit": 500,
+    "label": "Task queue",
+    "poll": 0.5,
+}
+if env.REDIS_URL:
+    Q_CLUSTER["redis"] = env.REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"

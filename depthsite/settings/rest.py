@@ -1,0 +1,28 @@
+"""Django REST framework and the OpenAPI schema."""
+from depthsite import env
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 20,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "depthsite.api.exception_handler",
+    "DEFAULT_THROTTLE_RATES": {
+        "uploads": env.UPLOAD_RATE,
+        "writes": env.WRITE_RATE,
+    },
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "depthsite API",
+    "DESCRIPTION": "Monocular depth estimation with MiDaS: predictions and the model registry.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}

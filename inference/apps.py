@@ -1,0 +1,14 @@
+"""App config: registers the functional health check with the registry (the registry never imports us)."""
+from django.apps import AppConfig
+
+
+class InferenceConfig(AppConfig):
+    name = "inference"
+    verbose_name = "Depth inference"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self):
+        from inference.health import weights_functional_hash
+        from models_registry.services.weights import functional_check_register
+
+        functional_check_register(weights_functional_hash)

@@ -1,0 +1,182 @@
+"""Django admin for the registry: models with their files inline; actions call the same services as the CLI and API."""
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.http import FileResponse
+from django.utils.html import format_html
+
+from depthsite.units import format_size
+from models_registry.choices import Health, WeightFormat
+from models_registry.exceptions import ApplicationError
+from models_registry.models import RegisteredModel, WeightDownload, WeightFile
+from models_registry.services.cache import cache_clear
+from models_registry.services.weights import weight_convert, weight_export_artifact, weight_verify
+
+HEALTH_COLOURS = {Health.OK: "#1a7f37", Health.UNVERIFIED: "#9a6700", Health.CORRUPT: "#cf222e",
+                  Health.MISSING: "#cf222e"}
+
+
+def _health_badge(weight_file: WeightFile) -> str:
+    colour = HEALTH_COLOURS.get(weight_file.health, "#57606a")
+    return format_html('<strong style="color:{}">{}</strong>', colour, weight_file.health)
+
+
+def _report(modeladmin, request, done: list[str], failed: list[str]) -> None:
+    if done:
+        modeladmin.message_user(request, "; ".join(done), messages.SUCCESS)
+    for failure in failed:
+        modeladmin.message_user(request, failure, messages.ERROR)
+
+
+class WeightFileInline(admin.TabularInline):
+    model = WeightFile
+    extra = 0
+    can_delete = False
+    fields = ("format", "node", "human_size", "health_badge", "health_reason", "last_used_at", "verified_at", "path")
+    readonly_fields = fields
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="size")
+    def human_size(self, obj):
+        return format_size(obj.size)
+
+    @admin.display(description="health")
+    def health_badge(self, obj):
+        return _health_badge(obj)
+
+
+def _convert_action(fmt: str):
+    def action(modeladmin, request, queryset):
+        done, failed = [], []
+        for model in queryset:
+            try:
+                weight_file = weight_convert(model=model, fmt=fmt)
+                done.append(f"{model.name}: {fmt} cached ({format_size(weight_file.size)})")
+            except ApplicationError as exc:
+                failed.append(f"{model.name}: {exc.message}")
+        _report(modeladmin, request, done, failed)
+
+    action.__name__ = f"convert_to_{fmt}"
+    return admin.action(description=f"Convert to {fmt}")(action)
+
+
+@admin.action(description="Verify cached files")
+def verify_models(modeladmin, request, queryset):
+    done, failed = [], []
+    for model in queryset:
+        for weight_file in model.weight_files.all():
+            result = weight_verify(weight_file=weight_file)
+            line = f"{model.name} [{weight_file.format}]: {result.health}"
+            (done if result.ok else failed).append(line + (f" - {result.reason}" if result.reason else ""))
+    if not done and not failed:
+        failed.append("no cached files to verify in the selection")
+    _report(modeladmin, request, done, failed)
+
+
+@admin.action(description="Clear cached files (this node)")
+def clear_models(modeladmin, request, queryset):
+    done = []
+    for model in queryset:
+        result = cache_clear(model=model)
+        done.append(f"{model.name}: {result.files} file(s), {format_size(result.bytes)} freed")
+    _report(modeladmin, request, done, [])
+
+
+def _download_response(result) -> FileResponse:
+    response = FileResponse(result.open(), as_attachment=True, filename=result.download_name)
+    response["Content-Length"] = str(result.size)
+    response["ETag"] = f'"{result.sha256}"'
+    return response
+
+
+@admin.register(RegisteredModel)
+class RegisteredModelAdmin(admin.ModelAdmin):
+    list_display = ("name", "display_name", "architecture", "input_size", "enabled", "pinned", "cached_formats",
+                    "cached_size", "pinned_hash")
+    list_filter = ("architecture", "enabled", "pinned", "is_official")
+    search_fields = ("name", "display_name", "file_name")
+    readonly_fields = ("is_official", "created_at", "updated_at", "sha256_pinned_at", "sha256_pinned_from")
+    inlines = [WeightFileInline]
+    actions = [verify_models, *(_convert_action(fmt) for fmt in WeightFormat.values), clear_models]
+
+    @admin.display(description="cached")
+    def cached_formats(self, obj):
+        return ", ".join(f"{f.format} ({f.health})" for f in obj.weight_files.all()) or "-"
+
+    @admin.display(description="size")
+    def cached_size(self, obj):
+        return format_size(sum(f.size for f in obj.weight_files.all()))
+
+    @admin.display(description="pinned sha256")
+    def pinned_hash(self, obj):
+        return obj.expected_sha256[:16] + "..." if obj.expected_sha256 else "-"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("weight_files")
+
+
+@admin.action(description="Verify")
+def verify_files(modeladmin, request, queryset):
+    done, failed = [], []
+    for weight_file in queryset.select_related("model"):
+        result = weight_verify(weight_file=weight_file)
+        line = f"{weight_file.model.name} [{weight_file.format}]: {result.health}"
+        (done if result.ok else failed).append(line + (f" - {result.reason}" if result.reason else ""))
+    _report(modeladmin, request, done, failed)
+
+
+@admin.action(description="Export (download the file)")
+def export_file(modeladmin, request, queryset):
+    if queryset.count() != 1:
+        modeladmin.message_user(request, "select exactly one weight file to export", messages.ERROR)
+        return None
+    weight_file = queryset.select_related("model").get()
+    try:
+        result = weight_export_artifact(model=weight_file.model, fmt=weight_file.format)
+    except ApplicationError as exc:
+        modeladmin.message_user(request, exc.message, messages.ERROR)
+        return None
+    return _download_response(result)
+
+
+@admin.action(description="Delete file and record (clear)")
+def clear_files(modeladmin, request, queryset):
+    done = []
+    for weight_file in queryset.select_related("model"):
+        result = cache_clear(model=weight_file.model, fmt=weight_file.format)
+        done.append(f"{weight_file.model.name} [{weight_file.format}]: {format_size(result.bytes)} freed")
+    _report(modeladmin, request, done, [])
+
+
+@admin.register(WeightFile)
+class WeightFileAdmin(admin.ModelAdmin):
+    list_display = ("model", "format", "human_size", "health_badge", "health_reason", "last_used_at", "node",
+                    "verified_at")
+    list_filter = ("format", "health", "node", "model")
+    search_fields = ("model__name", "sha256", "path")
+    readonly_fields = [field.name for field in WeightFile._meta.fields]
+    actions = [verify_files, export_file, clear_files]
+
+    def has_add_permission(self, request):
+        return False  # files enter the cache through import, download or convert, which check them
+
+    @admin.display(description="size", ordering="size")
+    def human_size(self, obj):
+        return format_size(obj.size)
+
+    @admin.display(description="health", ordering="health")
+    def health_badge(self, obj):
+        return _health_badge(obj)
+
+
+@admin.register(WeightDownload)
+class WeightDownloadAdmin(admin.ModelAdmin):
+    list_display = ("model", "node", "status", "bytes_done", "bytes_total", "created_at", "finished_at", "error")
+    list_filter = ("status", "node")
+    readonly_fields = [field.name for field in WeightDownload._meta.fields]
+
+    def has_add_permission(self, request):
+        return False

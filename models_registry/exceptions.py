@@ -1,0 +1,63 @@
+"""The registry's domain errors: one small family that every door renders the same way.
+
+Each error carries a message a user can act on and optional structured `extra`; the REST layer maps
+`status` to the HTTP code, commands print the message on one line and exit with `exit_code`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApplicationError(Exception):
+    status = 400
+    exit_code = 2
+
+    def __init__(self, message: str, extra: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.extra = extra or {}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ValidationError(ApplicationError):
+    """The request itself is wrong (unknown format, bad size, missing confirmation)."""
+
+
+class NotFoundError(ApplicationError):
+    status = 404
+
+
+class ConflictError(ApplicationError):
+    """The operation collides with the cache's state (already running, would overwrite, pinned hash)."""
+
+    status = 409
+
+
+class TooLargeError(ApplicationError):
+    status = 413
+
+
+class WeightFileError(ApplicationError):
+    """A weight file is unreadable, of the wrong kind, or does not hold the model's weights."""
+
+    status = 422
+
+
+class IntegrityError(ApplicationError):
+    """Bytes differ from the pinned hash or from the record."""
+
+    status = 409
+
+
+class OfflineError(ApplicationError):
+    status = 503
+
+
+class DownloadError(ApplicationError):
+    status = 502
+
+
+class DiskFullError(ApplicationError):
+    status = 507

@@ -1,0 +1,25 @@
+"""Weight file formats: recognised by content, read safely, written whole, compared by content digest."""
+from models_registry.formats.digest import content_digest, file_sha256
+from models_registry.formats.io import (
+    LoadedWeights,
+    RestrictedUnpickler,
+    read_state_dict,
+    read_weights,
+    restricted_loads,
+    write_weights,
+)
+from models_registry.formats.sniff import BUNDLE, extension_format, sniff_format
+
+__all__ = [
+    "BUNDLE",
+    "LoadedWeights",
+    "RestrictedUnpickler",
+    "content_digest",
+    "extension_format",
+    "file_sha256",
+    "read_state_dict",
+    "read_weights",
+    "restricted_loads",
+    "sniff_format",
+    "write_weights",
+]

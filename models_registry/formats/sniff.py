@@ -1,0 +1,127 @@
+"""Recognise a weight file by its content, and name the classic bad files with their fix."""
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+from models_registry.exceptions import WeightFileError
+
+HEAD_BYTES = 1024
+ZIP_MAGIC = b"PK\x03\x04"
+ZIP_EOCD = b"PK\x05\x06"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# torch's legacy (pre-1.6) serialisation: pickle protocol 2, then LONG1 of its 10-byte magic number.
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")
+
+BUNDLE = "bundle"
+
+
+def _bad(kind: str, message: str, **extra) -> WeightFileError:
+    return WeightFileError(message, extra={"kind": kind, **extra})
+
+
+def _zip_has_central_directory(path: Path, size: int) -> bool:
+    # The end-of-central-directory record sits in the last 22 bytes plus an optional comment (<64 KiB).
+    tail = min(size, 22 + 65535)
+    with open(path, "rb") as handle:
+        handle.seek(size - tail)
+        return ZIP_EOCD in handle.read(tail)
+
+
+def sniff_format(path: Path | str) -> str:
+    """'pt', 'safetensors', 'h5', 'pkl' or 'bundle', decided by the bytes alone.
+
+    Raises WeightFileError with `extra["kind"]` in: missing, empty, lfs_pointer, html, truncated_zip,
+    not_torch_zip, truncated_safetensors, unknown.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise _bad("missing", f"{path}: no such file") from None
+    if not path.is_file():
+        raise _bad("unknown", f"{path} is not a regular file")
+    if size == 0:
+        raise _bad(
+            "empty",
+            f"{path.name} is an empty file (0 bytes): a download or copy never wrote anything; "
+            "delete it (models optimize) and download or import the model again",
+        )
+    with open(path, "rb") as handle:
+        head = handle.read(HEAD_BYTES)
+
+    if head.startswith(LFS_POINTER):
+        oid = ""
+        for line in head.decode("utf-8", "replace").splitlines():
+            if line.startswith("oid "):
+                oid = line[4:].strip()
+        raise _bad(
+            "lfs_pointer",
+            f"{path.name} is a Git LFS pointer ({size} bytes of text{', ' + oid if oid else ''}), not weights: "
+            "the repository was cloned without `git lfs pull`; fetch the real file or download the model",
+            oid=oid,
+        )
+    if head.lstrip()[:64].lower().startswith(HTML_STARTS):
+        raise _bad(
+            "html",
+            f"{path.name} is an HTML page ({size} bytes), not weights: a server answered with an error "
+            "or login page that was saved as the checkpoint; delete it and download again",
+        )
+    if head.startswith(ZIP_MAGIC):
+        if not _zip_has_central_directory(path, size):
+            raise _bad(
+                "truncated_zip",
+                f"{path.name} is a truncated zip archive ({size} bytes; torch says \"failed finding central "
+                "directory\"): the download was interrupted; delete it (models optimize) and download again",
+            )
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile as exc:
+            raise _bad("truncated_zip", f"{path.name} is a damaged zip archive: {exc}") from None
+        if any(name.endswith("data.pkl") for name in names):
+            return "pt"
+        raise _bad("not_torch_zip", f"{path.name} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
+    if head.startswith(HDF5_MAGIC):
+        return "h5"
+    if head.startswith(LEGACY_TORCH_MAGIC):
+        return "pt"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return BUNDLE
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pkl"
+    if size >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len > size - 8:
+            raise _bad(
+                "truncated_safetensors",
+                f"{path.name} is a truncated safetensors file: its header alone claims {header_len} bytes "
+                f"but the file has {size}; delete it and convert or download again",
+            )
+        return "safetensors"
+    preview = head[:16].hex(" ")
+    raise _bad(
+        "unknown",
+        f"{path.name} is not a weight file depthsite knows (pt, safetensors, h5, pkl or a bundle); "
+        f"first bytes: {preview}",
+    )
+
+
+def extension_format(path: Path | str) -> str | None:
+    """The format a file name claims, or None for an unknown extension."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    return {
+        ".pt": "pt",
+        ".pth": "pt",
+        ".bin": "pt",
+        ".safetensors": "safetensors",
+        ".h5": "h5",
+        ".hdf5": "h5",
+        ".pkl": "pkl",
+        ".pickle": "pkl",
+        ".tar": BUNDLE,
+    }.get(suffix)

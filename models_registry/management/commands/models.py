@@ -1,0 +1,273 @@
+"""`manage.py models ...`: the weight cache from the command line (list, info, verify, convert, export,
+import, optimize, clear, pin, download)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from depthsite.units import format_size, parse_size
+from models_registry.catalogue import key_layout
+from models_registry.choices import WeightFormat
+from models_registry.management.base import CliError, RegistryCommand
+from models_registry.selectors import cache_info, model_get, model_list, weight_files
+
+
+class Command(RegistryCommand):
+    help = "Manage the model registry and weight cache."
+
+    def add_arguments(self, parser):
+        actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+        p = actions.add_parser("list", help="the catalogue, with what is cached on this node")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("info", help="cache statistics")
+        p.add_argument("--detailed", action="store_true", help="paths, hashes and verification times")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("verify", help="check every cached file (exit 1 when any is not ok)")
+        p.add_argument("--model")
+        p.add_argument("--format")
+        p.add_argument("--no-functional", action="store_true", help="skip running the network on a tiny input")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("convert", help="add a cached copy in another format")
+        p.add_argument("--model", required=True)
+        p.add_argument("--to", required=True, metavar="FORMAT")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("export", help="write a model's weights to a path")
+        p.add_argument("--model", required=True)
+        p.add_argument("--output", required=True)
+        p.add_argument("--format", default="pt")
+        p.add_argument("--bundle", action="store_true", help="a .tar with the file and manifest.json")
+        p.add_argument("--force", action="store_true", help="overwrite an existing file")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("import", help="add a weight file or bundle to the cache")
+        p.add_argument("path")
+        p.add_argument("--model")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("optimize", help="remove corrupt, orphan and stale files; evict to fit a size")
+        p.add_argument("--dry-run", action="store_true", help="show the plan only")
+        p.add_argument("--max-size", help="e.g. 10GB (default DEPTHSITE_CACHE_MAX_BYTES)")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("clear", help="remove cached files and their records")
+        p.add_argument("--model")
+        p.add_argument("--format")
+        p.add_argument("--yes", action="store_true", help="do not ask")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("pin", help="show, set or reset a model's pinned sha256")
+        p.add_argument("--model", required=True)
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--sha256", help="pin this hash of the released file")
+        group.add_argument("--reset", action="store_true", help="forget the pin; the next download pins again")
+        p.add_argument("--json", action="store_true")
+
+        p = actions.add_parser("download", help="download a model's weights into the cache")
+        p.add_argument("--model", required=True)
+        p.add_argument("--format", help="also keep a copy in this format")
+        p.add_argument("--offline", action="store_true", help="never touch the network")
+        p.add_argument("--json", action="store_true")
+
+    def handle(self, *args, action: str, **options):
+        getattr(self, f"do_{action}")(**options)
+
+    # --- list / info ---------------------------------------------------------------------------
+
+    def do_list(self, *, json: bool = False, **_):
+        rows = []
+        cached: dict[str, list] = {}
+        for weight_file in weight_files():
+            cached.setdefault(weight_file.model.name, []).append(weight_file)
+        for model in model_list():
+            files = cached.get(model.name, [])
+            rows.append({
+                "name": model.name,
+                "display_name": model.display_name,
+                "architecture": model.architecture,
+                "aliases": model.aliases,
+                "input_size": model.input_size,
+                "approx_bytes": key_layout(model.architecture).approx_bytes,
+                "file_name": model.file_name,
+                "source_url": model.source_url,
+                "license": model.license,
+                "semantics": model.semantics,
+                "enabled": model.enabled,
+                "pinned": model.pinned,
+                "expected_sha256": model.expected_sha256,
+                "cached": [{"format": f.format, "health": f.health, "size": f.size} for f in files],
+            })
+        if json:
+            return self.print_json(rows)
+        self.stdout.write(f"{'MODEL':<14} {'INPUT':>5} {'SIZE':>10}  {'CACHED':<28} {'PINNED':<8} FILE")
+        for row in rows:
+            cached_text = ", ".join(f"{c['format']} ({c['health']})" for c in row["cached"]) or "-"
+            pin = row["expected_sha256"][:8] if row["expected_sha256"] else "-"
+            disabled = "" if row["enabled"] else "  (disabled)"
+            self.stdout.write(f"{row['name']:<14} {row['input_size']:>5} {format_size(row['approx_bytes']):>10}  "
+                              f"{cached_text:<28} {pin:<8} {row['file_name']}{disabled}")
+
+    def do_info(self, *, detailed: bool = False, json: bool = False, **_):
+        info = cache_info()
+        if json:
+            return self.print_json(info)
+        w = self.stdout.write
+        w("Model Cache Information")
+        w("=" * 50)
+        w(f"Cache Directory: {info['cache_dir']}")
+        w(f"Node: {info['node']}")
+        w(f"Total Models: {info['totals']['models']}")
+        w(f"Total Size: {format_size(info['totals']['bytes'])}")
+        w(f"Total Files: {info['totals']['files']}")
+        w(f"Cache Health: {info['health']}")
+        if info["max_bytes"]:
+            w(f"Size Limit: {format_size(info['max_bytes'])}")
+        w(f"Free Disk: {format_size(info['disk_free'])}")
+        w("")
+        w("Format Distribution:")
+        for fmt, stats in info["formats"].items():
+            if stats["files"]:
+                w(f"  {fmt.upper()}: {stats['files']} file{'s' if stats['files'] != 1 else ''} "
+                  f"({format_size(stats['bytes'])})")
+        if not info["totals"]["files"]:
+            w("  (no cached files)")
+        for model in info["models"]:
+            if not model["files"]:
+                continue
+            w("")
+            w(f"* {model['name']}: {format_size(model['bytes'])}{'  [pinned]' if model['pinned'] else ''}")
+            for f in model["files"]:
+                used = f["last_used_at"][:19].replace("T", " ") if f["last_used_at"] else "never"
+                reason = f" - {f['health_reason']}" if f["health_reason"] else ""
+                w(f"   {f['format'].upper()}: {f['size_human']}  {f['health']}{reason}  (last used {used})")
+                if detailed:
+                    w(f"      path: {f['path']}")
+                    w(f"      sha256: {f['sha256']}")
+                    w(f"      content digest: {f['content_digest']}")
+                    w(f"      dtype: {f['dtype']}  verified: {f['verified_at'] or 'never'}  node: {f['node']}")
+        if info["problem_files"]:
+            w("")
+            w("Problems (run `python manage.py models verify`, then `models optimize`):")
+            for problem in info["problem_files"]:
+                w(f"  {problem}")
+
+    # --- verify / convert / export / import ------------------------------------------------------
+
+    def do_verify(self, *, model=None, format=None, no_functional=False, json=False, **_):
+        from models_registry.services.weights import weights_verify
+
+        target = model_get(name=model) if model else None
+        fmt = WeightFormat.parse(format).value if format else None
+        results = weights_verify(model=target, fmt=fmt, functional=not no_functional)
+        bad = [r for r in results if not r.ok]
+        if json:
+            self.print_json([r.as_dict() for r in results])
+        else:
+            if not results:
+                self.stdout.write("no cached files to verify")
+            for result in results:
+                label = result.health.upper() if not result.ok else "ok"
+                line = f"{label:<8} {result.weight_file.model.name} [{result.weight_file.format}] {result.path}"
+                self.stdout.write(line + (f"\n         {result.reason}" if result.reason else ""))
+        if bad:
+            raise CliError(f"{len(bad)} of {len(results)} weight file(s) not ok", returncode=1)
+
+    def do_convert(self, *, model, to, json=False, **_):
+        from models_registry.services.weights import weight_convert
+
+        weight_file = weight_convert(model=model_get(name=model), fmt=to)
+        if json:
+            from models_registry.selectors import weight_file_data
+
+            return self.print_json(weight_file_data(weight_file))
+        self.stdout.write(f"{weight_file.model.name} [{weight_file.format}] cached: {weight_file.path} "
+                          f"({format_size(weight_file.size)}, content digest {weight_file.content_digest[:16]}...)")
+
+    def do_export(self, *, model, output, format, bundle=False, force=False, json=False, **_):
+        from models_registry.services.weights import weight_export
+
+        result = weight_export(model=model_get(name=model), fmt=format, output=Path(output), bundle=bundle,
+                               force=force)
+        if json:
+            return self.print_json(result.as_dict())
+        self.stdout.write(f"exported {result.model} ({'bundle of ' if result.bundle else ''}{result.format}) "
+                          f"to {result.path} ({format_size(result.size)}, sha256 {result.sha256})")
+
+    def do_import(self, *, path, model=None, json=False, **_):
+        from models_registry.services.weights import weight_import
+
+        result = weight_import(path=Path(path), model_name=model)
+        if json:
+            return self.print_json(result.as_dict())
+        self.stdout.write(result.message)
+
+    # --- optimize / clear / pin ------------------------------------------------------------------
+
+    def do_optimize(self, *, dry_run=False, max_size=None, json=False, **_):
+        from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
+
+        try:
+            max_bytes = parse_size(max_size) if max_size else None
+        except ValueError as exc:
+            raise CliError(f"--max-size: {exc}") from None
+        plan = cache_optimize_plan(max_bytes=max_bytes)
+        if not dry_run and plan.items:
+            plan = cache_optimize_execute(plan=plan)
+        if json:
+            return self.print_json(plan.as_dict())
+        w = self.stdout.write
+        w(f"Cache {plan.cache_dir} on {plan.node}: {format_size(plan.bytes_before)}"
+          + (f", limit {format_size(plan.max_bytes)}" if plan.max_bytes else ""))
+        if not plan.items:
+            w("Nothing to do: no corrupt, orphan, stale or excess files.")
+        for item in plan.items:
+            w(f"  {item.description}")
+        if plan.items:
+            if plan.executed:
+                w(f"Freed {format_size(plan.freed_bytes)} ({len(plan.items)} items).")
+            else:
+                w(f"Would free {format_size(plan.bytes_to_free)} ({len(plan.items)} items). "
+                  "Run without --dry-run to do it.")
+        for error in plan.errors:
+            self.stderr.write(f"warning: {error}")
+
+    def do_clear(self, *, model=None, format=None, yes=False, json=False, **_):
+        from models_registry.services.cache import cache_clear
+
+        target = model_get(name=model) if model else None
+        fmt = WeightFormat.parse(format).value if format else None
+        what = (f"{target.name}" if target else "every model") + (f" [{fmt}]" if fmt else "")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise CliError(f"refusing to clear {what} without --yes (not a terminal)")
+            if not self.confirm(f"Delete the cached weights of {what} on this node?"):
+                raise CliError("cancelled")
+        result = cache_clear(model=target, fmt=fmt)
+        if json:
+            return self.print_json(result.as_dict())
+        self.stdout.write(f"cleared {what}: {result.files} file(s), {format_size(result.bytes)} freed")
+
+    def do_pin(self, *, model, sha256=None, reset=False, json=False, **_):
+        from models_registry.services.catalogue import model_pin
+
+        target = model_get(name=model)
+        if sha256 or reset:
+            target = model_pin(model=target, sha256=sha256 or "", reset=reset, source="operator")
+        data = {"model": target.name, "sha256": target.expected_sha256, "size": target.expected_size,
+                "pinned_at": target.sha256_pinned_at, "pinned_from": target.sha256_pinned_from}
+        if json:
+            return self.print_json(data)
+        if target.expected_sha256:
+            self.stdout.write(f"{target.name}: pinned sha256 {target.expected_sha256} "
+                              f"(from {target.sha256_pinned_from or '?'} at {target.sha256_pinned_at})")
+        else:
+            self.stdout.write(f"{target.name}: no pinned sha256; the next good download pins one")
+
+    def do_download(self, **options):
+        from models_registry.management.download import handle_download
+
+        handle_download(self, **options)

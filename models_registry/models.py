@@ -1,0 +1,127 @@
+"""Records of the registry: catalogue models, the weight files cached for them, and their downloads."""
+from __future__ import annotations
+
+from django.db import models
+from django.db.models.functions import Lower
+from django.utils import timezone
+
+from models_registry.choices import Architecture, DownloadStatus, Health, WeightFormat
+
+
+class RegisteredModel(models.Model):
+    name = models.CharField(max_length=64, unique=True, help_text="Canonical name, e.g. MiDaS_small.")
+    display_name = models.CharField(max_length=128)
+    architecture = models.CharField(max_length=32, choices=Architecture.choices)
+    aliases = models.JSONField(default=list, blank=True, help_text="Other accepted names (case-insensitive).")
+    description = models.TextField(blank=True)
+    source_url = models.URLField(max_length=500, blank=True)
+    file_name = models.CharField(max_length=255, help_text="Name of the released checkpoint file.")
+    expected_size = models.BigIntegerField(null=True, blank=True, help_text="Bytes of the released file.")
+    expected_sha256 = models.CharField(
+        max_length=64, blank=True, help_text="sha256 of the released file; empty until pinned."
+    )
+    expected_content_digest = models.CharField(
+        max_length=64, blank=True, help_text="Content digest of the pinned weights (format-independent)."
+    )
+    sha256_pinned_at = models.DateTimeField(null=True, blank=True)
+    sha256_pinned_from = models.CharField(max_length=500, blank=True)
+    license = models.CharField(max_length=64, default="MIT")
+    semantics = models.CharField(max_length=128, blank=True)
+    input_size = models.PositiveIntegerField(help_text="Native network input size in pixels.")
+    preprocessing = models.JSONField(default=dict, blank=True)
+    enabled = models.BooleanField(default=True)
+    pinned = models.BooleanField(default=False, help_text="Pinned models are never evicted by optimize.")
+    is_official = models.BooleanField(default=False, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(Lower("name"), name="registeredmodel_name_ci_unique")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_hash_pinned(self) -> bool:
+        return bool(self.expected_sha256)
+
+
+class WeightFile(models.Model):
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="weight_files")
+    format = models.CharField(max_length=16, choices=WeightFormat.choices)
+    path = models.CharField(max_length=500, help_text="Relative to the node's cache directory.")
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    content_digest = models.CharField(max_length=64, blank=True)
+    dtype = models.CharField(max_length=16, blank=True)
+    health = models.CharField(max_length=16, choices=Health.choices, default=Health.UNVERIFIED)
+    health_reason = models.TextField(blank=True)
+    functional_hash = models.CharField(
+        max_length=64, blank=True, help_text="Hash of the network's output on a fixed tiny input."
+    )
+    verified_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    node = models.CharField(max_length=255)
+
+    class Meta:
+        ordering = ["model__name", "format"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "format", "node"], name="weightfile_one_per_model_format_node")
+        ]
+        indexes = [models.Index(fields=["node", "health"])]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} [{self.format}] on {self.node}"
+
+    def set_health(self, health: str, reason: str = "") -> None:
+        self.health = health
+        self.health_reason = reason
+        self.verified_at = timezone.now()
+
+
+class WeightDownload(models.Model):
+    """One acquisition of a model's weights on a node: progress for the API, outcome for the audit."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="downloads")
+    node = models.CharField(max_length=255)
+    format = models.CharField(max_length=16, choices=WeightFormat.choices, default=WeightFormat.PT)
+    status = models.CharField(max_length=16, choices=DownloadStatus.choices, default=DownloadStatus.QUEUED)
+    source_url = models.CharField(max_length=1000, blank=True)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(null=True, blank=True)
+    resumed_from = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    weight_file = models.ForeignKey(WeightFile, null=True, blank=True, on_delete=models.SET_NULL)
+    task_id = models.CharField(max_length=64, blank=True, help_text="django-q2 task id, for debugging only.")
+    requested_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"download of {self.model.name} on {self.node} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in DownloadStatus.ACTIVE
+
+    def start(self, *, source_url: str) -> None:
+        self.status = DownloadStatus.RUNNING
+        self.source_url = source_url
+        self.started_at = timezone.now()
+        self.error = ""
+
+    def finish(self, weight_file: WeightFile | None) -> None:
+        self.status = DownloadStatus.SUCCEEDED
+        self.weight_file = weight_file
+        self.finished_at = timezone.now()
+
+    def fail(self, error: str) -> None:
+        self.status = DownloadStatus.FAILED
+        self.error = error
+        self.finished_at = timezone.now()

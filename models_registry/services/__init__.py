@@ -1,0 +1,1 @@
+"""Writes of the registry: every door (admin, API, commands, tasks) calls these functions."""

@@ -1,0 +1,84 @@
+"""The catalogue in the database: idempotent seeding of the official models, and hash pinning."""
+from __future__ import annotations
+
+import logging
+import re
+
+from django.db import transaction
+from django.utils import timezone
+
+from models_registry.catalogue import CATALOGUE
+from models_registry.exceptions import ValidationError
+from models_registry.models import RegisteredModel
+
+logger = logging.getLogger(__name__)
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def catalogue_seed(*, using: str = "default") -> list[RegisteredModel]:
+    """Create or refresh the official entries; operators' choices (enabled, pinned, pinned hash) are kept."""
+    seeded = []
+    with transaction.atomic(using=using):
+        for entry in CATALOGUE:
+            defaults = {
+                "display_name": entry.display_name,
+                "architecture": entry.architecture,
+                "aliases": list(entry.aliases),
+                "description": entry.description,
+                "source_url": entry.source_url,
+                "file_name": entry.file_name,
+                "license": entry.license,
+                "semantics": entry.semantics,
+                "input_size": entry.input_size,
+                "preprocessing": entry.preprocessing,
+                "is_official": True,
+            }
+            model, created = RegisteredModel.objects.using(using).get_or_create(name=entry.name, defaults=defaults)
+            if not created:
+                changed = [field for field, value in defaults.items() if getattr(model, field) != value]
+                for field in changed:
+                    setattr(model, field, defaults[field])
+                if changed:
+                    model.save(using=using, update_fields=[*changed, "updated_at"])
+            if entry.expected_sha256 and not model.expected_sha256:
+                model.expected_sha256 = entry.expected_sha256
+                model.expected_size = entry.expected_size
+                model.save(using=using, update_fields=["expected_sha256", "expected_size", "updated_at"])
+            seeded.append(model)
+    return seeded
+
+
+def model_pin(
+    *,
+    model: RegisteredModel,
+    sha256: str = "",
+    size: int | None = None,
+    content_digest: str = "",
+    source: str = "",
+    reset: bool = False,
+) -> RegisteredModel:
+    """Pin the expected sha256 of a model's released file (trust on first use, or an operator's hash).
+
+    reset=True forgets the pin, so the next good download pins again.
+    """
+    if reset:
+        model.expected_sha256 = ""
+        model.expected_size = None
+        model.expected_content_digest = ""
+        model.sha256_pinned_at = None
+        model.sha256_pinned_from = ""
+    else:
+        sha256 = sha256.strip().lower()
+        if not SHA256_RE.match(sha256):
+            raise ValidationError(f"not a sha256 hash: {sha256!r} (64 hex digits)", extra={"field": "sha256"})
+        if model.expected_sha256 != sha256:
+            model.expected_content_digest = ""
+        model.expected_sha256 = sha256
+        model.expected_size = size
+        if content_digest:
+            model.expected_content_digest = content_digest
+        model.sha256_pinned_at = timezone.now()
+        model.sha256_pinned_from = source or "operator"
+    model.save()
+    logger.info("%s pin of %s: %s", "reset" if reset else "set", model.name, model.expected_sha256 or "-")
+    return model

@@ -1,0 +1,575 @@
+"""Weight files in the cache: inspect, record, verify, convert, export, import and mark used."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from django.db import transaction
+from django.utils import timezone
+
+import depthsite
+from models_registry import cachefs
+from models_registry.catalogue import ARCHITECTURES, key_layout
+from models_registry.choices import Health, WeightFormat
+from models_registry.exceptions import (
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    ValidationError,
+    WeightFileError,
+)
+from models_registry.formats import (
+    BUNDLE,
+    LoadedWeights,
+    content_digest,
+    extension_format,
+    file_sha256,
+    read_weights,
+    sniff_format,
+    write_weights,
+)
+from models_registry.models import RegisteredModel, WeightFile
+from models_registry.selectors import model_get, weight_file_get, weight_files, weight_files_usable
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_MANIFEST = "manifest.json"
+BUNDLE_VERSION = 1
+# Formats tried first as a conversion source: the ones that load fastest.
+SOURCE_PREFERENCE = ("safetensors", "pt", "h5", "pkl")
+
+# A functional check builds the architecture, loads the tensors strictly, runs a fixed tiny input and
+# returns a hash of the output. The inference app registers one; the registry never imports inference.
+FunctionalCheck = Callable[[RegisteredModel, dict], str]
+_functional_checks: list[FunctionalCheck] = []
+
+
+def functional_check_register(check: FunctionalCheck) -> None:
+    if check not in _functional_checks:
+        _functional_checks.append(check)
+
+
+# --- inspection ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Inspection:
+    path: Path
+    format: str
+    size: int
+    sha256: str
+    loaded: LoadedWeights
+    digest: str
+
+    @property
+    def dtype(self) -> str:
+        return self.loaded.dtype
+
+
+def _describe_mismatch(architecture: str, mismatch: dict[str, list]) -> str:
+    parts = []
+    if mismatch["missing"]:
+        parts.append(f"{len(mismatch['missing'])} missing ({', '.join(mismatch['missing'][:3])}"
+                     f"{', ...' if len(mismatch['missing']) > 3 else ''})")
+    if mismatch["unexpected"]:
+        parts.append(f"{len(mismatch['unexpected'])} unexpected ({', '.join(mismatch['unexpected'][:3])}"
+                     f"{', ...' if len(mismatch['unexpected']) > 3 else ''})")
+    if mismatch["wrong_shape"]:
+        key, expected, found = mismatch["wrong_shape"][0]
+        parts.append(f"{len(mismatch['wrong_shape'])} with the wrong shape ({key}: expected {expected}, found {found})")
+    return f"keys do not match the official {architecture} layout: " + "; ".join(parts)
+
+
+def weights_inspect(*, path: Path, architecture: str | None = None, fmt: str | None = None) -> Inspection:
+    """Sniff, hash, load safely and digest a weight file; check its layout when the architecture is known."""
+    path = Path(path)
+    loaded = read_weights(path, fmt)
+    if architecture:
+        mismatch = key_layout(architecture).mismatches(loaded.shapes)
+        if any(mismatch.values()):
+            raise WeightFileError(_describe_mismatch(architecture, mismatch),
+                                  extra={"kind": "layout_mismatch", **{k: v[:20] for k, v in mismatch.items()}})
+    digest = content_digest(loaded.arrays)
+    declared = loaded.metadata.get("content_digest")
+    if declared and declared != digest:
+        raise WeightFileError(
+            f"{path.name} declares content digest {declared[:16]}... but its tensors hash to {digest[:16]}...: "
+            "the file was altered after it was written",
+            extra={"kind": "digest_mismatch"},
+        )
+    return Inspection(path=path, format=loaded.format, size=path.stat().st_size, sha256=file_sha256(path),
+                      loaded=loaded, digest=digest)
+
+
+def architecture_identify(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    return [arch for arch in ARCHITECTURES if key_layout(arch).matches(shapes)]
+
+
+def model_identify(*, inspection: Inspection) -> RegisteredModel:
+    """The registered model whose official key layout the weights have; refuses when none or several match."""
+    pinned = list(RegisteredModel.objects.filter(expected_content_digest=inspection.digest, enabled=True))
+    if len(pinned) == 1:
+        return pinned[0]
+    architectures = architecture_identify(inspection.loaded.shapes)
+    if not architectures:
+        raise WeightFileError(
+            f"{inspection.path.name} does not have the key layout of any known MiDaS architecture "
+            f"({', '.join(ARCHITECTURES)}); pass --model to see what differs",
+            extra={"kind": "unknown_layout"},
+        )
+    candidates = list(RegisteredModel.objects.filter(architecture__in=architectures, enabled=True))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise WeightFileError(f"the weights have the {architectures[0]} layout but no enabled model uses it",
+                              extra={"kind": "unknown_layout"})
+    names = ", ".join(model.name for model in candidates)
+    raise ValidationError(f"the weights fit several models ({names}); choose one with --model",
+                          extra={"field": "model", "candidates": [model.name for model in candidates]})
+
+
+def _functional_hash(model: RegisteredModel, loaded: LoadedWeights) -> str:
+    result = ""
+    for check in _functional_checks:
+        try:
+            result = check(model, loaded.arrays)
+        except WeightFileError:
+            raise
+        except Exception as exc:  # a network that cannot run these weights is a corrupt file, not a crash
+            raise WeightFileError(f"the network failed to run these weights: {type(exc).__name__}: {exc}",
+                                  extra={"kind": "functional"}) from exc
+    return result
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+def cache_file_path(*, model: RegisteredModel, fmt: str) -> Path:
+    stem = Path(model.file_name).stem if model.file_name else model.name
+    return cachefs.model_dir(model.name) / f"{stem}{WeightFormat.extension(fmt)}"
+
+
+def _file_metadata(model: RegisteredModel, digest: str, **extra: str) -> dict[str, str]:
+    return {
+        "model": model.name,
+        "architecture": model.architecture,
+        "content_digest": digest,
+        "depthsite_version": depthsite.__version__,
+        **extra,
+    }
+
+
+def weight_record(
+    *,
+    model: RegisteredModel,
+    fmt: str,
+    path: Path,
+    inspection: Inspection,
+    health: str = Health.OK,
+    reason: str = "",
+    functional_hash: str = "",
+) -> WeightFile:
+    """Create or replace the record of a file that is already in its final place in the cache."""
+    values = {
+        "path": cachefs.relative(path),
+        "size": inspection.size,
+        "sha256": inspection.sha256,
+        "content_digest": inspection.digest,
+        "dtype": inspection.dtype,
+        "health": health,
+        "health_reason": reason,
+        "functional_hash": functional_hash,
+        "verified_at": timezone.now(),
+        "created_at": timezone.now(),
+    }
+    weight_file, _ = WeightFile.objects.update_or_create(
+        model=model, format=fmt, node=cachefs.node_name(), defaults=values
+    )
+    return weight_file
+
+
+def weight_mark_used(*, weight_file: WeightFile) -> None:
+    now = timezone.now()
+    WeightFile.objects.filter(pk=weight_file.pk).update(last_used_at=now)
+    weight_file.last_used_at = now
+
+
+def weight_mark_corrupt(*, weight_file: WeightFile, reason: str) -> WeightFile:
+    weight_file.set_health(Health.CORRUPT, reason)
+    weight_file.save(update_fields=["health", "health_reason", "verified_at"])
+    logger.warning("%s marked corrupt: %s", weight_file, reason)
+    return weight_file
+
+
+# --- verify --------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyResult:
+    weight_file: WeightFile
+    health: str
+    reason: str
+    path: str
+
+    @property
+    def ok(self) -> bool:
+        return self.health == Health.OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.weight_file.model.name,
+            "format": self.weight_file.format,
+            "path": self.path,
+            "health": self.health,
+            "reason": self.reason,
+            "sha256": self.weight_file.sha256,
+            "functional_hash": self.weight_file.functional_hash,
+        }
+
+
+def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Inspection | None]:
+    """(health, reason, inspection) of a recorded file, checking everything `models verify` promises."""
+    if not path.exists():
+        return Health.MISSING, (f"file not found at {path}: download or import {weight_file.model.name} again, "
+                                "or run `models optimize` to drop the record"), None
+    try:
+        sniffed = sniff_format(path)
+    except WeightFileError as exc:
+        return Health.CORRUPT, exc.message, None
+    claimed = extension_format(path)
+    if sniffed != weight_file.format or (claimed and claimed != sniffed):
+        return Health.CORRUPT, (f"{path.name} holds {sniffed} content but is recorded as {weight_file.format}"
+                                f"{f' and named {path.suffix}' if claimed and claimed != sniffed else ''}; "
+                                "it was overwritten by another file"), None
+    size = path.stat().st_size
+    if size != weight_file.size:
+        return Health.CORRUPT, (f"{path.name} has {size} bytes but {weight_file.size} were recorded: "
+                                "the file was truncated or replaced"), None
+    try:
+        inspection = weights_inspect(path=path, architecture=weight_file.model.architecture, fmt=sniffed)
+    except WeightFileError as exc:
+        return Health.CORRUPT, exc.message, None
+    if inspection.sha256 != weight_file.sha256:
+        return Health.CORRUPT, (f"{path.name} sha256 {inspection.sha256[:16]}... differs from the recorded "
+                                f"{weight_file.sha256[:16]}...: the file changed after it was cached"), inspection
+    if weight_file.content_digest and inspection.digest != weight_file.content_digest:
+        return Health.CORRUPT, "content digest differs from the record", inspection
+    return Health.OK, "", inspection
+
+
+def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> VerifyResult:
+    path = cachefs.absolute(weight_file.path)
+    health, reason, inspection = _verify_problems(weight_file, path)
+    if health == Health.OK and functional and inspection is not None:
+        try:
+            weight_file.functional_hash = _functional_hash(weight_file.model, inspection.loaded)
+        except WeightFileError as exc:
+            health, reason = Health.CORRUPT, exc.message
+    weight_file.set_health(health, reason)
+    weight_file.save(update_fields=["health", "health_reason", "verified_at", "functional_hash"])
+    if health != Health.OK:
+        logger.warning("verify %s: %s: %s", weight_file, health, reason)
+    return VerifyResult(weight_file=weight_file, health=health, reason=reason, path=str(path))
+
+
+def weights_verify(*, model: RegisteredModel | None = None, fmt: str | None = None,
+                   functional: bool = True) -> list[VerifyResult]:
+    queryset = weight_files(model=model)
+    if fmt:
+        queryset = queryset.filter(format=fmt)
+    return [weight_verify(weight_file=weight_file, functional=functional) for weight_file in queryset]
+
+
+# --- convert -------------------------------------------------------------------------------------
+
+
+def _best_source(model: RegisteredModel, exclude: Iterable[str] = ()) -> WeightFile:
+    files = [f for f in weight_files_usable(model=model) if f.format not in exclude]
+    if not files:
+        raise NotFoundError(
+            f"no healthy cached weights of {model.name} on this node; download or import them first "
+            f"(python manage.py models download --model {model.name})",
+            extra={"model": model.name},
+        )
+    files.sort(key=lambda f: (f.health != Health.OK, SOURCE_PREFERENCE.index(f.format)))
+    return files[0]
+
+
+def weights_load_usable(*, model: RegisteredModel, exclude: Iterable[str] = ()) -> tuple[WeightFile, LoadedWeights]:
+    """The first healthy cached file that really loads; files that fail are marked corrupt and skipped."""
+    skipped = set(exclude)
+    while True:
+        source = _best_source(model, exclude=skipped)
+        path = cachefs.absolute(source.path)
+        try:
+            return source, read_weights(path, source.format)
+        except (WeightFileError, FileNotFoundError) as exc:
+            weight_mark_corrupt(weight_file=source, reason=getattr(exc, "message", str(exc)))
+            skipped.add(source.format)
+
+
+def _write_converted(model: RegisteredModel, source: WeightFile, loaded: LoadedWeights, fmt: str,
+                     dest: Path) -> Inspection:
+    """Write `loaded` in `fmt` to `dest` (a temporary path), then prove by reading it back that nothing changed."""
+    metadata = _file_metadata(model, source.content_digest, source_format=source.format,
+                              source_sha256=source.sha256)
+    write_weights(loaded.arrays, dest, fmt, metadata)
+    written = weights_inspect(path=dest, architecture=model.architecture, fmt=fmt)
+    if source.content_digest and written.digest != source.content_digest:
+        raise IntegrityError(f"converting {model.name} to {fmt} changed its tensors (digest mismatch); nothing was kept")
+    return written
+
+
+def weight_convert(*, model: RegisteredModel, fmt: str) -> WeightFile:
+    """Add a cached copy of a model in another format; the content digest proves both hold the same weights."""
+    fmt = WeightFormat.parse(fmt).value
+    with cachefs.locked(model.name):
+        existing = weight_file_get(model=model, fmt=fmt)
+        if existing is not None and existing.health == Health.OK and cachefs.absolute(existing.path).exists():
+            return existing
+        source, loaded = weights_load_usable(model=model, exclude=[fmt])
+        dest = cache_file_path(model=model, fmt=fmt)
+        with cachefs.atomic_write(dest) as tmp:
+            inspection = _write_converted(model, source, loaded, fmt, tmp)
+        inspection.path = dest
+        weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
+                                    functional_hash=source.functional_hash)
+    logger.info("converted %s from %s to %s (%d bytes)", model.name, source.format, fmt, weight_file.size)
+    return weight_file
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    model: str
+    format: str
+    size: int
+    sha256: str
+    content_digest: str
+    bundle: bool
+    manifest: dict[str, Any] = field(default_factory=dict)
+    download_name: str = ""
+    temporary: bool = False  # made for this export only: delete once it has been read
+
+    def open(self):
+        """A read handle; a temporary export is unlinked at once (the open handle keeps its bytes alive)."""
+        handle = open(self.path, "rb")
+        if self.temporary:
+            self.path.unlink(missing_ok=True)
+        return handle
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "model": self.model, "format": self.format, "size": self.size,
+                "sha256": self.sha256, "content_digest": self.content_digest, "bundle": self.bundle}
+
+
+def export_file_name(*, model: RegisteredModel, fmt: str, bundle: bool) -> str:
+    stem = Path(model.file_name).stem if model.file_name else model.name
+    name = f"{stem}{WeightFormat.extension(fmt)}"
+    return f"{stem}.{fmt}.tar" if bundle else name
+
+
+def _write_weights_file(model: RegisteredModel, fmt: str, dest: Path) -> tuple[str, str]:
+    """Write the model's weights in `fmt` to `dest` (temporary path); (sha256, content digest)."""
+    cached = weight_file_get(model=model, fmt=fmt)
+    if cached is not None and cached.health in Health.USABLE and cachefs.absolute(cached.path).exists():
+        sha256 = cachefs.copy_with_sha256(cachefs.absolute(cached.path), dest)
+        if sha256 != cached.sha256:
+            weight_mark_corrupt(weight_file=cached, reason="sha256 changed since it was recorded (found on export)")
+            raise IntegrityError(f"the cached {fmt} file of {model.name} changed on disk; run `models verify`")
+        return sha256, cached.content_digest
+    source, loaded = weights_load_usable(model=model)
+    written = _write_converted(model, source, loaded, fmt, dest)
+    return written.sha256, written.digest
+
+
+def _bundle_manifest(model: RegisteredModel, fmt: str, member: str, size: int, sha256: str, digest: str) -> dict:
+    return {
+        "bundle_version": BUNDLE_VERSION,
+        "model": model.name,
+        "architecture": model.architecture,
+        "format": fmt,
+        "file": member,
+        "size": size,
+        "file_sha256": sha256,
+        "content_digest": digest,
+        "source_url": model.source_url,
+        "created": timezone.now().isoformat(),
+        "depthsite_version": depthsite.__version__,
+    }
+
+
+def _write_export(model: RegisteredModel, fmt: str, bundle: bool, dest: Path) -> ExportResult:
+    """Write the export (plain file or bundle) to `dest`, which is a temporary path."""
+    if not bundle:
+        sha256, digest = _write_weights_file(model, fmt, dest)
+        return ExportResult(dest, model.name, fmt, dest.stat().st_size, sha256, digest, False)
+    member = export_file_name(model=model, fmt=fmt, bundle=False)
+    inner = cachefs.temp_path_for(dest.with_name(member))
+    try:
+        sha256, digest = _write_weights_file(model, fmt, inner)
+        size = inner.stat().st_size
+        manifest = _bundle_manifest(model, fmt, member, size, sha256, digest)
+        payload = json.dumps(manifest, indent=2).encode()
+        with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as archive:
+            info = tarfile.TarInfo(BUNDLE_MANIFEST)
+            info.size, info.mtime, info.mode = len(payload), int(timezone.now().timestamp()), 0o644
+            archive.addfile(info, io.BytesIO(payload))
+            info = tarfile.TarInfo(member)
+            info.size, info.mtime, info.mode = size, int(timezone.now().timestamp()), 0o644
+            with open(inner, "rb") as handle:
+                archive.addfile(info, handle)
+    finally:
+        inner.unlink(missing_ok=True)
+    return ExportResult(dest, model.name, fmt, dest.stat().st_size, file_sha256(dest), digest, True, manifest)
+
+
+def weight_export(*, model: RegisteredModel, fmt: str, output: Path, bundle: bool = False,
+                  force: bool = False) -> ExportResult:
+    """Export a model's weights to a user path in a chosen format (or a bundle), atomically."""
+    fmt = WeightFormat.parse(fmt).value
+    output = Path(output).expanduser()
+    if output.is_dir():
+        output = output / export_file_name(model=model, fmt=fmt, bundle=bundle)
+    if output.exists() and not force:
+        raise ConflictError(f"{output} already exists; pass --force to overwrite it", extra={"path": str(output)})
+    if not output.parent.is_dir():
+        raise ValidationError(f"folder {output.parent} does not exist", extra={"field": "output"})
+    with cachefs.atomic_write(output) as tmp:
+        result = _write_export(model, fmt, bundle, tmp)
+    result.path = output
+    logger.info("exported %s as %s to %s", model.name, "bundle" if bundle else fmt, output)
+    return result
+
+
+def weight_export_artifact(*, model: RegisteredModel, fmt: str, bundle: bool = False) -> ExportResult:
+    """A file to stream to a browser: the cached file itself when possible, else a fresh file under .exports/."""
+    fmt = WeightFormat.parse(fmt).value
+    cached = weight_file_get(model=model, fmt=fmt)
+    if not bundle and cached is not None and cached.health in Health.USABLE:
+        path = cachefs.absolute(cached.path)
+        if path.exists() and path.stat().st_size == cached.size:
+            return ExportResult(path, model.name, fmt, cached.size, cached.sha256, cached.content_digest, False,
+                                download_name=path.name)
+    # Temporary by name, so `models optimize` removes exports that a caller never cleaned up.
+    name = export_file_name(model=model, fmt=fmt, bundle=bundle)
+    folder = cachefs.cache_root() / ".exports"
+    folder.mkdir(exist_ok=True)
+    dest = cachefs.temp_path_for(folder / name)
+    with cachefs.atomic_write(dest) as tmp:
+        result = _write_export(model, fmt, bundle, tmp)
+    result.path = dest
+    result.download_name = name
+    result.temporary = True
+    return result
+
+
+# --- import --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportResult:
+    weight_file: WeightFile
+    created: bool
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.weight_file.model.name, "format": self.weight_file.format,
+                "created": self.created, "message": self.message, "sha256": self.weight_file.sha256,
+                "content_digest": self.weight_file.content_digest, "path": self.weight_file.path}
+
+
+def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
+    """Read a bundle's manifest and copy its one weight file out (no extractall: member names are untrusted)."""
+    try:
+        archive = tarfile.open(path, "r:")
+    except tarfile.TarError as exc:
+        raise WeightFileError(f"{path.name}: damaged bundle: {exc}", extra={"kind": "bad_bundle"}) from None
+    with archive:
+        members = {member.name: member for member in archive.getmembers()}
+        manifest_member = members.get(BUNDLE_MANIFEST)
+        if manifest_member is None or not manifest_member.isfile():
+            raise WeightFileError(f"{path.name}: not a depthsite bundle (no manifest.json)", extra={"kind": "bad_bundle"})
+        try:
+            manifest = json.loads(archive.extractfile(manifest_member).read())
+            member = members[manifest["file"]]
+        except (ValueError, KeyError, TypeError):
+            raise WeightFileError(f"{path.name}: the bundle's manifest is unreadable or names a missing file",
+                                  extra={"kind": "bad_bundle"}) from None
+        if not member.isfile():
+            raise WeightFileError(f"{path.name}: bundle member {member.name!r} is not a file", extra={"kind": "bad_bundle"})
+        target = workdir / f"{cachefs.TEMP_PREFIX}bundle-{Path(member.name).name}"
+        with archive.extractfile(member) as reader, open(target, "wb") as writer:
+            shutil.copyfileobj(reader, writer, cachefs.COPY_CHUNK)
+    return target, manifest
+
+
+def weight_import(*, path: Path, model_name: str | None = None) -> ImportResult:
+    """Import a weight file or bundle: format by content, model by layout, verified, copied into the cache."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such file", extra={"field": "path"})
+    kind = sniff_format(path)
+    extracted: Path | None = None
+    manifest: dict = {}
+    try:
+        source = path
+        if kind == BUNDLE:
+            extracted, manifest = _bundle_extract(path, cachefs.cache_root())
+            source = extracted
+        model = model_get(name=model_name) if model_name else None
+        if model is None and manifest.get("model"):
+            try:
+                model = model_get(name=manifest["model"])
+            except NotFoundError:
+                model = None
+        inspection = weights_inspect(path=source, architecture=model.architecture if model else None)
+        if manifest:
+            if manifest.get("file_sha256") and manifest["file_sha256"] != inspection.sha256:
+                raise IntegrityError(f"{path.name}: the weight file's sha256 differs from the bundle manifest")
+            if manifest.get("content_digest") and manifest["content_digest"] != inspection.digest:
+                raise IntegrityError(f"{path.name}: the weights' content digest differs from the bundle manifest")
+        if model is None:
+            model = model_identify(inspection=inspection)
+        return _import_inspected(model, inspection, origin=path)
+    finally:
+        if extracted is not None:
+            extracted.unlink(missing_ok=True)
+
+
+def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin: Path) -> ImportResult:
+    if model.expected_content_digest and inspection.digest != model.expected_content_digest:
+        raise IntegrityError(
+            f"the weights in {origin.name} differ from the pinned weights of {model.name} "
+            f"(content digest {inspection.digest[:16]}..., pinned {model.expected_content_digest[:16]}...); "
+            f"to accept them, reset the pin: python manage.py models pin --model {model.name} --reset",
+            extra={"found": inspection.digest, "pinned": model.expected_content_digest},
+        )
+    fmt = inspection.format
+    with cachefs.locked(model.name):
+        existing = weight_file_get(model=model, fmt=fmt)
+        if (existing is not None and existing.sha256 == inspection.sha256
+                and cachefs.absolute(existing.path).exists() and existing.health == Health.OK):
+            return ImportResult(existing, False,
+                                f"{model.name} [{fmt}] is already cached with identical weights; nothing changed")
+        functional_hash = _functional_hash(model, inspection.loaded)
+        dest = cache_file_path(model=model, fmt=fmt)
+        with cachefs.atomic_write(dest) as tmp:
+            copied_sha256 = cachefs.copy_with_sha256(inspection.path, tmp)
+            if copied_sha256 != inspection.sha256:
+                raise IntegrityError(f"{origin.name} changed while it was being imported; try again")
+        with transaction.atomic():
+            weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
+                                        functional_hash=functional_hash)
+    logger.info("imported %s [%s] from %s", model.name, fmt, origin)
+    return ImportResult(weight_file, True, f"imported {model.name} [{fmt}] from {origin.name} "
+                                           f"({inspection.size} bytes, sha256 {inspection.sha256[:16]}...)")

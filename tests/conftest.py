@@ -1,0 +1,90 @@
+"""Project-wide test fixtures: isolated cache and media folders, generated checkpoints, service probes."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from tests.support.detweights import det_numpy_state_dict
+
+REQUIRE_SERVICES = os.environ.get("DEPTHSITE_REQUIRE_SERVICES", "") == "1"
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip with a reason where a service is absent; fail instead when DEPTHSITE_REQUIRE_SERVICES=1 (CI)."""
+    if _reachable(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message}, and DEPTHSITE_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_storage(settings, tmp_path_factory):
+    """Every test gets its own weight cache and media folder: nothing touches the user's real ones."""
+    root = tmp_path_factory.mktemp("depthsite")
+    settings.DEPTHSITE_CACHE_DIR = root / "cache"
+    settings.MEDIA_ROOT = root / "media"
+    settings.DEPTHSITE_NODE = "test-node"
+    yield root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    """At most two threads: the machine (and CI) has two cores."""
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    yield
+
+
+@pytest.fixture(scope="session")
+def small_arrays() -> dict[str, np.ndarray]:
+    """MiDaS_small's official layout filled with the deterministic weight rule (numpy, computed once)."""
+    return det_numpy_state_dict("MiDaS_small")
+
+
+@pytest.fixture
+def write_checkpoint(tmp_path, small_arrays) -> Callable[..., Path]:
+    """Write MiDaS_small weights (or given arrays) in a format to a file outside the cache."""
+    from models_registry.formats import write_weights
+
+    def _write(fmt: str = "pt", name: str | None = None, arrays: dict | None = None,
+               metadata: dict | None = None) -> Path:
+        path = tmp_path / (name or f"checkpoint.{fmt}")
+        write_weights(arrays if arrays is not None else small_arrays, path, fmt, metadata or {})
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def small_pt(write_checkpoint) -> Path:
+    """An official-layout MiDaS_small .pt (a bare state_dict, as the release file is)."""
+    return write_checkpoint("pt", name="midas_v21_small_256.pt")
+
+
+@pytest.fixture
+def small_model(db):
+    from models_registry.selectors import model_get
+
+    return model_get(name="MiDaS_small")
+
+
+@pytest.fixture
+def cached_small(small_model, small_pt):
+    """MiDaS_small imported into the test cache as pt; returns its WeightFile."""
+    from models_registry.services.weights import weight_import
+
+    return weight_import(path=small_pt).weight_file

@@ -1,0 +1,117 @@
+"""Deterministic checkpoint weights for tests: every tensor is a pure function of its key, shape and dtype.
+
+Implements the rule of the reference fixtures (SplitMix64 stream seeded by sha256(key)), so that
+generated checkpoints reproduce the golden outputs of the official MiDaS code. numpy only; torch is
+imported lazily by the helpers that build torch tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+CATALOGUE_DIR = Path(__file__).resolve().parents[2] / "models_registry" / "catalogue"
+
+_INCREMENT = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _unit_stream(key: str, count: int) -> np.ndarray:
+    """`count` float64 values in [-1, 1) from SplitMix64 outputs 1..count, seeded by the key."""
+    seed = np.uint64(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little"))
+    steps = np.arange(1, count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = seed + steps * _INCREMENT
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (2.0**-53) * 2.0 - 1.0
+
+
+def _centre_and_half_width(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    if key.endswith("running_var"):
+        return 1.0, 0.25
+    if key.endswith("running_mean"):
+        return 0.0, 0.1
+    if len(shape) <= 1:
+        return (1.0, 0.1) if key.endswith("weight") else (0.5, 0.1)
+    fan_in = shape[-1] if len(shape) == 3 else int(np.prod(shape[1:]))
+    return 0.0, math.sqrt(3.0 / fan_in)
+
+
+def det_array(key: str, shape: Iterable[int], dtype: str = "float32") -> np.ndarray:
+    """The deterministic numpy array for one state_dict entry."""
+    shape = tuple(int(s) for s in shape)
+    dtype = str(dtype).replace("torch.", "")
+    if not dtype.startswith(("float", "bfloat")):
+        return np.zeros(shape, dtype=dtype)
+    count = int(np.prod(shape)) if shape else 1
+    centre, half = _centre_and_half_width(key, shape)
+    unit = _unit_stream(key, count)
+    if len(shape) == 4 and shape[0] == 1:
+        unit = np.abs(unit)
+    return (centre + half * unit).astype(np.float32).reshape(shape)
+
+
+def official_layout(model: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """[(key, shape, dtype), ...] of the official state_dict of a catalogue model."""
+    data = json.loads((CATALOGUE_DIR / f"keys_{model}.json").read_text())
+    return [(key, tuple(shape), dtype) for key, shape, dtype in data["keys"]]
+
+
+def det_numpy_state_dict(model: str, *, with_num_batches_tracked: bool = True) -> dict[str, np.ndarray]:
+    """The official layout of `model` filled by the rule, as numpy arrays (no torch needed)."""
+    return {
+        key: det_array(key, shape, dtype)
+        for key, shape, dtype in official_layout(model)
+        if with_num_batches_tracked or not key.endswith("num_batches_tracked")
+    }
+
+
+def det_state_dict(model: str, *, with_num_batches_tracked: bool = True) -> dict:
+    """The official layout of `model` filled by the rule, as torch tensors."""
+    import torch
+
+    return {
+        key: torch.from_numpy(array)
+        for key, array in det_numpy_state_dict(model, with_num_batches_tracked=with_num_batches_tracked).items()
+    }
+
+
+def array_digest16(array: np.ndarray) -> str:
+    """First 16 hex chars of sha256 over the little-endian C-order bytes (the fixtures' per-key digest)."""
+    contiguous = array if array.flags.c_contiguous else array.copy(order="C")
+    contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"), copy=False)
+    return hashlib.sha256(contiguous.tobytes()).hexdigest()[:16]
+
+
+def net_input(height: int, width: int) -> np.ndarray:
+    """The fixtures' net-only input tensor (1, 3, H, W) float32."""
+    c = np.arange(3).reshape(3, 1, 1)
+    i = np.arange(height).reshape(1, height, 1)
+    j = np.arange(width).reshape(1, 1, width)
+    p = (i * (c + 3) + j * (2 * c + 5) + 7 * c) % 61
+    q = ((i // 16) * 5 + (j // 16) * 3 + c) % 7
+    values = (p - 30) / 20.0 + (q - 3) / 4.0
+    return values.astype(np.float32)[None]
+
+
+def synthetic_image(height: int, width: int) -> np.ndarray:
+    """The fixtures' synthetic uint8 RGB image (H, W, 3) for end-to-end checks."""
+    y = np.arange(height).reshape(height, 1)
+    x = np.arange(width).reshape(1, width)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[..., 0] = (255 * y) // (height - 1)
+    image[..., 1] = (255 * x) // (width - 1)
+    image[..., 2] = np.where(((x // 16) + (y // 16)) % 2 == 0, 200, 55)
+    disk = (y - height // 2) ** 2 + (x - width // 3) ** 2 <= (min(height, width) // 4) ** 2
+    image[disk] = (230, 40, 40)
+    rect_rows = slice(height // 5, height // 5 + height // 3)
+    rect_cols = slice(width // 2, width // 2 + width // 3)
+    image[rect_rows, rect_cols] = (30, 200, 90)
+    return image
