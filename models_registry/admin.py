@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from django.contrib import admin, messages
+from django.db import models
 from django.http import FileResponse
 from django.utils.html import format_html
 
@@ -100,6 +101,7 @@ class RegisteredModelAdmin(admin.ModelAdmin):
     search_fields = ("name", "display_name", "file_name")
     readonly_fields = ("is_official", "created_at", "updated_at", "sha256_pinned_at", "sha256_pinned_from")
     inlines = [WeightFileInline]
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     actions = [verify_models, *(_convert_action(fmt) for fmt in WeightFormat.values), clear_models]
 
     @admin.display(description="cached")

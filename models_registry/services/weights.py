@@ -274,7 +274,7 @@ def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> Verify
     weight_file.set_health(health, reason)
     weight_file.save(update_fields=["health", "health_reason", "verified_at", "functional_hash"])
     if health != Health.OK:
-        logger.warning("verify %s: %s: %s", weight_file, health, reason)
+        logger.info("verify %s: %s: %s", weight_file, health, reason)
     return VerifyResult(weight_file=weight_file, health=health, reason=reason, path=str(path))
 
 

@@ -1,0 +1,28 @@
+"""The registry's whole test suite again, on PostgreSQL (skips with a reason where it is absent, except in CI)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import require_service
+from tests.support.cli import PROJECT_ROOT
+
+POSTGRES_URL = os.environ.get("DEPTHSITE_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_registry_suite_passes_on_postgresql():
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    env = {**os.environ, "DATABASE_URL": POSTGRES_URL, "DEPTHSITE_REQUIRE_SERVICES": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/registry", "-q", "-m", "not slow", "-p", "no:cacheprovider",
+         "--create-db"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary
