@@ -103,7 +103,7 @@ def atomic_write(dest: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except OSError as exc:
         _unlink_quietly(tmp)
         if exc.errno == errno.ENOSPC:
@@ -114,7 +114,7 @@ def atomic_write(dest: Path) -> Iterator[Path]:
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -134,7 +134,7 @@ def model_identify(*, inspection: Inspection) -> RegisteredModel:
                           extra={"field": "model", "candidates": [model.name for model in candidates]})
 
 
-def _functional_hash(model: RegisteredModel, loaded: LoadedWeights) -> str:
+def weights_functional_check(model: RegisteredModel, loaded: LoadedWeights) -> str:
     result = ""
     for check in _functional_checks:
         try:
@@ -268,7 +268,7 @@ def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> Verify
     health, reason, inspection = _verify_problems(weight_file, path)
     if health == Health.OK and functional and inspection is not None:
         try:
-            weight_file.functional_hash = _functional_hash(weight_file.model, inspection.loaded)
+            weight_file.functional_hash = weights_functional_check(weight_file.model, inspection.loaded)
         except WeightFileError as exc:
             health, reason = Health.CORRUPT, exc.message
     weight_file.set_health(health, reason)
@@ -561,7 +561,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
                 and cachefs.absolute(existing.path).exists() and existing.health == Health.OK):
             return ImportResult(existing, False,
                                 f"{model.name} [{fmt}] is already cached with identical weights; nothing changed")
-        functional_hash = _functional_hash(model, inspection.loaded)
+        functional_hash = weights_functional_check(model, inspection.loaded)
         dest = cache_file_path(model=model, fmt=fmt)
         with cachefs.atomic_write(dest) as tmp:
             copied_sha256 = cachefs.copy_with_sha256(inspection.path, tmp)

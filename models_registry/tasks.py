@@ -1,0 +1,29 @@
+"""django-q2 tasks of the registry: each receives a row's id only, loads the row and calls one service."""
+from __future__ import annotations
+
+import logging
+
+from models_registry.choices import DownloadStatus
+from models_registry.exceptions import ApplicationError
+from models_registry.models import WeightDownload
+
+logger = logging.getLogger(__name__)
+
+
+def download_run(download_id: int) -> str:
+    """Carry out a queued WeightDownload; the row records progress and outcome, the return value is for the queue."""
+    from models_registry.services.download import weight_download
+
+    download = WeightDownload.objects.select_related("model").filter(pk=download_id).first()
+    if download is None:
+        logger.warning("download %s no longer exists; nothing to do", download_id)
+        return "missing"
+    if download.status in DownloadStatus.TERMINAL:
+        # A re-delivery of a task that already ran (its worker died after finishing): never transfer twice.
+        return download.status
+    try:
+        weight_download(model=download.model, fmt=download.format, download=download, progress=False)
+    except ApplicationError as exc:
+        # The row holds the error for the API and web pages; the queue need not retry a domain failure.
+        logger.warning("download %s of %s failed: %s", download.pk, download.model.name, exc.message)
+    return download.status
