@@ -1,0 +1,64 @@
+"""Registry of the official MiDaS network variants: public per-variant configuration plus its build recipe."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """What callers need to know about a variant: its official name and its preprocessing."""
+
+    name: str
+    family: str
+    net_size: tuple[int, int]
+    resize_method: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    ensure_multiple_of: int = 32
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.resize_method not in ("minimal", "upper_bound"):
+            raise ValueError(f"resize_method must be 'minimal' or 'upper_bound', not {self.resize_method!r}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered variant: public config, architecture config and the family's build function."""
+
+    config: NetConfig
+    arch: Any
+    build: Callable[[Any], nn.Module]
+
+
+_VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(config: NetConfig, arch: Any, build: Callable[[Any], nn.Module]) -> None:
+    if config.name in _VARIANTS:
+        raise ValueError(f"variant {config.name!r} is already registered")
+    _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build)
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return _VARIANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown network {name!r}; known: {', '.join(_VARIANTS)}") from None
+
+
+def get_config(name: str) -> NetConfig:
+    """The NetConfig of an official variant name (exact spelling); KeyError otherwise."""
+    return get_variant(name).config
+
+
+def registered_names() -> tuple[str, ...]:
+    return tuple(_VARIANTS)

@@ -1,0 +1,85 @@
+"""Official MiDaS preprocessing (keep-aspect resize to a multiple of 32, normalise) and output resizing."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .registry import NetConfig, get_config
+
+ConfigOrName = Union[NetConfig, str]
+
+
+def _resolve(config_or_name: ConfigOrName) -> NetConfig:
+    return config_or_name if isinstance(config_or_name, NetConfig) else get_config(config_or_name)
+
+
+def _to_multiple(value: float, multiple: int, max_value: Optional[int] = None) -> int:
+    # np.round is round-half-to-even, as in the official Resize; C/JS rounding would differ at x.5.
+    size = int(np.round(value / multiple) * multiple)
+    if max_value is not None and size > max_value:
+        size = int(np.floor(value / multiple) * multiple)
+    return size
+
+
+def target_size(height: int, width: int, config_or_name: ConfigOrName) -> tuple[int, int]:
+    """The (h, w) network input size that the official Resize picks for an image of (height, width)."""
+    cfg = _resolve(config_or_name)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    net_h, net_w = cfg.net_size
+    scale_h = net_h / height
+    scale_w = net_w / width
+    if cfg.resize_method == "upper_bound":
+        # Fit inside the native size.
+        if scale_w < scale_h:
+            scale_h = scale_w
+        else:
+            scale_w = scale_h
+        limit_h, limit_w = net_h, net_w
+    else:
+        # "minimal": the scale closest to 1; no limit, so a side may exceed the native size.
+        if abs(1 - scale_w) < abs(1 - scale_h):
+            scale_h = scale_w
+        else:
+            scale_w = scale_h
+        limit_h = limit_w = None
+    new_h = _to_multiple(scale_h * height, cfg.ensure_multiple_of, limit_h)
+    new_w = _to_multiple(scale_w * width, cfg.ensure_multiple_of, limit_w)
+    if new_h <= 0 or new_w <= 0:
+        raise ValueError(f"{height}x{width} is too elongated for {cfg.name}: network size would be {new_h}x{new_w}")
+    return new_h, new_w
+
+
+def preprocess(image: np.ndarray, config_or_name: ConfigOrName) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) -> normalised float32 tensor (1, 3, h, w) at the network input size."""
+    cfg = _resolve(config_or_name)
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected a uint8 RGB array of shape (H, W, 3), got {array.dtype} {array.shape}")
+    size = target_size(array.shape[0], array.shape[1], cfg)
+
+    # float64 throughout, like the official OpenCV pipeline; torch bicubic (a=-0.75, half-pixel,
+    # no antialiasing) is OpenCV's INTER_CUBIC up to ~1e-5.
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).unsqueeze(0).to(torch.float64) / 255.0
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=False)
+    mean = torch.tensor(cfg.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float64).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.to(torch.float32).contiguous()
+
+
+def postprocess(prediction: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Network output (1, h, w) or (h, w) -> float32 (H, W) at the image size (bicubic, as run.py)."""
+    pred = prediction.detach()
+    if pred.ndim == 2:
+        pred = pred.unsqueeze(0)
+    if pred.ndim != 3 or pred.shape[0] != 1:
+        raise ValueError(f"expected a prediction of shape (1, h, w) or (h, w), got {tuple(prediction.shape)}")
+    if pred.dtype != torch.float32:
+        pred = pred.float()
+    height, width = int(size[0]), int(size[1])
+    out = F.interpolate(pred.unsqueeze(1), size=(height, width), mode="bicubic", align_corners=False)
+    return out.reshape(height, width).cpu().numpy()
