@@ -125,3 +125,27 @@ class WeightDownload(models.Model):
         self.status = DownloadStatus.FAILED
         self.error = error
         self.finished_at = timezone.now()
+
+
+class WarmModel(models.Model):
+    """A network held loaded in a worker process, so status pages can say where a model is warm."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="warm_loads")
+    weight_file = models.ForeignKey(WeightFile, null=True, blank=True, on_delete=models.SET_NULL)
+    weights_sha256 = models.CharField(max_length=64, blank=True)
+    node = models.CharField(max_length=255)
+    worker = models.CharField(max_length=255, help_text="host:pid of the process holding it.")
+    device = models.CharField(max_length=32)
+    dtype = models.CharField(max_length=16)
+    load_ms = models.FloatField(null=True, blank=True)
+    loaded_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["model__name", "worker"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "worker", "device", "dtype"], name="warmmodel_unique_per_worker")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} warm in {self.worker} ({self.device}, {self.dtype})"

@@ -1,15 +1,20 @@
 """Reads of the registry: finding models by any accepted name, and the cache statistics."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from depthsite.units import format_size
 from models_registry import cachefs
 from models_registry.choices import DownloadStatus, Health, WeightFormat
 from models_registry.exceptions import NotFoundError
-from models_registry.models import RegisteredModel, WeightDownload, WeightFile
+from models_registry.models import RegisteredModel, WarmModel, WeightDownload, WeightFile
+
+# A worker killed without saying goodbye leaves its warm rows; they stop counting once this old.
+WARM_STALE_AFTER = timedelta(hours=6)
 
 
 def _normalise(name: str) -> str:
@@ -54,6 +59,12 @@ def download_active(*, model: RegisteredModel, node: str | None = None) -> Weigh
         .order_by("-created_at")
         .first()
     )
+
+
+def warm_models(*, model: RegisteredModel | None = None) -> QuerySet[WarmModel]:
+    """Networks loaded in worker processes now (stale rows of dead workers excluded)."""
+    queryset = WarmModel.objects.select_related("model").filter(last_used_at__gte=timezone.now() - WARM_STALE_AFTER)
+    return queryset.filter(model=model) if model is not None else queryset
 
 
 def _iso(value) -> str | None:

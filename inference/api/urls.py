@@ -1,0 +1,3 @@
+"""REST routes of predictions."""
+app_name = "predictions-api"
+urlpatterns: list = []

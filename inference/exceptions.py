@@ -1,0 +1,20 @@
+"""Inference's domain errors, members of the one ApplicationError family (rendered alike by every door)."""
+from models_registry.exceptions import ApplicationError, TooLargeError
+
+
+class ImageError(ApplicationError):
+    """The uploaded file is not a photo depthsite can read (not an image, truncated, empty)."""
+
+    status = 400
+
+
+class ImageTooLargeError(ImageError, TooLargeError):
+    """Too many pixels (a decompression bomb) or too many bytes."""
+
+    status = 413
+
+
+class InferenceError(ApplicationError):
+    """The model could not run (device unavailable, out of memory)."""
+
+    status = 503
