@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,10 @@ def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels:
         raise ImageError("not an image: the file is not a format Pillow can read (JPEG, PNG, WebP, TIFF, ...)",
                          extra={"field": "image", "kind": "not_an_image"}) from None
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"the image is too large to decode safely: {exc}",
+        # Pillow refuses before we can read the size ourselves; its message carries the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f" ({int(found.group(1)) / 1e6:.0f} megapixels)" if found else ""
+        raise ImageTooLargeError(f"the image{size} is over the limit of {limit / 1e6:.0f} megapixels",
                                  extra={"field": "image", "kind": "too_many_pixels"}) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)

@@ -1,9 +1,10 @@
 """Test settings: tasks run inline, fast hashing, and nothing touches the user's real cache or media."""
+import os
 import tempfile
 from pathlib import Path
 
 from depthsite.settings import *  # noqa: F401,F403
-from depthsite.settings import Q_CLUSTER
+from depthsite.settings import DATABASES, Q_CLUSTER
 
 _scratch = Path(tempfile.gettempdir()) / "depthsite-tests"
 # Per-test folders are set by an autouse fixture; these defaults only guard imports and stray code.
@@ -18,6 +19,11 @@ DEPTHSITE_CACHE_MAX_BYTES = None
 DEPTHSITE_CACHE_FORMAT = ""
 
 Q_CLUSTER = {**Q_CLUSTER, "sync": True}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not Django's shared-cache in-memory database: threads (live server, the estimator pool's
+    # concurrency test) then get SQLite's real locking with WAL and the busy timeout, as in production.
+    _scratch.mkdir(parents=True, exist_ok=True)
+    DATABASES["default"]["TEST"] = {"NAME": str(_scratch / f"test-db-{os.getpid()}.sqlite3")}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},

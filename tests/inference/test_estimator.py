@@ -1,0 +1,182 @@
+"""The registry-backed estimator: faithful output, zero-copy loading, a warm thread-safe LRU pool, clear errors."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference import estimator as estimator_module
+from inference.estimator import EstimatorPool, estimator_get
+from inference.exceptions import InferenceError
+from models_registry import cachefs
+from models_registry.choices import Health
+from models_registry.exceptions import OfflineError
+from models_registry.models import RegisteredModel, WarmModel
+from models_registry.selectors import warm_models
+from models_registry.services.weights import weight_convert, weight_import, weight_verify
+from tests.support.detweights import synthetic_image
+
+pytestmark = pytest.mark.django_db
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
+
+
+def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
+    return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
+
+
+@pytest.fixture
+def pool():
+    pool = EstimatorPool(capacity=2)
+    yield pool
+    pool.clear()
+
+
+def test_prediction_matches_the_official_end_to_end_output(cached_small, pool):
+    estimator = pool.get(model="MiDaS_small")
+    for height, width in ((240, 320), (500, 375)):
+        result = estimator.predict(synthetic_image(height, width))
+        golden = np.load(FIXTURES / f"e2e_MiDaS_small_{height}x{width}.npy")
+        assert result.depth.shape == (height, width) and result.depth.dtype == np.float32
+        assert relative_error(result.depth, golden) <= 2e-5
+
+
+def test_result_describes_itself(cached_small, pool):
+    result = pool.get(model="midas_small").predict(synthetic_image(240, 320))
+    assert result.model == "MiDaS_small"
+    assert result.weights_sha256 == cached_small.sha256 and result.weights_format == "pt"
+    assert result.depth_min == pytest.approx(float(result.depth.min()))
+    assert result.depth_max == pytest.approx(float(result.depth.max()))
+    assert "inverse depth" in result.semantics
+    assert result.preprocessing["network_input"] == [192, 256]
+    assert result.preprocessing["resize_method"] == "upper_bound"
+    assert result.device == "cpu" and result.dtype == "float32" and result.inference_ms > 0
+
+
+def test_weights_are_assigned_without_a_copy(cached_small, pool, monkeypatch):
+    seen = {}
+    real_create = estimator_module.create_model
+
+    def spy(name, *, state_dict=None, device="cpu"):
+        seen.update(state_dict)
+        return real_create(name, state_dict=state_dict, device=device)
+
+    monkeypatch.setattr(estimator_module, "create_model", spy)
+    estimator = pool.get(model="MiDaS_small")
+    parameters = dict(estimator.network.named_parameters())
+    key = "scratch.output_conv.0.weight"
+    assert parameters[key].data_ptr() == seen[key].data_ptr()
+    assert not any(p.is_meta for p in estimator.network.parameters())
+    assert not any(b.is_meta for b in estimator.network.buffers())
+
+
+def test_pool_keeps_estimators_warm_and_marks_weights_used(cached_small, pool):
+    first = pool.get(model="MiDaS_small")
+    second = pool.get(model="MIDAS_SMALL")
+    assert first is second
+    cached_small.refresh_from_db()
+    assert cached_small.last_used_at is not None
+    warm = list(warm_models())
+    assert [(w.model.name, w.device, w.dtype, w.weights_sha256) for w in warm] == [
+        ("MiDaS_small", "cpu", "float32", cached_small.sha256)]
+    assert warm[0].worker == estimator_module.WORKER_ID
+
+
+def test_pool_evicts_the_least_recently_used(cached_small, small_pt):
+    for name in ("small_a", "small_b"):
+        RegisteredModel.objects.create(name=name, display_name=name, architecture="MiDaS_small",
+                                       file_name=f"{name}.pt", input_size=256)
+        weight_import(path=small_pt, model_name=name)
+    pool = EstimatorPool(capacity=2)
+    try:
+        a = pool.get(model="small_a")
+        pool.get(model="small_b")
+        assert pool.get(model="small_a") is a  # a is now the most recent
+        pool.get(model="MiDaS_small")  # evicts small_b
+        assert sorted(entry["model"] for entry in pool.warm()) == ["MiDaS_small", "small_a"]
+        assert sorted(WarmModel.objects.values_list("model__name", flat=True)) == ["MiDaS_small", "small_a"]
+    finally:
+        pool.clear()
+    assert not WarmModel.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_requests_build_once_and_agree(cached_small, pool, monkeypatch):
+    builds = []
+    real_build = estimator_module.estimator_build
+
+    def counting_build(**kwargs):
+        builds.append(kwargs["model"].name)
+        return real_build(**kwargs)
+
+    monkeypatch.setattr(estimator_module, "estimator_build", counting_build)
+    image = synthetic_image(96, 128)
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(pool.get(model="MiDaS_small").predict(image).depth)
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 4
+    assert builds == ["MiDaS_small"]
+    for depth in results[1:]:
+        np.testing.assert_array_equal(depth, results[0])
+
+
+def test_a_corrupt_cached_file_is_marked_and_another_format_is_used(cached_small, pool):
+    h5 = weight_convert(model=cached_small.model, fmt="h5")
+    cachefs.absolute(cached_small.path).write_bytes(b"")  # damaged behind the registry's back
+    estimator = pool.get(model="MiDaS_small")
+    assert estimator.weights_format == "h5" and estimator.weights_sha256 == h5.sha256
+    cached_small.refresh_from_db()
+    assert cached_small.health == Health.CORRUPT and "0 bytes" in cached_small.health_reason
+
+
+def test_missing_weights_offline_is_a_clear_error(small_model, pool, settings):
+    settings.DEPTHSITE_OFFLINE = True
+    with pytest.raises(OfflineError) as caught:
+        pool.get(model="MiDaS_small")
+    assert "models import" in caught.value.message
+
+
+def test_device_selection_errors(cached_small, pool, settings):
+    settings.DEPTHSITE_DEVICE = "tpu:7"
+    with pytest.raises(InferenceError):
+        pool.get(model="MiDaS_small")
+    if not torch.cuda.is_available():
+        settings.DEPTHSITE_DEVICE = "cuda"
+        with pytest.raises(InferenceError) as caught:
+            pool.get(model="MiDaS_small")
+        assert "CUDA is not available" in caught.value.message
+
+
+def test_fp16_is_only_used_on_cuda(cached_small, pool, settings):
+    settings.DEPTHSITE_FP16 = True
+    estimator = pool.get(model="MiDaS_small", device="cpu")
+    assert estimator.dtype == torch.float32
+
+
+def test_default_pool_is_shared(cached_small):
+    try:
+        assert estimator_get(model="MiDaS_small") is estimator_get(model="MiDaS_small")
+    finally:
+        estimator_module.estimator_pool().clear()
+
+
+def test_functional_hash_is_the_same_for_every_format(cached_small):
+    h5 = weight_convert(model=cached_small.model, fmt="h5")
+    WeightFileHash = {}
+    for weight_file in (cached_small, h5):
+        result = weight_verify(weight_file=weight_file)
+        assert result.ok
+        WeightFileHash[weight_file.format] = result.weight_file.functional_hash
+    assert WeightFileHash["pt"] == WeightFileHash["h5"] and len(WeightFileHash["pt"]) == 64
