@@ -80,6 +80,17 @@ def locked(model_name: str, timeout: float = 600) -> Iterator[None]:
         lock.release()
 
 
+def lock_is_free(path: Path) -> bool:
+    """Whether nobody holds the lock file at `path` now (a non-blocking try)."""
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return False
+    lock.release()
+    return True
+
+
 def temp_path_for(dest: Path) -> Path:
     return dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}"
 
@@ -93,22 +104,29 @@ def disk_full_error(path: Path, exc: OSError) -> DiskFullError:
 
 
 @contextlib.contextmanager
+def disk_full_as_error(path: Path) -> Iterator[None]:
+    """Turn ENOSPC while writing `path` into a DiskFullError that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full_error(path, exc) from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success fsync and rename it to `dest`, else delete it."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(dest)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, dest)
+        with disk_full_as_error(dest):
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, dest)
         fsync_dir(dest.parent)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise disk_full_error(dest, exc) from None
-        raise
     except BaseException:
         _unlink_quietly(tmp)
         raise

@@ -9,7 +9,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from filelock import Timeout
 
 from depthsite.units import format_size
 from models_registry import cachefs
@@ -76,18 +75,6 @@ def _disk_bytes(root: Path) -> int:
     return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 
 
-def _lock_is_free(path: Path) -> bool:
-    from filelock import FileLock
-
-    lock = FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        return False
-    lock.release()
-    return True
-
-
 def cache_optimize_plan(*, max_bytes: int | None = None, now: float | None = None) -> OptimizePlan:
     """What optimize would delete and why, with the bytes each item frees; touches nothing."""
     root = cachefs.cache_root()
@@ -117,7 +104,7 @@ def cache_optimize_plan(*, max_bytes: int | None = None, now: float | None = Non
         rel = str(path.relative_to(root))
         age = now - path.stat().st_mtime
         if rel.startswith(cachefs.LOCK_DIR + "/"):
-            if age > STALE_AFTER_SECONDS and _lock_is_free(path):
+            if age > STALE_AFTER_SECONDS and cachefs.lock_is_free(path):
                 plan.items.append(PlanItem("stale_lock", rel, path.stat().st_size,
                                            f"lock file unused for {age / 3600:.1f} h"))
             continue

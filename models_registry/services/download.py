@@ -3,7 +3,6 @@ and the resolution chain that finds (or fetches) the file a model is loaded from
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -444,7 +443,7 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
         digest = _hash_prefix(part, offset)
         progress = _Progress(label=model.name, total=total, initial=offset, show=show, download=download)
         try:
-            with open(part, "rb+" if offset else "wb") as handle:
+            with cachefs.disk_full_as_error(part), open(part, "rb+" if offset else "wb") as handle:
                 handle.seek(offset)
                 handle.truncate()
                 sniff = offset == 0
@@ -463,10 +462,6 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
                     raise _TransientError(f"the connection broke after {format_size(progress.done)}: {exc}") from None
                 handle.flush()
                 os.fsync(handle.fileno())
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise cachefs.disk_full_error(part, exc) from None
-            raise
         finally:
             progress.close()
     size = _size(part)
@@ -516,17 +511,13 @@ def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
     digest = hashlib.sha256()
     progress = _Progress(label=model.name, total=total, initial=0, show=show, download=download)
     try:
-        with open(source, "rb") as reader, open(part, "wb") as handle:
+        with cachefs.disk_full_as_error(part), open(source, "rb") as reader, open(part, "wb") as handle:
             while chunk := reader.read(CHUNK_BYTES):
                 _append(handle, chunk)
                 digest.update(chunk)
                 progress.advance(len(chunk))
             handle.flush()
             os.fsync(handle.fileno())
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise cachefs.disk_full_error(part, exc) from None
-        raise
     finally:
         progress.close()
     return _Fetched(sha256=digest.hexdigest(), size=_size(part), resumed_from=0)
@@ -617,16 +608,6 @@ def _single_flight(model: RegisteredModel, notify: Notify | None) -> Iterator[bo
         lock.release()
 
 
-def _lock_is_free(model: RegisteredModel) -> bool:
-    lock = cachefs.model_lock(model.name, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        return False
-    lock.release()
-    return True
-
-
 def _fail_interrupted(model: RegisteredModel, keep: WeightDownload | None) -> None:
     """Rows left running by a process that died; only called with the model's lock held, so none is alive."""
     stale = WeightDownload.objects.filter(model=model, node=cachefs.node_name(), status=DownloadStatus.RUNNING)
@@ -640,7 +621,7 @@ def _fail_interrupted(model: RegisteredModel, keep: WeightDownload | None) -> No
 
 def _is_stale(download: WeightDownload) -> bool:
     if download.status == DownloadStatus.RUNNING:
-        return _lock_is_free(download.model)  # running rows hold the lock; a free lock means the holder died
+        return cachefs.lock_is_free(cachefs.lock_path(download.model.name))  # running rows hold the lock; a free lock means the holder died
     return (timezone.now() - download.created_at).total_seconds() > QUEUED_STALE_SECONDS
 
 
