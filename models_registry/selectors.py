@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
 from django.utils import timezone
 
 from depthsite.units import format_size
@@ -137,3 +137,109 @@ def _max_bytes() -> int | None:
     from django.conf import settings
 
     return settings.DEPTHSITE_CACHE_MAX_BYTES
+
+
+# --- the REST API and the dashboard ---------------------------------------------------------------
+
+HEALTH_SEVERITY = (Health.CORRUPT, Health.MISSING, Health.UNVERIFIED, Health.OK)
+
+
+def model_catalogue() -> QuerySet[RegisteredModel]:
+    """The catalogue with every node's cached files and the live warm loads prefetched (`files_all`, `warm_now`)."""
+    return RegisteredModel.objects.prefetch_related(
+        Prefetch("weight_files", queryset=WeightFile.objects.order_by("node", "format"), to_attr="files_all"),
+        Prefetch("warm_loads", queryset=warm_models().order_by("node", "worker"), to_attr="warm_now"),
+    )
+
+
+def download_get(*, pk: int) -> WeightDownload:
+    download = WeightDownload.objects.select_related("model").filter(pk=pk).first()
+    if download is None:
+        raise NotFoundError(f"no download with id {pk}", extra={"download": pk})
+    return download
+
+
+def download_data(download: WeightDownload) -> dict[str, Any]:
+    total = download.bytes_total
+    return {
+        "id": download.pk,
+        "model": download.model.name,
+        "node": download.node,
+        "format": download.format,
+        "status": download.status,
+        "active": download.is_active,
+        "bytes_done": download.bytes_done,
+        "bytes_total": total,
+        "progress": round(min(download.bytes_done / total, 1.0), 4) if total else None,
+        "resumed_from": download.resumed_from,
+        "source_url": download.source_url,
+        "error": download.error,
+        "requested_by": download.requested_by,
+        "created_at": _iso(download.created_at),
+        "started_at": _iso(download.started_at),
+        "finished_at": _iso(download.finished_at),
+    }
+
+
+def warm_model_data(warm: WarmModel) -> dict[str, Any]:
+    return {
+        "worker": warm.worker,
+        "node": warm.node,
+        "device": warm.device,
+        "dtype": warm.dtype,
+        "weights_sha256": warm.weights_sha256,
+        "load_ms": warm.load_ms,
+        "loaded_at": _iso(warm.loaded_at),
+        "last_used_at": _iso(warm.last_used_at),
+    }
+
+
+def _worst_health(files: list[WeightFile]) -> str | None:
+    present = {f.health for f in files}
+    return next((health.value for health in HEALTH_SEVERITY if health in present), None)
+
+
+def model_status(*, node: str | None = None) -> dict[str, Any]:
+    """Per model, what this node has: files and their health, the latest download, and where the model is warm.
+
+    Five queries whatever the size of the catalogue, and no torch: the dashboard polls it every few seconds.
+    """
+    node = node or cachefs.node_name()
+    latest = WeightDownload.objects.filter(model=OuterRef("pk"), node=node).order_by("-created_at", "-pk")
+    models = list(RegisteredModel.objects.annotate(latest_download_id=Subquery(latest.values("pk")[:1])))
+    files = list(weight_files(node=node))
+    downloads = WeightDownload.objects.select_related("model").in_bulk(
+        [model.latest_download_id for model in models if model.latest_download_id])
+    warm = list(warm_models().order_by("node", "worker"))
+    entries = []
+    for model in models:
+        model_files = [f for f in files if f.model_id == model.pk]
+        download = downloads.get(model.latest_download_id)
+        entries.append({
+            "name": model.name,
+            "display_name": model.display_name,
+            "enabled": model.enabled,
+            "pinned": model.pinned,
+            "expected_sha256": model.expected_sha256,
+            "health": _worst_health(model_files),
+            "bytes": sum(f.size for f in model_files),
+            "formats": [weight_file_data(f) for f in model_files],
+            "download": download_data(download) if download is not None else None,
+            "warm": [warm_model_data(w) for w in warm if w.model_id == model.pk],
+        })
+    root = cachefs.cache_root()
+    problems = [f for f in files if f.health not in Health.USABLE]
+    return {
+        "node": node,
+        "generated_at": timezone.now().isoformat(),
+        "health": "good" if not problems else f"{len(problems)} file(s) need attention",
+        "totals": {
+            "models": len({f.model_id for f in files}),
+            "files": len(files),
+            "bytes": sum(f.size for f in files),
+            "max_bytes": _max_bytes(),
+            "disk_free": cachefs.disk_free(root),
+            "downloads_active": sum(1 for d in downloads.values() if d.is_active),
+        },
+        "models": entries,
+    }

@@ -1,0 +1,308 @@
+"""Shapes of the registry API: request bodies and queries are validated here, responses documented for OpenAPI."""
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from models_registry.choices import DownloadStatus, Health, WeightFormat
+from models_registry.exceptions import ValidationError as DomainValidationError
+from models_registry.models import RegisteredModel
+
+MAX_BYTES_LIMIT = 2**63 - 1  # what a BigIntegerField and every disk can hold
+
+
+class WeightFormatField(serializers.ChoiceField):
+    """A weight format; also takes the CLI's spellings (pth, hdf5, pickle, .pt) and yields the canonical value."""
+
+    def __init__(self, **kwargs):
+        super().__init__(choices=WeightFormat.choices, **kwargs)
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid_choice", input=data)
+        try:
+            return WeightFormat.parse(data).value
+        except DomainValidationError as exc:
+            raise serializers.ValidationError(exc.message, code="invalid_choice") from None
+
+
+@extend_schema_field(OpenApiTypes.BINARY)
+class UploadField(serializers.FileField):
+    """A file part of a multipart body; documented as binary (not a URI) so clients and fuzzers send bytes."""
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every error of every endpoint, rendered by depthsite.api.exception_handler."""
+
+    message = serializers.CharField(help_text="What went wrong and, where possible, what to do about it.")
+    extra = serializers.DictField(help_text="Machine-readable details (field, model, kind, ...).")
+
+
+# --- catalogue and files -------------------------------------------------------------------------
+
+
+class WeightFileSerializer(serializers.Serializer):
+    """One cached weight file, as `selectors.weight_file_data` describes it."""
+
+    id = serializers.IntegerField()
+    model = serializers.CharField()
+    format = serializers.ChoiceField(choices=WeightFormat.choices)
+    path = serializers.CharField(help_text="Relative to the node's cache directory.")
+    size = serializers.IntegerField()
+    size_human = serializers.CharField()
+    sha256 = serializers.CharField()
+    content_digest = serializers.CharField(help_text="Hash of the tensors, the same in every format.")
+    dtype = serializers.CharField()
+    health = serializers.ChoiceField(choices=Health.choices)
+    health_reason = serializers.CharField(allow_blank=True)
+    functional_hash = serializers.CharField(allow_blank=True)
+    verified_at = serializers.DateTimeField(allow_null=True)
+    last_used_at = serializers.DateTimeField(allow_null=True)
+    created_at = serializers.DateTimeField(allow_null=True)
+    node = serializers.CharField()
+
+    def to_representation(self, instance):
+        from models_registry.selectors import weight_file_data
+
+        # Model instances go through the one function that the CLI's --json uses; dicts are already in that shape.
+        data = instance if isinstance(instance, dict) else weight_file_data(instance)
+        return super().to_representation(data)
+
+
+class WarmLoadSerializer(serializers.Serializer):
+    worker = serializers.CharField(help_text="host:pid of the process holding the network.")
+    node = serializers.CharField()
+    device = serializers.CharField()
+    dtype = serializers.CharField()
+    weights_sha256 = serializers.CharField(allow_blank=True)
+    load_ms = serializers.FloatField(allow_null=True)
+    loaded_at = serializers.DateTimeField()
+    last_used_at = serializers.DateTimeField()
+
+    def to_representation(self, instance):
+        from models_registry.selectors import warm_model_data
+
+        return super().to_representation(instance if isinstance(instance, dict) else warm_model_data(instance))
+
+
+class DownloadSerializer(serializers.Serializer):
+    """A download job: poll `url` until `active` is false."""
+
+    id = serializers.IntegerField()
+    model = serializers.CharField()
+    node = serializers.CharField()
+    format = serializers.ChoiceField(choices=WeightFormat.choices)
+    status = serializers.ChoiceField(choices=DownloadStatus.choices)
+    active = serializers.BooleanField()
+    bytes_done = serializers.IntegerField()
+    bytes_total = serializers.IntegerField(allow_null=True)
+    progress = serializers.FloatField(allow_null=True, help_text="bytes_done / bytes_total, 0 to 1.")
+    resumed_from = serializers.IntegerField()
+    source_url = serializers.CharField(allow_blank=True)
+    error = serializers.CharField(allow_blank=True)
+    requested_by = serializers.CharField(allow_blank=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    url = serializers.SerializerMethodField(help_text="Where to poll this download.")
+
+    def to_representation(self, instance):
+        from models_registry.selectors import download_data
+
+        return super().to_representation(instance if isinstance(instance, dict) else download_data(instance))
+
+    def get_url(self, data) -> str:
+        from django.urls import reverse
+
+        path = reverse("models-api:download-detail", kwargs={"pk": data["id"]})
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request is not None else path
+
+
+class RegisteredModelSerializer(serializers.ModelSerializer):
+    """A catalogue entry with the files cached on every node and the workers holding it warm."""
+
+    pinned_sha256 = serializers.CharField(source="expected_sha256", help_text="sha256 the released file must have; "
+                                          "empty until the first good download pins it.")
+    pinned_size = serializers.IntegerField(source="expected_size", allow_null=True)
+    files = WeightFileSerializer(source="files_all", many=True,
+                                 help_text="Cached files on every node; actions act on the node answering.")
+    warm = WarmLoadSerializer(source="warm_now", many=True, help_text="Worker processes holding the network now.")
+    is_warm = serializers.SerializerMethodField()
+
+    class Meta:
+        model = RegisteredModel
+        fields = ["name", "display_name", "architecture", "aliases", "description", "source_url", "file_name",
+                  "input_size", "license", "semantics", "enabled", "pinned", "pinned_sha256", "pinned_size",
+                  "expected_content_digest", "sha256_pinned_at", "sha256_pinned_from", "files", "is_warm", "warm"]
+        read_only_fields = fields
+
+    def get_is_warm(self, model) -> bool:
+        return bool(model.warm_now)
+
+
+# --- status and cache info -----------------------------------------------------------------------
+
+
+class ModelStatusSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    display_name = serializers.CharField()
+    enabled = serializers.BooleanField()
+    pinned = serializers.BooleanField(help_text="Never evicted by optimize.")
+    expected_sha256 = serializers.CharField(allow_blank=True, help_text="The pinned sha256 of the released file.")
+    health = serializers.ChoiceField(choices=Health.choices, allow_null=True,
+                                     help_text="The worst health of the model's files here; null when none is cached.")
+    bytes = serializers.IntegerField()
+    formats = WeightFileSerializer(many=True, help_text="The files cached on this node.")
+    download = DownloadSerializer(allow_null=True, help_text="The latest download on this node, running or not.")
+    warm = WarmLoadSerializer(many=True)
+
+
+class StatusTotalsSerializer(serializers.Serializer):
+    models = serializers.IntegerField()
+    files = serializers.IntegerField()
+    bytes = serializers.IntegerField()
+    max_bytes = serializers.IntegerField(allow_null=True)
+    disk_free = serializers.IntegerField()
+    downloads_active = serializers.IntegerField()
+
+
+class StatusSerializer(serializers.Serializer):
+    node = serializers.CharField(help_text="The node whose cache this is (and which the actions change).")
+    generated_at = serializers.DateTimeField()
+    health = serializers.CharField()
+    totals = StatusTotalsSerializer()
+    models = ModelStatusSerializer(many=True)
+
+
+class FormatStatsSerializer(serializers.Serializer):
+    files = serializers.IntegerField()
+    bytes = serializers.IntegerField()
+
+
+class CacheInfoModelSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    display_name = serializers.CharField()
+    architecture = serializers.CharField()
+    enabled = serializers.BooleanField()
+    pinned = serializers.BooleanField()
+    expected_sha256 = serializers.CharField(allow_blank=True)
+    bytes = serializers.IntegerField()
+    files = WeightFileSerializer(many=True)
+
+
+class CacheInfoSerializer(serializers.Serializer):
+    """Documentation only: the endpoint returns `selectors.cache_info()` untouched, as `models info --json` does."""
+
+    cache_dir = serializers.CharField()
+    node = serializers.CharField()
+    totals = serializers.DictField(child=serializers.IntegerField())
+    health = serializers.CharField()
+    problem_files = serializers.ListField(child=serializers.CharField())
+    formats = serializers.DictField(child=FormatStatsSerializer())
+    max_bytes = serializers.IntegerField(allow_null=True)
+    disk_free = serializers.IntegerField()
+    models = CacheInfoModelSerializer(many=True)
+
+
+# --- actions -------------------------------------------------------------------------------------
+
+
+class CacheClearRequestSerializer(serializers.Serializer):
+    confirm = serializers.BooleanField(default=False, help_text="Must be true: clearing deletes weight files.")
+    model = serializers.CharField(required=False, allow_blank=True, max_length=200,
+                                  help_text="Only this model (name or alias); default every model.")
+    format = WeightFormatField(required=False, allow_null=True, help_text="Only this format.")
+
+
+class CacheClearResultSerializer(serializers.Serializer):
+    files = serializers.IntegerField()
+    bytes = serializers.IntegerField()
+    models = serializers.ListField(child=serializers.CharField())
+
+
+class CacheOptimizeRequestSerializer(serializers.Serializer):
+    dry_run = serializers.BooleanField(default=True, help_text="Only compute the plan (default); false carries it out.")
+    max_bytes = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_BYTES_LIMIT,
+                                         help_text="Evict least recently used files to fit; default "
+                                                   "DEPTHSITE_CACHE_MAX_BYTES.")
+
+
+class PlanItemSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["corrupt", "missing", "orphan", "temporary", "stale_lock", "evict"])
+    path = serializers.CharField()
+    bytes = serializers.IntegerField()
+    reason = serializers.CharField()
+    model = serializers.CharField(allow_blank=True)
+    format = serializers.CharField(allow_blank=True)
+    weight_file_id = serializers.IntegerField(allow_null=True)
+
+
+class OptimizePlanSerializer(serializers.Serializer):
+    cache_dir = serializers.CharField()
+    node = serializers.CharField()
+    max_bytes = serializers.IntegerField(allow_null=True)
+    bytes_before = serializers.IntegerField()
+    bytes_to_free = serializers.IntegerField()
+    bytes_after = serializers.IntegerField()
+    executed = serializers.BooleanField(help_text="Whether the plan was carried out.")
+    freed_bytes = serializers.IntegerField()
+    errors = serializers.ListField(child=serializers.CharField())
+    items = PlanItemSerializer(many=True)
+
+
+class DownloadRequestSerializer(serializers.Serializer):
+    format = WeightFormatField(required=False, allow_null=True,
+                               help_text="Also keep a copy in this format (default DEPTHSITE_CACHE_FORMAT).")
+
+
+class VerifyRequestSerializer(serializers.Serializer):
+    format = WeightFormatField(required=False, allow_null=True, help_text="Only this format.")
+    functional = serializers.BooleanField(default=True, help_text="Also run the network on a tiny input.")
+
+
+class VerifyResultSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    format = serializers.CharField()
+    path = serializers.CharField()
+    health = serializers.ChoiceField(choices=Health.choices)
+    reason = serializers.CharField(allow_blank=True)
+    sha256 = serializers.CharField()
+    functional_hash = serializers.CharField(allow_blank=True)
+
+
+class VerifyResponseSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    ok = serializers.BooleanField(help_text="Every file verified is ok (false when none is cached).")
+    message = serializers.CharField()
+    results = VerifyResultSerializer(many=True)
+
+
+class ConvertRequestSerializer(serializers.Serializer):
+    format = WeightFormatField(help_text="The format of the copy to add.")
+
+
+class ExportQuerySerializer(serializers.Serializer):
+    format = WeightFormatField(default=WeightFormat.PT.value, help_text="Format of the exported weights.")
+    bundle = serializers.BooleanField(default=False, help_text="A .tar with the file and a manifest.json.")
+
+
+class ImportRequestSerializer(serializers.Serializer):
+    file = UploadField(help_text="A weight file (pt, safetensors, h5, pkl) or a depthsite bundle (.tar).")
+    model = serializers.CharField(required=False, allow_blank=True, max_length=200,
+                                  help_text="The model the weights are for; default: recognised by key layout.")
+
+
+class ImportResultSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    format = serializers.CharField()
+    created = serializers.BooleanField(help_text="False when identical weights were already cached.")
+    message = serializers.CharField()
+    sha256 = serializers.CharField()
+    content_digest = serializers.CharField()
+    path = serializers.CharField()
+    file = WeightFileSerializer()

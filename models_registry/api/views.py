@@ -1,0 +1,327 @@
+"""REST doors of the registry: each view parses its input, calls one selector or service, and presents the result."""
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from types import SimpleNamespace
+
+from django.conf import settings
+from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from models_registry.api import serializers as s
+from models_registry.api.permissions import CanReadRegistry, IsStaff
+from models_registry.api.throttling import SettingsScopedRateThrottle
+from models_registry.api.uploads import ImportUploadHandler
+from models_registry.exceptions import ApplicationError, ValidationError
+from models_registry.selectors import (
+    cache_info,
+    download_get,
+    model_catalogue,
+    model_get,
+    model_status,
+)
+
+TAG = "models"
+NAME_PARAMETER = OpenApiParameter("name", OpenApiTypes.STR, OpenApiParameter.PATH,
+                                  description="Model name or alias, case-insensitive (e.g. MiDaS_small, midas-small).")
+
+
+# A download's transfer errors (502, 507) land on its job row, polled; the POST itself never waits for them.
+_ERROR_TEXT = {
+    400: "Invalid request (unknown format, missing confirmation, bad field).",
+    401: "No credentials: sign in or send `Authorization: Token <key>`.",
+    403: "Signed in, but not allowed (writes and exports need a staff user).",
+    404: "Unknown model, or nothing cached to act on.",
+    409: "Collides with the cache's state (a download already running, a changed file, a pinned hash).",
+    413: "Upload larger than DEPTHSITE_MAX_IMPORT_BYTES.",
+    422: "Not usable weights (unknown or damaged file, wrong layout, unsafe pickle).",
+    429: "Too many writes or uploads; retry later.",
+    503: "Offline: DEPTHSITE_OFFLINE forbids the network and the weights are not cached.",
+    507: "No space left in the cache.",
+}
+READ_ERRORS = (401, 403)
+WRITE_ERRORS = (400, 401, 403, 404, 429)
+
+
+def errors(*codes: int) -> dict[tuple[int, str], OpenApiResponse]:
+    """The documented error responses of an operation, all in the one shape (JSON even where the body is a file)."""
+    return {(code, "application/json"): OpenApiResponse(s.ErrorSerializer, description=_ERROR_TEXT[code])
+            for code in codes}
+
+
+class RegistryApi(APIView):
+    """Reads: any signed-in user, or anyone when DEPTHSITE_PUBLIC_STATUS is set."""
+
+    # Token first: an anonymous caller gets 401 with `WWW-Authenticate: Token`, which tells a script what to send.
+    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    permission_classes = [CanReadRegistry]
+
+
+class RegistryWriteApi(RegistryApi):
+    """Writes: staff only, rate-limited by the "writes" scope."""
+
+    permission_classes = [IsStaff]
+    throttle_classes = [SettingsScopedRateThrottle]
+    throttle_scope = "writes"
+    parser_classes = [JSONParser, FormParser, MultiPartParser]
+
+
+def _validated(serializer_class, data) -> dict:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+# --- reads ---------------------------------------------------------------------------------------
+
+
+class ModelListApi(RegistryApi):
+    """Every catalogue entry with the files cached on every node, its pinned hash and where it is warm."""
+
+    @extend_schema(tags=[TAG], operation_id="models_list", summary="The catalogue, with cached files and warm loads",
+                   responses={200: s.RegisteredModelSerializer(many=True), **errors(*READ_ERRORS)})
+    def get(self, request):
+        return Response(s.RegisteredModelSerializer(model_catalogue(), many=True).data)
+
+
+class ModelDetailApi(RegistryApi):
+    """One catalogue entry, by name or alias."""
+
+    @extend_schema(tags=[TAG], operation_id="models_retrieve", summary="One catalogue entry",
+                   parameters=[NAME_PARAMETER],
+                   responses={200: s.RegisteredModelSerializer, **errors(*READ_ERRORS, 404)})
+    def get(self, request, name: str):
+        model = model_get(name=name)
+        return Response(s.RegisteredModelSerializer(model_catalogue().get(pk=model.pk)).data)
+
+
+class ModelStatusApi(RegistryApi):
+    """What the dashboard polls: this node's files per model, the latest download, and the warm workers."""
+
+    @extend_schema(tags=[TAG], operation_id="models_status",
+                   summary="Per model on this node: cached formats, health, download progress, warm workers",
+                   responses={200: s.StatusSerializer, **errors(*READ_ERRORS)})
+    def get(self, request):
+        return Response(s.StatusSerializer(model_status(), context={"request": request}).data)
+
+
+class CacheInfoApi(RegistryApi):
+    """Totals, format distribution and per-model files on this node (`models info --json`)."""
+
+    @extend_schema(tags=[TAG], operation_id="models_cache_info",
+                   summary="Cache statistics, exactly as `manage.py models info --json` prints them",
+                   responses={200: s.CacheInfoSerializer, **errors(*READ_ERRORS)})
+    def get(self, request):
+        return Response(cache_info())
+
+
+class DownloadDetailApi(RegistryApi):
+    """Poll a download queued by `POST /api/models/{name}/download`."""
+
+    @extend_schema(tags=[TAG], operation_id="models_downloads_retrieve", summary="A download job's progress",
+                   responses={200: s.DownloadSerializer, **errors(*READ_ERRORS, 404)})
+    def get(self, request, pk: int):
+        return Response(s.DownloadSerializer(download_get(pk=pk), context={"request": request}).data)
+
+
+# --- writes --------------------------------------------------------------------------------------
+
+
+class CacheClearApi(RegistryWriteApi):
+    """Staff only. Needs `{"confirm": true}`; files and records go together, under each model's lock."""
+
+    @extend_schema(tags=[TAG], operation_id="models_cache_clear",
+                   summary="Delete cached files and their records (all, one model, or one format)",
+                   request=s.CacheClearRequestSerializer,
+                   responses={200: s.CacheClearResultSerializer, **errors(*WRITE_ERRORS)})
+    def post(self, request):
+        from models_registry.services.cache import cache_clear
+
+        data = _validated(s.CacheClearRequestSerializer, request.data)
+        if not data["confirm"]:
+            raise ValidationError('clearing deletes weight files: send {"confirm": true} to go ahead',
+                                  extra={"field": "confirm"})
+        model = model_get(name=data["model"]) if data.get("model") else None
+        return Response(cache_clear(model=model, fmt=data.get("format")).as_dict())
+
+
+class CacheOptimizeApi(RegistryWriteApi):
+    """Staff only. Returns the plan, and with `dry_run: false` what was freed."""
+
+    @extend_schema(tags=[TAG], operation_id="models_cache_optimize",
+                   summary="Plan (dry_run, the default) or carry out the removal of corrupt, orphan, stale "
+                           "and least recently used files",
+                   request=s.CacheOptimizeRequestSerializer,
+                   responses={200: s.OptimizePlanSerializer, **errors(*WRITE_ERRORS)})
+    def post(self, request):
+        from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
+
+        data = _validated(s.CacheOptimizeRequestSerializer, request.data)
+        plan = cache_optimize_plan(max_bytes=data.get("max_bytes"))
+        if not data["dry_run"] and plan.items:
+            plan = cache_optimize_execute(plan=plan)
+        return Response(plan.as_dict())
+
+
+class ModelDownloadApi(RegistryWriteApi):
+    """Staff only. 202 with a job to poll; 409 while another download of the model runs on this node."""
+
+    @extend_schema(tags=[TAG], operation_id="models_download",
+                   summary="Queue a download of the model's weights (from DEPTHSITE_MODEL_MIRROR or the catalogue)",
+                   parameters=[NAME_PARAMETER], request=s.DownloadRequestSerializer,
+                   responses={202: s.DownloadSerializer, **errors(*WRITE_ERRORS, 409, 503)})
+    def post(self, request, name: str):
+        from models_registry.services.download import download_enqueue
+
+        data = _validated(s.DownloadRequestSerializer, request.data)
+        model = model_get(name=name, enabled_only=True)
+        download = download_enqueue(model=model, fmt=data.get("format"), requested_by=request.user.get_username())
+        body = s.DownloadSerializer(download, context={"request": request}).data
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body["url"]})
+
+
+class ModelVerifyApi(RegistryWriteApi):
+    """Staff only. Records each file's health and reason, as `models verify` does."""
+
+    @extend_schema(tags=[TAG], operation_id="models_verify",
+                   summary="Check the model's cached files on this node (hash, layout, and a tiny forward pass)",
+                   parameters=[NAME_PARAMETER], request=s.VerifyRequestSerializer,
+                   responses={200: s.VerifyResponseSerializer, **errors(*WRITE_ERRORS)})
+    def post(self, request, name: str):
+        from models_registry.services.weights import weights_verify
+
+        data = _validated(s.VerifyRequestSerializer, request.data)
+        model = model_get(name=name)
+        results = weights_verify(model=model, fmt=data.get("format"), functional=data["functional"])
+        lines = [f"{r.weight_file.format}: {r.health}" + (f" - {r.reason}" if r.reason else "") for r in results]
+        return Response({
+            "model": model.name,
+            "ok": bool(results) and all(r.ok for r in results),
+            "message": "; ".join(lines) or f"no cached files of {model.name} on this node to verify",
+            "results": [r.as_dict() for r in results],
+        })
+
+
+class ModelConvertApi(RegistryWriteApi):
+    """Staff only. Same as `models convert --to FORMAT`."""
+
+    @extend_schema(tags=[TAG], operation_id="models_convert",
+                   summary="Add a cached copy in another format (same tensors, proven by the content digest)",
+                   parameters=[NAME_PARAMETER], request=s.ConvertRequestSerializer,
+                   responses={200: s.WeightFileSerializer, **errors(*WRITE_ERRORS, 409, 422, 507)})
+    def post(self, request, name: str):
+        from models_registry.services.weights import weight_convert
+
+        data = _validated(s.ConvertRequestSerializer, request.data)
+        weight_file = weight_convert(model=model_get(name=name), fmt=data["format"])
+        return Response(s.WeightFileSerializer(weight_file).data)
+
+
+class _WeightFileRenderer(BaseRenderer):
+    """Lets a client ask for the file with `Accept: application/octet-stream`; errors still come as JSON text."""
+
+    media_type = "application/octet-stream"
+    format = "bin"
+    charset = None
+    render_style = "binary"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        return JSONRenderer().render(data, "application/json", renderer_context) if data is not None else b""
+
+
+class _TarRenderer(_WeightFileRenderer):
+    media_type = "application/x-tar"
+    format = "tar"
+
+
+class _WeightFormatNegotiation(DefaultContentNegotiation):
+    # `?format=` names a weight format here; DRF would otherwise take it for a renderer and answer 404.
+    settings = SimpleNamespace(URL_FORMAT_OVERRIDE=None)
+
+
+def _digest_headers(sha256: str) -> dict[str, str]:
+    encoded = base64.b64encode(bytes.fromhex(sha256)).decode()
+    return {
+        "ETag": f'"{sha256}"',
+        "Digest": f"sha-256={encoded}",  # RFC 3230, what most download tools check
+        "Repr-Digest": f"sha-256=:{encoded}:",  # RFC 9530, its successor
+    }
+
+
+class ModelExportApi(RegistryApi):
+    """Staff only: it streams whole weight files. The cached file itself when it exists in that format."""
+
+    # Not a write, but it streams gigabytes and hands out the weights: staff only, like the writes.
+    permission_classes = [IsStaff]
+    renderer_classes = [JSONRenderer, _WeightFileRenderer, _TarRenderer]
+    content_negotiation_class = _WeightFormatNegotiation
+
+    @extend_schema(tags=[TAG], operation_id="models_export",
+                   summary="Stream the model's weights in a format, or a bundle (.tar with a manifest)",
+                   parameters=[NAME_PARAMETER, s.ExportQuerySerializer],
+                   responses={(200, "application/octet-stream"): OpenApiResponse(
+                       OpenApiTypes.BINARY, description="The file; ETag, Digest and Repr-Digest carry its sha256."),
+                       **errors(*READ_ERRORS, 400, 404, 409, 422, 507)})
+    def get(self, request, name: str):
+        from models_registry.services.weights import weight_export_artifact
+
+        query = _validated(s.ExportQuerySerializer, request.query_params)
+        result = weight_export_artifact(model=model_get(name=name), fmt=query["format"], bundle=query["bundle"])
+        response = FileResponse(result.open(), as_attachment=True, filename=result.download_name,
+                                content_type="application/x-tar" if result.bundle else "application/octet-stream")
+        response["Content-Length"] = str(result.size)
+        for header, value in _digest_headers(result.sha256).items():
+            response[header] = value
+        response["X-Content-Digest"] = result.content_digest  # the tensors' digest, equal across formats
+        return response
+
+
+class WeightImportApi(RegistryWriteApi):
+    """Staff only. Multipart field `file` (and optional `model`); the same checks as `models import`."""
+
+    parser_classes = [MultiPartParser]
+    throttle_scope = "uploads"
+
+    def initial(self, request, *args, **kwargs):
+        # Installed before authentication: a session login's CSRF check already parses the body.
+        self.upload_handler = ImportUploadHandler(request._request, max_bytes=settings.DEPTHSITE_MAX_IMPORT_BYTES)
+        request._request.upload_handlers = [self.upload_handler]
+        super().initial(request, *args, **kwargs)
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        handler = getattr(self, "upload_handler", None)
+        if handler is not None:
+            handler.cleanup()  # the upload was copied into the cache, or refused: either way it goes
+        return super().finalize_response(request, response, *args, **kwargs)
+
+    @extend_schema(tags=[TAG], operation_id="models_import",
+                   summary="Upload a weight file or bundle: recognised by content, loaded safely, checked, cached",
+                   request={"multipart/form-data": s.ImportRequestSerializer},
+                   responses={201: s.ImportResultSerializer, 200: s.ImportResultSerializer,
+                              **errors(*WRITE_ERRORS, 409, 413, 422, 507)})
+    def post(self, request):
+        from models_registry.services.weights import weight_import
+
+        data = _validated(s.ImportRequestSerializer, request.data)
+        upload = data["file"]
+        upload.close()
+        path = upload.temporary_file_path()
+        # The service names the file it was given, a temporary name; the caller knows it by the name it sent.
+        try:
+            result = weight_import(path=path, model_name=data.get("model") or None)
+        except ApplicationError as exc:
+            exc.message = exc.message.replace(Path(path).name, upload.name)
+            raise
+        body = result.as_dict()
+        body["message"] = body["message"].replace(Path(path).name, upload.name)
+        body["file"] = s.WeightFileSerializer(result.weight_file).data
+        return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
