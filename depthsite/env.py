@@ -96,6 +96,7 @@ TORCH_THREADS = get_int("DEPTHSITE_TORCH_THREADS", 0)
 MAX_IMAGE_PIXELS = get_int("DEPTHSITE_MAX_IMAGE_PIXELS", 50_000_000)
 
 # --- jobs, web and API -------------------------------------------------------------------------
+QUEUE_NAME = get_str("DEPTHSITE_QUEUE_NAME", "depthsite")
 WORKERS = get_int("DEPTHSITE_WORKERS", 1)
 JOB_TIMEOUT = get_int("DEPTHSITE_JOB_TIMEOUT", 600)
 JOB_MAX_ATTEMPTS = get_int("DEPTHSITE_JOB_MAX_ATTEMPTS", 3)

@@ -12,3 +12,5 @@ class InferenceConfig(AppConfig):
         from models_registry.services.weights import functional_check_register
 
         functional_check_register(weights_functional_hash)
+
+        from inference import signals  # noqa: F401  (connects the depth job receivers)

@@ -1,3 +1,15 @@
 """Web pages of depth estimation: upload, job pages, history."""
+from django.urls import path
+
+from inference import views
+
 app_name = "inference"
-urlpatterns: list = []
+urlpatterns = [
+    path("", views.upload, name="upload"),
+    path("jobs/", views.job_list, name="job_list"),
+    path("jobs/<uuid:job_id>/", views.job_detail, name="job_detail"),
+    path("jobs/<uuid:job_id>/status.json", views.job_status, name="job_status"),
+    path("jobs/<uuid:job_id>/input", views.job_input, name="job_input"),
+    path("jobs/<uuid:job_id>/files/<str:fmt>", views.job_file, name="job_file"),
+    path("jobs/<uuid:job_id>/delete", views.job_delete, name="job_delete"),
+]

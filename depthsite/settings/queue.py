@@ -5,7 +5,8 @@ from depthsite import env
 # slow job is never run twice at once; max_attempts bounds re-deliveries of a job whose worker died.
 _timeout = env.JOB_TIMEOUT
 Q_CLUSTER = {
-    "name": "depthsite",
+    # The Redis list / ORM queue key: deployments sharing one Redis need names of their own.
+    "name": env.QUEUE_NAME,
     "workers": env.WORKERS,
     "timeout": _timeout,
     "retry": _timeout + 60,

@@ -1,0 +1,87 @@
+"""Django admin for depth jobs: status, model, owner, timings and error at a glance; re-run calls the same service."""
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
+
+from inference.choices import JobStatus
+from inference.models import DepthJob
+from inference.services.jobs import depth_job_rerun
+from models_registry.exceptions import ApplicationError
+
+STATUS_COLOURS = {JobStatus.QUEUED: "#9a6700", JobStatus.RUNNING: "#9a6700", JobStatus.SUCCEEDED: "#1a7f37",
+                  JobStatus.FAILED: "#cf222e"}
+
+
+@admin.action(description="Re-run selected jobs")
+def rerun_jobs(modeladmin, request, queryset):
+    done, failed = [], []
+    for job in queryset:
+        try:
+            depth_job_rerun(job=job)
+            done.append(job.short_id)
+        except ApplicationError as exc:
+            failed.append(f"{job.short_id}: {exc.message}")
+    if done:
+        modeladmin.message_user(request, f"queued again: {', '.join(done)}", messages.SUCCESS)
+    for failure in failed:
+        modeladmin.message_user(request, failure, messages.ERROR)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+@admin.register(DepthJob)
+class DepthJobAdmin(admin.ModelAdmin):
+    list_display = ("short_id", "status_badge", "model_name", "owner_display", "created_at", "attempts", "load",
+                    "inference", "error_short")
+    list_filter = ("status", "model_name", "error_code", ("owner", admin.EmptyFieldListFilter), "created_at")
+    search_fields = ("id", "image_name", "image_sha256", "owner__username", "task_id", "error")
+    date_hierarchy = "created_at"
+    list_select_related = ("owner",)
+    actions = [rerun_jobs]
+    readonly_fields = [field.name for field in DepthJob._meta.fields] + ["page_link"]
+    fieldsets = (
+        (None, {"fields": ("id", "page_link", "status", "error", "error_code", "attempts", "owner", "session_key")}),
+        ("Input", {"fields": ("image", "image_name", "image_format", "image_width", "image_height", "image_size",
+                              "image_sha256", "model", "model_name", "outputs", "colormap")}),
+        ("Run", {"fields": ("created_at", "queued_at", "started_at", "finished_at", "load_ms", "inference_ms",
+                            "worker", "task_id", "device")}),
+        ("Result", {"fields": ("result_files", "depth_min", "depth_max", "semantics", "weights_sha256",
+                               "weights_format", "reused_from")}),
+    )
+
+    def has_add_permission(self, request):
+        return False  # jobs come from uploads; the admin watches, re-runs and deletes them
+
+    @admin.display(description="id", ordering="id")
+    def short_id(self, obj):
+        return obj.short_id
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj):
+        return format_html('<strong style="color:{}">{}</strong>', STATUS_COLOURS.get(obj.status, "#57606a"),
+                           obj.status)
+
+    @admin.display(description="owner", ordering="owner__username")
+    def owner_display(self, obj):
+        return obj.owner.get_username() if obj.owner_id else "anonymous"
+
+    @admin.display(description="weights load", ordering="load_ms")
+    def load(self, obj):
+        return _ms(obj.load_ms)
+
+    @admin.display(description="inference", ordering="inference_ms")
+    def inference(self, obj):
+        return _ms(obj.inference_ms)
+
+    @admin.display(description="error")
+    def error_short(self, obj):
+        return (obj.error[:80] + "…") if len(obj.error) > 80 else obj.error
+
+    @admin.display(description="page")
+    def page_link(self, obj):
+        url = reverse("inference:job_detail", args=[obj.pk])
+        return format_html('<a href="{}">{}</a>', url, url)

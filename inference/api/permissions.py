@@ -1,0 +1,50 @@
+"""Who may use predictions, and how often uploads may come (shared by the API and the web form)."""
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured
+from rest_framework.permissions import BasePermission
+from rest_framework.settings import api_settings
+from rest_framework.throttling import SimpleRateThrottle
+
+from inference.selectors import uploads_allowed
+
+
+class PredictionAccess(BasePermission):
+    """Signed-in callers (session or token); anyone while DEPTHSITE_PUBLIC_UPLOADS is on. Which jobs a caller
+    sees is decided per job by the selectors (own jobs; staff all; anonymous jobs by their random id)."""
+
+    message = "sign in (session or token) to use predictions"
+
+    def has_permission(self, request, view) -> bool:
+        return uploads_allowed(user=request.user)
+
+
+class UploadThrottle(SimpleRateThrottle):
+    """Anonymous uploads by client address at the "uploads" rate; everything else that writes (signed-in
+    uploads, deletions) by user or address at the "writes" rate. Rates are read per request, so a changed
+    REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] applies without a restart. Reads are never throttled."""
+
+    scope = "uploads"
+
+    def __init__(self):
+        # SimpleRateThrottle binds its rate at construction; ours depends on the request.
+        pass
+
+    def get_rate(self) -> str | None:
+        rates = api_settings.DEFAULT_THROTTLE_RATES or {}
+        if self.scope not in rates:
+            raise ImproperlyConfigured(f"no throttle rate for scope {self.scope!r} in DEFAULT_THROTTLE_RATES")
+        return rates[self.scope]
+
+    def allow_request(self, request, view) -> bool:
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return True
+        anonymous = not request.user.is_authenticated
+        self.scope = "uploads" if anonymous and request.method == "POST" else "writes"
+        self.rate = self.get_rate()
+        self.num_requests, self.duration = self.parse_rate(self.rate)
+        return super().allow_request(request, view)
+
+    def get_cache_key(self, request, view) -> str:
+        ident = request.user.pk if request.user.is_authenticated else self.get_ident(request)
+        return self.cache_format % {"scope": self.scope, "ident": ident}

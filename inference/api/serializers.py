@@ -1,0 +1,97 @@
+"""Shapes of the predictions API: the multipart request that creates a job, and a job as clients see it."""
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+from rest_framework.reverse import reverse
+
+from inference.choices import JobErrorCode, JobStatus
+from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
+from inference.models import DepthJob
+from inference.selectors import depth_job_preview_format
+from inference.writers import OUTPUT_FORMATS
+
+
+class PredictionCreateSerializer(serializers.Serializer):
+    image = serializers.FileField(
+        allow_empty_file=True,  # the service says precisely why a file is not a photo, empty included
+        help_text="The photo: any format Pillow reads (JPEG, PNG, WebP, TIFF, ...), up to DEPTHSITE_MAX_UPLOAD_BYTES.",
+    )
+    model = serializers.CharField(default="MiDaS_small", max_length=64, allow_blank=True,
+                                  help_text="A model name or alias (case-insensitive), e.g. MiDaS_small, "
+                                            "DPT_Large; empty means MiDaS_small.")
+    outputs = serializers.ListField(
+        child=serializers.CharField(max_length=64), default=["png"], max_length=len(OUTPUT_FORMATS) + 1,
+        help_text=f"Output formats: {', '.join(OUTPUT_FORMATS)} or all; repeat the field or give a comma list.",
+    )
+    colormap = serializers.ChoiceField(choices=COLORMAPS, default=DEFAULT_COLORMAP,
+                                       help_text="Colour map of the png and side outputs.")
+
+
+class PredictionImageSerializer(serializers.Serializer):
+    name = serializers.CharField(source="image_name")
+    size = serializers.IntegerField(source="image_size", help_text="Bytes.")
+    sha256 = serializers.CharField(source="image_sha256")
+    format = serializers.CharField(source="image_format")
+    width = serializers.IntegerField(source="image_width", allow_null=True, help_text="Upright width in pixels.")
+    height = serializers.IntegerField(source="image_height", allow_null=True)
+
+
+class PredictionSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    url = serializers.SerializerMethodField(help_text="This prediction in the API.")
+    page_url = serializers.SerializerMethodField(help_text="Its web page, with live status.")
+    status = serializers.ChoiceField(choices=JobStatus.choices)
+    attempts = serializers.IntegerField()
+    error = serializers.CharField(help_text="Why it failed, and what to do; empty otherwise.")
+    error_code = serializers.ChoiceField(choices=[("", "none"), *JobErrorCode.choices])
+    model = serializers.CharField(source="model_name")
+    outputs = serializers.ListField(child=serializers.ChoiceField(choices=OUTPUT_FORMATS))
+    colormap = serializers.CharField()
+    image = PredictionImageSerializer(source="*")
+    created_at = serializers.DateTimeField()
+    queued_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    load_ms = serializers.FloatField(allow_null=True, help_text="Getting the network (near 0 when it was warm).")
+    inference_ms = serializers.FloatField(allow_null=True)
+    depth_min = serializers.FloatField(allow_null=True)
+    depth_max = serializers.FloatField(allow_null=True)
+    semantics = serializers.CharField(help_text="What the values mean (relative inverse depth: larger is nearer).")
+    weights_sha256 = serializers.CharField(help_text="sha256 of the weight file used.")
+    weights_format = serializers.CharField()
+    device = serializers.CharField()
+    reused_from = serializers.UUIDField(source="reused_from_id", allow_null=True,
+                                        help_text="An earlier prediction whose result was reused (same image, "
+                                                  "weights and options).")
+    files = serializers.SerializerMethodField(help_text="Download URL of each output.")
+    preview = serializers.SerializerMethodField(help_text="The output best shown as an image, if any.")
+
+    def _request(self):
+        return self.context.get("request")
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_url(self, job: DepthJob) -> str:
+        return reverse("predictions-api:prediction-detail", args=[job.pk], request=self._request())
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_page_url(self, job: DepthJob) -> str:
+        return reverse("inference:job_detail", args=[job.pk], request=self._request())
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "string", "format": "uri"},
+                          "example": {"png": "http://127.0.0.1:8000/api/predictions/<id>/files/png/"}})
+    def get_files(self, job: DepthJob) -> dict[str, str]:
+        return {fmt: reverse("predictions-api:prediction-file", args=[job.pk, fmt], request=self._request())
+                for fmt in (job.result_files or {})}
+
+    @extend_schema_field({"type": "string", "nullable": True, "description": "one of the outputs, or null"})
+    def get_preview(self, job: DepthJob) -> str | None:
+        return depth_job_preview_format(job=job)
+
+
+class PredictionErrorSerializer(serializers.Serializer):
+    """Every error of the API: a message a person can read, and machine-readable details."""
+
+    message = serializers.CharField()
+    extra = serializers.DictField()

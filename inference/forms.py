@@ -1,0 +1,73 @@
+"""The upload form of the web page, and the upload handler that stops reading a photo past the size limit."""
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+from django.core.files.uploadhandler import FileUploadHandler, StopUpload
+
+from depthsite.units import format_size
+from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
+from inference.selectors import output_choices
+from models_registry.exceptions import TooLargeError
+
+# Room for the multipart envelope (boundaries, part headers, the small fields) around a file at the limit.
+ENVELOPE_BYTES = 64 * 1024
+
+
+def upload_too_large(size: int | None = None, *, name_field: bool = False) -> TooLargeError:
+    """The 413 of an upload over DEPTHSITE_MAX_UPLOAD_BYTES; API messages name their field, form errors sit under it."""
+    limit = settings.DEPTHSITE_MAX_UPLOAD_BYTES
+    said = f" ({format_size(size)})" if size else ""
+    return TooLargeError(f"{'image: ' if name_field else ''}the upload{said} is over the limit of {format_size(limit)} "
+                         "(DEPTHSITE_MAX_UPLOAD_BYTES)",
+                         extra={"field": "image", "kind": "too_many_bytes", "limit": limit})
+
+
+class UploadLimitHandler(FileUploadHandler):
+    """Refuses a body or file over DEPTHSITE_MAX_UPLOAD_BYTES before it reaches a temporary file.
+
+    `drain=False` (the API) answers at once from Content-Length; `drain=True` (the web form) reads and
+    discards the rest, because a browser shows no response to a request whose body it could not finish.
+    Either way `exceeded` tells the door to answer 413.
+    """
+
+    def __init__(self, request=None, *, drain: bool):
+        super().__init__(request)
+        self.drain = drain
+        self.exceeded = False
+        self.limit = settings.DEPTHSITE_MAX_UPLOAD_BYTES
+
+    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
+        if self.limit and content_length and content_length > self.limit + ENVELOPE_BYTES:
+            self.exceeded = True
+            if not self.drain:
+                raise upload_too_large(content_length, name_field=True)
+            # StopUpload is only honoured once the parser reads parts: the first file chunk raises it.
+        return None
+
+    def receive_data_chunk(self, raw_data, start):
+        if self.exceeded or (self.limit and start + len(raw_data) > self.limit):
+            self.exceeded = True
+            if not self.drain:
+                raise upload_too_large(start + len(raw_data), name_field=True)
+            raise StopUpload(connection_reset=False)
+        return raw_data
+
+    def file_complete(self, file_size):
+        return None
+
+
+class DepthJobForm(forms.Form):
+    # A plain FileField: the service decodes the photo itself and says precisely what is wrong with it.
+    image = forms.FileField(label="Photo", allow_empty_file=True,
+                            widget=forms.ClearableFileInput(attrs={"accept": "image/*"}))
+    model = forms.ChoiceField(label="Model", widget=forms.RadioSelect)
+    colormap = forms.ChoiceField(label="Colour map", choices=[(name, name) for name in COLORMAPS],
+                                 initial=DEFAULT_COLORMAP)
+    outputs = forms.MultipleChoiceField(label="Outputs", choices=output_choices(), initial=["png"],
+                                        widget=forms.CheckboxSelectMultiple)
+
+    def __init__(self, *args, model_names: list[str], default_model: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["model"].choices = [(name, name) for name in model_names]
+        self.fields["model"].initial = default_model if default_model in model_names else (model_names or [""])[0]

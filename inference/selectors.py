@@ -1,0 +1,206 @@
+"""Reads of depth jobs: who sees which job, the status summary, result files, and the models offered for upload."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.db.models import QuerySet
+
+from depthsite.units import format_size
+from inference.choices import JobStatus
+from inference.models import DepthJob
+from inference.writers import CONTENT_TYPES, OUTPUT_FORMATS, SUFFIXES
+from models_registry.exceptions import ApplicationError, NotFoundError
+from models_registry.models import RegisteredModel
+from models_registry.selectors import download_active, model_list, weight_files_usable
+
+# Formats every browser shows as they are; anything else (TIFF, PPM...) is converted for display.
+BROWSER_IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
+                       "WEBP": "image/webp", "BMP": "image/bmp"}
+
+
+def uploads_allowed(*, user) -> bool:
+    """Signed-in users may always upload; anonymous visitors when DEPTHSITE_PUBLIC_UPLOADS is on."""
+    return bool(user.is_authenticated or settings.DEPTHSITE_PUBLIC_UPLOADS)
+
+
+def depth_job_list(*, user, session_key: str = "", everyone: bool = False) -> QuerySet[DepthJob]:
+    """The caller's jobs, newest first: a user's own, an anonymous session's own; staff may ask for all."""
+    queryset = DepthJob.objects.select_related("owner", "model").order_by("-created_at", "id")
+    if user.is_authenticated:
+        return queryset if (everyone and user.is_staff) else queryset.filter(owner=user)
+    if session_key and settings.DEPTHSITE_PUBLIC_UPLOADS:
+        return queryset.filter(owner__isnull=True, session_key=session_key)
+    return queryset.none()
+
+
+def depth_job_get(*, job_id, user) -> DepthJob:
+    """A job the caller may see, else NotFoundError (a job of someone else's does not exist for them).
+
+    Anonymous jobs are reachable by anyone holding their random id, like an unlisted link: that is how an
+    anonymous API client without cookies reads back what it posted.
+    """
+    job = DepthJob.objects.select_related("owner", "model", "reused_from").filter(pk=job_id).first()
+    if job is None or not _may_see(job, user):
+        raise NotFoundError(f"no prediction with id {job_id}", extra={"id": str(job_id)})
+    return job
+
+
+def _may_see(job: DepthJob, user) -> bool:
+    if user.is_authenticated and (user.is_staff or job.owner_id == user.pk):
+        return True
+    return job.owner_id is None and uploads_allowed(user=user)
+
+
+def depth_job_may_delete(*, job: DepthJob, user, session_key: str = "") -> bool:
+    """Owners and staff; an anonymous job only from the session that uploaded it."""
+    if user.is_authenticated:
+        return user.is_staff or job.owner_id == user.pk
+    return job.owner_id is None and bool(session_key) and job.session_key == session_key
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    path: Path
+    content_type: str
+    download_name: str
+
+
+def depth_job_file(*, job: DepthJob, fmt: str) -> ResultFile:
+    """One output of a finished job, with its content type and a file name for downloads."""
+    relative = (job.result_files or {}).get(fmt) if job.status == JobStatus.SUCCEEDED else None
+    path = Path(settings.MEDIA_ROOT) / relative if relative else None
+    if path is None or not path.is_file():
+        raise NotFoundError(f"prediction {job.pk} has no {fmt!r} output"
+                            + ("" if job.status == JobStatus.SUCCEEDED else f" (it is {job.status})"),
+                            extra={"format": fmt, "available": sorted(job.result_files or {})})
+    stem = Path(job.image_name or "image").stem[:80] or "image"
+    return ResultFile(path=path, content_type=CONTENT_TYPES[fmt], download_name=f"{stem}-depth{SUFFIXES[fmt]}")
+
+
+def depth_job_input(*, job: DepthJob) -> tuple[bytes | Path, str]:
+    """The uploaded photo for display: the stored file when browsers show it, else an upright PNG copy."""
+    path = Path(settings.MEDIA_ROOT) / job.image.name if job.image else None
+    if path is None or not path.is_file():
+        raise NotFoundError(f"the image of prediction {job.pk} is gone", extra={"id": str(job.pk)})
+    if job.image_format in BROWSER_IMAGE_TYPES:
+        return path, BROWSER_IMAGE_TYPES[job.image_format]
+    from PIL import Image
+
+    from inference.images import image_open
+
+    try:
+        loaded = image_open(path, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    except ApplicationError as exc:
+        raise NotFoundError(f"the image of prediction {job.pk} cannot be shown: {exc.message}") from None
+    buffer = io.BytesIO()
+    Image.fromarray(loaded.rgb).save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png"
+
+
+def depth_job_preview_format(*, job: DepthJob) -> str | None:
+    """The output a page shows as the depth image: the colour PNG, else the 16-bit one."""
+    for fmt in ("png", "png16"):
+        if fmt in (job.result_files or {}):
+            return fmt
+    return None
+
+
+def depth_job_summary(job: DepthJob) -> dict[str, Any]:
+    """Everything the job page and its live status show (URLs are added by each door)."""
+    return {
+        "id": str(job.pk),
+        "status": job.status,
+        "active": job.is_active,
+        "terminal": job.is_terminal,
+        "attempts": job.attempts,
+        "error": job.error,
+        "error_code": job.error_code,
+        "model": job.model_name,
+        "outputs": list(job.outputs or []),
+        "colormap": job.colormap,
+        "image": {"name": job.image_name, "size": job.image_size, "sha256": job.image_sha256,
+                  "format": job.image_format, "width": job.image_width, "height": job.image_height},
+        "created_at": _iso(job.created_at),
+        "queued_at": _iso(job.queued_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "load_ms": _round(job.load_ms),
+        "inference_ms": _round(job.inference_ms),
+        "depth_min": job.depth_min,
+        "depth_max": job.depth_max,
+        "semantics": job.semantics,
+        "weights_sha256": job.weights_sha256,
+        "weights_format": job.weights_format,
+        "device": job.device,
+        "reused_from": str(job.reused_from_id) if job.reused_from_id else None,
+        "preview": depth_job_preview_format(job=job),
+    }
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    name: str
+    display_name: str
+    cached: bool
+    usable: bool  # False when a job with it cannot succeed on this site as it is
+    note: str
+
+
+def model_options() -> list[ModelOption]:
+    """The enabled models with what the upload page says about each: cached, will be downloaded, or why not."""
+    from models_registry.services.download import download_url
+
+    options = []
+    for model in model_list(enabled_only=True):
+        files = weight_files_usable(model=model)
+        if files:
+            best = files[0]
+            options.append(ModelOption(model.name, model.display_name, True, True,
+                                       f"cached ({best.format}, {format_size(best.size)})"))
+            continue
+        active = download_active(model=model)
+        if active is not None:
+            total = active.bytes_total or model.expected_size
+            progress = f" ({active.bytes_done * 100 // total}%)" if total else ""
+            options.append(ModelOption(model.name, model.display_name, False, True,
+                                       f"downloading now{progress}; jobs wait for it"))
+            continue
+        options.append(_uncached_option(model, download_url))
+    return options
+
+
+def _uncached_option(model: RegisteredModel, download_url) -> ModelOption:
+    size = f" ({format_size(model.expected_size)})" if model.expected_size else ""
+    try:
+        url = download_url(model=model)
+    except ApplicationError as exc:
+        return ModelOption(model.name, model.display_name, False, False, f"not cached, and {exc.message}")
+    if url.startswith("file:"):
+        return ModelOption(model.name, model.display_name, False, True,
+                           f"not cached: copied from the local mirror on first use{size}")
+    if settings.DEPTHSITE_OFFLINE:
+        return ModelOption(model.name, model.display_name, False, False,
+                           "not cached, and this site is offline (DEPTHSITE_OFFLINE): an administrator must "
+                           f"import it first (manage.py models import PATH --model {model.name})")
+    host = urlsplit(url).hostname or url
+    return ModelOption(model.name, model.display_name, False, True,
+                       f"not cached: downloaded from {host} on first use{size}, which makes the first job slower")
+
+
+def output_choices() -> list[tuple[str, str]]:
+    labels = {"png": "colour PNG", "png16": "16-bit PNG (real range)", "npy": "NumPy .npy (float32)",
+              "pfm": "PFM (float32, as MiDaS run.py)", "side": "photo and depth side by side"}
+    return [(fmt, labels.get(fmt, fmt)) for fmt in OUTPUT_FORMATS]

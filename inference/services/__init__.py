@@ -1,0 +1,1 @@
+"""Inference's write side: depth jobs (create, run, delete, re-run, recover)."""

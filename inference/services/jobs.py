@@ -1,0 +1,551 @@
+"""Depth jobs from upload to result files: create (web process, no torch), run (worker), delete, re-run, recover.
+
+A job is saved first and queued on commit with its id only. A worker claims it with a conditional
+update (so two deliveries never run one job at once), runs estimator -> writers, and finishes or
+fails it with a message the user can act on. A job whose worker died is found again, by the next
+worker that starts on its node or by the periodic recovery, and queued again until it has used up
+its attempts; then it fails with that reason. Nothing here imports torch at module level.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable
+
+from django.conf import settings
+from django.core.files import File
+from django.db import transaction
+from django.utils import timezone
+
+from depthsite.units import format_size
+from inference.choices import JobErrorCode, JobStatus
+from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
+from inference.exceptions import ImageError, InferenceError
+from inference.images import image_open
+from inference.models import DepthJob
+from inference.writers import DepthMeta, parse_formats, write_outputs
+from models_registry import cachefs
+from models_registry.exceptions import (
+    ApplicationError,
+    ConflictError,
+    DownloadError,
+    NotFoundError,
+    OfflineError,
+    TooLargeError,
+    ValidationError,
+    WeightFileError,
+)
+from models_registry.models import RegisteredModel
+from models_registry.selectors import model_get
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "MiDaS_small"
+DEFAULT_OUTPUTS = ("png",)
+RESULTS_DIR = "results"
+RESULT_STEM = "depth"
+TASK = "inference.tasks.depth_job_task"
+# Another node's worker cannot be probed; django-q2 stops a task at its timeout, so a job still
+# "running" this long after that has no live worker.
+RECOVERY_GRACE_SECONDS = 60
+_HASH_CHUNK = 1024 * 1024
+# Upright extensions by what Pillow recognised; the client's name is never trusted.
+_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
+               "TIFF": ".tif", "PPM": ".ppm", "ICO": ".ico"}
+
+ERROR_GENERIC = ("an internal error stopped this job (the details are in the worker's log); "
+                 "re-running it may help, otherwise tell the site's administrator")
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def _job_timeout() -> int:
+    return int(settings.Q_CLUSTER.get("timeout") or 600)
+
+
+def _retry_after() -> int:
+    return int(settings.Q_CLUSTER.get("retry") or _job_timeout() + 60)
+
+
+def job_max_attempts() -> int:
+    """Starts of one job (the first run and the re-runs after a dead worker) before it fails for good."""
+    return max(1, int(settings.Q_CLUSTER.get("max_attempts") or 1))
+
+
+def _media_root() -> Path:
+    return Path(settings.MEDIA_ROOT)
+
+
+# --- worker identity -------------------------------------------------------------------------------
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of a process (Linux), so a reused pid is not mistaken for the old worker."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
+def _process_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def worker_id() -> str:
+    pid = os.getpid()
+    return f"{cachefs.node_name()}:{pid}:{_process_start(pid)}"
+
+
+def worker_alive(*, worker: str, started_at=None) -> bool:
+    """Whether the process a job row names may still be running it."""
+    try:
+        node, pid_text, start = worker.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if node != cachefs.node_name():
+        if started_at is None:
+            return False
+        return timezone.now() - started_at < timedelta(seconds=_job_timeout() + RECOVERY_GRACE_SECONDS)
+    if pid == os.getpid():
+        # A worker runs one task at a time: if this process is asking, its own earlier attempt is over.
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start and _process_start(pid) not in ("", start):
+        return False  # the pid now belongs to another process
+    return _process_state(pid) not in ("Z", "X")
+
+
+# --- create --------------------------------------------------------------------------------------
+
+
+def _model_for_job(name: str) -> RegisteredModel:
+    try:
+        return model_get(name=name or DEFAULT_MODEL, enabled_only=True)
+    except NotFoundError as exc:
+        # An unknown model is a mistake in the request (400), not a missing resource.
+        raise ValidationError(exc.message, extra={**exc.extra, "field": "model"}) from None
+
+
+def _colormap(name: str) -> str:
+    value = (name or DEFAULT_COLORMAP).strip().lower()
+    if value not in COLORMAPS:
+        raise ValidationError(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}",
+                              extra={"field": "colormap"})
+    return value
+
+
+def upload_size_check(*, size: int) -> None:
+    """TooLargeError (413) when an upload is over DEPTHSITE_MAX_UPLOAD_BYTES."""
+    limit = settings.DEPTHSITE_MAX_UPLOAD_BYTES
+    if limit and size > limit:
+        raise TooLargeError(
+            f"the file is {format_size(size)}, over the upload limit of {format_size(limit)}",
+            extra={"field": "image", "kind": "too_many_bytes", "limit": limit, "size": size},
+        )
+
+
+def _sha256(upload: File) -> str:
+    digest = hashlib.sha256()
+    upload.seek(0)
+    for chunk in upload.chunks(_HASH_CHUNK):
+        digest.update(chunk)
+    upload.seek(0)
+    return digest.hexdigest()
+
+
+def _client_name(name: str | None) -> str:
+    cleaned = "".join(ch for ch in os.path.basename(name or "") if ch.isprintable())
+    return cleaned[-255:] or "upload"
+
+
+def depth_job_create(
+    *,
+    image: File,
+    model: str = DEFAULT_MODEL,
+    outputs: Iterable[str] | str | None = None,
+    colormap: str = DEFAULT_COLORMAP,
+    owner=None,
+    session_key: str = "",
+) -> DepthJob:
+    """Check an upload, store it under MEDIA_ROOT, save the job and queue it once the transaction commits.
+
+    ValidationError (400) for an unknown model, output or colormap; ImageError (400) for a file that is
+    not a readable photo; TooLargeError/ImageTooLargeError (413) for too many bytes or pixels.
+    """
+    registered = _model_for_job(model)
+    formats = parse_formats(list(outputs) if outputs and not isinstance(outputs, str) else (outputs or DEFAULT_OUTPUTS))
+    chosen_colormap = _colormap(colormap)
+    size = int(image.size or 0)
+    upload_size_check(size=size)
+    image.seek(0)
+    loaded = image_open(getattr(image, "file", image), max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    sha256 = _sha256(image)
+
+    job = DepthJob(
+        owner=owner if owner is not None and owner.is_authenticated else None,
+        session_key="" if owner is not None and owner.is_authenticated else (session_key or ""),
+        image_name=_client_name(image.name), image_sha256=sha256, image_size=size, image_format=loaded.format,
+        image_width=loaded.width, image_height=loaded.height,
+        model=registered, model_name=registered.name, outputs=formats, colormap=chosen_colormap,
+    )
+    del loaded  # the decoded pixels were only a check; the worker decodes again
+    extension = _EXTENSIONS.get(job.image_format, ".img")
+    job.image.save(f"upload{extension}", image, save=False)
+    try:
+        with transaction.atomic():
+            job.save()
+            transaction.on_commit(partial(_depth_job_enqueue, job.pk))
+    except BaseException:
+        job.image.delete(save=False)  # no row points at it
+        raise
+    logger.info("depth job %s queued: %s, %dx%d %s, %s", job.pk, job.model_name, job.image_width,
+                job.image_height, job.image_format, ",".join(formats))
+    return job
+
+
+def _depth_job_enqueue(job_id: uuid.UUID | str) -> None:
+    from django_q.tasks import async_task
+
+    try:
+        task_id = async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs")
+    except Exception:
+        # The row stays queued: the recovery queues it again, so a broker hiccup loses no job.
+        logger.exception("could not queue depth job %s; the job recovery will queue it again", job_id)
+        return
+    DepthJob.objects.filter(pk=job_id).update(task_id=task_id or "")
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+def _claim(job: DepthJob, me: str) -> bool:
+    """queued (or running in a dead worker) -> running in this process; False when another delivery won."""
+    observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
+    job.start(worker=me)
+    claimed = DepthJob.objects.filter(pk=job.pk, **observed).update(
+        status=job.status, worker=job.worker, attempts=job.attempts, started_at=job.started_at,
+        finished_at=None, error="", error_code="",
+    )
+    return bool(claimed)
+
+
+def _save_running(job: DepthJob, fields: Iterable[str]) -> bool:
+    """Write the outcome only while the row is still this attempt's: it may be deleted or recovered meanwhile."""
+    values = {name: getattr(job, name) for name in fields}
+    updated = DepthJob.objects.filter(pk=job.pk, status=JobStatus.RUNNING, worker=job.worker,
+                                      attempts=job.attempts).update(**values)
+    return bool(updated)
+
+
+_FINISH_FIELDS = ("status", "result_files", "depth_min", "depth_max", "semantics", "weights_sha256",
+                  "weights_format", "device", "load_ms", "inference_ms", "reused_from", "finished_at")
+_FAIL_FIELDS = ("status", "error", "error_code", "finished_at")
+
+
+def _interrupted_message(attempts: int) -> str:
+    return (f"the worker running this job stopped {attempts} time(s) before it finished (killed, out of memory, "
+            f"or over the {_job_timeout()} s job timeout); try a smaller image or a smaller model")
+
+
+def error_for(exc: BaseException) -> tuple[str, str]:
+    """(message, code) stored on a failed job: what happened and what the user can do about it."""
+    if isinstance(exc, OfflineError):
+        return exc.message, JobErrorCode.OFFLINE
+    if isinstance(exc, DownloadError):
+        return f"the model's weights could not be downloaded: {exc.message}", JobErrorCode.DOWNLOAD
+    if isinstance(exc, WeightFileError):
+        return exc.message, JobErrorCode.WEIGHTS
+    if isinstance(exc, NotFoundError):
+        return exc.message, JobErrorCode.MODEL
+    if isinstance(exc, ImageError):
+        return f"the uploaded image cannot be read: {exc.message}", JobErrorCode.IMAGE
+    if isinstance(exc, InferenceError):
+        code = JobErrorCode.OUT_OF_MEMORY if "out of" in exc.message and "memory" in exc.message else JobErrorCode.INTERNAL
+        return exc.message, code
+    if isinstance(exc, MemoryError):
+        return ("out of memory while processing this image; try a smaller image or a smaller model",
+                JobErrorCode.OUT_OF_MEMORY)
+    if isinstance(exc, ApplicationError):
+        return exc.message, JobErrorCode.INTERNAL
+    return ERROR_GENERIC, JobErrorCode.INTERNAL
+
+
+def depth_job_run(*, job: DepthJob) -> DepthJob:
+    """Run one delivery of a job's task; safe to call any number of times for the same job."""
+    if job.is_terminal:
+        return job  # a re-delivery of a task whose job already ended
+    me = worker_id()
+    if job.status == JobStatus.RUNNING and worker_alive(worker=job.worker, started_at=job.started_at):
+        logger.info("depth job %s is running in %s; this delivery leaves it alone", job.pk, job.worker)
+        return job
+    if job.attempts >= job_max_attempts():
+        _fail_exhausted(job)
+        return job
+    if not _claim(job, me):
+        job.refresh_from_db()
+        logger.info("depth job %s was taken by another delivery (%s)", job.pk, job.status)
+        return job
+
+    from django_q.exceptions import TimeoutException
+
+    try:
+        _execute(job)
+    except TimeoutException:
+        job.fail(f"the job took longer than the {_job_timeout()} s job timeout; try a smaller image or model",
+                 JobErrorCode.TIMEOUT)
+        _save_running(job, _FAIL_FIELDS)
+        raise  # django-q2 replaces a worker whose task timed out
+    except Exception as exc:
+        message, code = error_for(exc)
+        if code == JobErrorCode.INTERNAL and not isinstance(exc, ApplicationError):
+            logger.exception("depth job %s failed unexpectedly", job.pk)
+        else:
+            logger.warning("depth job %s failed: %s", job.pk, message)
+        job.fail(message, code)
+        _save_running(job, _FAIL_FIELDS)
+    return job
+
+
+def _fail_exhausted(job: DepthJob) -> bool:
+    observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
+    job.fail(_interrupted_message(job.attempts), JobErrorCode.INTERRUPTED)
+    failed = DepthJob.objects.filter(pk=job.pk, **observed).update(
+        status=job.status, error=job.error, error_code=job.error_code, finished_at=job.finished_at)
+    if failed:
+        logger.warning("depth job %s failed after %d interrupted attempt(s)", job.pk, job.attempts)
+    else:
+        job.refresh_from_db()
+    return bool(failed)
+
+
+def _execute(job: DepthJob) -> None:
+    model = job.model
+    if model is None:
+        raise NotFoundError(f"the model {job.model_name} no longer exists in the registry; "
+                            "submit the photo again with another model", extra={"model": job.model_name})
+    if not model.enabled:
+        raise NotFoundError(f"the model {model.name} was disabled after this job was submitted; "
+                            "submit the photo again with another model", extra={"model": model.name})
+    try:
+        path = Path(job.image.path)
+    except ValueError:
+        raise ImageError("the job has no stored image", extra={"field": "image"}) from None
+    loaded = image_open(path, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+
+    if settings.DEPTHSITE_REUSE_RESULTS:
+        from models_registry.services.download import weights_resolve
+
+        weight_file = weights_resolve(model=model)
+        earlier = _reusable(job, weight_file.sha256)
+        if earlier is not None:
+            files = _results_copy(earlier, job)
+            job.finish(result_files=files, depth_min=earlier.depth_min, depth_max=earlier.depth_max,
+                       semantics=earlier.semantics, weights_sha256=earlier.weights_sha256,
+                       weights_format=earlier.weights_format, device=earlier.device, load_ms=None,
+                       inference_ms=None, reused_from=earlier)
+            _commit_results(job)
+            return
+
+    from inference.estimator import estimator_get
+
+    started = time.perf_counter()
+    estimator = estimator_get(model=model)
+    load_ms = (time.perf_counter() - started) * 1000
+    result = estimator.predict(loaded.rgb)
+    meta = DepthMeta(model=result.model, weights_sha256=result.weights_sha256, semantics=result.semantics)
+    files = _results_write(job, lambda folder: write_outputs(
+        depth=result.depth, image_rgb=loaded.rgb, folder=folder, stem=RESULT_STEM, formats=job.outputs,
+        colormap=job.colormap, meta=meta))
+    job.finish(result_files=files, depth_min=result.depth_min, depth_max=result.depth_max,
+               semantics=result.semantics, weights_sha256=result.weights_sha256,
+               weights_format=result.weights_format, device=result.device, load_ms=load_ms,
+               inference_ms=result.inference_ms)
+    _commit_results(job)
+
+
+def _commit_results(job: DepthJob) -> None:
+    if _save_running(job, _FINISH_FIELDS):
+        logger.info("depth job %s succeeded%s", job.pk, f" (reused {job.reused_from_id})" if job.reused_from_id else "")
+        return
+    if not DepthJob.objects.filter(pk=job.pk).exists():
+        # Deleted while it ran: its files must not outlive it.
+        shutil.rmtree(results_folder(job_id=job.pk), ignore_errors=True)
+    logger.info("depth job %s changed while it ran (deleted or recovered); its result was not recorded", job.pk)
+
+
+# --- result files --------------------------------------------------------------------------------
+
+
+def results_folder(*, job_id) -> Path:
+    return _media_root() / RESULTS_DIR / str(job_id)
+
+
+def _results_write(job: DepthJob, write) -> dict[str, str]:
+    """Write into a temporary folder beside the final one, then rename it: never half a result under its name."""
+    final = results_folder(job_id=job.pk)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".tmp-{job.pk}-{uuid.uuid4().hex[:8]}"
+    try:
+        written: dict[str, Path] = write(staging)
+        if final.exists():
+            shutil.rmtree(final)  # a re-run's earlier files
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {fmt: f"{RESULTS_DIR}/{job.pk}/{path.name}" for fmt, path in written.items()}
+
+
+def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
+    candidates = (DepthJob.objects.filter(status=JobStatus.SUCCEEDED, image_sha256=job.image_sha256,
+                                          weights_sha256=weights_sha256, colormap=job.colormap)
+                  .exclude(pk=job.pk).order_by("-finished_at"))
+    for candidate in candidates[:20]:
+        if list(candidate.outputs) != list(job.outputs):
+            continue
+        if set(candidate.result_files) == set(job.outputs) and all(
+                (_media_root() / rel).is_file() for rel in candidate.result_files.values()):
+            return candidate
+    return None
+
+
+def _results_copy(earlier: DepthJob, job: DepthJob) -> dict[str, str]:
+    """Hard links where the file system allows (copies otherwise): each job owns its own names."""
+    def link_all(folder: Path) -> dict[str, Path]:
+        folder.mkdir(parents=True)
+        copied = {}
+        for fmt, rel in earlier.result_files.items():
+            source = _media_root() / rel
+            dest = folder / source.name
+            try:
+                os.link(source, dest)
+            except OSError:
+                shutil.copy2(source, dest)
+            copied[fmt] = dest
+        return copied
+
+    return _results_write(job, link_all)
+
+
+def depth_job_paths(*, job: DepthJob) -> list[Path]:
+    """Everything on disk that belongs to a job: its upload and its results folder."""
+    paths = []
+    if job.image and job.image.name:
+        paths.append(_media_root() / job.image.name)
+    paths.append(results_folder(job_id=job.pk))
+    return paths
+
+
+def depth_job_files_remove(*, paths: Iterable[Path]) -> int:
+    """Remove a deleted job's files; returns the bytes freed. Missing files are fine (already gone)."""
+    freed = 0
+    for path in paths:
+        if path.is_dir():
+            freed += sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
+            freed += path.stat().st_size
+            path.unlink(missing_ok=True)
+    return freed
+
+
+# --- delete, re-run ------------------------------------------------------------------------------
+
+
+def depth_job_delete(*, job: DepthJob) -> dict[str, Any]:
+    """Delete the job row; its upload and result files go once the deletion commits (see inference.signals).
+
+    A running job may be deleted: its worker notices and drops the result it was writing.
+    """
+    paths = depth_job_paths(job=job)
+    planned = sum(p.stat().st_size for p in paths if p.is_file()) + sum(
+        item.stat().st_size for p in paths if p.is_dir() for item in p.rglob("*") if item.is_file())
+    job_id = job.pk
+    job.delete()
+    return {"id": str(job_id), "bytes": planned}
+
+
+def depth_job_rerun(*, job: DepthJob) -> DepthJob:
+    """Queue a finished job again (its attempts start over); ConflictError while it is queued or running."""
+    observed_status = job.status
+    if observed_status in JobStatus.ACTIVE:
+        raise ConflictError(f"job {job.short_id} is already {observed_status}", extra={"status": observed_status})
+    if not job.image or not (_media_root() / job.image.name).is_file():
+        raise ImageError("the job's uploaded image is gone, so it cannot run again; upload the photo again",
+                         extra={"field": "image"})
+    with transaction.atomic():
+        job.requeue()
+        updated = DepthJob.objects.filter(pk=job.pk, status=observed_status).update(
+            status=job.status, worker="", queued_at=job.queued_at, finished_at=None, started_at=None, attempts=0,
+            error="", error_code="", result_files={}, depth_min=None, depth_max=None, load_ms=None,
+            inference_ms=None, reused_from=None,
+        )
+        if not updated:
+            job.refresh_from_db()
+            raise ConflictError(f"job {job.short_id} changed meanwhile (now {job.status})",
+                                extra={"status": job.status})
+        transaction.on_commit(partial(_depth_job_enqueue, job.pk))
+    job.refresh_from_db()
+    return job
+
+
+# --- recovery ------------------------------------------------------------------------------------
+
+
+def depth_jobs_recover() -> dict[str, list[str]]:
+    """Queue again what no worker is running: jobs whose worker died, and queued jobs whose task may be lost.
+
+    Runs when a worker process starts (so a killed worker's job is picked up at once) and on a
+    schedule. A job that has used its attempts fails with that reason instead of looping forever.
+    Re-queuing a job that still has a task somewhere is harmless: the second delivery finds it
+    claimed or finished and does nothing.
+    """
+    requeued: list[str] = []
+    failed: list[str] = []
+    for job in DepthJob.objects.filter(status=JobStatus.RUNNING).only(
+            "id", "status", "attempts", "worker", "started_at"):
+        if worker_alive(worker=job.worker, started_at=job.started_at):
+            continue
+        if job.attempts >= job_max_attempts():
+            if _fail_exhausted(job):
+                failed.append(str(job.pk))
+            continue
+        observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
+        job.requeue()
+        if DepthJob.objects.filter(pk=job.pk, **observed).update(status=job.status, worker="",
+                                                                 queued_at=job.queued_at):
+            logger.warning("depth job %s: its worker %s stopped during attempt %d; queued again",
+                           job.pk, observed["worker"] or "?", job.attempts)
+            _depth_job_enqueue(job.pk)
+            requeued.append(str(job.pk))
+
+    # A queued job waits at most `retry` for a worker under a healthy broker; past that its task may be
+    # lost (Redis pops a task before running it), so it gets a fresh one.
+    stale_before = timezone.now() - timedelta(seconds=_retry_after())
+    for job in DepthJob.objects.filter(status=JobStatus.QUEUED, queued_at__lt=stale_before).only(
+            "id", "status", "queued_at"):
+        now = timezone.now()
+        if DepthJob.objects.filter(pk=job.pk, status=JobStatus.QUEUED, queued_at=job.queued_at).update(queued_at=now):
+            logger.warning("depth job %s has waited since %s; queued again", job.pk, job.queued_at)
+            _depth_job_enqueue(job.pk)
+            requeued.append(str(job.pk))
+    return {"requeued": requeued, "failed": failed}

@@ -1,0 +1,40 @@
+"""Receivers: a deleted job's files go with it, and a starting worker picks up jobs whose worker died."""
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models.signals import post_delete
+from django.dispatch import receiver
+from django_q.signals import post_spawn
+
+from inference.models import DepthJob
+
+logger = logging.getLogger(__name__)
+
+
+@receiver(post_delete, sender=DepthJob, dispatch_uid="inference.depth_job_files")
+def _depth_job_files_follow_row(sender, instance: DepthJob, **kwargs) -> None:
+    # Every deletion (API, web, admin, a user's cascade) ends here; files go only if the row really went.
+    from inference.services.jobs import depth_job_files_remove, depth_job_paths
+
+    transaction.on_commit(partial(depth_job_files_remove, paths=depth_job_paths(job=instance)))
+
+
+@receiver(post_spawn, dispatch_uid="inference.depth_jobs_recover")
+def _recover_when_a_worker_starts(sender, proc_name: str = "", **kwargs) -> None:
+    # django-q2 replaces a dead worker within a guard cycle; the replacement is the first process that can
+    # tell the dead one's job is orphaned (the ORM broker would only re-deliver it after `retry`, Redis never).
+    if settings.Q_CLUSTER.get("sync"):
+        return  # tasks run inline (tests): no worker can have died
+    from inference.services.jobs import depth_jobs_recover
+
+    try:
+        outcome = depth_jobs_recover()
+    except Exception:
+        logger.exception("depth job recovery at the start of %s failed; the scheduled recovery will retry", proc_name)
+        return
+    if outcome["requeued"] or outcome["failed"]:
+        logger.warning("%s recovered depth jobs: %s", proc_name, outcome)

@@ -1,0 +1,27 @@
+"""django-q2 tasks of depth jobs: each receives a job's id only, loads the row and calls one service."""
+from __future__ import annotations
+
+import logging
+
+from inference.models import DepthJob
+
+logger = logging.getLogger(__name__)
+
+
+def depth_job_task(job_id: str) -> str:
+    """Run a queued DepthJob; the row records progress and outcome, the return value is for the queue's log."""
+    from inference.services.jobs import depth_job_run
+
+    job = DepthJob.objects.select_related("model").filter(pk=job_id).first()
+    if job is None:
+        logger.info("depth job %s no longer exists (deleted); nothing to do", job_id)
+        return "missing"
+    return depth_job_run(job=job).status
+
+
+def depth_jobs_recover_task() -> str:
+    """The scheduled sweep (see migration 0002): re-queue jobs that no worker is running."""
+    from inference.services.jobs import depth_jobs_recover
+
+    outcome = depth_jobs_recover()
+    return f"requeued {len(outcome['requeued'])}, failed {len(outcome['failed'])}"

@@ -1,0 +1,224 @@
+"""Web pages of depth estimation: the upload form, a job's page and live status, result files, the history."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.views import redirect_to_login
+from django.core.paginator import Paginator
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from depthsite.units import format_size
+from inference.api.permissions import UploadThrottle
+from inference.colormaps import DEFAULT_COLORMAP
+from inference.forms import DepthJobForm, UploadLimitHandler, upload_too_large
+from inference.models import DepthJob
+from inference.selectors import (
+    depth_job_file,
+    depth_job_get,
+    depth_job_input,
+    depth_job_list,
+    depth_job_may_delete,
+    depth_job_summary,
+    model_options,
+    output_choices,
+    uploads_allowed,
+)
+from inference.services.jobs import DEFAULT_MODEL, depth_job_create, depth_job_delete
+from models_registry.exceptions import ApplicationError, NotFoundError
+
+HISTORY_PAGE_SIZE = 20
+
+
+def _uploads_allowed(view):
+    """Anonymous visitors go to the login page unless DEPTHSITE_PUBLIC_UPLOADS is on."""
+    @functools.wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if not uploads_allowed(user=request.user):
+            return redirect_to_login(request.get_full_path())
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def _session_key(request, *, create: bool = False) -> str:
+    if request.user.is_authenticated:
+        return ""
+    if create and not request.session.session_key:
+        request.session["depthsite_uploads"] = True  # marks the session modified, so its cookie is sent
+        request.session.save()
+    return request.session.session_key or ""
+
+
+def _job(request, job_id) -> DepthJob:
+    try:
+        return depth_job_get(job_id=job_id, user=request.user)
+    except NotFoundError:
+        raise Http404("no such job") from None
+
+
+def job_urls(job: DepthJob) -> dict:
+    files = {fmt: reverse("inference:job_file", args=[job.pk, fmt]) for fmt in (job.result_files or {})}
+    return {
+        "page_url": reverse("inference:job_detail", args=[job.pk]),
+        "status_url": reverse("inference:job_status", args=[job.pk]),
+        "input_url": reverse("inference:job_input", args=[job.pk]),
+        "files": files,
+        "downloads": {fmt: f"{url}?download=1" for fmt, url in files.items()},
+    }
+
+
+# --- upload --------------------------------------------------------------------------------------
+
+
+@csrf_exempt  # checked by _upload, once the size limit is in place (the CSRF check reads the body)
+@require_http_methods(["GET", "POST"])
+def upload(request):
+    limit = None
+    if request.method == "POST":
+        limit = UploadLimitHandler(request, drain=True)
+        request.upload_handlers.insert(0, limit)
+    return _upload(request, limit=limit)
+
+
+@csrf_protect
+@_uploads_allowed
+def _upload(request, *, limit: UploadLimitHandler | None):
+    options = model_options()
+    names = [option.name for option in options]
+    status = 200
+    if request.method == "POST":
+        form = DepthJobForm(request.POST, request.FILES, model_names=names, default_model=DEFAULT_MODEL)
+        throttle = UploadThrottle()
+        if not throttle.allow_request(request, None):
+            wait = throttle.wait()
+            form.add_error(None, "too many uploads from you; try again"
+                                 + (f" in {int(wait) + 1} s" if wait else " later"))
+            status = 429
+        elif limit is not None and limit.exceeded:
+            form.is_valid()
+            form.errors.pop("image", None)
+            form.add_error("image", upload_too_large().message)
+            status = 413
+        elif form.is_valid():
+            data = form.cleaned_data
+            try:
+                job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
+                                       colormap=data["colormap"], owner=request.user,
+                                       session_key=_session_key(request, create=True))
+            except ApplicationError as exc:
+                field = exc.extra.get("field")
+                form.add_error(field if field in form.fields else None, exc.message)
+                status = exc.status if 400 <= exc.status < 500 else 400
+            else:
+                return redirect("inference:job_detail", job_id=job.pk)
+        else:
+            status = 400
+    else:
+        form = DepthJobForm(model_names=names, default_model=DEFAULT_MODEL)
+    recent = list(depth_job_list(user=request.user, session_key=_session_key(request))[:5])
+    return render(request, "inference/upload.html", {
+        "form": form,
+        "model_options": options,
+        "selected_model": form["model"].value() or DEFAULT_MODEL,
+        "selected_outputs": form["outputs"].value() or ["png"],
+        "selected_colormap": form["colormap"].value() or DEFAULT_COLORMAP,
+        "output_choices": output_choices(),
+        "max_upload": format_size(settings.DEPTHSITE_MAX_UPLOAD_BYTES) if settings.DEPTHSITE_MAX_UPLOAD_BYTES else None,
+        "max_megapixels": settings.DEPTHSITE_MAX_IMAGE_PIXELS / 1e6,
+        "recent": recent,
+    }, status=status)
+
+
+# --- a job ---------------------------------------------------------------------------------------
+
+
+@require_GET
+@_uploads_allowed
+def job_detail(request, job_id):
+    job = _job(request, job_id)
+    summary = depth_job_summary(job)
+    urls = job_urls(job)
+    labels = dict(output_choices())
+    files = []
+    for fmt, url in urls["files"].items():
+        path = Path(settings.MEDIA_ROOT) / job.result_files[fmt]
+        files.append({"format": fmt, "label": labels.get(fmt, fmt), "url": url, "download": urls["downloads"][fmt],
+                      "size": format_size(path.stat().st_size) if path.is_file() else "missing"})
+    return render(request, "inference/job_detail.html", {
+        "job": job,
+        "summary": summary,
+        "urls": urls,
+        "files": files,
+        "preview_url": urls["files"].get(summary["preview"]) if summary["preview"] else None,
+        "state": {**summary, **urls, "labels": labels},
+        "can_delete": depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)),
+    })
+
+
+@never_cache
+@require_GET
+def job_status(request, job_id):
+    """The small JSON the job page polls."""
+    if not uploads_allowed(user=request.user):
+        return JsonResponse({"message": "sign in to see this job", "extra": {}}, status=403)
+    try:
+        job = depth_job_get(job_id=job_id, user=request.user)
+    except NotFoundError as exc:
+        return JsonResponse({"message": exc.message, "extra": exc.extra}, status=404)
+    return JsonResponse({**depth_job_summary(job), **job_urls(job)})
+
+
+@require_GET
+@_uploads_allowed
+def job_file(request, job_id, fmt: str):
+    job = _job(request, job_id)
+    try:
+        result = depth_job_file(job=job, fmt=fmt)
+    except NotFoundError:
+        raise Http404("no such output") from None
+    return FileResponse(open(result.path, "rb"), content_type=result.content_type,
+                        as_attachment=bool(request.GET.get("download")), filename=result.download_name)
+
+
+@require_GET
+@_uploads_allowed
+def job_input(request, job_id):
+    job = _job(request, job_id)
+    try:
+        content, content_type = depth_job_input(job=job)
+    except NotFoundError:
+        raise Http404("the image is gone") from None
+    if isinstance(content, Path):
+        return FileResponse(open(content, "rb"), content_type=content_type)
+    return HttpResponse(content, content_type=content_type)
+
+
+@require_POST
+@_uploads_allowed
+def job_delete(request, job_id):
+    job = _job(request, job_id)
+    if not depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)):
+        raise Http404("no such job")
+    short_id = job.short_id
+    outcome = depth_job_delete(job=job)
+    messages.success(request, f"Deleted job {short_id} and its files ({format_size(outcome['bytes'])}).")
+    return redirect("inference:job_list")
+
+
+# --- history -------------------------------------------------------------------------------------
+
+
+@require_GET
+@_uploads_allowed
+def job_list(request):
+    jobs = depth_job_list(user=request.user, session_key=_session_key(request))
+    page = Paginator(jobs, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(request, "inference/job_list.html", {"page": page, "jobs": page.object_list})

@@ -1,0 +1,172 @@
+"""A depthsite running for real: `manage.py qcluster` and `manage.py runserver` subprocesses on an isolated site.
+
+The site is a tests.support.cli Site (its own database, weight cache and media folder) with generated
+MiDaS_small weights imported, a user with an API token, and the real settings (sync off). Jobs go in
+through the HTTP API; the test reads job rows straight from the site's database to find the worker
+process it may kill.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from tests.support.cli import PROJECT_ROOT, Site
+
+TERMINAL = ("succeeded", "failed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningSite:
+    site: Site
+    base_url: str
+    token: str
+    database_url: str
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def media(self) -> Path:
+        return self.site.root / "media"
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Token {self.token}"
+        return session
+
+    def submit(self, image: bytes, name: str = "photo.jpg", **fields) -> dict:
+        response = self.session().post(f"{self.base_url}/api/predictions/", files={"image": (name, image)},
+                                       data=fields, timeout=60)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def get(self, job_id: str) -> dict:
+        response = self.session().get(f"{self.base_url}/api/predictions/{job_id}/", timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait(self, job_ids: list[str], timeout: float = 240) -> dict[str, dict]:
+        deadline = time.monotonic() + timeout
+        done: dict[str, dict] = {}
+        while time.monotonic() < deadline:
+            for job_id in job_ids:
+                if job_id not in done:
+                    body = self.get(job_id)
+                    if body["status"] in TERMINAL:
+                        done[job_id] = body
+            if len(done) == len(job_ids):
+                return done
+            time.sleep(0.3)
+        pending = {job_id: self.row(job_id) for job_id in job_ids if job_id not in done}
+        raise AssertionError(f"jobs still not finished after {timeout} s: {pending}\n{self.log_tail()}")
+
+    def row(self, job_id: str) -> dict:
+        """status, attempts and worker of a job, from the database (the API does not show the worker)."""
+        sql = "SELECT status, attempts, worker FROM inference_depthjob WHERE id = %s"
+        if self.database_url.startswith("sqlite"):
+            with sqlite3.connect(self.database_url.split("///", 1)[1], timeout=30) as conn:
+                found = conn.execute(sql.replace("%s", "?"), (uuid.UUID(job_id).hex,)).fetchone()
+        else:
+            import psycopg
+
+            with psycopg.connect(self.database_url) as conn:
+                found = conn.execute(sql, (uuid.UUID(job_id),)).fetchone()
+        status, attempts, worker = found
+        return {"status": status, "attempts": attempts, "worker": worker}
+
+    def wait_running(self, job_id: str, attempts: int, timeout: float = 120) -> int:
+        """Poll until the job's attempt `attempts` is running; the pid of its worker."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = self.row(job_id)
+            if row["status"] == "running" and row["attempts"] == attempts and row["worker"]:
+                return int(row["worker"].rsplit(":", 2)[1])
+            assert row["status"] not in TERMINAL, f"attempt {attempts} never ran: {row}"
+            time.sleep(0.02)
+        raise AssertionError(f"attempt {attempts} of {job_id} did not start: {self.row(job_id)}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return "\n".join(f"--- {name}\n{path.read_text(errors='replace')[-chars:]}" for name, path in self.logs.items())
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+
+def _start(site: Site, name: str, args: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
+    log = site.root / f"{name}.log"
+    handle = open(log, "wb")
+    # Its own session: teardown signals the whole group (the cluster's workers, monitor and pusher).
+    process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "manage.py"), *args], cwd=PROJECT_ROOT,
+                               env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    handle.close()
+    return process, log
+
+
+def _stop(process: subprocess.Popen) -> None:
+    # SIGTERM to the leader only: qcluster stops its own children (a signal to each of them, which inherited
+    # its handler, makes them all try to stop the cluster and hang). Whatever is left then gets SIGKILL.
+    try:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if process.poll() is None:
+        process.wait(timeout=10)
+
+
+def start_site(site: Site, weights: Path, database_url: str) -> RunningSite:
+    """Import the weights, create a user with a token, start the cluster and the web server."""
+    imported = site.manage("models", "import", str(weights), timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    token = site.manage("shell", "-c", (
+        "from django.contrib.auth import get_user_model; from rest_framework.authtoken.models import Token; "
+        "user = get_user_model().objects.create_user('e2e', password='pw-e2e-12345'); "
+        "print(Token.objects.create(user=user).key)"), timeout=120)
+    assert token.returncode == 0, token.stderr
+    port = free_port()
+    env = site.env(DEPTHSITE_LOG_LEVEL="INFO")
+    running = RunningSite(site=site, base_url=f"http://127.0.0.1:{port}", token=token.stdout.strip().splitlines()[-1],
+                          database_url=database_url)
+    for name, args in (("qcluster", ["qcluster"]), ("web", ["runserver", "--noreload", f"127.0.0.1:{port}"])):
+        process, log = _start(site, name, args, env)
+        running.processes[name], running.logs[name] = process, log
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for name, process in running.processes.items():
+            if process.poll() is not None:
+                stop_site(running)
+                raise RuntimeError(f"{name} exited with {process.returncode}\n{running.log_tail()}")
+        try:
+            if requests.get(f"{running.base_url}/api/predictions/", timeout=2,
+                            headers={"Authorization": f"Token {running.token}"}).status_code == 200:
+                return running
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    stop_site(running)
+    raise RuntimeError(f"the site did not answer within 90 s\n{running.log_tail()}")
+
+
+def stop_site(running: RunningSite) -> None:
+    for process in running.processes.values():
+        _stop(process)
