@@ -165,6 +165,23 @@ def test_fp16_is_only_used_on_cuda(cached_small, pool, settings):
     assert estimator.dtype == torch.float32
 
 
+def test_compile_option_compiles_the_network(cached_small, pool, settings, monkeypatch):
+    compiled = []
+
+    def fake_compile(network):
+        compiled.append(network)
+        return network
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    settings.DEPTHSITE_COMPILE = False
+    pool.get(model="MiDaS_small")
+    assert compiled == []
+    pool.clear()
+    settings.DEPTHSITE_COMPILE = True
+    estimator = pool.get(model="MiDaS_small")
+    assert compiled == [estimator.network]
+
+
 def test_default_pool_is_shared(cached_small):
     try:
         assert estimator_get(model="MiDaS_small") is estimator_get(model="MiDaS_small")
