@@ -2,16 +2,10 @@
 from django.db import models
 
 
-class JobStatus(models.TextChoices):
-    QUEUED = "queued", "queued"
-    RUNNING = "running", "running"
-    SUCCEEDED = "succeeded", "succeeded"
-    FAILED = "failed", "failed"
+from models_registry.choices import RunStatus
 
-
-# Groups ride on the choice class so no view or service hard-codes a list of values.
-JobStatus.ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
-JobStatus.TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED)
+# A job lives like any background run: queued, running, then succeeded or failed (groups ACTIVE, TERMINAL).
+JobStatus = RunStatus
 
 
 class JobErrorCode(models.TextChoices):

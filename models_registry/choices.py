@@ -44,12 +44,15 @@ class Architecture(models.TextChoices):
     MIDAS_V21_SMALL = "MiDaS_small", "MiDaS v2.1 small (EfficientNet-Lite3 256)"
 
 
-class DownloadStatus(models.TextChoices):
+class RunStatus(models.TextChoices):
+    """The life of a background run (a download here, a depth job in inference)."""
+
     QUEUED = "queued", "queued"
     RUNNING = "running", "running"
     SUCCEEDED = "succeeded", "succeeded"
     FAILED = "failed", "failed"
 
 
-DownloadStatus.ACTIVE = (DownloadStatus.QUEUED, DownloadStatus.RUNNING)
-DownloadStatus.TERMINAL = (DownloadStatus.SUCCEEDED, DownloadStatus.FAILED)
+RunStatus.ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
+RunStatus.TERMINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED)
+DownloadStatus = RunStatus

@@ -33,9 +33,12 @@ def require_service(name: str, host: str, port: int) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_storage(settings, tmp_path_factory):
-    """Every test gets its own weight cache and media folder: nothing touches the user's real ones."""
-    root = tmp_path_factory.mktemp("depthsite")
+def _isolated_storage(settings, tmp_path):
+    """Every test gets its own weight cache and media folder: nothing touches the user's real ones.
+
+    Under the test's own tmp_path, so pytest deletes them (checkpoints included) once the test passes.
+    """
+    root = tmp_path / "depthsite"
     settings.DEPTHSITE_CACHE_DIR = root / "cache"
     settings.MEDIA_ROOT = root / "media"
     settings.DEPTHSITE_NODE = "test-node"
