@@ -89,7 +89,7 @@ class ViTEncoder(nn.Module):
     The ViT runs on any input whose sides are multiples of 16; the position grid is resized per call.
     """
 
-    def __init__(self, cfg: ViTEncoderConfig):
+    def __init__(self, cfg: ViTEncoderConfig, *, init_weights: bool = True):
         super().__init__()
         if len(cfg.block_taps) + cfg.cnn_levels != 4:
             raise ValueError("need exactly four feature taps")
@@ -97,7 +97,10 @@ class ViTEncoder(nn.Module):
         # exportable=False: the hybrid's "same" convs and pool must pad for each call's input size.
         # The ViT's final norm and classifier head are kept because the checkpoints carry them, but
         # never run: DPT taps block outputs before the final norm.
-        self.model = timm.create_model(cfg.timm_name, pretrained=False, exportable=False)
+        # weight_init="skip" when a checkpoint will replace every tensor: on the meta device timm's
+        # truncated-normal init still costs ~0.1 s of Python for ViT-L, most of a meta-device load.
+        self.model = timm.create_model(cfg.timm_name, pretrained=False, exportable=False,
+                                       weight_init="" if init_weights else "skip")
         dim = self.model.embed_dim
         for level in range(4):
             if level < cfg.cnn_levels:
@@ -154,9 +157,9 @@ class DPTArch:
 class DPT(nn.Module):
     """ViT encoder + reassemble + RefineNet decoder; maps (B, 3, H, W) to (B, H, W) relative inverse depth."""
 
-    def __init__(self, arch: DPTArch):
+    def __init__(self, arch: DPTArch, *, init_weights: bool = True):
         super().__init__()
-        self.pretrained = ViTEncoder(arch.encoder)
+        self.pretrained = ViTEncoder(arch.encoder, init_weights=init_weights)
         self.scratch = DepthDecoder(arch.decoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -141,7 +141,7 @@ def create_model(
         return model.eval()
 
     with torch.device("meta"):
-        model = variant.build(variant.arch)
+        model = variant.build(variant.arch, init_weights=False)
     filtered = checkpoint_filter_fn(state_dict, model)
     _check_layout(name, filtered, model)
     model.load_state_dict(filtered, strict=True, assign=True)

@@ -76,7 +76,8 @@ class MidasArch:
 class MidasNet(nn.Module):
     """CNN encoder + RefineNet decoder; maps (B, 3, H, W) to (B, H, W) relative inverse depth."""
 
-    def __init__(self, arch: MidasArch):
+    def __init__(self, arch: MidasArch, *, init_weights: bool = True):
+        # init_weights is accepted for the common build signature; timm's CNN init is cheap on meta.
         super().__init__()
         self.pretrained = _ENCODERS[arch.encoder](arch.timm_name)
         self.scratch = DepthDecoder(arch.decoder)

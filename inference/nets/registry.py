@@ -36,13 +36,13 @@ class Variant:
 
     config: NetConfig
     arch: Any
-    build: Callable[[Any], nn.Module]
+    build: Callable[..., nn.Module]  # build(arch, *, init_weights=True)
 
 
 _VARIANTS: dict[str, Variant] = {}
 
 
-def register_variant(config: NetConfig, arch: Any, build: Callable[[Any], nn.Module]) -> None:
+def register_variant(config: NetConfig, arch: Any, build: Callable[..., nn.Module]) -> None:
     if config.name in _VARIANTS:
         raise ValueError(f"variant {config.name!r} is already registered")
     _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build)
