@@ -72,6 +72,8 @@
       }
       show($("job-result"), true);
     }
+    // Other parts of the page (the 3D view) follow the job without polling again.
+    document.dispatchEvent(new CustomEvent("depthsite:job-state", { detail: state }));
   }
 
   function poll(url, delay) {
