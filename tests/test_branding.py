@@ -6,6 +6,7 @@ import urllib.request
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 pytestmark = pytest.mark.django_db
 BRAND = "depthsite administration"
@@ -61,7 +62,8 @@ def test_admin_change_lists_fit_a_laptop_viewport(transactional_db, live_server,
     for fmt in ("pt", "h5", "safetensors", "pkl"):
         WeightFile.objects.create(model=small_model, format=fmt, path=f"MiDaS_small/{'x' * 90}.{fmt}", size=85_000_000,
                                   sha256="ab" * 32, content_digest="cd" * 32, dtype="float32", health="corrupt",
-                                  health_reason=LONG, node="a-rather-long-worker-node-name.example.internal")
+                                  health_reason=LONG, node="a-rather-long-worker-node-name.example.internal",
+                                  last_used_at=timezone.now(), verified_at=timezone.now())
     WeightDownload.objects.create(model=small_model, node="a-rather-long-worker-node-name.example.internal",
                                   status="failed", error=LONG)
     for _ in range(3):

@@ -60,6 +60,7 @@
       var list = $("downloads");
       if (list && !list.children.length) {
         Object.keys(state.downloads).forEach(function (fmt) {
+          if (fmt === "ply_preview") { return; }  // the 3D view's own file, not a download for people
           var item = document.createElement("li");
           var link = document.createElement("a");
           link.href = state.downloads[fmt];

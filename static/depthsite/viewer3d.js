@@ -13,11 +13,6 @@ function say(text) {
   if (message) { message.textContent = text; }
 }
 
-function srgbToLinear(value) {
-  // PLY colours are the photo's sRGB bytes; three.js blends in linear light and encodes sRGB on output.
-  return value <= 0.04045 ? value / 12.92 : Math.pow((value + 0.055) / 1.055, 2.4);
-}
-
 function size() {
   const width = Math.max(320, root.clientWidth || 800);
   return { width, height: Math.round(width * 0.6) };
@@ -57,11 +52,8 @@ function start(url) {
   new PLYLoader().load(url, (geometry) => {
     // The file's camera axes are OpenCV's (x right, y down, z forward); three.js looks down -z with y up.
     geometry.rotateX(Math.PI);
+    // PLYLoader already reads the photo's sRGB colours into three.js's linear working space.
     const colours = geometry.getAttribute("color");
-    if (colours) {
-      for (let i = 0; i < colours.array.length; i++) { colours.array[i] = srgbToLinear(colours.array[i]); }
-      colours.needsUpdate = true;
-    }
     geometry.computeBoundingBox();
     const box = geometry.boundingBox;
     const centre = box.getCenter(new THREE.Vector3());

@@ -136,6 +136,9 @@ def test_the_job_page_shows_the_cloud_in_3d(transactional_db, live_server, cache
     with Image.open(io.BytesIO(canvas.screenshot())) as rotated:
         assert not np.array_equal(np.asarray(rotated.convert("RGB")).reshape(-1, 3), pixels)
     assert foreign == [] and errors == []
+    # The .ply is a download; the preview is the view's own file, not offered as one.
+    assert page.locator('#downloads a[data-format="ply"]').count() == 1
+    assert page.locator('#downloads a[data-format="ply_preview"]').count() == 0
 
     page.goto(f"{live_server.url}/jobs/{without.pk}/")
     assert page.is_hidden("#viewer3d")
