@@ -1,4 +1,4 @@
-"""The browser tests on a machine without Chromium: each one skips with the one reason, or fails where CI requires it."""
+"""Browser tests on a machine without Chromium: each skips with the one reason, or fails where CI requires it."""
 from __future__ import annotations
 
 import os
