@@ -143,3 +143,14 @@ def test_the_job_page_shows_the_cloud_in_3d(transactional_db, live_server, cache
     page.goto(f"{live_server.url}/jobs/{without.pk}/")
     assert page.is_hidden("#viewer3d")
     page.close()
+
+
+def test_a_result_is_reused_only_for_the_same_field_of_view(api, cached_small, run_jobs, settings):
+    settings.DEPTHSITE_REUSE_RESULTS = True
+    first = api.get(submit(api, run_jobs, outputs="ply", fov="60").json()["url"]).json()
+    same = api.get(submit(api, run_jobs, outputs="ply", fov="60").json()["url"]).json()
+    wider = api.get(submit(api, run_jobs, outputs="ply", fov="90").json()["url"]).json()
+    assert same["reused_from"] == first["id"]
+    assert wider["status"] == "succeeded" and wider["reused_from"] is None
+    header, _ = ply_from(api.get(wider["files"]["ply"]))
+    assert any("horizontal fov 90 degrees" in line for line in header)
