@@ -81,3 +81,16 @@ def test_real_manage_py_prints_the_error_object(tmp_path):
     assert result.returncode != 0
     assert json.loads(result.stdout)["error"]["code"] == "not_found"
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_verify_that_finds_bad_files_prints_its_report_alone(capsys, monkeypatch, small_model):
+    """verify --json already answered with its results; the failing exit adds no second JSON object."""
+    from models_registry.models import WeightFile
+
+    WeightFile.objects.create(model=small_model, format="pt", path="MiDaS_small/gone.pt", size=10, sha256="0" * 64,
+                              content_digest="0" * 64, dtype="float32", health="ok", node="test-node")
+    code, out, err = run_models(["verify", "--json", "--no-functional"], capsys, monkeypatch)
+    assert code == 1
+    report = json.loads(out)
+    assert isinstance(report, list) and len(report) == 1 and report[0]["health"] != "ok"
+    assert "not ok" in err
