@@ -80,7 +80,7 @@ def test_state_dict_layout_is_official_minus_mask_token(loaded):
 
 def test_backbone_settings_the_goldens_cannot_see(loaded):
     # LayerNorm eps 1e-5 instead of 1e-6 moves the output by less than float32 noise (bug_costs.json):
-    # check it by inspection, with the exact GELU and fused-attention-free details that matter.
+    # check it by inspection, with the exact GELU, the patch size and the single prefix (class) token.
     _, model, _ = loaded
     norms = [m for m in model.pretrained.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms and all(m.eps == 1e-6 for m in norms)
