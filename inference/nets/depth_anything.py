@@ -29,7 +29,9 @@ MAX_NET_SIDE = 4 * NATIVE_SIZE
 # --- blocks -------------------------------------------------------------------------------------
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], *, offset: float = POS_EMBED_OFFSET) -> torch.Tensor:
+def interpolate_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], *, offset: float = POS_EMBED_OFFSET
+) -> torch.Tensor:
     """Resample a (1, 1 + n*n, C) class+patch position embedding to a `grid` of (rows, cols) patches.
 
     Bit-for-bit the official DINOv2 rule: bicubic without antialiasing, driven by the scale factor

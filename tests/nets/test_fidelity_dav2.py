@@ -233,7 +233,8 @@ def test_official_pth_file_loads_strict_and_reports_the_mask_token(small, tmp_pa
 
 def test_checkpoint_without_mask_token_loads(small):
     state_dict, reference = small
-    model = create_model("Depth_Anything_V2_Small", state_dict={k: v for k, v in state_dict.items() if k != MASK_TOKEN})
+    without = {k: v for k, v in state_dict.items() if k != MASK_TOKEN}
+    model = create_model("Depth_Anything_V2_Small", state_dict=without)
     assert torch.equal(_probe(model), _probe(reference))
 
 
@@ -248,7 +249,8 @@ def test_missing_layerscale_is_refused(small):
 def test_other_encoder_checkpoint_is_refused(small):
     state_dict, _ = small
     broken = dict(state_dict, **{"pretrained.pos_embed": torch.zeros(1, 1370, 768)})
-    with pytest.raises(ValueError, match=r"pretrained\.pos_embed: checkpoint \(1, 1370, 768\) vs model \(1, 1370, 384\)"):
+    wrong = r"pretrained\.pos_embed: checkpoint \(1, 1370, 768\) vs model \(1, 1370, 384\)"
+    with pytest.raises(ValueError, match=wrong):
         create_model("Depth_Anything_V2_Small", state_dict=broken)
     extra = dict(state_dict, **{"depth_head.readout_projects.0.0.weight": torch.zeros(384, 768)})
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): depth_head\.readout_projects"):
@@ -293,5 +295,6 @@ def test_functional_health_check_runs(small):
     digest = weights_functional_hash(model, arrays)
     assert len(digest) == 64 and digest == weights_functional_hash(model, arrays)
     assert probe_size("Depth_Anything_V2_Small") == (70, 70) and probe_size("MiDaS_small") == (64, 64)
-    changed = dict(arrays, **{"depth_head.scratch.output_conv2.2.bias": arrays["depth_head.scratch.output_conv2.2.bias"] + 1})
+    last_bias = "depth_head.scratch.output_conv2.2.bias"
+    changed = dict(arrays, **{last_bias: arrays[last_bias] + 1})
     assert weights_functional_hash(model, changed) != digest
