@@ -8,7 +8,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
@@ -26,12 +26,14 @@ from inference.selectors import (
     depth_job_input,
     depth_job_list,
     depth_job_may_delete,
+    depth_job_reused_from,
     depth_job_summary,
     model_options,
     output_choices,
     uploads_allowed,
 )
 from inference.services.jobs import DEFAULT_MODEL, depth_job_create, depth_job_delete
+from models_registry.api.throttling import client_address
 from models_registry.exceptions import ApplicationError, NotFoundError
 
 HISTORY_PAGE_SIZE = 20
@@ -62,6 +64,15 @@ def _job(request, job_id) -> DepthJob:
         return depth_job_get(job_id=job_id, user=request.user)
     except NotFoundError:
         raise Http404("no such job") from None
+
+
+def _with_reuse_shown(request, jobs) -> list[DepthJob]:
+    """Marks the jobs whose reused source the caller owns: only those say "reused" in a table."""
+    session_key = _session_key(request)
+    jobs = list(jobs)
+    for job in jobs:
+        job.reuse_shown = depth_job_reused_from(job=job, user=request.user, session_key=session_key) is not None
+    return jobs
 
 
 def job_urls(job: DepthJob) -> dict:
@@ -112,7 +123,8 @@ def _upload(request, *, limit: UploadLimitHandler | None):
             try:
                 job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
                                        colormap=data["colormap"], owner=request.user,
-                                       session_key=_session_key(request, create=True))
+                                       session_key=_session_key(request, create=True),
+                                       client_address=client_address(request))
             except ApplicationError as exc:
                 field = exc.extra.get("field")
                 form.add_error(field if field in form.fields else None, exc.message)
@@ -123,7 +135,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
             status = 400
     else:
         form = DepthJobForm(model_names=names, default_model=DEFAULT_MODEL)
-    recent = list(depth_job_list(user=request.user, session_key=_session_key(request))[:5])
+    recent = _with_reuse_shown(request, depth_job_list(user=request.user, session_key=_session_key(request))[:5])
     return render(request, "inference/upload.html", {
         "form": form,
         "model_options": options,
@@ -144,7 +156,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
 @_uploads_allowed
 def job_detail(request, job_id):
     job = _job(request, job_id)
-    summary = depth_job_summary(job)
+    summary = depth_job_summary(job, user=request.user, session_key=_session_key(request))
     urls = job_urls(job)
     labels = dict(output_choices())
     files = []
@@ -173,7 +185,8 @@ def job_status(request, job_id):
         job = depth_job_get(job_id=job_id, user=request.user)
     except NotFoundError as exc:
         return JsonResponse({"message": exc.message, "extra": exc.extra}, status=404)
-    return JsonResponse({**depth_job_summary(job), **job_urls(job)})
+    return JsonResponse({**depth_job_summary(job, user=request.user, session_key=_session_key(request)),
+                         **job_urls(job)})
 
 
 @require_GET
@@ -193,12 +206,10 @@ def job_file(request, job_id, fmt: str):
 def job_input(request, job_id):
     job = _job(request, job_id)
     try:
-        content, content_type = depth_job_input(job=job)
-    except NotFoundError:
-        raise Http404("the image is gone") from None
-    if isinstance(content, Path):
-        return FileResponse(open(content, "rb"), content_type=content_type)
-    return HttpResponse(content, content_type=content_type)
+        path, content_type = depth_job_input(job=job)
+    except NotFoundError as exc:
+        raise Http404(exc.message) from None
+    return FileResponse(open(path, "rb"), content_type=content_type)
 
 
 @require_POST
@@ -221,4 +232,4 @@ def job_delete(request, job_id):
 def job_list(request):
     jobs = depth_job_list(user=request.user, session_key=_session_key(request))
     page = Paginator(jobs, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
-    return render(request, "inference/job_list.html", {"page": page, "jobs": page.object_list})
+    return render(request, "inference/job_list.html", {"page": page, "jobs": _with_reuse_shown(request, page.object_list)})

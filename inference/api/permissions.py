@@ -7,6 +7,7 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import SimpleRateThrottle
 
 from inference.selectors import uploads_allowed
+from models_registry.api.throttling import client_address
 
 
 class PredictionAccess(BasePermission):
@@ -44,6 +45,9 @@ class UploadThrottle(SimpleRateThrottle):
         self.rate = self.get_rate()
         self.num_requests, self.duration = self.parse_rate(self.rate)
         return super().allow_request(request, view)
+
+    def get_ident(self, request) -> str:
+        return client_address(request)
 
     def get_cache_key(self, request, view) -> str:
         ident = request.user.pk if request.user.is_authenticated else self.get_ident(request)

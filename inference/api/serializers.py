@@ -9,7 +9,7 @@ from rest_framework.reverse import reverse
 from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.models import DepthJob
-from inference.selectors import depth_job_preview_format
+from inference.selectors import depth_job_preview_format, depth_job_reused_from
 from inference.writers import OUTPUT_FORMATS
 
 
@@ -62,9 +62,9 @@ class PredictionSerializer(serializers.Serializer):
     weights_sha256 = serializers.CharField(help_text="sha256 of the weight file used.")
     weights_format = serializers.CharField()
     device = serializers.CharField()
-    reused_from = serializers.UUIDField(source="reused_from_id", allow_null=True,
-                                        help_text="An earlier prediction whose result was reused (same image, "
-                                                  "weights and options).")
+    reused_from = serializers.SerializerMethodField(
+        help_text="An earlier prediction of yours whose result was reused (same image, weights and options); "
+                  "null otherwise, and null when the earlier one is not yours.")
     files = serializers.SerializerMethodField(help_text="Download URL of each output.")
     preview = serializers.SerializerMethodField(help_text="The output best shown as an image, if any.")
 
@@ -84,6 +84,16 @@ class PredictionSerializer(serializers.Serializer):
     def get_files(self, job: DepthJob) -> dict[str, str]:
         return {fmt: reverse("predictions-api:prediction-file", args=[job.pk, fmt], request=self._request())
                 for fmt in (job.result_files or {})}
+
+    @extend_schema_field({"type": "string", "format": "uuid", "nullable": True})
+    def get_reused_from(self, job: DepthJob) -> str | None:
+        request = self._request()
+        if request is None:
+            return None
+        user = request.user
+        session = getattr(getattr(request, "_request", request), "session", None)
+        session_key = "" if user.is_authenticated or session is None else (session.session_key or "")
+        return depth_job_reused_from(job=job, user=user, session_key=session_key)
 
     @extend_schema_field({"type": "string", "nullable": True, "description": "one of the outputs, or null"})
     def get_preview(self, job: DepthJob) -> str | None:

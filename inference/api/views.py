@@ -17,6 +17,7 @@ from inference.forms import UploadLimitHandler, upload_too_large
 from inference.selectors import depth_job_file, depth_job_get, depth_job_list, depth_job_may_delete
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
+from models_registry.api.throttling import client_address
 from models_registry.exceptions import ApplicationError, NotFoundError
 
 ERRORS = {
@@ -25,7 +26,7 @@ ERRORS = {
     403: OpenApiResponse(PredictionErrorSerializer, description="Not signed in, or CSRF token missing."),
     404: OpenApiResponse(PredictionErrorSerializer, description="No such prediction (or not yours)."),
     413: OpenApiResponse(PredictionErrorSerializer, description="Too many bytes or pixels."),
-    429: OpenApiResponse(PredictionErrorSerializer, description="Too many uploads; retry later."),
+    429: OpenApiResponse(PredictionErrorSerializer, description="Too many uploads (retry later), or the anonymous quota of jobs or bytes is used up."),
 }
 ID_PARAMETER = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The prediction's id.")
 
@@ -108,7 +109,8 @@ class PredictionListView(PredictionAPIView):
         data = serializer.validated_data
         try:
             job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
-                                   colormap=data["colormap"], owner=request.user, session_key=_session_key(request))
+                                   colormap=data["colormap"], owner=request.user, session_key=_session_key(request),
+                                   client_address=client_address(request))
         except ApplicationError as exc:
             raise _naming_field(exc) from None
         body = PredictionSerializer(job, context={"request": request}).data
