@@ -18,6 +18,7 @@ from inference.selectors import depth_job_file, depth_job_get, depth_job_list, d
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
 from models_registry.api.throttling import client_address
+from models_registry.api.uploads import BodyGate
 from models_registry.exceptions import ApplicationError, NotFoundError
 
 ERRORS = {
@@ -77,11 +78,16 @@ class PredictionListView(PredictionAPIView):
     throttle_classes = [UploadThrottle]
 
     def initial(self, request, *args, **kwargs):
-        # Before authentication: its CSRF check may read the body, and the limit must already apply.
+        # The body is read only once the caller is authenticated, allowed and within the rate (a session
+        # login's CSRF check would otherwise parse it first); the size limit applies from the first byte.
+        gate = None
         if request.method == "POST":
             self.upload_limit = UploadLimitHandler(request._request, drain=False)
             request._request.upload_handlers.insert(0, self.upload_limit)
+            gate = BodyGate.install(request._request)
         super().initial(request, *args, **kwargs)
+        if gate is not None:
+            gate.open(request)
 
     @extend_schema(
         summary="The caller's predictions",

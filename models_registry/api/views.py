@@ -20,7 +20,7 @@ from rest_framework.views import APIView
 from models_registry.api import serializers as s
 from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
-from models_registry.api.uploads import ImportUploadHandler
+from models_registry.api.uploads import BodyGate, ImportUploadHandler
 from models_registry.exceptions import ApplicationError, ValidationError
 from models_registry.selectors import (
     cache_info,
@@ -292,10 +292,13 @@ class WeightImportApi(RegistryWriteApi):
     throttle_scope = "uploads"
 
     def initial(self, request, *args, **kwargs):
-        # Installed before authentication: a session login's CSRF check already parses the body.
+        # Nothing of the body is read until the caller is known, is staff and is within the rate: a session
+        # login's CSRF check would otherwise parse (and write) the whole upload first.
         self.upload_handler = ImportUploadHandler(request._request, max_bytes=settings.DEPTHSITE_MAX_IMPORT_BYTES)
         request._request.upload_handlers = [self.upload_handler]
+        gate = BodyGate.install(request._request)
         super().initial(request, *args, **kwargs)
+        gate.open(request)
 
     def finalize_response(self, request, response, *args, **kwargs):
         handler = getattr(self, "upload_handler", None)
