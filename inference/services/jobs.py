@@ -307,10 +307,15 @@ def error_for(exc: BaseException) -> tuple[str, str]:
     """(message, code) stored on a failed job: what happened and what the user can do about it."""
     if isinstance(exc, OfflineError):
         return exc.message, JobErrorCode.OFFLINE
+    # A job's error is read by whoever holds its id (anonymous jobs included); download and weight-file
+    # messages name mirror folders, cache paths and may quote a file's first bytes, so they stay in the log
+    # and on the registry's own records, which operators read.
     if isinstance(exc, DownloadError):
-        return f"the model's weights could not be downloaded: {exc.message}", JobErrorCode.DOWNLOAD
+        return ("the model's weights could not be downloaded; an administrator can see why on the models page "
+                "and retry the download", JobErrorCode.DOWNLOAD)
     if isinstance(exc, WeightFileError):
-        return exc.message, JobErrorCode.WEIGHTS
+        return ("the model's cached weights are unusable; an administrator must check them "
+                "(manage.py models verify)", JobErrorCode.WEIGHTS)
     if isinstance(exc, NotFoundError):
         return exc.message, JobErrorCode.MODEL
     if isinstance(exc, ImageError):
@@ -356,7 +361,8 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
         if code == JobErrorCode.INTERNAL and not isinstance(exc, ApplicationError):
             logger.exception("depth job %s failed unexpectedly", job.pk)
         else:
-            logger.warning("depth job %s failed: %s", job.pk, message)
+            logger.warning("depth job %s failed: %s", job.pk, exc.message if isinstance(exc, ApplicationError)
+                           else message)
         job.fail(message, code)
         _save_running(job, _FAIL_FIELDS)
     return job

@@ -226,3 +226,18 @@ def test_the_recovery_sweeps_staging_folders_of_killed_workers(small_model, sett
     # Once its worker is gone, the live job's folder goes too.
     assert results_staging_sweep() == [running.name]
     assert not running.exists() and fresh.exists()
+
+
+# --- what a job's error tells whoever holds its id -----------------------------------------------
+
+
+def test_a_failed_download_does_not_put_server_paths_in_the_job_error(small_model, run_jobs, settings, tmp_path):
+    mirror = tmp_path / "secret-mirror-folder"
+    mirror.mkdir()
+    settings.DEPTHSITE_MODEL_MIRROR = mirror.as_uri()
+    with run_jobs():
+        job = depth_job_create(image=upload(), session_key="s")
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED and job.error_code == "download_failed"
+    assert "could not be downloaded" in job.error
+    assert "secret-mirror-folder" not in job.error and str(tmp_path) not in job.error
