@@ -27,8 +27,10 @@ ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 # Formats every browser shows as they are; the worker makes a PNG preview of any other (TIFF).
 BROWSER_IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
                        "WEBP": "image/webp", "BMP": "image/bmp"}
-# Rows converted at a time from 16-bit and float images: temporaries stay a few MB whatever the size.
-_BAND_ROWS = 256
+# Formats the web process only checks from their header (see image_check).
+_DECODED_BY_THE_WORKER = ("WEBP",)
+# Pixels converted at a time (whole rows): temporaries stay near a MB whatever the image's size.
+_BAND_PIXELS = 1 << 18
 
 
 @dataclass
@@ -49,10 +51,11 @@ class LoadedImage:
 
 
 def _bands(image: Image.Image):
-    """(top, rows as a numpy array) in bands of _BAND_ROWS: never a whole-image copy in a wider type."""
+    """(top, rows as a numpy array) in bands of about _BAND_PIXELS: never a whole-image copy in a wider type."""
     width, height = image.size
-    for top in range(0, height, _BAND_ROWS):
-        yield top, np.asarray(image.crop((0, top, width, min(top + _BAND_ROWS, height))))
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield top, np.asarray(image.crop((0, top, width, min(top + rows, height))))
 
 
 def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
@@ -62,7 +65,7 @@ def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
     """
     out = np.empty((image.size[1], image.size[0]), dtype=np.uint8)
     for top, band in _bands(image):
-        values = np.clip(band.astype(np.int64, copy=False), 0, 65535)
+        values = np.clip(band.astype(np.int32, copy=False), 0, 65535)
         quotient, remainder = np.divmod(values, 257)
         out[top:top + band.shape[0]] = quotient + (remainder >= 129)
     return Image.fromarray(out)
@@ -175,14 +178,24 @@ def _opened(source, limit: int):
 
 
 def image_check(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels: int | None = None) -> ImageInfo:
-    """The web process's check of an upload: format and size from the header, then one decode in the file's own
-    mode (at most 4 bytes a pixel) to prove it is readable; no conversion, no numpy copy."""
+    """The web process's check of an upload: format and size from the header, then a decode that proves the
+    data readable without converting or copying pixels.
+
+    A JPEG is decoded at 1/8 scale (libjpeg still reads and checks every coefficient); PNG, GIF, BMP and TIFF
+    in their own mode (at most 4 bytes a pixel). WebP is only checked from its header here: Pillow's WebP
+    decoder holds three full RGBA copies, so its data is proven by the worker, which fails the job clearly.
+    """
     with _opened(source, max_pixels or DEFAULT_MAX_PIXELS) as image:
         width, height = image.size
         mode = image.mode
         image_format = image.format or ""
         rotated = _orientation(image) in (5, 6, 7, 8)
-        image.load()
+        if image_format in _DECODED_BY_THE_WORKER:
+            pass
+        else:
+            if image_format in ("JPEG", "MPO"):
+                image.draft(None, (max(1, width // 8), max(1, height // 8)))
+            image.load()
     return ImageInfo(format=image_format, mode=mode, width=height if rotated else width,
                      height=width if rotated else height)
 
@@ -196,13 +209,21 @@ def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels:
         mode = image.mode
         image.load()
         transposed = _orientation(image) not in (0, 1)
-        upright = ImageOps.exif_transpose(image)
-        rgb = np.array(_to_rgb(upright), dtype=np.uint8)  # writable: torch refuses read-only arrays
+        # exif_transpose copies even an upright image: only call it when there is something to turn.
+        upright = ImageOps.exif_transpose(image) if transposed else image
+        rgb = _rgb_array(_to_rgb(upright))
         image_format = image.format or ""
-    if rgb.ndim != 3 or rgb.shape[2] != 3:  # pragma: no cover - _to_rgb always yields 3 channels
-        raise ImageError(f"unsupported image layout {rgb.shape}", extra={"field": "image"})
-    return LoadedImage(rgb=np.ascontiguousarray(rgb), format=image_format, mode=mode,
-                       exif_transposed=bool(transposed), frames=frames)
+    return LoadedImage(rgb=rgb, format=image_format, mode=mode, exif_transposed=bool(transposed), frames=frames)
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """A writable (torch refuses read-only arrays) contiguous (H, W, 3) uint8 copy, filled band by band:
+    np.array(image) would hold Pillow's bytes and the array at once."""
+    width, height = image.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for top, band in _bands(image):
+        out[top:top + band.shape[0]] = band
+    return out
 
 
 def _orientation(image: Image.Image) -> int:
