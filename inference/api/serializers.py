@@ -16,7 +16,8 @@ from inference.writers import OUTPUT_FORMATS
 class PredictionCreateSerializer(serializers.Serializer):
     image = serializers.FileField(
         allow_empty_file=True,  # the service says precisely why a file is not a photo, empty included
-        help_text="The photo: any format Pillow reads (JPEG, PNG, WebP, TIFF, ...), up to DEPTHSITE_MAX_UPLOAD_BYTES.",
+        help_text="The photo: JPEG, PNG, WebP, GIF (first frame), BMP or TIFF (no other format), up to "
+                  "DEPTHSITE_MAX_UPLOAD_BYTES and DEPTHSITE_MAX_IMAGE_PIXELS.",
     )
     model = serializers.CharField(default="MiDaS_small", max_length=64, allow_blank=True,
                                   help_text="A model name or alias (case-insensitive), e.g. MiDaS_small, "
