@@ -89,11 +89,23 @@ def job_urls(job: DepthJob) -> dict:
 # --- upload --------------------------------------------------------------------------------------
 
 
+def _too_many_uploads(wait: float | None) -> str:
+    return "too many uploads from you; try again" + (f" in {int(wait) + 1} s" if wait else " later")
+
+
 @csrf_exempt  # checked by _upload, once the size limit is in place (the CSRF check reads the body)
 @require_http_methods(["GET", "POST"])
 def upload(request):
     limit = None
     if request.method == "POST":
+        # Before a byte of the body is read (the form's CSRF token is in it): who may upload at all, and
+        # whether this client is already over its rate. The server discards the unread body itself.
+        if not uploads_allowed(user=request.user):
+            return redirect_to_login(request.get_full_path())
+        throttle = UploadThrottle()
+        if not throttle.would_allow(request):
+            form = DepthJobForm(model_names=[o.name for o in model_options()], default_model=DEFAULT_MODEL)
+            return _upload_page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
         limit = UploadLimitHandler(request, drain=True)
         request.upload_handlers.insert(0, limit)
     return _upload(request, limit=limit)
@@ -109,9 +121,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
         form = DepthJobForm(request.POST, request.FILES, model_names=names, default_model=DEFAULT_MODEL)
         throttle = UploadThrottle()
         if not throttle.allow_request(request, None):
-            wait = throttle.wait()
-            form.add_error(None, "too many uploads from you; try again"
-                                 + (f" in {int(wait) + 1} s" if wait else " later"))
+            form.add_error(None, _too_many_uploads(throttle.wait()))
             status = 429
         elif limit is not None and limit.exceeded:
             form.is_valid()
@@ -135,6 +145,11 @@ def _upload(request, *, limit: UploadLimitHandler | None):
             status = 400
     else:
         form = DepthJobForm(model_names=names, default_model=DEFAULT_MODEL)
+    return _upload_page(request, form, status=status, options=options)
+
+
+def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refusal: str = ""):
+    options = model_options() if options is None else options
     recent = _with_reuse_shown(request, depth_job_list(user=request.user, session_key=_session_key(request))[:5])
     return render(request, "inference/upload.html", {
         "form": form,
@@ -146,6 +161,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
         "max_upload": format_size(settings.DEPTHSITE_MAX_UPLOAD_BYTES) if settings.DEPTHSITE_MAX_UPLOAD_BYTES else None,
         "max_megapixels": settings.DEPTHSITE_MAX_IMAGE_PIXELS / 1e6,
         "recent": recent,
+        "refusal": refusal,
     }, status=status)
 
 

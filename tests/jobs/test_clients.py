@@ -241,3 +241,37 @@ def test_a_failed_download_does_not_put_server_paths_in_the_job_error(small_mode
     assert job.status == JobStatus.FAILED and job.error_code == "download_failed"
     assert "could not be downloaded" in job.error
     assert "secret-mirror-folder" not in job.error and str(tmp_path) not in job.error
+
+
+# --- the web form reads no body it will refuse ---------------------------------------------------
+
+
+def _form_post(client, remote: str = "203.0.113.7"):
+    from django.test.client import encode_multipart
+
+    from tests.api.test_import_authorises_first import CountingStream
+
+    boundary = "form-boundary"
+    body = encode_multipart(boundary, {"image": upload(images.jpeg(640, 480)), "model": "MiDaS_small",
+                                       "colormap": "inferno", "outputs": ["png"]})
+    stream = CountingStream(body)
+    response = client.generic("POST", reverse("inference:upload"), body,
+                              content_type=f"multipart/form-data; boundary={boundary}",
+                              **{"wsgi.input": stream, "REMOTE_ADDR": remote})
+    return response, stream
+
+
+def test_the_web_form_reads_no_byte_of_a_body_it_refuses(client, small_model, settings):
+    settings.DEPTHSITE_PUBLIC_UPLOADS = False
+    refused, stream = _form_post(client)
+    assert refused.status_code == 302 and "/accounts/login/" in refused["Location"]
+    assert stream.bytes_read == 0
+
+    settings.DEPTHSITE_PUBLIC_UPLOADS = True
+    _rates(settings, "1/hour")
+    accepted, stream = _form_post(client)
+    assert accepted.status_code == 302 and stream.bytes_read == len(stream.getvalue())
+    throttled, stream = _form_post(client)
+    assert throttled.status_code == 429 and "too many uploads" in throttled.content.decode()
+    assert stream.bytes_read == 0
+    assert DepthJob.objects.count() == 1
