@@ -167,8 +167,11 @@ class ModelOption:
     note: str
 
 
-def model_options() -> list[ModelOption]:
-    """The enabled models with what the upload page says about each: cached, will be downloaded, or why not."""
+def model_options(*, detailed: bool = False) -> list[ModelOption]:
+    """The enabled models with what the upload page says about each: cached, will be downloaded, or why not.
+
+    Only `detailed` (staff) notes name a mirror's host or quote a configuration error: the page is public
+    when anonymous uploads are, and DEPTHSITE_MODEL_MIRROR is the operators' business."""
     from models_registry.services.download import download_url
 
     options = []
@@ -186,16 +189,17 @@ def model_options() -> list[ModelOption]:
             options.append(ModelOption(model.name, model.display_name, False, True,
                                        f"downloading now{progress}; jobs wait for it"))
             continue
-        options.append(_uncached_option(model, download_url))
+        options.append(_uncached_option(model, download_url, detailed=detailed))
     return options
 
 
-def _uncached_option(model: RegisteredModel, download_url) -> ModelOption:
+def _uncached_option(model: RegisteredModel, download_url, *, detailed: bool) -> ModelOption:
     size = f" ({format_size(model.expected_size)})" if model.expected_size else ""
     try:
         url = download_url(model=model)
     except ApplicationError as exc:
-        return ModelOption(model.name, model.display_name, False, False, f"not cached, and {exc.message}")
+        why = exc.message if detailed else "it cannot be downloaded here (an administrator can see why)"
+        return ModelOption(model.name, model.display_name, False, False, f"not cached, and {why}")
     if url.startswith("file:"):
         return ModelOption(model.name, model.display_name, False, True,
                            f"not cached: copied from the local mirror on first use{size}")
@@ -204,6 +208,8 @@ def _uncached_option(model: RegisteredModel, download_url) -> ModelOption:
                            "not cached, and this site is offline (DEPTHSITE_OFFLINE): an administrator must "
                            f"import it first (manage.py models import PATH --model {model.name})")
     host = urlsplit(url).hostname or url
+    if not detailed and url != model.source_url:
+        host = "the site's model mirror"
     return ModelOption(model.name, model.display_name, False, True,
                        f"not cached: downloaded from {host} on first use{size}, which makes the first job slower")
 

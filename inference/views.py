@@ -104,7 +104,7 @@ def upload(request):
             return redirect_to_login(request.get_full_path())
         throttle = UploadThrottle()
         if not throttle.would_allow(request):
-            form = DepthJobForm(model_names=[o.name for o in model_options()], default_model=DEFAULT_MODEL)
+            form = DepthJobForm(model_names=[o.name for o in model_options(detailed=request.user.is_staff)], default_model=DEFAULT_MODEL)
             return _upload_page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
         limit = UploadLimitHandler(request, drain=True)
         request.upload_handlers.insert(0, limit)
@@ -114,7 +114,7 @@ def upload(request):
 @csrf_protect
 @_uploads_allowed
 def _upload(request, *, limit: UploadLimitHandler | None):
-    options = model_options()
+    options = model_options(detailed=request.user.is_staff)
     names = [option.name for option in options]
     status = 200
     if request.method == "POST":
@@ -149,7 +149,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
 
 
 def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refusal: str = ""):
-    options = model_options() if options is None else options
+    options = model_options(detailed=request.user.is_staff) if options is None else options
     recent = _with_reuse_shown(request, depth_job_list(user=request.user, session_key=_session_key(request))[:5])
     return render(request, "inference/upload.html", {
         "form": form,

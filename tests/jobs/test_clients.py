@@ -275,3 +275,15 @@ def test_the_web_form_reads_no_byte_of_a_body_it_refuses(client, small_model, se
     assert throttled.status_code == 429 and "too many uploads" in throttled.content.decode()
     assert stream.bytes_read == 0
     assert DepthJob.objects.count() == 1
+
+
+def test_the_public_upload_page_does_not_name_the_mirror(client, small_model, settings, staff):
+    settings.DEPTHSITE_PUBLIC_UPLOADS = True
+    settings.DEPTHSITE_OFFLINE = False
+    for mirror in ("https://user:hunter2@mirror.internal.example/weights", "ftp://hunter2@mirror.internal.example/"):
+        settings.DEPTHSITE_MODEL_MIRROR = mirror
+        page = client.get(reverse("inference:upload")).content.decode()
+        assert 'value="MiDaS_small"' in page
+        assert "mirror.internal.example" not in page and "hunter2" not in page, mirror
+    client.force_login(staff)
+    assert "mirror.internal.example" in client.get(reverse("inference:upload")).content.decode()
