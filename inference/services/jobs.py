@@ -676,10 +676,12 @@ def depth_jobs_expire(*, now=None) -> dict[str, int]:
     Each goes through `depth_job_delete`, so its upload, preview and results follow once the deletion commits.
     """
     cutoff = (now or timezone.now()) - timedelta(seconds=settings.DEPTHSITE_ANON_RETENTION)
+    expired = DepthJob.objects.filter(owner__isnull=True, created_at__lt=cutoff).order_by("created_at", "id")
     jobs = freed = 0
-    for job in DepthJob.objects.filter(owner__isnull=True, created_at__lt=cutoff).iterator(chunk_size=200):
-        freed += depth_job_delete(job=job)["bytes"]
-        jobs += 1
+    while batch := list(expired[:200]):  # fetched in batches, never iterated while deleting from it
+        for job in batch:
+            freed += depth_job_delete(job=job)["bytes"]
+            jobs += 1
     if jobs:
         logger.info("expired %d anonymous depth job(s) older than %s (%s)", jobs, cutoff.isoformat(),
                     format_size(freed))
