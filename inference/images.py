@@ -121,10 +121,11 @@ def _stream(source: bytes | bytearray | Path | str | BinaryIO) -> BinaryIO:
         return io.BytesIO(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
+        # No path in the message: a job's error is shown to whoever holds its id (callers name the file).
         if not path.is_file():
-            raise ImageError(f"{path}: no such file", extra={"field": "image", "kind": "missing"})
+            raise ImageError("the file is missing", extra={"field": "image", "kind": "missing"})
         if path.stat().st_size == 0:
-            raise ImageError(f"{path.name} is empty (0 bytes)", extra={"field": "image", "kind": "empty"})
+            raise ImageError("the file is empty (0 bytes)", extra={"field": "image", "kind": "empty"})
         return open(path, "rb")
     start = source.tell() if source.seekable() else 0
     if source.read(1) == b"":

@@ -287,3 +287,12 @@ def test_the_public_upload_page_does_not_name_the_mirror(client, small_model, se
         assert "mirror.internal.example" not in page and "hunter2" not in page, mirror
     client.force_login(staff)
     assert "mirror.internal.example" in client.get(reverse("inference:upload")).content.decode()
+
+
+def test_a_missing_upload_does_not_put_the_media_path_in_the_job_error(small_model, run_jobs, settings):
+    job = depth_job_create(image=upload(), session_key="s")
+    (Path(settings.MEDIA_ROOT) / job.image.name).unlink()
+    job_services.depth_job_run(job=job)
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED and "the file is missing" in job.error
+    assert str(settings.MEDIA_ROOT) not in job.error and "uploads/" not in job.error
