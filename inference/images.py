@@ -2,8 +2,8 @@
 
 Only the formats in ACCEPTED_FORMATS are ever handed to Pillow, and the pixel limit is checked on the size the
 header declares, before any pixel is decoded: Pillow's ICO reader, for one, decodes an embedded PNG while
-opening, so it is never tried. The web process only checks (`image_check`: header, then one decode in the
-file's own mode, no copies); the worker converts (`image_open`)."""
+opening, so it is never tried. The web process only checks (`image_check`: header, then a decode that makes
+no conversion or copy); the worker converts (`image_open`)."""
 from __future__ import annotations
 
 import contextlib
@@ -191,11 +191,9 @@ def image_check(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels
         mode = image.mode
         image_format = image.format or ""
         rotated = _orientation(image) in (5, 6, 7, 8)
-        if image_format in _DECODED_BY_THE_WORKER:
-            pass
-        else:
-            if image_format in ("JPEG", "MPO"):
-                image.draft(None, (max(1, width // 8), max(1, height // 8)))
+        if image_format in ("JPEG", "MPO"):
+            image.draft(None, (max(1, width // 8), max(1, height // 8)))
+        if image_format not in _DECODED_BY_THE_WORKER:
             image.load()
     return ImageInfo(format=image_format, mode=mode, width=height if rotated else width,
                      height=width if rotated else height)

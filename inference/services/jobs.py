@@ -208,7 +208,7 @@ def depth_job_create(
     if anonymous:
         anonymous_quota_check(session_key=session_key, client_address=client_address, size=size)
     image.seek(0)
-    # Header first, then one decode in the file's own mode: the web process never converts or copies pixels.
+    # Header first (format, size, pixel limit), then a decode that converts and copies nothing (see image_check).
     info = image_check(getattr(image, "file", image), max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
     sha256 = _sha256(image)
 
