@@ -104,7 +104,8 @@ def upload(request):
             return redirect_to_login(request.get_full_path())
         throttle = UploadThrottle()
         if not throttle.would_allow(request):
-            form = DepthJobForm(model_names=[o.name for o in model_options(detailed=request.user.is_staff)], default_model=DEFAULT_MODEL)
+            names = [option.name for option in model_options(detailed=request.user.is_staff)]
+            form = DepthJobForm(model_names=names, default_model=DEFAULT_MODEL)
             return _upload_page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
         limit = UploadLimitHandler(request, drain=True)
         request.upload_handlers.insert(0, limit)
@@ -248,4 +249,5 @@ def job_delete(request, job_id):
 def job_list(request):
     jobs = depth_job_list(user=request.user, session_key=_session_key(request))
     page = Paginator(jobs, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
-    return render(request, "inference/job_list.html", {"page": page, "jobs": _with_reuse_shown(request, page.object_list)})
+    jobs = _with_reuse_shown(request, page.object_list)
+    return render(request, "inference/job_list.html", {"page": page, "jobs": jobs})

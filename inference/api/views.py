@@ -27,7 +27,8 @@ ERRORS = {
     403: OpenApiResponse(PredictionErrorSerializer, description="Not signed in, or CSRF token missing."),
     404: OpenApiResponse(PredictionErrorSerializer, description="No such prediction (or not yours)."),
     413: OpenApiResponse(PredictionErrorSerializer, description="Too many bytes or pixels."),
-    429: OpenApiResponse(PredictionErrorSerializer, description="Too many uploads (retry later), or the anonymous quota of jobs or bytes is used up."),
+    429: OpenApiResponse(PredictionErrorSerializer,
+                         description="Too many uploads (retry later), or the anonymous quota of jobs or bytes is used up."),
 }
 ID_PARAMETER = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The prediction's id.")
 

@@ -96,7 +96,8 @@ def test_peak_memory_of_the_web_check_is_a_small_multiple_of_the_rgb_size(tmp_pa
         figures.append((name, len(data), measured["rss_extra"] / rgb_bytes, measured["traced_peak"] / rgb_bytes))
     print(f"\nweb-process check of a {width}x{height} photo (8-bit RGB = {rgb_bytes / 1e6:.1f} MB):")
     for name, size, rss, traced in figures:
-        print(f"  {name:18s} {size / 1e3:8.0f} KB file: peak extra RSS {rss:.2f} x RGB, Python/numpy {traced:.3f} x RGB")
+        print(f"  {name:18s} {size / 1e3:8.0f} KB file: peak extra RSS {rss:.2f} x RGB, "
+              f"Python/numpy {traced:.3f} x RGB")
     for name, _, rss, traced in figures:
         assert rss <= MAX_RSS_MULTIPLE, f"{name}: {rss:.2f} x the RGB size"
         assert traced <= MAX_TRACED_MULTIPLE, f"{name}: {traced:.3f} x the RGB size in Python objects"
