@@ -455,12 +455,16 @@ def _input_preview_write(job: DepthJob, rgb) -> None:
     if not final.is_file():
         from PIL import Image
 
-        temporary = final.with_name(f".tmp-{uuid.uuid4().hex}{PREVIEW_SUFFIX}")
+        # Written in a results staging folder (same file system), so a killed worker's half file is swept
+        # with the other staging folders, then renamed into place.
+        staging = _media_root() / RESULTS_DIR / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
         try:
+            temporary = staging / "preview.png"
             Image.fromarray(rgb).save(temporary, format="PNG")
             os.replace(temporary, final)
         finally:
-            temporary.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
     if job.input_preview != relative:
         job.input_preview = relative
         if not DepthJob.objects.filter(pk=job.pk).update(input_preview=relative):
