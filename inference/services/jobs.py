@@ -225,6 +225,11 @@ def depth_job_create(
     try:
         with transaction.atomic():
             job.save()
+            if anonymous:
+                # Again with this row written: on SQLite the write lock now serialises concurrent uploads,
+                # so two of them cannot both take the last place of a quota.
+                anonymous_quota_check(session_key=job.session_key, client_address=job.client_address,
+                                      size=size, saved=True)
             transaction.on_commit(partial(_depth_job_enqueue, job.pk))
     except BaseException:
         job.image.delete(save=False)  # no row points at it
@@ -234,9 +239,11 @@ def depth_job_create(
     return job
 
 
-def anonymous_quota_check(*, session_key: str, client_address: str, size: int) -> None:
+def anonymous_quota_check(*, session_key: str, client_address: str, size: int, saved: bool = False) -> None:
     """QuotaExceededError (429) when this upload would take an anonymous session or address past
-    DEPTHSITE_ANON_MAX_JOBS jobs or DEPTHSITE_ANON_MAX_BYTES stored bytes (uploads and results)."""
+    DEPTHSITE_ANON_MAX_JOBS jobs or DEPTHSITE_ANON_MAX_BYTES stored bytes (uploads and results).
+
+    `saved`: the upload's own row is already counted (the re-check inside the creating transaction)."""
     max_jobs = settings.DEPTHSITE_ANON_MAX_JOBS
     max_bytes = settings.DEPTHSITE_ANON_MAX_BYTES
     retention_days = max(1, round(settings.DEPTHSITE_ANON_RETENTION / 86400))
@@ -246,6 +253,8 @@ def anonymous_quota_check(*, session_key: str, client_address: str, size: int) -
         usage = DepthJob.objects.filter(condition, owner__isnull=True).aggregate(
             jobs=Count("pk"), bytes=Sum(F("image_size") + F("results_bytes")))
         jobs, stored = usage["jobs"] or 0, usage["bytes"] or 0
+        if saved:
+            jobs, stored = jobs - 1, stored - size
         if max_jobs and jobs + 1 > max_jobs:
             raise QuotaExceededError(
                 f"anonymous quota reached: {label} already has {jobs} jobs stored (limit {max_jobs}, "
