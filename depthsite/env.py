@@ -58,6 +58,22 @@ def get_size(name: str, default: int | None) -> int | None:
         raise EnvError(f"{name}: {exc}") from None
 
 
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def get_duration(name: str, default: int) -> int:
+    """Seconds from '3600', '90m', '12h' or '7d'."""
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    text = value.lower()
+    unit = text[-1] if text[-1:] in _DURATION_UNITS else ""
+    number = text[: len(text) - len(unit)].strip()
+    if not number.isdigit():
+        raise EnvError(f"{name}={value!r} is not a duration (examples: 3600, 90m, 12h, 7d)")
+    return int(number) * _DURATION_UNITS[unit]
+
+
 def get_list(name: str, default: list[str]) -> list[str]:
     value = _raw(name)
     if value is None or value == "":
@@ -108,3 +124,8 @@ PUBLIC_UPLOADS = get_bool("DEPTHSITE_PUBLIC_UPLOADS", False)
 PUBLIC_STATUS = get_bool("DEPTHSITE_PUBLIC_STATUS", False)
 UPLOAD_RATE = get_str("DEPTHSITE_UPLOAD_RATE", "30/hour")
 WRITE_RATE = get_str("DEPTHSITE_WRITE_RATE", "120/hour")
+# Proxies in front of the site that append to X-Forwarded-For; 0 trusts no header and uses the peer address.
+TRUSTED_PROXIES = get_int("DEPTHSITE_TRUSTED_PROXIES", 0)
+ANON_MAX_JOBS = get_int("DEPTHSITE_ANON_MAX_JOBS", 50)
+ANON_MAX_BYTES = get_size("DEPTHSITE_ANON_MAX_BYTES", 500 * 1000**2)
+ANON_RETENTION = get_duration("DEPTHSITE_ANON_RETENTION", 7 * 86400)

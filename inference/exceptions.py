@@ -18,3 +18,9 @@ class InferenceError(ApplicationError):
     """The model could not run (device unavailable, out of memory)."""
 
     status = 503
+
+
+class QuotaExceededError(ApplicationError):
+    """An anonymous session or address already stores as many jobs or bytes as DEPTHSITE_ANON_MAX_* allow."""
+
+    status = 429

@@ -61,7 +61,9 @@ class UploadLimitHandler(FileUploadHandler):
 class DepthJobForm(forms.Form):
     # A plain FileField: the service decodes the photo itself and says precisely what is wrong with it.
     image = forms.FileField(label="Photo", allow_empty_file=True,
-                            widget=forms.ClearableFileInput(attrs={"accept": "image/*"}))
+                            widget=forms.ClearableFileInput(attrs={
+                                "accept": "image/jpeg,image/png,image/webp,image/gif,image/bmp,image/tiff"}),
+                            help_text="JPEG, PNG, WebP, GIF (first frame), BMP or TIFF.")
     model = forms.ChoiceField(label="Model", widget=forms.RadioSelect)
     colormap = forms.ChoiceField(label="Colour map", choices=[(name, name) for name in COLORMAPS],
                                  initial=DEFAULT_COLORMAP)

@@ -1,6 +1,12 @@
-"""Reading uploaded photos safely: any Pillow format to upright 8-bit RGB, with clear errors and a pixel limit."""
+"""Reading uploaded photos safely: the accepted formats to upright 8-bit RGB, with clear errors and a pixel limit.
+
+Only the formats in ACCEPTED_FORMATS are ever handed to Pillow, and the pixel limit is checked on the size the
+header declares, before any pixel is decoded: Pillow's ICO reader, for one, decodes an embedded PNG while
+opening, so it is never tried. The web process only checks (`image_check`: header, then a decode that makes
+no conversion or copy); the worker converts (`image_open`)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
@@ -14,6 +20,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from inference.exceptions import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+# The formats a photo may come in: the Pillow readers tried, in this order (a JPEG with extra frames, as some
+# cameras write, comes out of the JPEG reader as "MPO").
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+# Formats every browser shows as they are; the worker makes a PNG preview of any other (TIFF).
+BROWSER_IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
+                       "WEBP": "image/webp", "BMP": "image/bmp"}
+# Formats the web process only checks from their header (see image_check).
+_DECODED_BY_THE_WORKER = ("WEBP",)
+# Pixels converted at a time (whole rows): temporaries stay near a MB whatever the image's size.
+_BAND_PIXELS = 1 << 18
 
 
 @dataclass
@@ -33,11 +50,41 @@ class LoadedImage:
         return int(self.rgb.shape[1])
 
 
+def _bands(image: Image.Image):
+    """(top, rows as a numpy array) in bands of about _BAND_PIXELS: never a whole-image copy in a wider type."""
+    width, height = image.size
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield top, np.asarray(image.crop((0, top, width, min(top + rows, height))))
+
+
 def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
-    """16-bit (or 32-bit integer) grayscale to 8-bit by its real range 0..65535, not by clipping at 255."""
-    array = np.asarray(image, dtype=np.float64)
-    scaled = np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(scaled)
+    """16-bit (or 32-bit integer) grayscale to 8-bit by its real range 0..65535, not by clipping at 255.
+
+    Integer arithmetic, band by band: round(v / 257) is v // 257 plus one when the remainder is past half.
+    """
+    out = np.empty((image.size[1], image.size[0]), dtype=np.uint8)
+    for top, band in _bands(image):
+        values = np.clip(band.astype(np.int32, copy=False), 0, 65535)
+        quotient, remainder = np.divmod(values, 257)
+        out[top:top + band.shape[0]] = quotient + (remainder >= 129)
+    return Image.fromarray(out)
+
+
+def _float_to_8(image: Image.Image) -> Image.Image:
+    """A float32 image stretched from its own minimum to maximum, band by band in float32."""
+    low, high = np.inf, -np.inf
+    for _, band in _bands(image):
+        finite = band[np.isfinite(band)]
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    out = np.zeros((image.size[1], image.size[0]), dtype=np.uint8)
+    if np.isfinite(low) and high > low:
+        scale = np.float32(255.0 / (high - low))
+        for top, band in _bands(image):
+            scaled = np.nan_to_num((band.astype(np.float32, copy=False) - np.float32(low)) * scale)
+            out[top:top + band.shape[0]] = np.clip(scaled, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -47,10 +94,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         return _sixteen_bit_to_8(image).convert("RGB")
     if mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(np.nanmin(array)), float(np.nanmax(array))
-        scaled = np.zeros_like(array) if high <= low else (array - low) / (high - low) * 255
-        return Image.fromarray(np.nan_to_num(scaled).astype(np.uint8)).convert("RGB")
+        return _float_to_8(image).convert("RGB")
     if mode == "P":
         # A palette with transparency expands to RGBA first; the alpha is then dropped like any other.
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -60,33 +104,48 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels: int | None = None) -> LoadedImage:
-    """Decode a photo to upright RGB uint8; ImageError (400) or ImageTooLargeError (413) with a clear message."""
-    limit = max_pixels or DEFAULT_MAX_PIXELS
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the web process learns of an upload: its format and upright size, proven decodable."""
+
+    format: str
+    mode: str
+    width: int  # upright
+    height: int
+
+
+def _stream(source: bytes | bytearray | Path | str | BinaryIO) -> BinaryIO:
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageError("the file is empty (0 bytes)", extra={"field": "image", "kind": "empty"})
-        stream: BinaryIO = io.BytesIO(source)
-    elif isinstance(source, (str, Path)):
+        return io.BytesIO(source)
+    if isinstance(source, (str, Path)):
         path = Path(source)
+        # No path in the message: a job's error is shown to whoever holds its id (callers name the file).
         if not path.is_file():
-            raise ImageError(f"{path}: no such file", extra={"field": "image", "kind": "missing"})
+            raise ImageError("the file is missing", extra={"field": "image", "kind": "missing"})
         if path.stat().st_size == 0:
-            raise ImageError(f"{path.name} is empty (0 bytes)", extra={"field": "image", "kind": "empty"})
-        stream = open(path, "rb")
-    else:
-        stream = source
-        start = stream.tell() if stream.seekable() else 0
-        if stream.read(1) == b"":
             raise ImageError("the file is empty (0 bytes)", extra={"field": "image", "kind": "empty"})
-        stream.seek(start)
+        return open(path, "rb")
+    start = source.tell() if source.seekable() else 0
+    if source.read(1) == b"":
+        raise ImageError("the file is empty (0 bytes)", extra={"field": "image", "kind": "empty"})
+    source.seek(start)
+    return source
 
+
+@contextlib.contextmanager
+def _opened(source, limit: int):
+    """Pillow's image of an accepted format whose declared size is within the limit; nothing decoded yet.
+
+    Every Pillow failure inside the block becomes an ImageError with a kind."""
+    stream = _stream(source)
     try:
         with warnings.catch_warnings():
             # Our limit is checked below; Pillow's own (higher) one only raises DecompressionBombError,
             # caught below, and its warning is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            image = Image.open(stream, formats=ACCEPTED_FORMATS)
             width, height = image.size
             if width * height > limit:
                 raise ImageTooLargeError(
@@ -96,20 +155,13 @@ def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels:
                 )
             if width < 1 or height < 1:
                 raise ImageError("the image has no pixels", extra={"field": "image", "kind": "empty"})
-            frames = int(getattr(image, "n_frames", 1) or 1)
-            if frames > 1:
-                image.seek(0)  # an animation: its first frame is the photo
-            mode = image.mode
-            image.load()
-            transposed = _has_rotation(image)
-            upright = ImageOps.exif_transpose(image)
-            rgb = np.array(_to_rgb(upright), dtype=np.uint8)  # writable: torch refuses read-only arrays
-            image_format = image.format or ""
+            yield image
     except (ImageError, ImageTooLargeError):
         raise
     except UnidentifiedImageError:
-        raise ImageError("not an image: the file is not a format Pillow can read (JPEG, PNG, WebP, TIFF, ...)",
-                         extra={"field": "image", "kind": "not_an_image"}) from None
+        raise ImageError(f"not an image in an accepted format: photos must be {ACCEPTED_FORMATS_TEXT}",
+                         extra={"field": "image", "kind": "not_an_image",
+                                "accepted": list(ACCEPTED_FORMATS)}) from None
     except Image.DecompressionBombError as exc:
         # Pillow refuses before we can read the size ourselves; its message carries the pixel count.
         found = re.search(r"\((\d+) pixels\)", str(exc))
@@ -124,14 +176,58 @@ def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels:
     finally:
         if isinstance(source, (str, Path)):
             stream.close()
-    if rgb.ndim != 3 or rgb.shape[2] != 3:  # pragma: no cover - _to_rgb always yields 3 channels
-        raise ImageError(f"unsupported image layout {rgb.shape}", extra={"field": "image"})
-    return LoadedImage(rgb=np.ascontiguousarray(rgb), format=image_format, mode=mode,
-                       exif_transposed=bool(transposed), frames=frames)
 
 
-def _has_rotation(image: Image.Image) -> bool:
+def image_check(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels: int | None = None) -> ImageInfo:
+    """The web process's check of an upload: format and size from the header, then a decode that proves the
+    data readable without converting or copying pixels.
+
+    A JPEG is decoded at 1/8 scale (libjpeg still reads and checks every coefficient); PNG, GIF, BMP and TIFF
+    in their own mode (at most 4 bytes a pixel). WebP is only checked from its header here: Pillow's WebP
+    decoder holds three full RGBA copies, so its data is proven by the worker, which fails the job clearly.
+    """
+    with _opened(source, max_pixels or DEFAULT_MAX_PIXELS) as image:
+        width, height = image.size
+        mode = image.mode
+        image_format = image.format or ""
+        rotated = _orientation(image) in (5, 6, 7, 8)
+        if image_format in ("JPEG", "MPO"):
+            image.draft(None, (max(1, width // 8), max(1, height // 8)))
+        if image_format not in _DECODED_BY_THE_WORKER:
+            image.load()
+    return ImageInfo(format=image_format, mode=mode, width=height if rotated else width,
+                     height=width if rotated else height)
+
+
+def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels: int | None = None) -> LoadedImage:
+    """Decode a photo to upright RGB uint8; ImageError (400) or ImageTooLargeError (413) with a clear message."""
+    with _opened(source, max_pixels or DEFAULT_MAX_PIXELS) as image:
+        frames = int(getattr(image, "n_frames", 1) or 1)
+        if frames > 1:
+            image.seek(0)  # an animation: its first frame is the photo
+        mode = image.mode
+        image.load()
+        transposed = _orientation(image) not in (0, 1)
+        # exif_transpose copies even an upright image: only call it when there is something to turn.
+        upright = ImageOps.exif_transpose(image) if transposed else image
+        rgb = _rgb_array(_to_rgb(upright))
+        image_format = image.format or ""
+    return LoadedImage(rgb=rgb, format=image_format, mode=mode, exif_transposed=bool(transposed), frames=frames)
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """A writable (torch refuses read-only arrays) contiguous (H, W, 3) uint8 copy, filled band by band:
+    np.array(image) would hold Pillow's bytes and the array at once."""
+    width, height = image.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for top, band in _bands(image):
+        out[top:top + band.shape[0]] = band
+    return out
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 when absent); read from the header, before any pixel is decoded."""
     try:
-        return int(image.getexif().get(0x0112, 1)) not in (0, 1)
+        return int(image.getexif().get(0x0112, 1))
     except Exception:  # damaged EXIF is not worth failing a photo for
-        return False
+        return 1

@@ -24,6 +24,8 @@ class DepthJob(models.Model):
                               related_name="depth_jobs", help_text="Empty for anonymous uploads.")
     session_key = models.CharField(max_length=40, blank=True, db_index=True,
                                    help_text="The anonymous uploader's session, for their history page.")
+    client_address = models.CharField(max_length=64, blank=True, db_index=True,
+                                      help_text="The anonymous uploader's address (an IPv6 /64), for quotas.")
 
     image = models.FileField(upload_to=upload_path, max_length=255)
     image_name = models.CharField(max_length=255, blank=True, help_text="The file name the client sent.")
@@ -32,6 +34,9 @@ class DepthJob(models.Model):
     image_format = models.CharField(max_length=16, blank=True)
     image_width = models.PositiveIntegerField(null=True, blank=True, help_text="Upright width in pixels.")
     image_height = models.PositiveIntegerField(null=True, blank=True, help_text="Upright height in pixels.")
+    input_preview = models.CharField(max_length=255, blank=True,
+                                     help_text="An upright PNG of a photo browsers cannot show, made once by the "
+                                               "worker (relative to MEDIA_ROOT).")
 
     model = models.ForeignKey("models_registry.RegisteredModel", null=True, blank=True, on_delete=models.SET_NULL,
                               related_name="depth_jobs")
@@ -56,6 +61,7 @@ class DepthJob(models.Model):
     inference_ms = models.FloatField(null=True, blank=True)
     result_files = models.JSONField(default=dict, blank=True,
                                     help_text="{output format: path relative to MEDIA_ROOT}.")
+    results_bytes = models.BigIntegerField(default=0, help_text="Bytes of the result files (and input preview).")
     depth_min = models.FloatField(null=True, blank=True)
     depth_max = models.FloatField(null=True, blank=True)
     semantics = models.CharField(max_length=128, blank=True)

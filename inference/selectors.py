@@ -1,7 +1,6 @@
 """Reads of depth jobs: who sees which job, the status summary, result files, and the models offered for upload."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,13 @@ from django.db.models import QuerySet
 
 from depthsite.units import format_size
 from inference.choices import JobStatus
+from inference.images import BROWSER_IMAGE_TYPES
 from inference.models import DepthJob
 from inference.writers import CONTENT_TYPES, OUTPUT_FORMATS, SUFFIXES
 from models_registry.exceptions import ApplicationError, NotFoundError
 from models_registry.models import RegisteredModel
 from models_registry.selectors import download_active, model_list, weight_files_usable
 
-# Formats every browser shows as they are; anything else (TIFF, PPM...) is converted for display.
-BROWSER_IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
-                       "WEBP": "image/webp", "BMP": "image/bmp"}
 
 
 def uploads_allowed(*, user) -> bool:
@@ -30,7 +27,7 @@ def uploads_allowed(*, user) -> bool:
 
 def depth_job_list(*, user, session_key: str = "", everyone: bool = False) -> QuerySet[DepthJob]:
     """The caller's jobs, newest first: a user's own, an anonymous session's own; staff may ask for all."""
-    queryset = DepthJob.objects.select_related("owner", "model").order_by("-created_at", "id")
+    queryset = DepthJob.objects.select_related("owner", "model", "reused_from").order_by("-created_at", "id")
     if user.is_authenticated:
         return queryset if (everyone and user.is_staff) else queryset.filter(owner=user)
     if session_key and settings.DEPTHSITE_PUBLIC_UPLOADS:
@@ -82,24 +79,35 @@ def depth_job_file(*, job: DepthJob, fmt: str) -> ResultFile:
     return ResultFile(path=path, content_type=CONTENT_TYPES[fmt], download_name=f"{stem}-depth{SUFFIXES[fmt]}")
 
 
-def depth_job_input(*, job: DepthJob) -> tuple[bytes | Path, str]:
-    """The uploaded photo for display: the stored file when browsers show it, else an upright PNG copy."""
-    path = Path(settings.MEDIA_ROOT) / job.image.name if job.image else None
+def depth_job_input(*, job: DepthJob) -> tuple[Path, str]:
+    """The uploaded photo for display, served as stored: the upload when browsers show its format, else the
+    upright PNG the worker made once (NotFoundError until it has)."""
+    root = Path(settings.MEDIA_ROOT)
+    path = root / job.image.name if job.image else None
     if path is None or not path.is_file():
         raise NotFoundError(f"the image of prediction {job.pk} is gone", extra={"id": str(job.pk)})
     if job.image_format in BROWSER_IMAGE_TYPES:
         return path, BROWSER_IMAGE_TYPES[job.image_format]
-    from PIL import Image
+    preview = root / job.input_preview if job.input_preview else None
+    if preview is None or not preview.is_file():
+        raise NotFoundError(f"the preview of prediction {job.pk} is made when a worker runs it; try again then",
+                            extra={"id": str(job.pk), "status": job.status})
+    return preview, "image/png"
 
-    from inference.images import image_open
 
-    try:
-        loaded = image_open(path, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
-    except ApplicationError as exc:
-        raise NotFoundError(f"the image of prediction {job.pk} cannot be shown: {exc.message}") from None
-    buffer = io.BytesIO()
-    Image.fromarray(loaded.rgb).save(buffer, format="PNG")
-    return buffer.getvalue(), "image/png"
+def depth_job_reused_from(*, job: DepthJob, user, session_key: str = "") -> str | None:
+    """The id of the job whose result this one reused, only for a caller who owns that job (or staff).
+
+    Reuse shares computed files between strangers; the other job's id would open its page (its file name,
+    its times), so nobody else learns it, nor that an identical photo was sent before."""
+    earlier = job.reused_from if job.reused_from_id else None
+    if earlier is None:
+        return None
+    if user.is_authenticated:
+        mine = user.is_staff or (earlier.owner_id is not None and earlier.owner_id == user.pk)
+    else:
+        mine = earlier.owner_id is None and bool(session_key) and earlier.session_key == session_key
+    return str(earlier.pk) if mine else None
 
 
 def depth_job_preview_format(*, job: DepthJob) -> str | None:
@@ -110,8 +118,8 @@ def depth_job_preview_format(*, job: DepthJob) -> str | None:
     return None
 
 
-def depth_job_summary(job: DepthJob) -> dict[str, Any]:
-    """Everything the job page and its live status show (URLs are added by each door)."""
+def depth_job_summary(job: DepthJob, *, user, session_key: str = "") -> dict[str, Any]:
+    """Everything the job page and its live status show to this caller (URLs are added by each door)."""
     return {
         "id": str(job.pk),
         "status": job.status,
@@ -138,7 +146,7 @@ def depth_job_summary(job: DepthJob) -> dict[str, Any]:
         "weights_sha256": job.weights_sha256,
         "weights_format": job.weights_format,
         "device": job.device,
-        "reused_from": str(job.reused_from_id) if job.reused_from_id else None,
+        "reused_from": depth_job_reused_from(job=job, user=user, session_key=session_key),
         "preview": depth_job_preview_format(job=job),
     }
 
@@ -160,8 +168,11 @@ class ModelOption:
     note: str
 
 
-def model_options() -> list[ModelOption]:
-    """The enabled models with what the upload page says about each: cached, will be downloaded, or why not."""
+def model_options(*, detailed: bool = False) -> list[ModelOption]:
+    """The enabled models with what the upload page says about each: cached, will be downloaded, or why not.
+
+    Only `detailed` (staff) notes name a mirror's host or quote a configuration error: the page is public
+    when anonymous uploads are, and DEPTHSITE_MODEL_MIRROR is the operators' business."""
     from models_registry.services.download import download_url
 
     options = []
@@ -179,16 +190,17 @@ def model_options() -> list[ModelOption]:
             options.append(ModelOption(model.name, model.display_name, False, True,
                                        f"downloading now{progress}; jobs wait for it"))
             continue
-        options.append(_uncached_option(model, download_url))
+        options.append(_uncached_option(model, download_url, detailed=detailed))
     return options
 
 
-def _uncached_option(model: RegisteredModel, download_url) -> ModelOption:
+def _uncached_option(model: RegisteredModel, download_url, *, detailed: bool) -> ModelOption:
     size = f" ({format_size(model.expected_size)})" if model.expected_size else ""
     try:
         url = download_url(model=model)
     except ApplicationError as exc:
-        return ModelOption(model.name, model.display_name, False, False, f"not cached, and {exc.message}")
+        why = exc.message if detailed else "it cannot be downloaded here (an administrator can see why)"
+        return ModelOption(model.name, model.display_name, False, False, f"not cached, and {why}")
     if url.startswith("file:"):
         return ModelOption(model.name, model.display_name, False, True,
                            f"not cached: copied from the local mirror on first use{size}")
@@ -197,6 +209,8 @@ def _uncached_option(model: RegisteredModel, download_url) -> ModelOption:
                            "not cached, and this site is offline (DEPTHSITE_OFFLINE): an administrator must "
                            f"import it first (manage.py models import PATH --model {model.name})")
     host = urlsplit(url).hostname or url
+    if not detailed and url != model.source_url:
+        host = "the site's model mirror"
     return ModelOption(model.name, model.display_name, False, True,
                        f"not cached: downloaded from {host} on first use{size}, which makes the first job slower")
 

@@ -20,8 +20,18 @@ def depth_job_task(job_id: str) -> str:
 
 
 def depth_jobs_recover_task() -> str:
-    """The scheduled sweep (see migration 0002): re-queue jobs that no worker is running."""
-    from inference.services.jobs import depth_jobs_recover
+    """The scheduled sweep (see migration 0002): re-queue jobs that no worker is running, remove staging
+    folders that killed workers left."""
+    from inference.services.jobs import depth_jobs_recover, results_staging_sweep
 
     outcome = depth_jobs_recover()
-    return f"requeued {len(outcome['requeued'])}, failed {len(outcome['failed'])}"
+    swept = results_staging_sweep()
+    return f"requeued {len(outcome['requeued'])}, failed {len(outcome['failed'])}, swept {len(swept)} staging folder(s)"
+
+
+def depth_jobs_expire_task() -> str:
+    """The scheduled expiry (see migration 0004): anonymous jobs past DEPTHSITE_ANON_RETENTION go, files too."""
+    from inference.services.jobs import depth_jobs_expire
+
+    outcome = depth_jobs_expire()
+    return f"deleted {outcome['jobs']} anonymous job(s), {outcome['bytes']} bytes"

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
@@ -26,12 +26,14 @@ from inference.selectors import (
     depth_job_input,
     depth_job_list,
     depth_job_may_delete,
+    depth_job_reused_from,
     depth_job_summary,
     model_options,
     output_choices,
     uploads_allowed,
 )
 from inference.services.jobs import DEFAULT_MODEL, depth_job_create, depth_job_delete
+from models_registry.api.throttling import client_address
 from models_registry.exceptions import ApplicationError, NotFoundError
 
 HISTORY_PAGE_SIZE = 20
@@ -64,6 +66,15 @@ def _job(request, job_id) -> DepthJob:
         raise Http404("no such job") from None
 
 
+def _with_reuse_shown(request, jobs) -> list[DepthJob]:
+    """Marks the jobs whose reused source the caller owns: only those say "reused" in a table."""
+    session_key = _session_key(request)
+    jobs = list(jobs)
+    for job in jobs:
+        job.reuse_shown = depth_job_reused_from(job=job, user=request.user, session_key=session_key) is not None
+    return jobs
+
+
 def job_urls(job: DepthJob) -> dict:
     files = {fmt: reverse("inference:job_file", args=[job.pk, fmt]) for fmt in (job.result_files or {})}
     return {
@@ -78,11 +89,24 @@ def job_urls(job: DepthJob) -> dict:
 # --- upload --------------------------------------------------------------------------------------
 
 
+def _too_many_uploads(wait: float | None) -> str:
+    return "too many uploads from you; try again" + (f" in {int(wait) + 1} s" if wait else " later")
+
+
 @csrf_exempt  # checked by _upload, once the size limit is in place (the CSRF check reads the body)
 @require_http_methods(["GET", "POST"])
 def upload(request):
     limit = None
     if request.method == "POST":
+        # Before a byte of the body is read (the form's CSRF token is in it): who may upload at all, and
+        # whether this client is already over its rate. The server discards the unread body itself.
+        if not uploads_allowed(user=request.user):
+            return redirect_to_login(request.get_full_path())
+        throttle = UploadThrottle()
+        if not throttle.would_allow(request):
+            names = [option.name for option in model_options(detailed=request.user.is_staff)]
+            form = DepthJobForm(model_names=names, default_model=DEFAULT_MODEL)
+            return _upload_page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
         limit = UploadLimitHandler(request, drain=True)
         request.upload_handlers.insert(0, limit)
     return _upload(request, limit=limit)
@@ -91,16 +115,14 @@ def upload(request):
 @csrf_protect
 @_uploads_allowed
 def _upload(request, *, limit: UploadLimitHandler | None):
-    options = model_options()
+    options = model_options(detailed=request.user.is_staff)
     names = [option.name for option in options]
     status = 200
     if request.method == "POST":
         form = DepthJobForm(request.POST, request.FILES, model_names=names, default_model=DEFAULT_MODEL)
         throttle = UploadThrottle()
         if not throttle.allow_request(request, None):
-            wait = throttle.wait()
-            form.add_error(None, "too many uploads from you; try again"
-                                 + (f" in {int(wait) + 1} s" if wait else " later"))
+            form.add_error(None, _too_many_uploads(throttle.wait()))
             status = 429
         elif limit is not None and limit.exceeded:
             form.is_valid()
@@ -112,7 +134,8 @@ def _upload(request, *, limit: UploadLimitHandler | None):
             try:
                 job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
                                        colormap=data["colormap"], fov=data.get("fov"), owner=request.user,
-                                       session_key=_session_key(request, create=True))
+                                       session_key=_session_key(request, create=True),
+                                       client_address=client_address(request))
             except ApplicationError as exc:
                 field = exc.extra.get("field")
                 form.add_error(field if field in form.fields else None, exc.message)
@@ -123,7 +146,12 @@ def _upload(request, *, limit: UploadLimitHandler | None):
             status = 400
     else:
         form = DepthJobForm(model_names=names, default_model=DEFAULT_MODEL)
-    recent = list(depth_job_list(user=request.user, session_key=_session_key(request))[:5])
+    return _upload_page(request, form, status=status, options=options)
+
+
+def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refusal: str = ""):
+    options = model_options(detailed=request.user.is_staff) if options is None else options
+    recent = _with_reuse_shown(request, depth_job_list(user=request.user, session_key=_session_key(request))[:5])
     return render(request, "inference/upload.html", {
         "form": form,
         "model_options": options,
@@ -134,6 +162,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
         "max_upload": format_size(settings.DEPTHSITE_MAX_UPLOAD_BYTES) if settings.DEPTHSITE_MAX_UPLOAD_BYTES else None,
         "max_megapixels": settings.DEPTHSITE_MAX_IMAGE_PIXELS / 1e6,
         "recent": recent,
+        "refusal": refusal,
     }, status=status)
 
 
@@ -144,7 +173,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
 @_uploads_allowed
 def job_detail(request, job_id):
     job = _job(request, job_id)
-    summary = depth_job_summary(job)
+    summary = depth_job_summary(job, user=request.user, session_key=_session_key(request))
     urls = job_urls(job)
     labels = dict(output_choices())
     files = []
@@ -173,7 +202,8 @@ def job_status(request, job_id):
         job = depth_job_get(job_id=job_id, user=request.user)
     except NotFoundError as exc:
         return JsonResponse({"message": exc.message, "extra": exc.extra}, status=404)
-    return JsonResponse({**depth_job_summary(job), **job_urls(job)})
+    return JsonResponse({**depth_job_summary(job, user=request.user, session_key=_session_key(request)),
+                         **job_urls(job)})
 
 
 @require_GET
@@ -193,12 +223,10 @@ def job_file(request, job_id, fmt: str):
 def job_input(request, job_id):
     job = _job(request, job_id)
     try:
-        content, content_type = depth_job_input(job=job)
-    except NotFoundError:
-        raise Http404("the image is gone") from None
-    if isinstance(content, Path):
-        return FileResponse(open(content, "rb"), content_type=content_type)
-    return HttpResponse(content, content_type=content_type)
+        path, content_type = depth_job_input(job=job)
+    except NotFoundError as exc:
+        raise Http404(exc.message) from None
+    return FileResponse(open(path, "rb"), content_type=content_type)
 
 
 @require_POST
@@ -221,4 +249,5 @@ def job_delete(request, job_id):
 def job_list(request):
     jobs = depth_job_list(user=request.user, session_key=_session_key(request))
     page = Paginator(jobs, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
-    return render(request, "inference/job_list.html", {"page": page, "jobs": page.object_list})
+    jobs = _with_reuse_shown(request, page.object_list)
+    return render(request, "inference/job_list.html", {"page": page, "jobs": jobs})

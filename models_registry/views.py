@@ -12,6 +12,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from depthsite.units import format_size
+from models_registry.api.public import model_status_public, registry_reader_is_public
 from models_registry.choices import WeightFormat
 from models_registry.selectors import model_status
 
@@ -29,6 +30,11 @@ CHART_LEGEND_HEIGHT = 30
 def _may_view(request: HttpRequest) -> bool:
     # Same rule as the REST reads (models_registry.api.permissions.CanReadRegistry), read per request.
     return bool(settings.DEPTHSITE_PUBLIC_STATUS or request.user.is_authenticated)
+
+
+def _status_for(request: HttpRequest) -> dict[str, Any]:
+    status = model_status()
+    return model_status_public(status) if registry_reader_is_public(request.user) else status
 
 
 def _when(iso: str | None) -> str:
@@ -83,7 +89,7 @@ def chart_layout(*, status: dict[str, Any]) -> dict[str, Any]:
 def dashboard(request: HttpRequest) -> HttpResponse:
     if not _may_view(request):
         return redirect_to_login(request.get_full_path())
-    status = model_status()
+    status = _status_for(request)
     models = [{**model,
                "formats": [_file_row(f) for f in model["formats"]],
                "download": _download_row(model["download"]),
@@ -108,5 +114,5 @@ def cache_chart(request: HttpRequest) -> HttpResponse:
     """The chart alone, for dashboard.js to swap in when the cache changes."""
     if not _may_view(request):
         return HttpResponse("sign in to see the model cache", status=403, content_type="text/plain")
-    svg = render_to_string("models_registry/cache_chart.svg", {"chart": chart_layout(status=model_status())})
+    svg = render_to_string("models_registry/cache_chart.svg", {"chart": chart_layout(status=_status_for(request))})
     return HttpResponse(svg, content_type="image/svg+xml")

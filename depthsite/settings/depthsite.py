@@ -20,6 +20,13 @@ DEPTHSITE_MAX_UPLOAD_BYTES = env.MAX_UPLOAD_BYTES
 DEPTHSITE_MAX_IMPORT_BYTES = env.MAX_IMPORT_BYTES
 DEPTHSITE_PUBLIC_UPLOADS = env.PUBLIC_UPLOADS
 DEPTHSITE_PUBLIC_STATUS = env.PUBLIC_STATUS
+# How many reverse proxies append to X-Forwarded-For in front of the site (0: the header is never trusted).
+DEPTHSITE_TRUSTED_PROXIES = env.TRUSTED_PROXIES
+# Anonymous quotas, per browser session and per client address (an IPv6 /64 counts as one address).
+DEPTHSITE_ANON_MAX_JOBS = env.ANON_MAX_JOBS
+DEPTHSITE_ANON_MAX_BYTES = env.ANON_MAX_BYTES
+# Seconds an anonymous job and its files are kept; a schedule deletes older ones.
+DEPTHSITE_ANON_RETENTION = env.ANON_RETENTION
 
 # Uploads larger than this spill to a temporary file instead of memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1000**2

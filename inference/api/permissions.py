@@ -7,6 +7,7 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import SimpleRateThrottle
 
 from inference.selectors import uploads_allowed
+from models_registry.api.throttling import client_address
 
 
 class PredictionAccess(BasePermission):
@@ -36,14 +37,35 @@ class UploadThrottle(SimpleRateThrottle):
             raise ImproperlyConfigured(f"no throttle rate for scope {self.scope!r} in DEFAULT_THROTTLE_RATES")
         return rates[self.scope]
 
-    def allow_request(self, request, view) -> bool:
-        if request.method in ("GET", "HEAD", "OPTIONS"):
-            return True
+    def _configure(self, request) -> None:
         anonymous = not request.user.is_authenticated
         self.scope = "uploads" if anonymous and request.method == "POST" else "writes"
         self.rate = self.get_rate()
         self.num_requests, self.duration = self.parse_rate(self.rate)
+
+    def allow_request(self, request, view) -> bool:
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return True
+        self._configure(request)
         return super().allow_request(request, view)
+
+    def would_allow(self, request, view=None) -> bool:
+        """Whether `allow_request` would let this request through, without counting it: the web form asks
+        before reading a byte of the body, and counts the upload once its CSRF token has been checked."""
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return True
+        self._configure(request)
+        if self.rate is None:
+            return True
+        self.key = self.get_cache_key(request, view)
+        self.history = self.cache.get(self.key, [])
+        self.now = self.timer()
+        while self.history and self.history[-1] <= self.now - self.duration:
+            self.history.pop()
+        return len(self.history) < self.num_requests
+
+    def get_ident(self, request) -> str:
+        return client_address(request)
 
     def get_cache_key(self, request, view) -> str:
         ident = request.user.pk if request.user.is_authenticated else self.get_ident(request)

@@ -9,14 +9,15 @@ from rest_framework.reverse import reverse
 from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.models import DepthJob
-from inference.selectors import depth_job_preview_format
+from inference.selectors import depth_job_preview_format, depth_job_reused_from
 from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
 
 
 class PredictionCreateSerializer(serializers.Serializer):
     image = serializers.FileField(
         allow_empty_file=True,  # the service says precisely why a file is not a photo, empty included
-        help_text="The photo: any format Pillow reads (JPEG, PNG, WebP, TIFF, ...), up to DEPTHSITE_MAX_UPLOAD_BYTES.",
+        help_text="The photo: JPEG, PNG, WebP, GIF (first frame), BMP or TIFF (no other format), up to "
+                  "DEPTHSITE_MAX_UPLOAD_BYTES and DEPTHSITE_MAX_IMAGE_PIXELS.",
     )
     model = serializers.CharField(default="MiDaS_small", max_length=64, allow_blank=True,
                                   help_text="A model name or alias (case-insensitive), e.g. MiDaS_small, "
@@ -66,9 +67,9 @@ class PredictionSerializer(serializers.Serializer):
     weights_sha256 = serializers.CharField(help_text="sha256 of the weight file used.")
     weights_format = serializers.CharField()
     device = serializers.CharField()
-    reused_from = serializers.UUIDField(source="reused_from_id", allow_null=True,
-                                        help_text="An earlier prediction whose result was reused (same image, "
-                                                  "weights and options).")
+    reused_from = serializers.SerializerMethodField(
+        help_text="An earlier prediction of yours whose result was reused (same image, weights and options); "
+                  "null otherwise, and null when the earlier one is not yours.")
     files = serializers.SerializerMethodField(help_text="Download URL of each output.")
     preview = serializers.SerializerMethodField(help_text="The output best shown as an image, if any.")
 
@@ -88,6 +89,16 @@ class PredictionSerializer(serializers.Serializer):
     def get_files(self, job: DepthJob) -> dict[str, str]:
         return {fmt: reverse("predictions-api:prediction-file", args=[job.pk, fmt], request=self._request())
                 for fmt in (job.result_files or {})}
+
+    @extend_schema_field({"type": "string", "format": "uuid", "nullable": True})
+    def get_reused_from(self, job: DepthJob) -> str | None:
+        request = self._request()
+        if request is None:
+            return None
+        user = request.user
+        session = getattr(getattr(request, "_request", request), "session", None)
+        session_key = "" if user.is_authenticated or session is None else (session.session_key or "")
+        return depth_job_reused_from(job=job, user=user, session_key=session_key)
 
     @extend_schema_field({"type": "string", "nullable": True, "description": "one of the outputs, or null"})
     def get_preview(self, job: DepthJob) -> str | None:

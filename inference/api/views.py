@@ -17,6 +17,8 @@ from inference.forms import UploadLimitHandler, upload_too_large
 from inference.selectors import depth_job_file, depth_job_get, depth_job_list, depth_job_may_delete
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
+from models_registry.api.throttling import client_address
+from models_registry.api.uploads import BodyGate
 from models_registry.exceptions import ApplicationError, NotFoundError
 
 ERRORS = {
@@ -25,7 +27,8 @@ ERRORS = {
     403: OpenApiResponse(PredictionErrorSerializer, description="Not signed in, or CSRF token missing."),
     404: OpenApiResponse(PredictionErrorSerializer, description="No such prediction (or not yours)."),
     413: OpenApiResponse(PredictionErrorSerializer, description="Too many bytes or pixels."),
-    429: OpenApiResponse(PredictionErrorSerializer, description="Too many uploads; retry later."),
+    429: OpenApiResponse(PredictionErrorSerializer,
+                         description="Too many uploads (retry later), or the anonymous quota of jobs or bytes is used up."),
 }
 ID_PARAMETER = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The prediction's id.")
 
@@ -76,11 +79,16 @@ class PredictionListView(PredictionAPIView):
     throttle_classes = [UploadThrottle]
 
     def initial(self, request, *args, **kwargs):
-        # Before authentication: its CSRF check may read the body, and the limit must already apply.
+        # The body is read only once the caller is authenticated, allowed and within the rate (a session
+        # login's CSRF check would otherwise parse it first); the size limit applies from the first byte.
+        gate = None
         if request.method == "POST":
             self.upload_limit = UploadLimitHandler(request._request, drain=False)
             request._request.upload_handlers.insert(0, self.upload_limit)
+            gate = BodyGate.install(request._request)
         super().initial(request, *args, **kwargs)
+        if gate is not None:
+            gate.open(request)
 
     @extend_schema(
         summary="The caller's predictions",
@@ -109,7 +117,7 @@ class PredictionListView(PredictionAPIView):
         try:
             job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
                                    colormap=data["colormap"], fov=data["fov"], owner=request.user,
-                                   session_key=_session_key(request))
+                                   session_key=_session_key(request), client_address=client_address(request))
         except ApplicationError as exc:
             raise _naming_field(exc) from None
         body = PredictionSerializer(job, context={"request": request}).data

@@ -11,24 +11,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from django.conf import settings
 from django.core.files import File
 from django.db import transaction
+from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 
 from depthsite.units import format_size
 from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
-from inference.exceptions import ImageError, InferenceError
-from inference.images import image_open
+from inference.exceptions import ImageError, InferenceError, QuotaExceededError
+from inference.images import BROWSER_IMAGE_TYPES, image_check, image_open
 from inference.models import DepthJob
 from inference.writers import DEFAULT_FOV_DEGREES, DepthMeta, fov_check, parse_formats, write_outputs
 from models_registry import cachefs
@@ -58,7 +60,10 @@ RECOVERY_GRACE_SECONDS = 60
 _HASH_CHUNK = 1024 * 1024
 # Upright extensions by what Pillow recognised; the client's name is never trusted.
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
-               "TIFF": ".tif", "PPM": ".ppm", "ICO": ".ico"}
+               "TIFF": ".tif"}
+PREVIEW_SUFFIX = ".preview.png"
+STAGING_PREFIX = ".tmp-"
+_STAGING_NAME = re.compile(r"^\.tmp-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-[0-9a-f]+$")
 
 ERROR_GENERIC = ("an internal error stopped this job (the details are in the worker's log); "
                  "re-running it may help, otherwise tell the site's administrator")
@@ -187,11 +192,13 @@ def depth_job_create(
     fov: float | str | None = None,
     owner=None,
     session_key: str = "",
+    client_address: str = "",
 ) -> DepthJob:
     """Check an upload, store it under MEDIA_ROOT, save the job and queue it once the transaction commits.
 
     ValidationError (400) for an unknown model, output or colormap; ImageError (400) for a file that is
-    not a readable photo; TooLargeError/ImageTooLargeError (413) for too many bytes or pixels.
+    not a readable photo; TooLargeError/ImageTooLargeError (413) for too many bytes or pixels;
+    QuotaExceededError (429) when an anonymous session or address stores its quota already.
     """
     registered = _model_for_job(model)
     formats = parse_formats(list(outputs) if outputs and not isinstance(outputs, str) else (outputs or DEFAULT_OUTPUTS))
@@ -199,24 +206,33 @@ def depth_job_create(
     fov_degrees = fov_check(DEFAULT_FOV_DEGREES if fov is None or fov == "" else fov)
     size = int(image.size or 0)
     upload_size_check(size=size)
+    anonymous = owner is None or not owner.is_authenticated
+    if anonymous:
+        anonymous_quota_check(session_key=session_key, client_address=client_address, size=size)
     image.seek(0)
-    loaded = image_open(getattr(image, "file", image), max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    # Header first (format, size, pixel limit), then a decode that converts and copies nothing (see image_check).
+    info = image_check(getattr(image, "file", image), max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
     sha256 = _sha256(image)
 
     job = DepthJob(
-        owner=owner if owner is not None and owner.is_authenticated else None,
-        session_key="" if owner is not None and owner.is_authenticated else (session_key or ""),
-        image_name=_client_name(image.name), image_sha256=sha256, image_size=size, image_format=loaded.format,
-        image_width=loaded.width, image_height=loaded.height,
+        owner=None if anonymous else owner,
+        session_key=(session_key or "") if anonymous else "",
+        client_address=(client_address or "") if anonymous else "",
+        image_name=_client_name(image.name), image_sha256=sha256, image_size=size, image_format=info.format,
+        image_width=info.width, image_height=info.height,
         model=registered, model_name=registered.name, outputs=formats, colormap=chosen_colormap,
         fov_degrees=fov_degrees,
     )
-    del loaded  # the decoded pixels were only a check; the worker decodes again
     extension = _EXTENSIONS.get(job.image_format, ".img")
     job.image.save(f"upload{extension}", image, save=False)
     try:
         with transaction.atomic():
             job.save()
+            if anonymous:
+                # Again with this row written: on SQLite the write lock now serialises concurrent uploads,
+                # so two of them cannot both take the last place of a quota.
+                anonymous_quota_check(session_key=job.session_key, client_address=job.client_address,
+                                      size=size, saved=True)
             transaction.on_commit(partial(_depth_job_enqueue, job.pk))
     except BaseException:
         job.image.delete(save=False)  # no row points at it
@@ -224,6 +240,35 @@ def depth_job_create(
     logger.info("depth job %s queued: %s, %dx%d %s, %s", job.pk, job.model_name, job.image_width,
                 job.image_height, job.image_format, ",".join(formats))
     return job
+
+
+def anonymous_quota_check(*, session_key: str, client_address: str, size: int, saved: bool = False) -> None:
+    """QuotaExceededError (429) when this upload would take an anonymous session or address past
+    DEPTHSITE_ANON_MAX_JOBS jobs or DEPTHSITE_ANON_MAX_BYTES stored bytes (uploads and results).
+
+    `saved`: the upload's own row is already counted (the re-check inside the creating transaction)."""
+    max_jobs = settings.DEPTHSITE_ANON_MAX_JOBS
+    max_bytes = settings.DEPTHSITE_ANON_MAX_BYTES
+    retention_days = max(1, round(settings.DEPTHSITE_ANON_RETENTION / 86400))
+    scopes = [("this browser session", Q(session_key=session_key)) if session_key else None,
+              ("your address", Q(client_address=client_address)) if client_address else None]
+    for label, condition in filter(None, scopes):
+        usage = DepthJob.objects.filter(condition, owner__isnull=True).aggregate(
+            jobs=Count("pk"), bytes=Sum(F("image_size") + F("results_bytes")))
+        jobs, stored = usage["jobs"] or 0, usage["bytes"] or 0
+        if saved:
+            jobs, stored = jobs - 1, stored - size
+        if max_jobs and jobs + 1 > max_jobs:
+            raise QuotaExceededError(
+                f"anonymous quota reached: {label} already has {jobs} jobs stored (limit {max_jobs}, "
+                f"DEPTHSITE_ANON_MAX_JOBS); delete some jobs, wait for them to expire after {retention_days} "
+                "day(s), or sign in", extra={"kind": "quota_jobs", "limit": max_jobs, "used": jobs})
+        if max_bytes and stored + size > max_bytes:
+            raise QuotaExceededError(
+                f"anonymous quota reached: {label} stores {format_size(stored)} and this upload would pass the "
+                f"limit of {format_size(max_bytes)} (DEPTHSITE_ANON_MAX_BYTES); delete some jobs, wait for them "
+                f"to expire after {retention_days} day(s), or sign in",
+                extra={"kind": "quota_bytes", "limit": max_bytes, "used": stored})
 
 
 def _depth_job_enqueue(job_id: uuid.UUID | str) -> None:
@@ -261,7 +306,7 @@ def _save_running(job: DepthJob, fields: Iterable[str]) -> bool:
 
 
 _FINISH_FIELDS = ("status", "result_files", "depth_min", "depth_max", "semantics", "weights_sha256",
-                  "weights_format", "device", "load_ms", "inference_ms", "reused_from", "finished_at")
+                  "weights_format", "device", "load_ms", "inference_ms", "reused_from", "finished_at", "results_bytes")
 _FAIL_FIELDS = ("status", "error", "error_code", "finished_at")
 
 
@@ -274,10 +319,15 @@ def error_for(exc: BaseException) -> tuple[str, str]:
     """(message, code) stored on a failed job: what happened and what the user can do about it."""
     if isinstance(exc, OfflineError):
         return exc.message, JobErrorCode.OFFLINE
+    # A job's error is read by whoever holds its id (anonymous jobs included); download and weight-file
+    # messages name mirror folders, cache paths and may quote a file's first bytes, so they stay in the log
+    # and on the registry's own records, which operators read.
     if isinstance(exc, DownloadError):
-        return f"the model's weights could not be downloaded: {exc.message}", JobErrorCode.DOWNLOAD
+        return ("the model's weights could not be downloaded; an administrator can see why on the models page "
+                "and retry the download", JobErrorCode.DOWNLOAD)
     if isinstance(exc, WeightFileError):
-        return exc.message, JobErrorCode.WEIGHTS
+        return ("the model's cached weights are unusable; an administrator must check them "
+                "(manage.py models verify)", JobErrorCode.WEIGHTS)
     if isinstance(exc, NotFoundError):
         return exc.message, JobErrorCode.MODEL
     if isinstance(exc, ImageError):
@@ -323,7 +373,8 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
         if code == JobErrorCode.INTERNAL and not isinstance(exc, ApplicationError):
             logger.exception("depth job %s failed unexpectedly", job.pk)
         else:
-            logger.warning("depth job %s failed: %s", job.pk, message)
+            logger.warning("depth job %s failed: %s", job.pk, exc.message if isinstance(exc, ApplicationError)
+                           else message)
         job.fail(message, code)
         _save_running(job, _FAIL_FIELDS)
     return job
@@ -354,6 +405,7 @@ def _execute(job: DepthJob) -> None:
     except ValueError:
         raise ImageError("the job has no stored image", extra={"field": "image"}) from None
     loaded = image_open(path, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    _input_preview_write(job, loaded.rgb)
 
     if settings.DEPTHSITE_REUSE_RESULTS:
         from models_registry.services.download import weights_resolve
@@ -387,6 +439,7 @@ def _execute(job: DepthJob) -> None:
 
 
 def _commit_results(job: DepthJob) -> None:
+    job.results_bytes = _stored_result_bytes(job)
     if _save_running(job, _FINISH_FIELDS):
         logger.info("depth job %s succeeded%s", job.pk, f" (reused {job.reused_from_id})" if job.reused_from_id else "")
         return
@@ -397,6 +450,45 @@ def _commit_results(job: DepthJob) -> None:
 
 
 # --- result files --------------------------------------------------------------------------------
+
+
+def input_preview_path(*, image_name: str) -> str:
+    """Where the browser preview of an upload lives (relative to MEDIA_ROOT): beside it, named after it, so
+    deleting a job finds it whether or not its row recorded it yet."""
+    return str(PurePosixPath(image_name).with_suffix(PREVIEW_SUFFIX))
+
+
+def _input_preview_write(job: DepthJob, rgb) -> None:
+    """An upright PNG of a photo browsers cannot show (TIFF), written once by the worker and then served as is."""
+    if job.image_format in BROWSER_IMAGE_TYPES or not job.image or not job.image.name:
+        return
+    relative = input_preview_path(image_name=job.image.name)
+    final = _media_root() / relative
+    if not final.is_file():
+        from PIL import Image
+
+        # Written in a results staging folder (same file system), so a killed worker's half file is swept
+        # with the other staging folders, then renamed into place.
+        staging = _media_root() / RESULTS_DIR / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            temporary = staging / "preview.png"
+            Image.fromarray(rgb).save(temporary, format="PNG")
+            os.replace(temporary, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if job.input_preview != relative:
+        job.input_preview = relative
+        if not DepthJob.objects.filter(pk=job.pk).update(input_preview=relative):
+            final.unlink(missing_ok=True)  # the job was deleted meanwhile
+
+
+def _stored_result_bytes(job: DepthJob) -> int:
+    """Bytes a job keeps on disk besides its upload (results and preview), for the anonymous quota."""
+    paths = [_media_root() / rel for rel in (job.result_files or {}).values()]
+    if job.input_preview:
+        paths.append(_media_root() / job.input_preview)
+    return sum(path.stat().st_size for path in paths if path.is_file())
 
 
 def results_folder(*, job_id) -> Path:
@@ -457,6 +549,7 @@ def depth_job_paths(*, job: DepthJob) -> list[Path]:
     paths = []
     if job.image and job.image.name:
         paths.append(_media_root() / job.image.name)
+        paths.append(_media_root() / input_preview_path(image_name=job.image.name))
     paths.append(results_folder(job_id=job.pk))
     return paths
 
@@ -503,7 +596,7 @@ def depth_job_rerun(*, job: DepthJob) -> DepthJob:
         updated = DepthJob.objects.filter(pk=job.pk, status=observed_status).update(
             status=job.status, worker="", queued_at=job.queued_at, finished_at=None, started_at=None, attempts=0,
             error="", error_code="", result_files={}, depth_min=None, depth_max=None, load_ms=None,
-            inference_ms=None, reused_from=None,
+            inference_ms=None, reused_from=None, results_bytes=0,
         )
         if not updated:
             job.refresh_from_db()
@@ -555,3 +648,60 @@ def depth_jobs_recover() -> dict[str, list[str]]:
             _depth_job_enqueue(job.pk)
             requeued.append(str(job.pk))
     return {"requeued": requeued, "failed": failed}
+
+
+def results_staging_sweep(*, max_age_seconds: float | None = None) -> list[str]:
+    """Remove `.tmp-<job>-*` staging folders left under the results root by a killed worker; returns their names.
+
+    A folder goes when nothing was written in it for longer than a job may run (`timeout` plus the grace
+    the recovery allows), and its job is not running in a live worker: a write in progress is never touched.
+    """
+    root = _media_root() / RESULTS_DIR
+    bound = _job_timeout() + RECOVERY_GRACE_SECONDS if max_age_seconds is None else max_age_seconds
+    now = time.time()
+    swept: list[str] = []
+    try:
+        entries = [entry for entry in os.scandir(root) if entry.name.startswith(STAGING_PREFIX)]
+    except FileNotFoundError:
+        return swept
+    for entry in entries:
+        found = _STAGING_NAME.match(entry.name)
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < bound:
+                continue
+        except FileNotFoundError:
+            continue  # renamed into place or removed meanwhile
+        if found:
+            job = DepthJob.objects.filter(pk=found.group(1)).only("id", "status", "worker", "started_at").first()
+            if job is not None and job.status == JobStatus.RUNNING and worker_alive(
+                    worker=job.worker, started_at=job.started_at):
+                continue
+        path = Path(entry.path)
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        logger.warning("removed the results staging folder %s left by a stopped worker", entry.name)
+        swept.append(entry.name)
+    return swept
+
+
+# --- anonymous expiry ----------------------------------------------------------------------------
+
+
+def depth_jobs_expire(*, now=None) -> dict[str, int]:
+    """Delete anonymous jobs created more than DEPTHSITE_ANON_RETENTION seconds ago, with their files.
+
+    Each goes through `depth_job_delete`, so its upload, preview and results follow once the deletion commits.
+    """
+    cutoff = (now or timezone.now()) - timedelta(seconds=settings.DEPTHSITE_ANON_RETENTION)
+    expired = DepthJob.objects.filter(owner__isnull=True, created_at__lt=cutoff).order_by("created_at", "id")
+    jobs = freed = 0
+    while batch := list(expired[:200]):  # fetched in batches, never iterated while deleting from it
+        for job in batch:
+            freed += depth_job_delete(job=job)["bytes"]
+            jobs += 1
+    if jobs:
+        logger.info("expired %d anonymous depth job(s) older than %s (%s)", jobs, cutoff.isoformat(),
+                    format_size(freed))
+    return {"jobs": jobs, "bytes": freed}

@@ -5,6 +5,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from models_registry.api import public
 from models_registry.choices import DownloadStatus, Health, WeightFormat
 from models_registry.exceptions import ValidationError as DomainValidationError
 from models_registry.models import RegisteredModel
@@ -70,6 +71,8 @@ class WeightFileSerializer(serializers.Serializer):
 
         # Model instances go through the one function that the CLI's --json uses; dicts are already in that shape.
         data = instance if isinstance(instance, dict) else weight_file_data(instance)
+        if self.context.get("public"):
+            data = public.weight_file_public(data)
         return super().to_representation(data)
 
 
@@ -86,7 +89,8 @@ class WarmLoadSerializer(serializers.Serializer):
     def to_representation(self, instance):
         from models_registry.selectors import warm_model_data
 
-        return super().to_representation(instance if isinstance(instance, dict) else warm_model_data(instance))
+        data = instance if isinstance(instance, dict) else warm_model_data(instance)
+        return super().to_representation(public.warm_load_public(data) if self.context.get("public") else data)
 
 
 class DownloadSerializer(serializers.Serializer):
@@ -113,7 +117,8 @@ class DownloadSerializer(serializers.Serializer):
     def to_representation(self, instance):
         from models_registry.selectors import download_data
 
-        return super().to_representation(instance if isinstance(instance, dict) else download_data(instance))
+        data = instance if isinstance(instance, dict) else download_data(instance)
+        return super().to_representation(public.download_public(data) if self.context.get("public") else data)
 
     def get_url(self, data) -> str:
         from django.urls import reverse
@@ -144,6 +149,12 @@ class RegisteredModelSerializer(serializers.ModelSerializer):
     def get_is_warm(self, model) -> bool:
         return bool(model.warm_now)
 
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        if self.context.get("public"):
+            data["sha256_pinned_from"] = ""  # an operator's name or a mirror path
+        return data
+
 
 # --- status and cache info -----------------------------------------------------------------------
 
@@ -172,11 +183,19 @@ class StatusTotalsSerializer(serializers.Serializer):
 
 
 class StatusSerializer(serializers.Serializer):
-    node = serializers.CharField(help_text="The node whose cache this is (and which the actions change).")
+    node = serializers.CharField(allow_blank=True,
+                                 help_text="The node whose cache this is (and which the actions change); "
+                                           "empty for anonymous readers.")
     generated_at = serializers.DateTimeField()
     health = serializers.CharField()
     totals = StatusTotalsSerializer()
     models = ModelStatusSerializer(many=True)
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        if self.context.get("public"):
+            data["node"] = ""
+        return data
 
 
 class FormatStatsSerializer(serializers.Serializer):

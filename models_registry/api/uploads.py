@@ -6,6 +6,8 @@ from pathlib import Path
 
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler
+from django.http import QueryDict
+from django.utils.datastructures import MultiValueDict
 
 from depthsite.units import format_size
 from models_registry import cachefs
@@ -23,6 +25,51 @@ def _too_large(size: int, limit: int) -> TooLargeError:
         "(DEPTHSITE_MAX_IMPORT_BYTES); copy the file to the server and run `manage.py models import PATH`",
         extra={"max_bytes": limit, "size": size},
     )
+
+
+class BodyGate(FileUploadHandler):
+    """The first upload handler of a view that must authenticate, authorise and throttle before reading a byte.
+
+    Until `open()`, a multipart parse (a session login's CSRF check reads `request.POST`) answers "no fields,
+    no files" without touching the body, so a caller who will be refused never gets a byte read or written;
+    such clients send the CSRF token in the X-CSRFToken header. The view opens the gate once DRF's
+    `initial()` (authentication, permissions, throttles) has passed, and the real parse then reads the body.
+    """
+
+    def __init__(self, request=None):
+        super().__init__(request)
+        self.is_open = False
+        self.django_request = request
+
+    @classmethod
+    def install(cls, request) -> "BodyGate":
+        """Put a closed gate in front of the request's upload handlers (`request` is Django's HttpRequest)."""
+        gate = cls(request)
+        request.upload_handlers.insert(0, gate)
+        return gate
+
+    def open(self, request=None) -> None:
+        """Let the body be parsed: forget the empty result a closed gate gave to anything that asked early
+        (Django's `request.POST`, and DRF's parsed data when `request`, the DRF Request, is given)."""
+        from rest_framework.request import Empty
+
+        self.is_open = True
+        for cached in ("_post", "_files"):
+            if hasattr(self.django_request, cached):
+                delattr(self.django_request, cached)
+        if request is not None:
+            request._data = request._files = request._full_data = Empty
+
+    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
+        if self.is_open:
+            return None
+        return QueryDict(encoding=encoding), MultiValueDict()
+
+    def receive_data_chunk(self, raw_data, start):
+        return raw_data
+
+    def file_complete(self, file_size):
+        return None
 
 
 class CachedUpload(UploadedFile):

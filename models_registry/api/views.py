@@ -18,9 +18,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from models_registry.api import serializers as s
+from models_registry.api.public import cache_info_public, registry_reader_is_public
 from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
-from models_registry.api.uploads import ImportUploadHandler
+from models_registry.api.uploads import BodyGate, ImportUploadHandler
 from models_registry.exceptions import ApplicationError, ValidationError
 from models_registry.selectors import (
     cache_info,
@@ -59,11 +60,15 @@ def errors(*codes: int) -> dict[tuple[int, str], OpenApiResponse]:
 
 
 class RegistryApi(APIView):
-    """Reads: any signed-in user, or anyone when DEPTHSITE_PUBLIC_STATUS is set."""
+    """Reads: any signed-in user, or anyone when DEPTHSITE_PUBLIC_STATUS is set (who gets the redacted view
+    of models_registry.api.public)."""
 
     # Token first: an anonymous caller gets 401 with `WWW-Authenticate: Token`, which tells a script what to send.
     authentication_classes = [TokenAuthentication, SessionAuthentication]
     permission_classes = [CanReadRegistry]
+
+    def reader_context(self) -> dict:
+        return {"request": self.request, "public": registry_reader_is_public(self.request.user)}
 
 
 class RegistryWriteApi(RegistryApi):
@@ -90,7 +95,7 @@ class ModelListApi(RegistryApi):
     @extend_schema(tags=[TAG], operation_id="models_list", summary="The catalogue, with cached files and warm loads",
                    responses={200: s.RegisteredModelSerializer(many=True), **errors(*READ_ERRORS)})
     def get(self, request):
-        return Response(s.RegisteredModelSerializer(model_catalogue(), many=True).data)
+        return Response(s.RegisteredModelSerializer(model_catalogue(), many=True, context=self.reader_context()).data)
 
 
 class ModelDetailApi(RegistryApi):
@@ -101,7 +106,8 @@ class ModelDetailApi(RegistryApi):
                    responses={200: s.RegisteredModelSerializer, **errors(*READ_ERRORS, 404)})
     def get(self, request, name: str):
         model = model_get(name=name)
-        return Response(s.RegisteredModelSerializer(model_catalogue().get(pk=model.pk)).data)
+        return Response(s.RegisteredModelSerializer(model_catalogue().get(pk=model.pk),
+                                                    context=self.reader_context()).data)
 
 
 class ModelStatusApi(RegistryApi):
@@ -111,7 +117,7 @@ class ModelStatusApi(RegistryApi):
                    summary="Per model on this node: cached formats, health, download progress, warm workers",
                    responses={200: s.StatusSerializer, **errors(*READ_ERRORS)})
     def get(self, request):
-        return Response(s.StatusSerializer(model_status(), context={"request": request}).data)
+        return Response(s.StatusSerializer(model_status(), context=self.reader_context()).data)
 
 
 class CacheInfoApi(RegistryApi):
@@ -121,7 +127,8 @@ class CacheInfoApi(RegistryApi):
                    summary="Cache statistics, exactly as `manage.py models info --json` prints them",
                    responses={200: s.CacheInfoSerializer, **errors(*READ_ERRORS)})
     def get(self, request):
-        return Response(cache_info())
+        info = cache_info()
+        return Response(cache_info_public(info) if registry_reader_is_public(request.user) else info)
 
 
 class DownloadDetailApi(RegistryApi):
@@ -130,7 +137,7 @@ class DownloadDetailApi(RegistryApi):
     @extend_schema(tags=[TAG], operation_id="models_downloads_retrieve", summary="A download job's progress",
                    responses={200: s.DownloadSerializer, **errors(*READ_ERRORS, 404)})
     def get(self, request, pk: int):
-        return Response(s.DownloadSerializer(download_get(pk=pk), context={"request": request}).data)
+        return Response(s.DownloadSerializer(download_get(pk=pk), context=self.reader_context()).data)
 
 
 # --- writes --------------------------------------------------------------------------------------
@@ -292,10 +299,13 @@ class WeightImportApi(RegistryWriteApi):
     throttle_scope = "uploads"
 
     def initial(self, request, *args, **kwargs):
-        # Installed before authentication: a session login's CSRF check already parses the body.
+        # Nothing of the body is read until the caller is known, is staff and is within the rate: a session
+        # login's CSRF check would otherwise parse (and write) the whole upload first.
         self.upload_handler = ImportUploadHandler(request._request, max_bytes=settings.DEPTHSITE_MAX_IMPORT_BYTES)
         request._request.upload_handlers = [self.upload_handler]
+        gate = BodyGate.install(request._request)
         super().initial(request, *args, **kwargs)
+        gate.open(request)
 
     def finalize_response(self, request, response, *args, **kwargs):
         handler = getattr(self, "upload_handler", None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -95,13 +96,30 @@ def test_result_files_are_served_with_their_content_types(web, cached_small, run
     assert photo.status_code == 200 and photo["Content-Type"] == "image/jpeg"
 
 
-def test_an_input_browsers_cannot_show_is_converted(web, cached_small, run_jobs):
+def test_an_input_browsers_cannot_show_is_converted_once_by_the_worker(web, cached_small, run_jobs, monkeypatch):
     tiff = images.encode(Image.fromarray(images.photo_array(40, 30)), "TIFF")
     post_photo(web, run_jobs, tiff, "scan.tif")
     job = DepthJob.objects.get()
-    response = web.get(reverse("inference:job_input", args=[job.pk]))
-    assert response["Content-Type"] == "image/png"
-    assert Image.open(io.BytesIO(response.content)).size == (40, 30)
+    assert job.input_preview.endswith(".preview.png")
+    stored = (Path(settings.MEDIA_ROOT) / job.input_preview).read_bytes()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a GET of the input decoded or encoded an image")
+
+    # Served as stored: no GET opens or saves an image in the web process.
+    monkeypatch.setattr(Image, "open", no_decoding)
+    monkeypatch.setattr(Image.Image, "save", no_decoding)
+    for _ in range(2):
+        response = web.get(reverse("inference:job_input", args=[job.pk]))
+        assert response.status_code == 200 and response["Content-Type"] == "image/png"
+        assert b"".join(response.streaming_content) == stored
+    monkeypatch.undo()
+    assert Image.open(io.BytesIO(stored)).size == (40, 30)
+    # The preview goes with its job.
+    preview = Path(settings.MEDIA_ROOT) / job.input_preview
+    with run_jobs():
+        web.post(reverse("inference:job_delete", args=[job.pk]))
+    assert not preview.exists()
 
 
 @pytest.mark.parametrize("case, status, text", [
