@@ -89,7 +89,7 @@ def _describe_mismatch(architecture: str, mismatch: dict[str, list]) -> str:
 def weights_inspect(*, path: Path, architecture: str | None = None, fmt: str | None = None) -> Inspection:
     """Sniff, hash, load safely and digest a weight file; check its layout when the architecture is known."""
     path = Path(path)
-    loaded = read_weights(path, fmt)
+    loaded = read_weights(path, fmt, architecture=architecture)
     if architecture:
         mismatch = key_layout(architecture).mismatches(loaded.shapes)
         if any(mismatch.values()):
@@ -207,6 +207,31 @@ def weight_mark_corrupt(*, weight_file: WeightFile, reason: str) -> WeightFile:
     return weight_file
 
 
+def weight_pin_problem(*, model: RegisteredModel, weight_file: WeightFile) -> str:
+    """Why a cached copy cannot be proven to hold the model's pinned weights ('' when it can).
+
+    A pinned sha256 names one released file: a pt copy proves itself by that sha256, any other copy
+    only by the content digest recorded from a file that had it. Without that digest nothing else
+    is proven, so nothing else is served.
+    """
+    if not model.expected_sha256 and not model.expected_content_digest:
+        return ""
+    if weight_file.format == WeightFormat.PT and model.expected_sha256 and weight_file.sha256 == model.expected_sha256:
+        return ""
+    if model.expected_content_digest:
+        if weight_file.content_digest == model.expected_content_digest:
+            return ""
+        return (f"holds other weights than the pinned ones of {model.name} (content digest "
+                f"{(weight_file.content_digest or '?')[:16]}..., pinned {model.expected_content_digest[:16]}...)")
+    return (f"cannot be proven to hold the weights pinned for {model.name} (sha256 {model.expected_sha256[:16]}...): "
+            "no cached file with that sha256 is known; download the pinned file again")
+
+
+def weight_files_proven(*, model: RegisteredModel) -> list[WeightFile]:
+    """Usable cached files of the model whose weights are proven to be the pinned ones."""
+    return [f for f in weight_files_usable(model=model) if not weight_pin_problem(model=model, weight_file=f)]
+
+
 # --- verify --------------------------------------------------------------------------------------
 
 
@@ -260,6 +285,9 @@ def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Ins
                                 f"{weight_file.sha256[:16]}...: the file changed after it was cached"), inspection
     if weight_file.content_digest and inspection.digest != weight_file.content_digest:
         return Health.CORRUPT, "content digest differs from the record", inspection
+    problem = weight_pin_problem(model=weight_file.model, weight_file=weight_file)
+    if problem:
+        return Health.CORRUPT, f"{path.name} {problem}", inspection
     return Health.OK, "", inspection
 
 
@@ -290,7 +318,7 @@ def weights_verify(*, model: RegisteredModel | None = None, fmt: str | None = No
 
 
 def _best_source(model: RegisteredModel, exclude: Iterable[str] = ()) -> WeightFile:
-    files = [f for f in weight_files_usable(model=model) if f.format not in exclude]
+    files = [f for f in weight_files_proven(model=model) if f.format not in exclude]
     if not files:
         raise NotFoundError(
             f"no healthy cached weights of {model.name} on this node; download or import them first "
@@ -308,7 +336,7 @@ def weights_load_usable(*, model: RegisteredModel, exclude: Iterable[str] = ()) 
         source = _best_source(model, exclude=skipped)
         path = cachefs.absolute(source.path)
         try:
-            return source, read_weights(path, source.format)
+            return source, read_weights(path, source.format, architecture=model.architecture)
         except (WeightFileError, FileNotFoundError) as exc:
             weight_mark_corrupt(weight_file=source, reason=getattr(exc, "message", str(exc)))
             skipped.add(source.format)
@@ -381,7 +409,8 @@ def export_file_name(*, model: RegisteredModel, fmt: str, bundle: bool) -> str:
 def _write_weights_file(model: RegisteredModel, fmt: str, dest: Path) -> tuple[str, str]:
     """Write the model's weights in `fmt` to `dest` (temporary path); (sha256, content digest)."""
     cached = weight_file_get(model=model, fmt=fmt)
-    if cached is not None and cached.health in Health.USABLE and cachefs.absolute(cached.path).exists():
+    if (cached is not None and cached.health in Health.USABLE and cachefs.absolute(cached.path).exists()
+            and not weight_pin_problem(model=model, weight_file=cached)):
         sha256 = cachefs.copy_with_sha256(cachefs.absolute(cached.path), dest)
         if sha256 != cached.sha256:
             weight_mark_corrupt(weight_file=cached, reason="sha256 changed since it was recorded (found on export)")
@@ -455,7 +484,8 @@ def weight_export_artifact(*, model: RegisteredModel, fmt: str, bundle: bool = F
     """A file to stream to a browser: the cached file itself when possible, else a fresh file under .exports/."""
     fmt = WeightFormat.parse(fmt).value
     cached = weight_file_get(model=model, fmt=fmt)
-    if not bundle and cached is not None and cached.health in Health.USABLE:
+    if (not bundle and cached is not None and cached.health in Health.USABLE
+            and not weight_pin_problem(model=model, weight_file=cached)):
         path = cachefs.absolute(cached.path)
         if path.exists() and path.stat().st_size == cached.size:
             return ExportResult(path, model.name, fmt, cached.size, cached.sha256, cached.content_digest, False,
@@ -555,6 +585,15 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
             extra={"found": inspection.digest, "pinned": model.expected_content_digest},
         )
     fmt = inspection.format
+    proves_pin = (fmt == WeightFormat.PT and bool(model.expected_sha256)
+                  and inspection.sha256 == model.expected_sha256)
+    if model.expected_sha256 and not model.expected_content_digest and not proves_pin:
+        raise IntegrityError(
+            f"{model.name} is pinned to sha256 {model.expected_sha256[:16]}... and {origin.name} is not that file "
+            f"(sha256 {inspection.sha256[:16]}...), so its weights cannot be proven to be the pinned ones; import "
+            f"the pinned .pt file, or change the pin: python manage.py models pin --model {model.name} --reset",
+            extra={"found": inspection.sha256, "pinned": model.expected_sha256},
+        )
     with cachefs.locked(model.name):
         existing = weight_file_get(model=model, fmt=fmt)
         if (existing is not None and existing.sha256 == inspection.sha256
@@ -570,6 +609,10 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
                                         functional_hash=functional_hash)
+            if proves_pin and not model.expected_content_digest:
+                # The pinned file itself: its digest now proves copies in other formats.
+                model.expected_content_digest = inspection.digest
+                model.save(update_fields=["expected_content_digest", "updated_at"])
     logger.info("imported %s [%s] from %s", model.name, fmt, origin)
     return ImportResult(weight_file, True, f"imported {model.name} [{fmt}] from {origin.name} "
                                            f"({inspection.size} bytes, sha256 {inspection.sha256[:16]}...)")
