@@ -595,8 +595,17 @@ def _safe_encode(text, encoding="utf-8"):
     return text.encode("latin-1")
 
 
+def _safe_empty_bytes(*args):
+    # How protocol 2 spells b"" (the data of an empty array): bytes() with no arguments, nothing else.
+    if args:
+        raise _pickle_refused("bytes() is admitted only without arguments")
+    return b""
+
+
 _PICKLE_ALLOWED = {
     ("numpy", "ndarray"): _NDARRAY,
+    ("__builtin__", "bytes"): _safe_empty_bytes,
+    ("builtins", "bytes"): _safe_empty_bytes,
     ("numpy", "dtype"): _safe_dtype,
     ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
     ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ from models_registry.catalogue import ARCHITECTURES, key_layout
 from models_registry.choices import Health, WeightFormat
 from models_registry.exceptions import (
     ConflictError,
+    DiskFullError,
     IntegrityError,
     NotFoundError,
+    TooLargeError,
     ValidationError,
     WeightFileError,
 )
@@ -518,28 +519,88 @@ class ImportResult:
                 "content_digest": self.weight_file.content_digest, "path": self.weight_file.path}
 
 
+BUNDLE_MAX_MEMBERS = 16
+BUNDLE_MAX_MANIFEST = 64 * 1024
+
+
+def _bad_bundle(path: Path, why: str) -> WeightFileError:
+    return WeightFileError(f"{path.name}: {why}", extra={"kind": "bad_bundle"})
+
+
+def _bundle_members(path: Path, archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """The bundle's members, read one header at a time: a few regular files, none sparse."""
+    members: dict[str, tarfile.TarInfo] = {}
+    while True:
+        member = archive.next()
+        if member is None:
+            return members
+        if len(members) >= BUNDLE_MAX_MEMBERS:
+            raise _bad_bundle(path, f"more than {BUNDLE_MAX_MEMBERS} members; a bundle holds a manifest and one file")
+        sparse = (member.type == tarfile.GNUTYPE_SPARSE or member.sparse is not None
+                  or any(key.startswith("GNU.sparse") for key in member.pax_headers))
+        if sparse:
+            raise _bad_bundle(path, f"member {member.name!r} is a sparse file; a bundle holds regular files only")
+        if not member.isreg():
+            raise _bad_bundle(path, f"member {member.name!r} is not a regular file")
+        members[member.name] = member
+
+
 def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
-    """Read a bundle's manifest and copy its one weight file out (no extractall: member names are untrusted)."""
+    """Read a bundle's manifest and copy its one weight file out (no extractall: member names are untrusted).
+
+    Sizes are checked against the import limit and the free disk before a byte is written, and the copy
+    gets a name of its own, so concurrent imports never write into a file another one has mapped.
+    """
+    from django.conf import settings
+
     try:
         archive = tarfile.open(path, "r:")
     except tarfile.TarError as exc:
         raise WeightFileError(f"{path.name}: damaged bundle: {exc}", extra={"kind": "bad_bundle"}) from None
     with archive:
-        members = {member.name: member for member in archive.getmembers()}
-        manifest_member = members.get(BUNDLE_MANIFEST)
-        if manifest_member is None or not manifest_member.isfile():
-            raise WeightFileError(f"{path.name}: not a depthsite bundle (no manifest.json)", extra={"kind": "bad_bundle"})
         try:
-            manifest = json.loads(archive.extractfile(manifest_member).read())
+            members = _bundle_members(path, archive)
+        except tarfile.TarError as exc:
+            raise _bad_bundle(path, f"damaged bundle: {exc}") from None
+        manifest_member = members.get(BUNDLE_MANIFEST)
+        if manifest_member is None:
+            raise WeightFileError(f"{path.name}: not a depthsite bundle (no manifest.json)", extra={"kind": "bad_bundle"})
+        if manifest_member.size > BUNDLE_MAX_MANIFEST:
+            raise _bad_bundle(path, f"its manifest has {manifest_member.size} bytes (at most {BUNDLE_MAX_MANIFEST})")
+        try:
+            manifest = json.loads(archive.extractfile(manifest_member).read(BUNDLE_MAX_MANIFEST))
             member = members[manifest["file"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, tarfile.TarError):
             raise WeightFileError(f"{path.name}: the bundle's manifest is unreadable or names a missing file",
                                   extra={"kind": "bad_bundle"}) from None
-        if not member.isfile():
-            raise WeightFileError(f"{path.name}: bundle member {member.name!r} is not a file", extra={"kind": "bad_bundle"})
-        target = workdir / f"{cachefs.TEMP_PREFIX}bundle-{Path(member.name).name}"
-        with archive.extractfile(member) as reader, open(target, "wb") as writer:
-            shutil.copyfileobj(reader, writer, cachefs.COPY_CHUNK)
+        if not isinstance(manifest, dict) or member is manifest_member:
+            raise _bad_bundle(path, "the bundle's manifest does not name a weight file")
+        limit = settings.DEPTHSITE_MAX_IMPORT_BYTES
+        if limit and member.size > limit:
+            raise TooLargeError(
+                f"{path.name}: its weight file has {member.size} bytes, over the import limit of {limit} "
+                "(DEPTHSITE_MAX_IMPORT_BYTES)", extra={"size": member.size, "limit": limit})
+        if member.offset_data + member.size > path.stat().st_size:
+            raise _bad_bundle(path, f"member {member.name!r} extends past the end of the bundle")
+        free = cachefs.disk_free(workdir)
+        if member.size > free:
+            raise DiskFullError(f"{path.name}: extracting {member.size} bytes needs more than the {free} bytes "
+                                f"free under {workdir}; free some space (models optimize) and try again",
+                                extra={"size": member.size, "free": free})
+        target = cachefs.temp_path_for(workdir / f"bundle-{Path(member.name).name}")
+        try:
+            with cachefs.disk_full_as_error(target), archive.extractfile(member) as reader, \
+                    open(target, "xb") as writer:
+                remaining = member.size
+                while remaining > 0:
+                    chunk = reader.read(min(cachefs.COPY_CHUNK, remaining))
+                    if not chunk:
+                        raise _bad_bundle(path, f"member {member.name!r} is shorter than its header says")
+                    writer.write(chunk)
+                    remaining -= len(chunk)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
     return target, manifest
 
 
