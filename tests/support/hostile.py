@@ -233,7 +233,7 @@ def make_gnu_sparse_tar(path: Path, realsize: int = 256 * 1024 * 1024) -> Path:
         _add(archive, "manifest.json", _bundle_manifest(member))
         _add(archive, member, b"\0" * 512)
     raw = bytearray(Path(path).read_bytes())
-    header = raw.find(member.encode())
+    header = next(offset for offset in range(0, len(raw), 512) if raw[offset:].startswith(member.encode()))
     block = raw[header:header + 512]
     block[156:157] = tarfile.GNUTYPE_SPARSE
     block[386:398] = b"%011o\0" % 0  # sparse region 0: offset 0
