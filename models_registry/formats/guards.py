@@ -86,6 +86,9 @@ _LENGTH_PREFIX = {
 _TWO_LINES = {b"c", b"i"}  # GLOBAL and INST: module and name, each on its own line
 _MEMO_STORES = {b"p", b"q", b"r", b"\x94"}  # PUT, BINPUT, LONG_BINPUT, MEMOIZE
 MAX_LINE = 64 * 1024
+# A MiDaS state_dict pickles in about ten opcodes per tensor (~10 000 in all); each opcode may leave an
+# object on the unpickler's stack, so their number bounds its memory as much as the file's bytes do.
+MAX_OPCODES = 1_000_000
 
 
 def _bad_pickle(name: str, why: str) -> WeightFileError:
@@ -102,7 +105,7 @@ def pickle_scan(data, name: str = "pickle", start: int = 0) -> int:
     size = len(data)
     pos = start
     stores = 0
-    while True:
+    for _ in range(MAX_OPCODES):
         if pos >= size:
             raise _bad_pickle(name, "it ends before its STOP opcode")
         code = bytes(data[pos:pos + 1])
@@ -153,3 +156,4 @@ def pickle_scan(data, name: str = "pickle", start: int = 0) -> int:
             stores += 1
         if code == b".":
             return pos
+    raise _bad_pickle(name, f"more than {MAX_OPCODES} opcodes; a weights pickle needs far fewer")

@@ -78,25 +78,35 @@ def _unwrap_state_dict(obj: Any, path: Path) -> tuple[Mapping[str, Any], bool]:
 # --- pt ------------------------------------------------------------------------------------------
 
 
+# torch unpickles data.pkl in Python; a state_dict's is a few hundred KB, DPT_Large's included.
+PT_MAX_PICKLE = 16 * 1024 * 1024
+
+
 def _pt_zip_check(path: Path, size: int, budget: int) -> None:
-    """Every member of a torch zip stored uncompressed and inside the file: torch then maps, never inflates."""
+    """Every member of a torch zip stored uncompressed and inside the file, its pickle small and sound:
+    torch then maps the tensors' records and never inflates or allocates what the file does not hold."""
     try:
         with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            declared = 0
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise WeightFileError(
+                        f"{path.name}: member {info.filename} is compressed; torch checkpoints store every record "
+                        "uncompressed, and a compressed one could expand far beyond the file",
+                        extra={"kind": "unreadable"},
+                    )
+                if info.header_offset + info.file_size > size:
+                    raise WeightFileError(f"{path.name}: member {info.filename} extends past the end of the file",
+                                          extra={"kind": "truncated_zip"})
+                if info.filename.endswith(".pkl"):
+                    if info.file_size > PT_MAX_PICKLE:
+                        raise WeightFileError(
+                            f"{path.name}: its {info.filename} has {info.file_size} bytes (a state_dict's is a few "
+                            f"hundred KB; at most {PT_MAX_PICKLE})", extra={"kind": "too_large"})
+                    pickle_scan(archive.read(info), f"{path.name}/{info.filename}")
+                declared += info.file_size
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise WeightFileError(f"{path.name}: damaged zip archive: {exc}", extra={"kind": "truncated_zip"}) from None
-    declared = 0
-    for info in infos:
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise WeightFileError(
-                f"{path.name}: member {info.filename} is compressed; torch checkpoints store every record "
-                "uncompressed, and a compressed one could expand far beyond the file",
-                extra={"kind": "unreadable"},
-            )
-        if info.header_offset + info.file_size > size:
-            raise WeightFileError(f"{path.name}: member {info.filename} extends past the end of the file",
-                                  extra={"kind": "truncated_zip"})
-        declared += info.file_size
     if declared > size:
         raise WeightFileError(f"{path.name}: its members declare {declared} bytes but the file has {size}",
                               extra={"kind": "truncated_zip"})
@@ -239,8 +249,9 @@ _ST_DTYPES = {
 }
 
 
-# The safetensors library refuses headers over 100 MB; a header is a few hundred KB for MiDaS.
-ST_MAX_HEADER = 100 * 1000 * 1000
+# The safetensors library allows headers up to 100 MB, which json.loads would turn into gigabytes of
+# objects; the header of the largest MiDaS checkpoint (DPT_Large, ~600 tensors) is about 100 KB.
+ST_MAX_HEADER = 8 * 1024 * 1024
 
 
 def _st_malformed(path: Path, why: str) -> WeightFileError:
@@ -463,8 +474,6 @@ def _read_h5(path: Path, budget: int) -> LoadedWeights:
             entries = []
             for key in group.keys():
                 _h5_hard_link(path, group, key)
-                if group is handle and key == "tensors":
-                    continue
                 obj = group[key]
                 if not isinstance(obj, h5py.Dataset):
                     if group is handle:
@@ -483,8 +492,9 @@ def _read_h5(path: Path, budget: int) -> LoadedWeights:
                     arrays[entry.key] = np.zeros(entry.shape, entry.dtype)
                 else:
                     arrays[entry.key] = np.asarray(entry.dataset[()]).reshape(entry.shape)
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise WeightFileError(f"{path.name}: damaged HDF5 file: {exc}", extra={"kind": "unreadable"}) from None
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError, MemoryError) as exc:
+            raise WeightFileError(f"{path.name}: damaged HDF5 file: {type(exc).__name__}: {exc}",
+                                  extra={"kind": "unreadable"}) from None
     return LoadedWeights("h5", arrays, metadata=metadata)
 
 

@@ -168,6 +168,12 @@ def make_pkl_memo_bomb(path: Path) -> Path:
     return Path(path)
 
 
+def make_pkl_opcode_flood(path: Path, count: int = 1_000_001) -> Path:
+    """A ~1 MB pickle of `count` NONE opcodes: each one a stack slot for the unpickler (8 GB at 1 G opcodes)."""
+    Path(path).write_bytes(b"\x80\x02" + b"N" * count + b".")
+    return Path(path)
+
+
 def _safetensors(path: Path, header, data: bytes = b"", header_len: int | None = None) -> Path:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     Path(path).write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
