@@ -378,3 +378,35 @@ def test_import_under_a_pin_without_a_proven_digest_needs_the_pinned_file(two_co
         weight_import(path=other, model_name="MiDaS_small")
     assert getattr(caught.value, "status", None) == 409 and "cannot be proven" in caught.value.message
     assert model.expected_content_digest == ""
+
+
+# --- the API door --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, make, kind", [
+    ("w.h5", lambda p, secret: hostile.make_h5_external(p, secret), "h5_not_in_file"),
+    ("w.h5", lambda p, secret: hostile.make_h5_unwritten(p), "unwritten"),
+    ("w.pkl", lambda p, secret: hostile.make_pkl_uninitialised(p), "unreadable"),
+    ("w.pkl", lambda p, secret: hostile.make_pkl_huge_length(p), "bad_pickle"),
+    ("w.safetensors", lambda p, secret: hostile.make_safetensors_malformed(p, "entry_not_a_dict"),
+     "malformed_safetensors"),
+    ("w.pt", lambda p, secret: hostile.make_pt_legacy_declared_large(p), "truncated"),
+    ("w.tar", lambda p, secret: hostile.make_sparse_tar(p), "bad_bundle"),
+])
+def test_api_import_of_hostile_files_is_a_422_naming_the_kind(tmp_path, small_model, secret, name, make, kind):
+    from django.contrib.auth import get_user_model
+    from django.core.cache import cache
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    cache.clear()  # throttle counters
+    staff = get_user_model().objects.create_user("operator", "op@example.com", "pw-operator-123", is_staff=True)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=staff).key}")
+    path = make(tmp_path / name, secret)
+    response = client.post("/api/models/import", {"file": SimpleUploadedFile(name, path.read_bytes())},
+                           format="multipart")
+    assert response.status_code == 422, response.content
+    assert response.json()["extra"]["kind"] == kind
+    assert not WeightFile.objects.exists()
