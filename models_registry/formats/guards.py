@@ -76,15 +76,17 @@ def element_count(path: Path, key: str, shape) -> int:
 
 # --- pickles -------------------------------------------------------------------------------------
 
-_OPS = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
+_OPS = {ord(op.code): op for op in pickletools.opcodes}
 _LENGTH_PREFIX = {
     pickletools.TAKEN_FROM_ARGUMENT1: (1, False),
     pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
     pickletools.TAKEN_FROM_ARGUMENT4U: (4, False),
     pickletools.TAKEN_FROM_ARGUMENT8U: (8, False),
 }
-_TWO_LINES = {b"c", b"i"}  # GLOBAL and INST: module and name, each on its own line
-_MEMO_STORES = {b"p", b"q", b"r", b"\x94"}  # PUT, BINPUT, LONG_BINPUT, MEMOIZE
+_TWO_LINES = {ord("c"), ord("i")}  # GLOBAL and INST: module and name, each on its own line
+_MEMO_STORES = {ord("p"), ord("q"), ord("r"), 0x94}  # PUT, BINPUT, LONG_BINPUT, MEMOIZE
+_BINPUTS = {ord("q"), ord("r")}
+_PUT, _FRAME, _STOP = ord("p"), 0x95, ord(".")
 MAX_LINE = 64 * 1024
 # A MiDaS state_dict pickles in about ten opcodes per tensor (~10 000 in all); each opcode may leave an
 # object on the unpickler's stack, so their number bounds its memory as much as the file's bytes do.
@@ -108,10 +110,10 @@ def pickle_scan(data, name: str = "pickle", start: int = 0) -> int:
     for _ in range(MAX_OPCODES):
         if pos >= size:
             raise _bad_pickle(name, "it ends before its STOP opcode")
-        code = bytes(data[pos:pos + 1])
+        code = data[pos]  # an int, for bytes and mmap alike: no allocation per opcode
         op = _OPS.get(code)
         if op is None:
-            raise _bad_pickle(name, f"unknown opcode {code!r} at byte {pos}")
+            raise _bad_pickle(name, f"unknown opcode {code:#04x} at byte {pos}")
         pos += 1
         arg = op.arg
         index = None
@@ -120,9 +122,9 @@ def pickle_scan(data, name: str = "pickle", start: int = 0) -> int:
         elif arg.n >= 0:
             if pos + arg.n > size:
                 raise _bad_pickle(name, f"{op.name} at byte {pos - 1} runs past the end")
-            if code in (b"q", b"r"):
+            if code in _BINPUTS:
                 index = int.from_bytes(bytes(data[pos:pos + arg.n]), "little")
-            if code == b"\x95":  # FRAME: the frame's bytes must be present
+            if code == _FRAME:  # the frame's bytes must be present
                 length = int.from_bytes(bytes(data[pos:pos + 8]), "little")
                 if pos + 8 + length > size:
                     raise _bad_pickle(name, f"a frame declares {length} bytes past the end of the file")
@@ -132,7 +134,7 @@ def pickle_scan(data, name: str = "pickle", start: int = 0) -> int:
                 end = data.find(b"\n", pos, min(size, pos + MAX_LINE))
                 if end < 0:
                     raise _bad_pickle(name, f"{op.name} at byte {pos - 1} has no end of line")
-                if code == b"p":
+                if code == _PUT:
                     try:
                         index = int(bytes(data[pos:end]))
                     except ValueError:
@@ -154,6 +156,6 @@ def pickle_scan(data, name: str = "pickle", start: int = 0) -> int:
             if index is not None and index > stores:
                 raise _bad_pickle(name, f"memo index {index} skips ahead of the {stores} objects stored")
             stores += 1
-        if code == b".":
+        if code == _STOP:
             return pos
     raise _bad_pickle(name, f"more than {MAX_OPCODES} opcodes; a weights pickle needs far fewer")

@@ -283,6 +283,7 @@ def test_bundle_member_over_the_import_limit_or_the_free_disk_is_refused_before_
     assert _cache_files(settings) == []
 
 
+@pytest.mark.slow
 def test_two_concurrent_imports_of_one_model_never_touch_each_others_file(
         tmp_path, small_model, small_arrays, monkeypatch):
     # Bundle B holds other weights under the same member name. B's import runs to its end while A's
