@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mmap
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -553,14 +554,19 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
     """
     from django.conf import settings
 
+    with open(path, "rb") as handle:
+        # tarfile reads a PAX or long-name header whole at the size it declares; from a map, a read
+        # never returns (or allocates) more than the file holds.
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        archive = tarfile.open(path, "r:")
-    except tarfile.TarError as exc:
+        archive = tarfile.open(fileobj=data, mode="r:")
+    except (tarfile.TarError, ValueError, MemoryError) as exc:
+        data.close()
         raise WeightFileError(f"{path.name}: damaged bundle: {exc}", extra={"kind": "bad_bundle"}) from None
-    with archive:
+    with data, archive:
         try:
             members = _bundle_members(path, archive)
-        except tarfile.TarError as exc:
+        except (tarfile.TarError, ValueError, MemoryError) as exc:
             raise _bad_bundle(path, f"damaged bundle: {exc}") from None
         manifest_member = members.get(BUNDLE_MANIFEST)
         if manifest_member is None:

@@ -244,7 +244,7 @@ def _cache_files(settings) -> list[Path]:
 
 
 @pytest.mark.parametrize("maker", [hostile.make_sparse_tar, hostile.make_gnu_sparse_tar,
-                                   hostile.make_bundle_oversized_manifest])
+                                   hostile.make_bundle_oversized_manifest, hostile.make_tar_huge_pax_header])
 def test_hostile_bundles_are_refused_before_extracting(tmp_path, small_model, settings, maker):
     path = maker(tmp_path / "hostile.tar")
     assert path.stat().st_size < 16 * 1024 * 1024

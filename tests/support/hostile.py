@@ -252,6 +252,16 @@ def make_gnu_sparse_tar(path: Path, realsize: int = 256 * 1024 * 1024) -> Path:
     return Path(path)
 
 
+def make_tar_huge_pax_header(path: Path, declared: int = 1024**3) -> Path:
+    """A 2 KB bundle whose first member is a PAX extended header declaring `declared` bytes."""
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = declared
+    block = header.tobuf(format=tarfile.USTAR_FORMAT)
+    Path(path).write_bytes(block + b"20 path=manifest.json\n".ljust(512, b"\0") + b"\0" * 1024)
+    return Path(path)
+
+
 def make_bundle_oversized_manifest(path: Path, size: int = 8 * 1024 * 1024) -> Path:
     """A bundle whose manifest.json is `size` bytes of JSON whitespace."""
     with tarfile.open(path, "w") as archive:
