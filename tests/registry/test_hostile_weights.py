@@ -344,7 +344,8 @@ def test_a_new_pin_stops_serving_copies_of_the_old_weights(two_copies, settings)
     settings.DEPTHSITE_OFFLINE = True
     assert weights_resolve(model=model, offline=True) is not None
 
-    run("pin", "--model", "MiDaS_small", "--sha256", "ab" * 32)  # the operator's new release file
+    out = run("pin", "--model", "MiDaS_small", "--sha256", "ab" * 32)  # the operator's new release file
+    assert "2 cached copies of MiDaS_small no longer served" in out
     model.refresh_from_db()
     assert _health(pt) == Health.CORRUPT and _health(safetensors) == Health.CORRUPT
     assert "pin of MiDaS_small changed" in safetensors.health_reason
