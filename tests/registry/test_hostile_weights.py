@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import tarfile
 import tracemalloc
@@ -82,9 +81,7 @@ def test_h5_whose_data_lives_elsewhere_is_refused_before_reading(tmp_path, secre
     elif maker == "devzero":
         hostile.make_h5_external_devzero(path)
     else:  # a FIFO never ends: reading it would hang the worker
-        fifo = tmp_path / "fifo"
-        os.mkfifo(fifo)
-        hostile.make_h5_external_devzero(path, device=str(fifo))
+        hostile.make_h5_external_fifo(path, tmp_path / "fifo")
     errors = []
     peak = peak_while(lambda: errors.append(refused(path)))
     assert errors[0].extra["kind"] == "h5_not_in_file", errors[0].message

@@ -53,6 +53,14 @@ def make_h5_external_devzero(path: Path, device: str = "/dev/zero") -> Path:
     return Path(path)
 
 
+def make_h5_external_fifo(path: Path, fifo: Path) -> Path:
+    """An .h5 whose dataset's external raw storage is a FIFO (created at `fifo`): reading it never ends."""
+    import os
+
+    os.mkfifo(fifo)
+    return make_h5_external_devzero(path, device=str(fifo))
+
+
 def make_h5_external_link(path: Path, target_h5: Path) -> Path:
     """An .h5 whose tensor is an external link to dataset /secret of another HDF5 file."""
     import h5py
