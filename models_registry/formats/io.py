@@ -605,6 +605,14 @@ def _safe_encode(text, encoding="utf-8"):
     return text.encode("latin-1")
 
 
+def _safe_ordered_dict(*args):
+    # A plain dict (insertion-ordered): a BUILD on an OrderedDict instance could set attributes that
+    # shadow its methods (`items`), and a plain dict takes no BUILD at all.
+    if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict))):
+        raise _pickle_refused("OrderedDict() is admitted only empty or from a list of pairs")
+    return dict(*args)
+
+
 def _safe_empty_bytes(*args):
     # How protocol 2 spells b"" (the data of an empty array): bytes() with no arguments, nothing else.
     if args:
@@ -623,7 +631,7 @@ _PICKLE_ALLOWED = {
     ("numpy.core.multiarray", "scalar"): _safe_scalar,
     ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
     ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
-    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    ("collections", "OrderedDict"): _safe_ordered_dict,
     ("_codecs", "encode"): _safe_encode,
 }
 

@@ -164,6 +164,11 @@ def test_pickled_object_arrays_are_refused(tmp_path):
     assert error.extra["kind"] == "bad_pickle_array" and "numeric" in error.message
 
 
+def test_pickled_mapping_with_shadowed_methods_is_a_clear_error(tmp_path):
+    error = refused(hostile.make_pkl_shadowed_items(tmp_path / "shadowed.pkl"))
+    assert error.extra["kind"] == "unreadable"
+
+
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_numeric_arrays_still_unpickle_in_every_protocol(protocol):
     arrays = {

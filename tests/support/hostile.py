@@ -164,6 +164,21 @@ def make_pkl_object_dtype(path: Path) -> Path:
     return Path(path)
 
 
+def make_pkl_shadowed_items(path: Path) -> Path:
+    """A pickle of an OrderedDict whose BUILD sets an instance attribute `items` = 1 (shadowing the method)."""
+    Path(path).write_bytes(pickle.dumps(_ShadowedItems(), protocol=2))
+    return Path(path)
+
+
+class _ShadowedItems:
+    """Pickles as OrderedDict() + SETITEMS + BUILD({"items": 1}), as a tampered state_dict would."""
+
+    def __reduce__(self):
+        import collections
+
+        return collections.OrderedDict, (), {"items": 1}, None, iter([("weight", np.zeros(2, "<f4"))])
+
+
 def make_pkl_huge_length(path: Path) -> Path:
     """A pickle whose BINBYTES8 declares 2**40 bytes (the C unpickler allocates a declared length first)."""
     Path(path).write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"x" * 16 + b".")
