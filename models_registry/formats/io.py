@@ -62,11 +62,17 @@ class LoadedWeights:
         return max(counts, key=counts.get) if counts else ""
 
 
+def _plain_mapping(obj: Any) -> Any:
+    """A plain dict of a dict (subclass): an unpickled OrderedDict may carry instance attributes (torch
+    BUILDs them for `_metadata`) that shadow its methods, so its items are read through dict itself."""
+    return dict(dict.items(obj)) if isinstance(obj, dict) else obj
+
+
 def _unwrap_state_dict(obj: Any, path: Path) -> tuple[Mapping[str, Any], bool]:
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        return obj["model"], True
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        return obj["state_dict"], True
+    obj = _plain_mapping(obj)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            return _plain_mapping(obj[wrapper]), True
     if not isinstance(obj, Mapping):
         raise WeightFileError(
             f"{path.name} holds a {type(obj).__name__}, not a state_dict (a mapping of names to tensors)",

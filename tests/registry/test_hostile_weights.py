@@ -167,6 +167,9 @@ def test_pickled_object_arrays_are_refused(tmp_path):
 def test_pickled_mapping_with_shadowed_methods_is_a_clear_error(tmp_path):
     error = refused(hostile.make_pkl_shadowed_items(tmp_path / "shadowed.pkl"))
     assert error.extra["kind"] == "unreadable"
+    # torch's weights-only unpickler BUILDs OrderedDict attributes: the items are read through dict itself
+    loaded = read_weights(hostile.make_pt_shadowed_items(tmp_path / "shadowed.pt"))
+    assert list(loaded.arrays) == ["weight"]
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])

@@ -173,10 +173,21 @@ def make_pkl_shadowed_items(path: Path) -> Path:
 class _ShadowedItems:
     """Pickles as OrderedDict() + SETITEMS + BUILD({"items": 1}), as a tampered state_dict would."""
 
+    def __init__(self, tensor=None):
+        self.tensor = np.zeros(2, "<f4") if tensor is None else tensor
+
     def __reduce__(self):
         import collections
 
-        return collections.OrderedDict, (), {"items": 1}, None, iter([("weight", np.zeros(2, "<f4"))])
+        return collections.OrderedDict, (), {"items": 1}, None, iter([("weight", self.tensor)])
+
+
+def make_pt_shadowed_items(path: Path) -> Path:
+    """A torch zip whose state_dict OrderedDict is BUILT with an attribute `items` = 1 (torch allows it)."""
+    import torch
+
+    torch.save(_ShadowedItems(tensor=torch.zeros(2)), path)
+    return Path(path)
 
 
 def make_pkl_huge_length(path: Path) -> Path:
