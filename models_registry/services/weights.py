@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
+import mmap
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +19,10 @@ from models_registry.catalogue import ARCHITECTURES, key_layout
 from models_registry.choices import Health, WeightFormat
 from models_registry.exceptions import (
     ConflictError,
+    DiskFullError,
     IntegrityError,
     NotFoundError,
+    TooLargeError,
     ValidationError,
     WeightFileError,
 )
@@ -89,7 +91,7 @@ def _describe_mismatch(architecture: str, mismatch: dict[str, list]) -> str:
 def weights_inspect(*, path: Path, architecture: str | None = None, fmt: str | None = None) -> Inspection:
     """Sniff, hash, load safely and digest a weight file; check its layout when the architecture is known."""
     path = Path(path)
-    loaded = read_weights(path, fmt)
+    loaded = read_weights(path, fmt, architecture=architecture)
     if architecture:
         mismatch = key_layout(architecture).mismatches(loaded.shapes)
         if any(mismatch.values()):
@@ -207,6 +209,31 @@ def weight_mark_corrupt(*, weight_file: WeightFile, reason: str) -> WeightFile:
     return weight_file
 
 
+def weight_pin_problem(*, model: RegisteredModel, weight_file: WeightFile) -> str:
+    """Why a cached copy cannot be proven to hold the model's pinned weights ('' when it can).
+
+    A pinned sha256 names one released file: a pt copy proves itself by that sha256, any other copy
+    only by the content digest recorded from a file that had it. Without that digest nothing else
+    is proven, so nothing else is served.
+    """
+    if not model.expected_sha256 and not model.expected_content_digest:
+        return ""
+    if weight_file.format == WeightFormat.PT and model.expected_sha256 and weight_file.sha256 == model.expected_sha256:
+        return ""
+    if model.expected_content_digest:
+        if weight_file.content_digest == model.expected_content_digest:
+            return ""
+        return (f"holds other weights than the pinned ones of {model.name} (content digest "
+                f"{(weight_file.content_digest or '?')[:16]}..., pinned {model.expected_content_digest[:16]}...)")
+    return (f"cannot be proven to hold the weights pinned for {model.name} (sha256 {model.expected_sha256[:16]}...): "
+            "no cached file with that sha256 is known; download the pinned file again")
+
+
+def weight_files_proven(*, model: RegisteredModel) -> list[WeightFile]:
+    """Usable cached files of the model whose weights are proven to be the pinned ones."""
+    return [f for f in weight_files_usable(model=model) if not weight_pin_problem(model=model, weight_file=f)]
+
+
 # --- verify --------------------------------------------------------------------------------------
 
 
@@ -260,6 +287,9 @@ def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Ins
                                 f"{weight_file.sha256[:16]}...: the file changed after it was cached"), inspection
     if weight_file.content_digest and inspection.digest != weight_file.content_digest:
         return Health.CORRUPT, "content digest differs from the record", inspection
+    problem = weight_pin_problem(model=weight_file.model, weight_file=weight_file)
+    if problem:
+        return Health.CORRUPT, f"{path.name} {problem}", inspection
     return Health.OK, "", inspection
 
 
@@ -290,7 +320,7 @@ def weights_verify(*, model: RegisteredModel | None = None, fmt: str | None = No
 
 
 def _best_source(model: RegisteredModel, exclude: Iterable[str] = ()) -> WeightFile:
-    files = [f for f in weight_files_usable(model=model) if f.format not in exclude]
+    files = [f for f in weight_files_proven(model=model) if f.format not in exclude]
     if not files:
         raise NotFoundError(
             f"no healthy cached weights of {model.name} on this node; download or import them first "
@@ -308,7 +338,7 @@ def weights_load_usable(*, model: RegisteredModel, exclude: Iterable[str] = ()) 
         source = _best_source(model, exclude=skipped)
         path = cachefs.absolute(source.path)
         try:
-            return source, read_weights(path, source.format)
+            return source, read_weights(path, source.format, architecture=model.architecture)
         except (WeightFileError, FileNotFoundError) as exc:
             weight_mark_corrupt(weight_file=source, reason=getattr(exc, "message", str(exc)))
             skipped.add(source.format)
@@ -381,7 +411,8 @@ def export_file_name(*, model: RegisteredModel, fmt: str, bundle: bool) -> str:
 def _write_weights_file(model: RegisteredModel, fmt: str, dest: Path) -> tuple[str, str]:
     """Write the model's weights in `fmt` to `dest` (temporary path); (sha256, content digest)."""
     cached = weight_file_get(model=model, fmt=fmt)
-    if cached is not None and cached.health in Health.USABLE and cachefs.absolute(cached.path).exists():
+    if (cached is not None and cached.health in Health.USABLE and cachefs.absolute(cached.path).exists()
+            and not weight_pin_problem(model=model, weight_file=cached)):
         sha256 = cachefs.copy_with_sha256(cachefs.absolute(cached.path), dest)
         if sha256 != cached.sha256:
             weight_mark_corrupt(weight_file=cached, reason="sha256 changed since it was recorded (found on export)")
@@ -455,7 +486,8 @@ def weight_export_artifact(*, model: RegisteredModel, fmt: str, bundle: bool = F
     """A file to stream to a browser: the cached file itself when possible, else a fresh file under .exports/."""
     fmt = WeightFormat.parse(fmt).value
     cached = weight_file_get(model=model, fmt=fmt)
-    if not bundle and cached is not None and cached.health in Health.USABLE:
+    if (not bundle and cached is not None and cached.health in Health.USABLE
+            and not weight_pin_problem(model=model, weight_file=cached)):
         path = cachefs.absolute(cached.path)
         if path.exists() and path.stat().st_size == cached.size:
             return ExportResult(path, model.name, fmt, cached.size, cached.sha256, cached.content_digest, False,
@@ -488,28 +520,93 @@ class ImportResult:
                 "content_digest": self.weight_file.content_digest, "path": self.weight_file.path}
 
 
+BUNDLE_MAX_MEMBERS = 16
+BUNDLE_MAX_MANIFEST = 64 * 1024
+
+
+def _bad_bundle(path: Path, why: str) -> WeightFileError:
+    return WeightFileError(f"{path.name}: {why}", extra={"kind": "bad_bundle"})
+
+
+def _bundle_members(path: Path, archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """The bundle's members, read one header at a time: a few regular files, none sparse."""
+    members: dict[str, tarfile.TarInfo] = {}
+    while True:
+        member = archive.next()
+        if member is None:
+            return members
+        if len(members) >= BUNDLE_MAX_MEMBERS:
+            raise _bad_bundle(path, f"more than {BUNDLE_MAX_MEMBERS} members; a bundle holds a manifest and one file")
+        sparse = (member.type == tarfile.GNUTYPE_SPARSE or member.sparse is not None
+                  or any(key.startswith("GNU.sparse") for key in member.pax_headers))
+        if sparse:
+            raise _bad_bundle(path, f"member {member.name!r} is a sparse file; a bundle holds regular files only")
+        if not member.isreg():
+            raise _bad_bundle(path, f"member {member.name!r} is not a regular file")
+        members[member.name] = member
+
+
 def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
-    """Read a bundle's manifest and copy its one weight file out (no extractall: member names are untrusted)."""
+    """Read a bundle's manifest and copy its one weight file out (no extractall: member names are untrusted).
+
+    Sizes are checked against the import limit and the free disk before a byte is written, and the copy
+    gets a name of its own, so concurrent imports never write into a file another one has mapped.
+    """
+    from django.conf import settings
+
+    with open(path, "rb") as handle:
+        # tarfile reads a PAX or long-name header whole at the size it declares; from a map, a read
+        # never returns (or allocates) more than the file holds.
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        archive = tarfile.open(path, "r:")
-    except tarfile.TarError as exc:
+        archive = tarfile.open(fileobj=data, mode="r:")
+    except (tarfile.TarError, ValueError, MemoryError) as exc:
+        data.close()
         raise WeightFileError(f"{path.name}: damaged bundle: {exc}", extra={"kind": "bad_bundle"}) from None
-    with archive:
-        members = {member.name: member for member in archive.getmembers()}
-        manifest_member = members.get(BUNDLE_MANIFEST)
-        if manifest_member is None or not manifest_member.isfile():
-            raise WeightFileError(f"{path.name}: not a depthsite bundle (no manifest.json)", extra={"kind": "bad_bundle"})
+    with data, archive:
         try:
-            manifest = json.loads(archive.extractfile(manifest_member).read())
+            members = _bundle_members(path, archive)
+        except (tarfile.TarError, ValueError, MemoryError) as exc:
+            raise _bad_bundle(path, f"damaged bundle: {exc}") from None
+        manifest_member = members.get(BUNDLE_MANIFEST)
+        if manifest_member is None:
+            raise WeightFileError(f"{path.name}: not a depthsite bundle (no manifest.json)", extra={"kind": "bad_bundle"})
+        if manifest_member.size > BUNDLE_MAX_MANIFEST:
+            raise _bad_bundle(path, f"its manifest has {manifest_member.size} bytes (at most {BUNDLE_MAX_MANIFEST})")
+        try:
+            manifest = json.loads(archive.extractfile(manifest_member).read(BUNDLE_MAX_MANIFEST))
             member = members[manifest["file"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, tarfile.TarError):
             raise WeightFileError(f"{path.name}: the bundle's manifest is unreadable or names a missing file",
                                   extra={"kind": "bad_bundle"}) from None
-        if not member.isfile():
-            raise WeightFileError(f"{path.name}: bundle member {member.name!r} is not a file", extra={"kind": "bad_bundle"})
-        target = workdir / f"{cachefs.TEMP_PREFIX}bundle-{Path(member.name).name}"
-        with archive.extractfile(member) as reader, open(target, "wb") as writer:
-            shutil.copyfileobj(reader, writer, cachefs.COPY_CHUNK)
+        if not isinstance(manifest, dict) or member is manifest_member:
+            raise _bad_bundle(path, "the bundle's manifest does not name a weight file")
+        limit = settings.DEPTHSITE_MAX_IMPORT_BYTES
+        if limit and member.size > limit:
+            raise TooLargeError(
+                f"{path.name}: its weight file has {member.size} bytes, over the import limit of {limit} "
+                "(DEPTHSITE_MAX_IMPORT_BYTES)", extra={"size": member.size, "limit": limit})
+        if member.offset_data + member.size > path.stat().st_size:
+            raise _bad_bundle(path, f"member {member.name!r} extends past the end of the bundle")
+        free = cachefs.disk_free(workdir)
+        if member.size > free:
+            raise DiskFullError(f"{path.name}: extracting {member.size} bytes needs more than the {free} bytes "
+                                f"free under {workdir}; free some space (models optimize) and try again",
+                                extra={"size": member.size, "free": free})
+        target = cachefs.temp_path_for(workdir / f"bundle-{Path(member.name).name}")
+        try:
+            with cachefs.disk_full_as_error(target), archive.extractfile(member) as reader, \
+                    open(target, "xb") as writer:
+                remaining = member.size
+                while remaining > 0:
+                    chunk = reader.read(min(cachefs.COPY_CHUNK, remaining))
+                    if not chunk:
+                        raise _bad_bundle(path, f"member {member.name!r} is shorter than its header says")
+                    writer.write(chunk)
+                    remaining -= len(chunk)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
     return target, manifest
 
 
@@ -555,6 +652,15 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
             extra={"found": inspection.digest, "pinned": model.expected_content_digest},
         )
     fmt = inspection.format
+    proves_pin = (fmt == WeightFormat.PT and bool(model.expected_sha256)
+                  and inspection.sha256 == model.expected_sha256)
+    if model.expected_sha256 and not model.expected_content_digest and not proves_pin:
+        raise IntegrityError(
+            f"{model.name} is pinned to sha256 {model.expected_sha256[:16]}... and {origin.name} is not that file "
+            f"(sha256 {inspection.sha256[:16]}...), so its weights cannot be proven to be the pinned ones; import "
+            f"the pinned .pt file, or change the pin: python manage.py models pin --model {model.name} --reset",
+            extra={"found": inspection.sha256, "pinned": model.expected_sha256},
+        )
     with cachefs.locked(model.name):
         existing = weight_file_get(model=model, fmt=fmt)
         if (existing is not None and existing.sha256 == inspection.sha256
@@ -570,6 +676,10 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
                                         functional_hash=functional_hash)
+            if proves_pin and not model.expected_content_digest:
+                # The pinned file itself: its digest now proves copies in other formats.
+                model.expected_content_digest = inspection.digest
+                model.save(update_fields=["expected_content_digest", "updated_at"])
     logger.info("imported %s [%s] from %s", model.name, fmt, origin)
     return ImportResult(weight_file, True, f"imported {model.name} [{fmt}] from {origin.name} "
                                            f"({inspection.size} bytes, sha256 {inspection.sha256[:16]}...)")

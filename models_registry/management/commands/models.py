@@ -255,12 +255,18 @@ class Command(RegistryCommand):
         from models_registry.services.catalogue import model_pin
 
         target = model_get(name=model)
+        served_before = _usable_copies(target)
         if sha256 or reset:
             target = model_pin(model=target, sha256=sha256 or "", reset=reset, source="operator")
+        unserved = served_before - _usable_copies(target)
         data = {"model": target.name, "sha256": target.expected_sha256, "size": target.expected_size,
-                "pinned_at": target.sha256_pinned_at, "pinned_from": target.sha256_pinned_from}
+                "pinned_at": target.sha256_pinned_at, "pinned_from": target.sha256_pinned_from,
+                "copies_no_longer_served": unserved}
         if json:
             return self.print_json(data)
+        if unserved:
+            self.stdout.write(f"{unserved} cached cop{'y' if unserved == 1 else 'ies'} of {target.name} no longer "
+                              "served: not proven to hold the pinned weights (the next use downloads them)")
         if target.expected_sha256:
             self.stdout.write(f"{target.name}: pinned sha256 {target.expected_sha256} "
                               f"(from {target.sha256_pinned_from or '?'} at {target.sha256_pinned_at})")
@@ -271,3 +277,11 @@ class Command(RegistryCommand):
         from models_registry.management.download import handle_download
 
         handle_download(self, **options)
+
+
+def _usable_copies(model) -> int:
+    """Usable cached files of a model on every node (what a pin change may stop serving)."""
+    from models_registry.choices import Health
+    from models_registry.models import WeightFile
+
+    return WeightFile.objects.filter(model=model, health__in=Health.USABLE).count()
