@@ -67,10 +67,13 @@ def get_list(name: str, default: list[str]) -> list[str]:
 
 # --- Django core -------------------------------------------------------------------------------
 SECRET_KEY = get_str("DJANGO_SECRET_KEY", "")
-DEBUG = get_bool("DJANGO_DEBUG", True)
+# Off unless asked for: debug pages show settings and tracebacks to anyone. `make run` turns it on locally.
+DEBUG = get_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = get_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = get_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 LOG_LEVEL = get_str("DEPTHSITE_LOG_LEVEL", "WARNING").upper()
+# Only to recognise the test settings, which bring their own secret key (see settings/base.py).
+SETTINGS_MODULE = get_str("DJANGO_SETTINGS_MODULE", "")
 
 # --- storage and services ----------------------------------------------------------------------
 VAR_DIR = Path(get_str("DEPTHSITE_VAR_DIR", str(BASE_DIR / "var")))
