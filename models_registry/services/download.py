@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
@@ -142,21 +142,28 @@ def _wanted_format(fmt: str | None) -> str | None:
 def download_url(*, model: RegisteredModel) -> str:
     """Where the model's file comes from: DEPTHSITE_MODEL_MIRROR + "/" + file name, else the catalogue URL."""
     mirror = (settings.DEPTHSITE_MODEL_MIRROR or "").strip()
-    file_name = model.file_name or Path(urlsplit(model.source_url).path).name
     if mirror:
+        # One plain name, quoted whole: "../x" or "a/b" cannot walk out of the mirror's folder.
+        file_name = cachefs.safe_name(model.file_name or Path(urlsplit(model.source_url).path).name,
+                                      what=f"the file name of {model.name}")
         scheme = urlsplit(mirror).scheme.lower()
         if scheme not in ("http", "https", "file"):
             raise ValidationError(
                 f"DEPTHSITE_MODEL_MIRROR={mirror!r} is not an http(s):// base URL or a file:// folder",
                 extra={"setting": "DEPTHSITE_MODEL_MIRROR"},
             )
-        return f"{mirror.rstrip('/')}/{quote(file_name)}"
+        return f"{mirror.rstrip('/')}/{quote(file_name, safe='')}"
     if not model.source_url:
         raise NotFoundError(
             f"{model.name} has no download URL; set DEPTHSITE_MODEL_MIRROR or import a local copy "
             f"(python manage.py models import PATH --model {model.name})",
             extra={"model": model.name},
         )
+    if urlsplit(model.source_url).scheme.lower() not in ("http", "https"):
+        # Only the operator's DEPTHSITE_MODEL_MIRROR may name a local folder; a catalogue entry's URL
+        # (admin-editable) must not make the server copy its own files.
+        raise ValidationError(f"the download URL of {model.name} is not an http(s):// URL",
+                              extra={"model": model.name, "field": "source_url"})
     return model.source_url
 
 
@@ -227,8 +234,8 @@ def _healthy_files(model: RegisteredModel) -> list[WeightFile]:
 
 def _partial_path(model: RegisteredModel) -> Path:
     # A stable name per (model, file), so an interrupted transfer is found and resumed by the next one.
-    file_name = model.file_name or f"{model.name}.pt"
-    return cachefs.model_dir(model.name) / f"{file_name}{cachefs.PARTIAL_SUFFIX}"
+    file_name = cachefs.safe_name(model.file_name or f"{model.name}.pt", what=f"the file name of {model.name}")
+    return cachefs.contained(cachefs.model_dir(model.name), f"{file_name}{cachefs.PARTIAL_SUFFIX}")
 
 
 def _sidecar_path(part: Path) -> Path:
@@ -501,7 +508,9 @@ def _http_fetch(*, model: RegisteredModel, url: str, part: Path, show: bool,
 def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
                download: WeightDownload | None) -> _Fetched:
     """Copy from a file:// mirror into `part` with the same hashing and checks as a transfer (never resumed)."""
-    source = Path(url2pathname(urlsplit(url).path))
+    folder_url, _, quoted_name = url.rpartition("/")
+    folder = Path(url2pathname(urlsplit(folder_url).path))
+    source = cachefs.contained(folder, cachefs.safe_name(unquote(quoted_name), what="the mirror file name"))
     if not source.is_file():
         raise DownloadError(f"the mirror folder {source.parent} has no file {source.name} ({url})",
                             extra={"url": url, "status": 404})
