@@ -18,6 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
+import urllib3
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -64,6 +65,10 @@ CONNECT_TIMEOUT_SECONDS = 15
 READ_TIMEOUT_SECONDS = 60  # a stalled server fails the attempt instead of holding the model's lock forever
 CHUNK_BYTES = 1024 * 1024
 DISK_MARGIN_BYTES = 128 * 1024 * 1024
+# A body may exceed the catalogue's estimate of the file (fp32 tensors) by this much before it is cut off:
+# a server that sends no Content-Length (or an endless body) must not be able to fill the disk.
+SIZE_MARGIN_RATIO = 0.25
+SIZE_MARGIN_BYTES = 64 * 1024 * 1024
 PROGRESS_INTERVAL_SECONDS = 0.5
 LOCK_WAIT_SECONDS = 3 * 3600
 QUEUED_STALE_SECONDS = 24 * 3600
@@ -316,13 +321,26 @@ def _check_disk(model: RegisteredModel, folder: Path, remaining: int) -> None:
         )
 
 
-def _expected_total(model: RegisteredModel) -> int:
+def _byte_cap(model: RegisteredModel) -> tuple[int, str]:
+    """The most bytes a transfer of the model's file may bring, and where that number comes from."""
     if model.expected_size:
-        return model.expected_size
+        return model.expected_size, "the pinned size"
     try:
-        return key_layout(model.architecture).approx_bytes
+        approx = key_layout(model.architecture).approx_bytes
     except KeyError:
-        return 0
+        approx = 0
+    if approx:
+        return int(approx * (1 + SIZE_MARGIN_RATIO)) + SIZE_MARGIN_BYTES, "the catalogue's size plus a margin"
+    return settings.DEPTHSITE_MAX_IMPORT_BYTES, "DEPTHSITE_MAX_IMPORT_BYTES"
+
+
+def _too_large(model: RegisteredModel, url: str, size: int, cap: int, source: str, *, declared: bool) -> DownloadError:
+    what = f"declares {format_size(size)}" if declared else f"sent more than {format_size(cap)}"
+    return DownloadError(
+        f"{url} {what}, beyond the {format_size(cap)} a file of {model.name} may have ({source}); the transfer "
+        "was stopped and nothing was cached. Check the URL or DEPTHSITE_MODEL_MIRROR",
+        extra={"url": url, "kind": "too_large", "limit": cap},
+    )
 
 
 def _pin_hint(model: RegisteredModel, sha256: str = "") -> str:
@@ -423,6 +441,15 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
         content_type = response.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
             raise _html_error(url, f"Content-Type {content_type}")
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # Identity was asked for: lengths, ranges and the disk check count the file's own bytes, and a
+            # small compressed body must not expand into a big file. The body is never decoded.
+            raise DownloadError(
+                f"{url} sent its body with Content-Encoding {encoding} although identity was asked; refused, "
+                "nothing was cached. Serve the file as it is (no compression) or check DEPTHSITE_MODEL_MIRROR",
+                extra={"url": url, "kind": "encoded", "encoding": encoding},
+            )
         if status == 206:
             first, total = _content_range(response.headers.get("Content-Range", ""))
             if first != offset:
@@ -442,7 +469,10 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
                 + _pin_hint(model),
                 extra={"url": url, "size": total, "expected_size": model.expected_size},
             )
-        _check_disk(model, part.parent, (total or _expected_total(model)) - offset)
+        cap, cap_source = _byte_cap(model)
+        if total is not None and total > cap:
+            raise _too_large(model, url, total, cap, cap_source, declared=True)
+        _check_disk(model, part.parent, (total if total is not None else cap) - offset)
         if offset == 0:
             # Written before the first body byte, so a transfer killed at any point can be resumed.
             _write_sidecar(part, url=url, etag=response.headers.get("ETag", ""),
@@ -454,19 +484,25 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
                 handle.seek(offset)
                 handle.truncate()
                 sniff = offset == 0
-                try:
-                    for chunk in response.iter_content(CHUNK_BYTES):
-                        if sniff and chunk:
-                            if chunk.lstrip()[:64].lower().startswith(HTML_STARTS):
-                                raise _html_error(url, "the body is HTML")
-                            sniff = False
-                        _append(handle, chunk)
-                        digest.update(chunk)
-                        progress.advance(len(chunk))
-                except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError,
-                        requests.Timeout) as exc:
-                    handle.flush()
-                    raise _TransientError(f"the connection broke after {format_size(progress.done)}: {exc}") from None
+                while True:
+                    try:
+                        # The raw stream, never decoded (see Content-Encoding above); chunked framing is undone.
+                        chunk = response.raw.read(CHUNK_BYTES, decode_content=False)
+                    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                        handle.flush()
+                        raise _TransientError(
+                            f"the connection broke after {format_size(progress.done)}: {exc}") from None
+                    if not chunk:
+                        break
+                    if sniff:
+                        if chunk.lstrip()[:64].lower().startswith(HTML_STARTS):
+                            raise _html_error(url, "the body is HTML")
+                        sniff = False
+                    if progress.done + len(chunk) > cap:
+                        raise _too_large(model, url, progress.done + len(chunk), cap, cap_source, declared=False)
+                    _append(handle, chunk)
+                    digest.update(chunk)
+                    progress.advance(len(chunk))
                 handle.flush()
                 os.fsync(handle.fileno())
         finally:
@@ -515,6 +551,9 @@ def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
         raise DownloadError(f"the mirror folder {source.parent} has no file {source.name} ({url})",
                             extra={"url": url, "status": 404})
     total = source.stat().st_size
+    cap, cap_source = _byte_cap(model)
+    if total > cap:
+        raise _too_large(model, url, total, cap, cap_source, declared=True)
     _discard(part)
     _check_disk(model, part.parent, total)
     digest = hashlib.sha256()
@@ -522,6 +561,8 @@ def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
     try:
         with cachefs.disk_full_as_error(part), open(source, "rb") as reader, open(part, "wb") as handle:
             while chunk := reader.read(CHUNK_BYTES):
+                if progress.done + len(chunk) > cap:  # the file grew while it was copied
+                    raise _too_large(model, url, progress.done + len(chunk), cap, cap_source, declared=False)
                 _append(handle, chunk)
                 digest.update(chunk)
                 progress.advance(len(chunk))
@@ -643,11 +684,17 @@ def _transfer(*, model: RegisteredModel, url: str, show: bool,
     fetch = _file_copy if url.startswith("file:") else _http_fetch
     try:
         fetched = fetch(model=model, url=url, part=part, show=show, download=download)
-        weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url)
     except ApplicationError as exc:
         # Bad bytes are never kept; only a transfer that gave up on a flaky server keeps them to resume.
         if not exc.extra.get("resumable"):
             _discard(part)
+        raise
+    try:
+        weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url)
+    except Exception:
+        # Whatever way the complete bytes failed acceptance (a clear error, or a reader that tripped over a
+        # malformed header), they are never resumed into: the next download starts from zero.
+        _discard(part)
         raise
     return fetched, weight_file, pinned
 
@@ -737,8 +784,10 @@ def download_enqueue(*, model: RegisteredModel, fmt: str | None = None, requeste
 def _queue_download(download_id: int) -> None:
     from django_q.tasks import async_task
 
+    # Downloads get their own timeout: 1.4 GB on a 5 Mbit/s link takes ~40 min, far past a depth job's. A
+    # worker stopped at the timeout keeps the partial file, and the next attempt resumes it.
     task_id = async_task("models_registry.tasks.download_run", download_id, task_name=f"download-{download_id}",
-                         group="downloads")
+                         group="downloads", timeout=settings.DEPTHSITE_DOWNLOAD_TIMEOUT)
     WeightDownload.objects.filter(pk=download_id).update(task_id=task_id or "")
 
 
