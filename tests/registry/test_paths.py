@@ -200,3 +200,27 @@ def test_only_the_operator_mirror_may_be_a_local_folder(small_model, settings, t
         download_url(model=model)
     assert "http(s)" in caught.value.message
     assert not WeightDownload.objects.exists()
+
+
+def test_a_result_path_forced_outside_media_is_not_served(db, settings, tmp_path):
+    from inference.choices import JobStatus
+    from inference.models import DepthJob
+    from inference.selectors import depth_job_file
+    from models_registry.exceptions import NotFoundError
+
+    secret = tmp_path / "secret_key"
+    secret.write_text("server secret")
+    media = Path(settings.MEDIA_ROOT)
+    (media / "results").mkdir(parents=True)
+    job = DepthJob.objects.create(image="uploads/x.jpg", image_sha256="0" * 64, image_size=1, model_name="MiDaS_small",
+                                  outputs=["png", "npy"], colormap="inferno", status=JobStatus.SUCCEEDED,
+                                  result_files={"png": os.path.relpath(secret, media), "npy": str(secret)})
+    for fmt in ("png", "npy"):
+        with pytest.raises(NotFoundError):
+            depth_job_file(job=job, fmt=fmt)
+    own = media / "results" / str(job.pk) / "x.png"
+    own.parent.mkdir()
+    own.write_bytes(b"png")
+    DepthJob.objects.filter(pk=job.pk).update(result_files={"png": f"results/{job.pk}/x.png"})
+    job.refresh_from_db()
+    assert depth_job_file(job=job, fmt="png").path == own
