@@ -669,6 +669,15 @@ def _fail_interrupted(model: RegisteredModel, keep: WeightDownload | None) -> No
         logger.warning("marked %d interrupted download(s) of %s as failed", count, model.name)
 
 
+def download_is_running_elsewhere(*, download: WeightDownload) -> bool:
+    """Whether a live process is carrying out this row now (it is running and its model's lock is held).
+
+    The broker hands a task out again after the job retry time, which a long download outlives: such a
+    second delivery must leave the transfer to the process that runs it, not queue up behind its lock.
+    """
+    return download.status == DownloadStatus.RUNNING and not _is_stale(download)
+
+
 def _is_stale(download: WeightDownload) -> bool:
     if download.status == DownloadStatus.RUNNING:
         return cachefs.lock_is_free(cachefs.lock_path(download.model.name))  # running rows hold the lock; a free lock means the holder died

@@ -731,3 +731,14 @@ def test_the_download_task_is_queued_with_its_own_timeout(small_model, settings,
     # The default fits the largest file (1.4 GB) on a 5 Mbit/s link, which no depth job's timeout does.
     from depthsite import env
     assert env.DOWNLOAD_TIMEOUT > 1.4e9 * 8 / 5e6 > env.JOB_TIMEOUT
+
+
+def test_a_redelivered_download_task_leaves_the_running_transfer_alone(small_model, monkeypatch):
+    from models_registry.tasks import download_run
+
+    monkeypatch.setattr(download_service, "LOCK_WAIT_SECONDS", 1)
+    row = WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.RUNNING)
+    with cachefs.locked("MiDaS_small"):  # the first delivery, still transferring
+        assert download_run(row.pk) == "running elsewhere"
+    row.refresh_from_db()
+    assert row.status == DownloadStatus.RUNNING and row.error == ""
