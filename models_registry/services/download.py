@@ -218,7 +218,13 @@ def _healthy_files(model: RegisteredModel) -> list[WeightFile]:
     """Usable cached files of the model, best first; files found missing or damaged are marked so on the way."""
     healthy = []
     for weight_file in weight_files_usable(model=model):
-        problem = _quick_problem(weight_file, cachefs.absolute(weight_file.path))
+        try:
+            path = cachefs.absolute(weight_file.path)
+        except ValidationError:
+            # A record whose path leads outside the cache is never read; a good download re-uses its row.
+            weight_mark_corrupt(weight_file=weight_file, reason="its recorded path leads outside the cache")
+            continue
+        problem = _quick_problem(weight_file, path)
         if problem is not None:
             health, reason = problem
             if health == Health.CORRUPT:

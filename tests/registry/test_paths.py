@@ -224,3 +224,23 @@ def test_a_result_path_forced_outside_media_is_not_served(db, settings, tmp_path
     DepthJob.objects.filter(pk=job.pk).update(result_files={"png": f"results/{job.pk}/x.png"})
     job.refresh_from_db()
     assert depth_job_file(job=job, fmt="png").path == own
+
+
+def test_a_record_forced_outside_is_never_loaded_and_a_download_replaces_it(small_model, small_pt, tmp_path,
+                                                                            settings):
+    from models_registry.services.download import weights_resolve
+
+    outside = tmp_path / "outside.pt"
+    small_pt.rename(outside)  # valid weights: reading them would "work", which is the danger
+    row = WeightFile.objects.create(model=small_model, format="pt", path=str(outside), size=outside.stat().st_size,
+                                    sha256="0" * 64, health=Health.OK, node="test-node")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    os.link(outside, mirror / small_model.file_name)
+    settings.DEPTHSITE_MODEL_MIRROR = mirror.as_uri()
+
+    weight_file = weights_resolve(model=small_model)
+
+    assert weight_file.pk == row.pk  # the same row, now describing a file inside the cache
+    assert weight_file.path == f"MiDaS_small/{small_model.file_name}"
+    assert cachefs.absolute(weight_file.path).is_file() and outside.is_file()
