@@ -16,6 +16,10 @@ $(STAMP): requirements.txt requirements-dev.txt | $(PY)
 
 install: $(STAMP)
 
+# The local site: DJANGO_DEBUG is off by default (debug pages show settings and tracebacks); `make run`
+# turns it on unless set, which also serves static files and keeps a generated key in var/secret_key.
+migrate run: export DJANGO_DEBUG ?= 1
+
 migrate: install
 	$(PY) manage.py migrate --noinput
 

@@ -35,6 +35,7 @@ def site_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DEPTHSITE_", "DJANGO_"))}
     env.update({
         "DJANGO_SETTINGS_MODULE": "depthsite.settings",
+        "DJANGO_SECRET_KEY": "bench-only",  # DEBUG is off by default, and then a key is required
         "DATABASE_URL": f"sqlite:///{BENCH_DIR / 'site' / 'db.sqlite3'}",
         "DEPTHSITE_VAR_DIR": str(BENCH_DIR / "site" / "var"),
         "DEPTHSITE_CACHE_DIR": str(BENCH_DIR / "site" / "cache"),

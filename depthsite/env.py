@@ -83,10 +83,13 @@ def get_list(name: str, default: list[str]) -> list[str]:
 
 # --- Django core -------------------------------------------------------------------------------
 SECRET_KEY = get_str("DJANGO_SECRET_KEY", "")
-DEBUG = get_bool("DJANGO_DEBUG", True)
+# Off unless asked for: debug pages show settings and tracebacks to anyone. `make run` turns it on locally.
+DEBUG = get_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = get_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = get_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 LOG_LEVEL = get_str("DEPTHSITE_LOG_LEVEL", "WARNING").upper()
+# Only to recognise the test settings, which bring their own secret key (see settings/base.py).
+SETTINGS_MODULE = get_str("DJANGO_SETTINGS_MODULE", "")
 
 # --- storage and services ----------------------------------------------------------------------
 VAR_DIR = Path(get_str("DEPTHSITE_VAR_DIR", str(BASE_DIR / "var")))
@@ -115,6 +118,8 @@ MAX_IMAGE_PIXELS = get_int("DEPTHSITE_MAX_IMAGE_PIXELS", 50_000_000)
 QUEUE_NAME = get_str("DEPTHSITE_QUEUE_NAME", "depthsite")
 WORKERS = get_int("DEPTHSITE_WORKERS", 1)
 JOB_TIMEOUT = get_int("DEPTHSITE_JOB_TIMEOUT", 600)
+# A download task's own limit: the largest file (1.4 GB) on a slow link (~1 Mbit/s) fits in 3 hours.
+DOWNLOAD_TIMEOUT = get_int("DEPTHSITE_DOWNLOAD_TIMEOUT", 3 * 3600)
 JOB_MAX_ATTEMPTS = get_int("DEPTHSITE_JOB_MAX_ATTEMPTS", 3)
 WORKER_MAX_RSS_KB = get_int("DEPTHSITE_WORKER_MAX_RSS_KB", 8 * 1024 * 1024)
 REUSE_RESULTS = get_bool("DEPTHSITE_REUSE_RESULTS", True)

@@ -14,6 +14,7 @@ from inference.choices import JobStatus
 from inference.images import BROWSER_IMAGE_TYPES
 from inference.models import DepthJob
 from inference.writers import CONTENT_TYPES, OUTPUT_FORMATS, SUFFIXES
+from models_registry import cachefs
 from models_registry.exceptions import ApplicationError, NotFoundError
 from models_registry.models import RegisteredModel
 from models_registry.selectors import download_active, model_list, weight_files_usable
@@ -70,7 +71,11 @@ class ResultFile:
 def depth_job_file(*, job: DepthJob, fmt: str) -> ResultFile:
     """One output of a finished job, with its content type and a file name for downloads."""
     relative = (job.result_files or {}).get(fmt) if job.status == JobStatus.SUCCEEDED else None
-    path = Path(settings.MEDIA_ROOT) / relative if relative else None
+    try:
+        # A recorded path never leads outside MEDIA_ROOT, whatever the row holds.
+        path = cachefs.contained(Path(settings.MEDIA_ROOT), relative) if relative else None
+    except ApplicationError:
+        path = None
     if path is None or not path.is_file():
         raise NotFoundError(f"prediction {job.pk} has no {fmt!r} output"
                             + ("" if job.status == JobStatus.SUCCEEDED else f" (it is {job.status})"),

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Iterator
 from django.conf import settings
 from filelock import FileLock, Timeout
 
-from models_registry.exceptions import ConflictError, DiskFullError
+from models_registry.exceptions import ConflictError, DiskFullError, ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,52 @@ TEMP_PREFIX = ".tmp-"
 PARTIAL_SUFFIX = ".part"
 LOCK_DIR = ".locks"
 COPY_CHUNK = 4 * 1024 * 1024
+
+
+# A model name or a file name becomes one path component: a letter or digit first (so never "", "." or
+# "..", nor a hidden or temporary name), then letters, digits and . _ - + only (no separator, no control).
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+RESERVED_SUFFIXES = (PARTIAL_SUFFIX, PARTIAL_SUFFIX + ".json", ".lock")
+
+
+def name_problem(value: str) -> str:
+    """Why `value` cannot be one file or folder name in the cache ("" when it can)."""
+    if not isinstance(value, str) or not value:
+        return "is empty"
+    if "/" in value or "\\" in value:
+        return "must be a single name, without / or \\"
+    if value.startswith("."):
+        return "must not start with a dot (relative, hidden and temporary names are reserved)"
+    if not _NAME_RE.fullmatch(value):
+        return "may hold only letters, digits and . _ - + (starting with a letter or digit)"
+    if value.endswith(RESERVED_SUFFIXES):
+        return f"must not end with {', '.join(RESERVED_SUFFIXES)} (reserved for partial files and locks)"
+    return ""
+
+
+def safe_name(value: str, *, what: str) -> str:
+    """`value` when it is a usable single path component; ValidationError naming `what` otherwise."""
+    problem = name_problem(value)
+    if problem:
+        raise ValidationError(f"{what} {value!r} {problem}", extra={"kind": "unsafe_name", "value": str(value)})
+    return value
+
+
+def contained(root: Path, *parts: str | Path) -> Path:
+    """`root / parts`, refused unless it lies strictly inside `root` once `..` and symlinks are resolved.
+
+    Every path built from a name (a model's folder, a record's relative path, a mirror file) goes through
+    here, so a name such as `/tmp/x` or `../..` can never make a read, write or delete happen elsewhere.
+    """
+    root = Path(root)
+    candidate = root.joinpath(*parts)
+    base = root.resolve()
+    resolved = candidate.resolve()
+    if resolved == base or not resolved.is_relative_to(base):
+        shown = "/".join(str(part) for part in parts)
+        raise ValidationError(f"the path {shown!r} leads outside its folder; refused",
+                              extra={"kind": "unsafe_path", "path": shown})
+    return candidate
 
 
 def cache_root() -> Path:
@@ -34,14 +81,20 @@ def node_name() -> str:
     return settings.DEPTHSITE_NODE
 
 
+def model_folder(model_name: str) -> Path:
+    """The model's folder in the cache, without creating it."""
+    return contained(cache_root(), safe_name(model_name, what="the model name"))
+
+
 def model_dir(model_name: str) -> Path:
-    path = cache_root() / model_name
+    path = model_folder(model_name)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def absolute(relative_path: str) -> Path:
-    return cache_root() / relative_path
+    """The file a record's relative path names, inside the cache (ValidationError otherwise)."""
+    return contained(cache_root(), relative_path)
 
 
 def relative(path: Path) -> str:
@@ -56,7 +109,7 @@ def is_temporary(path: Path) -> bool:
 def lock_path(model_name: str) -> Path:
     folder = cache_root() / LOCK_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{model_name}.lock"
+    return contained(folder, f"{safe_name(model_name, what='the model name')}.lock")
 
 
 def model_lock(model_name: str, timeout: float = -1) -> FileLock:
@@ -157,13 +210,25 @@ def copy_with_sha256(source: Path, dest: Path) -> str:
 
 
 def remove_file(path: Path) -> int:
-    """Delete a file; the bytes it freed (0 if it was already gone)."""
+    """Delete a file (a symlink itself, never its target); the bytes it freed (0 if it was already gone)."""
     try:
-        size = path.stat().st_size
+        size = path.lstat().st_size
         path.unlink()
         return size
     except FileNotFoundError:
         return 0
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of the file at `path` itself (not a symlink's target); None when absent.
+
+    A plan remembers what it saw with this, so that deleting later can tell a replaced file from the same one.
+    """
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def disk_free(path: Path) -> int:

@@ -1,21 +1,35 @@
 """Records of the registry: catalogue models, the weight files cached for them, and their downloads."""
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
 
+from models_registry import cachefs
 from models_registry.choices import Architecture, DownloadStatus, Health, WeightFormat
 
 
+def validate_path_name(value: str) -> None:
+    """A model or file name becomes a folder or file of the cache: one plain name, never a path."""
+    problem = cachefs.name_problem(value)
+    if problem:
+        raise ValidationError("%(value)r " + problem.replace("%", "%%"), code="unsafe_name",
+                              params={"value": value})
+
+
 class RegisteredModel(models.Model):
-    name = models.CharField(max_length=64, unique=True, help_text="Canonical name, e.g. MiDaS_small.")
+    name = models.CharField(max_length=64, unique=True, validators=[validate_path_name],
+                            help_text="Canonical name, e.g. MiDaS_small: letters, digits and . _ - + (it names "
+                                      "the model's cache folder).")
     display_name = models.CharField(max_length=128)
     architecture = models.CharField(max_length=32, choices=Architecture.choices)
     aliases = models.JSONField(default=list, blank=True, help_text="Other accepted names (case-insensitive).")
     description = models.TextField(blank=True)
     source_url = models.URLField(max_length=500, blank=True)
-    file_name = models.CharField(max_length=255, help_text="Name of the released checkpoint file.")
+    file_name = models.CharField(max_length=255, validators=[validate_path_name],
+                                 help_text="Name of the released checkpoint file, e.g. midas_v21_small_256.pt "
+                                           "(a plain file name, no folders).")
     expected_size = models.BigIntegerField(null=True, blank=True, help_text="Bytes of the released file.")
     expected_sha256 = models.CharField(
         max_length=64, blank=True, help_text="sha256 of the released file; empty until pinned."

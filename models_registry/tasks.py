@@ -21,6 +21,11 @@ def download_run(download_id: int) -> str:
     if download.status in DownloadStatus.TERMINAL:
         # A re-delivery of a task that already ran (its worker died after finishing): never transfer twice.
         return download.status
+    from models_registry.services.download import download_is_running_elsewhere
+
+    if download_is_running_elsewhere(download=download):
+        # Re-delivered while the first delivery still transfers (downloads outlive the broker's retry time).
+        return "running elsewhere"
     try:
         weight_download(model=download.model, fmt=download.format, download=download, progress=False)
     except ApplicationError as exc:

@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 HOST=${DEPTHSITE_HOST:-127.0.0.1}
 PORT=${DEPTHSITE_PORT:-8000}
+# The local default: debug on (static files served by runserver, a key generated into var/secret_key).
+export DJANGO_DEBUG=${DJANGO_DEBUG:-1}
 export DEPTHSITE_PUBLIC_UPLOADS=${DEPTHSITE_PUBLIC_UPLOADS:-1}
 export DEPTHSITE_PUBLIC_STATUS=${DEPTHSITE_PUBLIC_STATUS:-1}
 export DEPTHSITE_LOG_LEVEL=${DEPTHSITE_LOG_LEVEL:-INFO}

@@ -1,4 +1,5 @@
 """Django core: apps, middleware, templates, static and media files, security."""
+import os
 import secrets
 
 from django.core.exceptions import ImproperlyConfigured
@@ -11,21 +12,42 @@ ALLOWED_HOSTS = env.ALLOWED_HOSTS
 CSRF_TRUSTED_ORIGINS = env.CSRF_TRUSTED_ORIGINS
 
 
+TEST_SETTINGS_MODULE = "depthsite.settings.test"
+
+
 def _secret_key() -> str:
+    """DJANGO_SECRET_KEY; else the local key in var/secret_key (created by a debug run such as `make run`)."""
     if env.SECRET_KEY:
         return env.SECRET_KEY
-    if not env.DEBUG:
-        raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off")
-    # A local key that survives restarts, so sessions stay valid across `make run`s.
     key_file = env.VAR_DIR / "secret_key"
     try:
+        # A local key that survives restarts, so sessions stay valid across `make run`s, and the commands
+        # run beside it (createsuperuser, models ...) sign with the same key.
         return key_file.read_text().strip()
     except FileNotFoundError:
-        env.VAR_DIR.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(50)
-        key_file.write_text(key)
-        key_file.chmod(0o600)
-        return key
+        pass
+    if env.SETTINGS_MODULE == TEST_SETTINGS_MODULE:
+        return ""  # the test settings set their own key
+    if not env.DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off (the default); for a local site, `make run` "
+            f"turns debug on and keeps a generated key in {key_file}"
+        )
+    env.VAR_DIR.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    # Written whole under a temporary name, then linked: the web server and the task cluster start
+    # together, and the one that loses the race reads the winner's complete key.
+    tmp = key_file.with_name(f".secret_key-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    try:
+        os.link(tmp, key_file)
+    except FileExistsError:
+        key = key_file.read_text().strip()
+    finally:
+        os.unlink(tmp)
+    return key
 
 
 SECRET_KEY = _secret_key()

@@ -24,6 +24,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # concurrency test) then get SQLite's real locking with WAL and the busy timeout, as in production.
     _scratch.mkdir(parents=True, exist_ok=True)
     DATABASES["default"]["TEST"] = {"NAME": str(_scratch / f"test-db-{os.getpid()}.sqlite3")}
+# A fixed key for tests only: DEBUG is off (as Django's test runner wants) and no key file is generated.
+SECRET_KEY = SECRET_KEY or "depthsite-tests-only-not-a-secret"  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},

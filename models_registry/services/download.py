@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
+import urllib3
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -64,6 +65,10 @@ CONNECT_TIMEOUT_SECONDS = 15
 READ_TIMEOUT_SECONDS = 60  # a stalled server fails the attempt instead of holding the model's lock forever
 CHUNK_BYTES = 1024 * 1024
 DISK_MARGIN_BYTES = 128 * 1024 * 1024
+# A body may exceed the catalogue's estimate of the file (fp32 tensors) by this much before it is cut off:
+# a server that sends no Content-Length (or an endless body) must not be able to fill the disk.
+SIZE_MARGIN_RATIO = 0.25
+SIZE_MARGIN_BYTES = 64 * 1024 * 1024
 PROGRESS_INTERVAL_SECONDS = 0.5
 LOCK_WAIT_SECONDS = 3 * 3600
 QUEUED_STALE_SECONDS = 24 * 3600
@@ -142,21 +147,28 @@ def _wanted_format(fmt: str | None) -> str | None:
 def download_url(*, model: RegisteredModel) -> str:
     """Where the model's file comes from: DEPTHSITE_MODEL_MIRROR + "/" + file name, else the catalogue URL."""
     mirror = (settings.DEPTHSITE_MODEL_MIRROR or "").strip()
-    file_name = model.file_name or Path(urlsplit(model.source_url).path).name
     if mirror:
+        # One plain name, quoted whole: "../x" or "a/b" cannot walk out of the mirror's folder.
+        file_name = cachefs.safe_name(model.file_name or Path(urlsplit(model.source_url).path).name,
+                                      what=f"the file name of {model.name}")
         scheme = urlsplit(mirror).scheme.lower()
         if scheme not in ("http", "https", "file"):
             raise ValidationError(
                 f"DEPTHSITE_MODEL_MIRROR={mirror!r} is not an http(s):// base URL or a file:// folder",
                 extra={"setting": "DEPTHSITE_MODEL_MIRROR"},
             )
-        return f"{mirror.rstrip('/')}/{quote(file_name)}"
+        return f"{mirror.rstrip('/')}/{quote(file_name, safe='')}"
     if not model.source_url:
         raise NotFoundError(
             f"{model.name} has no download URL; set DEPTHSITE_MODEL_MIRROR or import a local copy "
             f"(python manage.py models import PATH --model {model.name})",
             extra={"model": model.name},
         )
+    if urlsplit(model.source_url).scheme.lower() not in ("http", "https"):
+        # Only the operator's DEPTHSITE_MODEL_MIRROR may name a local folder; a catalogue entry's URL
+        # (admin-editable) must not make the server copy its own files.
+        raise ValidationError(f"the download URL of {model.name} is not an http(s):// URL",
+                              extra={"model": model.name, "field": "source_url"})
     return model.source_url
 
 
@@ -206,7 +218,13 @@ def _healthy_files(model: RegisteredModel) -> list[WeightFile]:
     """Usable cached files of the model, best first; files found missing or damaged are marked so on the way."""
     healthy = []
     for weight_file in weight_files_usable(model=model):
-        problem = _quick_problem(weight_file, cachefs.absolute(weight_file.path))
+        try:
+            path = cachefs.absolute(weight_file.path)
+        except ValidationError:
+            # A record whose path leads outside the cache is never read; a good download re-uses its row.
+            weight_mark_corrupt(weight_file=weight_file, reason="its recorded path leads outside the cache")
+            continue
+        problem = _quick_problem(weight_file, path)
         if problem is not None:
             health, reason = problem
             if health == Health.CORRUPT:
@@ -227,8 +245,8 @@ def _healthy_files(model: RegisteredModel) -> list[WeightFile]:
 
 def _partial_path(model: RegisteredModel) -> Path:
     # A stable name per (model, file), so an interrupted transfer is found and resumed by the next one.
-    file_name = model.file_name or f"{model.name}.pt"
-    return cachefs.model_dir(model.name) / f"{file_name}{cachefs.PARTIAL_SUFFIX}"
+    file_name = cachefs.safe_name(model.file_name or f"{model.name}.pt", what=f"the file name of {model.name}")
+    return cachefs.contained(cachefs.model_dir(model.name), f"{file_name}{cachefs.PARTIAL_SUFFIX}")
 
 
 def _sidecar_path(part: Path) -> Path:
@@ -309,13 +327,26 @@ def _check_disk(model: RegisteredModel, folder: Path, remaining: int) -> None:
         )
 
 
-def _expected_total(model: RegisteredModel) -> int:
+def _byte_cap(model: RegisteredModel) -> tuple[int, str]:
+    """The most bytes a transfer of the model's file may bring, and where that number comes from."""
     if model.expected_size:
-        return model.expected_size
+        return model.expected_size, "the pinned size"
     try:
-        return key_layout(model.architecture).approx_bytes
+        approx = key_layout(model.architecture).approx_bytes
     except KeyError:
-        return 0
+        approx = 0
+    if approx:
+        return int(approx * (1 + SIZE_MARGIN_RATIO)) + SIZE_MARGIN_BYTES, "the catalogue's size plus a margin"
+    return settings.DEPTHSITE_MAX_IMPORT_BYTES, "DEPTHSITE_MAX_IMPORT_BYTES"
+
+
+def _too_large(model: RegisteredModel, url: str, size: int, cap: int, source: str, *, declared: bool) -> DownloadError:
+    what = f"declares {format_size(size)}" if declared else f"sent more than {format_size(cap)}"
+    return DownloadError(
+        f"{url} {what}, beyond the {format_size(cap)} a file of {model.name} may have ({source}); the transfer "
+        "was stopped and nothing was cached. Check the URL or DEPTHSITE_MODEL_MIRROR",
+        extra={"url": url, "kind": "too_large", "limit": cap},
+    )
 
 
 def _pin_hint(model: RegisteredModel, sha256: str = "") -> str:
@@ -416,6 +447,15 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
         content_type = response.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
             raise _html_error(url, f"Content-Type {content_type}")
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # Identity was asked for: lengths, ranges and the disk check count the file's own bytes, and a
+            # small compressed body must not expand into a big file. The body is never decoded.
+            raise DownloadError(
+                f"{url} sent its body with Content-Encoding {encoding} although identity was asked; refused, "
+                "nothing was cached. Serve the file as it is (no compression) or check DEPTHSITE_MODEL_MIRROR",
+                extra={"url": url, "kind": "encoded", "encoding": encoding},
+            )
         if status == 206:
             first, total = _content_range(response.headers.get("Content-Range", ""))
             if first != offset:
@@ -435,7 +475,10 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
                 + _pin_hint(model),
                 extra={"url": url, "size": total, "expected_size": model.expected_size},
             )
-        _check_disk(model, part.parent, (total or _expected_total(model)) - offset)
+        cap, cap_source = _byte_cap(model)
+        if total is not None and total > cap:
+            raise _too_large(model, url, total, cap, cap_source, declared=True)
+        _check_disk(model, part.parent, (total if total is not None else cap) - offset)
         if offset == 0:
             # Written before the first body byte, so a transfer killed at any point can be resumed.
             _write_sidecar(part, url=url, etag=response.headers.get("ETag", ""),
@@ -447,19 +490,25 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
                 handle.seek(offset)
                 handle.truncate()
                 sniff = offset == 0
-                try:
-                    for chunk in response.iter_content(CHUNK_BYTES):
-                        if sniff and chunk:
-                            if chunk.lstrip()[:64].lower().startswith(HTML_STARTS):
-                                raise _html_error(url, "the body is HTML")
-                            sniff = False
-                        _append(handle, chunk)
-                        digest.update(chunk)
-                        progress.advance(len(chunk))
-                except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError,
-                        requests.Timeout) as exc:
-                    handle.flush()
-                    raise _TransientError(f"the connection broke after {format_size(progress.done)}: {exc}") from None
+                while True:
+                    try:
+                        # The raw stream, never decoded (see Content-Encoding above); chunked framing is undone.
+                        chunk = response.raw.read(CHUNK_BYTES, decode_content=False)
+                    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                        handle.flush()
+                        raise _TransientError(
+                            f"the connection broke after {format_size(progress.done)}: {exc}") from None
+                    if not chunk:
+                        break
+                    if sniff:
+                        if chunk.lstrip()[:64].lower().startswith(HTML_STARTS):
+                            raise _html_error(url, "the body is HTML")
+                        sniff = False
+                    if progress.done + len(chunk) > cap:
+                        raise _too_large(model, url, progress.done + len(chunk), cap, cap_source, declared=False)
+                    _append(handle, chunk)
+                    digest.update(chunk)
+                    progress.advance(len(chunk))
                 handle.flush()
                 os.fsync(handle.fileno())
         finally:
@@ -501,11 +550,16 @@ def _http_fetch(*, model: RegisteredModel, url: str, part: Path, show: bool,
 def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
                download: WeightDownload | None) -> _Fetched:
     """Copy from a file:// mirror into `part` with the same hashing and checks as a transfer (never resumed)."""
-    source = Path(url2pathname(urlsplit(url).path))
+    folder_url, _, quoted_name = url.rpartition("/")
+    folder = Path(url2pathname(urlsplit(folder_url).path))
+    source = cachefs.contained(folder, cachefs.safe_name(unquote(quoted_name), what="the mirror file name"))
     if not source.is_file():
         raise DownloadError(f"the mirror folder {source.parent} has no file {source.name} ({url})",
                             extra={"url": url, "status": 404})
     total = source.stat().st_size
+    cap, cap_source = _byte_cap(model)
+    if total > cap:
+        raise _too_large(model, url, total, cap, cap_source, declared=True)
     _discard(part)
     _check_disk(model, part.parent, total)
     digest = hashlib.sha256()
@@ -513,6 +567,8 @@ def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
     try:
         with cachefs.disk_full_as_error(part), open(source, "rb") as reader, open(part, "wb") as handle:
             while chunk := reader.read(CHUNK_BYTES):
+                if progress.done + len(chunk) > cap:  # the file grew while it was copied
+                    raise _too_large(model, url, progress.done + len(chunk), cap, cap_source, declared=False)
                 _append(handle, chunk)
                 digest.update(chunk)
                 progress.advance(len(chunk))
@@ -619,6 +675,15 @@ def _fail_interrupted(model: RegisteredModel, keep: WeightDownload | None) -> No
         logger.warning("marked %d interrupted download(s) of %s as failed", count, model.name)
 
 
+def download_is_running_elsewhere(*, download: WeightDownload) -> bool:
+    """Whether a live process is carrying out this row now (it is running and its model's lock is held).
+
+    The broker hands a task out again after the job retry time, which a long download outlives: such a
+    second delivery must leave the transfer to the process that runs it, not queue up behind its lock.
+    """
+    return download.status == DownloadStatus.RUNNING and not _is_stale(download)
+
+
 def _is_stale(download: WeightDownload) -> bool:
     if download.status == DownloadStatus.RUNNING:
         return cachefs.lock_is_free(cachefs.lock_path(download.model.name))  # running rows hold the lock; a free lock means the holder died
@@ -634,11 +699,17 @@ def _transfer(*, model: RegisteredModel, url: str, show: bool,
     fetch = _file_copy if url.startswith("file:") else _http_fetch
     try:
         fetched = fetch(model=model, url=url, part=part, show=show, download=download)
-        weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url)
     except ApplicationError as exc:
         # Bad bytes are never kept; only a transfer that gave up on a flaky server keeps them to resume.
         if not exc.extra.get("resumable"):
             _discard(part)
+        raise
+    try:
+        weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url)
+    except Exception:
+        # Whatever way the complete bytes failed acceptance (a clear error, or a reader that tripped over a
+        # malformed header), they are never resumed into: the next download starts from zero.
+        _discard(part)
         raise
     return fetched, weight_file, pinned
 
@@ -728,8 +799,10 @@ def download_enqueue(*, model: RegisteredModel, fmt: str | None = None, requeste
 def _queue_download(download_id: int) -> None:
     from django_q.tasks import async_task
 
+    # Downloads get their own timeout: 1.4 GB on a 5 Mbit/s link takes ~40 min, far past a depth job's. A
+    # worker stopped at the timeout keeps the partial file, and the next attempt resumes it.
     task_id = async_task("models_registry.tasks.download_run", download_id, task_name=f"download-{download_id}",
-                         group="downloads")
+                         group="downloads", timeout=settings.DEPTHSITE_DOWNLOAD_TIMEOUT)
     WeightDownload.objects.filter(pk=download_id).update(task_id=task_id or "")
 
 

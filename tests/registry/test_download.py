@@ -599,3 +599,146 @@ def test_killed_download_leaves_no_final_file_and_the_next_one_resumes(file_db, 
     assert last.status == 206 and last.range == f"bytes={kept}-"
     assert result.weight_file.sha256 == served["sha256"]
     assert sorted(p.name for p in (cache / "MiDaS_small").iterdir()) == [FILE_NAME]
+
+
+# --- hostile servers: byte caps, encodings, rejected bytes, the task's own timeout -------------------
+
+
+def test_a_body_without_content_length_still_downloads(small_model, mirror, served):
+    mirror.configure(length=False)
+    result = weight_download(model=small_model)
+    assert result.weight_file.sha256 == served["sha256"] and result.bytes_transferred == served["size"]
+
+
+def test_an_endless_body_is_cut_at_the_pinned_size(small_model, mirror, served):
+    small_model.expected_size = served["size"]
+    small_model.save()
+    mirror.configure(endless=True)
+
+    with pytest.raises(DownloadError) as caught:
+        weight_download(model=small_model)
+
+    assert caught.value.extra["kind"] == "too_large" and caught.value.extra["limit"] == served["size"]
+    assert "the pinned size" in caught.value.message
+    assert _leftovers() == [] and not WeightFile.objects.exists()
+    assert len(mirror.gets()) == 1  # not retried: more bytes will not make it fit
+
+
+def test_an_endless_body_is_cut_at_the_catalogue_size_when_nothing_is_pinned(small_model, mirror, served,
+                                                                             monkeypatch):
+    monkeypatch.setattr(download_service, "SIZE_MARGIN_RATIO", 0.0)
+    monkeypatch.setattr(download_service, "SIZE_MARGIN_BYTES", 2 * MB)
+    mirror.configure(endless=True)
+
+    with pytest.raises(DownloadError) as caught:
+        weight_download(model=small_model)
+
+    cap = caught.value.extra["limit"]
+    assert served["size"] < cap <= served["size"] + 3 * MB
+    assert "sent more than" in caught.value.message
+    _assert_nothing_cached(small_model)
+
+
+def test_a_declared_length_beyond_the_cap_is_refused_before_a_byte_is_written(small_model, mirror):
+    mirror.configure(endless=True, declared_length=50 * 1000**3)
+
+    with pytest.raises(DownloadError) as caught:
+        weight_download(model=small_model)
+
+    assert "declares 50.00 GB" in caught.value.message
+    _assert_nothing_cached(small_model)
+
+
+def test_entries_without_a_catalogue_size_are_capped_by_the_import_limit(small_model, mirror, settings):
+    from models_registry.models import RegisteredModel
+
+    RegisteredModel.objects.filter(pk=small_model.pk).update(architecture="custom_arch")
+    small_model.refresh_from_db()
+    settings.DEPTHSITE_MAX_IMPORT_BYTES = 4 * MB
+    mirror.configure(length=False)
+
+    with pytest.raises(DownloadError) as caught:
+        weight_download(model=small_model)
+
+    assert caught.value.extra["limit"] == 4 * MB and "DEPTHSITE_MAX_IMPORT_BYTES" in caught.value.message
+    assert _leftovers() == []
+
+
+def test_a_gzip_encoded_body_is_refused_not_decoded(small_model, mirror):
+    mirror.configure(gzip=True)
+
+    with pytest.raises(DownloadError) as caught:
+        weight_download(model=small_model)
+
+    assert caught.value.extra["kind"] == "encoded" and "Content-Encoding gzip" in caught.value.message
+    _assert_nothing_cached(small_model)
+
+
+def _bad_bytes(kind: str, served) -> bytes:
+    if kind == "safetensors_header":  # an entry without data_offsets
+        header = json.dumps({"pretrained.layer1.0.weight": {"dtype": "F32", "shape": [1]}}).encode()
+        return len(header).to_bytes(8, "little") + header + b"\0" * 4
+    if kind == "lfs_pointer":
+        return (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + served["sha256"].encode()
+                + f"\nsize {served['size']}\n".encode())
+    if kind == "html":
+        return b"<!DOCTYPE html><html><body>rate limited</body></html>\n"
+    return served["path"].read_bytes()  # "wrong_hash": good weights, but not the pinned ones
+
+
+@pytest.mark.parametrize("kind", ["safetensors_header", "lfs_pointer", "html", "wrong_hash"])
+def test_bytes_that_fail_acceptance_are_discarded_never_resumed(small_model, settings, served, tmp_path, kind):
+    root = tmp_path / "hostile"
+    root.mkdir()
+    (root / FILE_NAME).write_bytes(_bad_bytes(kind, served))
+    if kind == "wrong_hash":
+        model_pin(model=small_model, sha256="cd" * 32, source="operator")
+    with WeightServer(root) as hostile:
+        settings.DEPTHSITE_MODEL_MIRROR = hostile.url
+        with pytest.raises(Exception):
+            weight_download(model=small_model)
+        assert _leftovers() == []  # no .part, no sidecar: nothing for the next download to resume
+
+        # The next download starts from zero (no Range) and gets the good file.
+        if kind == "wrong_hash":
+            model_pin(model=small_model, reset=True)
+        os.replace(_copy(served["path"], tmp_path), root / FILE_NAME)
+        hostile.reset_counters()
+        result = weight_download(model=small_model)
+        assert [(r.status, r.range) for r in hostile.gets()] == [(200, None)]
+        assert result.weight_file.sha256 == served["sha256"] and result.resumed_from == 0
+
+
+def _copy(path: Path, folder: Path) -> Path:
+    copy = folder / f"good-{path.name}"
+    shutil.copyfile(path, copy)
+    return copy
+
+
+def test_the_download_task_is_queued_with_its_own_timeout(small_model, settings, monkeypatch,
+                                                          django_capture_on_commit_callbacks):
+    import django_q.tasks
+
+    calls = []
+    monkeypatch.setattr(django_q.tasks, "async_task", lambda *args, **kwargs: calls.append((args, kwargs)) or "t1")
+    settings.DEPTHSITE_DOWNLOAD_TIMEOUT = 12345
+    with django_capture_on_commit_callbacks(execute=True):
+        download = download_enqueue(model=small_model)
+
+    (args, kwargs), = calls
+    assert args == ("models_registry.tasks.download_run", download.pk)
+    assert kwargs["timeout"] == 12345 and kwargs["group"] == "downloads"
+    # The default fits the largest file (1.4 GB) on a 5 Mbit/s link, which no depth job's timeout does.
+    from depthsite import env
+    assert env.DOWNLOAD_TIMEOUT > 1.4e9 * 8 / 5e6 > env.JOB_TIMEOUT
+
+
+def test_a_redelivered_download_task_leaves_the_running_transfer_alone(small_model, monkeypatch):
+    from models_registry.tasks import download_run
+
+    monkeypatch.setattr(download_service, "LOCK_WAIT_SECONDS", 1)
+    row = WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.RUNNING)
+    with cachefs.locked("MiDaS_small"):  # the first delivery, still transferring
+        assert download_run(row.pk) == "running elsewhere"
+    row.refresh_from_db()
+    assert row.status == DownloadStatus.RUNNING and row.error == ""

@@ -25,6 +25,7 @@ class Site:
         env = {key: value for key, value in os.environ.items() if not key.startswith(("DEPTHSITE_", "DJANGO_"))}
         env.update({
             "DJANGO_SETTINGS_MODULE": "depthsite.settings",
+            "DJANGO_SECRET_KEY": "tests-only",  # DEBUG is off by default, and then a key is required
             "DATABASE_URL": f"sqlite:///{self.root / 'db.sqlite3'}",
             "DEPTHSITE_VAR_DIR": str(self.root / "var"),
             "DEPTHSITE_CACHE_DIR": str(self.cache_dir),

@@ -2,13 +2,16 @@
 
 In-process: `with WeightServer(folder) as server: ... server.url_for("x.pt")`; `server.configure(...)` sets
 the behaviour (no Range support, drop the connection after N bytes, an HTML page, an error status n times,
-a byte rate), and `server.requests` / `server.bytes_sent` say what was asked for and sent.
-As a process: `python -m tests.support.weightserver DIR [--port P] [--no-range] [--rate BYTES_PER_S]`.
+a byte rate, no Content-Length, an endless body, a gzip-encoded body, a lying Content-Length), and
+`server.requests` / `server.bytes_sent` say what was asked for and sent.
+As a process: `python -m tests.support.weightserver DIR [--port P] [--no-range] [--rate BYTES_PER_S] [--no-length]
+[--endless] [--gzip]`.
 """
 from __future__ import annotations
 
 import argparse
 import email.utils
+import gzip
 import re
 import signal
 import socket
@@ -39,6 +42,11 @@ class Behaviour:
     status: int | None = None  # answer this status ...
     status_times: int = 1  # ... this many times (-1: always), then serve normally
     rate: float | None = None  # bytes per second of the body (slow mode)
+    length: bool = True  # send Content-Length; off: the body ends when the connection closes
+    endless: bool = False  # after the file, keep sending filler bytes until the client hangs up ...
+    endless_bytes: int = 256 * 1024 * 1024  # ... or this many were sent (a client without a cap must not fill the disk)
+    gzip: bool = False  # send the file gzip-compressed with Content-Encoding: gzip (whatever was asked)
+    declared_length: int | None = None  # a Content-Length that lies (with endless, a huge one)
 
 
 @dataclass
@@ -134,11 +142,18 @@ class _Handler(BaseHTTPRequestHandler):
                     return None
                 status = 206
 
+        if behaviour.gzip:
+            return self._serve_gzip(path, etag, head)
         served = self._record(status)
         length = end - start + 1
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(length))
+        if behaviour.declared_length is not None:
+            self.send_header("Content-Length", str(behaviour.declared_length))
+        elif behaviour.length and not behaviour.endless:
+            self.send_header("Content-Length", str(length))
+        else:
+            self.close_connection = True  # HTTP/1.0 style: the end of the body is the end of the connection
         if behaviour.ranges:
             self.send_header("Accept-Ranges", "bytes")
         if status == 206:
@@ -174,6 +189,26 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
                 if behaviour.rate:
                     time.sleep(len(chunk) / behaviour.rate)
+        if behaviour.endless:
+            filler = b"\x00" * CHUNK
+            left = behaviour.endless_bytes
+            while left > 0 and self._send(filler, served):  # until the client hangs up
+                left -= len(filler)
+                if behaviour.rate:
+                    time.sleep(len(filler) / behaviour.rate)
+        return None
+
+    def _serve_gzip(self, path: Path, etag: str, head: bool) -> None:
+        body = gzip.compress(path.read_bytes(), compresslevel=1)
+        served = self._record(200)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", etag)
+        self.end_headers()
+        if not head:
+            self._send(body, served)
         return None
 
     def _send(self, chunk: bytes, served: Served) -> bool:
@@ -260,11 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
     parser.add_argument("--no-range", action="store_true", help="ignore Range requests (always 200)")
     parser.add_argument("--rate", type=float, help="bytes per second (slow mode)")
+    parser.add_argument("--no-length", action="store_true", help="send no Content-Length (close to end the body)")
+    parser.add_argument("--endless", action="store_true", help="after the file, send filler bytes forever")
+    parser.add_argument("--gzip", action="store_true", help="send bodies gzip-encoded (Content-Encoding: gzip)")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")
     server = WeightServer(args.folder, port=args.port)
-    server.configure(ranges=not args.no_range, rate=args.rate)
+    server.configure(ranges=not args.no_range, rate=args.rate, length=not args.no_length, endless=args.endless,
+                     gzip=args.gzip)
     print(f"serving {server.root} at {server.url}/ (Ctrl-C to stop)", flush=True)
     # SIGTERM stops it like Ctrl-C (a background job ignores SIGINT), so the request log is printed either way.
     signal.signal(signal.SIGTERM, _interrupt)

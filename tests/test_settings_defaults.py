@@ -1,0 +1,46 @@
+"""Safe defaults: DEBUG is off unless asked for, and a site without DEBUG needs a real secret key."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _manage(tmp_path: Path, *args: str, **env_values: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DEPTHSITE_", "DJANGO_"))}
+    env.update({"DJANGO_SETTINGS_MODULE": "depthsite.settings", "DEPTHSITE_VAR_DIR": str(tmp_path / "var"),
+                "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", **env_values})
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "manage.py"), *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_debug_is_off_without_the_variable_and_then_a_key_is_required(tmp_path):
+    probe = "from django.conf import settings; print('DEBUG', settings.DEBUG)"
+    result = _manage(tmp_path, "shell", "-c", probe)
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off" in result.stderr
+    assert not (tmp_path / "var" / "secret_key").exists()
+
+    with_key = _manage(tmp_path, "shell", "-c", probe, DJANGO_SECRET_KEY="a-key-from-the-operator")
+    assert with_key.returncode == 0, with_key.stderr
+    assert "DEBUG False" in with_key.stdout
+
+
+def test_a_debug_run_keeps_a_private_key_that_later_commands_reuse(tmp_path):
+    probe = "from django.conf import settings; print('DEBUG', settings.DEBUG, 'KEY', settings.SECRET_KEY)"
+    local = _manage(tmp_path, "shell", "-c", probe, DJANGO_DEBUG="1")
+    assert local.returncode == 0, local.stderr
+    key_file = tmp_path / "var" / "secret_key"
+    key = key_file.read_text().strip()
+    assert len(key) >= 50 and f"DEBUG True KEY {key}" in local.stdout
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert not [p.name for p in key_file.parent.iterdir() if p.name != "secret_key"]  # no temporary left
+
+    # createsuperuser and friends beside `make run`: debug off, the same key.
+    later = _manage(tmp_path, "shell", "-c", probe)
+    assert later.returncode == 0, later.stderr
+    assert f"DEBUG False KEY {key}" in later.stdout
