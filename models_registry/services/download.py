@@ -52,6 +52,7 @@ from models_registry.services.weights import (
     cache_file_path,
     weight_convert,
     weight_mark_corrupt,
+    weight_pin_problem,
     weight_record,
     weights_inspect,
 )
@@ -205,15 +206,6 @@ def _quick_problem(weight_file: WeightFile, path: Path) -> tuple[str, str] | Non
     return None
 
 
-def _matches_pin(model: RegisteredModel, weight_file: WeightFile) -> bool:
-    # A re-pinned model (operator's new hash) must not keep serving the weights of the old pin.
-    if weight_file.format == WeightFormat.PT and model.expected_sha256:
-        return weight_file.sha256 == model.expected_sha256
-    if model.expected_content_digest:
-        return weight_file.content_digest == model.expected_content_digest
-    return True
-
-
 def _healthy_files(model: RegisteredModel) -> list[WeightFile]:
     """Usable cached files of the model, best first; files found missing or damaged are marked so on the way."""
     healthy = []
@@ -234,7 +226,7 @@ def _healthy_files(model: RegisteredModel) -> list[WeightFile]:
                 weight_file.save(update_fields=["health", "health_reason", "verified_at"])
                 logger.warning("%s marked %s: %s", weight_file, health, reason)
             continue
-        if _matches_pin(model, weight_file):
+        if not weight_pin_problem(model=model, weight_file=weight_file):
             healthy.append(weight_file)
     healthy.sort(key=lambda f: (f.health != Health.OK, SOURCE_PREFERENCE.index(f.format)))
     return healthy
@@ -835,7 +827,8 @@ def weights_resolve_loaded(*, model: RegisteredModel, offline: bool | None = Non
     for _ in range(RESOLVE_ROUNDS):
         weight_file = weights_resolve(model=model, offline=offline, notify=notify)
         try:
-            return weight_file, read_weights(cachefs.absolute(weight_file.path), weight_file.format)
+            return weight_file, read_weights(cachefs.absolute(weight_file.path), weight_file.format,
+                                              architecture=model.architecture)
         except (WeightFileError, OSError) as exc:
             last_error = getattr(exc, "message", None) or str(exc)
             weight_mark_corrupt(weight_file=weight_file, reason=last_error)

@@ -47,7 +47,8 @@ def test_the_page_shows_files_health_pin_progress_and_warm_workers(client, cache
     WeightFile.objects.create(model=small_model, format="h5", path="MiDaS_small/midas_v21_small_256.h5",
                               size=40_000_000, sha256="2" * 64, node="test-node", health=Health.CORRUPT,
                               health_reason="midas_v21_small_256.h5 has 10 bytes but 40000000 were recorded")
-    model_pin(model=small_model, sha256="ab" * 32)
+    # Pinning the cached file's own hash keeps it served (a different pin would stop serving it).
+    model_pin(model=small_model, sha256=cached_record.sha256)
     WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.RUNNING,
                                   bytes_done=30_000_000, bytes_total=100_000_000)
     WarmModel.objects.create(model=small_model, worker="web-1:4242", node="test-node", device="cpu",
@@ -61,7 +62,7 @@ def test_the_page_shows_files_health_pin_progress_and_warm_workers(client, cache
     assert '<span class="badge ok">ok</span>' in row and '<span class="badge corrupt">corrupt</span>' in row
     assert "has 10 bytes but 40000000 were recorded" in row and "last used never" in row
     assert "85.7 MB" in row and "40.0 MB" in row
-    assert 'title="' + "ab" * 32 + '">' + "ab" * 8 + "…" in row
+    assert 'title="' + cached_record.sha256 + '">' + cached_record.sha256[:16] + "…" in row
     assert '<span class="badge running">running</span>' in row and 'style="width: 30.0%"' in row
     assert "30.0 MB of 100.0 MB" in row and "web-1:4242" in row and "cpu/float32" in row
     assert "data-action" not in html  # not staff: no buttons
