@@ -108,3 +108,12 @@ PUBLIC_UPLOADS = get_bool("DEPTHSITE_PUBLIC_UPLOADS", False)
 PUBLIC_STATUS = get_bool("DEPTHSITE_PUBLIC_STATUS", False)
 UPLOAD_RATE = get_str("DEPTHSITE_UPLOAD_RATE", "30/hour")
 WRITE_RATE = get_str("DEPTHSITE_WRITE_RATE", "120/hour")
+
+# --- production web server (used by depthsite.settings.production only; secure unless told otherwise) --
+SECURE_SSL_REDIRECT = get_bool("DJANGO_SECURE_SSL_REDIRECT", True)
+SECURE_COOKIES = get_bool("DJANGO_SECURE_COOKIES", True)
+SECURE_HSTS_SECONDS = get_int("DJANGO_SECURE_HSTS_SECONDS", 365 * 24 * 3600)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = get_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = get_bool("DJANGO_SECURE_HSTS_PRELOAD", True)
+# The header a trusted reverse proxy sets to "https" (e.g. X-Forwarded-Proto); unset = no proxy is trusted.
+SECURE_PROXY_SSL_HEADER = get_str("DJANGO_SECURE_PROXY_SSL_HEADER", "")
