@@ -33,8 +33,12 @@ all)
     release
     "$PY" manage.py qcluster &
     cluster=$!
-    trap 'kill "$cluster" 2>/dev/null || true; wait "$cluster" 2>/dev/null || true' EXIT INT TERM
-    "$PY" -m gunicorn --config deploy/gunicorn.conf.py "$@" depthsite.wsgi:application
+    "$PY" -m gunicorn --config deploy/gunicorn.conf.py "$@" depthsite.wsgi:application &
+    web=$!
+    # Whichever stops first (or a SIGTERM/Ctrl-C to this script) stops the other, and we wait for both.
+    trap 'kill "$cluster" "$web" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+    trap 'exit 143' INT TERM
+    wait -n
     ;;
 *)
     echo "usage: scripts/serve.sh [release|web|worker|all] [gunicorn flags for web/all]" >&2
