@@ -24,13 +24,14 @@ def env_py_names() -> set[str]:
     names = set()
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.startswith("get_")
-                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)):
             names.add(node.args[0].value)
     return names
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines (comments and blank lines skipped), as systemd's EnvironmentFile and compose's env_file read them."""
+    """KEY=VALUE lines, comments and blank lines skipped (systemd EnvironmentFile and compose env_file)."""
     values = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()

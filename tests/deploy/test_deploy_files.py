@@ -1,4 +1,4 @@
-"""deploy/ and docs/deploy.md agree: each role sets the same variables, all read by depthsite/env.py, and runs the same command."""
+"""deploy/ and docs/deploy.md agree: per role the same variables (all read by depthsite/env.py) and commands."""
 from __future__ import annotations
 
 import re
@@ -12,7 +12,7 @@ WORKERS = ("worker-1", "worker-2")
 
 
 def _documented_roles() -> dict[str, set[str]]:
-    """docs/deploy.md: under each '### Environment: <role>' heading, a table whose first column names the variables."""
+    """docs/deploy.md: under each '### Environment: <role>' heading, a table naming the variables in column one."""
     roles, role = {}, None
     for line in (ROOT / "docs" / "deploy.md").read_text().splitlines():
         heading = re.match(r"### Environment: (\w+)", line)
@@ -39,7 +39,8 @@ def _roles() -> dict[str, dict[str, set[str]]]:
 def test_env_py_names_are_found():
     """The parser sees env.py's reads (so an empty set cannot make the subset checks below pass vacuously)."""
     names = env_py_names()
-    assert {"DJANGO_SECRET_KEY", "DATABASE_URL", "REDIS_URL", "DEPTHSITE_NODE", "DJANGO_SECURE_PROXY_SSL_HEADER"} <= names
+    expected = {"DJANGO_SECRET_KEY", "DATABASE_URL", "REDIS_URL", "DEPTHSITE_NODE", "DJANGO_SECURE_PROXY_SSL_HEADER"}
+    assert expected <= names
 
 
 @pytest.mark.parametrize("role", ["web", "worker"])

@@ -20,6 +20,7 @@ from tests.deploy.layout import ROOT, production_environ
 
 HOST = "depth.example.org"  # DJANGO_ALLOWED_HOSTS in deploy/env/web.env
 HTTPS = {"Host": HOST, "X-Forwarded-Proto": "https"}  # what the reverse proxy adds
+PASSWORD = "a long pass phrase 7"
 
 
 def _free_port() -> int:
@@ -62,8 +63,8 @@ def test_gunicorn_serves_pages_and_static_files_securely(tmp_path):
     release = subprocess.run(["scripts/serve.sh", "release"], cwd=ROOT, env=environ, capture_output=True, text=True,
                              timeout=240)
     assert release.returncode == 0, release.stdout + release.stderr
-    subprocess.run([sys.executable, "manage.py", "shell", "-c",
-                    "from django.contrib.auth.models import User; User.objects.create_user('ops', password='a long pass phrase 7')"],
+    create_user = "from django.contrib.auth.models import User; User.objects.create_user('ops', password=%r)"
+    subprocess.run([sys.executable, "manage.py", "shell", "-c", create_user % PASSWORD],
                    cwd=ROOT, env=environ, check=True, capture_output=True, timeout=120)
 
     port = _free_port()
@@ -92,7 +93,7 @@ def test_gunicorn_serves_pages_and_static_files_securely(tmp_path):
         token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', body).group(1).decode()
 
         # Signing in sets a Secure, HttpOnly session cookie; with it, `/` answers 200.
-        form = urlencode({"username": "ops", "password": "a long pass phrase 7", "csrfmiddlewaretoken": token})
+        form = urlencode({"username": "ops", "password": PASSWORD, "csrfmiddlewaretoken": token})
         response, _ = _get(port, "/accounts/login/", {
             **HTTPS, "Cookie": f"csrftoken={csrf}", "Origin": f"https://{HOST}",
             "Content-Type": "application/x-www-form-urlencoded"}, method="POST", body=form)
