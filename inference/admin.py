@@ -46,7 +46,7 @@ class DepthJobAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("id", "page_link", "status", "error", "error_code", "attempts", "owner", "session_key")}),
         ("Input", {"fields": ("image", "image_name", "image_format", "image_width", "image_height", "image_size",
-                              "image_sha256", "model", "model_name", "outputs", "colormap")}),
+                              "image_sha256", "model", "model_name", "outputs", "colormap", "fov_degrees")}),
         ("Run", {"fields": ("created_at", "queued_at", "started_at", "finished_at", "load_ms", "inference_ms",
                             "worker", "task_id", "device")}),
         ("Result", {"fields": ("result_files", "depth_min", "depth_max", "semantics", "weights_sha256",

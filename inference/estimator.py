@@ -135,7 +135,7 @@ class DepthEstimator:
                     raise InferenceError(f"out of memory running {self.model_name} on a {width}x{height} image; "
                                          "try a smaller image or a smaller model") from None
                 raise
-            depth = postprocess(prediction.float().cpu(), (height, width))
+            depth = postprocess(prediction.float().cpu(), (height, width), self.config)
         elapsed = (time.perf_counter() - started) * 1000
         self.last_used = time.monotonic()
         return DepthResult(

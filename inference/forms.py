@@ -8,6 +8,7 @@ from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from depthsite.units import format_size
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.selectors import output_choices
+from inference.writers import DEFAULT_FOV_DEGREES
 from models_registry.exceptions import TooLargeError
 
 # Room for the multipart envelope (boundaries, part headers, the small fields) around a file at the limit.
@@ -66,6 +67,9 @@ class DepthJobForm(forms.Form):
                                  initial=DEFAULT_COLORMAP)
     outputs = forms.MultipleChoiceField(label="Outputs", choices=output_choices(), initial=["png"],
                                         widget=forms.CheckboxSelectMultiple)
+    # Bounds are checked by the service (one message for the form and the API); blank means the default.
+    fov = forms.FloatField(label="Field of view (degrees, for the 3D point cloud)", required=False,
+                           initial=DEFAULT_FOV_DEGREES)
 
     def __init__(self, *args, model_names: list[str], default_model: str, **kwargs):
         super().__init__(*args, **kwargs)

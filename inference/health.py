@@ -8,6 +8,15 @@ import numpy as np
 PROBE_SIZE = (64, 64)
 
 
+def probe_size(architecture: str) -> tuple[int, int]:
+    """PROBE_SIZE rounded up to the sizes the network accepts: 64x64 for MiDaS (x32), 70x70 for patch-14 ViTs."""
+    from inference.nets import get_config
+
+    multiple = get_config(architecture).ensure_multiple_of
+    height, width = (-(-side // multiple) * multiple for side in PROBE_SIZE)
+    return height, width
+
+
 def probe_input(height: int = PROBE_SIZE[0], width: int = PROBE_SIZE[1]) -> np.ndarray:
     """A fixed, smooth (1, 3, H, W) float32 input in the normalised range networks see."""
     rows = np.linspace(-1.5, 1.5, height, dtype=np.float64).reshape(1, height, 1)
@@ -37,7 +46,7 @@ def weights_functional_hash(model, arrays: dict) -> str:
     except ValueError as exc:
         raise WeightFileError(f"the network refused these weights: {exc}", extra={"kind": "functional"}) from None
     with torch.inference_mode():
-        output = network(torch.from_numpy(probe_input())).float().numpy()
+        output = network(torch.from_numpy(probe_input(*probe_size(model.architecture)))).float().numpy()
     if not np.isfinite(output).all():
         raise WeightFileError("the network's output on the probe input is not finite (NaN or infinity): "
                               "the weights are damaged", extra={"kind": "functional"})

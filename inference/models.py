@@ -38,6 +38,7 @@ class DepthJob(models.Model):
     model_name = models.CharField(max_length=64, help_text="The canonical model name, kept if the model goes.")
     outputs = models.JSONField(default=list, help_text="Output formats wanted, in canonical order.")
     colormap = models.CharField(max_length=16)
+    fov_degrees = models.FloatField(default=60.0, help_text="Horizontal field of view the .ply point cloud assumes.")
 
     status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True)
     error = models.TextField(blank=True)

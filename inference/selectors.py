@@ -123,6 +123,7 @@ def depth_job_summary(job: DepthJob) -> dict[str, Any]:
         "model": job.model_name,
         "outputs": list(job.outputs or []),
         "colormap": job.colormap,
+        "fov": job.fov_degrees,
         "image": {"name": job.image_name, "size": job.image_size, "sha256": job.image_sha256,
                   "format": job.image_format, "width": job.image_width, "height": job.image_height},
         "created_at": _iso(job.created_at),
@@ -202,5 +203,6 @@ def _uncached_option(model: RegisteredModel, download_url) -> ModelOption:
 
 def output_choices() -> list[tuple[str, str]]:
     labels = {"png": "colour PNG", "png16": "16-bit PNG (real range)", "npy": "NumPy .npy (float32)",
-              "pfm": "PFM (float32, as MiDaS run.py)", "side": "photo and depth side by side"}
+              "pfm": "PFM (float32, as MiDaS run.py)", "side": "photo and depth side by side",
+              "ply": "3D point cloud .ply (relative depth)", "ply_preview": "3D preview .ply (downsampled)"}
     return [(fmt, labels.get(fmt, fmt)) for fmt in OUTPUT_FORMATS]

@@ -111,7 +111,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
             data = form.cleaned_data
             try:
                 job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
-                                       colormap=data["colormap"], owner=request.user,
+                                       colormap=data["colormap"], fov=data.get("fov"), owner=request.user,
                                        session_key=_session_key(request, create=True))
             except ApplicationError as exc:
                 field = exc.extra.get("field")

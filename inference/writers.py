@@ -1,4 +1,5 @@
-"""Depth map outputs: .npy, .pfm (as MiDaS's run.py), 16-bit PNG with its real range, colour PNG, side by side.
+"""Depth map outputs: .npy, .pfm (as MiDaS's run.py), 16-bit PNG with its real range, colour PNG, side by side,
+and a coloured point cloud (.ply, with a downsampled preview for the browser).
 
 Every output is written to a temporary file beside its final name and renamed, so a reader never sees
 half a file.
@@ -6,6 +7,7 @@ half a file.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import uuid
@@ -19,12 +21,26 @@ from PIL import Image, PngImagePlugin
 from inference.colormaps import DEFAULT_COLORMAP, colorize
 from models_registry.exceptions import ValidationError
 
-OUTPUT_FORMATS = ("png", "png16", "npy", "pfm", "side")
+OUTPUT_FORMATS = ("png", "png16", "npy", "pfm", "side", "ply")
+# A file written beside an output, for pages rather than people: the browser's 3D view loads the preview.
+PLY_PREVIEW = "ply_preview"
 # File suffix per output: two PNG outputs cannot share ".png".
-SUFFIXES = {"png": ".png", "png16": ".16bit.png", "npy": ".npy", "pfm": ".pfm", "side": ".side.png"}
+SUFFIXES = {"png": ".png", "png16": ".16bit.png", "npy": ".npy", "pfm": ".pfm", "side": ".side.png", "ply": ".ply",
+            PLY_PREVIEW: ".preview.ply"}
+# PLY has no registered media type; application/x-ply is what viewers and servers commonly use.
 CONTENT_TYPES = {"png": "image/png", "png16": "image/png", "npy": "application/octet-stream",
-                 "pfm": "application/octet-stream", "side": "image/png"}
+                 "pfm": "application/octet-stream", "side": "image/png", "ply": "application/x-ply",
+                 PLY_PREVIEW: "application/x-ply"}
 PNG16_MAX = 65535
+
+DEFAULT_FOV_DEGREES = 60.0
+FOV_RANGE = (10.0, 170.0)  # a pinhole camera's horizontal field of view that makes a readable cloud
+# z = 1 / (n + floor) for the normalised inverse depth n in [0, 1]: the nearest point is at 1 / (1 + floor), the
+# farthest at 1 / floor, so the cloud spans a depth ratio of (1 + floor) / floor = 11 with this floor.
+PLY_DEPTH_FLOOR = 0.1
+PLY_PREVIEW_POINTS = 120_000  # the browser view's budget; the .ply itself keeps one point per pixel
+_PLY_ROWS_PER_CHUNK = 256
+_PLY_VERTEX = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
 
 
 @dataclass(frozen=True)
@@ -158,14 +174,166 @@ def write_side_by_side(image_rgb: np.ndarray, depth: np.ndarray, dest: Path,
     return dest
 
 
+def fov_check(value) -> float:
+    """A horizontal field of view in degrees, as a number within FOV_RANGE; ValidationError naming `fov` otherwise."""
+    low, high = FOV_RANGE
+    try:
+        fov = float(value)
+    except (TypeError, ValueError):
+        raise ValidationError(f"the field of view must be a number of degrees from {low:g} to {high:g}, "
+                              f"not {value!r}",
+                              extra={"field": "fov"}) from None
+    if not (math.isfinite(fov) and low <= fov <= high):
+        raise ValidationError(f"the field of view must be from {low:g} to {high:g} degrees, not {value!r}",
+                              extra={"field": "fov"})
+    return fov
+
+
+@dataclass(frozen=True)
+class PinholeCamera:
+    """The camera a point cloud assumes: square pixels, principal point at the image centre."""
+
+    width: int
+    height: int
+    fov_degrees: float = DEFAULT_FOV_DEGREES
+
+    @property
+    def focal(self) -> float:
+        return (self.width / 2) / math.tan(math.radians(self.fov_degrees) / 2)
+
+    @property
+    def cx(self) -> float:
+        return (self.width - 1) / 2
+
+    @property
+    def cy(self) -> float:
+        return (self.height - 1) / 2
+
+
+def ply_depth(depth: np.ndarray, *, low: float, high: float) -> np.ndarray:
+    """Relative inverse depth (larger is nearer) -> a positive depth along the camera axis, up to scale.
+
+    MiDaS-style networks give inverse depth with unknown scale and shift; normalising to n in [0, 1] removes both,
+    and z = 1 / (n + PLY_DEPTH_FLOOR) turns it into a depth whose order is right (nearer = smaller z) and whose
+    ratios are only a guess. The cloud is relative: its units are not metres.
+    """
+    data = np.asarray(depth, dtype=np.float64)
+    span = high - low
+    normalised = np.zeros(data.shape) if not span > 0 else np.clip((data - low) / span, 0.0, 1.0)
+    normalised = np.where(np.isfinite(normalised), normalised, 0.0)  # a NaN pixel goes to the back, not to infinity
+    return 1.0 / (normalised + PLY_DEPTH_FLOOR)
+
+
+def _ply_header(*, count: int, camera: PinholeCamera, low: float, high: float, stride: int, meta: DepthMeta) -> bytes:
+    lines = [
+        "ply",
+        "format binary_little_endian 1.0",
+        "comment depthsite point cloud: RELATIVE depth (unknown scale and shift), not metres",
+        f"comment model: {meta.model or 'unknown'}; weights sha256: {meta.weights_sha256 or 'unknown'}",
+        f"comment values: {meta.semantics or 'relative inverse depth, larger is nearer'}",
+        f"comment camera: pinhole, horizontal fov {camera.fov_degrees:g} degrees, image {camera.width}x{camera.height}"
+        f" px, fx=fy={camera.focal:.6g} px, cx={camera.cx:g}, cy={camera.cy:g}",
+        "comment axes: x right, y down, z forward (OpenCV camera); x = (u - cx) * z / fx, y = (v - cy) * z / fy",
+        f"comment depth: n = (d - d_min) / (d_max - d_min), z = 1 / (n + {PLY_DEPTH_FLOOR:g});"
+        f" d_min={low!r}, d_max={high!r}",
+        f"comment points: one per pixel{'' if stride == 1 else f' of one row and column in {stride} (preview)'},"
+        " row-major from the top-left, coloured from the input image",
+        "obj_info relative depth, not metric",
+        f"element vertex {count}",
+        "property float x",
+        "property float y",
+        "property float z",
+        "property uchar red",
+        "property uchar green",
+        "property uchar blue",
+        "end_header",
+    ]
+    # Header lines are ASCII by the format, one per line: a model name or semantics with other characters (a line
+    # break included) is escaped rather than allowed to end the header early.
+    lines = [line.replace("\r", " ").replace("\n", " ") for line in lines]
+    return ("\n".join(lines) + "\n").encode("ascii", "backslashreplace")
+
+
+def write_ply(depth: np.ndarray, image_rgb: np.ndarray, dest: Path, *, fov_degrees: float = DEFAULT_FOV_DEGREES,
+              meta: DepthMeta = DepthMeta(), stride: int = 1) -> Path:
+    """A binary little-endian PLY: one vertex (x, y, z float32; red, green, blue uchar) per pixel, or per
+    `stride`-th pixel in each direction for a preview; written in row chunks so a large photo needs no
+    full-size copy of the cloud in memory."""
+    data = np.asarray(depth)
+    if data.ndim != 2:
+        raise ValueError(f"a depth map is 2-D, got shape {data.shape}")
+    if image_rgb.shape[:2] != data.shape:
+        raise ValueError(f"depth {data.shape} and image {image_rgb.shape[:2]} differ in size")
+    fov = fov_check(fov_degrees)
+    height, width = data.shape
+    finite = data[np.isfinite(data)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    camera = PinholeCamera(width=width, height=height, fov_degrees=fov)
+    rows = np.arange(0, height, stride)
+    columns = np.arange(0, width, stride)
+    u = (columns - camera.cx) / camera.focal
+    with _atomic(dest) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(_ply_header(count=rows.size * columns.size, camera=camera, low=low, high=high,
+                                     stride=stride, meta=meta))
+            for start in range(0, rows.size, _PLY_ROWS_PER_CHUNK):
+                chunk_rows = rows[start:start + _PLY_ROWS_PER_CHUNK]
+                z = ply_depth(data[np.ix_(chunk_rows, columns)], low=low, high=high)
+                v = ((chunk_rows - camera.cy) / camera.focal)[:, None]
+                vertices = np.empty(z.shape, _PLY_VERTEX)
+                vertices["x"] = u[None, :] * z
+                vertices["y"] = v * z
+                vertices["z"] = z
+                colours = image_rgb[np.ix_(chunk_rows, columns)]
+                vertices["red"], vertices["green"], vertices["blue"] = (colours[..., 0], colours[..., 1],
+                                                                        colours[..., 2])
+                handle.write(vertices.tobytes())
+    return dest
+
+
+def ply_preview_stride(*, width: int, height: int, points: int = PLY_PREVIEW_POINTS) -> int:
+    """The smallest stride that keeps a preview cloud within `points`."""
+    return max(1, math.ceil(math.sqrt(width * height / points)))
+
+
+def read_ply(path: Path) -> tuple[list[str], np.ndarray]:
+    """(header lines, vertices) of a binary little-endian PLY with float x, y, z and uchar colours."""
+    with open(path, "rb") as handle:
+        header: list[str] = []
+        while True:
+            line = handle.readline()
+            if not line:
+                raise ValueError(f"{path}: no end_header")
+            text = line.decode("ascii").rstrip("\n")
+            header.append(text)
+            if text == "end_header":
+                break
+        count = next(int(h.split()[2]) for h in header if h.startswith("element vertex "))
+        vertices = np.fromfile(handle, dtype=_PLY_VERTEX, count=count)
+        if vertices.size != count or handle.read(1):
+            raise ValueError(f"{path}: the vertex data does not match the header's count {count}")
+    return header, vertices
+
+
 def write_outputs(*, depth: np.ndarray, image_rgb: np.ndarray, folder: Path, stem: str, formats: Iterable[str],
-                  colormap: str = DEFAULT_COLORMAP, meta: DepthMeta = DepthMeta()) -> dict[str, Path]:
-    """Write each requested output as `<folder>/<stem><suffix>`; returns {format: path}."""
+                  colormap: str = DEFAULT_COLORMAP, meta: DepthMeta = DepthMeta(),
+                  fov_degrees: float = DEFAULT_FOV_DEGREES, previews: bool = False) -> dict[str, Path]:
+    """Write each requested output as `<folder>/<stem><suffix>`; returns {format: path}.
+
+    With `previews`, a .ply output also gets its downsampled browser preview (PLY_PREVIEW) beside it.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for fmt in parse_formats(list(formats)):
         dest = folder / f"{stem}{SUFFIXES[fmt]}"
-        if fmt == "npy":
+        if fmt == "ply":
+            written[fmt] = write_ply(depth, image_rgb, dest, fov_degrees=fov_degrees, meta=meta)
+            if previews:
+                height, width = np.asarray(depth).shape
+                written[PLY_PREVIEW] = write_ply(depth, image_rgb, folder / f"{stem}{SUFFIXES[PLY_PREVIEW]}",
+                                                 fov_degrees=fov_degrees, meta=meta,
+                                                 stride=ply_preview_stride(width=width, height=height))
+        elif fmt == "npy":
             written[fmt] = write_npy(depth, dest)
         elif fmt == "pfm":
             written[fmt] = write_pfm(depth, dest)

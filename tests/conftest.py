@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from tests.support.browser import chromium_browser, require_chromium
 from tests.support.detweights import det_numpy_state_dict
 
 REQUIRE_SERVICES = os.environ.get("DEPTHSITE_REQUIRE_SERVICES", "") == "1"
@@ -30,6 +31,20 @@ def require_service(name: str, host: str, port: int) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{message}, and DEPTHSITE_REQUIRE_SERVICES=1 requires it")
     pytest.skip(message)
+
+
+def pytest_runtest_setup(item):
+    """Every test marked `browser` skips (or, with DEPTHSITE_REQUIRE_BROWSER=1, fails) with one reason when
+    Chromium is absent, before any of its fixtures (a live server, a checkpoint) is built."""
+    if item.get_closest_marker("browser") is not None:
+        require_chromium()
+
+
+@pytest.fixture
+def browser():
+    """A headless Playwright browser on Debian's Chromium (tests/support/browser.py); one per test."""
+    with chromium_browser() as launched:
+        yield launched
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.models import DepthJob
 from inference.selectors import depth_job_preview_format
-from inference.writers import OUTPUT_FORMATS
+from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
 
 
 class PredictionCreateSerializer(serializers.Serializer):
@@ -27,6 +27,9 @@ class PredictionCreateSerializer(serializers.Serializer):
     )
     colormap = serializers.ChoiceField(choices=COLORMAPS, default=DEFAULT_COLORMAP,
                                        help_text="Colour map of the png and side outputs.")
+    fov = serializers.FloatField(default=DEFAULT_FOV_DEGREES, min_value=FOV_RANGE[0], max_value=FOV_RANGE[1],
+                                 help_text="Horizontal field of view in degrees of the pinhole camera the ply output "
+                                           "(a relative point cloud, not metres) assumes.")
 
 
 class PredictionImageSerializer(serializers.Serializer):
@@ -49,6 +52,7 @@ class PredictionSerializer(serializers.Serializer):
     model = serializers.CharField(source="model_name")
     outputs = serializers.ListField(child=serializers.ChoiceField(choices=OUTPUT_FORMATS))
     colormap = serializers.CharField()
+    fov = serializers.FloatField(source="fov_degrees", help_text="Field of view of the ply output, degrees.")
     image = PredictionImageSerializer(source="*")
     created_at = serializers.DateTimeField()
     queued_at = serializers.DateTimeField()

@@ -108,7 +108,8 @@ class PredictionListView(PredictionAPIView):
         data = serializer.validated_data
         try:
             job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
-                                   colormap=data["colormap"], owner=request.user, session_key=_session_key(request))
+                                   colormap=data["colormap"], fov=data["fov"], owner=request.user,
+                                   session_key=_session_key(request))
         except ApplicationError as exc:
             raise _naming_field(exc) from None
         body = PredictionSerializer(job, context={"request": request}).data

@@ -1,14 +1,18 @@
-"""Public API of the official MiDaS networks: configs, model factory, pre- and postprocessing."""
+"""Public API of the official MiDaS and Depth Anything networks: configs, model factory, pre- and postprocessing."""
 from __future__ import annotations
 
 # Import order fixes the registration order, which NET_NAMES mirrors.
 from . import dpt as _dpt  # noqa: F401
 from . import midas as _midas  # noqa: F401
+from . import depth_anything as _depth_anything  # noqa: F401
 from .factory import checkpoint_filter_fn, create_model
 from .registry import NetConfig, get_config, registered_names
 from .transforms import postprocess, preprocess, target_size
 
-NET_NAMES: tuple[str, ...] = ("DPT_Large", "DPT_Hybrid", "MiDaS", "MiDaS_small")
+NET_NAMES: tuple[str, ...] = (
+    "DPT_Large", "DPT_Hybrid", "MiDaS", "MiDaS_small",
+    "Depth_Anything_V2_Small", "Depth_Anything_V2_Base", "Depth_Anything_V2_Large",
+)
 if registered_names() != NET_NAMES:
     raise RuntimeError(f"registry out of sync with NET_NAMES: {registered_names()}")
 

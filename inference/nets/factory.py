@@ -131,6 +131,8 @@ def create_model(
     Without `state_dict` the network is initialised normally on `device`. With one, it is built on the
     meta device (no random init), the checkpoint is filtered and its tensors are adopted as-is
     (`assign=True`: mmap'd or safetensors storage is not copied), then the model is moved to `device`.
+    A family that keeps its modules where timm puts them converts the official keys with its own
+    registered `checkpoint_filter` after the generic one.
     Raises ValueError when the checkpoint does not have the official layout.
     """
     variant = get_variant(name)
@@ -143,6 +145,8 @@ def create_model(
     with torch.device("meta"):
         model = variant.build(variant.arch, init_weights=False)
     filtered = checkpoint_filter_fn(state_dict, model)
+    if variant.checkpoint_filter is not None:
+        filtered = variant.checkpoint_filter(filtered, model)
     _check_layout(name, filtered, model)
     model.load_state_dict(filtered, strict=True, assign=True)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 from torch import nn
 
@@ -10,6 +10,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
+# "minimal": the scale closest to 1; "upper_bound": fit inside the native size; "lower_bound": cover it.
+RESIZE_METHODS = ("minimal", "upper_bound", "lower_bound")
+
+# checkpoint_filter(state_dict, model) -> state_dict in the model's layout (a family's key conversion).
+CheckpointFilter = Callable[[Mapping[str, Any], nn.Module], dict]
 
 
 @dataclass(frozen=True)
@@ -24,10 +29,19 @@ class NetConfig:
     std: tuple[float, float, float]
     ensure_multiple_of: int = 32
     description: str = ""
+    # How the prediction is resized back to the image: MiDaS's run.py uses bicubic without
+    # align_corners, Depth Anything V2's infer_image bilinear with align_corners=True.
+    output_interpolation: str = "bicubic"
+    output_align_corners: bool = False
+    # "lower_bound" has no upper clamp (a 100x1000 image becomes 518x5180): a network side above this
+    # is refused instead of exhausting memory. None: no limit (the other methods are bounded anyway).
+    max_net_side: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.resize_method not in ("minimal", "upper_bound"):
-            raise ValueError(f"resize_method must be 'minimal' or 'upper_bound', not {self.resize_method!r}")
+        if self.resize_method not in RESIZE_METHODS:
+            raise ValueError(f"resize_method must be one of {', '.join(RESIZE_METHODS)}, not {self.resize_method!r}")
+        if self.output_interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"output_interpolation must be 'bicubic' or 'bilinear', not {self.output_interpolation!r}")
 
 
 @dataclass(frozen=True)
@@ -37,15 +51,23 @@ class Variant:
     config: NetConfig
     arch: Any
     build: Callable[..., nn.Module]  # build(arch, *, init_weights=True)
+    # The family's conversion from the official checkpoint layout, run after the generic filter.
+    checkpoint_filter: Optional[CheckpointFilter] = None
 
 
 _VARIANTS: dict[str, Variant] = {}
 
 
-def register_variant(config: NetConfig, arch: Any, build: Callable[..., nn.Module]) -> None:
+def register_variant(
+    config: NetConfig,
+    arch: Any,
+    build: Callable[..., nn.Module],
+    *,
+    checkpoint_filter: Optional[CheckpointFilter] = None,
+) -> None:
     if config.name in _VARIANTS:
         raise ValueError(f"variant {config.name!r} is already registered")
-    _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build)
+    _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build, checkpoint_filter=checkpoint_filter)
 
 
 def get_variant(name: str) -> Variant:

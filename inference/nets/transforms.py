@@ -1,4 +1,4 @@
-"""Official MiDaS preprocessing (keep-aspect resize to a multiple of 32, normalise) and output resizing."""
+"""Official MiDaS / Depth Anything preprocessing (keep-aspect resize to a multiple, normalise) and output resizing."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -16,11 +16,13 @@ def _resolve(config_or_name: ConfigOrName) -> NetConfig:
     return config_or_name if isinstance(config_or_name, NetConfig) else get_config(config_or_name)
 
 
-def _to_multiple(value: float, multiple: int, max_value: Optional[int] = None) -> int:
+def _to_multiple(value: float, multiple: int, max_value: Optional[int] = None, min_value: Optional[int] = None) -> int:
     # np.round is round-half-to-even, as in the official Resize; C/JS rounding would differ at x.5.
     size = int(np.round(value / multiple) * multiple)
     if max_value is not None and size > max_value:
         size = int(np.floor(value / multiple) * multiple)
+    if min_value is not None and size < min_value:
+        size = int(np.ceil(value / multiple) * multiple)
     return size
 
 
@@ -32,6 +34,7 @@ def target_size(height: int, width: int, config_or_name: ConfigOrName) -> tuple[
     net_h, net_w = cfg.net_size
     scale_h = net_h / height
     scale_w = net_w / width
+    floor_h = floor_w = None
     if cfg.resize_method == "upper_bound":
         # Fit inside the native size.
         if scale_w < scale_h:
@@ -39,6 +42,14 @@ def target_size(height: int, width: int, config_or_name: ConfigOrName) -> tuple[
         else:
             scale_w = scale_h
         limit_h, limit_w = net_h, net_w
+    elif cfg.resize_method == "lower_bound":
+        # Cover the native size (Depth Anything): the larger scale, never below the native size, no upper limit.
+        if scale_w > scale_h:
+            scale_h = scale_w
+        else:
+            scale_w = scale_h
+        limit_h = limit_w = None
+        floor_h, floor_w = net_h, net_w
     else:
         # "minimal": the scale closest to 1; no limit, so a side may exceed the native size.
         if abs(1 - scale_w) < abs(1 - scale_h):
@@ -46,10 +57,16 @@ def target_size(height: int, width: int, config_or_name: ConfigOrName) -> tuple[
         else:
             scale_w = scale_h
         limit_h = limit_w = None
-    new_h = _to_multiple(scale_h * height, cfg.ensure_multiple_of, limit_h)
-    new_w = _to_multiple(scale_w * width, cfg.ensure_multiple_of, limit_w)
+    new_h = _to_multiple(scale_h * height, cfg.ensure_multiple_of, limit_h, floor_h)
+    new_w = _to_multiple(scale_w * width, cfg.ensure_multiple_of, limit_w, floor_w)
     if new_h <= 0 or new_w <= 0:
         raise ValueError(f"{height}x{width} is too elongated for {cfg.name}: network size would be {new_h}x{new_w}")
+    if cfg.max_net_side is not None and max(new_h, new_w) > cfg.max_net_side:
+        ratio = cfg.max_net_side / min(net_h, net_w)
+        raise ValueError(
+            f"{height}x{width} is too elongated for {cfg.name}: network size would be {new_h}x{new_w}, above its "
+            f"limit of {cfg.max_net_side} pixels a side; crop the image to an aspect ratio of at most {ratio:g}:1"
+        )
     return new_h, new_w
 
 
@@ -71,8 +88,14 @@ def preprocess(image: np.ndarray, config_or_name: ConfigOrName) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
-def postprocess(prediction: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Network output (1, h, w) or (h, w) -> float32 (H, W) at the image size (bicubic, as run.py)."""
+def postprocess(
+    prediction: torch.Tensor, size: tuple[int, int], config_or_name: Optional[ConfigOrName] = None
+) -> np.ndarray:
+    """Network output (1, h, w) or (h, w) -> float32 (H, W) at the image size.
+
+    The resize is the variant's official one (`output_interpolation`, `output_align_corners`); without a
+    config it is MiDaS run.py's bicubic.
+    """
     pred = prediction.detach()
     if pred.ndim == 2:
         pred = pred.unsqueeze(0)
@@ -81,5 +104,9 @@ def postprocess(prediction: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     if pred.dtype != torch.float32:
         pred = pred.float()
     height, width = int(size[0]), int(size[1])
-    out = F.interpolate(pred.unsqueeze(1), size=(height, width), mode="bicubic", align_corners=False)
+    mode, align_corners = "bicubic", False
+    if config_or_name is not None:
+        cfg = _resolve(config_or_name)
+        mode, align_corners = cfg.output_interpolation, cfg.output_align_corners
+    out = F.interpolate(pred.unsqueeze(1), size=(height, width), mode=mode, align_corners=align_corners)
     return out.reshape(height, width).cpu().numpy()

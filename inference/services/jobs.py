@@ -30,7 +30,7 @@ from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.exceptions import ImageError, InferenceError
 from inference.images import image_open
 from inference.models import DepthJob
-from inference.writers import DepthMeta, parse_formats, write_outputs
+from inference.writers import DEFAULT_FOV_DEGREES, DepthMeta, fov_check, parse_formats, write_outputs
 from models_registry import cachefs
 from models_registry.exceptions import (
     ApplicationError,
@@ -184,6 +184,7 @@ def depth_job_create(
     model: str = DEFAULT_MODEL,
     outputs: Iterable[str] | str | None = None,
     colormap: str = DEFAULT_COLORMAP,
+    fov: float | str | None = None,
     owner=None,
     session_key: str = "",
 ) -> DepthJob:
@@ -195,6 +196,7 @@ def depth_job_create(
     registered = _model_for_job(model)
     formats = parse_formats(list(outputs) if outputs and not isinstance(outputs, str) else (outputs or DEFAULT_OUTPUTS))
     chosen_colormap = _colormap(colormap)
+    fov_degrees = fov_check(DEFAULT_FOV_DEGREES if fov is None or fov == "" else fov)
     size = int(image.size or 0)
     upload_size_check(size=size)
     image.seek(0)
@@ -207,6 +209,7 @@ def depth_job_create(
         image_name=_client_name(image.name), image_sha256=sha256, image_size=size, image_format=loaded.format,
         image_width=loaded.width, image_height=loaded.height,
         model=registered, model_name=registered.name, outputs=formats, colormap=chosen_colormap,
+        fov_degrees=fov_degrees,
     )
     del loaded  # the decoded pixels were only a check; the worker decodes again
     extension = _EXTENSIONS.get(job.image_format, ".img")
@@ -375,7 +378,7 @@ def _execute(job: DepthJob) -> None:
     meta = DepthMeta(model=result.model, weights_sha256=result.weights_sha256, semantics=result.semantics)
     files = _results_write(job, lambda folder: write_outputs(
         depth=result.depth, image_rgb=loaded.rgb, folder=folder, stem=RESULT_STEM, formats=job.outputs,
-        colormap=job.colormap, meta=meta))
+        colormap=job.colormap, meta=meta, fov_degrees=job.fov_degrees, previews=True))
     job.finish(result_files=files, depth_min=result.depth_min, depth_max=result.depth_max,
                semantics=result.semantics, weights_sha256=result.weights_sha256,
                weights_format=result.weights_format, device=result.device, load_ms=load_ms,
@@ -419,10 +422,13 @@ def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
     candidates = (DepthJob.objects.filter(status=JobStatus.SUCCEEDED, image_sha256=job.image_sha256,
                                           weights_sha256=weights_sha256, colormap=job.colormap)
                   .exclude(pk=job.pk).order_by("-finished_at"))
+    if "ply" in job.outputs:  # the point cloud depends on the camera too
+        candidates = candidates.filter(fov_degrees=job.fov_degrees)
     for candidate in candidates[:20]:
         if list(candidate.outputs) != list(job.outputs):
             continue
-        if set(candidate.result_files) == set(job.outputs) and all(
+        # result_files may hold more than the outputs (the .ply's browser preview): all of them are copied.
+        if set(job.outputs) <= set(candidate.result_files) and all(
                 (_media_root() / rel).is_file() for rel in candidate.result_files.values()):
             return candidate
     return None

@@ -60,6 +60,7 @@
       var list = $("downloads");
       if (list && !list.children.length) {
         Object.keys(state.downloads).forEach(function (fmt) {
+          if (fmt === "ply_preview") { return; }  // the 3D view's own file, not a download for people
           var item = document.createElement("li");
           var link = document.createElement("a");
           link.href = state.downloads[fmt];
@@ -72,6 +73,8 @@
       }
       show($("job-result"), true);
     }
+    // Other parts of the page (the 3D view) follow the job without polling again.
+    document.dispatchEvent(new CustomEvent("depthsite:job-state", { detail: state }));
   }
 
   function poll(url, delay) {

@@ -13,9 +13,6 @@ from models_registry.models import WarmModel, WeightDownload, WeightFile
 from models_registry.services.catalogue import model_pin
 
 pytestmark = pytest.mark.django_db
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
 
 
 def login(client, *, staff: bool):
@@ -101,27 +98,25 @@ def test_chart_stacks_formats_in_proportion(client, cached_record, small_model):
 
 
 @pytest.fixture
-def staff_page(live_server, client, monkeypatch):
-    """Chromium with a staff session, and the list of requests that left the live server."""
-    from playwright.sync_api import sync_playwright
-
+def staff_page(live_server, client, monkeypatch, request):
+    """Chromium (the shared `browser` fixture) with a staff session, and the list of requests that left the
+    live server."""
     # Playwright's sync API runs an event loop in this thread; the ORM calls of the test are still synchronous.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     login(client, staff=True)
     session = client.cookies["sessionid"].value
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context()
-        context.add_cookies([{"name": "sessionid", "value": session, "url": live_server.url}])
-        page = context.new_page()
-        page.set_default_timeout(20_000)
-        foreign: list[str] = []
-        host = urlsplit(live_server.url).netloc
-        page.on("request", lambda request: foreign.append(request.url)
-                if urlsplit(request.url).netloc not in (host, "") else None)
-        page.foreign_requests = foreign
-        yield page
-        browser.close()
+    browser = request.getfixturevalue("browser")
+    context = browser.new_context()
+    context.add_cookies([{"name": "sessionid", "value": session, "url": live_server.url}])
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    foreign: list[str] = []
+    host = urlsplit(live_server.url).netloc
+    page.on("request", lambda request: foreign.append(request.url)
+            if urlsplit(request.url).netloc not in (host, "") else None)
+    page.foreign_requests = foreign
+    yield page
+    context.close()
 
 
 @pytest.mark.browser

@@ -34,7 +34,7 @@ def test_all_formats_and_recoverable_png16(cached_small, photo, tmp_path):
     call_command("predict", str(photo), "--model", "MiDaS_small", "--output", str(out), "--format", "all",
                  stdout=stdout)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["photo.16bit.png", "photo.npy", "photo.pfm", "photo.png", "photo.side.png"]
+    assert names == ["photo.16bit.png", "photo.npy", "photo.pfm", "photo.ply", "photo.png", "photo.side.png"]
     depth = np.load(out / "photo.npy")
     assert depth.shape == (240, 320) and depth.dtype == np.float32
     np.testing.assert_array_equal(read_pfm(out / "photo.pfm"), depth)

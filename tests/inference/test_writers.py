@@ -48,7 +48,7 @@ def test_every_output_is_written_atomically_with_its_suffix(tmp_path, depth):
     image = np.full((30, 40, 3), 128, np.uint8)
     written = write_outputs(depth=depth, image_rgb=image, folder=tmp_path, stem="photo", formats=["all"])
     assert sorted(p.name for p in written.values()) == [
-        "photo.16bit.png", "photo.npy", "photo.pfm", "photo.png", "photo.side.png"]
+        "photo.16bit.png", "photo.npy", "photo.pfm", "photo.ply", "photo.png", "photo.side.png"]
     assert not list(tmp_path.glob(".tmp-*"))
     np.testing.assert_array_equal(np.load(written["npy"]), depth)
     with Image.open(written["side"]) as side:

@@ -1,5 +1,6 @@
 """A real browser (Playwright driving Debian's Chromium) on the pages: log in, upload, see and download the depth.
 
+The browser is the shared `browser` fixture (tests/conftest.py: skips with one reason without Chromium).
 The server is pytest-django's live_server (in-process thread); with Q_CLUSTER sync the job runs while the
 upload request is handled. The second test keeps a job queued so the page's live status is what updates it.
 Playwright's sync API runs an event loop in the test thread, where Django refuses ORM calls: the tests
@@ -7,7 +8,6 @@ touch the database before the browser starts, after it stops, or from another th
 """
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 
@@ -17,25 +17,6 @@ from inference.models import DepthJob
 from tests.jobs import images
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run"]
-
-
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (.ci/run installs it with apt)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 def off_the_loop(function):
     """Run ORM work in a thread of its own: the browser's event loop owns the test thread."""
     outcome = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 from django.conf import settings
 
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
-from inference.writers import OUTPUT_FORMATS, DepthMeta, parse_formats, write_outputs
+from inference.writers import DEFAULT_FOV_DEGREES, OUTPUT_FORMATS, DepthMeta, fov_check, parse_formats, write_outputs
 from models_registry.exceptions import ApplicationError
 from models_registry.management.base import CliError, RegistryCommand
 
@@ -22,16 +22,21 @@ class Command(RegistryCommand):
         parser.add_argument("--format", default="png", dest="formats",
                             help=f"one of {', '.join(OUTPUT_FORMATS)}, a comma list, or all")
         parser.add_argument("--colormap", default=DEFAULT_COLORMAP, choices=COLORMAPS)
+        parser.add_argument("--fov", type=float, default=DEFAULT_FOV_DEGREES, metavar="DEGREES",
+                            help="horizontal field of view of the pinhole camera the .ply point cloud assumes "
+                                 f"(default {DEFAULT_FOV_DEGREES:g})")
         parser.add_argument("--device", help="cpu, cuda, cuda:N (default: DEPTHSITE_DEVICE, else CUDA if present)")
         parser.add_argument("--offline", action="store_true", help="never download missing weights")
 
-    def handle(self, *args, images, model, output, formats, colormap, device=None, offline=False, **options):
+    def handle(self, *args, images, model, output, formats, colormap, device=None, offline=False,
+               fov=DEFAULT_FOV_DEGREES, **options):
         from tqdm import tqdm
 
         from inference.estimator import estimator_get
         from inference.images import image_open
 
         formats = parse_formats(formats)
+        fov = fov_check(fov)
         folder = Path(output).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         estimator = estimator_get(model=model, device=device, offline=offline or None)
@@ -49,7 +54,7 @@ class Command(RegistryCommand):
                 loaded = image_open(path, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
                 result = estimator.predict(loaded.rgb)
                 written = write_outputs(depth=result.depth, image_rgb=loaded.rgb, folder=folder, stem=stem,
-                                        formats=formats, colormap=colormap, meta=meta)
+                                        formats=formats, colormap=colormap, meta=meta, fov_degrees=fov)
             except ApplicationError as exc:
                 failures += 1
                 self.stderr.write(f"error: {name}: {exc.message}")
