@@ -1,4 +1,7 @@
-"""The production web server for real: scripts/serve.sh release + web (gunicorn, whitenoise) on a loopback port."""
+"""The production server for real: `scripts/serve.sh all` (release, qcluster, gunicorn + whitenoise) on loopback.
+
+`all` runs the same release step and gunicorn command line as the `web` role of the units and compose file.
+"""
 from __future__ import annotations
 
 import http.client
@@ -44,11 +47,11 @@ def _cookies(response) -> dict[str, str]:
     return {header.split("=", 1)[0]: header for header in response.headers.get_all("Set-Cookie") or []}
 
 
-def _wait_until_listening(port: int, server: subprocess.Popen, log: Path, deadline_s: float = 90) -> None:
+def _wait_until_listening(port: int, server: subprocess.Popen, log: Path, deadline_s: float = 240) -> None:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            pytest.fail(f"gunicorn exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"serve.sh exited with {server.returncode}:\n{log.read_text()[-3000:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -60,21 +63,18 @@ def _wait_until_listening(port: int, server: subprocess.Popen, log: Path, deadli
 @pytest.mark.slow
 def test_gunicorn_serves_pages_and_static_files_securely(tmp_path):
     environ = production_environ(tmp_path)
-    release = subprocess.run(["scripts/serve.sh", "release"], cwd=ROOT, env=environ, capture_output=True, text=True,
-                             timeout=240)
-    assert release.returncode == 0, release.stdout + release.stderr
-    create_user = "from django.contrib.auth.models import User; User.objects.create_user('ops', password=%r)"
-    subprocess.run([sys.executable, "manage.py", "shell", "-c", create_user % PASSWORD],
-                   cwd=ROOT, env=environ, check=True, capture_output=True, timeout=120)
-
     port = _free_port()
-    log = tmp_path / "gunicorn.log"
+    log = tmp_path / "serve.log"
     with open(log, "wb") as log_file:
-        server = subprocess.Popen(["scripts/serve.sh", "web", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+        server = subprocess.Popen(["scripts/serve.sh", "all", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
                                   cwd=ROOT, env=environ, stdout=log_file, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
         _wait_until_listening(port, server, log)
+        assert "System check identified no issues" in log.read_text()  # release ran `check --deploy`
+        create_user = "from django.contrib.auth.models import User; User.objects.create_user('ops', password=%r)"
+        subprocess.run([sys.executable, "manage.py", "shell", "-c", create_user % PASSWORD],
+                       cwd=ROOT, env=environ, check=True, capture_output=True, timeout=120)
 
         # Plain HTTP is redirected to HTTPS; a host outside DJANGO_ALLOWED_HOSTS is refused.
         response, _ = _get(port, "/", {"Host": HOST})
@@ -127,12 +127,41 @@ def test_gunicorn_serves_pages_and_static_files_securely(tmp_path):
         # Debug is off: an unknown page is a plain 404, not Django's URL listing.
         response, body = _get(port, "/no-such-page/", HTTPS)
         assert response.status == 404 and b"URLconf" not in body
+        commands = _group_commands(server.pid)
+        assert any("manage.py qcluster" in command for command in commands), commands
+        assert any("gunicorn" in command for command in commands), commands
+
+        # SIGTERM to the script alone (as systemd or a shell's kill sends it) stops gunicorn and the cluster.
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        assert server.returncode == 143, log.read_text()[-3000:]
+        deadline = time.monotonic() + 30
+        while _group_alive(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(server.pid), "a gunicorn or qcluster process outlived serve.sh"
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        if _group_alive(server.pid):
             os.killpg(server.pid, signal.SIGKILL)
+        if server.poll() is None:
             server.wait(timeout=10)
-    assert server.returncode == 0, log.read_text()[-3000:]
+
+
+def _group_commands(pgid: int) -> list[str]:
+    """Command lines of the processes in a process group (Linux /proc)."""
+    commands = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                commands.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    return commands
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
