@@ -27,6 +27,11 @@ run: migrate
 	$(PY) manage.py collectstatic --noinput -v0
 	scripts/run.sh
 
+# Production on one machine (gunicorn + qcluster, depthsite.settings.production): see docs/deploy.md.
+.PHONY: serve
+serve: install
+	scripts/serve.sh all
+
 test: install
 	$(PY) -m pytest
 

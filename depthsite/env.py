@@ -134,3 +134,12 @@ TRUSTED_PROXIES = get_int("DEPTHSITE_TRUSTED_PROXIES", 0)
 ANON_MAX_JOBS = get_int("DEPTHSITE_ANON_MAX_JOBS", 50)
 ANON_MAX_BYTES = get_size("DEPTHSITE_ANON_MAX_BYTES", 500 * 1000**2)
 ANON_RETENTION = get_duration("DEPTHSITE_ANON_RETENTION", 7 * 86400)
+
+# --- production web server (used by depthsite.settings.production only; secure unless told otherwise) --
+SECURE_SSL_REDIRECT = get_bool("DJANGO_SECURE_SSL_REDIRECT", True)
+SECURE_COOKIES = get_bool("DJANGO_SECURE_COOKIES", True)
+SECURE_HSTS_SECONDS = get_int("DJANGO_SECURE_HSTS_SECONDS", 365 * 24 * 3600)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = get_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = get_bool("DJANGO_SECURE_HSTS_PRELOAD", True)
+# The header a trusted reverse proxy sets to "https" (e.g. X-Forwarded-Proto); unset = no proxy is trusted.
+SECURE_PROXY_SSL_HEADER = get_str("DJANGO_SECURE_PROXY_SSL_HEADER", "")
