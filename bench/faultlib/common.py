@@ -159,38 +159,42 @@ class Run:
         return "Traceback (most recent call last)" in self.stderr or "Traceback (most recent call last)" in self.stdout
 
 
+TIME = Path("/usr/bin/time")
+
+
 def run_measured(args: list[str], *, env: dict, timeout: float, cwd: Path = ROOT,
                  watch: Callable[[], None] | None = None) -> Run:
-    """Run a child to its end (or kill it at `timeout`), with its output and its own peak RSS (wait4).
+    """Run a child to its end (or kill it at `timeout`), with its output and its own peak RSS.
 
-    `watch` is called every few milliseconds while the child runs (to sample what it does to the disk).
+    The peak RSS comes from GNU time wrapped around the command: a child forked from this (big) process
+    would inherit this process's high-water mark in its rusage. `watch` is called every few milliseconds
+    while the child runs (to sample what it does to the disk).
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        command = [str(TIME), "-q", "-f", "%M", "-o", rss.name, *args] if TIME.exists() else args
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
         _children.append(process)
         started = time.monotonic()
-        status, usage = 0, None
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
+        timed_out = False
+        while process.poll() is None:
             if time.monotonic() - started > timeout:
                 kill_group(process)
-                _, status, usage = os.wait4(process.pid, 0)
-                status = None
+                process.wait()
+                timed_out = True
                 break
             if watch is not None:
                 watch()
             time.sleep(0.02)
-        process.returncode = -1 if status is None else os.waitstatus_to_exitcode(status)
         _children.remove(process)
         kill_group(process)  # grandchildren it left behind
         seconds = time.monotonic() - started
         out.seek(0)
         err.seek(0)
-        return Run(None if status is None else process.returncode, out.read().decode(errors="replace"),
-                   err.read().decode(errors="replace"), seconds, usage.ru_maxrss if usage else 0)
+        numbers = [line for line in rss.read().split() if line.isdigit()]
+        return Run(None if timed_out else process.returncode, out.read().decode(errors="replace"),
+                   err.read().decode(errors="replace"), seconds, int(numbers[-1]) if numbers else 0)
 
 
 # --- sites ----------------------------------------------------------------------------------------------
