@@ -54,18 +54,19 @@ def _cell(value) -> str:
 
 
 def render_table(results: list[Result]) -> str:
+    """The table (scenario, runs, figures, verdict, time), then each scenario's notes below it."""
     rows = [("scenario", "runs", "figures", "verdict", "time")]
     for result in results:
         figures = ", ".join(f"{key} {_cell(value)}" for key, value in result.figures.items())
-        verdict = result.verdict + (f" ({'; '.join(result.notes)})" if result.notes else "")
-        rows.append((result.scenario, str(result.runs), figures or "-", verdict, f"{result.seconds:.0f} s"))
+        rows.append((result.scenario, str(result.runs), figures or "-", result.verdict, f"{result.seconds:.0f} s"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for n, row in enumerate(rows):
         lines.append("| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |")
         if n == 0:
             lines.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
-    return "\n".join(lines)
+    notes = [f"- {result.scenario}: {note}" for result in results for note in result.notes]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv: list[str] | None = None) -> int:

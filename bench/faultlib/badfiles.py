@@ -33,7 +33,8 @@ def _tree_bytes(folder: Path) -> int:
     return sum(size for size, _ in files_under(folder).values())
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
+    """The last non-empty line (the error line of a CLI message, the exception line of a traceback)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return (lines[-1] if lines else "")[:200]
 
@@ -63,7 +64,7 @@ def _run_case(workspace: Workspace, index: int, case: hostile.Case, materials: h
     if case.path == "verify":
         good = manage(site, "models", "import", str(materials.good_pt), "--model", "MiDaS_small", timeout=300, **env)
         if good.returncode != 0:
-            raise RuntimeError(f"importing the good checkpoint failed: {_first_line(good.stderr)}")
+            raise RuntimeError(f"importing the good checkpoint failed: {_last_line(good.stderr)}")
     case.build(materials, path)
     before = _outside(site.root)
     size = path.stat().st_size if path.exists() else 0
@@ -110,7 +111,7 @@ def _run_case(workspace: Workspace, index: int, case: hostile.Case, materials: h
     (tmp / "out.pkl").unlink(missing_ok=True)  # ours, not the product's
     after = _outside(site.root)
     written = sorted(name for name, stat in after.items() if before.get(name) != stat)
-    clear = not run.traceback and run.returncode is not None and _first_line(run.stderr).startswith("error")
+    clear = not run.traceback and run.returncode is not None and _last_line(run.stderr).startswith("error")
     if case.path == "verify":
         clear = not run.traceback and run.returncode is not None
     rss_mb = run.max_rss_kb / 1024
@@ -126,7 +127,7 @@ def _run_case(workspace: Workspace, index: int, case: hostile.Case, materials: h
     detected = outcome == "refused" and not over_budget
     detail = {
         "case": case.name, "class": case.klass, "path": case.path, "file_bytes": size, "outcome": outcome,
-        "detected": detected, "exit": run.returncode, "message": _first_line(run.stderr),
+        "detected": detected, "exit": run.returncode, "message": _last_line(run.stderr),
         "peak_rss_mb": round(rss_mb, 1), "cache_peak_growth_mb": round(cache_growth / MB, 1),
         "over_budget": over_budget, "secret_in": leaks, "written_outside_cache": written,
         "seconds": round(run.seconds, 1),
@@ -143,13 +144,13 @@ def bad_weight_files(workspace: Workspace) -> Result:
     folder = workspace.folder("badfiles")
     materials = hostile.make_materials(folder, det_numpy_state_dict("MiDaS_small"), workspace.checkpoint())
     needles = hostile.secret_needles(materials.secret.read_bytes())
-    details = []
-    baseline = None
-    for index, case in enumerate(cases):
-        detail = _run_case(workspace, index, case, materials, needles, baseline)
-        if case.name == "empty file" and detail["outcome"] == "refused":
-            baseline = int(detail["peak_rss_mb"] * 1024)  # what refusing a file costs at all
-        details.append(detail)
+    # What a command costs before it reads any file: Django, numpy, h5py and torch imported (a .pt or a
+    # functional check needs torch). A case's budget is this plus three times its file plus 128 MB.
+    probe = workspace.site("badfile-baseline")
+    measured = manage(probe, "shell", "-c", "import h5py, numpy, torch, safetensors", timeout=300)
+    baseline = measured.max_rss_kb if measured.returncode == 0 and measured.max_rss_kb else None
+    shutil.rmtree(probe.root, ignore_errors=True)
+    details = [_run_case(workspace, index, case, materials, needles, baseline) for index, case in enumerate(cases)]
     result.runs = len(details)
     detected = sum(d["detected"] for d in details)
     leaked = sum(bool(d["secret_in"]) for d in details)
@@ -163,6 +164,7 @@ def bad_weight_files(workspace: Workspace) -> Result:
         "secret leaked": leaked,
         "written outside cache": outside,
         "max RSS MB": max(d["peak_rss_mb"] for d in details) if details else None,
+        "baseline RSS MB": round(baseline / 1024, 1) if baseline else None,
     }
     result.details = details
     result.expect(detected == len(details), "not detected: " + ", ".join(
