@@ -1,0 +1,1 @@
+"""Fault and load scenarios of `bench/faults.py`: each runs real depthsite processes on loopback and measures."""
