@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -24,10 +24,16 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]
     return checkpoint, []
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any],
+    model: nn.Module,
+    *,
+    convert: Optional[Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]] = None,
+) -> dict[str, torch.Tensor]:
     """Adapt a checkpoint to `model`'s state_dict layout; logs what was dropped or filled in.
 
-    Unwraps {"model": ..., "optimizer": ...}, strips a DataParallel "module." prefix, fills absent
+    Unwraps {"model": ..., "optimizer": ...}, strips a DataParallel "module." prefix, applies the
+    family's `convert` (official key names -> the timm modules of the model), fills absent
     BatchNorm `num_batches_tracked` counters with zeros, drops counters the model does not have and
     turns 1-element vectors into the scalars the model expects.
     Any other mismatch is left for `create_model` to report.
@@ -39,6 +45,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     if checkpoint and all(k.startswith(prefix) for k in checkpoint) and not any(k.startswith(prefix) for k in expected):
         checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items()}
         logger.info("checkpoint: stripped the %r prefix from every key", prefix)
+
+    converted_away: list[str] = []
+    if convert is not None:
+        checkpoint, converted_away = convert(checkpoint)
 
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
@@ -59,6 +69,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
 
     if wrapper_keys:
         logger.info("checkpoint: unwrapped 'model', dropped wrapper entries %s", wrapper_keys)
+    if converted_away:
+        logger.info("checkpoint: dropped %d structural buffers the model recomputes: %s",
+                    len(converted_away), _preview(converted_away))
     if dropped:
         logger.info("checkpoint: dropped %d entries the model lacks: %s", len(dropped), _preview(dropped))
     if filled:
@@ -109,6 +122,9 @@ def _materialise_non_persistent_buffers(model: nn.Module, device: torch.device) 
         init = getattr(module, "init_non_persistent_buffers", None)
         if init is None:
             raise RuntimeError(f"{module_name or type(module).__name__}: cannot rebuild buffers {pending}")
+        # timm 1.0 fills some buffers in place (BEiT's zero k_bias, index tables): give them storage first.
+        for buffer_name in pending:
+            module._buffers[buffer_name] = torch.empty_like(module._buffers[buffer_name], device=device)
         with device:
             init()
 
@@ -142,7 +158,7 @@ def create_model(
 
     with torch.device("meta"):
         model = variant.build(variant.arch, init_weights=False)
-    filtered = checkpoint_filter_fn(state_dict, model)
+    filtered = checkpoint_filter_fn(state_dict, model, convert=variant.convert_checkpoint)
     _check_layout(name, filtered, model)
     model.load_state_dict(filtered, strict=True, assign=True)
 

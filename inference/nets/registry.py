@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -24,6 +25,12 @@ class NetConfig:
     std: tuple[float, float, float]
     ensure_multiple_of: int = 32
     description: str = ""
+    # False: each side is scaled to the native size on its own (Swin, SwinV2, LeViT: the official
+    # transforms stretch every image to the native square).
+    keep_aspect_ratio: bool = True
+    # True: the network accepts its native net_size only (window masks and attention biases are
+    # tied to the token grid); any other input is refused with a ValueError.
+    fixed_input_size: bool = False
 
     def __post_init__(self) -> None:
         if self.resize_method not in ("minimal", "upper_bound"):
@@ -37,15 +44,25 @@ class Variant:
     config: NetConfig
     arch: Any
     build: Callable[..., nn.Module]  # build(arch, *, init_weights=True)
+    # The family's conversion of an official-layout checkpoint to the model's own layout (renamed
+    # or moved timm modules, structural buffers the model recomputes): (state_dict) -> (state_dict,
+    # dropped keys). None: the official layout is the model's layout.
+    convert_checkpoint: Optional[Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]] = None
 
 
 _VARIANTS: dict[str, Variant] = {}
 
 
-def register_variant(config: NetConfig, arch: Any, build: Callable[..., nn.Module]) -> None:
+def register_variant(
+    config: NetConfig,
+    arch: Any,
+    build: Callable[..., nn.Module],
+    *,
+    convert_checkpoint: Optional[Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]] = None,
+) -> None:
     if config.name in _VARIANTS:
         raise ValueError(f"variant {config.name!r} is already registered")
-    _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build)
+    _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build, convert_checkpoint=convert_checkpoint)
 
 
 def get_variant(name: str) -> Variant:

@@ -34,18 +34,21 @@ def target_size(height: int, width: int, config_or_name: ConfigOrName) -> tuple[
     scale_w = net_w / width
     if cfg.resize_method == "upper_bound":
         # Fit inside the native size.
-        if scale_w < scale_h:
-            scale_h = scale_w
-        else:
-            scale_w = scale_h
+        if cfg.keep_aspect_ratio:
+            if scale_w < scale_h:
+                scale_h = scale_w
+            else:
+                scale_w = scale_h
         limit_h, limit_w = net_h, net_w
     else:
         # "minimal": the scale closest to 1; no limit, so a side may exceed the native size.
-        if abs(1 - scale_w) < abs(1 - scale_h):
-            scale_h = scale_w
-        else:
-            scale_w = scale_h
+        if cfg.keep_aspect_ratio:
+            if abs(1 - scale_w) < abs(1 - scale_h):
+                scale_h = scale_w
+            else:
+                scale_w = scale_h
         limit_h = limit_w = None
+    # Without keep_aspect_ratio each side is scaled on its own: every image becomes net_size exactly.
     new_h = _to_multiple(scale_h * height, cfg.ensure_multiple_of, limit_h)
     new_w = _to_multiple(scale_w * width, cfg.ensure_multiple_of, limit_w)
     if new_h <= 0 or new_w <= 0:
