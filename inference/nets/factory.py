@@ -110,8 +110,14 @@ def _check_layout(name: str, state_dict: Mapping[str, Any], model: nn.Module) ->
         raise ValueError(f"checkpoint does not match the official {name} layout: " + "; ".join(problems))
 
 
-def _materialise_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute buffers that no checkpoint carries (they stay on the meta device after an assign-load)."""
+def _materialise_non_persistent_buffers(
+    model: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None
+) -> None:
+    """Recompute buffers that no checkpoint carries (they stay on the meta device after an assign-load).
+
+    Floating buffers take `dtype`, the checkpoint's floating dtype, as `model.to(dtype)` would have given them:
+    a float32 zero bias or mask next to bfloat16 weights would make the forward fail.
+    """
     for module_name, module in model.named_modules():
         pending = [
             n for n, b in module._buffers.items()
@@ -127,6 +133,11 @@ def _materialise_non_persistent_buffers(model: nn.Module, device: torch.device) 
             module._buffers[buffer_name] = torch.empty_like(module._buffers[buffer_name], device=device)
         with device:
             init()
+        if dtype is not None:
+            for buffer_name in pending:
+                buffer = module._buffers.get(buffer_name)
+                if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                    module._buffers[buffer_name] = buffer.to(dtype)
 
 
 def _first_meta_tensor(model: nn.Module) -> Union[str, None]:
@@ -163,7 +174,8 @@ def create_model(
     model.load_state_dict(filtered, strict=True, assign=True)
 
     loaded_on = next(iter(filtered.values())).device if filtered else torch.device("cpu")
-    _materialise_non_persistent_buffers(model, loaded_on)
+    float_dtypes = {v.dtype for v in filtered.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    _materialise_non_persistent_buffers(model, loaded_on, float_dtypes.pop() if len(float_dtypes) == 1 else None)
     leftover = _first_meta_tensor(model)
     if leftover is not None:
         raise RuntimeError(f"{name}: tensor {leftover!r} was not materialised by the checkpoint")
