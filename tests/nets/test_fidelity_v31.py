@@ -200,3 +200,18 @@ def test_registry_layout_files_list_every_official_key():
         data = json.loads((REFERENCE_DIR / f"weights_digest_{name}.json").read_text())
         assert [key for key, _, _ in layout] == [key for key, _ in data["per_key_sha256_16"]]
         assert set(structural_keys(name)) <= {key for key, _, _ in layout}
+
+
+def test_functional_health_check_runs_fixed_size_networks(loaded):
+    # The registry's health check feeds a fixed probe; Swin/SwinV2/LeViT refuse anything but their square.
+    from types import SimpleNamespace
+
+    from inference.health import weights_functional_hash
+
+    name, model, state_dict = loaded
+    arrays = {key: value.numpy() for key, value in det_official_state_dict(name, model).items()}
+    digest = weights_functional_hash(SimpleNamespace(architecture=name), arrays)
+    assert len(digest) == 64
+    # Bound to the weights: a different bias in the depth head changes the hash.
+    arrays["scratch.output_conv.4.bias"] = arrays["scratch.output_conv.4.bias"] + np.float32(1.0)
+    assert weights_functional_hash(SimpleNamespace(architecture=name), arrays) != digest
