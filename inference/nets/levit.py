@@ -61,15 +61,6 @@ class LevitEncoder(nn.Module):
         # The classifier heads are kept because the checkpoints carry them; never run.
         self.model = timm.create_model(cfg.timm_name, pretrained=False, img_size=cfg.img_size)
 
-    def _apply(self, fn, *args, **kwargs):
-        # timm LeViT caches `attention_biases[:, idxs]` per device at the first eval forward; a move or
-        # dtype change must not keep serving the old copy.
-        for module in self.model.modules():
-            cache = getattr(module, "attention_bias_cache", None)
-            if isinstance(cache, dict):
-                cache.clear()
-        return super()._apply(fn, *args, **kwargs)
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         size = self.cfg.img_size
         if tuple(x.shape[-2:]) != (size, size):

@@ -1,4 +1,4 @@
-"""Official MiDaS preprocessing (keep-aspect resize to a multiple of 32, normalise) and output resizing."""
+"""Official MiDaS preprocessing (resize to a multiple of 32, keeping the aspect ratio or not; normalise) and output resizing."""
 from __future__ import annotations
 
 from typing import Optional, Union

@@ -215,3 +215,4 @@ def test_functional_health_check_runs_fixed_size_networks(loaded):
     # Bound to the weights: a different bias in the depth head changes the hash.
     arrays["scratch.output_conv.4.bias"] = arrays["scratch.output_conv.4.bias"] + np.float32(1.0)
     assert weights_functional_hash(SimpleNamespace(architecture=name), arrays) != digest
+
