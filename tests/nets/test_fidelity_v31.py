@@ -105,8 +105,8 @@ def test_end_to_end_matches_golden(loaded, image_size):
 
 
 def test_official_checkpoint_with_structural_buffers_loads_strict(loaded, caplog):
-    name, model, _ = loaded
-    official = det_official_state_dict(name, model)
+    name, model, state_dict = loaded
+    official = det_official_state_dict(name, model, state_dict)
     assert [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in official.items()] == official_layout(name)
     with caplog.at_level(logging.INFO, logger="inference.nets.factory"):
         twin = create_model(name, state_dict=official)
@@ -209,9 +209,11 @@ def test_functional_health_check_runs_fixed_size_networks(loaded):
     from inference.health import weights_functional_hash
 
     name, model, state_dict = loaded
-    arrays = {key: value.numpy() for key, value in det_official_state_dict(name, model).items()}
+    arrays = {key: value.numpy() for key, value in det_official_state_dict(name, model, state_dict).items()}
     digest = weights_functional_hash(SimpleNamespace(architecture=name), arrays)
     assert len(digest) == 64
+    if name not in FAST:
+        return  # the probe runs at the native size: one more forward is costly on two cores
     # Bound to the weights: a different bias in the depth head changes the hash.
     arrays["scratch.output_conv.4.bias"] = arrays["scratch.output_conv.4.bias"] + np.float32(1.0)
     assert weights_functional_hash(SimpleNamespace(architecture=name), arrays) != digest

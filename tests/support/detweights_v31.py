@@ -59,9 +59,10 @@ def det_rule_state_dict(model: str) -> dict:
     }
 
 
-def det_official_state_dict(model: str, network) -> dict:
-    """The complete official layout: rule-filled entries plus the structural buffers of `network`."""
-    rule = det_rule_state_dict(model)
+def det_official_state_dict(model: str, network, rule: dict | None = None) -> dict:
+    """The complete official layout: rule-filled entries (`rule`, generated when not given) plus the
+    structural buffers of `network`."""
+    rule = det_rule_state_dict(model) if rule is None else rule
     buffers = dict(network.named_buffers())
     out = {}
     for key, _shape, _dtype in official_layout(model):
