@@ -37,7 +37,7 @@ def weights_functional_hash(model, arrays: dict) -> str:
     """The registry's functional check for one model's tensors (numpy arrays in the official layout)."""
     import torch
 
-    from inference.nets import create_model
+    from inference.nets import create_model, get_config
     from models_registry.exceptions import WeightFileError
 
     state_dict = {key: torch.from_numpy(np.asarray(value)) for key, value in arrays.items()}
@@ -45,8 +45,11 @@ def weights_functional_hash(model, arrays: dict) -> str:
         network = create_model(model.architecture, state_dict=state_dict, device="cpu")
     except ValueError as exc:
         raise WeightFileError(f"the network refused these weights: {exc}", extra={"kind": "functional"}) from None
+    # Swin/SwinV2/LeViT accept their native square only; the others take the cheap probe.
+    config = get_config(model.architecture)
+    height, width = config.net_size if config.fixed_input_size else probe_size(model.architecture)
     with torch.inference_mode():
-        output = network(torch.from_numpy(probe_input(*probe_size(model.architecture)))).float().numpy()
+        output = network(torch.from_numpy(probe_input(height, width))).float().numpy()
     if not np.isfinite(output).all():
         raise WeightFileError("the network's output on the probe input is not finite (NaN or infinity): "
                               "the weights are damaged", extra={"kind": "functional"})

@@ -147,3 +147,17 @@ class DepthDecoder(nn.Module):
         path = self.refinenet2(path, l2, size=size_of(l1))
         path = self.refinenet1(path, l1)
         return self.output_conv(path)
+
+
+def dpt_decoder(in_channels: tuple[int, int, int, int]) -> DecoderConfig:
+    """The DPT decoder of MiDaS v3 and v3.1 (DPTDepthModel, features=256) over four encoder levels."""
+    return DecoderConfig(
+        in_channels=in_channels,
+        widths=(256, 256, 256, 256),
+        fusion_out_conv=True,
+        skip_after_activation=False,
+        fusion_align_corners=True,
+        upsample_to_lateral_size=True,
+        head_align_corners=True,
+        coarse_first=False,
+    )

@@ -1,7 +1,6 @@
 """Depth Anything V2 (relative depth): a DINOv2 ViT-S/B/L/14 on timm 1.0 with the official DPT head, at 518 px."""
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from torch import nn
 from .blocks import FeatureFusionBlock
 from .registry import IMAGENET_MEAN, IMAGENET_STD, NetConfig, register_variant
 
-logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 14
 NATIVE_SIZE = 518  # 37 x 37 patches: the grid the position embeddings were trained on
@@ -180,23 +178,14 @@ class DepthAnythingV2(nn.Module):
 _TRAINING_ONLY = ("pretrained.mask_token",)
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Official Depth Anything V2 layout -> this model's.
+def convert_checkpoint(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Official Depth Anything V2 layout -> this model's: (state_dict, dropped keys).
 
     timm's ViT holds the backbone under the official names (`pretrained.blocks.N.ls1.gamma`, ...), so
-    the only change is dropping the training-only mask token; it is reported, never silently lost.
+    the only change is dropping the training-only mask token; the factory reports what was dropped.
     """
-    expected = model.state_dict()
-    out: dict[str, Any] = {}
-    dropped = []
-    for key, value in state_dict.items():
-        if key in _TRAINING_ONLY and key not in expected:
-            dropped.append(key)
-            continue
-        out[key] = value
-    if dropped:
-        logger.info("checkpoint: dropped %s (used in training only)", ", ".join(dropped))
-    return out
+    out = {key: value for key, value in state_dict.items() if key not in _TRAINING_ONLY}
+    return out, [key for key in state_dict if key in _TRAINING_ONLY]
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -234,19 +223,19 @@ register_variant(
     _config("Depth_Anything_V2_Small", "Depth Anything V2 Small (DINOv2 ViT-S/14 encoder, 518 px, 25M parameters)."),
     DEPTH_ANYTHING_V2_SMALL,
     DepthAnythingV2,
-    checkpoint_filter=checkpoint_filter_fn,
+    convert_checkpoint=convert_checkpoint,
 )
 
 register_variant(
     _config("Depth_Anything_V2_Base", "Depth Anything V2 Base (DINOv2 ViT-B/14 encoder, 518 px, 97M parameters)."),
     DEPTH_ANYTHING_V2_BASE,
     DepthAnythingV2,
-    checkpoint_filter=checkpoint_filter_fn,
+    convert_checkpoint=convert_checkpoint,
 )
 
 register_variant(
     _config("Depth_Anything_V2_Large", "Depth Anything V2 Large (DINOv2 ViT-L/14 encoder, 518 px, 335M parameters)."),
     DEPTH_ANYTHING_V2_LARGE,
     DepthAnythingV2,
-    checkpoint_filter=checkpoint_filter_fn,
+    convert_checkpoint=convert_checkpoint,
 )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -24,10 +24,16 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]
     return checkpoint, []
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any],
+    model: nn.Module,
+    *,
+    convert: Optional[Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]] = None,
+) -> dict[str, torch.Tensor]:
     """Adapt a checkpoint to `model`'s state_dict layout; logs what was dropped or filled in.
 
-    Unwraps {"model": ..., "optimizer": ...}, strips a DataParallel "module." prefix, fills absent
+    Unwraps {"model": ..., "optimizer": ...}, strips a DataParallel "module." prefix, applies the
+    family's `convert` (official key names -> the timm modules of the model), fills absent
     BatchNorm `num_batches_tracked` counters with zeros, drops counters the model does not have and
     turns 1-element vectors into the scalars the model expects.
     Any other mismatch is left for `create_model` to report.
@@ -39,6 +45,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     if checkpoint and all(k.startswith(prefix) for k in checkpoint) and not any(k.startswith(prefix) for k in expected):
         checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items()}
         logger.info("checkpoint: stripped the %r prefix from every key", prefix)
+
+    converted_away: list[str] = []
+    if convert is not None:
+        checkpoint, converted_away = convert(checkpoint)
 
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
@@ -59,6 +69,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
 
     if wrapper_keys:
         logger.info("checkpoint: unwrapped 'model', dropped wrapper entries %s", wrapper_keys)
+    if converted_away:
+        logger.info("checkpoint: dropped %d structural buffers or training-only entries the model does not load: %s",
+                    len(converted_away), _preview(converted_away))
     if dropped:
         logger.info("checkpoint: dropped %d entries the model lacks: %s", len(dropped), _preview(dropped))
     if filled:
@@ -97,8 +110,14 @@ def _check_layout(name: str, state_dict: Mapping[str, Any], model: nn.Module) ->
         raise ValueError(f"checkpoint does not match the official {name} layout: " + "; ".join(problems))
 
 
-def _materialise_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute buffers that no checkpoint carries (they stay on the meta device after an assign-load)."""
+def _materialise_non_persistent_buffers(
+    model: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None
+) -> None:
+    """Recompute buffers that no checkpoint carries (they stay on the meta device after an assign-load).
+
+    Floating buffers take `dtype`, the checkpoint's floating dtype, as `model.to(dtype)` would have given them:
+    a float32 zero bias or mask next to bfloat16 weights would make the forward fail.
+    """
     for module_name, module in model.named_modules():
         pending = [
             n for n, b in module._buffers.items()
@@ -109,8 +128,16 @@ def _materialise_non_persistent_buffers(model: nn.Module, device: torch.device) 
         init = getattr(module, "init_non_persistent_buffers", None)
         if init is None:
             raise RuntimeError(f"{module_name or type(module).__name__}: cannot rebuild buffers {pending}")
+        # timm 1.0 fills some buffers in place (BEiT's zero k_bias, index tables): give them storage first.
+        for buffer_name in pending:
+            module._buffers[buffer_name] = torch.empty_like(module._buffers[buffer_name], device=device)
         with device:
             init()
+        if dtype is not None:
+            for buffer_name in pending:
+                buffer = module._buffers.get(buffer_name)
+                if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                    module._buffers[buffer_name] = buffer.to(dtype)
 
 
 def _first_meta_tensor(model: nn.Module) -> Union[str, None]:
@@ -131,8 +158,8 @@ def create_model(
     Without `state_dict` the network is initialised normally on `device`. With one, it is built on the
     meta device (no random init), the checkpoint is filtered and its tensors are adopted as-is
     (`assign=True`: mmap'd or safetensors storage is not copied), then the model is moved to `device`.
-    A family that keeps its modules where timm puts them converts the official keys with its own
-    registered `checkpoint_filter` after the generic one.
+    A family whose timm modules differ from the official layout converts the official keys with its
+    registered `convert_checkpoint`, run inside the generic filter.
     Raises ValueError when the checkpoint does not have the official layout.
     """
     variant = get_variant(name)
@@ -144,14 +171,13 @@ def create_model(
 
     with torch.device("meta"):
         model = variant.build(variant.arch, init_weights=False)
-    filtered = checkpoint_filter_fn(state_dict, model)
-    if variant.checkpoint_filter is not None:
-        filtered = variant.checkpoint_filter(filtered, model)
+    filtered = checkpoint_filter_fn(state_dict, model, convert=variant.convert_checkpoint)
     _check_layout(name, filtered, model)
     model.load_state_dict(filtered, strict=True, assign=True)
 
     loaded_on = next(iter(filtered.values())).device if filtered else torch.device("cpu")
-    _materialise_non_persistent_buffers(model, loaded_on)
+    float_dtypes = {v.dtype for v in filtered.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    _materialise_non_persistent_buffers(model, loaded_on, float_dtypes.pop() if len(float_dtypes) == 1 else None)
     leftover = _first_meta_tensor(model)
     if leftover is not None:
         raise RuntimeError(f"{name}: tensor {leftover!r} was not materialised by the checkpoint")

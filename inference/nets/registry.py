@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -12,9 +13,6 @@ HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 # "minimal": the scale closest to 1; "upper_bound": fit inside the native size; "lower_bound": cover it.
 RESIZE_METHODS = ("minimal", "upper_bound", "lower_bound")
-
-# checkpoint_filter(state_dict, model) -> state_dict in the model's layout (a family's key conversion).
-CheckpointFilter = Callable[[Mapping[str, Any], nn.Module], dict]
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,12 @@ class NetConfig:
     # "lower_bound" has no upper clamp (a 100x1000 image becomes 518x5180): a network side above this
     # is refused instead of exhausting memory. None: no limit (the other methods are bounded anyway).
     max_net_side: Optional[int] = None
+    # False: each side is scaled to the native size on its own (Swin, SwinV2, LeViT: the official
+    # transforms stretch every image to the native square).
+    keep_aspect_ratio: bool = True
+    # True: the network accepts its native net_size only (window masks and attention biases are
+    # tied to the token grid); any other input is refused with a ValueError.
+    fixed_input_size: bool = False
 
     def __post_init__(self) -> None:
         if self.resize_method not in RESIZE_METHODS:
@@ -51,8 +55,10 @@ class Variant:
     config: NetConfig
     arch: Any
     build: Callable[..., nn.Module]  # build(arch, *, init_weights=True)
-    # The family's conversion from the official checkpoint layout, run after the generic filter.
-    checkpoint_filter: Optional[CheckpointFilter] = None
+    # The family's conversion of an official-layout checkpoint to the model's own layout (renamed
+    # or moved timm modules, structural buffers the model recomputes): (state_dict) -> (state_dict,
+    # dropped keys). None: the official layout is the model's layout.
+    convert_checkpoint: Optional[Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]] = None
 
 
 _VARIANTS: dict[str, Variant] = {}
@@ -63,11 +69,11 @@ def register_variant(
     arch: Any,
     build: Callable[..., nn.Module],
     *,
-    checkpoint_filter: Optional[CheckpointFilter] = None,
+    convert_checkpoint: Optional[Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]] = None,
 ) -> None:
     if config.name in _VARIANTS:
         raise ValueError(f"variant {config.name!r} is already registered")
-    _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build, checkpoint_filter=checkpoint_filter)
+    _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build, convert_checkpoint=convert_checkpoint)
 
 
 def get_variant(name: str) -> Variant:

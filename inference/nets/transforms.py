@@ -1,4 +1,4 @@
-"""Official MiDaS / Depth Anything preprocessing (keep-aspect resize to a multiple, normalise) and output resizing."""
+"""Official MiDaS / Depth Anything preprocessing (resize to a multiple, keeping the aspect ratio or not; normalise) and output resizing."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -37,10 +37,11 @@ def target_size(height: int, width: int, config_or_name: ConfigOrName) -> tuple[
     floor_h = floor_w = None
     if cfg.resize_method == "upper_bound":
         # Fit inside the native size.
-        if scale_w < scale_h:
-            scale_h = scale_w
-        else:
-            scale_w = scale_h
+        if cfg.keep_aspect_ratio:
+            if scale_w < scale_h:
+                scale_h = scale_w
+            else:
+                scale_w = scale_h
         limit_h, limit_w = net_h, net_w
     elif cfg.resize_method == "lower_bound":
         # Cover the native size (Depth Anything): the larger scale, never below the native size, no upper limit.
@@ -52,11 +53,13 @@ def target_size(height: int, width: int, config_or_name: ConfigOrName) -> tuple[
         floor_h, floor_w = net_h, net_w
     else:
         # "minimal": the scale closest to 1; no limit, so a side may exceed the native size.
-        if abs(1 - scale_w) < abs(1 - scale_h):
-            scale_h = scale_w
-        else:
-            scale_w = scale_h
+        if cfg.keep_aspect_ratio:
+            if abs(1 - scale_w) < abs(1 - scale_h):
+                scale_h = scale_w
+            else:
+                scale_w = scale_h
         limit_h = limit_w = None
+    # Without keep_aspect_ratio each side is scaled on its own: every image becomes net_size exactly.
     new_h = _to_multiple(scale_h * height, cfg.ensure_multiple_of, limit_h, floor_h)
     new_w = _to_multiple(scale_w * width, cfg.ensure_multiple_of, limit_w, floor_w)
     if new_h <= 0 or new_w <= 0:

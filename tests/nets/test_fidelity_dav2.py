@@ -222,7 +222,7 @@ def test_official_pth_file_loads_strict_and_reports_the_mask_token(small, tmp_pa
     path = write_official_checkpoint("Depth_Anything_V2_Small", tmp_path / "depth_anything_v2_vits.pth")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     assert MASK_TOKEN in checkpoint
-    with caplog.at_level(logging.INFO, logger="inference.nets.depth_anything"):
+    with caplog.at_level(logging.INFO, logger="inference.nets.factory"):
         model = create_model("Depth_Anything_V2_Small", state_dict=checkpoint)
     assert any(MASK_TOKEN in record.getMessage() for record in caplog.records)
     assert torch.equal(_probe(model), _probe(reference))
