@@ -1,33 +1,18 @@
-"""Registry of the official MiDaS network variants: public per-variant configuration plus its build recipe."""
+"""Registry of the official network variants: each variant's spec (from depthsite.netspecs) plus its build recipe."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF_MEAN = (0.5, 0.5, 0.5)
-HALF_STD = (0.5, 0.5, 0.5)
+from depthsite.netspecs import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, NET_SPECS, NetSpec
 
+# The config callers pass around IS the torch-free spec: one definition for the nets and the catalogue.
+NetConfig = NetSpec
 
-@dataclass(frozen=True)
-class NetConfig:
-    """What callers need to know about a variant: its official name and its preprocessing."""
-
-    name: str
-    family: str
-    net_size: tuple[int, int]
-    resize_method: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    ensure_multiple_of: int = 32
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if self.resize_method not in ("minimal", "upper_bound"):
-            raise ValueError(f"resize_method must be 'minimal' or 'upper_bound', not {self.resize_method!r}")
+__all__ = ["NetConfig", "Variant", "register_variant", "get_variant", "get_config", "registered_names",
+           "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD"]
 
 
 @dataclass(frozen=True)
@@ -42,10 +27,27 @@ class Variant:
 _VARIANTS: dict[str, Variant] = {}
 
 
-def register_variant(config: NetConfig, arch: Any, build: Callable[..., nn.Module]) -> None:
-    if config.name in _VARIANTS:
-        raise ValueError(f"variant {config.name!r} is already registered")
-    _VARIANTS[config.name] = Variant(config=config, arch=arch, build=build)
+def _canonical(config: Union[NetConfig, str]) -> NetConfig:
+    """The spec of depthsite.netspecs for `config`: a net file may restate it, never contradict it."""
+    name = config if isinstance(config, str) else config.name
+    spec = NET_SPECS.get(name)
+    if spec is None:
+        raise ValueError(f"variant {name!r} has no NetSpec: add it to depthsite/netspecs.py first")
+    if not isinstance(config, str):
+        differing = spec.fact_differences(config)
+        if differing:
+            details = "; ".join(f"{field}: {getattr(config, field)!r} here, {getattr(spec, field)!r} in the spec"
+                                for field in differing)
+            raise ValueError(f"variant {name!r} contradicts depthsite/netspecs.py ({details})")
+    return spec
+
+
+def register_variant(config: Union[NetConfig, str], arch: Any, build: Callable[..., nn.Module]) -> None:
+    """Register a build recipe under a spec (or its name); the stored config is always the spec itself."""
+    spec = _canonical(config)
+    if spec.name in _VARIANTS:
+        raise ValueError(f"variant {spec.name!r} is already registered")
+    _VARIANTS[spec.name] = Variant(config=spec, arch=arch, build=build)
 
 
 def get_variant(name: str) -> Variant:
