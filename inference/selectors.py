@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -157,29 +157,44 @@ class ModelOption:
     cached: bool
     usable: bool  # False when a job with it cannot succeed on this site as it is
     note: str
+    facts: dict = field(default_factory=dict)  # family, native input, size, CPU time, licence (selectors.model_facts)
+
+    @property
+    def family_label(self) -> str:
+        return self.facts.get("family_label", "")
 
 
 def model_options() -> list[ModelOption]:
-    """The enabled models with what the upload page says about each: cached, will be downloaded, or why not."""
-    from models_registry.services.download import download_url
+    """The enabled models, grouped by family, with what the upload page says about each: cached, will be
+    downloaded, or why not (a licence this site refuses included)."""
+    from models_registry.selectors import models_by_family
 
     options = []
-    for model in model_list(enabled_only=True):
-        files = weight_files_usable(model=model)
-        if files:
-            best = files[0]
-            options.append(ModelOption(model.name, model.display_name, True, True,
-                                       f"cached ({best.format}, {format_size(best.size)})"))
-            continue
-        active = download_active(model=model)
-        if active is not None:
-            total = active.bytes_total or model.expected_size
-            progress = f" ({active.bytes_done * 100 // total}%)" if total else ""
-            options.append(ModelOption(model.name, model.display_name, False, True,
-                                       f"downloading now{progress}; jobs wait for it"))
-            continue
-        options.append(_uncached_option(model, download_url))
+    for _, members in models_by_family(model_list(enabled_only=True)):
+        for model, facts in members:
+            option = _model_option(model)
+            if not facts["license_accepted"]:
+                option = replace(option, usable=False,
+                                 note=f"refused here: its licence {model.license} is not in DEPTHSITE_ACCEPTED_LICENSES")
+            options.append(replace(option, facts=facts))
     return options
+
+
+def _model_option(model: RegisteredModel) -> ModelOption:
+    from models_registry.services.download import download_url
+
+    files = weight_files_usable(model=model)
+    if files:
+        best = files[0]
+        return ModelOption(model.name, model.display_name, True, True,
+                           f"cached ({best.format}, {format_size(best.size)})")
+    active = download_active(model=model)
+    if active is not None:
+        total = active.bytes_total or model.expected_size
+        progress = f" ({active.bytes_done * 100 // total}%)" if total else ""
+        return ModelOption(model.name, model.display_name, False, True,
+                           f"downloading now{progress}; jobs wait for it")
+    return _uncached_option(model, download_url)
 
 
 def _uncached_option(model: RegisteredModel, download_url) -> ModelOption:

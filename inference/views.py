@@ -32,6 +32,7 @@ from inference.selectors import (
     uploads_allowed,
 )
 from inference.services.jobs import DEFAULT_MODEL, depth_job_create, depth_job_delete
+from models_registry.catalogue import cpu_times_machine
 from models_registry.exceptions import ApplicationError, NotFoundError
 
 HISTORY_PAGE_SIZE = 20
@@ -127,6 +128,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
     return render(request, "inference/upload.html", {
         "form": form,
         "model_options": options,
+        "cpu_times_machine": cpu_times_machine(),
         "selected_model": form["model"].value() or DEFAULT_MODEL,
         "selected_outputs": form["outputs"].value() or ["png"],
         "selected_colormap": form["colormap"].value() or DEFAULT_COLORMAP,
