@@ -1,6 +1,7 @@
 """Forward-pass benchmark: CPU time per image of every registered network at its native input size.
 
     .venv/bin/python bench/forward.py [--models ...] [--runs 5] [--threads 2] [--write]
+    .venv/bin/python bench/forward.py --markdown      # the README's models table from cpu_times.json, no run
 
 Networks are built with their normal initialisation (weight values do not change the cost). The table
 puts each median next to the official code's forward time from the reference READMEs (measured on
@@ -69,7 +70,29 @@ def write(results: dict, *, threads: int, runs: int, machine: str) -> None:
     os.replace(tmp, CPU_TIMES)
 
 
+def markdown() -> str:
+    """The README's models table: catalogue facts, the measured CPU times and the reference's official times."""
+    from models_registry.catalogue import CATALOGUE, cpu_seconds, cpu_times_machine
+
+    lines = ["| model | family | licence | size | native input | CPU s/image (here) | official s/image (reference) |",
+             "|---|---|---|---|---|---|---|"]
+    for entry in sorted(CATALOGUE, key=lambda e: (list(OFFICIAL_SECONDS).index(e.name))):
+        measured = cpu_seconds(entry.architecture)
+        official = OFFICIAL_SECONDS.get(entry.name)
+        aspect = "" if entry.spec.keep_aspect_ratio else " (stretched)"
+        lines.append(f"| `{entry.name}` | {entry.family_label} | {entry.license} | {entry.approx_bytes / 1e6:,.0f} MB | "
+                     f"{entry.input_size}{aspect} | {f'{measured:.3f}' if measured is not None else 'not measured'} | "
+                     f"{f'{official:.3f}' if official is not None else '-'} |")
+    lines.append("")
+    lines.append(f"CPU s/image: median forward at the native input, {cpu_times_machine() or 'not measured yet'}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if "--markdown" in sys.argv[1:]:
+        print(markdown())
+        return
+
     import torch
 
     from inference.nets import NET_NAMES
@@ -79,6 +102,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help=f"merge the medians into {CPU_TIMES.relative_to(ROOT)}")
+    parser.add_argument("--markdown", action="store_true", help="print the README's models table and stop")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -111,6 +111,7 @@ class DepthEstimator:
             "network_input": list(target_size(height, width, self.config)),
             "resize_method": self.config.resize_method,
             "ensure_multiple_of": self.config.ensure_multiple_of,
+            "keep_aspect_ratio": self.config.keep_aspect_ratio,
             "mean": list(self.config.mean),
             "std": list(self.config.std),
             "interpolation": "bicubic, no antialiasing, on float64 image/255",

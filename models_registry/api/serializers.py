@@ -163,24 +163,21 @@ class RegisteredModelSerializer(serializers.ModelSerializer):
                                  help_text="Cached files on every node; actions act on the node answering.")
     warm = WarmLoadSerializer(source="warm_now", many=True, help_text="Worker processes holding the network now.")
     is_warm = serializers.SerializerMethodField()
-    choosing = ModelFactsSerializer(source="*", help_text="Family, native input, size, CPU time and licence "
-                                                          "(network facts come from the architecture).")
+    input_size = serializers.IntegerField(read_only=True, help_text="Native input side in pixels (a fact of the "
+                                                                     "architecture).")
+    facts = ModelFactsSerializer(source="*", help_text="To choose a model: family, native input, preprocessing, "
+                                                       "size, CPU time per image, whether its licence is accepted.")
 
     class Meta:
         model = RegisteredModel
         fields = ["name", "display_name", "architecture", "aliases", "description", "source_url", "file_name",
                   "license", "semantics", "enabled", "pinned", "pinned_sha256", "pinned_size",
                   "expected_content_digest", "sha256_pinned_at", "sha256_pinned_from", "files", "is_warm", "warm",
-                  "choosing"]
+                  "input_size", "facts"]
         read_only_fields = fields
 
     def get_is_warm(self, model) -> bool:
         return bool(model.warm_now)
-
-    def to_representation(self, instance):
-        data = super().to_representation(instance)
-        data.update(data.pop("choosing"))  # flat: input_size, family, license_accepted... next to the rest
-        return data
 
 
 # --- status and cache info -----------------------------------------------------------------------
