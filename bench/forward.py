@@ -53,10 +53,19 @@ def measure(name: str, runs: int) -> tuple[tuple[int, int], list[float]]:
     return (height, width), times
 
 
-def write(results: dict, *, threads: int, runs: int, machine: str) -> None:
+def describe_machine(torch_version: str, threads: int) -> str:
+    """The machine in words, saying so when other processes were competing for its CPUs."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = f"; BUSY: load {load:.1f} on {cores} cores, figures inflated" if load > cores else ""
+    return (f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch_version}, {threads} "
+            f"thread{'s' if threads != 1 else ''}, load {load:.1f} at start{busy}")
+
+
+def write(results: dict, *, threads: int, runs: int, machine: str, path: Path = CPU_TIMES) -> None:
     """Merge into cpu_times.json (models not measured now keep their figures), atomically."""
     try:
-        data = json.loads(CPU_TIMES.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
     data["machine"] = machine
@@ -65,9 +74,9 @@ def write(results: dict, *, threads: int, runs: int, machine: str) -> None:
     models = data.setdefault("models", {})
     models.update(results)
     data["models"] = dict(sorted(models.items()))
-    tmp = CPU_TIMES.with_name(f".{CPU_TIMES.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, CPU_TIMES)
+    os.replace(tmp, path)
 
 
 def markdown() -> str:
@@ -80,7 +89,8 @@ def markdown() -> str:
         measured = cpu_seconds(entry.architecture)
         official = OFFICIAL_SECONDS.get(entry.name)
         aspect = "" if entry.spec.keep_aspect_ratio else " (stretched)"
-        lines.append(f"| `{entry.name}` | {entry.family_label} | {entry.license} | {entry.approx_bytes / 1e6:,.0f} MB | "
+        size = f"{entry.approx_bytes / 1e6:,.0f} MB"
+        lines.append(f"| `{entry.name}` | {entry.family_label} | {entry.license} | {size} | "
                      f"{entry.input_size}{aspect} | {f'{measured:.3f}' if measured is not None else 'not measured'} | "
                      f"{f'{official:.3f}' if official is not None else '-'} |")
     lines.append("")
@@ -103,12 +113,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help=f"merge the medians into {CPU_TIMES.relative_to(ROOT)}")
     parser.add_argument("--markdown", action="store_true", help="print the README's models table and stop")
+    parser.add_argument("--output", type=Path, default=CPU_TIMES, help="the file --write merges into")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{args.threads} threads, load {load:.1f} at start")
+    machine = describe_machine(torch.__version__, args.threads)
     print(f"{machine}; median of {args.runs} warm runs after one warm-up")
     print(f"{'model':<24} {'input':>9} {'forward':>9} {'official*':>10} {'ratio':>7}")
     results = {}
@@ -124,8 +133,8 @@ def main() -> None:
                          "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     print("* official code on the reference machine (not measured here): compare ratios across runs with care")
     if args.write:
-        write(results, threads=args.threads, runs=args.runs, machine=machine)
-        print(f"wrote {CPU_TIMES.relative_to(ROOT)}")
+        write(results, threads=args.threads, runs=args.runs, machine=machine, path=args.output)
+        print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

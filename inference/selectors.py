@@ -174,8 +174,8 @@ def model_options() -> list[ModelOption]:
         for model, facts in members:
             option = _model_option(model)
             if not facts["license_accepted"]:
-                option = replace(option, usable=False,
-                                 note=f"refused here: its licence {model.license} is not in DEPTHSITE_ACCEPTED_LICENSES")
+                note = f"refused here: its licence {model.license} is not in DEPTHSITE_ACCEPTED_LICENSES"
+                option = replace(option, usable=False, note=note)
             options.append(replace(option, facts=facts))
     return options
 

@@ -229,7 +229,6 @@ _DTYPE_BYTES = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2
                 "int8": 1, "bool": 1}
 
 
-
 def key_layout_path(architecture: str) -> Path:
     return _HERE / f"keys_{architecture}.json"
 
@@ -278,15 +277,18 @@ def approx_bytes(architecture: str) -> int:
 @lru_cache(maxsize=1)
 def _cpu_times() -> dict:
     try:
-        return json.loads(CPU_TIMES_FILE.read_text())
+        data = json.loads(CPU_TIMES_FILE.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def cpu_seconds(architecture: str) -> float | None:
     """Median CPU forward time per image at the native size, as `bench/forward.py --write` measured it."""
-    value = _cpu_times().get("models", {}).get(architecture, {}).get("median_s")
-    return float(value) if isinstance(value, (int, float)) else None
+    models = _cpu_times().get("models")
+    entry = models.get(architecture) if isinstance(models, dict) else None
+    value = entry.get("median_s") if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def cpu_times_machine() -> str:

@@ -205,3 +205,29 @@ def test_upload_form_groups_models_by_family(client, settings, cpu_times):
         < page.index('data-family="MiDaS v3 DPT (ViT)"')
     assert "0.07 s/image on CPU" in page and "CC-BY-NC-4.0" in page and "(stretched square)" in page
     assert 'value="MiDaS_small" checked' in page
+
+
+def test_bench_prints_the_readme_table_without_torch():
+    done = subprocess.run([sys.executable, "bench/forward.py", "--markdown"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(CONTRACT_NAMES)
+    large = next(row for row in rows if "Depth_Anything_V2_Large" in row)
+    assert "CC-BY-NC-4.0" in large and "Depth Anything V2" in large and "| 8.060 |" in large
+
+
+@pytest.mark.slow
+def test_bench_measures_every_requested_net_and_merges_its_medians(tmp_path):
+    output = tmp_path / "cpu_times.json"
+    output.write_text(json.dumps({"models": {"DPT_Large": {"median_s": 2.5}}}))
+    done = subprocess.run([sys.executable, "bench/forward.py", "--models", "MiDaS_small", "--runs", "2",
+                           "--threads", "1", "--write", "--output", str(output)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "MiDaS_small" in done.stdout and "0.064" in done.stdout  # next to the official figure
+    data = json.loads(output.read_text())
+    assert data["models"]["DPT_Large"]["median_s"] == 2.5  # kept
+    small = data["models"]["MiDaS_small"]
+    assert small["input"] == [256, 256] and len(small["runs_s"]) == 2 and small["median_s"] > 0
+    assert "1 thread" in data["machine"]

@@ -166,11 +166,13 @@ def test_every_surface_shows_licences_and_refusals(commercial_only, staff, clien
     listed = {row["name"]: row for row in staff.get("/api/models/").json()}
     assert listed["Depth_Anything_V2_Base"]["license"] == "CC-BY-NC-4.0"
     assert listed["Depth_Anything_V2_Base"]["facts"]["license_accepted"] is False
-    assert listed["Depth_Anything_V2_Small"]["facts"]["license_accepted"] is True and listed["MiDaS"]["license"] == "MIT"
+    assert listed["Depth_Anything_V2_Small"]["facts"]["license_accepted"] is True
+    assert listed["MiDaS"]["license"] == "MIT"
     facts = listed["Depth_Anything_V2_Base"]["facts"]
     assert facts["family_label"] == "Depth Anything V2"
     assert facts["input_size"] == 518 == listed["Depth_Anything_V2_Base"]["input_size"]
-    assert facts["preprocessing"]["resize_method"] == "lower_bound" and facts["preprocessing"]["ensure_multiple_of"] == 14
+    assert facts["preprocessing"]["resize_method"] == "lower_bound"
+    assert facts["preprocessing"]["ensure_multiple_of"] == 14
     status = {row["name"]: row for row in staff.get("/api/models/status").json()["models"]}
     assert status["Depth_Anything_V2_Large"]["license_accepted"] is False
 
