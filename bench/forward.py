@@ -69,8 +69,9 @@ def write(results: dict, *, threads: int, runs: int, machine: str, path: Path = 
     except (OSError, ValueError):
         data = {}
     data["machine"] = machine
+    plural = "s" if threads != 1 else ""
     data["note"] = ("median forward seconds per image at the native input, float32 CPU, "
-                    f"{threads} torch threads, {runs} runs after one warm-up (bench/forward.py --write)")
+                    f"{threads} torch thread{plural}, {runs} runs after one warm-up (bench/forward.py --write)")
     models = data.setdefault("models", {})
     models.update(results)
     data["models"] = dict(sorted(models.items()))
