@@ -56,8 +56,12 @@ class RegisteredModel(models.Model):
         return net_spec(self.architecture)
 
     @property
-    def input_size(self) -> int:
-        return self.spec.input_size
+    def input_size(self) -> int | None:
+        """The architecture's native input side; None for an architecture this version does not know."""
+        try:
+            return self.spec.input_size
+        except KeyError:
+            return None
 
     @input_size.setter
     def input_size(self, value: int) -> None:
@@ -69,7 +73,10 @@ class RegisteredModel(models.Model):
 
     @property
     def preprocessing(self) -> dict:
-        return self.spec.preprocessing
+        try:
+            return self.spec.preprocessing
+        except KeyError:
+            return {}
 
 
 class WeightFile(models.Model):

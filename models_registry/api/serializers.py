@@ -163,8 +163,8 @@ class RegisteredModelSerializer(serializers.ModelSerializer):
                                  help_text="Cached files on every node; actions act on the node answering.")
     warm = WarmLoadSerializer(source="warm_now", many=True, help_text="Worker processes holding the network now.")
     is_warm = serializers.SerializerMethodField()
-    input_size = serializers.IntegerField(read_only=True, help_text="Native input side in pixels (a fact of the "
-                                                                     "architecture).")
+    input_size = serializers.IntegerField(read_only=True, allow_null=True,
+                                          help_text="Native input side in pixels (a fact of the architecture).")
     facts = ModelFactsSerializer(source="*", help_text="To choose a model: family, native input, preprocessing, "
                                                        "size, CPU time per image, whether its licence is accepted.")
 

@@ -231,3 +231,21 @@ def test_bench_measures_every_requested_net_and_merges_its_medians(tmp_path):
     small = data["models"]["MiDaS_small"]
     assert small["input"] == [256, 256] and len(small["runs_s"]) == 2 and small["median_s"] > 0
     assert "1 thread" in data["machine"]
+
+
+@pytest.mark.django_db
+def test_a_row_with_an_unknown_architecture_is_listed_not_a_server_error(admin_client):
+    RegisteredModel.objects.filter(name="MiDaS").update(architecture="DPT_Next_ViT_L_384")  # forced past validation
+    model = RegisteredModel.objects.get(name="MiDaS")
+    assert model.input_size is None and model.preprocessing == {}
+    body = admin_client.get("/api/models/MiDaS/")
+    assert body.status_code == 200 and body.json()["input_size"] is None
+    assert admin_client.get("/api/models/").status_code == 200
+    assert admin_client.get("/models/").status_code == 200
+    assert admin_client.get(f"/admin/models_registry/registeredmodel/{model.pk}/change/").status_code == 200
+    from django.core.management import call_command
+    from io import StringIO
+
+    out = StringIO()
+    call_command("models", "list", stdout=out)
+    assert "unknown architecture" in out.getvalue()
