@@ -29,8 +29,11 @@ FAMILIES: dict[str, str] = {
     "depth_anything_v2": "Depth Anything V2",
 }
 
+OUTPUT_INTERPOLATIONS = ("bicubic", "bilinear")
+
 # The fields that change what a network computes; family, backbone and description are labels.
-FACT_FIELDS = ("name", "net_size", "resize_method", "mean", "std", "ensure_multiple_of", "keep_aspect_ratio")
+FACT_FIELDS = ("name", "net_size", "resize_method", "mean", "std", "ensure_multiple_of", "keep_aspect_ratio",
+               "fixed_input_size", "output_interpolation", "output_align_corners", "max_net_side")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,14 @@ class NetSpec:
     ensure_multiple_of: int = 32
     # False: each side is scaled on its own to the native square (Swin, SwinV2, LeViT accept nothing else).
     keep_aspect_ratio: bool = True
+    # True: the network takes its native net_size only (window masks and attention biases are tied to the grid).
+    fixed_input_size: bool = False
+    # How the prediction goes back to the image size: MiDaS's run.py bicubic, Depth Anything V2 bilinear
+    # with align_corners=True.
+    output_interpolation: str = "bicubic"
+    output_align_corners: bool = False
+    # "lower_bound" has no upper clamp: a network side above this is refused instead of exhausting memory.
+    max_net_side: int | None = None
     backbone: str = ""
     description: str = ""
 
@@ -58,6 +69,11 @@ class NetSpec:
             raise ValueError(f"ensure_multiple_of must be positive, not {self.ensure_multiple_of!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std must hold 3 values, std positive")
+        if self.output_interpolation not in OUTPUT_INTERPOLATIONS:
+            raise ValueError(f"output_interpolation must be one of {', '.join(OUTPUT_INTERPOLATIONS)}, "
+                             f"not {self.output_interpolation!r}")
+        if self.max_net_side is not None and self.max_net_side < max(self.net_size):
+            raise ValueError(f"max_net_side {self.max_net_side} is below the native size {self.net_size}")
 
     @property
     def input_size(self) -> int:
@@ -77,9 +93,12 @@ class NetSpec:
             "resize_method": self.resize_method,
             "ensure_multiple_of": self.ensure_multiple_of,
             "keep_aspect_ratio": self.keep_aspect_ratio,
+            "fixed_input_size": self.fixed_input_size,
             "interpolation": "bicubic (no antialiasing) on float64 image/255",
             "mean": list(self.mean),
             "std": list(self.std),
+            "output_resize": f"{self.output_interpolation}, align_corners={self.output_align_corners}",
+            "max_net_side": self.max_net_side,
         }
 
     def fact_differences(self, other: "NetSpec") -> list[str]:
@@ -91,15 +110,21 @@ def _normal(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _midas_v31(name: str, family: str, size: int, backbone: str, *, keep_aspect_ratio: bool) -> NetSpec:
-    # Every v3.1 transform: Resize(S, S, multiple of 32, "minimal", bicubic), then (x - 0.5) / 0.5.
+def _midas_v31(name: str, family: str, size: int, backbone: str, *, square_only: bool) -> NetSpec:
+    # Every v3.1 transform: Resize(S, S, multiple of 32, "minimal", bicubic), then (x - 0.5) / 0.5; Swin,
+    # SwinV2 and LeViT stretch every photo to their native square, the only input they accept.
     return NetSpec(name=name, family=family, net_size=(size, size), resize_method="minimal", mean=HALF_MEAN,
-                   std=HALF_STD, keep_aspect_ratio=keep_aspect_ratio, backbone=backbone)
+                   std=HALF_STD, keep_aspect_ratio=not square_only, fixed_input_size=square_only, backbone=backbone)
+
+
+DEPTH_ANYTHING_NATIVE = 518
 
 
 def _depth_anything_v2(name: str, backbone: str) -> NetSpec:
-    return NetSpec(name=name, family="depth_anything_v2", net_size=(518, 518), resize_method="lower_bound",
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD, ensure_multiple_of=14, backbone=backbone)
+    return NetSpec(name=name, family="depth_anything_v2", net_size=(DEPTH_ANYTHING_NATIVE,) * 2,
+                   resize_method="lower_bound", mean=IMAGENET_MEAN, std=IMAGENET_STD, ensure_multiple_of=14,
+                   output_interpolation="bilinear", output_align_corners=True,
+                   max_net_side=4 * DEPTH_ANYTHING_NATIVE, backbone=backbone)
 
 
 _SPECS: tuple[NetSpec, ...] = (
@@ -115,14 +140,14 @@ _SPECS: tuple[NetSpec, ...] = (
     NetSpec(name="MiDaS_small", family="midas_v21", net_size=(256, 256), resize_method="upper_bound",
             mean=IMAGENET_MEAN, std=IMAGENET_STD, backbone="EfficientNet-Lite3",
             description="MiDaS v2.1 small (EfficientNet-Lite3 encoder, 256 px): fastest, lowest quality."),
-    _midas_v31("DPT_BEiT_L_512", "beit", 512, "BEiT-L/16", keep_aspect_ratio=True),
-    _midas_v31("DPT_BEiT_L_384", "beit", 384, "BEiT-L/16", keep_aspect_ratio=True),
-    _midas_v31("DPT_BEiT_B_384", "beit", 384, "BEiT-B/16", keep_aspect_ratio=True),
-    _midas_v31("DPT_SwinV2_L_384", "swin2", 384, "SwinV2-L", keep_aspect_ratio=False),
-    _midas_v31("DPT_SwinV2_B_384", "swin2", 384, "SwinV2-B", keep_aspect_ratio=False),
-    _midas_v31("DPT_SwinV2_T_256", "swin2", 256, "SwinV2-T", keep_aspect_ratio=False),
-    _midas_v31("DPT_Swin_L_384", "swin", 384, "Swin-L", keep_aspect_ratio=False),
-    _midas_v31("DPT_LeViT_224", "levit", 224, "LeViT-384", keep_aspect_ratio=False),
+    _midas_v31("DPT_BEiT_L_512", "beit", 512, "BEiT-L/16", square_only=False),
+    _midas_v31("DPT_BEiT_L_384", "beit", 384, "BEiT-L/16", square_only=False),
+    _midas_v31("DPT_BEiT_B_384", "beit", 384, "BEiT-B/16", square_only=False),
+    _midas_v31("DPT_SwinV2_L_384", "swin2", 384, "SwinV2-L", square_only=True),
+    _midas_v31("DPT_SwinV2_B_384", "swin2", 384, "SwinV2-B", square_only=True),
+    _midas_v31("DPT_SwinV2_T_256", "swin2", 256, "SwinV2-T", square_only=True),
+    _midas_v31("DPT_Swin_L_384", "swin", 384, "Swin-L", square_only=True),
+    _midas_v31("DPT_LeViT_224", "levit", 224, "LeViT-384", square_only=True),
     _depth_anything_v2("Depth_Anything_V2_Small", "DINOv2 ViT-S/14"),
     _depth_anything_v2("Depth_Anything_V2_Base", "DINOv2 ViT-B/14"),
     _depth_anything_v2("Depth_Anything_V2_Large", "DINOv2 ViT-L/14"),

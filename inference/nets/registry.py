@@ -1,18 +1,24 @@
 """Registry of the official network variants: each variant's spec (from depthsite.netspecs) plus its build recipe."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
-from depthsite.netspecs import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, NET_SPECS, NetSpec
+from depthsite.netspecs import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, NET_SPECS, RESIZE_METHODS, NetSpec
 
 # The config callers pass around IS the torch-free spec: one definition for the nets and the catalogue.
 NetConfig = NetSpec
 
 __all__ = ["NetConfig", "Variant", "register_variant", "get_variant", "get_config", "registered_names",
-           "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD", "RESIZE_METHODS", "CheckpointFilter"]
+
+# checkpoint_filter(state_dict, model) -> state_dict in the model's layout (a family's key conversion).
+CheckpointFilter = Callable[[Mapping[str, Any], nn.Module], dict]
+# convert_checkpoint(state_dict) -> (state_dict in the model's layout, dropped keys).
+CheckpointConversion = Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,10 @@ class Variant:
     config: NetConfig
     arch: Any
     build: Callable[..., nn.Module]  # build(arch, *, init_weights=True)
+    # A family's conversion of an official-layout checkpoint (renamed or moved timm modules, structural
+    # buffers the model recomputes); None: the official layout is the model's layout.
+    convert_checkpoint: Optional[CheckpointConversion] = None
+    checkpoint_filter: Optional[CheckpointFilter] = None
 
 
 _VARIANTS: dict[str, Variant] = {}
@@ -42,12 +52,15 @@ def _canonical(config: Union[NetConfig, str]) -> NetConfig:
     return spec
 
 
-def register_variant(config: Union[NetConfig, str], arch: Any, build: Callable[..., nn.Module]) -> None:
+def register_variant(config: Union[NetConfig, str], arch: Any, build: Callable[..., nn.Module], *,
+                     convert_checkpoint: Optional[CheckpointConversion] = None,
+                     checkpoint_filter: Optional[CheckpointFilter] = None) -> None:
     """Register a build recipe under a spec (or its name); the stored config is always the spec itself."""
     spec = _canonical(config)
     if spec.name in _VARIANTS:
         raise ValueError(f"variant {spec.name!r} is already registered")
-    _VARIANTS[spec.name] = Variant(config=spec, arch=arch, build=build)
+    _VARIANTS[spec.name] = Variant(config=spec, arch=arch, build=build, convert_checkpoint=convert_checkpoint,
+                                   checkpoint_filter=checkpoint_filter)
 
 
 def get_variant(name: str) -> Variant:

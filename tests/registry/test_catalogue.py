@@ -249,3 +249,26 @@ def test_a_row_with_an_unknown_architecture_is_listed_not_a_server_error(admin_c
     out = StringIO()
     call_command("models", "list", stdout=out)
     assert "unknown architecture" in out.getvalue()
+
+
+def test_the_configs_the_new_net_files_state_agree_with_the_specs():
+    """Exactly the NetConfig(...) calls of the v3.1 and Depth Anything V2 net files: restating is fine."""
+    from inference.nets.registry import NetConfig, _canonical
+
+    half = dict(resize_method="minimal", mean=netspecs.HALF_MEAN, std=netspecs.HALF_STD)
+    for name, size in (("DPT_BEiT_L_512", 512), ("DPT_BEiT_L_384", 384), ("DPT_BEiT_B_384", 384)):
+        assert _canonical(NetConfig(name=name, family="beit", net_size=(size, size), description="x", **half)) \
+            is NET_SPECS[name]
+    for name, size in (("DPT_SwinV2_T_256", 256), ("DPT_Swin_L_384", 384), ("DPT_LeViT_224", 224)):
+        stated = NetConfig(name=name, family="swin", net_size=(size, size), keep_aspect_ratio=False,
+                           fixed_input_size=True, **half)
+        assert _canonical(stated) is NET_SPECS[name]
+    for name in ("Depth_Anything_V2_Small", "Depth_Anything_V2_Large"):
+        stated = NetConfig(name=name, family="depth_anything_v2", net_size=(518, 518), resize_method="lower_bound",
+                           mean=netspecs.IMAGENET_MEAN, std=netspecs.IMAGENET_STD, ensure_multiple_of=14,
+                           output_interpolation="bilinear", output_align_corners=True, max_net_side=4 * 518)
+        assert _canonical(stated) is NET_SPECS[name]
+    with pytest.raises(ValueError, match="output_interpolation"):
+        _canonical(NetConfig(name="Depth_Anything_V2_Base", family="depth_anything_v2", net_size=(518, 518),
+                             resize_method="lower_bound", mean=netspecs.IMAGENET_MEAN, std=netspecs.IMAGENET_STD,
+                             ensure_multiple_of=14, output_align_corners=True, max_net_side=4 * 518))
