@@ -105,12 +105,15 @@ CACHE_FORMAT = get_str("DEPTHSITE_CACHE_FORMAT", "").lower()
 NODE = get_str("DEPTHSITE_NODE", socket.gethostname())
 MODEL_MIRROR = get_str("DEPTHSITE_MODEL_MIRROR", "")
 OFFLINE = get_bool("DEPTHSITE_OFFLINE", False)
+# Licences of weights this deployment uses (comma-separated SPDX ids, e.g. "MIT,Apache-2.0"); empty or "*": all.
+ACCEPTED_LICENSES = get_list("DEPTHSITE_ACCEPTED_LICENSES", [])
 
 # --- inference ---------------------------------------------------------------------------------
 DEVICE = get_str("DEPTHSITE_DEVICE", "")
 COMPILE = get_bool("DEPTHSITE_COMPILE", False)
 FP16 = get_bool("DEPTHSITE_FP16", False)
 WARM_MODELS = get_int("DEPTHSITE_WARM_MODELS", 2)
+WARM_BYTES = get_size("DEPTHSITE_WARM_BYTES", None)  # tensor bytes kept loaded per worker; unset: no limit
 TORCH_THREADS = get_int("DEPTHSITE_TORCH_THREADS", 0)
 MAX_IMAGE_PIXELS = get_int("DEPTHSITE_MAX_IMAGE_PIXELS", 50_000_000)
 

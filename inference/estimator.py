@@ -21,6 +21,7 @@ from django.conf import settings
 
 from inference.exceptions import InferenceError
 from inference.nets import create_model, get_config, postprocess, preprocess, target_size
+from models_registry.catalogue import approx_bytes
 from models_registry.exceptions import WeightFileError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import model_get
@@ -96,6 +97,7 @@ class DepthEstimator:
         if compile:
             network = torch.compile(network)
         self.network = network
+        self.bytes = network_bytes(network)
         self.load_ms = (time.perf_counter() - started) * 1000
         self._lock = threading.Lock()
         self.last_used = time.monotonic()
@@ -109,6 +111,7 @@ class DepthEstimator:
             "network_input": list(target_size(height, width, self.config)),
             "resize_method": self.config.resize_method,
             "ensure_multiple_of": self.config.ensure_multiple_of,
+            "keep_aspect_ratio": self.config.keep_aspect_ratio,
             "mean": list(self.config.mean),
             "std": list(self.config.std),
             "interpolation": "bicubic, no antialiasing, on float64 image/255",
@@ -146,6 +149,20 @@ class DepthEstimator:
         )
 
 
+def network_bytes(network: torch.nn.Module) -> int:
+    """Bytes of the tensors a network holds (parameters and buffers; shared storage counted once)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for tensor in [*network.parameters(), *network.buffers()]:
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
 def estimator_build(*, model: RegisteredModel, device: torch.device, half: bool, compile: bool,
                     offline: bool | None = None) -> DepthEstimator:
     """Resolve, load and build; a file that the network refuses is marked corrupt and the next one is tried."""
@@ -164,10 +181,16 @@ def estimator_build(*, model: RegisteredModel, device: torch.device, half: bool,
 
 
 class EstimatorPool:
-    """Warm estimators keyed by (model, weights sha256, device, dtype), least recently used evicted first."""
+    """Warm estimators keyed by (model, weights sha256, device, dtype), least recently used evicted first.
 
-    def __init__(self, capacity: int | None = None):
+    At most `capacity` networks (DEPTHSITE_WARM_MODELS) and `max_bytes` of their tensors
+    (DEPTHSITE_WARM_BYTES): room is made before a network is built, so a large model does not load
+    next to the ones it will replace. One network larger than the budget alone is still kept (it must run).
+    """
+
+    def __init__(self, capacity: int | None = None, max_bytes: int | None = None):
         self._capacity = capacity
+        self._max_bytes = max_bytes
         self._estimators: OrderedDict[tuple, DepthEstimator] = OrderedDict()
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
@@ -175,6 +198,16 @@ class EstimatorPool:
     @property
     def capacity(self) -> int:
         return max(1, self._capacity or settings.DEPTHSITE_WARM_MODELS)
+
+    @property
+    def max_bytes(self) -> int | None:
+        value = self._max_bytes if self._max_bytes is not None else getattr(settings, "DEPTHSITE_WARM_BYTES", None)
+        return value or None
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return sum(e.bytes for e in self._estimators.values())
 
     def get(self, *, model: RegisteredModel | str, device: str | None = None, half: bool | None = None,
             offline: bool | None = None) -> DepthEstimator:
@@ -195,13 +228,16 @@ class EstimatorPool:
             with self._build_lock(key):
                 estimator = self._lookup(key)
                 if estimator is None:
+                    incoming = approx_bytes(model.architecture) // (2 if use_half else 1)
+                    self._evict(self._over_budget(incoming=incoming, adding=1))
                     estimator = estimator_build(model=model, device=target, half=use_half,
                                                 compile=settings.DEPTHSITE_COMPILE, offline=offline)
                     self._insert(estimator)
-                    logger.info("%s ready on %s in %.0f ms", model.name, target, estimator.load_ms)
+                    logger.info("%s ready on %s in %.0f ms (%d MB)", model.name, target, estimator.load_ms,
+                                estimator.bytes // 1_000_000)
                     warm_model_record(model=model, weight_file=WeightFile.objects.filter(
                         pk=estimator.weight_file_id).first(), worker=WORKER_ID, device=str(target),
-                        dtype=dtype.replace("torch.", ""), load_ms=estimator.load_ms)
+                        dtype=dtype.replace("torch.", ""), load_ms=estimator.load_ms, bytes=estimator.bytes)
         used = WeightFile.objects.filter(pk=estimator.weight_file_id).first()
         if used is not None:
             weight_mark_used(weight_file=used)
@@ -218,14 +254,40 @@ class EstimatorPool:
         with self._lock:
             return self._building.setdefault(key, threading.Lock())
 
+    def _over_budget(self, *, incoming: int = 0, adding: int = 0) -> list[DepthEstimator]:
+        """Least recently used estimators to drop so that `adding` more networks of `incoming` bytes fit."""
+        limit = self.max_bytes
+        with self._lock:
+            held = list(self._estimators.values())  # least recently used first
+        # After an insert the newest network always stays: without it the request could not run at all.
+        candidates = held if adding else held[:-1]
+        count = len(held) + adding
+        total = sum(e.bytes for e in held) + incoming
+        chosen = []
+        for old in candidates:
+            if count <= self.capacity and (limit is None or total <= limit):
+                break
+            chosen.append(old)
+            count -= 1
+            total -= old.bytes
+        return chosen
+
     def _insert(self, estimator: DepthEstimator) -> None:
-        evicted = []
         with self._lock:
             self._estimators[estimator.key] = estimator
             self._estimators.move_to_end(estimator.key)
-            while len(self._estimators) > self.capacity:
-                _, old = self._estimators.popitem(last=False)
-                evicted.append(old)
+        self._evict(self._over_budget())
+        if self.max_bytes is not None and estimator.bytes > self.max_bytes:
+            logger.warning("%s alone holds %d bytes, over DEPTHSITE_WARM_BYTES=%d; kept while it is used",
+                           estimator.model_name, estimator.bytes, self.max_bytes)
+
+    def _evict(self, victims: list[DepthEstimator]) -> None:
+        evicted = []
+        with self._lock:
+            for old in victims:
+                if self._estimators.get(old.key) is old:
+                    del self._estimators[old.key]
+                    evicted.append(old)
         for old in evicted:
             logger.info("evicting warm %s (%s) from this process", old.model_name, old.device)
             try:
@@ -241,7 +303,7 @@ class EstimatorPool:
     def warm(self) -> list[dict[str, Any]]:
         with self._lock:
             return [{"model": e.model_name, "weights_sha256": e.weights_sha256, "device": str(e.device),
-                     "dtype": str(e.dtype).replace("torch.", ""), "load_ms": e.load_ms}
+                     "dtype": str(e.dtype).replace("torch.", ""), "load_ms": e.load_ms, "bytes": e.bytes}
                     for e in self._estimators.values()]
 
     def clear(self) -> None:

@@ -1,7 +1,7 @@
 """Reads of depth jobs: who sees which job, the status summary, result files, and the models offered for upload."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -171,32 +171,47 @@ class ModelOption:
     cached: bool
     usable: bool  # False when a job with it cannot succeed on this site as it is
     note: str
+    facts: dict = field(default_factory=dict)  # family, native input, size, CPU time, licence (selectors.model_facts)
+
+    @property
+    def family_label(self) -> str:
+        return self.facts.get("family_label", "")
 
 
 def model_options(*, detailed: bool = False) -> list[ModelOption]:
-    """The enabled models with what the upload page says about each: cached, will be downloaded, or why not.
+    """The enabled models, grouped by family, with what the upload page says about each: cached, will be
+    downloaded, or why not (a licence this site refuses included).
 
     Only `detailed` (staff) notes name a mirror's host or quote a configuration error: the page is public
     when anonymous uploads are, and DEPTHSITE_MODEL_MIRROR is the operators' business."""
-    from models_registry.services.download import download_url
+    from models_registry.selectors import models_by_family
 
     options = []
-    for model in model_list(enabled_only=True):
-        files = weight_files_usable(model=model)
-        if files:
-            best = files[0]
-            options.append(ModelOption(model.name, model.display_name, True, True,
-                                       f"cached ({best.format}, {format_size(best.size)})"))
-            continue
-        active = download_active(model=model)
-        if active is not None:
-            total = active.bytes_total or model.expected_size
-            progress = f" ({active.bytes_done * 100 // total}%)" if total else ""
-            options.append(ModelOption(model.name, model.display_name, False, True,
-                                       f"downloading now{progress}; jobs wait for it"))
-            continue
-        options.append(_uncached_option(model, download_url, detailed=detailed))
+    for _, members in models_by_family(model_list(enabled_only=True)):
+        for model, facts in members:
+            option = _model_option(model, detailed=detailed)
+            if not facts["license_accepted"]:
+                note = f"refused here: its licence {model.license} is not in DEPTHSITE_ACCEPTED_LICENSES"
+                option = replace(option, usable=False, note=note)
+            options.append(replace(option, facts=facts))
     return options
+
+
+def _model_option(model: RegisteredModel, *, detailed: bool) -> ModelOption:
+    from models_registry.services.download import download_url
+
+    files = weight_files_usable(model=model)
+    if files:
+        best = files[0]
+        return ModelOption(model.name, model.display_name, True, True,
+                           f"cached ({best.format}, {format_size(best.size)})")
+    active = download_active(model=model)
+    if active is not None:
+        total = active.bytes_total or model.expected_size
+        progress = f" ({active.bytes_done * 100 // total}%)" if total else ""
+        return ModelOption(model.name, model.display_name, False, True,
+                           f"downloading now{progress}; jobs wait for it")
+    return _uncached_option(model, download_url, detailed=detailed)
 
 
 def _uncached_option(model: RegisteredModel, download_url, *, detailed: bool) -> ModelOption:

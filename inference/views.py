@@ -34,6 +34,7 @@ from inference.selectors import (
 )
 from inference.services.jobs import DEFAULT_MODEL, depth_job_create, depth_job_delete
 from models_registry.api.throttling import client_address
+from models_registry.catalogue import cpu_times_machine
 from models_registry.exceptions import ApplicationError, NotFoundError
 
 HISTORY_PAGE_SIZE = 20
@@ -155,6 +156,7 @@ def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refu
     return render(request, "inference/upload.html", {
         "form": form,
         "model_options": options,
+        "cpu_times_machine": cpu_times_machine(),
         "selected_model": form["model"].value() or DEFAULT_MODEL,
         "selected_outputs": form["outputs"].value() or ["png"],
         "selected_colormap": form["colormap"].value() or DEFAULT_COLORMAP,

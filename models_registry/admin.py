@@ -33,7 +33,8 @@ class WeightFileInline(admin.TabularInline):
     model = WeightFile
     extra = 0
     can_delete = False
-    fields = ("format", "node", "human_size", "health_badge", "health_reason", "last_used_at", "verified_at", "path")
+    fields = ("format", "node", "human_size", "health_badge", "health_reason", "license", "last_used_at", "verified_at",
+              "path")
     readonly_fields = fields
     show_change_link = True
 
@@ -95,14 +96,31 @@ def _download_response(result) -> FileResponse:
 
 @admin.register(RegisteredModel)
 class RegisteredModelAdmin(admin.ModelAdmin):
-    list_display = ("name", "display_name", "architecture", "input_size", "enabled", "pinned", "cached_formats",
-                    "cached_size", "pinned_hash")
-    list_filter = ("architecture", "enabled", "pinned", "is_official")
+    list_display = ("name", "display_name", "architecture", "native_input", "license", "enabled", "pinned",
+                    "cached_formats", "cached_size", "pinned_hash")
+    list_filter = ("architecture", "license", "enabled", "pinned", "is_official")
     search_fields = ("name", "display_name", "file_name")
-    readonly_fields = ("is_official", "created_at", "updated_at", "sha256_pinned_at", "sha256_pinned_from")
+    readonly_fields = ("native_input", "preprocessing_facts", "is_official", "created_at", "updated_at",
+                       "sha256_pinned_at", "sha256_pinned_from")
     inlines = [WeightFileInline]
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     actions = [verify_models, *(_convert_action(fmt) for fmt in WeightFormat.values), clear_models]
+
+    # Facts of the architecture (depthsite.netspecs), shown read-only: editing them could not change the network.
+    @admin.display(description="native input")
+    def native_input(self, obj):
+        try:
+            return f"{obj.spec.input_size} px"
+        except KeyError:
+            return "-"
+
+    @admin.display(description="preprocessing (from the architecture)")
+    def preprocessing_facts(self, obj):
+        try:
+            facts = obj.spec.preprocessing
+        except KeyError:
+            return "- (choose an architecture and save)"
+        return format_html("<code>{}</code>", ", ".join(f"{key}={value}" for key, value in facts.items()))
 
     @admin.display(description="cached")
     def cached_formats(self, obj):

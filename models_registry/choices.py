@@ -1,6 +1,8 @@
 """Choices of the registry's records, with the groups that views and services rely on."""
 from django.db import models
 
+from depthsite.netspecs import NET_SPECS
+
 
 class WeightFormat(models.TextChoices):
     PT = "pt", "PyTorch state_dict (.pt)"
@@ -37,11 +39,17 @@ class Health(models.TextChoices):
 Health.USABLE = (Health.OK, Health.UNVERIFIED)
 
 
-class Architecture(models.TextChoices):
-    DPT_LARGE = "DPT_Large", "DPT Large (ViT-L/16 384)"
-    DPT_HYBRID = "DPT_Hybrid", "DPT Hybrid (ViT-B/16 + ResNet-50 384)"
-    MIDAS_V21 = "MiDaS", "MiDaS v2.1 (ResNeXt-101 32x8d 384)"
-    MIDAS_V21_SMALL = "MiDaS_small", "MiDaS v2.1 small (EfficientNet-Lite3 256)"
+# The network variants of depthsite.netspecs, e.g. Architecture.DPT_BEIT_L_512 == "DPT_BEiT_L_512".
+Architecture = models.TextChoices(
+    "Architecture",
+    [(spec.name.upper(), (spec.name, f"{spec.name}: {spec.family_label}, {spec.backbone}, {spec.input_size} px"))
+     for spec in NET_SPECS.values()],
+)
+
+
+def architecture_choices() -> list[tuple[str, str]]:
+    """The field's choices as a callable: migrations refer to it, so a new variant needs no migration."""
+    return Architecture.choices
 
 
 class RunStatus(models.TextChoices):

@@ -39,6 +39,12 @@ class TooLargeError(ApplicationError):
     status = 413
 
 
+class LicenseError(ApplicationError):
+    """The weights' licence is not one this deployment accepts (DEPTHSITE_ACCEPTED_LICENSES)."""
+
+    status = 403
+
+
 class WeightFileError(ApplicationError):
     """A weight file is unreadable, of the wrong kind, or does not hold the model's weights."""
 

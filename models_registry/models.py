@@ -6,8 +6,9 @@ from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
 
+from depthsite.netspecs import NetSpec, net_spec
 from models_registry import cachefs
-from models_registry.choices import Architecture, DownloadStatus, Health, WeightFormat
+from models_registry.choices import DownloadStatus, Health, WeightFormat, architecture_choices
 
 
 def validate_path_name(value: str) -> None:
@@ -23,7 +24,9 @@ class RegisteredModel(models.Model):
                             help_text="Canonical name, e.g. MiDaS_small: letters, digits and . _ - + (it names "
                                       "the model's cache folder).")
     display_name = models.CharField(max_length=128)
-    architecture = models.CharField(max_length=32, choices=Architecture.choices)
+    architecture = models.CharField(
+        max_length=32, choices=architecture_choices,
+        help_text="The network; its native input and preprocessing are facts of the architecture.")
     aliases = models.JSONField(default=list, blank=True, help_text="Other accepted names (case-insensitive).")
     description = models.TextField(blank=True)
     source_url = models.URLField(max_length=500, blank=True)
@@ -39,10 +42,11 @@ class RegisteredModel(models.Model):
     )
     sha256_pinned_at = models.DateTimeField(null=True, blank=True)
     sha256_pinned_from = models.CharField(max_length=500, blank=True)
-    license = models.CharField(max_length=64, default="MIT")
+    license = models.CharField(
+        max_length=64, default="MIT",
+        help_text="SPDX id of the weights' licence (e.g. MIT, Apache-2.0, CC-BY-NC-4.0); "
+                  "DEPTHSITE_ACCEPTED_LICENSES may refuse it.")
     semantics = models.CharField(max_length=128, blank=True)
-    input_size = models.PositiveIntegerField(help_text="Native network input size in pixels.")
-    preprocessing = models.JSONField(default=dict, blank=True)
     enabled = models.BooleanField(default=True)
     pinned = models.BooleanField(default=False, help_text="Pinned models are never evicted by optimize.")
     is_official = models.BooleanField(default=False, editable=False)
@@ -59,6 +63,34 @@ class RegisteredModel(models.Model):
     @property
     def is_hash_pinned(self) -> bool:
         return bool(self.expected_sha256)
+
+    @property
+    def spec(self) -> NetSpec:
+        """The network facts of the architecture (depthsite.netspecs): never stored, so never stale."""
+        return net_spec(self.architecture)
+
+    @property
+    def input_size(self) -> int | None:
+        """The architecture's native input side; None for an architecture this version does not know."""
+        try:
+            return self.spec.input_size
+        except KeyError:
+            return None
+
+    @input_size.setter
+    def input_size(self, value: int) -> None:
+        # Accepted for callers that still state it, but only when it agrees: a size that would be
+        # silently ignored is an error.
+        if self.architecture and int(value) != self.input_size:
+            raise ValueError(f"input_size {value} contradicts architecture {self.architecture} "
+                             f"(native input {self.input_size}); it is a fact of the architecture")
+
+    @property
+    def preprocessing(self) -> dict:
+        try:
+            return self.spec.preprocessing
+        except KeyError:
+            return {}
 
 
 class WeightFile(models.Model):
@@ -78,6 +110,8 @@ class WeightFile(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     node = models.CharField(max_length=255)
+    license = models.CharField(max_length=64, blank=True,
+                               help_text="Licence of the weights in this file, recorded when it was cached.")
 
     class Meta:
         ordering = ["model__name", "format"]
@@ -152,6 +186,7 @@ class WarmModel(models.Model):
     device = models.CharField(max_length=32)
     dtype = models.CharField(max_length=16)
     load_ms = models.FloatField(null=True, blank=True)
+    bytes = models.BigIntegerField(null=True, blank=True, help_text="Bytes of the loaded network's tensors.")
     loaded_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(default=timezone.now)
 

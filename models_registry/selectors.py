@@ -89,6 +89,7 @@ def weight_file_data(weight_file: WeightFile) -> dict[str, Any]:
         "last_used_at": _iso(weight_file.last_used_at),
         "created_at": _iso(weight_file.created_at),
         "node": weight_file.node,
+        "license": weight_file.license,
     }
 
 
@@ -115,6 +116,7 @@ def cache_info(*, node: str | None = None) -> dict[str, Any]:
             "enabled": model.enabled,
             "pinned": model.pinned,
             "expected_sha256": model.expected_sha256,
+            "license": model.license,
             "bytes": sum(f.size for f in model_files),
             "files": [weight_file_data(f) for f in model_files],
         })
@@ -130,6 +132,7 @@ def cache_info(*, node: str | None = None) -> dict[str, Any]:
         "max_bytes": _max_bytes(),
         "disk_free": cachefs.disk_free(root),
         "models": models,
+        "warm": warm_worker_data(node=node),
     }
 
 
@@ -189,6 +192,7 @@ def warm_model_data(warm: WarmModel) -> dict[str, Any]:
         "dtype": warm.dtype,
         "weights_sha256": warm.weights_sha256,
         "load_ms": warm.load_ms,
+        "bytes": warm.bytes,
         "loaded_at": _iso(warm.loaded_at),
         "last_used_at": _iso(warm.last_used_at),
     }
@@ -221,6 +225,8 @@ def model_status(*, node: str | None = None) -> dict[str, Any]:
             "enabled": model.enabled,
             "pinned": model.pinned,
             "expected_sha256": model.expected_sha256,
+            "license": model.license,
+            "license_accepted": model_facts(model)["license_accepted"],
             "health": _worst_health(model_files),
             "bytes": sum(f.size for f in model_files),
             "formats": [weight_file_data(f) for f in model_files],
@@ -243,3 +249,61 @@ def model_status(*, node: str | None = None) -> dict[str, Any]:
         },
         "models": entries,
     }
+
+
+# --- choosing a model: the facts every surface shows ----------------------------------------------
+
+
+def model_facts(model: RegisteredModel) -> dict[str, Any]:
+    """What a user needs to choose a model: family, native input, size, CPU time per image, licence.
+
+    Network facts come from the architecture's NetSpec, size and CPU time from the catalogue (torch-free).
+    """
+    from models_registry.catalogue import approx_bytes, cpu_seconds, family_order, license_note
+    from models_registry.services.licences import license_accepted
+
+    try:
+        spec = model.spec
+    except KeyError:  # an architecture this version does not know: still listed, never run
+        spec = None
+    size = approx_bytes(model.architecture)
+    return {
+        "family": spec.family if spec else "",
+        "family_label": spec.family_label if spec else "unknown architecture",
+        "family_order": family_order(spec.family if spec else ""),
+        "input_size": spec.input_size if spec else None,
+        "keep_aspect_ratio": spec.keep_aspect_ratio if spec else None,
+        "approx_bytes": size,
+        "approx_size": format_size(size) if size else "",
+        "cpu_seconds": cpu_seconds(model.architecture),
+        "license": model.license,
+        "license_note": license_note(model.license),
+        "license_accepted": license_accepted(model.license),
+    }
+
+
+def models_by_family(models) -> list[tuple[str, list[tuple[RegisteredModel, dict[str, Any]]]]]:
+    """(family label, [(model, facts)]) in the families' order; within a family, fastest first."""
+    groups: dict[str, list] = {}
+    rows = sorted(((model, model_facts(model)) for model in models),
+                  key=lambda row: (row[1]["family_order"], row[1]["family_label"],
+                                   row[1]["cpu_seconds"] if row[1]["cpu_seconds"] is not None else float("inf"),
+                                   row[1]["approx_bytes"], row[0].name))
+    for model, facts in rows:
+        groups.setdefault(facts["family_label"], []).append((model, facts))
+    return list(groups.items())
+
+
+def warm_worker_data(*, node: str | None = None) -> list[dict[str, Any]]:
+    """Per worker process: the networks it holds warm and their bytes (what `models info` and the dashboard show)."""
+    workers: dict[str, dict[str, Any]] = {}
+    queryset = warm_models().order_by("node", "worker", "model__name")
+    if node is not None:
+        queryset = queryset.filter(node=node)
+    for warm in queryset:
+        entry = workers.setdefault(warm.worker, {"worker": warm.worker, "node": warm.node, "bytes": 0, "models": []})
+        entry["models"].append({"model": warm.model.name, "device": warm.device, "dtype": warm.dtype,
+                                "bytes": warm.bytes, "loaded_at": _iso(warm.loaded_at),
+                                "last_used_at": _iso(warm.last_used_at)})
+        entry["bytes"] += warm.bytes or 0
+    return list(workers.values())

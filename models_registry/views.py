@@ -93,8 +93,15 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     models = [{**model,
                "formats": [_file_row(f) for f in model["formats"]],
                "download": _download_row(model["download"]),
+               "warm": [{**w, "size_human": format_size(w["bytes"]) if w.get("bytes") else ""} for w in model["warm"]],
                "size_human": format_size(model["bytes"])}
               for model in status["models"]]
+    warm_workers: dict[str, dict[str, Any]] = {}
+    for model in models:
+        for warm in model["warm"]:
+            worker = warm_workers.setdefault(warm["worker"], {"worker": warm["worker"], "bytes": 0, "models": []})
+            worker["bytes"] += warm.get("bytes") or 0
+            worker["models"].append(f"{model['name']} ({warm['size_human'] or 'size unknown'})")
     totals = status["totals"]
     context = {
         "status": status,
@@ -102,6 +109,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "totals_human": {"bytes": format_size(totals["bytes"]), "max_bytes": format_size(totals["max_bytes"]),
                          "disk_free": format_size(totals["disk_free"])},
         "chart": chart_layout(status=status),
+        "warm_workers": [{**w, "size_human": format_size(w["bytes"])} for w in warm_workers.values()],
         "formats": WeightFormat.values,
         "refresh_ms": REFRESH_MS,
         "is_staff": request.user.is_staff,

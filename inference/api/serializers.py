@@ -51,6 +51,8 @@ class PredictionSerializer(serializers.Serializer):
     error = serializers.CharField(help_text="Why it failed, and what to do; empty otherwise.")
     error_code = serializers.ChoiceField(choices=[("", "none"), *JobErrorCode.choices])
     model = serializers.CharField(source="model_name")
+    model_license = serializers.SerializerMethodField(help_text="Licence of the model's weights (e.g. MIT, "
+                                                                "CC-BY-NC-4.0); empty if the model was removed.")
     outputs = serializers.ListField(child=serializers.ChoiceField(choices=OUTPUT_FORMATS))
     colormap = serializers.CharField()
     fov = serializers.FloatField(source="fov_degrees", help_text="Field of view of the ply output, degrees.")
@@ -79,6 +81,9 @@ class PredictionSerializer(serializers.Serializer):
     @extend_schema_field(OpenApiTypes.URI)
     def get_url(self, job: DepthJob) -> str:
         return reverse("predictions-api:prediction-detail", args=[job.pk], request=self._request())
+
+    def get_model_license(self, job: DepthJob) -> str:
+        return job.model.license if job.model is not None else ""
 
     @extend_schema_field(OpenApiTypes.URI)
     def get_page_url(self, job: DepthJob) -> str:

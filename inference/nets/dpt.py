@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import DecoderConfig, DepthDecoder
-from .registry import HALF_MEAN, HALF_STD, NetConfig, register_variant
+from .registry import register_variant
 
 PATCH_SIZE = 16
 
@@ -206,31 +206,7 @@ DPT_HYBRID = DPTArch(
 
 
 # --- registered variants ------------------------------------------------------------------------
+# Names, sizes and preprocessing live in depthsite/netspecs.py (read by the catalogue without torch).
 
-register_variant(
-    NetConfig(
-        name="DPT_Large",
-        family="dpt",
-        net_size=(384, 384),
-        resize_method="minimal",
-        mean=HALF_MEAN,
-        std=HALF_STD,
-        description="MiDaS v3 DPT-Large (ViT-L/16 encoder, 384 px): highest quality, slowest.",
-    ),
-    DPT_LARGE,
-    DPT,
-)
-
-register_variant(
-    NetConfig(
-        name="DPT_Hybrid",
-        family="dpt",
-        net_size=(384, 384),
-        resize_method="minimal",
-        mean=HALF_MEAN,
-        std=HALF_STD,
-        description="MiDaS v3 DPT-Hybrid (ResNet-50 + ViT-B/16 encoder, 384 px): high quality, medium speed.",
-    ),
-    DPT_HYBRID,
-    DPT,
-)
+register_variant("DPT_Large", DPT_LARGE, DPT)
+register_variant("DPT_Hybrid", DPT_HYBRID, DPT)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .blocks import DecoderConfig, DepthDecoder
-from .registry import IMAGENET_MEAN, IMAGENET_STD, NetConfig, register_variant
+from .registry import register_variant
 
 
 # --- blocks -------------------------------------------------------------------------------------
@@ -118,31 +118,7 @@ MIDAS_V21_SMALL = MidasArch(
 
 
 # --- registered variants ------------------------------------------------------------------------
+# Names, sizes and preprocessing live in depthsite/netspecs.py (read by the catalogue without torch).
 
-register_variant(
-    NetConfig(
-        name="MiDaS",
-        family="midas_v21",
-        net_size=(384, 384),
-        resize_method="upper_bound",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        description="MiDaS v2.1 (ResNeXt-101 32x8d encoder, 384 px): balanced quality and speed.",
-    ),
-    MIDAS_V21,
-    MidasNet,
-)
-
-register_variant(
-    NetConfig(
-        name="MiDaS_small",
-        family="midas_v21_small",
-        net_size=(256, 256),
-        resize_method="upper_bound",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        description="MiDaS v2.1 small (EfficientNet-Lite3 encoder, 256 px): fastest, lowest quality.",
-    ),
-    MIDAS_V21_SMALL,
-    MidasNet,
-)
+register_variant("MiDaS", MIDAS_V21, MidasNet)
+register_variant("MiDaS_small", MIDAS_V21_SMALL, MidasNet)

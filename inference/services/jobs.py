@@ -46,6 +46,7 @@ from models_registry.exceptions import (
 )
 from models_registry.models import RegisteredModel
 from models_registry.selectors import model_get
+from models_registry.services.licences import model_license_check
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +146,12 @@ def worker_alive(*, worker: str, started_at=None) -> bool:
 
 def _model_for_job(name: str) -> RegisteredModel:
     try:
-        return model_get(name=name or DEFAULT_MODEL, enabled_only=True)
+        model = model_get(name=name or DEFAULT_MODEL, enabled_only=True)
     except NotFoundError as exc:
         # An unknown model is a mistake in the request (400), not a missing resource.
         raise ValidationError(exc.message, extra={**exc.extra, "field": "model"}) from None
+    model_license_check(model=model)  # refused before the upload is stored (403, under the model field)
+    return model
 
 
 def _colormap(name: str) -> str:

@@ -65,6 +65,7 @@ class WeightFileSerializer(serializers.Serializer):
     last_used_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField(allow_null=True)
     node = serializers.CharField()
+    license = serializers.CharField(allow_blank=True, help_text="Licence of the weights, recorded when cached.")
 
     def to_representation(self, instance):
         from models_registry.selectors import weight_file_data
@@ -83,6 +84,7 @@ class WarmLoadSerializer(serializers.Serializer):
     dtype = serializers.CharField()
     weights_sha256 = serializers.CharField(allow_blank=True)
     load_ms = serializers.FloatField(allow_null=True)
+    bytes = serializers.IntegerField(allow_null=True, help_text="Bytes of the network's tensors in that process.")
     loaded_at = serializers.DateTimeField()
     last_used_at = serializers.DateTimeField()
 
@@ -128,6 +130,34 @@ class DownloadSerializer(serializers.Serializer):
         return request.build_absolute_uri(path) if request is not None else path
 
 
+class ModelFactsSerializer(serializers.Serializer):
+    """What a user needs to choose a model, as `selectors.model_facts` describes it."""
+
+    family = serializers.CharField(allow_blank=True)
+    family_label = serializers.CharField()
+    input_size = serializers.IntegerField(allow_null=True, help_text="Native input side in pixels.")
+    keep_aspect_ratio = serializers.BooleanField(allow_null=True,
+                                                 help_text="False: the photo is stretched to the native square.")
+    preprocessing = serializers.DictField(help_text="The architecture's preprocessing (read-only facts).")
+    approx_bytes = serializers.IntegerField(help_text="About the size of the weights (file and float32 memory).")
+    cpu_seconds = serializers.FloatField(allow_null=True, help_text="Median CPU forward time per image at the "
+                                                                    "native input (bench/forward.py).")
+    license_note = serializers.CharField()
+    license_accepted = serializers.BooleanField(help_text="False when DEPTHSITE_ACCEPTED_LICENSES refuses it here.")
+
+    def to_representation(self, instance):
+        from models_registry.selectors import model_facts
+
+        if isinstance(instance, dict):
+            return super().to_representation(instance)
+        facts = model_facts(instance)
+        try:
+            facts["preprocessing"] = instance.spec.preprocessing
+        except KeyError:
+            facts["preprocessing"] = {}
+        return super().to_representation(facts)
+
+
 class RegisteredModelSerializer(serializers.ModelSerializer):
     """A catalogue entry with the files cached on every node and the workers holding it warm."""
 
@@ -138,12 +168,17 @@ class RegisteredModelSerializer(serializers.ModelSerializer):
                                  help_text="Cached files on every node; actions act on the node answering.")
     warm = WarmLoadSerializer(source="warm_now", many=True, help_text="Worker processes holding the network now.")
     is_warm = serializers.SerializerMethodField()
+    input_size = serializers.IntegerField(read_only=True, allow_null=True,
+                                          help_text="Native input side in pixels (a fact of the architecture).")
+    facts = ModelFactsSerializer(source="*", help_text="To choose a model: family, native input, preprocessing, "
+                                                       "size, CPU time per image, whether its licence is accepted.")
 
     class Meta:
         model = RegisteredModel
         fields = ["name", "display_name", "architecture", "aliases", "description", "source_url", "file_name",
-                  "input_size", "license", "semantics", "enabled", "pinned", "pinned_sha256", "pinned_size",
-                  "expected_content_digest", "sha256_pinned_at", "sha256_pinned_from", "files", "is_warm", "warm"]
+                  "license", "semantics", "enabled", "pinned", "pinned_sha256", "pinned_size",
+                  "expected_content_digest", "sha256_pinned_at", "sha256_pinned_from", "files", "is_warm", "warm",
+                  "input_size", "facts"]
         read_only_fields = fields
 
     def get_is_warm(self, model) -> bool:
@@ -165,6 +200,8 @@ class ModelStatusSerializer(serializers.Serializer):
     enabled = serializers.BooleanField()
     pinned = serializers.BooleanField(help_text="Never evicted by optimize.")
     expected_sha256 = serializers.CharField(allow_blank=True, help_text="The pinned sha256 of the released file.")
+    license = serializers.CharField(allow_blank=True)
+    license_accepted = serializers.BooleanField(help_text="False when DEPTHSITE_ACCEPTED_LICENSES refuses it here.")
     health = serializers.ChoiceField(choices=Health.choices, allow_null=True,
                                      help_text="The worst health of the model's files here; null when none is cached.")
     bytes = serializers.IntegerField()
@@ -210,6 +247,7 @@ class CacheInfoModelSerializer(serializers.Serializer):
     enabled = serializers.BooleanField()
     pinned = serializers.BooleanField()
     expected_sha256 = serializers.CharField(allow_blank=True)
+    license = serializers.CharField(allow_blank=True)
     bytes = serializers.IntegerField()
     files = WeightFileSerializer(many=True)
 
@@ -226,6 +264,8 @@ class CacheInfoSerializer(serializers.Serializer):
     max_bytes = serializers.IntegerField(allow_null=True)
     disk_free = serializers.IntegerField()
     models = CacheInfoModelSerializer(many=True)
+    warm = serializers.ListField(child=serializers.DictField(),
+                                 help_text="Per worker process: the networks it holds warm and their bytes.")
 
 
 # --- actions -------------------------------------------------------------------------------------

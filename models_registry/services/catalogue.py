@@ -29,8 +29,6 @@ def catalogue_seed(*, using: str = "default") -> list[RegisteredModel]:
                 "file_name": entry.file_name,
                 "license": entry.license,
                 "semantics": entry.semantics,
-                "input_size": entry.input_size,
-                "preprocessing": entry.preprocessing,
                 "is_official": True,
             }
             model, created = RegisteredModel.objects.using(using).get_or_create(name=entry.name, defaults=defaults)

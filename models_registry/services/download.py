@@ -46,6 +46,7 @@ from models_registry.formats.sniff import HTML_STARTS
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.selectors import download_active, weight_files_usable
 from models_registry.services.catalogue import model_pin
+from models_registry.services.licences import model_license_check
 from models_registry.services.weights import (
     SOURCE_PREFERENCE,
     weights_functional_check,
@@ -722,6 +723,7 @@ def weight_download(
     forbids the network; `progress` None shows a bar when stderr is a terminal; `download` is the row to
     report on (one is created when bytes must move); `notify` receives messages a user should see.
     """
+    model_license_check(model=model)
     wanted = _wanted_format(fmt)
     is_offline = _is_offline(offline)
     show = _show_progress(progress)
@@ -769,6 +771,7 @@ def weight_download(
 
 def download_enqueue(*, model: RegisteredModel, fmt: str | None = None, requested_by: str = "") -> WeightDownload:
     """Record a download and queue it (the task gets the row's id); ConflictError when one is active on this node."""
+    model_license_check(model=model)
     wanted = _wanted_format(fmt) or WeightFormat.PT
     if _is_offline(None) and not _healthy_files(model) and not download_url(model=model).startswith("file:"):
         raise _offline_error(model)
@@ -801,6 +804,7 @@ def _queue_download(download_id: int) -> None:
 def weights_resolve(*, model: RegisteredModel, offline: bool | None = None, notify: Notify | None = None) -> WeightFile:
     """The file to load the model from: a healthy cached file in the preferred format, else any healthy
     format (converted when DEPTHSITE_CACHE_FORMAT asks), else a download unless offline, else a clear error."""
+    model_license_check(model=model)
     preferred = _wanted_format(None)
     for _ in range(RESOLVE_ROUNDS):
         files = _healthy_files(model)

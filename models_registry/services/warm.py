@@ -8,12 +8,13 @@ from models_registry.models import RegisteredModel, WarmModel, WeightFile
 
 
 def warm_model_record(*, model: RegisteredModel, weight_file: WeightFile | None, worker: str, device: str,
-                      dtype: str, load_ms: float | None = None) -> WarmModel:
+                      dtype: str, load_ms: float | None = None, bytes: int | None = None) -> WarmModel:
     now = timezone.now()
     warm, _ = WarmModel.objects.update_or_create(
         model=model, worker=worker, device=device, dtype=dtype,
         defaults={"weight_file": weight_file, "weights_sha256": weight_file.sha256 if weight_file else "",
-                  "node": cachefs.node_name(), "load_ms": load_ms, "loaded_at": now, "last_used_at": now},
+                  "node": cachefs.node_name(), "load_ms": load_ms, "bytes": bytes, "loaded_at": now,
+                  "last_used_at": now},
     )
     return warm
 

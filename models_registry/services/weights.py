@@ -38,6 +38,7 @@ from models_registry.formats import (
 )
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import model_get, weight_file_get, weight_files, weight_files_usable
+from models_registry.services.licences import model_license_check
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def weight_record(
         "health": health,
         "health_reason": reason,
         "functional_hash": functional_hash,
+        "license": model.license,
         "verified_at": timezone.now(),
         "created_at": timezone.now(),
     }
@@ -467,6 +469,7 @@ def _write_export(model: RegisteredModel, fmt: str, bundle: bool, dest: Path) ->
 def weight_export(*, model: RegisteredModel, fmt: str, output: Path, bundle: bool = False,
                   force: bool = False) -> ExportResult:
     """Export a model's weights to a user path in a chosen format (or a bundle), atomically."""
+    model_license_check(model=model)
     fmt = WeightFormat.parse(fmt).value
     output = Path(output).expanduser()
     if output.is_dir():
@@ -484,6 +487,7 @@ def weight_export(*, model: RegisteredModel, fmt: str, output: Path, bundle: boo
 
 def weight_export_artifact(*, model: RegisteredModel, fmt: str, bundle: bool = False) -> ExportResult:
     """A file to stream to a browser: the cached file itself when possible, else a fresh file under .exports/."""
+    model_license_check(model=model)
     fmt = WeightFormat.parse(fmt).value
     cached = weight_file_get(model=model, fmt=fmt)
     if (not bundle and cached is not None and cached.health in Health.USABLE
@@ -644,6 +648,7 @@ def weight_import(*, path: Path, model_name: str | None = None) -> ImportResult:
 
 
 def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin: Path) -> ImportResult:
+    model_license_check(model=model)
     if model.expected_content_digest and inspection.digest != model.expected_content_digest:
         raise IntegrityError(
             f"the weights in {origin.name} differ from the pinned weights of {model.name} "

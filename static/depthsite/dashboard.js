@@ -97,8 +97,33 @@
     }
     warm.forEach(function (load) {
       var line = el("div", "mono small", load.worker + " ");
-      line.appendChild(el("span", "muted", load.device + "/" + load.dtype));
+      line.appendChild(el("span", "muted", load.device + "/" + load.dtype + (load.bytes ? " \u00b7 " + formatSize(load.bytes) : "")));
       cell.appendChild(line);
+    });
+  }
+
+  function renderWarmWorkers(models) {
+    var list = document.getElementById("warm-workers");
+    if (!list) return;
+    var workers = {};
+    var order = [];
+    models.forEach(function (model) {
+      model.warm.forEach(function (load) {
+        if (!workers[load.worker]) { workers[load.worker] = { bytes: 0, models: [] }; order.push(load.worker); }
+        workers[load.worker].bytes += load.bytes || 0;
+        workers[load.worker].models.push(model.name + " (" + (load.bytes ? formatSize(load.bytes) : "size unknown") + ")");
+      });
+    });
+    list.replaceChildren();
+    if (!order.length) {
+      list.appendChild(el("li", "muted", "none: no worker holds a network loaded"));
+      return;
+    }
+    order.forEach(function (name) {
+      var item = el("li", "", "");
+      item.appendChild(el("span", "mono", name));
+      item.appendChild(document.createTextNode(": " + formatSize(workers[name].bytes) + " in " + workers[name].models.join(", ")));
+      list.appendChild(item);
     });
   }
 
@@ -124,6 +149,7 @@
     if (health) health.className = status.health === "good" ? "good" : "bad";
     setText("dash-updated", "updated " + status.generated_at.slice(11, 19) + " UTC");
 
+    renderWarmWorkers(status.models);
     status.models.forEach(function (model) {
       var row = root.querySelector('tr[data-model="' + CSS.escape(model.name) + '"]');
       if (!row) return;

@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 from depthsite.units import format_size, parse_size
-from models_registry.catalogue import key_layout
+from models_registry.catalogue import DEFAULT_MODEL, SEMANTICS, cpu_times_machine
 from models_registry.choices import WeightFormat
 from models_registry.management.base import CliError, RegistryCommand
-from models_registry.selectors import cache_info, model_get, model_list, weight_files
+from models_registry.selectors import cache_info, model_get, model_list, models_by_family, weight_files
 
 
 class Command(RegistryCommand):
@@ -79,37 +79,62 @@ class Command(RegistryCommand):
     # --- list / info ---------------------------------------------------------------------------
 
     def do_list(self, *, json: bool = False, **_):
-        rows = []
         cached: dict[str, list] = {}
         for weight_file in weight_files():
             cached.setdefault(weight_file.model.name, []).append(weight_file)
-        for model in model_list():
-            files = cached.get(model.name, [])
-            rows.append({
-                "name": model.name,
-                "display_name": model.display_name,
-                "architecture": model.architecture,
-                "aliases": model.aliases,
-                "input_size": model.input_size,
-                "approx_bytes": key_layout(model.architecture).approx_bytes,
-                "file_name": model.file_name,
-                "source_url": model.source_url,
-                "license": model.license,
-                "semantics": model.semantics,
-                "enabled": model.enabled,
-                "pinned": model.pinned,
-                "expected_sha256": model.expected_sha256,
-                "cached": [{"format": f.format, "health": f.health, "size": f.size} for f in files],
-            })
+        groups = models_by_family(model_list())
+        rows = []
+        for _, members in groups:
+            for model, facts in members:
+                files = cached.get(model.name, [])
+                rows.append({
+                    "name": model.name,
+                    "display_name": model.display_name,
+                    "architecture": model.architecture,
+                    "family": facts["family"],
+                    "family_label": facts["family_label"],
+                    "aliases": model.aliases,
+                    "input_size": facts["input_size"],
+                    "keep_aspect_ratio": facts["keep_aspect_ratio"],
+                    "approx_bytes": facts["approx_bytes"],
+                    "cpu_seconds": facts["cpu_seconds"],
+                    "file_name": model.file_name,
+                    "source_url": model.source_url,
+                    "license": model.license,
+                    "license_note": facts["license_note"],
+                    "license_accepted": facts["license_accepted"],
+                    "semantics": model.semantics,
+                    "enabled": model.enabled,
+                    "default": model.name == DEFAULT_MODEL,
+                    "pinned": model.pinned,
+                    "expected_sha256": model.expected_sha256,
+                    "cached": [{"format": f.format, "health": f.health, "size": f.size, "license": f.license}
+                               for f in files],
+                })
         if json:
             return self.print_json(rows)
-        self.stdout.write(f"{'MODEL':<14} {'INPUT':>5} {'SIZE':>10}  {'CACHED':<28} {'PINNED':<8} FILE")
-        for row in rows:
-            cached_text = ", ".join(f"{c['format']} ({c['health']})" for c in row["cached"]) or "-"
-            pin = row["expected_sha256"][:8] if row["expected_sha256"] else "-"
-            disabled = "" if row["enabled"] else "  (disabled)"
-            self.stdout.write(f"{row['name']:<14} {row['input_size']:>5} {format_size(row['approx_bytes']):>10}  "
-                              f"{cached_text:<28} {pin:<8} {row['file_name']}{disabled}")
+        header = (f"  {'MODEL':<24} {'INPUT':>5} {'SIZE':>9} {'CPU s/img':>9}  {'LICENCE':<13} "
+                  f"{'CACHED':<22} {'PINNED':<8} FILE")
+        by_name = {row["name"]: row for row in rows}
+        self.stdout.write(header)
+        for label, members in groups:
+            self.stdout.write(label)
+            for model, _ in members:
+                row = by_name[model.name]
+                cached_text = ", ".join(f"{c['format']} ({c['health']})" for c in row["cached"]) or "-"
+                pin = row["expected_sha256"][:8] if row["expected_sha256"] else "-"
+                cpu = f"{row['cpu_seconds']:.2f}" if row["cpu_seconds"] is not None else "-"
+                notes = "".join([
+                    "" if row["enabled"] else "  (disabled)",
+                    "" if row["license_accepted"] else "  (licence refused: DEPTHSITE_ACCEPTED_LICENSES)",
+                ])
+                name = row["name"] + ("*" if row["default"] else "")
+                size = format_size(row["approx_bytes"]) if row["approx_bytes"] else "-"
+                self.stdout.write(f"  {name:<24} {row['input_size'] or '-':>5} {size:>9} {cpu:>9}  "
+                                  f"{row['license']:<13} {cached_text:<22} {pin:<8} {row['file_name']}{notes}")
+        machine = cpu_times_machine()
+        self.stdout.write(f"* default model. All predict {SEMANTICS}. CPU s/img: median forward at the native "
+                          f"input{f' ({machine})' if machine else ''}, by bench/forward.py.")
 
     def do_info(self, *, detailed: bool = False, json: bool = False, **_):
         info = cache_info()
@@ -139,7 +164,8 @@ class Command(RegistryCommand):
             if not model["files"]:
                 continue
             w("")
-            w(f"* {model['name']}: {format_size(model['bytes'])}{'  [pinned]' if model['pinned'] else ''}")
+            w(f"* {model['name']}: {format_size(model['bytes'])}  licence {model['license']}"
+              f"{'  [pinned]' if model['pinned'] else ''}")
             for f in model["files"]:
                 used = f["last_used_at"][:19].replace("T", " ") if f["last_used_at"] else "never"
                 reason = f" - {f['health_reason']}" if f["health_reason"] else ""
@@ -149,6 +175,15 @@ class Command(RegistryCommand):
                     w(f"      sha256: {f['sha256']}")
                     w(f"      content digest: {f['content_digest']}")
                     w(f"      dtype: {f['dtype']}  verified: {f['verified_at'] or 'never'}  node: {f['node']}")
+        w("")
+        w("Warm networks (per worker process on this node):")
+        for worker in info["warm"]:
+            w(f"  {worker['worker']}: {format_size(worker['bytes'])} in {len(worker['models'])} network(s)")
+            for warm in worker["models"]:
+                size = format_size(warm["bytes"]) if warm["bytes"] is not None else "size unknown"
+                w(f"    {warm['model']} on {warm['device']} ({warm['dtype']}): {size}")
+        if not info["warm"]:
+            w("  (none)")
         if info["problem_files"]:
             w("")
             w("Problems (run `python manage.py models verify`, then `models optimize`):")

@@ -5,7 +5,7 @@ import re
 import sys
 
 from depthsite.units import format_size
-from models_registry.catalogue import key_layout
+from models_registry.catalogue import approx_bytes
 from models_registry.exceptions import ApplicationError, NotFoundError
 from models_registry.management.base import CliError, RegistryCommand
 from models_registry.management.download import download_report
@@ -71,11 +71,12 @@ class Command(RegistryCommand):
         cached: dict[int, list[str]] = {}
         for weight_file in weight_files():
             cached.setdefault(weight_file.model_id, []).append(f"{weight_file.format} ({weight_file.health})")
-        self.stdout.write(f"{'#':>2}  {'MODEL':<14} {'SIZE':>10}  {'CACHED':<26} DESCRIPTION")
+        self.stdout.write(f"{'#':>2}  {'MODEL':<24} {'SIZE':>10}  {'LICENCE':<13} {'CACHED':<26} DESCRIPTION")
         for number, entry in enumerate(models, 1):
-            size = format_size(key_layout(entry.architecture).approx_bytes)
+            size = format_size(approx_bytes(entry.architecture))
             cached_text = ", ".join(cached.get(entry.pk, [])) or "-"
-            self.stdout.write(f"{number:>2}  {entry.name:<14} {size:>10}  {cached_text:<26} {entry.description}")
+            self.stdout.write(f"{number:>2}  {entry.name:<24} {size:>10}  {entry.license:<13} {cached_text:<26} "
+                              f"{entry.description}")
         for _ in range(PROMPT_TRIES):
             try:
                 answer = input("Models to download (numbers or names, comma-separated; 'all'; empty for none): ")
