@@ -13,8 +13,11 @@ from models_registry.choices import DownloadStatus, Health, WeightFormat
 from models_registry.exceptions import NotFoundError
 from models_registry.models import RegisteredModel, WarmModel, WeightDownload, WeightFile
 
-# A worker killed without saying goodbye leaves its warm rows; they stop counting once this old.
-WARM_STALE_AFTER = timedelta(hours=6)
+# A live worker refreshes its warm rows' last_used_at (on use and by its heartbeat). Rows older than
+# WARM_GONE_AFTER are shown as gone (the worker stopped answering); older than WARM_STALE_AFTER they are not
+# listed at all (a worker killed without saying goodbye).
+WARM_GONE_AFTER = timedelta(minutes=3)
+WARM_STALE_AFTER = timedelta(minutes=15)
 
 
 def _normalise(name: str) -> str:
@@ -182,6 +185,7 @@ def download_data(download: WeightDownload) -> dict[str, Any]:
 
 
 def warm_model_data(warm: WarmModel) -> dict[str, Any]:
+    alive = warm.last_used_at is not None and warm.last_used_at >= timezone.now() - WARM_GONE_AFTER
     return {
         "worker": warm.worker,
         "node": warm.node,
@@ -191,12 +195,23 @@ def warm_model_data(warm: WarmModel) -> dict[str, Any]:
         "load_ms": warm.load_ms,
         "loaded_at": _iso(warm.loaded_at),
         "last_used_at": _iso(warm.last_used_at),
+        "alive": alive,
     }
 
 
 def _worst_health(files: list[WeightFile]) -> str | None:
     present = {f.health for f in files}
     return next((health.value for health in HEALTH_SEVERITY if health in present), None)
+
+
+def download_is_superseded(*, download: WeightDownload, files: list[WeightFile]) -> bool:
+    """A failed download is history, not the model's state, once a usable file of the model was written or
+    verified after it: the dashboard then shows the healthy cache, not the old failure."""
+    if download.status != DownloadStatus.FAILED:
+        return False
+    ended = download.finished_at or download.created_at
+    return any(f.health in Health.USABLE and max(t for t in (f.created_at, f.verified_at) if t) > ended
+               for f in files if f.created_at or f.verified_at)
 
 
 def model_status(*, node: str | None = None) -> dict[str, Any]:
@@ -215,6 +230,8 @@ def model_status(*, node: str | None = None) -> dict[str, Any]:
     for model in models:
         model_files = [f for f in files if f.model_id == model.pk]
         download = downloads.get(model.latest_download_id)
+        if download is not None and download_is_superseded(download=download, files=model_files):
+            download = None
         entries.append({
             "name": model.name,
             "display_name": model.display_name,

@@ -85,6 +85,8 @@ class WarmLoadSerializer(serializers.Serializer):
     load_ms = serializers.FloatField(allow_null=True)
     loaded_at = serializers.DateTimeField()
     last_used_at = serializers.DateTimeField()
+    alive = serializers.BooleanField(help_text="False once the worker has not been heard from for a few minutes "
+                                               "(shown as gone; no longer listed a little later).")
 
     def to_representation(self, instance):
         from models_registry.selectors import warm_model_data

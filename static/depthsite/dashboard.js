@@ -38,6 +38,18 @@
     return node;
   }
 
+  // One line per problem, the whole text under a toggle: views.problem_summary does the same.
+  function problem(text) {
+    var lines = String(text).split(/\r?\n/).map(function (line) { return line.trim(); })
+      .filter(function (line) { return line; });
+    var first = lines.length ? lines[0] : "";
+    if (first.length > 120) first = first.slice(0, 119) + "\u2026";
+    var details = el("details", "reason");
+    details.appendChild(el("summary", null, first));
+    details.appendChild(el("pre", null, text));
+    return details;
+  }
+
   function csrfToken() {
     var match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
     return match ? decodeURIComponent(match[1]) : "";
@@ -45,7 +57,16 @@
 
   // --- rendering of the cells that change --------------------------------------------------------
 
+  // A cell is redrawn only when its data changed, so an opened details toggle stays open between polls.
+  function unchanged(cell, data) {
+    var key = JSON.stringify(data);
+    if (cell.dataset.key === key) return true;
+    cell.dataset.key = key;
+    return false;
+  }
+
   function renderFiles(cell, files) {
+    if (unchanged(cell, files)) return;
     cell.replaceChildren();
     if (!files.length) {
       cell.appendChild(el("span", "muted", "not cached"));
@@ -59,13 +80,14 @@
       row.appendChild(el("span", "size", file.size_human));
       row.appendChild(document.createTextNode(" "));
       row.appendChild(el("span", "badge " + file.health, file.health));
-      if (file.health_reason) row.appendChild(el("div", "reason", file.health_reason));
+      if (file.health_reason) row.appendChild(problem(file.health_reason));
       row.appendChild(el("div", "muted small", "last used " + when(file.last_used_at)));
       cell.appendChild(row);
     });
   }
 
   function renderDownload(cell, download) {
+    if (unchanged(cell, download)) return;
     cell.replaceChildren();
     if (!download) {
       cell.appendChild(el("span", "muted", "-"));
@@ -86,7 +108,7 @@
     }
     var text = formatSize(download.bytes_done) + (download.bytes_total ? " of " + formatSize(download.bytes_total) : "");
     cell.appendChild(el("div", "muted small", text));
-    if (download.error) cell.appendChild(el("div", "reason", download.error));
+    if (download.error) cell.appendChild(problem(download.error));
   }
 
   function renderWarm(cell, warm) {
@@ -96,8 +118,14 @@
       return;
     }
     warm.forEach(function (load) {
-      var line = el("div", "mono small", load.worker + " ");
+      var line = el("div", "mono small" + (load.alive === false ? " gone" : ""), load.worker + " ");
       line.appendChild(el("span", "muted", load.device + "/" + load.dtype));
+      if (load.alive === false) {
+        line.appendChild(document.createTextNode(" "));
+        var badge = el("span", "badge gone", "gone");
+        badge.title = "no heartbeat since " + when(load.last_used_at);
+        line.appendChild(badge);
+      }
       cell.appendChild(line);
     });
   }
