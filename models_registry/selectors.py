@@ -11,7 +11,7 @@ from depthsite.units import format_size
 from models_registry import cachefs
 from models_registry.choices import DownloadStatus, Health, WeightFormat
 from models_registry.exceptions import NotFoundError
-from models_registry.models import RegisteredModel, WarmModel, WeightDownload, WeightFile
+from models_registry.models import ManagementRun, RegisteredModel, WarmModel, WeightDownload, WeightFile
 
 # A live worker refreshes its warm rows' last_used_at (on use and by its heartbeat). Rows older than
 # WARM_GONE_AFTER are shown as gone (the worker stopped answering); older than WARM_STALE_AFTER they are not
@@ -259,4 +259,30 @@ def model_status(*, node: str | None = None) -> dict[str, Any]:
             "downloads_active": sum(1 for d in downloads.values() if d.is_active),
         },
         "models": entries,
+    }
+
+
+def management_run_get(*, pk: int) -> ManagementRun:
+    run = ManagementRun.objects.select_related("model").filter(pk=pk).first()
+    if run is None:
+        raise NotFoundError(f"no management run with id {pk}", extra={"run": pk})
+    return run
+
+
+def management_run_data(run: ManagementRun) -> dict[str, Any]:
+    return {
+        "id": run.pk,
+        "kind": run.kind,
+        "model": run.model.name if run.model_id else None,
+        "node": run.node,
+        "status": run.status,
+        "active": run.is_active,
+        "params": run.params or {},
+        "result": run.result,
+        "error": run.error,
+        "error_status": run.error_status,
+        "requested_by": run.requested_by,
+        "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
     }

@@ -218,6 +218,27 @@
     });
   }
 
+  // A 202 answer is a background run (verify, convert, optimize): poll its URL until it has finished, then
+  // resolve as the synchronous call would have answered (ok with its result, or its error message).
+  function settle(response) {
+    if (response.status !== 202 || !response.data || !response.data.url) {
+      return Promise.resolve(response);
+    }
+    var url = response.data.url;
+    return new Promise(function (resolve) {
+      function check() {
+        call("GET", url).then(function (polled) {
+          var run = polled.data;
+          if (!polled.ok) return resolve(polled);
+          if (run.active) return setTimeout(check, 1000);
+          if (run.status === "succeeded") return resolve({ ok: true, status: 200, data: run.result });
+          resolve({ ok: false, status: run.error_status || 500, data: { message: run.error } });
+        }).catch(function () { setTimeout(check, 3000); });
+      }
+      check();
+    });
+  }
+
   function show(target, ok, message) {
     target.classList.remove("ok", "error");
     target.classList.add(ok ? "ok" : "error");
@@ -250,6 +271,7 @@
     button.disabled = true;
     show(result, true, action + "\u2026");
     request
+      .then(function (response) { return action === "download" ? response : settle(response); })
       .then(function (response) {
         show(result, response.ok, response.ok ? successMessage(action, response.data, model) : response.data.message);
       })
@@ -265,6 +287,7 @@
     if (run && !window.confirm("Delete corrupt, orphan and stale files (and evict to the size limit) on " + root.dataset.node + "?")) return;
     button.disabled = true;
     call("POST", root.dataset.optimizeUrl, { dry_run: !run })
+      .then(settle)
       .then(function (response) {
         var plan = response.data;
         if (!response.ok) return show(result, false, plan.message);
