@@ -48,10 +48,11 @@ def depth_job_history(*, user, session_key: str = "", everyone: bool = False, st
     return queryset
 
 
-def depth_job_model_names() -> list[str]:
-    """Every model name a job can carry: the catalogue's, and those of jobs whose model has gone since."""
+def depth_job_model_names(*, jobs: QuerySet[DepthJob]) -> list[str]:
+    """The model names to filter `jobs` by: the catalogue's, and those of these jobs whose model has gone since
+    (only the caller's own jobs: another user's removed model is not named to them)."""
     names = set(RegisteredModel.objects.values_list("name", flat=True))
-    names.update(DepthJob.objects.values_list("model_name", flat=True).distinct())
+    names.update(jobs.order_by().values_list("model_name", flat=True).distinct())
     return sorted(name for name in names if name)
 
 

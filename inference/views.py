@@ -298,15 +298,6 @@ def job_delete(request, job_id):
 def _history_filters(request) -> tuple[dict, list[str]]:
     """`status`, `model` and (staff) `everyone` from the query, each checked; the problems as sentences."""
     problems = []
-    status = request.GET.get("status", "")
-    if status and status not in JobStatus.values:
-        problems.append(f"unknown status {status[:40]!r}; one of: {', '.join(JobStatus.values)}")
-        status = ""
-    model = request.GET.get("model", "")
-    names = depth_job_model_names()
-    if model and model not in names:
-        problems.append(f"unknown model {model[:64]!r}; one of: {', '.join(names)}")
-        model = ""
     everyone = request.GET.get("everyone", "")
     if everyone not in ("", "0", "1"):
         problems.append("everyone is 1 (every user's jobs) or 0 (yours)")
@@ -314,6 +305,16 @@ def _history_filters(request) -> tuple[dict, list[str]]:
     if everyone == "1" and not request.user.is_staff:
         problems.append("only staff can list everyone's jobs")
         everyone = ""
+    status = request.GET.get("status", "")
+    if status and status not in JobStatus.values:
+        problems.append(f"unknown status {status[:40]!r}; one of: {', '.join(JobStatus.values)}")
+        status = ""
+    model = request.GET.get("model", "")
+    names = depth_job_model_names(jobs=depth_job_list(user=request.user, session_key=_session_key(request),
+                                                      everyone=everyone == "1"))
+    if model and model not in names:
+        problems.append(f"unknown model {model[:64]!r}; one of: {', '.join(names)}")
+        model = ""
     return {"status": status, "model": model, "everyone": everyone == "1", "model_names": names,
             "statuses": JobStatus.values}, problems
 

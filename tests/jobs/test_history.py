@@ -71,6 +71,17 @@ def test_staff_see_everyone_with_the_owner_and_others_cannot(client, small_model
     assert _rows(client.get(HISTORY).content.decode()) == []  # their own list stays their own
 
 
+def test_a_removed_model_is_a_filter_only_for_those_whose_jobs_carry_it(client, small_model, user, other_user):
+    theirs = _job(other_user, status=JobStatus.SUCCEEDED)
+    DepthJob.objects.filter(pk=theirs.pk).update(model=None, model_name="GoneNet")  # a custom entry removed since
+    client.force_login(user)
+    response = client.get(HISTORY + "?model=GoneNet")
+    assert response.status_code == 400 and "GoneNet" not in response.content.decode().split("unknown model")[0]
+    client.force_login(other_user)
+    html = client.get(HISTORY + "?model=GoneNet").content.decode()
+    assert _rows(html) == [str(theirs.pk)] and '<option value="GoneNet" selected>' in html
+
+
 def test_pages_keep_the_filters(web, small_model, user):
     for _ in range(21):
         _job(user, status=JobStatus.FAILED)
@@ -86,7 +97,8 @@ def test_a_finished_job_shows_its_photo_and_depth_thumbnails(web, cached_small, 
     job = DepthJob.objects.get()
     html = web.get(HISTORY).content.decode()
     thumbs = re.findall(r'<td class="thumb"><img src="([^"]+)"', html)
-    assert thumbs == [reverse("inference:job_input", args=[job.pk]), reverse("inference:job_file", args=[job.pk, "png"])]
+    assert thumbs == [reverse("inference:job_input", args=[job.pk]),
+                      reverse("inference:job_file", args=[job.pk, "png"])]
     for url in thumbs:
         response = web.get(url)
         assert response.status_code == 200 and response["Content-Type"].startswith("image/")
