@@ -250,8 +250,10 @@ class ManagementRunDetailApi(RegistryApi):
                    responses={200: s.ManagementRunSerializer, **errors(*READ_ERRORS, 404)})
     def get(self, request, pk: int):
         from models_registry.selectors import management_run_get
+        from models_registry.services.runs import management_run_refresh
 
-        return Response(s.ManagementRunSerializer(management_run_get(pk=pk), context={"request": request}).data)
+        run = management_run_refresh(run=management_run_get(pk=pk))
+        return Response(s.ManagementRunSerializer(run, context={"request": request}).data)
 
 
 class _WeightFileRenderer(BaseRenderer):

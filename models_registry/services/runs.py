@@ -10,6 +10,9 @@ import logging
 from functools import partial
 from typing import Any
 
+from datetime import timedelta
+
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -21,6 +24,7 @@ from models_registry.models import ManagementRun, RegisteredModel
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "the action failed unexpectedly; the worker's log has the details"
+QUEUED_STALE_AFTER = timedelta(hours=24)  # no worker took it: no cluster runs (`manage.py qcluster`)
 
 
 def management_action(*, kind: str, model: RegisteredModel | None, params: dict[str, Any]) -> dict[str, Any]:
@@ -102,5 +106,22 @@ def management_run_execute(*, run: ManagementRun) -> ManagementRun:
     else:
         fields = {"status": RunStatus.SUCCEEDED, "result": result}
     ManagementRun.objects.filter(pk=run.pk).update(finished_at=timezone.now(), **fields)
+    run.refresh_from_db()
+    return run
+
+
+def management_run_refresh(*, run: ManagementRun) -> ManagementRun:
+    """A run no worker can still finish is marked failed, so pollers stop: running past the queue's timeout
+    (django-q2 stops a task then), or queued for a day (no cluster took it)."""
+    now = timezone.now()
+    timeout = timedelta(seconds=int(settings.Q_CLUSTER.get("timeout") or 0) + 30)
+    if run.status == RunStatus.RUNNING and run.started_at and now - run.started_at > timeout:
+        error = "interrupted: its worker stopped before it finished (the queue's timeout); start it again"
+    elif run.status == RunStatus.QUEUED and now - run.created_at > QUEUED_STALE_AFTER:
+        error = "no worker took it within a day; is `manage.py qcluster` running? start it again"
+    else:
+        return run
+    ManagementRun.objects.filter(pk=run.pk, status=run.status).update(
+        status=RunStatus.FAILED, error=error, error_status=503, finished_at=now)
     run.refresh_from_db()
     return run

@@ -87,6 +87,22 @@ def test_optimize_plans_at_once_and_carries_out_in_the_background(staff_client, 
     assert run["status"] == "succeeded" and run["result"]["executed"] is True and not orphan.exists()
 
 
+def test_a_run_whose_worker_stopped_ends_failed_so_pollers_stop(staff_client, small_model, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    long_ago = timezone.now() - timedelta(seconds=settings.Q_CLUSTER["timeout"] + 120)
+    stuck = ManagementRun.objects.create(kind="verify", model=small_model, node="test-node", status="running",
+                                         started_at=long_ago)
+    fresh = ManagementRun.objects.create(kind="verify", model=small_model, node="test-node", status="running",
+                                         started_at=timezone.now())
+    body = staff_client.get(f"/api/models/runs/{stuck.pk}").json()
+    assert (body["status"], body["active"], body["error_status"]) == ("failed", False, 503)
+    assert "interrupted" in body["error"]
+    assert staff_client.get(f"/api/models/runs/{fresh.pk}").json()["status"] == "running"
+
+
 def test_runs_are_for_staff_only(staff_client, user_client, anon_client, small_model):
     run = ManagementRun.objects.create(kind="verify", model=small_model, node="test-node")
     url = f"/api/models/runs/{run.pk}"
