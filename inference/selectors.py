@@ -36,6 +36,26 @@ def depth_job_list(*, user, session_key: str = "", everyone: bool = False) -> Qu
     return queryset.none()
 
 
+def depth_job_history(*, user, session_key: str = "", everyone: bool = False, status: str = "",
+                      model: str = "") -> QuerySet[DepthJob]:
+    """The history page's jobs: `depth_job_list`, narrowed to one status and one model when given (both checked
+    by the caller against JobStatus and the catalogue names)."""
+    queryset = depth_job_list(user=user, session_key=session_key, everyone=everyone)
+    if status:
+        queryset = queryset.filter(status=status)
+    if model:
+        queryset = queryset.filter(model_name=model)
+    return queryset
+
+
+def depth_job_model_names(*, jobs: QuerySet[DepthJob]) -> list[str]:
+    """The model names to filter `jobs` by: the catalogue's, and those of these jobs whose model has gone since
+    (only the caller's own jobs: another user's removed model is not named to them)."""
+    names = set(RegisteredModel.objects.values_list("name", flat=True))
+    names.update(jobs.order_by().values_list("model_name", flat=True).distinct())
+    return sorted(name for name in names if name)
+
+
 def depth_job_get(*, job_id, user) -> DepthJob:
     """A job the caller may see, else NotFoundError (a job of someone else's does not exist for them).
 

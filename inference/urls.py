@@ -12,4 +12,5 @@ urlpatterns = [
     path("jobs/<uuid:job_id>/input", views.job_input, name="job_input"),
     path("jobs/<uuid:job_id>/files/<str:fmt>", views.job_file, name="job_file"),
     path("jobs/<uuid:job_id>/delete", views.job_delete, name="job_delete"),
+    path("jobs/<uuid:job_id>/run-again", views.job_run_again, name="job_run_again"),
 ]

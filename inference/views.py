@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib import messages
@@ -18,13 +19,17 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from depthsite.units import format_size
 from inference.api.permissions import UploadThrottle
 from inference.colormaps import DEFAULT_COLORMAP
+from inference.images import BROWSER_IMAGE_TYPES
 from inference.forms import DepthJobForm, UploadLimitHandler, upload_too_large
 from inference.models import DepthJob
+from inference.choices import JobStatus
 from inference.selectors import (
     depth_job_file,
     depth_job_get,
+    depth_job_history,
     depth_job_input,
     depth_job_list,
+    depth_job_model_names,
     depth_job_may_delete,
     depth_job_reused_from,
     depth_job_summary,
@@ -33,6 +38,7 @@ from inference.selectors import (
     uploads_allowed,
 )
 from inference.services.jobs import DEFAULT_MODEL, depth_job_create, depth_job_delete
+from inference.services.rerun import depth_job_run_again
 from models_registry.api.throttling import client_address
 from models_registry.catalogue import cpu_times_machine
 from models_registry.exceptions import ApplicationError, NotFoundError
@@ -174,7 +180,10 @@ def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refu
 @require_GET
 @_uploads_allowed
 def job_detail(request, job_id):
-    job = _job(request, job_id)
+    return _job_page(request, _job(request, job_id))
+
+
+def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int = 200):
     summary = depth_job_summary(job, user=request.user, session_key=_session_key(request))
     urls = job_urls(job)
     labels = dict(output_choices())
@@ -191,7 +200,49 @@ def job_detail(request, job_id):
         "preview_url": urls["files"].get(summary["preview"]) if summary["preview"] else None,
         "state": {**summary, **urls, "labels": labels},
         "can_delete": depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)),
-    })
+        **_run_again_context(request, job, error=run_again_error),
+    }, status=status)
+
+
+def _run_again_context(request, job: DepthJob, *, error: str = "") -> dict:
+    """The "run again with another model" form: for a finished job, to its owner (or uploading session) and staff."""
+    allowed = (job.status in JobStatus.TERMINAL
+               and depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)))
+    names = [option.name for option in model_options(detailed=request.user.is_staff)] if allowed else []
+    return {"can_run_again": allowed, "run_again_models": [name for name in names if name != job.model_name],
+            "run_again_error": error}
+
+
+@csrf_exempt  # checked by _job_run_again once the upload rules are in place, as for the upload form
+@require_POST
+def job_run_again(request, job_id):
+    # The upload rules first: who may upload at all, and the upload rate, before the body is read.
+    if not uploads_allowed(user=request.user):
+        return redirect_to_login(reverse("inference:job_detail", args=[job_id]))
+    return _job_run_again(request, job_id)
+
+
+@csrf_protect
+def _job_run_again(request, job_id):
+    job = _job(request, job_id)
+    if not depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)):
+        raise Http404("no such job")  # someone else's job: not theirs to spend a quota or a worker on
+    throttle = UploadThrottle()
+    if not throttle.allow_request(request, None):
+        return _job_page_with_error(request, job, _too_many_uploads(throttle.wait()), status=429)
+    model = request.POST.get("model", "")
+    try:
+        new_job = depth_job_run_again(job=job, model=model, owner=request.user,
+                                      session_key=_session_key(request, create=True),
+                                      client_address=client_address(request))
+    except ApplicationError as exc:
+        return _job_page_with_error(request, job, exc.message, status=exc.status if 400 <= exc.status < 500 else 400)
+    messages.success(request, f"Job {new_job.short_id} runs the photo of job {job.short_id} with {new_job.model_name}.")
+    return redirect("inference:job_detail", job_id=new_job.pk)
+
+
+def _job_page_with_error(request, job: DepthJob, error: str, *, status: int):
+    return _job_page(request, job, run_again_error=error, status=status)
 
 
 @never_cache
@@ -246,10 +297,45 @@ def job_delete(request, job_id):
 # --- history -------------------------------------------------------------------------------------
 
 
+def _history_filters(request) -> tuple[dict, list[str]]:
+    """`status`, `model` and (staff) `everyone` from the query, each checked; the problems as sentences."""
+    problems = []
+    everyone = request.GET.get("everyone", "")
+    if everyone not in ("", "0", "1"):
+        problems.append("everyone is 1 (every user's jobs) or 0 (yours)")
+        everyone = ""
+    if everyone == "1" and not request.user.is_staff:
+        problems.append("only staff can list everyone's jobs")
+        everyone = ""
+    status = request.GET.get("status", "")
+    if status and status not in JobStatus.values:
+        problems.append(f"unknown status {status[:40]!r}; one of: {', '.join(JobStatus.values)}")
+        status = ""
+    model = request.GET.get("model", "")
+    names = depth_job_model_names(jobs=depth_job_list(user=request.user, session_key=_session_key(request),
+                                                      everyone=everyone == "1"))
+    if model and model not in names:
+        problems.append(f"unknown model {model[:64]!r}; one of: {', '.join(names)}")
+        model = ""
+    return {"status": status, "model": model, "everyone": everyone == "1", "model_names": names,
+            "statuses": JobStatus.values}, problems
+
+
 @require_GET
 @_uploads_allowed
 def job_list(request):
-    jobs = depth_job_list(user=request.user, session_key=_session_key(request))
+    filters, problems = _history_filters(request)
+    jobs = depth_job_history(user=request.user, session_key=_session_key(request), everyone=filters["everyone"],
+                             status=filters["status"], model=filters["model"])
     page = Paginator(jobs, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
     jobs = _with_reuse_shown(request, page.object_list)
-    return render(request, "inference/job_list.html", {"page": page, "jobs": jobs})
+    for job in jobs:
+        urls = job_urls(job)
+        job.input_thumb = urls["input_url"] if job.image_format in BROWSER_IMAGE_TYPES or job.input_preview else ""
+        job.depth_thumb = urls["files"].get("png", "") if job.status == JobStatus.SUCCEEDED else ""
+    query = {key: value for key, value in (("status", filters["status"]), ("model", filters["model"]),
+                                          ("everyone", "1" if filters["everyone"] else "")) if value}
+    return render(request, "inference/job_list.html", {
+        "page": page, "jobs": jobs, "filters": filters, "problems": problems, "query": urlencode(query),
+        "filtered": bool(filters["status"] or filters["model"]), "show_owner": filters["everyone"],
+    }, status=400 if problems else 200)

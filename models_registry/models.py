@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from depthsite.netspecs import NetSpec, net_spec
 from models_registry import cachefs
-from models_registry.choices import DownloadStatus, Health, WeightFormat, architecture_choices
+from models_registry.choices import DownloadStatus, Health, RunStatus, WeightFormat, architecture_choices
 
 
 def validate_path_name(value: str) -> None:
@@ -198,3 +198,40 @@ class WarmModel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model.name} warm in {self.worker} ({self.device}, {self.dtype})"
+
+
+class ManagementRun(models.Model):
+    """A long management action (verify, convert, optimize) run in the background for the API and dashboard:
+    the POST answers 202 with this row's URL, a worker runs it, and the row holds the outcome."""
+
+    class Kind(models.TextChoices):
+        VERIFY = "verify", "verify"
+        CONVERT = "convert", "convert"
+        OPTIMIZE = "optimize", "optimize"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    model = models.ForeignKey(RegisteredModel, null=True, blank=True, on_delete=models.CASCADE,
+                              related_name="management_runs", help_text="Empty for cache-wide actions (optimize).")
+    node = models.CharField(max_length=255, help_text="The node whose cache the action changes.")
+    params = models.JSONField(default=dict, blank=True, help_text="The request's validated fields.")
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    result = models.JSONField(null=True, blank=True, help_text="What the synchronous call would have answered.")
+    error = models.TextField(blank=True)
+    error_status = models.PositiveSmallIntegerField(null=True, blank=True,
+                                                    help_text="The HTTP status the error would have had.")
+    task_id = models.CharField(max_length=64, blank=True, help_text="django-q2 task id, for debugging only.")
+    requested_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        target = self.model.name if self.model_id else "cache"
+        return f"{self.kind} of {target} on {self.node} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in RunStatus.ACTIVE

@@ -11,10 +11,13 @@ from depthsite.units import format_size
 from models_registry import cachefs
 from models_registry.choices import DownloadStatus, Health, WeightFormat
 from models_registry.exceptions import NotFoundError
-from models_registry.models import RegisteredModel, WarmModel, WeightDownload, WeightFile
+from models_registry.models import ManagementRun, RegisteredModel, WarmModel, WeightDownload, WeightFile
 
-# A worker killed without saying goodbye leaves its warm rows; they stop counting once this old.
-WARM_STALE_AFTER = timedelta(hours=6)
+# A live worker refreshes its warm rows' last_used_at (on use and by its heartbeat). Rows older than
+# WARM_GONE_AFTER are shown as gone (the worker stopped answering); older than WARM_STALE_AFTER they are not
+# listed at all (a worker killed without saying goodbye).
+WARM_GONE_AFTER = timedelta(minutes=3)
+WARM_STALE_AFTER = timedelta(minutes=15)
 
 
 def _normalise(name: str) -> str:
@@ -185,6 +188,7 @@ def download_data(download: WeightDownload) -> dict[str, Any]:
 
 
 def warm_model_data(warm: WarmModel) -> dict[str, Any]:
+    alive = warm.last_used_at is not None and warm.last_used_at >= timezone.now() - WARM_GONE_AFTER
     return {
         "worker": warm.worker,
         "node": warm.node,
@@ -195,12 +199,23 @@ def warm_model_data(warm: WarmModel) -> dict[str, Any]:
         "bytes": warm.bytes,
         "loaded_at": _iso(warm.loaded_at),
         "last_used_at": _iso(warm.last_used_at),
+        "alive": alive,
     }
 
 
 def _worst_health(files: list[WeightFile]) -> str | None:
     present = {f.health for f in files}
     return next((health.value for health in HEALTH_SEVERITY if health in present), None)
+
+
+def download_is_superseded(*, download: WeightDownload, files: list[WeightFile]) -> bool:
+    """A failed download is history, not the model's state, once a usable file of the model was written or
+    verified after it: the dashboard then shows the healthy cache, not the old failure."""
+    if download.status != DownloadStatus.FAILED:
+        return False
+    ended = download.finished_at or download.created_at
+    return any(f.health in Health.USABLE and max(t for t in (f.created_at, f.verified_at) if t) > ended
+               for f in files if f.created_at or f.verified_at)
 
 
 def model_status(*, node: str | None = None) -> dict[str, Any]:
@@ -219,6 +234,8 @@ def model_status(*, node: str | None = None) -> dict[str, Any]:
     for model in models:
         model_files = [f for f in files if f.model_id == model.pk]
         download = downloads.get(model.latest_download_id)
+        if download is not None and download_is_superseded(download=download, files=model_files):
+            download = None
         entries.append({
             "name": model.name,
             "display_name": model.display_name,
@@ -307,3 +324,29 @@ def warm_worker_data(*, node: str | None = None) -> list[dict[str, Any]]:
                                 "last_used_at": _iso(warm.last_used_at)})
         entry["bytes"] += warm.bytes or 0
     return list(workers.values())
+
+
+def management_run_get(*, pk: int) -> ManagementRun:
+    run = ManagementRun.objects.select_related("model").filter(pk=pk).first()
+    if run is None:
+        raise NotFoundError(f"no management run with id {pk}", extra={"run": pk})
+    return run
+
+
+def management_run_data(run: ManagementRun) -> dict[str, Any]:
+    return {
+        "id": run.pk,
+        "kind": run.kind,
+        "model": run.model.name if run.model_id else None,
+        "node": run.node,
+        "status": run.status,
+        "active": run.is_active,
+        "params": run.params or {},
+        "result": run.result,
+        "error": run.error,
+        "error_status": run.error_status,
+        "requested_by": run.requested_by,
+        "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+    }

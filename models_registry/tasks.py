@@ -32,3 +32,15 @@ def download_run(download_id: int) -> str:
         # The row holds the error for the API and web pages; the queue need not retry a domain failure.
         logger.warning("download %s of %s failed: %s", download.pk, download.model.name, exc.message)
     return download.status
+
+
+def management_run(run_id: int) -> str:
+    """Carry out a queued ManagementRun (verify, convert, optimize); the row records the outcome."""
+    from models_registry.models import ManagementRun
+    from models_registry.services.runs import management_run_execute
+
+    run = ManagementRun.objects.select_related("model").filter(pk=run_id).first()
+    if run is None:
+        logger.warning("management run %s no longer exists; nothing to do", run_id)
+        return "missing"
+    return management_run_execute(run=run).status

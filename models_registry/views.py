@@ -42,8 +42,22 @@ def _when(iso: str | None) -> str:
     return f"{iso[:16].replace('T', ' ')} UTC" if iso else "never"
 
 
+SUMMARY_CHARS = 120
+
+
+def problem_summary(text: str) -> str:
+    """One line for a long error or reason: its first non-empty line, cut at SUMMARY_CHARS (dashboard.js does
+    the same); the whole text goes under a details toggle."""
+    line = next((part.strip() for part in (text or "").splitlines() if part.strip()), "")
+    return line if len(line) <= SUMMARY_CHARS else line[:SUMMARY_CHARS - 1] + "\u2026"
+
+
+def _problem(text: str) -> dict[str, str] | None:
+    return {"summary": problem_summary(text), "text": text} if text else None
+
+
 def _file_row(data: dict[str, Any]) -> dict[str, Any]:
-    return {**data, "last_used": _when(data["last_used_at"])}
+    return {**data, "last_used": _when(data["last_used_at"]), "problem": _problem(data["health_reason"])}
 
 
 def _download_row(download: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -51,7 +65,8 @@ def _download_row(download: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     total = download["bytes_total"]
     text = format_size(download["bytes_done"]) + (f" of {format_size(total)}" if total else "")
-    return {**download, "percent": round(100 * (download["progress"] or 0), 1), "text": text}
+    return {**download, "percent": round(100 * (download["progress"] or 0), 1), "text": text,
+            "problem": _problem(download["error"])}
 
 
 def chart_layout(*, status: dict[str, Any]) -> dict[str, Any]:

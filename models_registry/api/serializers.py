@@ -87,6 +87,8 @@ class WarmLoadSerializer(serializers.Serializer):
     bytes = serializers.IntegerField(allow_null=True, help_text="Bytes of the network's tensors in that process.")
     loaded_at = serializers.DateTimeField()
     last_used_at = serializers.DateTimeField()
+    alive = serializers.BooleanField(help_text="False once the worker has not been heard from for a few minutes "
+                                               "(shown as gone; no longer listed a little later).")
 
     def to_representation(self, instance):
         from models_registry.selectors import warm_model_data
@@ -365,3 +367,41 @@ class ImportResultSerializer(serializers.Serializer):
     content_digest = serializers.CharField()
     path = serializers.CharField()
     file = WeightFileSerializer()
+
+
+class ManagementRunSerializer(serializers.Serializer):
+    """A background verify, convert or optimize: poll `url` until `active` is false; `result` then holds what
+    the synchronous call (`?wait=1`) answers, or `error` why it failed."""
+
+    id = serializers.IntegerField()
+    kind = serializers.ChoiceField(choices=["verify", "convert", "optimize"])
+    model = serializers.CharField(allow_null=True, help_text="Null for cache-wide actions (optimize).")
+    node = serializers.CharField()
+    status = serializers.ChoiceField(choices=DownloadStatus.choices)
+    active = serializers.BooleanField()
+    params = serializers.DictField(help_text="The request's fields.")
+    result = serializers.JSONField(allow_null=True, help_text="The action's answer once it succeeded.")
+    error = serializers.CharField(allow_blank=True)
+    error_status = serializers.IntegerField(allow_null=True, help_text="The HTTP status the error would have had.")
+    requested_by = serializers.CharField(allow_blank=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    url = serializers.SerializerMethodField(help_text="Where to poll this run.")
+
+    def to_representation(self, instance):
+        from models_registry.selectors import management_run_data
+
+        return super().to_representation(instance if isinstance(instance, dict) else management_run_data(instance))
+
+    def get_url(self, data) -> str:
+        from django.urls import reverse
+
+        path = reverse("models-api:run-detail", kwargs={"pk": data["id"]})
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request is not None else path
+
+
+class WaitQuerySerializer(serializers.Serializer):
+    wait = serializers.BooleanField(default=False, help_text="1: run now and answer with the result (200) instead "
+                                                             "of queueing it (202).")

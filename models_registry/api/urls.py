@@ -28,6 +28,7 @@ urlpatterns = [
     *route("cache/optimize", views.CacheOptimizeApi, "cache-optimize"),
     *route("import", views.WeightImportApi, "import"),
     *route("downloads/<int:pk>", views.DownloadDetailApi, "download-detail"),
+    *route("runs/<int:pk>", views.ManagementRunDetailApi, "run-detail"),
     *route("<str:name>/", views.ModelDetailApi, "detail"),
     *route("<str:name>/download", views.ModelDownloadApi, "download"),
     *route("<str:name>/verify", views.ModelVerifyApi, "verify"),

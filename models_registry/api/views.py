@@ -161,22 +161,41 @@ class CacheClearApi(RegistryWriteApi):
         return Response(cache_clear(model=model, fmt=data.get("format")).as_dict())
 
 
+WAIT_PARAMETER = OpenApiParameter("wait", OpenApiTypes.BOOL, OpenApiParameter.QUERY, required=False,
+                                  description="1: run now and answer 200 with the result; otherwise the action is "
+                                              "queued and the answer is 202 with a run to poll.")
+
+
+def _run_or_queue(request, *, kind: str, model, params: dict, sync: bool = False) -> Response:
+    """`?wait=1` (or `sync`): run the action in this request and answer 200 with its result. Otherwise queue a
+    ManagementRun and answer 202 with it (and its URL in Location), as a download does."""
+    from models_registry.services.runs import management_action, management_run_enqueue
+
+    if sync or _validated(s.WaitQuerySerializer, request.query_params)["wait"]:
+        return Response(management_action(kind=kind, model=model, params=params))
+    run = management_run_enqueue(kind=kind, model=model, params=params, requested_by=request.user.get_username())
+    run.refresh_from_db()  # with Q_CLUSTER sync the task has already run
+    body = s.ManagementRunSerializer(run, context={"request": request}).data
+    return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body["url"]})
+
+
+def _run_responses(sync_serializer, *codes: int) -> dict:
+    return {202: s.ManagementRunSerializer, 200: sync_serializer, **errors(*WRITE_ERRORS, *codes)}
+
+
 class CacheOptimizeApi(RegistryWriteApi):
-    """Staff only. Returns the plan, and with `dry_run: false` what was freed."""
+    """Staff only. A plan (dry_run, the default) is answered at once; carrying it out is queued (202) unless
+    `?wait=1`."""
 
     @extend_schema(tags=[TAG], operation_id="models_cache_optimize",
                    summary="Plan (dry_run, the default) or carry out the removal of corrupt, orphan, stale "
                            "and least recently used files",
-                   request=s.CacheOptimizeRequestSerializer,
-                   responses={200: s.OptimizePlanSerializer, **errors(*WRITE_ERRORS)})
+                   parameters=[WAIT_PARAMETER], request=s.CacheOptimizeRequestSerializer,
+                   responses=_run_responses(s.OptimizePlanSerializer))
     def post(self, request):
-        from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
-
         data = _validated(s.CacheOptimizeRequestSerializer, request.data)
-        plan = cache_optimize_plan(max_bytes=data.get("max_bytes"))
-        if not data["dry_run"] and plan.items:
-            plan = cache_optimize_execute(plan=plan)
-        return Response(plan.as_dict())
+        params = {"dry_run": data["dry_run"], "max_bytes": data.get("max_bytes")}
+        return _run_or_queue(request, kind="optimize", model=None, params=params, sync=data["dry_run"])
 
 
 class ModelDownloadApi(RegistryWriteApi):
@@ -197,40 +216,44 @@ class ModelDownloadApi(RegistryWriteApi):
 
 
 class ModelVerifyApi(RegistryWriteApi):
-    """Staff only. Records each file's health and reason, as `models verify` does."""
+    """Staff only. Records each file's health and reason, as `models verify` does; queued (202) unless `?wait=1`."""
 
     @extend_schema(tags=[TAG], operation_id="models_verify",
                    summary="Check the model's cached files on this node (hash, layout, and a tiny forward pass)",
-                   parameters=[NAME_PARAMETER], request=s.VerifyRequestSerializer,
-                   responses={200: s.VerifyResponseSerializer, **errors(*WRITE_ERRORS)})
+                   parameters=[NAME_PARAMETER, WAIT_PARAMETER], request=s.VerifyRequestSerializer,
+                   responses=_run_responses(s.VerifyResponseSerializer))
     def post(self, request, name: str):
-        from models_registry.services.weights import weights_verify
-
         data = _validated(s.VerifyRequestSerializer, request.data)
-        model = model_get(name=name)
-        results = weights_verify(model=model, fmt=data.get("format"), functional=data["functional"])
-        lines = [f"{r.weight_file.format}: {r.health}" + (f" - {r.reason}" if r.reason else "") for r in results]
-        return Response({
-            "model": model.name,
-            "ok": bool(results) and all(r.ok for r in results),
-            "message": "; ".join(lines) or f"no cached files of {model.name} on this node to verify",
-            "results": [r.as_dict() for r in results],
-        })
+        params = {"format": data.get("format"), "functional": data["functional"]}
+        return _run_or_queue(request, kind="verify", model=model_get(name=name), params=params)
 
 
 class ModelConvertApi(RegistryWriteApi):
-    """Staff only. Same as `models convert --to FORMAT`."""
+    """Staff only. Same as `models convert --to FORMAT`; queued (202) unless `?wait=1`."""
 
     @extend_schema(tags=[TAG], operation_id="models_convert",
                    summary="Add a cached copy in another format (same tensors, proven by the content digest)",
-                   parameters=[NAME_PARAMETER], request=s.ConvertRequestSerializer,
-                   responses={200: s.WeightFileSerializer, **errors(*WRITE_ERRORS, 409, 422, 507)})
+                   parameters=[NAME_PARAMETER, WAIT_PARAMETER], request=s.ConvertRequestSerializer,
+                   responses=_run_responses(s.WeightFileSerializer, 409, 422, 507))
     def post(self, request, name: str):
-        from models_registry.services.weights import weight_convert
-
         data = _validated(s.ConvertRequestSerializer, request.data)
-        weight_file = weight_convert(model=model_get(name=name), fmt=data["format"])
-        return Response(s.WeightFileSerializer(weight_file).data)
+        return _run_or_queue(request, kind="convert", model=model_get(name=name), params={"format": data["format"]})
+
+
+class ManagementRunDetailApi(RegistryApi):
+    """Staff only: poll a verify, convert or optimize queued by its POST (the result can name files and paths)."""
+
+    permission_classes = [IsStaff]
+
+    @extend_schema(tags=[TAG], operation_id="models_runs_retrieve",
+                   summary="A background verify, convert or optimize: status, then result or error",
+                   responses={200: s.ManagementRunSerializer, **errors(*READ_ERRORS, 404)})
+    def get(self, request, pk: int):
+        from models_registry.selectors import management_run_get
+        from models_registry.services.runs import management_run_refresh
+
+        run = management_run_refresh(run=management_run_get(pk=pk))
+        return Response(s.ManagementRunSerializer(run, context={"request": request}).data)
 
 
 class _WeightFileRenderer(BaseRenderer):

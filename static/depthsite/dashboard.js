@@ -38,6 +38,18 @@
     return node;
   }
 
+  // One line per problem, the whole text under a toggle: views.problem_summary does the same.
+  function problem(text) {
+    var lines = String(text).split(/\r?\n/).map(function (line) { return line.trim(); })
+      .filter(function (line) { return line; });
+    var first = lines.length ? lines[0] : "";
+    if (first.length > 120) first = first.slice(0, 119) + "\u2026";
+    var details = el("details", "reason");
+    details.appendChild(el("summary", null, first));
+    details.appendChild(el("pre", null, text));
+    return details;
+  }
+
   function csrfToken() {
     var match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
     return match ? decodeURIComponent(match[1]) : "";
@@ -45,7 +57,16 @@
 
   // --- rendering of the cells that change --------------------------------------------------------
 
+  // A cell is redrawn only when its data changed, so an opened details toggle stays open between polls.
+  function unchanged(cell, data) {
+    var key = JSON.stringify(data);
+    if (cell.dataset.key === key) return true;
+    cell.dataset.key = key;
+    return false;
+  }
+
   function renderFiles(cell, files) {
+    if (unchanged(cell, files)) return;
     cell.replaceChildren();
     if (!files.length) {
       cell.appendChild(el("span", "muted", "not cached"));
@@ -59,13 +80,14 @@
       row.appendChild(el("span", "size", file.size_human));
       row.appendChild(document.createTextNode(" "));
       row.appendChild(el("span", "badge " + file.health, file.health));
-      if (file.health_reason) row.appendChild(el("div", "reason", file.health_reason));
+      if (file.health_reason) row.appendChild(problem(file.health_reason));
       row.appendChild(el("div", "muted small", "last used " + when(file.last_used_at)));
       cell.appendChild(row);
     });
   }
 
   function renderDownload(cell, download) {
+    if (unchanged(cell, download)) return;
     cell.replaceChildren();
     if (!download) {
       cell.appendChild(el("span", "muted", "-"));
@@ -86,7 +108,7 @@
     }
     var text = formatSize(download.bytes_done) + (download.bytes_total ? " of " + formatSize(download.bytes_total) : "");
     cell.appendChild(el("div", "muted small", text));
-    if (download.error) cell.appendChild(el("div", "reason", download.error));
+    if (download.error) cell.appendChild(problem(download.error));
   }
 
   function renderWarm(cell, warm) {
@@ -96,8 +118,14 @@
       return;
     }
     warm.forEach(function (load) {
-      var line = el("div", "mono small", load.worker + " ");
+      var line = el("div", "mono small" + (load.alive === false ? " gone" : ""), load.worker + " ");
       line.appendChild(el("span", "muted", load.device + "/" + load.dtype + (load.bytes ? " \u00b7 " + formatSize(load.bytes) : "")));
+      if (load.alive === false) {
+        line.appendChild(document.createTextNode(" "));
+        var badge = el("span", "badge gone", "gone");
+        badge.title = "no heartbeat since " + when(load.last_used_at);
+        line.appendChild(badge);
+      }
       cell.appendChild(line);
     });
   }
@@ -216,6 +244,27 @@
     });
   }
 
+  // A 202 answer is a background run (verify, convert, optimize): poll its URL until it has finished, then
+  // resolve as the synchronous call would have answered (ok with its result, or its error message).
+  function settle(response) {
+    if (response.status !== 202 || !response.data || !response.data.url) {
+      return Promise.resolve(response);
+    }
+    var url = response.data.url;
+    return new Promise(function (resolve) {
+      function check() {
+        call("GET", url).then(function (polled) {
+          var run = polled.data;
+          if (!polled.ok) return resolve(polled);
+          if (run.active) return setTimeout(check, 1000);
+          if (run.status === "succeeded") return resolve({ ok: true, status: 200, data: run.result });
+          resolve({ ok: false, status: run.error_status || 500, data: { message: run.error } });
+        }).catch(function () { setTimeout(check, 3000); });
+      }
+      check();
+    });
+  }
+
   function show(target, ok, message) {
     target.classList.remove("ok", "error");
     target.classList.add(ok ? "ok" : "error");
@@ -248,6 +297,7 @@
     button.disabled = true;
     show(result, true, action + "\u2026");
     request
+      .then(function (response) { return action === "download" ? response : settle(response); })
       .then(function (response) {
         show(result, response.ok, response.ok ? successMessage(action, response.data, model) : response.data.message);
       })
@@ -263,6 +313,7 @@
     if (run && !window.confirm("Delete corrupt, orphan and stale files (and evict to the size limit) on " + root.dataset.node + "?")) return;
     button.disabled = true;
     call("POST", root.dataset.optimizeUrl, { dry_run: !run })
+      .then(settle)
       .then(function (response) {
         var plan = response.data;
         if (!response.ok) return show(result, false, plan.message);

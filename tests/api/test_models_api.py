@@ -171,7 +171,7 @@ def test_optimize_plans_by_default_then_does_it(staff_client, cached_record):
     assert [(item["kind"], item["path"]) for item in plan["items"]] == [("orphan", "MiDaS_small/stray.bin")]
     assert orphan.exists()
 
-    done = staff_client.post("/api/models/cache/optimize/", {"dry_run": False}, format="json").json()
+    done = staff_client.post("/api/models/cache/optimize/?wait=1", {"dry_run": False}, format="json").json()
     assert done["executed"] is True and done["freed_bytes"] == 1000 and done["errors"] == []
     assert not orphan.exists() and cachefs.absolute(cached_record.path).exists()
 
@@ -243,7 +243,7 @@ def test_download_of_a_disabled_model_and_unknown_jobs_are_not_found(staff_clien
 
 
 def test_verify_records_health_and_reason(staff_client, cached_small):
-    response = staff_client.post("/api/models/MiDaS_small/verify", {}, format="json")
+    response = staff_client.post("/api/models/MiDaS_small/verify?wait=1", {}, format="json")
     assert response.status_code == 200
     body = response.json()
     assert body["ok"] is True and body["message"] == "pt: ok"
@@ -251,7 +251,7 @@ def test_verify_records_health_and_reason(staff_client, cached_small):
 
     path = cachefs.absolute(cached_small.path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    body = staff_client.post("/api/models/MiDaS_small/verify/", {"functional": False}, format="json").json()
+    body = staff_client.post("/api/models/MiDaS_small/verify/?wait=1", {"functional": False}, format="json").json()
     assert body["ok"] is False and body["results"][0]["health"] == "corrupt"
     assert "truncated" in body["results"][0]["reason"]
     cached_small.refresh_from_db()
@@ -259,13 +259,13 @@ def test_verify_records_health_and_reason(staff_client, cached_small):
 
 
 def test_verify_with_nothing_cached_says_so(staff_client, small_model):
-    body = staff_client.post("/api/models/MiDaS_small/verify", {}, format="json").json()
+    body = staff_client.post("/api/models/MiDaS_small/verify?wait=1", {}, format="json").json()
     assert body == {"model": "MiDaS_small", "ok": False, "results": [],
                     "message": "no cached files of MiDaS_small on this node to verify"}
 
 
 def test_convert_adds_a_format_with_the_same_tensors(staff_client, cached_small):
-    response = staff_client.post("/api/models/MiDaS_small/convert", {"format": "hdf5"}, format="json")
+    response = staff_client.post("/api/models/MiDaS_small/convert?wait=1", {"format": "hdf5"}, format="json")
     assert response.status_code == 200
     body = response.json()
     assert body["format"] == "h5" and body["health"] == "ok" and body["content_digest"] == cached_small.content_digest

@@ -21,7 +21,7 @@ WRITES = {
     "clear": ("post", "/api/models/cache/clear", {"confirm": True}, 200),
     "optimize": ("post", "/api/models/cache/optimize", {"dry_run": True}, 200),
     "download": ("post", "/api/models/MiDaS_small/download", {}, 202),  # queued on commit, which never comes here
-    "verify": ("post", "/api/models/MiDaS_small/verify", {}, 200),
+    "verify": ("post", "/api/models/MiDaS_small/verify?wait=1", {}, 200),
     "convert": ("post", "/api/models/MiDaS_small/convert", {"format": "h5"}, 404),  # nothing cached to convert
     "export": ("get", "/api/models/MiDaS_small/export?format=pt", None, 404),
     "import": ("post", "/api/models/import", "multipart", 422),  # not a weight file
