@@ -1,6 +1,8 @@
 """REST plumbing shared by every API: domain errors rendered as {"message": ..., "extra": ...}."""
 from __future__ import annotations
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -18,10 +20,32 @@ def _first_message(detail) -> str:
     return str(detail)
 
 
+def _body_limit_response(exc) -> Response | None:
+    """Django's refusals of a body over its limits (raised while DRF parses it): a JSON 413/400, not the HTML page
+    Django would render for these SuspiciousOperations."""
+    if isinstance(exc, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return Response({"message": f"the request body is too large: over the limit of {limit} bytes "
+                                    "(DATA_UPLOAD_MAX_MEMORY_SIZE); send a smaller body",
+                         "extra": {"code": "too_large", "limit": limit}},
+                        status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+    for kind, setting, what in ((TooManyFieldsSent, "DATA_UPLOAD_MAX_NUMBER_FIELDS", "fields"),
+                                (TooManyFilesSent, "DATA_UPLOAD_MAX_NUMBER_FILES", "files")):
+        if isinstance(exc, kind):
+            limit = getattr(settings, setting)
+            return Response({"message": f"the request sends too many {what}: over the limit of {limit} ({setting})",
+                             "extra": {"code": f"too_many_{what}", "limit": limit}},
+                            status=status.HTTP_400_BAD_REQUEST)
+    return None
+
+
 def exception_handler(exc, context):
     """One error shape for every endpoint: a message a person can read, and machine-readable extra."""
     if isinstance(exc, ApplicationError):
         return Response({"message": exc.message, "extra": exc.extra}, status=exc.status)
+    refused = _body_limit_response(exc)
+    if refused is not None:
+        return refused
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

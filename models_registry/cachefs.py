@@ -15,7 +15,7 @@ from typing import Iterator
 from django.conf import settings
 from filelock import FileLock, Timeout
 
-from models_registry.exceptions import ConflictError, DiskFullError, ValidationError
+from models_registry.exceptions import ApplicationError, ConflictError, DiskFullError, ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,46 @@ def temp_path_for(dest: Path) -> Path:
     return dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}"
 
 
-def disk_full_error(path: Path, exc: OSError) -> DiskFullError:
+# "No room for these bytes": the disk is full, the user's quota is spent, or the file outgrew a size limit.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# Writers that are not plain Python file objects report it in their own words: h5py raises RuntimeError or
+# OSError("... errno = 28, error message = 'No space left on device' ..."), safetensors raises SafetensorError
+# ("... Os { code: 28, kind: StorageFull ... }"). The errno numbers and the C library's texts name them all.
+_NO_SPACE_TEXT = re.compile(
+    r"errno\s*=\s*(?:%(codes)s)\b|\bcode:\s*(?:%(codes)s)\b|\[Errno (?:%(codes)s)\]"
+    r"|No space left on device|Disk quota exceeded|File too large|StorageFull|QuotaExceeded|FileTooLarge"
+    % {"codes": "|".join(str(code) for code in sorted(NO_SPACE_ERRNOS))},
+    re.IGNORECASE,
+)
+# A writer whose error names no cause (torch.save's "file write failed") ran out of room when the
+# filesystem it wrote to is left with less than this.
+NEARLY_FULL_BYTES = 1024 * 1024
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 16:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_no_space(exc: BaseException, path: Path | None = None) -> bool:
+    """Whether `exc` (raised while writing `path`) means there was no room for the bytes, whoever raised it."""
+    if not isinstance(exc, Exception) or isinstance(exc, ApplicationError):
+        return False
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.errno in NO_SPACE_ERRNOS:
+            return True
+        if not isinstance(link, ApplicationError) and _NO_SPACE_TEXT.search(str(link)):
+            return True
+    if path is not None:
+        with contextlib.suppress(OSError):
+            return disk_free(Path(path).parent) < NEARLY_FULL_BYTES
+    return False
+
+
+def disk_full_error(path: Path, exc: BaseException | None = None) -> DiskFullError:
     return DiskFullError(
         f"no space left on the device holding {path.parent} while writing {path.name}; "
         "free some space (models optimize --max-size ...) and try again",
@@ -156,13 +195,29 @@ def disk_full_error(path: Path, exc: OSError) -> DiskFullError:
     )
 
 
+def ensure_room(path: Path, needed: int) -> None:
+    """DiskFullError before writing when the filesystem holding `path` has less than `needed` bytes free."""
+    path = Path(path)
+    try:
+        free = disk_free(path.parent)
+    except OSError:
+        return
+    if needed > free:
+        raise DiskFullError(
+            f"no space left on the device holding {path.parent} for {path.name}: it needs about {needed} bytes "
+            f"and {free} are free; free some space (models optimize --max-size ...) and try again",
+            extra={"path": str(path), "needed": needed, "free": free},
+        )
+
+
 @contextlib.contextmanager
 def disk_full_as_error(path: Path) -> Iterator[None]:
-    """Turn ENOSPC while writing `path` into a DiskFullError that says what to do."""
+    """Turn "no space" while writing `path` (ENOSPC, EDQUOT or EFBIG, from any writer: plain files, h5py,
+    safetensors, torch) into the one DiskFullError that says what to do."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+    except Exception as exc:
+        if is_no_space(exc, path):
             raise disk_full_error(path, exc) from None
         raise
 

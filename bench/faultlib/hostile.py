@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from tests.support.hostile import make_safetensors_malformed
+
 SECRET_BYTES = 72 * 8  # one 8-byte window per num_batches_tracked entry of MiDaS_small
 GIB = 1024**3
 
@@ -318,25 +320,19 @@ def _write_safetensors(path: Path, header: dict | list, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-def _st_missing_offsets(m: Materials, path: Path) -> None:
-    _write_safetensors(path, {"x": {"dtype": "F32", "shape": [4]}}, b"\0" * 16)
+def _st_malformed(variant: str) -> Callable[[Materials, Path], None]:
+    """A safetensors file with one malformed header entry, from the tests' catalogue (one builder for both)."""
+    def build(m: Materials, path: Path) -> None:
+        make_safetensors_malformed(path, variant)
+
+    return build
 
 
-def _st_entry_not_dict(m: Materials, path: Path) -> None:
-    _write_safetensors(path, {"x": [0, 16]}, b"\0" * 16)
-
-
-def _st_negative_dims(m: Materials, path: Path) -> None:
-    _write_safetensors(path, {"x": {"dtype": "F32", "shape": [-4, -1], "data_offsets": [0, 16]}}, b"\0" * 16)
-
-
-def _st_negative_offsets(m: Materials, path: Path) -> None:
-    _write_safetensors(path, {"x": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}, b"\0" * 16)
-
-
-def _st_list_metadata(m: Materials, path: Path) -> None:
-    _write_safetensors(path, {"__metadata__": ["a", "b"], "x": {"dtype": "F32", "shape": [4],
-                                                                "data_offsets": [0, 16]}}, b"\0" * 16)
+_st_missing_offsets = _st_malformed("missing_data_offsets")
+_st_entry_not_dict = _st_malformed("entry_not_a_dict")
+_st_negative_dims = _st_malformed("negative_dim")
+_st_negative_offsets = _st_malformed("negative_offset")
+_st_list_metadata = _st_malformed("list_metadata")
 
 
 # --- 5. tar bundles ------------------------------------------------------------------------------------------

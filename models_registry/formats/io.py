@@ -732,6 +732,9 @@ def _write_pkl(arrays: Mapping[str, np.ndarray], path: Path, metadata: Mapping[s
 
 # --- dispatch ------------------------------------------------------------------------------------
 
+# Bytes a file needs beyond its tensors (headers, names, metadata, HDF5's object headers), for the room check.
+WRITE_OVERHEAD = 1024 * 1024
+
 _READERS = {"pt": _read_pt, "safetensors": _read_safetensors, "h5": _read_h5, "pkl": _read_pkl}
 _WRITERS = {"pt": _write_pt, "safetensors": _write_safetensors, "h5": _write_h5, "pkl": _write_pkl}
 
@@ -774,8 +777,17 @@ def read_state_dict(path: Path | str, fmt: str | None = None, *, architecture: s
 def write_weights(arrays: Mapping[str, np.ndarray], path: Path | str, fmt: str,
                   metadata: Mapping[str, str] | None = None) -> None:
     """Write arrays in `fmt` to `path` (a temporary path: the caller renames it) and flush it to disk."""
+    from models_registry import cachefs
+
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, **(metadata or {})}
-    _WRITERS[fmt](arrays, path, meta)
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    # Room first: HDF5 can crash the process (not just raise) when a write fails on a full disk midway.
+    cachefs.ensure_room(path, sum(np.asarray(value).nbytes for value in arrays.values()) + WRITE_OVERHEAD)
+    try:
+        with cachefs.disk_full_as_error(path):
+            _WRITERS[fmt](arrays, path, meta)
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)  # a half-written file is never left, whatever stopped the writer
+        raise
