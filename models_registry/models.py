@@ -107,6 +107,8 @@ class WeightDownload(models.Model):
     bytes_total = models.BigIntegerField(null=True, blank=True)
     resumed_from = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
+    error_code = models.CharField(max_length=64, blank=True,
+                                  help_text="Stable code of the failure (e.g. download_dns), for scripts and the API.")
     weight_file = models.ForeignKey(WeightFile, null=True, blank=True, on_delete=models.SET_NULL)
     task_id = models.CharField(max_length=64, blank=True, help_text="django-q2 task id, for debugging only.")
     requested_by = models.CharField(max_length=150, blank=True)
@@ -129,15 +131,17 @@ class WeightDownload(models.Model):
         self.source_url = source_url
         self.started_at = timezone.now()
         self.error = ""
+        self.error_code = ""
 
     def finish(self, weight_file: WeightFile | None) -> None:
         self.status = DownloadStatus.SUCCEEDED
         self.weight_file = weight_file
         self.finished_at = timezone.now()
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, code: str = "") -> None:
         self.status = DownloadStatus.FAILED
         self.error = error
+        self.error_code = code
         self.finished_at = timezone.now()
 
 

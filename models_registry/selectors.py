@@ -174,6 +174,7 @@ def download_data(download: WeightDownload) -> dict[str, Any]:
         "resumed_from": download.resumed_from,
         "source_url": download.source_url,
         "error": download.error,
+        "error_code": download.error_code,
         "requested_by": download.requested_by,
         "created_at": _iso(download.created_at),
         "started_at": _iso(download.started_at),

@@ -108,6 +108,10 @@ class DownloadSerializer(serializers.Serializer):
     resumed_from = serializers.IntegerField()
     source_url = serializers.CharField(allow_blank=True)
     error = serializers.CharField(allow_blank=True)
+    error_code = serializers.CharField(allow_blank=True, required=False,
+                                       help_text="Stable code of a failure: download_dns, download_unreachable, "
+                                                 "download_tls, download_timeout, download_http_404, "
+                                                 "download_http_5xx, ...")
     requested_by = serializers.CharField(allow_blank=True)
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
