@@ -11,9 +11,10 @@ from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.models import DepthJob
 from inference.selectors import depth_job_preview_format, depth_job_reused_from
 from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
+from models_registry.api.serializers import StrictSerializer
 
 
-class PredictionCreateSerializer(serializers.Serializer):
+class PredictionCreateSerializer(StrictSerializer):
     image = serializers.FileField(
         allow_empty_file=True,  # the service says precisely why a file is not a photo, empty included
         help_text="The photo: JPEG, PNG, WebP, GIF (first frame), BMP or TIFF (no other format), up to "
