@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from depthsite.units import format_size
 from inference.api.permissions import UploadThrottle
 from inference.colormaps import DEFAULT_COLORMAP
-from inference.forms import DepthJobForm, UploadLimitHandler, upload_too_large
+from inference.forms import DepthJobForm, UploadLimitHandler
 from inference.models import DepthJob
 from inference.selectors import (
     depth_job_file,
@@ -127,7 +127,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
         elif limit is not None and limit.exceeded:
             form.is_valid()
             form.errors.pop("image", None)
-            form.add_error("image", upload_too_large().message)
+            form.add_error("image", limit.refusal().message)
             status = 413
         elif form.is_valid():
             data = form.cleaned_data
