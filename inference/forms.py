@@ -7,6 +7,7 @@ from django.core.files.uploadhandler import FileUploadHandler
 
 from depthsite.units import format_size
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
+from inference.images import ALPHA_NOTE
 from inference.selectors import output_choices
 from inference.writers import DEFAULT_FOV_DEGREES
 from models_registry.exceptions import TooLargeError
@@ -77,7 +78,7 @@ class DepthJobForm(forms.Form):
     image = forms.FileField(label="Photo", allow_empty_file=True,
                             widget=forms.ClearableFileInput(attrs={
                                 "accept": "image/jpeg,image/png,image/webp,image/gif,image/bmp,image/tiff"}),
-                            help_text="JPEG, PNG, WebP, GIF (first frame), BMP or TIFF.")
+                            help_text=f"JPEG, PNG, WebP, GIF (first frame), BMP or TIFF. {ALPHA_NOTE}")
     model = forms.ChoiceField(label="Model", widget=forms.RadioSelect)
     colormap = forms.ChoiceField(label="Colour map", choices=[(name, name) for name in COLORMAPS],
                                  initial=DEFAULT_COLORMAP)

@@ -19,6 +19,7 @@ from depthsite.units import format_size
 from inference.api.permissions import UploadThrottle
 from inference.colormaps import DEFAULT_COLORMAP
 from inference.forms import DepthJobForm, UploadLimitHandler
+from inference.images import ALPHA_NOTE, image_has_alpha
 from inference.models import DepthJob
 from inference.selectors import (
     depth_job_file,
@@ -161,6 +162,7 @@ def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refu
         "output_choices": output_choices(),
         "max_upload": format_size(settings.DEPTHSITE_MAX_UPLOAD_BYTES) if settings.DEPTHSITE_MAX_UPLOAD_BYTES else None,
         "max_megapixels": settings.DEPTHSITE_MAX_IMAGE_PIXELS / 1e6,
+        "alpha_note": ALPHA_NOTE,
         "recent": recent,
         "refusal": refusal,
     }, status=status)
@@ -189,7 +191,19 @@ def job_detail(request, job_id):
         "preview_url": urls["files"].get(summary["preview"]) if summary["preview"] else None,
         "state": {**summary, **urls, "labels": labels},
         "can_delete": depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)),
+        "alpha_note": ALPHA_NOTE if _input_had_alpha(job) else "",
     })
+
+
+def _input_had_alpha(job: DepthJob) -> bool:
+    """Read from the stored upload's header (no pixels decoded); an unreadable or missing file says nothing."""
+    if not job.image:
+        return False
+    try:
+        return image_has_alpha(Path(settings.MEDIA_ROOT) / job.image.name,
+                               max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    except ApplicationError:
+        return False
 
 
 @never_cache
