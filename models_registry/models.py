@@ -78,6 +78,15 @@ class WeightFile(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     node = models.CharField(max_length=255)
+    # Where these bytes came from, as it happened (blank on rows recorded before provenance was kept).
+    origin = models.CharField(max_length=16, blank=True,
+                              choices=[("download", "downloaded"), ("import", "imported from a file"),
+                                       ("convert", "converted from another cached copy")])
+    origin_source = models.CharField(max_length=500, blank=True,
+                                     help_text="The URL downloaded, the imported file's original name, or the "
+                                               "copy converted from.")
+    origin_by = models.CharField(max_length=150, blank=True,
+                                 help_text="Who: a user name, or 'cli' for a management command.")
 
     class Meta:
         ordering = ["model__name", "format"]
@@ -93,6 +102,12 @@ class WeightFile(models.Model):
         self.health = health
         self.health_reason = reason
         self.verified_at = timezone.now()
+
+    @property
+    def provenance(self) -> dict:
+        """Where the file came from, by whom, when, and its sha256: what an export's manifest states."""
+        return {"kind": self.origin or "unknown", "source": self.origin_source, "by": self.origin_by,
+                "at": self.created_at.isoformat() if self.created_at else None, "sha256": self.sha256}
 
 
 class WeightDownload(models.Model):

@@ -89,6 +89,7 @@ def weight_file_data(weight_file: WeightFile) -> dict[str, Any]:
         "last_used_at": _iso(weight_file.last_used_at),
         "created_at": _iso(weight_file.created_at),
         "node": weight_file.node,
+        "provenance": weight_file.provenance,
     }
 
 

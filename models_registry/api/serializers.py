@@ -112,6 +112,9 @@ class WeightFileSerializer(serializers.Serializer):
     last_used_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField(allow_null=True)
     node = serializers.CharField()
+    provenance = serializers.DictField(
+        required=False, help_text="Where the bytes came from: kind (download, import, convert, unknown), source "
+                                  "(URL, original file name, or the copy converted from), by, at, sha256.")
 
     def to_representation(self, instance):
         from models_registry.selectors import weight_file_data
@@ -374,6 +377,8 @@ class ImportRequestSerializer(StrictSerializer):
     file = UploadField(help_text="A weight file (pt, safetensors, h5, pkl) or a depthsite bundle (.tar).")
     model = serializers.CharField(required=False, allow_blank=True, max_length=200,
                                   help_text="The model the weights are for; default: recognised by key layout.")
+    pin = serializers.BooleanField(default=True, help_text="Pin the imported weights when the model has no pin "
+                                                           "yet (false: cache them without pinning).")
 
 
 class ImportResultSerializer(serializers.Serializer):
@@ -384,4 +389,6 @@ class ImportResultSerializer(serializers.Serializer):
     sha256 = serializers.CharField()
     content_digest = serializers.CharField()
     path = serializers.CharField()
+    pinned = serializers.BooleanField(help_text="This import pinned the model's weights.")
+    provenance = serializers.DictField(help_text="kind (import), source (the file name sent), by, at, sha256.")
     file = WeightFileSerializer()

@@ -647,7 +647,8 @@ def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
 # --- acceptance ------------------------------------------------------------------------------------
 
 
-def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str) -> tuple[WeightFile, bool]:
+def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str,
+            requested_by: str = "") -> tuple[WeightFile, bool]:
     """Check the complete partial file, then rename it to its final name and record it, together."""
     if model.expected_sha256 and fetched.sha256 != model.expected_sha256:
         raise IntegrityError(
@@ -681,7 +682,8 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str) 
     try:
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=inspection.format, path=dest, inspection=inspection,
-                                        functional_hash=functional_hash)
+                                        functional_hash=functional_hash, origin="download",
+                                        origin_source=_shown_url(url), origin_by=requested_by)
             if pin_now:
                 model_pin(model=model, sha256=fetched.sha256, size=fetched.size, content_digest=inspection.digest,
                           source=url)
@@ -770,7 +772,8 @@ def _transfer(*, model: RegisteredModel, url: str, show: bool,
             _discard(part)
         raise
     try:
-        weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url)
+        weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url,
+                                      requested_by=download.requested_by if download is not None else "")
     except Exception:
         # Whatever way the complete bytes failed acceptance (a clear error, or a reader that tripped over a
         # malformed header), they are never resumed into: the next download starts from zero.
