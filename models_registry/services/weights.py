@@ -696,6 +696,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
         )
     with cachefs.locked(model.name):
         existing = weight_file_get(model=model, fmt=fmt)
+        model.refresh_from_db()  # another import may have pinned it while this one was inspected
         pin_now = pin and not model.expected_sha256 and not model.expected_content_digest
         if (existing is not None and existing.sha256 == inspection.sha256
                 and cachefs.absolute(existing.path).exists() and existing.health == Health.OK):
