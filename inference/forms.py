@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from django import forms
 from django.conf import settings
-from django.core.files.uploadhandler import FileUploadHandler, StopUpload
+from django.core.files.uploadhandler import FileUploadHandler
 
 from depthsite.units import format_size
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
+from inference.images import ALPHA_NOTE
 from inference.selectors import output_choices
 from inference.writers import DEFAULT_FOV_DEGREES
 from models_registry.exceptions import TooLargeError
@@ -15,21 +16,25 @@ from models_registry.exceptions import TooLargeError
 ENVELOPE_BYTES = 64 * 1024
 
 
-def upload_too_large(size: int | None = None, *, name_field: bool = False) -> TooLargeError:
-    """The 413 of an upload over DEPTHSITE_MAX_UPLOAD_BYTES; API messages name their field, form errors sit under it."""
+def upload_too_large(size: int | None = None, *, name_field: bool = False, whole_body: bool = False) -> TooLargeError:
+    """The 413 of an upload over DEPTHSITE_MAX_UPLOAD_BYTES; API messages name their field, form errors sit under it.
+
+    `whole_body`: the size is the request's Content-Length (the file plus a small envelope), known before reading."""
     limit = settings.DEPTHSITE_MAX_UPLOAD_BYTES
-    said = f" ({format_size(size)})" if size else ""
-    return TooLargeError(f"{'image: ' if name_field else ''}the upload{said} is over the limit of {format_size(limit)} "
-                         "(DEPTHSITE_MAX_UPLOAD_BYTES)",
-                         extra={"field": "image", "kind": "too_many_bytes", "limit": limit})
+    said = (f"the file is {'about ' if whole_body else ''}{format_size(size)}" if size
+            else "the file is too large")
+    message = f"{said}; the limit is {format_size(limit)} (DEPTHSITE_MAX_UPLOAD_BYTES)"
+    return TooLargeError(f"image: {message}" if name_field else message[:1].upper() + message[1:],
+                         extra={"field": "image", "kind": "too_many_bytes", "limit": limit, "size": size})
 
 
 class UploadLimitHandler(FileUploadHandler):
     """Refuses a body or file over DEPTHSITE_MAX_UPLOAD_BYTES before it reaches a temporary file.
 
-    `drain=False` (the API) answers at once from Content-Length; `drain=True` (the web form) reads and
-    discards the rest, because a browser shows no response to a request whose body it could not finish.
-    Either way `exceeded` tells the door to answer 413.
+    `drain=False` (the API) answers at once from Content-Length; `drain=True` (the web form) reads the rest,
+    dropping the file's bytes but parsing the other fields, because a browser shows no response to a request
+    whose body it could not finish, and the form is shown again with the user's choices kept.
+    Either way `exceeded` tells the door to answer 413, and `file_size` says how big the refused file was.
     """
 
     def __init__(self, request=None, *, drain: bool):
@@ -37,13 +42,15 @@ class UploadLimitHandler(FileUploadHandler):
         self.drain = drain
         self.exceeded = False
         self.limit = settings.DEPTHSITE_MAX_UPLOAD_BYTES
+        self.file_size: int | None = None
+        self.body_size: int | None = None
 
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
         if self.limit and content_length and content_length > self.limit + ENVELOPE_BYTES:
             self.exceeded = True
+            self.body_size = content_length
             if not self.drain:
-                raise upload_too_large(content_length, name_field=True)
-            # StopUpload is only honoured once the parser reads parts: the first file chunk raises it.
+                raise upload_too_large(content_length, name_field=True, whole_body=True)
         return None
 
     def receive_data_chunk(self, raw_data, start):
@@ -51,11 +58,19 @@ class UploadLimitHandler(FileUploadHandler):
             self.exceeded = True
             if not self.drain:
                 raise upload_too_large(start + len(raw_data), name_field=True)
-            raise StopUpload(connection_reset=False)
+            # Dropped here, so no later handler writes it; the parser goes on to the fields after the file.
+            return None
         return raw_data
 
     def file_complete(self, file_size):
+        if self.exceeded:
+            self.file_size = max(self.file_size or 0, file_size)  # the parser counts what it gave this handler
         return None
+
+    def refusal(self) -> TooLargeError:
+        if self.file_size:
+            return upload_too_large(self.file_size)
+        return upload_too_large(self.body_size, whole_body=True)
 
 
 class DepthJobForm(forms.Form):
@@ -63,7 +78,7 @@ class DepthJobForm(forms.Form):
     image = forms.FileField(label="Photo", allow_empty_file=True,
                             widget=forms.ClearableFileInput(attrs={
                                 "accept": "image/jpeg,image/png,image/webp,image/gif,image/bmp,image/tiff"}),
-                            help_text="JPEG, PNG, WebP, GIF (first frame), BMP or TIFF.")
+                            help_text=f"JPEG, PNG, WebP, GIF (first frame), BMP or TIFF. {ALPHA_NOTE}")
     model = forms.ChoiceField(label="Model", widget=forms.RadioSelect)
     colormap = forms.ChoiceField(label="Colour map", choices=[(name, name) for name in COLORMAPS],
                                  initial=DEFAULT_COLORMAP)

@@ -29,6 +29,13 @@ BROWSER_IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/
                        "WEBP": "image/webp", "BMP": "image/bmp"}
 # Formats the web process only checks from their header (see image_check).
 _DECODED_BY_THE_WORKER = ("WEBP",)
+# What happens to transparency, said on the form, in the API docs and on the page of a job whose photo had it.
+# It states what _to_rgb does: Pillow's RGBA->RGB (LA->L) conversion drops the alpha band and keeps each pixel's
+# stored colour; nothing is blended onto a background.
+ALPHA_NOTE = ("Transparency is dropped: an alpha channel is discarded and every pixel keeps the colour it stores, "
+              "even where it is fully transparent (nothing is blended onto white or any background; transparent "
+              "areas often store black); the outputs have no alpha.")
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # Pixels converted at a time (whole rows): temporaries stay near a MB whatever the image's size.
 _BAND_PIXELS = 1 << 18
 
@@ -213,6 +220,17 @@ def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels:
         rgb = _rgb_array(_to_rgb(upright))
         image_format = image.format or ""
     return LoadedImage(rgb=rgb, format=image_format, mode=mode, exif_transposed=bool(transposed), frames=frames)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    # A palette or grey image can be transparent through a tRNS/transparency entry instead of an alpha band.
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def image_has_alpha(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels: int | None = None) -> bool:
+    """Whether the photo carries transparency (which `image_open` drops, see ALPHA_NOTE); reads the header only."""
+    with _opened(source, max_pixels or DEFAULT_MAX_PIXELS) as image:
+        return _has_alpha(image)
 
 
 def _rgb_array(image: Image.Image) -> np.ndarray:

@@ -19,8 +19,8 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from depthsite.units import format_size
 from inference.api.permissions import UploadThrottle
 from inference.colormaps import DEFAULT_COLORMAP
-from inference.images import BROWSER_IMAGE_TYPES
-from inference.forms import DepthJobForm, UploadLimitHandler, upload_too_large
+from inference.images import ALPHA_NOTE, BROWSER_IMAGE_TYPES, image_has_alpha
+from inference.forms import DepthJobForm, UploadLimitHandler
 from inference.models import DepthJob
 from inference.choices import JobStatus
 from inference.selectors import (
@@ -134,7 +134,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
         elif limit is not None and limit.exceeded:
             form.is_valid()
             form.errors.pop("image", None)
-            form.add_error("image", upload_too_large().message)
+            form.add_error("image", limit.refusal().message)
             status = 413
         elif form.is_valid():
             data = form.cleaned_data
@@ -169,6 +169,7 @@ def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refu
         "output_choices": output_choices(),
         "max_upload": format_size(settings.DEPTHSITE_MAX_UPLOAD_BYTES) if settings.DEPTHSITE_MAX_UPLOAD_BYTES else None,
         "max_megapixels": settings.DEPTHSITE_MAX_IMAGE_PIXELS / 1e6,
+        "alpha_note": ALPHA_NOTE,
         "recent": recent,
         "refusal": refusal,
     }, status=status)
@@ -200,6 +201,7 @@ def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int 
         "preview_url": urls["files"].get(summary["preview"]) if summary["preview"] else None,
         "state": {**summary, **urls, "labels": labels},
         "can_delete": depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)),
+        "alpha_note": ALPHA_NOTE if _input_had_alpha(job) else "",
         **_run_again_context(request, job, error=run_again_error),
     }, status=status)
 
@@ -243,6 +245,17 @@ def _job_run_again(request, job_id):
 
 def _job_page_with_error(request, job: DepthJob, error: str, *, status: int):
     return _job_page(request, job, run_again_error=error, status=status)
+
+
+def _input_had_alpha(job: DepthJob) -> bool:
+    """Read from the stored upload's header (no pixels decoded); an unreadable or missing file says nothing."""
+    if not job.image:
+        return False
+    try:
+        return image_has_alpha(Path(settings.MEDIA_ROOT) / job.image.name,
+                               max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    except ApplicationError:
+        return False
 
 
 @never_cache

@@ -112,6 +112,15 @@ class WeightFile(models.Model):
     node = models.CharField(max_length=255)
     license = models.CharField(max_length=64, blank=True,
                                help_text="Licence of the weights in this file, recorded when it was cached.")
+    # Where these bytes came from, as it happened (blank on rows recorded before provenance was kept).
+    origin = models.CharField(max_length=16, blank=True,
+                              choices=[("download", "downloaded"), ("import", "imported from a file"),
+                                       ("convert", "converted from another cached copy")])
+    origin_source = models.CharField(max_length=500, blank=True,
+                                     help_text="The URL downloaded, the imported file's original name, or the "
+                                               "copy converted from.")
+    origin_by = models.CharField(max_length=150, blank=True,
+                                 help_text="Who: a user name, or 'cli' for a management command.")
 
     class Meta:
         ordering = ["model__name", "format"]
@@ -128,6 +137,12 @@ class WeightFile(models.Model):
         self.health_reason = reason
         self.verified_at = timezone.now()
 
+    @property
+    def provenance(self) -> dict:
+        """Where the file came from, by whom, when, and its sha256: what an export's manifest states."""
+        return {"kind": self.origin or "unknown", "source": self.origin_source, "by": self.origin_by,
+                "at": self.created_at.isoformat() if self.created_at else None, "sha256": self.sha256}
+
 
 class WeightDownload(models.Model):
     """One acquisition of a model's weights on a node: progress for the API, outcome for the audit."""
@@ -141,6 +156,8 @@ class WeightDownload(models.Model):
     bytes_total = models.BigIntegerField(null=True, blank=True)
     resumed_from = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
+    error_code = models.CharField(max_length=64, blank=True,
+                                  help_text="Stable code of the failure (e.g. download_dns), for scripts and the API.")
     weight_file = models.ForeignKey(WeightFile, null=True, blank=True, on_delete=models.SET_NULL)
     task_id = models.CharField(max_length=64, blank=True, help_text="django-q2 task id, for debugging only.")
     requested_by = models.CharField(max_length=150, blank=True)
@@ -163,15 +180,17 @@ class WeightDownload(models.Model):
         self.source_url = source_url
         self.started_at = timezone.now()
         self.error = ""
+        self.error_code = ""
 
     def finish(self, weight_file: WeightFile | None) -> None:
         self.status = DownloadStatus.SUCCEEDED
         self.weight_file = weight_file
         self.finished_at = timezone.now()
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, code: str = "") -> None:
         self.status = DownloadStatus.FAILED
         self.error = error
+        self.error_code = code
         self.finished_at = timezone.now()
 
 

@@ -93,6 +93,7 @@ def weight_file_data(weight_file: WeightFile) -> dict[str, Any]:
         "created_at": _iso(weight_file.created_at),
         "node": weight_file.node,
         "license": weight_file.license,
+        "provenance": weight_file.provenance,
     }
 
 
@@ -180,6 +181,7 @@ def download_data(download: WeightDownload) -> dict[str, Any]:
         "resumed_from": download.resumed_from,
         "source_url": download.source_url,
         "error": download.error,
+        "error_code": download.error_code,
         "requested_by": download.requested_by,
         "created_at": _iso(download.created_at),
         "started_at": _iso(download.started_at),

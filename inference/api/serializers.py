@@ -8,16 +8,18 @@ from rest_framework.reverse import reverse
 
 from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
+from inference.images import ALPHA_NOTE
 from inference.models import DepthJob
 from inference.selectors import depth_job_preview_format, depth_job_reused_from
 from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
+from models_registry.api.serializers import StrictSerializer
 
 
-class PredictionCreateSerializer(serializers.Serializer):
+class PredictionCreateSerializer(StrictSerializer):
     image = serializers.FileField(
         allow_empty_file=True,  # the service says precisely why a file is not a photo, empty included
         help_text="The photo: JPEG, PNG, WebP, GIF (first frame), BMP or TIFF (no other format), up to "
-                  "DEPTHSITE_MAX_UPLOAD_BYTES and DEPTHSITE_MAX_IMAGE_PIXELS.",
+                  f"DEPTHSITE_MAX_UPLOAD_BYTES and DEPTHSITE_MAX_IMAGE_PIXELS. {ALPHA_NOTE}",
     )
     model = serializers.CharField(default="MiDaS_small", max_length=64, allow_blank=True,
                                   help_text="A model name or alias (case-insensitive), e.g. MiDaS_small, "

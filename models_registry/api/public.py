@@ -20,7 +20,12 @@ def registry_reader_is_public(user) -> bool:
 
 
 def weight_file_public(data: dict[str, Any]) -> dict[str, Any]:
-    return {**data, "path": "", "node": "", "health_reason": REASON_HIDDEN if data.get("health_reason") else ""}
+    provenance = data.get("provenance")
+    if provenance is not None:
+        # An internal mirror's URL, an uploaded file's name and who acted are the operators' business.
+        provenance = {**provenance, "source": "", "by": ""}
+    return {**data, "path": "", "node": "", "health_reason": REASON_HIDDEN if data.get("health_reason") else "",
+            "provenance": provenance}
 
 
 def warm_load_public(data: dict[str, Any]) -> dict[str, Any]:

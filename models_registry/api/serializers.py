@@ -5,6 +5,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from depthsite.units import parse_size
 from models_registry.api import public
 from models_registry.choices import DownloadStatus, Health, WeightFormat
 from models_registry.exceptions import ValidationError as DomainValidationError
@@ -26,6 +27,52 @@ class WeightFormatField(serializers.ChoiceField):
             return WeightFormat.parse(data).value
         except DomainValidationError as exc:
             raise serializers.ValidationError(exc.message, code="invalid_choice") from None
+
+
+@extend_schema_field({"oneOf": [{"type": "integer", "minimum": 0}, {"type": "string", "example": "2GB"}],
+                     "description": "Bytes, or a size with a unit: 2GB, 500MiB, 800M (decimal units; KiB/MiB/GiB "
+                                    "binary)."})
+class SizeField(serializers.Field):
+    """A byte count given as an integer or with a unit ("2GB", "500MiB"): the CLI's --max-size reads the same."""
+
+    default_error_messages = {"invalid": "{reason}", "max_value": "at most {max_value} bytes"}
+
+    def __init__(self, *, max_value: int = MAX_BYTES_LIMIT, **kwargs):
+        self.max_value = max_value
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, (int, str)):
+            self.fail("invalid", reason=f"not a size: {data!r} (examples: 2GB, 500MiB, 123456)")
+        try:
+            value = parse_size(data)
+        except ValueError as exc:
+            self.fail("invalid", reason=str(exc))
+        if value > self.max_value:
+            self.fail("max_value", max_value=self.max_value)
+        return value
+
+    def to_representation(self, value):
+        return value
+
+
+class StrictSerializer(serializers.Serializer):
+    """A request body whose unknown fields are a 400 naming them: a misspelt option must never do nothing.
+
+    Every write endpoint of /api/models/* and /api/predictions/ validates its body with one of these."""
+
+    IGNORED = frozenset({"csrfmiddlewaretoken"})  # the browsable API's own form field
+
+    def to_internal_value(self, data):
+        if hasattr(data, "keys"):
+            unknown = sorted(str(key) for key in data.keys() if key not in self.fields and key not in self.IGNORED)
+            if unknown:
+                known = ", ".join(name for name, field in self.fields.items() if not field.read_only) or "none"
+                raise serializers.ValidationError(
+                    {"non_field_errors": [f"unknown field{'s' if len(unknown) > 1 else ''} "
+                                          f"{', '.join(unknown)}; this endpoint accepts: {known}"]},
+                    code="unknown_field")
+        return super().to_internal_value(data)
 
 
 @extend_schema_field(OpenApiTypes.BINARY)
@@ -66,6 +113,9 @@ class WeightFileSerializer(serializers.Serializer):
     created_at = serializers.DateTimeField(allow_null=True)
     node = serializers.CharField()
     license = serializers.CharField(allow_blank=True, help_text="Licence of the weights, recorded when cached.")
+    provenance = serializers.DictField(
+        required=False, help_text="Where the bytes came from: kind (download, import, convert, unknown), source "
+                                  "(URL, original file name, or the copy converted from), by, at, sha256.")
 
     def to_representation(self, instance):
         from models_registry.selectors import weight_file_data
@@ -112,6 +162,10 @@ class DownloadSerializer(serializers.Serializer):
     resumed_from = serializers.IntegerField()
     source_url = serializers.CharField(allow_blank=True)
     error = serializers.CharField(allow_blank=True)
+    error_code = serializers.CharField(allow_blank=True, required=False,
+                                       help_text="Stable code of a failure: download_dns, download_unreachable, "
+                                                 "download_tls, download_timeout, download_http_404, "
+                                                 "download_http_5xx, ...")
     requested_by = serializers.CharField(allow_blank=True)
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
@@ -273,7 +327,7 @@ class CacheInfoSerializer(serializers.Serializer):
 # --- actions -------------------------------------------------------------------------------------
 
 
-class CacheClearRequestSerializer(serializers.Serializer):
+class CacheClearRequestSerializer(StrictSerializer):
     confirm = serializers.BooleanField(default=False, help_text="Must be true: clearing deletes weight files.")
     model = serializers.CharField(required=False, allow_blank=True, max_length=200,
                                   help_text="Only this model (name or alias); default every model.")
@@ -286,11 +340,20 @@ class CacheClearResultSerializer(serializers.Serializer):
     models = serializers.ListField(child=serializers.CharField())
 
 
-class CacheOptimizeRequestSerializer(serializers.Serializer):
+class CacheOptimizeRequestSerializer(StrictSerializer):
     dry_run = serializers.BooleanField(default=True, help_text="Only compute the plan (default); false carries it out.")
-    max_bytes = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_BYTES_LIMIT,
-                                         help_text="Evict least recently used files to fit; default "
-                                                   "DEPTHSITE_CACHE_MAX_BYTES.")
+    max_bytes = SizeField(required=False, allow_null=True,
+                          help_text="Evict least recently used files to fit (bytes, or e.g. \"2GB\"); default "
+                                    "DEPTHSITE_CACHE_MAX_BYTES.")
+    max_size = SizeField(required=False, allow_null=True, write_only=True,
+                         help_text="The same as max_bytes, named as the CLI's --max-size.")
+
+    def validate(self, attrs):
+        if "max_size" in attrs:
+            if attrs.get("max_bytes") is not None:
+                raise serializers.ValidationError("give max_bytes or max_size, not both")
+            attrs["max_bytes"] = attrs.pop("max_size")
+        return attrs
 
 
 class PlanItemSerializer(serializers.Serializer):
@@ -316,12 +379,12 @@ class OptimizePlanSerializer(serializers.Serializer):
     items = PlanItemSerializer(many=True)
 
 
-class DownloadRequestSerializer(serializers.Serializer):
+class DownloadRequestSerializer(StrictSerializer):
     format = WeightFormatField(required=False, allow_null=True,
                                help_text="Also keep a copy in this format (default DEPTHSITE_CACHE_FORMAT).")
 
 
-class VerifyRequestSerializer(serializers.Serializer):
+class VerifyRequestSerializer(StrictSerializer):
     format = WeightFormatField(required=False, allow_null=True, help_text="Only this format.")
     functional = serializers.BooleanField(default=True, help_text="Also run the network on a tiny input.")
 
@@ -343,7 +406,7 @@ class VerifyResponseSerializer(serializers.Serializer):
     results = VerifyResultSerializer(many=True)
 
 
-class ConvertRequestSerializer(serializers.Serializer):
+class ConvertRequestSerializer(StrictSerializer):
     format = WeightFormatField(help_text="The format of the copy to add.")
 
 
@@ -352,10 +415,12 @@ class ExportQuerySerializer(serializers.Serializer):
     bundle = serializers.BooleanField(default=False, help_text="A .tar with the file and a manifest.json.")
 
 
-class ImportRequestSerializer(serializers.Serializer):
+class ImportRequestSerializer(StrictSerializer):
     file = UploadField(help_text="A weight file (pt, safetensors, h5, pkl) or a depthsite bundle (.tar).")
     model = serializers.CharField(required=False, allow_blank=True, max_length=200,
                                   help_text="The model the weights are for; default: recognised by key layout.")
+    pin = serializers.BooleanField(default=True, help_text="Pin the imported weights when the model has no pin "
+                                                           "yet (false: cache them without pinning).")
 
 
 class ImportResultSerializer(serializers.Serializer):
@@ -366,6 +431,8 @@ class ImportResultSerializer(serializers.Serializer):
     sha256 = serializers.CharField()
     content_digest = serializers.CharField()
     path = serializers.CharField()
+    pinned = serializers.BooleanField(help_text="This import pinned the model's weights.")
+    provenance = serializers.DictField(help_text="kind (import), source (the file name sent), by, at, sha256.")
     file = WeightFileSerializer()
 
 

@@ -351,7 +351,8 @@ class WeightImportApi(RegistryWriteApi):
         path = upload.temporary_file_path()
         # The service names the file it was given, a temporary name; the caller knows it by the name it sent.
         try:
-            result = weight_import(path=path, model_name=data.get("model") or None)
+            result = weight_import(path=path, model_name=data.get("model") or None, original_name=upload.name,
+                                   imported_by=request.user.get_username(), pin=data["pin"])
         except ApplicationError as exc:
             exc.message = exc.message.replace(Path(path).name, upload.name)
             raise

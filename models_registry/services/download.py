@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -81,7 +82,16 @@ Notify = Callable[[str], None]
 
 
 class _TransientError(Exception):
-    """A failure worth another attempt: connection errors, timeouts, 5xx, a body cut short."""
+    """A failure worth another attempt: connection errors, timeouts, 5xx, a body cut short.
+
+    `code` and `what` describe it for the one-line error given when the attempts run out."""
+
+    def __init__(self, message: str, *, code: str = "download_interrupted", what: str = "",
+                 status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.what = what or message
+        self.status = status
 
 
 @dataclass
@@ -415,6 +425,66 @@ def _content_range(value: str) -> tuple[int, int | None]:
         return -1, None
 
 
+def _host(url: str) -> str:
+    """The host (and port) of a URL, without any user:password a mirror URL may carry."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}"
+
+
+def _shown_url(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{_host(url)}{parts.path}"
+
+
+def _ways_out(model: RegisteredModel) -> str:
+    # The same three ways out in every door (CLI, API, dashboard): the message is the one place they live.
+    return (f"Ways out: set DEPTHSITE_MODEL_MIRROR to a mirror that has {model.file_name or 'the file'}, import a "
+            f"file you have (python manage.py models import PATH --model {model.name}), or use --offline to work "
+            "from the cache only")
+
+
+def _unreachable_error(model: RegisteredModel, url: str, *, code: str, what: str, attempts: int,
+                       partial: int = 0, status: int | None = None) -> DownloadError:
+    """One line: what failed, what was tried, and the ways out; `code` is stable for scripts and the API."""
+    tried = f"tried {_host(url)} ({_shown_url(url)})"
+    if attempts > 1:
+        tried = f"giving up after {attempts} failed attempts; {tried}"
+    kept = f"; {format_size(partial)} are kept and the next download resumes from there" if partial else ""
+    extra: dict[str, Any] = {"code": code, "url": _shown_url(url), "host": _host(url), "attempts": attempts,
+                             "resumable": bool(partial), "partial_bytes": partial,
+                             "hint": _ways_out(model).removeprefix("Ways out: ")}
+    if status is not None:
+        extra["status"] = status
+    return DownloadError(f"cannot download {model.name}: {what} ({tried}){kept}. {_ways_out(model)}",
+                         extra=extra)
+
+
+def _connection_problem(exc: requests.RequestException, url: str) -> tuple[str, str, bool]:
+    """(code, what failed, whether another attempt can help) for an error raised before any response came."""
+    host = _host(url)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ("download_tls", f"the TLS handshake with {host} failed (certificate not trusted, or not a TLS "
+                                "server)", False)
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "download_timeout", f"connecting to {host} timed out after {CONNECT_TIMEOUT_SECONDS} s", True
+    if isinstance(exc, requests.Timeout):
+        return "download_timeout", f"{host} stopped answering for {READ_TIMEOUT_SECONDS} s", True
+    # requests wraps urllib3's MaxRetryError, which wraps the socket's own error: look down the chain.
+    seen: set[int] = set()
+    pending: list[Any] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, (socket.gaierror, urllib3.exceptions.NameResolutionError)):
+            return "download_dns", f"the host name {urlsplit(url).hostname} does not resolve (DNS)", False
+        if isinstance(error, BaseException):
+            pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__,
+                            *[arg for arg in error.args if isinstance(arg, BaseException)]])
+    return "download_unreachable", f"cannot connect to {host} (connection refused, or no route to it)", True
+
+
 def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str, part: Path,
                   show: bool, download: WeightDownload | None) -> _Fetched:
     offset, validator = _resume_point(part, url)
@@ -422,21 +492,27 @@ def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str
     try:
         response = session.get(url, headers=headers, stream=True,
                                timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise _TransientError(f"cannot reach {urlsplit(url).netloc}: {exc}") from None
+    except requests.RequestException as exc:
+        code, what, heals = _connection_problem(exc, url)
+        if not heals:
+            # DNS and TLS failures do not heal in seconds: no retries; a partial file is kept for later.
+            raise _unreachable_error(model, url, code=code, what=what, attempts=1, partial=_size(part)) from None
+        raise _TransientError(f"cannot reach {_host(url)}: {what}", code=code, what=what) from None
     with response:
         status = response.status_code
         if status >= 500 or status in (408, 429):
-            raise _TransientError(f"{url} answered {status} {response.reason}")
+            raise _TransientError(f"{url} answered {status} {response.reason}",
+                                  code="download_http_5xx" if status >= 500 else f"download_http_{status}",
+                                  what=f"{_shown_url(url)} answered {status} {response.reason}", status=status)
         if status == 416:
             _discard(part)  # the server has less than our partial: it is not the same file
             raise _TransientError(f"{url} could not resume at byte {offset} (416); starting again")
         if status not in (200, 206):
-            raise DownloadError(f"{url} answered {status} {response.reason}: "
-                                + ("the file is not there or access is denied; check the URL or "
-                                   "DEPTHSITE_MODEL_MIRROR" if status in (401, 403, 404, 410) else
-                                   "not a weight file"),
-                                extra={"url": url, "status": status})
+            missing = status in (401, 403, 404, 410)
+            raise _unreachable_error(
+                model, url, code=f"download_http_{status}", status=status, attempts=1,
+                what=(f"{_shown_url(url)} answered {status} {response.reason}: "
+                      + ("the file is not there or access is denied" if missing else "not a weight file")))
         content_type = response.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
             raise _html_error(url, f"Content-Type {content_type}")
@@ -530,11 +606,8 @@ def _http_fetch(*, model: RegisteredModel, url: str, part: Path, show: bool,
                 else:
                     failures += 1
                 if failures >= RETRY_ATTEMPTS:
-                    raise DownloadError(
-                        f"giving up on {url} after {failures} failed attempts: {exc}"
-                        + (f"; {format_size(size)} are kept and the next download resumes from there" if size else ""),
-                        extra={"url": url, "attempts": failures, "resumable": bool(size), "partial_bytes": size},
-                    ) from None
+                    raise _unreachable_error(model, url, code=exc.code, what=exc.what, attempts=failures,
+                                             partial=size, status=exc.status) from None
                 delay = RETRY_BACKOFF_SECONDS * 2 ** max(failures - 1, 0)
                 logger.warning("download of %s: %s; retrying in %.1f s", model.name, exc, delay)
                 time.sleep(delay)
@@ -575,7 +648,8 @@ def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
 # --- acceptance ------------------------------------------------------------------------------------
 
 
-def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str) -> tuple[WeightFile, bool]:
+def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str,
+            requested_by: str = "") -> tuple[WeightFile, bool]:
     """Check the complete partial file, then rename it to its final name and record it, together."""
     if model.expected_sha256 and fetched.sha256 != model.expected_sha256:
         raise IntegrityError(
@@ -609,7 +683,8 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str) 
     try:
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=inspection.format, path=dest, inspection=inspection,
-                                        functional_hash=functional_hash)
+                                        functional_hash=functional_hash, origin="download",
+                                        origin_source=_shown_url(url), origin_by=requested_by)
             if pin_now:
                 model_pin(model=model, sha256=fetched.sha256, size=fetched.size, content_digest=inspection.digest,
                           source=url)
@@ -698,7 +773,8 @@ def _transfer(*, model: RegisteredModel, url: str, show: bool,
             _discard(part)
         raise
     try:
-        weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url)
+        weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url,
+                                      requested_by=download.requested_by if download is not None else "")
     except Exception:
         # Whatever way the complete bytes failed acceptance (a clear error, or a reader that tripped over a
         # malformed header), they are never resumed into: the next download starts from zero.
@@ -759,7 +835,8 @@ def weight_download(
                             f", resumed at {fetched.resumed_from}" if fetched.resumed_from else "")
     except BaseException as exc:
         if download is not None and download.status in DownloadStatus.ACTIVE:
-            download.fail(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+            code = exc.extra.get("code", "") if isinstance(exc, ApplicationError) else ""
+            download.fail(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}", code=code)
             download.save()
         raise
     if wanted and result.weight_file.format != wanted:

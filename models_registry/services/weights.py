@@ -177,9 +177,17 @@ def weight_record(
     health: str = Health.OK,
     reason: str = "",
     functional_hash: str = "",
+    origin: str = "",
+    origin_source: str = "",
+    origin_by: str = "",
 ) -> WeightFile:
-    """Create or replace the record of a file that is already in its final place in the cache."""
+    """Create or replace the record of a file that is already in its final place in the cache.
+
+    `origin` (download, import, convert), `origin_source` and `origin_by` record where its bytes came from."""
     values = {
+        "origin": origin,
+        "origin_source": origin_source[:500],
+        "origin_by": origin_by[:150],
         "path": cachefs.relative(path),
         "size": inspection.size,
         "sha256": inspection.sha256,
@@ -371,7 +379,9 @@ def weight_convert(*, model: RegisteredModel, fmt: str) -> WeightFile:
             inspection = _write_converted(model, source, loaded, fmt, tmp)
         inspection.path = dest
         weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
-                                    functional_hash=source.functional_hash)
+                                    functional_hash=source.functional_hash, origin="convert",
+                                    origin_source=f"the {source.format} copy, sha256 {source.sha256}",
+                                    origin_by=source.origin_by)
     logger.info("converted %s from %s to %s (%d bytes)", model.name, source.format, fmt, weight_file.size)
     return weight_file
 
@@ -410,8 +420,9 @@ def export_file_name(*, model: RegisteredModel, fmt: str, bundle: bool) -> str:
     return f"{stem}.{fmt}.tar" if bundle else name
 
 
-def _write_weights_file(model: RegisteredModel, fmt: str, dest: Path) -> tuple[str, str]:
-    """Write the model's weights in `fmt` to `dest` (temporary path); (sha256, content digest)."""
+def _write_weights_file(model: RegisteredModel, fmt: str, dest: Path) -> tuple[str, str, WeightFile]:
+    """Write the model's weights in `fmt` to `dest` (temporary path); (sha256, content digest, the cached file
+    whose weights were written)."""
     cached = weight_file_get(model=model, fmt=fmt)
     if (cached is not None and cached.health in Health.USABLE and cachefs.absolute(cached.path).exists()
             and not weight_pin_problem(model=model, weight_file=cached)):
@@ -419,13 +430,19 @@ def _write_weights_file(model: RegisteredModel, fmt: str, dest: Path) -> tuple[s
         if sha256 != cached.sha256:
             weight_mark_corrupt(weight_file=cached, reason="sha256 changed since it was recorded (found on export)")
             raise IntegrityError(f"the cached {fmt} file of {model.name} changed on disk; run `models verify`")
-        return sha256, cached.content_digest
+        return sha256, cached.content_digest, cached
     source, loaded = weights_load_usable(model=model)
     written = _write_converted(model, source, loaded, fmt, dest)
-    return written.sha256, written.digest
+    return written.sha256, written.digest, source
 
 
-def _bundle_manifest(model: RegisteredModel, fmt: str, member: str, size: int, sha256: str, digest: str) -> dict:
+def _bundle_manifest(model: RegisteredModel, fmt: str, member: str, size: int, sha256: str, digest: str,
+                     origin: WeightFile) -> dict:
+    provenance = origin.provenance
+    if origin.format != fmt:
+        provenance = {"kind": "convert", "source": f"the {origin.format} copy, sha256 {origin.sha256}",
+                      "by": origin.origin_by, "at": timezone.now().isoformat(), "sha256": sha256,
+                      "converted_from": provenance}
     return {
         "bundle_version": BUNDLE_VERSION,
         "model": model.name,
@@ -435,23 +452,29 @@ def _bundle_manifest(model: RegisteredModel, fmt: str, member: str, size: int, s
         "size": size,
         "file_sha256": sha256,
         "content_digest": digest,
-        "source_url": model.source_url,
+        # Only a URL these weights were really downloaded from; an imported file never claims the catalogue's.
+        "source_url": _downloaded_from(origin),
+        "provenance": provenance,
         "created": timezone.now().isoformat(),
         "depthsite_version": depthsite.__version__,
     }
 
 
+def _downloaded_from(weight_file: WeightFile) -> str:
+    return weight_file.origin_source if weight_file.origin == "download" else ""
+
+
 def _write_export(model: RegisteredModel, fmt: str, bundle: bool, dest: Path) -> ExportResult:
     """Write the export (plain file or bundle) to `dest`, which is a temporary path."""
     if not bundle:
-        sha256, digest = _write_weights_file(model, fmt, dest)
+        sha256, digest, _ = _write_weights_file(model, fmt, dest)
         return ExportResult(dest, model.name, fmt, dest.stat().st_size, sha256, digest, False)
     member = export_file_name(model=model, fmt=fmt, bundle=False)
     inner = cachefs.temp_path_for(dest.with_name(member))
     try:
-        sha256, digest = _write_weights_file(model, fmt, inner)
+        sha256, digest, origin = _write_weights_file(model, fmt, inner)
         size = inner.stat().st_size
-        manifest = _bundle_manifest(model, fmt, member, size, sha256, digest)
+        manifest = _bundle_manifest(model, fmt, member, size, sha256, digest, origin)
         payload = json.dumps(manifest, indent=2).encode()
         with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as archive:
             info = tarfile.TarInfo(BUNDLE_MANIFEST)
@@ -517,11 +540,13 @@ class ImportResult:
     weight_file: WeightFile
     created: bool
     message: str
+    pinned: bool = False  # this import pinned the model's weights
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.weight_file.model.name, "format": self.weight_file.format,
                 "created": self.created, "message": self.message, "sha256": self.weight_file.sha256,
-                "content_digest": self.weight_file.content_digest, "path": self.weight_file.path}
+                "content_digest": self.weight_file.content_digest, "path": self.weight_file.path,
+                "pinned": self.pinned, "provenance": self.weight_file.provenance}
 
 
 BUNDLE_MAX_MEMBERS = 16
@@ -614,8 +639,14 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
     return target, manifest
 
 
-def weight_import(*, path: Path, model_name: str | None = None) -> ImportResult:
-    """Import a weight file or bundle: format by content, model by layout, verified, copied into the cache."""
+def weight_import(*, path: Path, model_name: str | None = None, original_name: str = "", imported_by: str = "",
+                  pin: bool = True) -> ImportResult:
+    """Import a weight file or bundle: format by content, model by layout, verified, copied into the cache.
+
+    The record says it was imported from `original_name` (default the file's name) by `imported_by` (a user
+    name; default 'cli'). `pin` (default) pins the imported weights for a model that has no pin yet: a pt file
+    pins its sha256, size and content digest (it may be the released file); another format pins the content
+    digest only, so the released .pt is still accepted when it holds the same weights."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise NotFoundError(f"{path}: no such file", extra={"field": "path"})
@@ -641,13 +672,15 @@ def weight_import(*, path: Path, model_name: str | None = None) -> ImportResult:
                 raise IntegrityError(f"{path.name}: the weights' content digest differs from the bundle manifest")
         if model is None:
             model = model_identify(inspection=inspection)
-        return _import_inspected(model, inspection, origin=path)
+        return _import_inspected(model, inspection, origin=path, original_name=original_name or path.name,
+                                 imported_by=imported_by or "cli", pin=pin)
     finally:
         if extracted is not None:
             extracted.unlink(missing_ok=True)
 
 
-def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin: Path) -> ImportResult:
+def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin: Path, original_name: str,
+                      imported_by: str, pin: bool) -> ImportResult:
     model_license_check(model=model)
     if model.expected_content_digest and inspection.digest != model.expected_content_digest:
         raise IntegrityError(
@@ -668,10 +701,14 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
         )
     with cachefs.locked(model.name):
         existing = weight_file_get(model=model, fmt=fmt)
+        model.refresh_from_db()  # another import may have pinned it while this one was inspected
+        pin_now = pin and not model.expected_sha256 and not model.expected_content_digest
         if (existing is not None and existing.sha256 == inspection.sha256
                 and cachefs.absolute(existing.path).exists() and existing.health == Health.OK):
+            pinned = _import_pin(model, inspection, original_name, imported_by) if pin_now else False
             return ImportResult(existing, False,
-                                f"{model.name} [{fmt}] is already cached with identical weights; nothing changed")
+                                f"{model.name} [{fmt}] is already cached with identical weights; nothing changed"
+                                + ("; its weights are now pinned" if pinned else ""), pinned=pinned)
         functional_hash = weights_functional_check(model, inspection.loaded)
         dest = cache_file_path(model=model, fmt=fmt)
         with cachefs.atomic_write(dest) as tmp:
@@ -680,11 +717,35 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
                 raise IntegrityError(f"{origin.name} changed while it was being imported; try again")
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
-                                        functional_hash=functional_hash)
+                                        functional_hash=functional_hash, origin="import",
+                                        origin_source=original_name, origin_by=imported_by)
+            pinned = _import_pin(model, inspection, original_name, imported_by) if pin_now else False
             if proves_pin and not model.expected_content_digest:
                 # The pinned file itself: its digest now proves copies in other formats.
                 model.expected_content_digest = inspection.digest
                 model.save(update_fields=["expected_content_digest", "updated_at"])
     logger.info("imported %s [%s] from %s", model.name, fmt, origin)
     return ImportResult(weight_file, True, f"imported {model.name} [{fmt}] from {origin.name} "
-                                           f"({inspection.size} bytes, sha256 {inspection.sha256[:16]}...)")
+                                           f"({inspection.size} bytes, sha256 {inspection.sha256[:16]}...)"
+                                           + (f"; pinned its weights for {model.name}" if pinned else ""),
+                        pinned=pinned)
+
+
+def _import_pin(model: RegisteredModel, inspection: Inspection, original_name: str, imported_by: str) -> bool:
+    """Pin an unpinned model to the imported weights, by the same rules as model_pin (see weight_import)."""
+    from models_registry.services.catalogue import _unproven_copies_mark, model_pin
+
+    source = f"import of {original_name} by {imported_by}"
+    with transaction.atomic():
+        if inspection.format == WeightFormat.PT:
+            model_pin(model=model, sha256=inspection.sha256, size=inspection.size,
+                      content_digest=inspection.digest, source=source)
+        else:
+            # Not the released file's format: its sha256 proves nothing about a .pt, the digest proves the weights.
+            model.expected_content_digest = inspection.digest
+            model.sha256_pinned_at = timezone.now()
+            model.sha256_pinned_from = source
+            model.save(update_fields=["expected_content_digest", "sha256_pinned_at", "sha256_pinned_from",
+                                      "updated_at"])
+            _unproven_copies_mark(model, reset=False)
+    return True

@@ -140,7 +140,7 @@ def test_over_the_byte_limit_is_413_before_the_body_is_read(api, small_model, ru
     response = submit(api, run_jobs, big, "huge.jpg")
     assert response.status_code == 413
     body = response.json()
-    assert body["message"].startswith("image: the upload") and "100.0 KB" in body["message"]
+    assert body["message"].startswith("image: the file is") and "the limit is 100.0 KB" in body["message"]
     assert body["extra"]["limit"] == 100_000 and not DepthJob.objects.exists()
     # under the envelope allowance the file's own size is what counts
     response = submit(api, run_jobs, b"\xff\xd8" + b"\0" * 120_000, "bigger.jpg")

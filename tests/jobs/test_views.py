@@ -140,7 +140,7 @@ def test_a_file_over_the_byte_limit_is_a_form_error(web, small_model, run_jobs, 
     settings.DEPTHSITE_MAX_UPLOAD_BYTES = 2000
     response = post_photo(web, run_jobs, images.png(600, 400), "big.png")
     assert response.status_code == 413
-    assert "over the limit of 2.0 KB" in response.content.decode()
+    assert "the limit is 2.0 KB" in response.content.decode()
     assert not DepthJob.objects.exists()
 
 

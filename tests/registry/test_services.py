@@ -308,7 +308,10 @@ def test_export_bundle_has_manifest_and_imports_back(cached_small, tmp_path):
     assert sorted(names) == ["manifest.json", "midas_v21_small_256.h5"]
     assert manifest["model"] == "MiDaS_small" and manifest["format"] == "h5"
     assert manifest["content_digest"] == cached_small.content_digest
-    assert manifest["source_url"].endswith("midas_v21_small_256.pt")
+    # cached_small was imported from a file: the manifest names no download URL, and says where the bytes came from
+    assert manifest["source_url"] == ""
+    assert manifest["provenance"]["kind"] == "convert"
+    assert manifest["provenance"]["converted_from"]["kind"] == "import"
     assert {"file_sha256", "created", "depthsite_version"} <= set(manifest)
     assert result.bundle
 

@@ -47,6 +47,8 @@ class Command(RegistryCommand):
         p = actions.add_parser("import", help="add a weight file or bundle to the cache")
         p.add_argument("path")
         p.add_argument("--model")
+        p.add_argument("--no-pin", action="store_true",
+                       help="do not pin the imported weights (by default an unpinned model is pinned to them)")
         p.add_argument("--json", action="store_true")
 
         p = actions.add_parser("optimize", help="remove corrupt, orphan and stale files; evict to fit a size")
@@ -232,10 +234,10 @@ class Command(RegistryCommand):
         self.stdout.write(f"exported {result.model} ({'bundle of ' if result.bundle else ''}{result.format}) "
                           f"to {result.path} ({format_size(result.size)}, sha256 {result.sha256})")
 
-    def do_import(self, *, path, model=None, json=False, **_):
+    def do_import(self, *, path, model=None, no_pin=False, json=False, **_):
         from models_registry.services.weights import weight_import
 
-        result = weight_import(path=Path(path), model_name=model)
+        result = weight_import(path=Path(path), model_name=model, imported_by="cli", pin=not no_pin)
         if json:
             return self.print_json(result.as_dict())
         self.stdout.write(result.message)
