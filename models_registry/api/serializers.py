@@ -231,7 +231,14 @@ class CacheInfoSerializer(serializers.Serializer):
 # --- actions -------------------------------------------------------------------------------------
 
 
+def node_field():
+    return serializers.CharField(required=False, allow_blank=True, max_length=255,
+                                 help_text="The node meant (a file's `node`): refused with 409 and the command to "
+                                           "run on that node's machine unless it is the node answering.")
+
+
 class CacheClearRequestSerializer(serializers.Serializer):
+    node = node_field()
     confirm = serializers.BooleanField(default=False, help_text="Must be true: clearing deletes weight files.")
     model = serializers.CharField(required=False, allow_blank=True, max_length=200,
                                   help_text="Only this model (name or alias); default every model.")
@@ -245,6 +252,7 @@ class CacheClearResultSerializer(serializers.Serializer):
 
 
 class CacheOptimizeRequestSerializer(serializers.Serializer):
+    node = node_field()
     dry_run = serializers.BooleanField(default=True, help_text="Only compute the plan (default); false carries it out.")
     max_bytes = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_BYTES_LIMIT,
                                          help_text="Evict least recently used files to fit; default "
@@ -275,11 +283,13 @@ class OptimizePlanSerializer(serializers.Serializer):
 
 
 class DownloadRequestSerializer(serializers.Serializer):
+    node = node_field()
     format = WeightFormatField(required=False, allow_null=True,
                                help_text="Also keep a copy in this format (default DEPTHSITE_CACHE_FORMAT).")
 
 
 class VerifyRequestSerializer(serializers.Serializer):
+    node = node_field()
     format = WeightFormatField(required=False, allow_null=True, help_text="Only this format.")
     functional = serializers.BooleanField(default=True, help_text="Also run the network on a tiny input.")
 

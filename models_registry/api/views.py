@@ -23,6 +23,7 @@ from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
 from models_registry.api.uploads import BodyGate, ImportUploadHandler
 from models_registry.exceptions import ApplicationError, ValidationError
+from models_registry.services.weights import node_check
 from models_registry.selectors import (
     cache_info,
     download_get,
@@ -158,7 +159,7 @@ class CacheClearApi(RegistryWriteApi):
             raise ValidationError('clearing deletes weight files: send {"confirm": true} to go ahead',
                                   extra={"field": "confirm"})
         model = model_get(name=data["model"]) if data.get("model") else None
-        return Response(cache_clear(model=model, fmt=data.get("format")).as_dict())
+        return Response(cache_clear(model=model, fmt=data.get("format"), node=data.get("node")).as_dict())
 
 
 class CacheOptimizeApi(RegistryWriteApi):
@@ -173,6 +174,7 @@ class CacheOptimizeApi(RegistryWriteApi):
         from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
 
         data = _validated(s.CacheOptimizeRequestSerializer, request.data)
+        node_check(node=data.get("node") or "", action="optimize")
         plan = cache_optimize_plan(max_bytes=data.get("max_bytes"))
         if not data["dry_run"] and plan.items:
             plan = cache_optimize_execute(plan=plan)
@@ -191,6 +193,7 @@ class ModelDownloadApi(RegistryWriteApi):
 
         data = _validated(s.DownloadRequestSerializer, request.data)
         model = model_get(name=name, enabled_only=True)
+        node_check(node=data.get("node") or "", action="download", model=model.name, fmt=data.get("format") or "")
         download = download_enqueue(model=model, fmt=data.get("format"), requested_by=request.user.get_username())
         body = s.DownloadSerializer(download, context={"request": request}).data
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body["url"]})
@@ -208,6 +211,7 @@ class ModelVerifyApi(RegistryWriteApi):
 
         data = _validated(s.VerifyRequestSerializer, request.data)
         model = model_get(name=name)
+        node_check(node=data.get("node") or "", action="verify", model=model.name, fmt=data.get("format") or "")
         results = weights_verify(model=model, fmt=data.get("format"), functional=data["functional"])
         lines = [f"{r.weight_file.format}: {r.health}" + (f" - {r.reason}" if r.reason else "") for r in results]
         return Response({

@@ -100,7 +100,7 @@ def test_cli_info_shows_another_nodes_cache_read_only(cached_small, other_row):
     text = cli("info", "--node", OTHER)
     assert "Node: other (another node's records, read-only" in text and "Cache Directory" not in text
     local = json.loads(cli("info", "--json"))
-    assert local["node"] == "test-node" and local["read_only"] is False
+    assert local["node"] == "test-node" and "read_only" not in local and local["cache_dir"]
     assert [f["path"] for m in local["models"] for f in m["files"]] == [cached_small.path]
 
 
@@ -112,3 +112,23 @@ def test_cli_actions_refuse_another_node(cached_small, other_row, action):
     err = err.getvalue() + str(refused.value)
     assert f"DEPTHSITE_NODE={OTHER} python manage.py models {action[0]}" in err
     unchanged(other_row, cached_small)
+
+
+@pytest.mark.parametrize("url,body", [
+    ("/api/models/MiDaS_small/verify", {"node": OTHER, "format": "pt"}),
+    ("/api/models/cache/clear", {"node": OTHER, "confirm": True, "model": "MiDaS_small"}),
+    ("/api/models/cache/optimize", {"node": OTHER, "dry_run": False}),
+    ("/api/models/MiDaS_small/download", {"node": OTHER}),
+])
+def test_api_actions_refuse_another_node_with_a_409_that_says_where_to_run_them(staff_client, cached_small,
+                                                                                other_row, url, body):
+    response = staff_client.post(url, body, content_type="application/json")
+    assert response.status_code == 409, response.content[:300]
+    error = response.json()
+    action = url.rsplit("/", 1)[1]
+    assert f"DEPTHSITE_NODE={OTHER} python manage.py models {action}" in error["message"]
+    assert error["extra"]["node"] == OTHER
+    unchanged(other_row, cached_small)
+    # The node answering is accepted by name.
+    if action == "verify":
+        assert staff_client.post(url, {**body, "node": "test-node"}, content_type="application/json").json()["ok"]

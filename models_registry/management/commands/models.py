@@ -130,9 +130,9 @@ class Command(RegistryCommand):
 
         elsewhere = bool(node) and node != cachefs.node_name()
         info = cache_info(node=node or None)
-        info["read_only"] = elsewhere
         if elsewhere:
             # Another machine's folder and disk are not visible from here: only its records are shown.
+            info["read_only"] = True
             info["cache_dir"] = None
             info["disk_free"] = None
         if json:
@@ -140,7 +140,7 @@ class Command(RegistryCommand):
         w = self.stdout.write
         w("Model Cache Information")
         w("=" * 50)
-        if info["read_only"]:
+        if info.get("read_only"):
             w(f"Node: {info['node']} (another node's records, read-only; its folder and disk are on that machine)")
         else:
             w(f"Cache Directory: {info['cache_dir']}")
