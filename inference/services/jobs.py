@@ -349,11 +349,12 @@ def worker_heartbeat() -> dict[str, int]:
     return {"leases": renewed, "warm": warm}
 
 
-def _heartbeat_loop() -> None:
+def _heartbeat_loop(stop: threading.Event | None = None) -> None:
+    """Beat every third of the lease until `stop` is set (never, in a worker: the thread dies with its process)."""
     from django.db import connection
 
-    while True:
-        time.sleep(job_lease_seconds() / 3)
+    stop = stop or threading.Event()
+    while not stop.wait(job_lease_seconds() / 3):
         try:
             worker_heartbeat()
         except Exception:

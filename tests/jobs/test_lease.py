@@ -172,3 +172,27 @@ def test_the_heartbeat_thread_starts_once_per_worker_process_and_never_inline(se
             break
         time.sleep(0.01)
     assert started == [1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_heartbeat_thread_renews_a_lease_through_its_own_connection(small_model, settings, monkeypatch):
+    """A real thread with its own database connection (committed rows, no patched clock): the lease moves on."""
+    import threading
+    import time
+
+    settings.DEPTHSITE_JOB_LEASE = 3  # a beat every second
+    job = claimed(queued_job(), "other-node:11:1")
+    first = DepthJob.objects.get(pk=job.pk).lease_until
+    monkeypatch.setattr(job_services, "_running", {job.pk: (job.worker, job.attempts)})
+    stop = threading.Event()
+    thread = threading.Thread(target=job_services._heartbeat_loop, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while DepthJob.objects.get(pk=job.pk).lease_until == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert DepthJob.objects.get(pk=job.pk).lease_until > first
