@@ -377,6 +377,15 @@ def worker_heartbeat_start() -> bool:
     return True
 
 
+class _Superseded(Exception):
+    """This attempt no longer owns its job (its lease ran out and another attempt took it, or it was deleted)."""
+
+
+def _still_this_attempt(job: DepthJob) -> bool:
+    return DepthJob.objects.filter(pk=job.pk, status=JobStatus.RUNNING, worker=job.worker,
+                                   attempts=job.attempts).exists()
+
+
 def _save_running(job: DepthJob, fields: Iterable[str]) -> bool:
     """Write the outcome only while the row is still this attempt's: it may be deleted or recovered meanwhile."""
     values = {name: getattr(job, name) for name in fields}
@@ -446,6 +455,9 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
         _running[job.pk] = (job.worker, job.attempts)
     try:
         _execute(job)
+    except _Superseded:
+        logger.warning("depth job %s: attempt %d in %s no longer owns the job (deleted, or its lease ran out and "
+                       "another attempt took it); its output was dropped", job.pk, job.attempts, me)
     except TimeoutException:
         job.fail(f"the job took longer than the {_job_timeout()} s job timeout; try a smaller image or model",
                  JobErrorCode.TIMEOUT)
@@ -588,6 +600,9 @@ def _results_write(job: DepthJob, write) -> dict[str, str]:
     staging = final.parent / f".tmp-{job.pk}-{uuid.uuid4().hex[:8]}"
     try:
         written: dict[str, Path] = write(staging)
+        if not _still_this_attempt(job):
+            # A late attempt whose lease ran out must not replace the files of the attempt that took over.
+            raise _Superseded(str(job.pk))
         if final.exists():
             shutil.rmtree(final)  # a re-run's earlier files
         os.replace(staging, final)

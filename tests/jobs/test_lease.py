@@ -196,3 +196,23 @@ def test_the_heartbeat_thread_renews_a_lease_through_its_own_connection(small_mo
         thread.join(timeout=5)
     assert not thread.is_alive()
     assert DepthJob.objects.get(pk=job.pk).lease_until > first
+
+
+def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_small, clock):
+    old = claimed(queued_job(), "other-node:11:1")
+    clock.advance(LEASE + 1)
+    depth_jobs_recover()
+    new = depth_job_run(job=DepthJob.objects.get(pk=old.pk))
+    folder = job_services.results_folder(job_id=new.pk)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert before and new.status == JobStatus.SUCCEEDED
+
+    def late_write(staging):
+        staging.mkdir(parents=True)
+        (staging / "depth.png").write_bytes(b"late")
+        return {"png": staging / "depth.png"}
+
+    with pytest.raises(job_services._Superseded):
+        job_services._results_write(old, late_write)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]  # its staging folder went too
