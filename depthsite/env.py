@@ -124,6 +124,9 @@ JOB_TIMEOUT = get_int("DEPTHSITE_JOB_TIMEOUT", 600)
 # A download task's own limit: the largest file (1.4 GB) on a slow link (~1 Mbit/s) fits in 3 hours.
 DOWNLOAD_TIMEOUT = get_int("DEPTHSITE_DOWNLOAD_TIMEOUT", 3 * 3600)
 JOB_MAX_ATTEMPTS = get_int("DEPTHSITE_JOB_MAX_ATTEMPTS", 3)
+# Seconds a running job's lease lasts; its worker renews it every third of that, and a job whose lease
+# ran out has no live worker (recovery queues it again).
+JOB_LEASE = get_int("DEPTHSITE_JOB_LEASE", 30)
 WORKER_MAX_RSS_KB = get_int("DEPTHSITE_WORKER_MAX_RSS_KB", 8 * 1024 * 1024)
 REUSE_RESULTS = get_bool("DEPTHSITE_REUSE_RESULTS", True)
 MAX_UPLOAD_BYTES = get_size("DEPTHSITE_MAX_UPLOAD_BYTES", 25 * 1000**2)

@@ -56,6 +56,8 @@ class DepthJob(models.Model):
     queued_at = models.DateTimeField(default=timezone.now, help_text="Last time a task was queued for it.")
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True,
+                                       help_text="While running: the worker renews this; past it, the worker is dead.")
 
     load_ms = models.FloatField(null=True, blank=True, help_text="Getting the network (0 when already warm).")
     inference_ms = models.FloatField(null=True, blank=True)
@@ -107,6 +109,7 @@ class DepthJob(models.Model):
                weights_sha256: str, weights_format: str, device: str, load_ms: float | None,
                inference_ms: float | None, reused_from: "DepthJob | None" = None) -> None:
         self.status = JobStatus.SUCCEEDED
+        self.lease_until = None
         self.result_files = result_files
         self.depth_min = depth_min
         self.depth_max = depth_max
@@ -121,6 +124,7 @@ class DepthJob(models.Model):
 
     def fail(self, error: str, code: str = JobErrorCode.INTERNAL) -> None:
         self.status = JobStatus.FAILED
+        self.lease_until = None
         self.error = error
         self.error_code = code
         self.finished_at = timezone.now()
@@ -129,5 +133,6 @@ class DepthJob(models.Model):
         """Back to the queue, keeping its attempts (a re-run resets them itself)."""
         self.status = JobStatus.QUEUED
         self.worker = ""
+        self.lease_until = None
         self.queued_at = timezone.now()
         self.finished_at = None

@@ -10,8 +10,9 @@ logger = logging.getLogger(__name__)
 
 def depth_job_task(job_id: str) -> str:
     """Run a queued DepthJob; the row records progress and outcome, the return value is for the queue's log."""
-    from inference.services.jobs import depth_job_run
+    from inference.services.jobs import depth_job_run, worker_heartbeat_start
 
+    worker_heartbeat_start()  # renews the lease of the job this process runs, keeps its warm rows current
     job = DepthJob.objects.select_related("model").filter(pk=job_id).first()
     if job is None:
         logger.info("depth job %s no longer exists (deleted); nothing to do", job_id)

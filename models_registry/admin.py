@@ -7,11 +7,12 @@ from django.http import FileResponse
 from django.utils.html import format_html
 
 from depthsite.units import format_size
+from models_registry import cachefs
 from models_registry.choices import Health, WeightFormat
 from models_registry.exceptions import ApplicationError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.services.cache import cache_clear
-from models_registry.services.weights import weight_convert, weight_export_artifact, weight_verify
+from models_registry.services.weights import node_check, weight_convert, weight_export_artifact, weight_verify
 
 HEALTH_COLOURS = {Health.OK: "#1a7f37", Health.UNVERIFIED: "#9a6700", Health.CORRUPT: "#cf222e",
                   Health.MISSING: "#cf222e"}
@@ -20,6 +21,17 @@ HEALTH_COLOURS = {Health.OK: "#1a7f37", Health.UNVERIFIED: "#9a6700", Health.COR
 def _health_badge(weight_file: WeightFile) -> str:
     colour = HEALTH_COLOURS.get(weight_file.health, "#57606a")
     return format_html('<strong style="color:{}">{}</strong>', colour, weight_file.health)
+
+
+def _verify_line(weight_file: WeightFile, done: list[str], failed: list[str]) -> None:
+    """Verify a row of this node; another node's row is refused (its file is on that machine) and left as it is."""
+    try:
+        result = weight_verify(weight_file=weight_file)
+    except ApplicationError as exc:
+        failed.append(exc.message)
+        return
+    line = f"{weight_file.model.name} [{weight_file.format}]: {result.health}"
+    (done if result.ok else failed).append(line + (f" - {result.reason}" if result.reason else ""))
 
 
 def _report(modeladmin, request, done: list[str], failed: list[str]) -> None:
@@ -65,14 +77,12 @@ def _convert_action(fmt: str):
     return admin.action(description=f"Convert to {fmt}")(action)
 
 
-@admin.action(description="Verify cached files")
+@admin.action(description="Verify cached files (this node)")
 def verify_models(modeladmin, request, queryset):
     done, failed = [], []
     for model in queryset:
-        for weight_file in model.weight_files.all():
-            result = weight_verify(weight_file=weight_file)
-            line = f"{model.name} [{weight_file.format}]: {result.health}"
-            (done if result.ok else failed).append(line + (f" - {result.reason}" if result.reason else ""))
+        for weight_file in model.weight_files.select_related("model").order_by("node", "format"):
+            _verify_line(weight_file, done, failed)
     if not done and not failed:
         failed.append("no cached files to verify in the selection")
     _report(modeladmin, request, done, failed)
@@ -81,9 +91,13 @@ def verify_models(modeladmin, request, queryset):
 @admin.action(description="Clear cached files (this node)")
 def clear_models(modeladmin, request, queryset):
     done = []
+    here = cachefs.node_name()
     for model in queryset:
         result = cache_clear(model=model)
-        done.append(f"{model.name}: {result.files} file(s), {format_size(result.bytes)} freed")
+        elsewhere = sorted(set(model.weight_files.exclude(node=here).values_list("node", flat=True)))
+        note = (f"; left alone on node(s) {', '.join(elsewhere)} (run `DEPTHSITE_NODE=<node> python manage.py "
+                f"models clear --model {model.name}` on that machine)") if elsewhere else ""
+        done.append(f"{model.name}: {result.files} file(s), {format_size(result.bytes)} freed on {here}{note}")
     _report(modeladmin, request, done, [])
 
 
@@ -142,9 +156,7 @@ class RegisteredModelAdmin(admin.ModelAdmin):
 def verify_files(modeladmin, request, queryset):
     done, failed = [], []
     for weight_file in queryset.select_related("model"):
-        result = weight_verify(weight_file=weight_file)
-        line = f"{weight_file.model.name} [{weight_file.format}]: {result.health}"
-        (done if result.ok else failed).append(line + (f" - {result.reason}" if result.reason else ""))
+        _verify_line(weight_file, done, failed)
     _report(modeladmin, request, done, failed)
 
 
@@ -155,6 +167,8 @@ def export_file(modeladmin, request, queryset):
         return None
     weight_file = queryset.select_related("model").get()
     try:
+        # The export reads this node's copy: another node's row would hand out a different file.
+        node_check(node=weight_file.node, action="export", model=weight_file.model.name, fmt=weight_file.format)
         result = weight_export_artifact(model=weight_file.model, fmt=weight_file.format)
     except ApplicationError as exc:
         modeladmin.message_user(request, exc.message, messages.ERROR)
@@ -164,11 +178,15 @@ def export_file(modeladmin, request, queryset):
 
 @admin.action(description="Delete file and record (clear)")
 def clear_files(modeladmin, request, queryset):
-    done = []
+    done, failed = [], []
     for weight_file in queryset.select_related("model"):
-        result = cache_clear(model=weight_file.model, fmt=weight_file.format)
+        try:
+            result = cache_clear(model=weight_file.model, fmt=weight_file.format, node=weight_file.node)
+        except ApplicationError as exc:
+            failed.append(exc.message)  # another node's file: deleting here would remove this node's copy
+            continue
         done.append(f"{weight_file.model.name} [{weight_file.format}]: {format_size(result.bytes)} freed")
-    _report(modeladmin, request, done, [])
+    _report(modeladmin, request, done, failed)
 
 
 @admin.register(WeightFile)

@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -86,6 +88,16 @@ def job_max_attempts() -> int:
     return max(1, int(settings.Q_CLUSTER.get("max_attempts") or 1))
 
 
+def job_lease_seconds() -> int:
+    """How long a running job's lease lasts (DEPTHSITE_JOB_LEASE); its worker renews it every third of that."""
+    return max(3, int(getattr(settings, "DEPTHSITE_JOB_LEASE", 30) or 30))
+
+
+def warm_stale_seconds() -> int:
+    """A warm-model row whose worker has not beaten for this long belongs to a dead worker."""
+    return 10 * job_lease_seconds()
+
+
 def _media_root() -> Path:
     return Path(settings.MEDIA_ROOT)
 
@@ -116,14 +128,23 @@ def worker_id() -> str:
     return f"{cachefs.node_name()}:{pid}:{_process_start(pid)}"
 
 
-def worker_alive(*, worker: str, started_at=None) -> bool:
-    """Whether the process a job row names may still be running it."""
+def worker_alive(*, worker: str, started_at=None, lease_until=None) -> bool:
+    """Whether the process a job row names may still be running it.
+
+    A row with a lease (`lease_until`) is dead once the lease ran out, whatever node it is on; before that,
+    another node's worker counts as alive and this node's is probed. A row without one (written before
+    leases) falls back to the job timeout plus a grace since it started.
+    """
+    if lease_until is not None and lease_until <= timezone.now():
+        return False
     try:
         node, pid_text, start = worker.rsplit(":", 2)
         pid = int(pid_text)
     except ValueError:
         return False
     if node != cachefs.node_name():
+        if lease_until is not None:
+            return True
         if started_at is None:
             return False
         return timezone.now() - started_at < timedelta(seconds=_job_timeout() + RECOVERY_GRACE_SECONDS)
@@ -293,11 +314,79 @@ def _claim(job: DepthJob, me: str) -> bool:
     """queued (or running in a dead worker) -> running in this process; False when another delivery won."""
     observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
     job.start(worker=me)
+    job.lease_until = job.started_at + timedelta(seconds=job_lease_seconds())
     claimed = DepthJob.objects.filter(pk=job.pk, **observed).update(
         status=job.status, worker=job.worker, attempts=job.attempts, started_at=job.started_at,
-        finished_at=None, error="", error_code="",
+        finished_at=None, error="", error_code="", lease_until=job.lease_until,
     )
     return bool(claimed)
+
+
+# --- the worker's heartbeat ----------------------------------------------------------------------
+
+# The attempt this process runs now ({pk: (worker, attempts)}), read by the heartbeat thread.
+_running: dict[Any, tuple[str, int]] = {}
+_running_lock = threading.Lock()
+_heartbeat_pid: int | None = None
+
+
+def depth_job_lease_renew(*, job_id, worker: str, attempts: int) -> bool:
+    """Extend the lease of one attempt; False when the row is no longer that attempt (recovered, deleted, over)."""
+    until = timezone.now() + timedelta(seconds=job_lease_seconds())
+    return bool(DepthJob.objects.filter(pk=job_id, status=JobStatus.RUNNING, worker=worker,
+                                        attempts=attempts).update(lease_until=until))
+
+
+def worker_heartbeat() -> dict[str, int]:
+    """One beat of this worker process: renew the lease of the job it runs and keep its warm-model rows current."""
+    from models_registry.services.warm import warm_models_heartbeat
+
+    with _running_lock:
+        attempts = list(_running.items())
+    renewed = sum(depth_job_lease_renew(job_id=pk, worker=worker, attempts=count)
+                  for pk, (worker, count) in attempts)
+    warm = 0
+    estimator = sys.modules.get("inference.estimator")  # no loaded network without it: nothing to report
+    if estimator is not None:
+        warm = warm_models_heartbeat(worker=estimator.WORKER_ID)
+    return {"leases": renewed, "warm": warm}
+
+
+def _heartbeat_loop(stop: threading.Event | None = None) -> None:
+    """Beat every third of the lease until `stop` is set (never, in a worker: the thread dies with its process)."""
+    from django.db import connection
+
+    stop = stop or threading.Event()
+    while not stop.wait(job_lease_seconds() / 3):
+        try:
+            worker_heartbeat()
+        except Exception:
+            logger.exception("the worker heartbeat failed; it tries again in %d s", job_lease_seconds() // 3)
+        finally:
+            connection.close()  # this thread's own connection: never left half-open between beats
+
+
+def worker_heartbeat_start() -> bool:
+    """Start this process's heartbeat thread once (called by the worker's task); False when it already runs,
+    or when tasks run inline in the caller (Q_CLUSTER sync: tests, a web process), which is no worker."""
+    global _heartbeat_pid
+    if settings.Q_CLUSTER.get("sync"):
+        return False
+    with _running_lock:
+        if _heartbeat_pid == os.getpid():
+            return False
+        _heartbeat_pid = os.getpid()  # a forked child has no thread of its parent's: it starts its own
+    threading.Thread(target=_heartbeat_loop, name="depthsite-heartbeat", daemon=True).start()
+    return True
+
+
+class _Superseded(Exception):
+    """This attempt no longer owns its job (its lease ran out and another attempt took it, or it was deleted)."""
+
+
+def _still_this_attempt(job: DepthJob) -> bool:
+    return DepthJob.objects.filter(pk=job.pk, status=JobStatus.RUNNING, worker=job.worker,
+                                   attempts=job.attempts).exists()
 
 
 def _save_running(job: DepthJob, fields: Iterable[str]) -> bool:
@@ -309,8 +398,8 @@ def _save_running(job: DepthJob, fields: Iterable[str]) -> bool:
 
 
 _FINISH_FIELDS = ("status", "result_files", "depth_min", "depth_max", "semantics", "weights_sha256",
-                  "weights_format", "device", "load_ms", "inference_ms", "reused_from", "finished_at", "results_bytes")
-_FAIL_FIELDS = ("status", "error", "error_code", "finished_at")
+                  "weights_format", "device", "load_ms", "inference_ms", "reused_from", "finished_at", "results_bytes", "lease_until")
+_FAIL_FIELDS = ("status", "error", "error_code", "finished_at", "lease_until")
 
 
 def _interrupted_message(attempts: int) -> str:
@@ -351,7 +440,8 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
     if job.is_terminal:
         return job  # a re-delivery of a task whose job already ended
     me = worker_id()
-    if job.status == JobStatus.RUNNING and worker_alive(worker=job.worker, started_at=job.started_at):
+    if job.status == JobStatus.RUNNING and worker_alive(worker=job.worker, started_at=job.started_at,
+                                                        lease_until=job.lease_until):
         logger.info("depth job %s is running in %s; this delivery leaves it alone", job.pk, job.worker)
         return job
     if job.attempts >= job_max_attempts():
@@ -364,8 +454,13 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
 
     from django_q.exceptions import TimeoutException
 
+    with _running_lock:
+        _running[job.pk] = (job.worker, job.attempts)
     try:
         _execute(job)
+    except _Superseded:
+        logger.warning("depth job %s: attempt %d in %s no longer owns the job (deleted, or its lease ran out and "
+                       "another attempt took it); its output was dropped", job.pk, job.attempts, me)
     except TimeoutException:
         job.fail(f"the job took longer than the {_job_timeout()} s job timeout; try a smaller image or model",
                  JobErrorCode.TIMEOUT)
@@ -380,6 +475,9 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
                            else message)
         job.fail(message, code)
         _save_running(job, _FAIL_FIELDS)
+    finally:
+        with _running_lock:
+            _running.pop(job.pk, None)
     return job
 
 
@@ -387,7 +485,7 @@ def _fail_exhausted(job: DepthJob) -> bool:
     observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
     job.fail(_interrupted_message(job.attempts), JobErrorCode.INTERRUPTED)
     failed = DepthJob.objects.filter(pk=job.pk, **observed).update(
-        status=job.status, error=job.error, error_code=job.error_code, finished_at=job.finished_at)
+        status=job.status, error=job.error, error_code=job.error_code, finished_at=job.finished_at, lease_until=None)
     if failed:
         logger.warning("depth job %s failed after %d interrupted attempt(s)", job.pk, job.attempts)
     else:
@@ -505,6 +603,9 @@ def _results_write(job: DepthJob, write) -> dict[str, str]:
     staging = final.parent / f".tmp-{job.pk}-{uuid.uuid4().hex[:8]}"
     try:
         written: dict[str, Path] = write(staging)
+        if not _still_this_attempt(job):
+            # A late attempt whose lease ran out must not replace the files of the attempt that took over.
+            raise _Superseded(str(job.pk))
         if final.exists():
             shutil.rmtree(final)  # a re-run's earlier files
         os.replace(staging, final)
@@ -624,8 +725,8 @@ def depth_jobs_recover() -> dict[str, list[str]]:
     requeued: list[str] = []
     failed: list[str] = []
     for job in DepthJob.objects.filter(status=JobStatus.RUNNING).only(
-            "id", "status", "attempts", "worker", "started_at"):
-        if worker_alive(worker=job.worker, started_at=job.started_at):
+            "id", "status", "attempts", "worker", "started_at", "lease_until"):
+        if worker_alive(worker=job.worker, started_at=job.started_at, lease_until=job.lease_until):
             continue
         if job.attempts >= job_max_attempts():
             if _fail_exhausted(job):
@@ -633,7 +734,7 @@ def depth_jobs_recover() -> dict[str, list[str]]:
             continue
         observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
         job.requeue()
-        if DepthJob.objects.filter(pk=job.pk, **observed).update(status=job.status, worker="",
+        if DepthJob.objects.filter(pk=job.pk, **observed).update(status=job.status, worker="", lease_until=None,
                                                                  queued_at=job.queued_at):
             logger.warning("depth job %s: its worker %s stopped during attempt %d; queued again",
                            job.pk, observed["worker"] or "?", job.attempts)
@@ -650,6 +751,9 @@ def depth_jobs_recover() -> dict[str, list[str]]:
             logger.warning("depth job %s has waited since %s; queued again", job.pk, job.queued_at)
             _depth_job_enqueue(job.pk)
             requeued.append(str(job.pk))
+    from models_registry.services.warm import warm_models_stale_remove
+
+    warm_models_stale_remove(older_than=timedelta(seconds=warm_stale_seconds()))
     return {"requeued": requeued, "failed": failed}
 
 
@@ -675,9 +779,10 @@ def results_staging_sweep(*, max_age_seconds: float | None = None) -> list[str]:
         except FileNotFoundError:
             continue  # renamed into place or removed meanwhile
         if found:
-            job = DepthJob.objects.filter(pk=found.group(1)).only("id", "status", "worker", "started_at").first()
+            job = DepthJob.objects.filter(pk=found.group(1)).only("id", "status", "worker", "started_at",
+                                                                  "lease_until").first()
             if job is not None and job.status == JobStatus.RUNNING and worker_alive(
-                    worker=job.worker, started_at=job.started_at):
+                    worker=job.worker, started_at=job.started_at, lease_until=job.lease_until):
                 continue
         path = Path(entry.path)
         if path.is_symlink() or not path.is_dir():

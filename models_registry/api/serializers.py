@@ -327,7 +327,14 @@ class CacheInfoSerializer(serializers.Serializer):
 # --- actions -------------------------------------------------------------------------------------
 
 
+def node_field():
+    return serializers.CharField(required=False, allow_blank=True, max_length=255,
+                                 help_text="The node meant (a file's `node`): refused with 409 and the command to "
+                                           "run on that node's machine unless it is the node answering.")
+
+
 class CacheClearRequestSerializer(StrictSerializer):
+    node = node_field()
     confirm = serializers.BooleanField(default=False, help_text="Must be true: clearing deletes weight files.")
     model = serializers.CharField(required=False, allow_blank=True, max_length=200,
                                   help_text="Only this model (name or alias); default every model.")
@@ -341,6 +348,7 @@ class CacheClearResultSerializer(serializers.Serializer):
 
 
 class CacheOptimizeRequestSerializer(StrictSerializer):
+    node = node_field()
     dry_run = serializers.BooleanField(default=True, help_text="Only compute the plan (default); false carries it out.")
     max_bytes = SizeField(required=False, allow_null=True,
                           help_text="Evict least recently used files to fit (bytes, or e.g. \"2GB\"); default "
@@ -380,11 +388,13 @@ class OptimizePlanSerializer(serializers.Serializer):
 
 
 class DownloadRequestSerializer(StrictSerializer):
+    node = node_field()
     format = WeightFormatField(required=False, allow_null=True,
                                help_text="Also keep a copy in this format (default DEPTHSITE_CACHE_FORMAT).")
 
 
 class VerifyRequestSerializer(StrictSerializer):
+    node = node_field()
     format = WeightFormatField(required=False, allow_null=True, help_text="Only this format.")
     functional = serializers.BooleanField(default=True, help_text="Also run the network on a tiny input.")
 

@@ -24,6 +24,7 @@ from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
 from models_registry.api.uploads import BodyGate, ImportUploadHandler
 from models_registry.exceptions import ApplicationError, ValidationError
+from models_registry.services.weights import node_check
 from models_registry.selectors import (
     cache_info,
     download_get,
@@ -159,7 +160,7 @@ class CacheClearApi(RegistryWriteApi):
             raise ValidationError('clearing deletes weight files: send {"confirm": true} to go ahead',
                                   extra={"field": "confirm"})
         model = model_get(name=data["model"]) if data.get("model") else None
-        return Response(cache_clear(model=model, fmt=data.get("format")).as_dict())
+        return Response(cache_clear(model=model, fmt=data.get("format"), node=data.get("node")).as_dict())
 
 
 WAIT_PARAMETER = OpenApiParameter("wait", OpenApiTypes.BOOL, OpenApiParameter.QUERY, required=False,
@@ -195,6 +196,7 @@ class CacheOptimizeApi(RegistryWriteApi):
                    responses=_run_responses(s.OptimizePlanSerializer))
     def post(self, request):
         data = _validated(s.CacheOptimizeRequestSerializer, request.data)
+        node_check(node=data.get("node") or "", action="optimize")
         params = {"dry_run": data["dry_run"], "max_bytes": data.get("max_bytes")}
         return _run_or_queue(request, kind="optimize", model=None, params=params, sync=data["dry_run"])
 
@@ -211,6 +213,7 @@ class ModelDownloadApi(RegistryWriteApi):
 
         data = _validated(s.DownloadRequestSerializer, request.data)
         model = model_get(name=name, enabled_only=True)
+        node_check(node=data.get("node") or "", action="download", model=model.name, fmt=data.get("format") or "")
         download = download_enqueue(model=model, fmt=data.get("format"), requested_by=request.user.get_username())
         body = s.DownloadSerializer(download, context={"request": request}).data
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body["url"]})
@@ -225,8 +228,10 @@ class ModelVerifyApi(RegistryWriteApi):
                    responses=_run_responses(s.VerifyResponseSerializer))
     def post(self, request, name: str):
         data = _validated(s.VerifyRequestSerializer, request.data)
+        model = model_get(name=name)
+        node_check(node=data.get("node") or "", action="verify", model=model.name, fmt=data.get("format") or "")
         params = {"format": data.get("format"), "functional": data["functional"]}
-        return _run_or_queue(request, kind="verify", model=model_get(name=name), params=params)
+        return _run_or_queue(request, kind="verify", model=model, params=params)
 
 
 class ModelConvertApi(RegistryWriteApi):

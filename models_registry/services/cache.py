@@ -289,8 +289,14 @@ class ClearResult:
         return asdict(self)
 
 
-def cache_clear(*, model: RegisteredModel | None = None, fmt: str | None = None) -> ClearResult:
-    """Remove one model, one format of it, or every model from this node's cache, files and records together."""
+def cache_clear(*, model: RegisteredModel | None = None, fmt: str | None = None,
+                node: str | None = None) -> ClearResult:
+    """Remove one model, one format of it, or every model from this node's cache, files and records together.
+
+    `node`: the node the caller means (a selected row's); ConflictError unless it is this one."""
+    from models_registry.services.weights import node_check
+
+    node_check(node=node or "", action="clear", model=model.name if model else "", fmt=fmt or "")
     fmt = WeightFormat.parse(fmt).value if fmt else None
     models = [model] if model is not None else list(RegisteredModel.objects.all())
     for current in models:

@@ -1,6 +1,8 @@
 """Which worker processes hold which models loaded: written by the estimator pool, read by status pages."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.utils import timezone
 
 from models_registry import cachefs
@@ -33,4 +35,15 @@ def warm_model_forget(*, worker: str, model: RegisteredModel | None = None, devi
     if dtype is not None:
         queryset = queryset.filter(dtype=dtype)
     deleted, _ = queryset.delete()
+    return deleted
+
+
+def warm_models_heartbeat(*, worker: str) -> int:
+    """The worker's heartbeat: its rows stay current (and listed) for as long as it lives and holds them."""
+    return WarmModel.objects.filter(worker=worker).update(last_used_at=timezone.now())
+
+
+def warm_models_stale_remove(*, older_than: timedelta) -> int:
+    """Remove the rows of workers whose heartbeat stopped longer ago than `older_than` (dead workers)."""
+    deleted, _ = WarmModel.objects.filter(last_used_at__lt=timezone.now() - older_than).delete()
     return deleted

@@ -303,7 +303,24 @@ def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Ins
     return Health.OK, "", inspection
 
 
+def node_check(*, node: str, action: str, model: str = "", fmt: str = "") -> None:
+    """ConflictError (409) when `node` is not this one: a node's cache is only changed on that node's machine,
+    and the message says where and how to run the action instead."""
+    here = cachefs.node_name()
+    if not node or node == here:
+        return
+    options = (f" --model {model}" if model else "") + (f" --format {fmt}" if fmt else "")
+    command = f"DEPTHSITE_NODE={node} python manage.py models {action}{options}"
+    what = f"{model} [{fmt}]" if model and fmt else (model or "that cache")
+    raise ConflictError(
+        f"{what} is on node {node}, not on this node ({here}): {action} it on that machine with `{command}`",
+        extra={"node": node, "this_node": here, "command": command,
+               "hint": f"run `{command}` on the machine of node {node}"})
+
+
 def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> VerifyResult:
+    """Check one recorded file of this node; ConflictError for another node's record (its file is not here)."""
+    node_check(node=weight_file.node, action="verify", model=weight_file.model.name, fmt=weight_file.format)
     path = cachefs.absolute(weight_file.path)
     health, reason, inspection = _verify_problems(weight_file, path)
     if health == Health.OK and functional and inspection is not None:

@@ -105,7 +105,7 @@ def test_a_worker_killed_mid_job_still_gets_its_job_finished(running):
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
     assert running.row(job["id"])["worker"].rsplit(":", 2)[1] != str(pid)
-    assert set(done["files"]) == {"png", "png16", "npy", "pfm", "side"}
+    assert set(done["files"]) == {"png", "png16", "npy", "pfm", "side", "ply", "ply_preview"}
     for path in (running.media / "results" / job["id"]).iterdir():
         assert path.stat().st_size > 0 and not path.name.startswith(".tmp-")
     cluster_log = running.log("qcluster")

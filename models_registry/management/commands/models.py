@@ -12,6 +12,15 @@ from models_registry.management.base import CliError, RegistryCommand
 from models_registry.selectors import cache_info, model_get, model_list, models_by_family, weight_files
 
 
+NODE_HELP = "the node meant (refused unless it is this one: run the command on that node's machine)"
+
+
+def _this_node_only(node: str | None, action: str, model: str | None = None, fmt: str | None = None) -> None:
+    from models_registry.services.weights import node_check
+
+    node_check(node=node or "", action=action, model=model or "", fmt=fmt or "")
+
+
 class Command(RegistryCommand):
     help = "Manage the model registry and weight cache."
 
@@ -23,9 +32,11 @@ class Command(RegistryCommand):
 
         p = actions.add_parser("info", help="cache statistics")
         p.add_argument("--detailed", action="store_true", help="paths, hashes and verification times")
+        p.add_argument("--node", help="show another node's cache records (read-only; default this node)")
         p.add_argument("--json", action="store_true")
 
         p = actions.add_parser("verify", help="check every cached file (exit 1 when any is not ok)")
+        p.add_argument("--node", help=NODE_HELP)
         p.add_argument("--model")
         p.add_argument("--format")
         p.add_argument("--no-functional", action="store_true", help="skip running the network on a tiny input")
@@ -52,11 +63,13 @@ class Command(RegistryCommand):
         p.add_argument("--json", action="store_true")
 
         p = actions.add_parser("optimize", help="remove corrupt, orphan and stale files; evict to fit a size")
+        p.add_argument("--node", help=NODE_HELP)
         p.add_argument("--dry-run", action="store_true", help="show the plan only")
         p.add_argument("--max-size", help="e.g. 10GB (default DEPTHSITE_CACHE_MAX_BYTES)")
         p.add_argument("--json", action="store_true")
 
         p = actions.add_parser("clear", help="remove cached files and their records")
+        p.add_argument("--node", help=NODE_HELP)
         p.add_argument("--model")
         p.add_argument("--format")
         p.add_argument("--yes", action="store_true", help="do not ask")
@@ -70,6 +83,7 @@ class Command(RegistryCommand):
         p.add_argument("--json", action="store_true")
 
         p = actions.add_parser("download", help="download a model's weights into the cache")
+        p.add_argument("--node", help=NODE_HELP)
         p.add_argument("--model", required=True)
         p.add_argument("--format", help="also keep a copy in this format")
         p.add_argument("--offline", action="store_true", help="never touch the network")
@@ -138,22 +152,34 @@ class Command(RegistryCommand):
         self.stdout.write(f"* default model. All predict {SEMANTICS}. CPU s/img: median forward at the native "
                           f"input{f' ({machine})' if machine else ''}, by bench/forward.py.")
 
-    def do_info(self, *, detailed: bool = False, json: bool = False, **_):
-        info = cache_info()
+    def do_info(self, *, detailed: bool = False, json: bool = False, node: str | None = None, **_):
+        from models_registry import cachefs
+
+        elsewhere = bool(node) and node != cachefs.node_name()
+        info = cache_info(node=node or None)
+        if elsewhere:
+            # Another machine's folder and disk are not visible from here: only its records are shown.
+            info["read_only"] = True
+            info["cache_dir"] = None
+            info["disk_free"] = None
         if json:
             return self.print_json(info)
         w = self.stdout.write
         w("Model Cache Information")
         w("=" * 50)
-        w(f"Cache Directory: {info['cache_dir']}")
-        w(f"Node: {info['node']}")
+        if info.get("read_only"):
+            w(f"Node: {info['node']} (another node's records, read-only; its folder and disk are on that machine)")
+        else:
+            w(f"Cache Directory: {info['cache_dir']}")
+            w(f"Node: {info['node']}")
         w(f"Total Models: {info['totals']['models']}")
         w(f"Total Size: {format_size(info['totals']['bytes'])}")
         w(f"Total Files: {info['totals']['files']}")
         w(f"Cache Health: {info['health']}")
         if info["max_bytes"]:
             w(f"Size Limit: {format_size(info['max_bytes'])}")
-        w(f"Free Disk: {format_size(info['disk_free'])}")
+        if info["disk_free"] is not None:
+            w(f"Free Disk: {format_size(info['disk_free'])}")
         w("")
         w("Format Distribution:")
         for fmt, stats in info["formats"].items():
@@ -194,9 +220,10 @@ class Command(RegistryCommand):
 
     # --- verify / convert / export / import ------------------------------------------------------
 
-    def do_verify(self, *, model=None, format=None, no_functional=False, json=False, **_):
+    def do_verify(self, *, model=None, format=None, no_functional=False, json=False, node=None, **_):
         from models_registry.services.weights import weights_verify
 
+        _this_node_only(node, "verify", model, format)
         target = model_get(name=model) if model else None
         fmt = WeightFormat.parse(format).value if format else None
         results = weights_verify(model=target, fmt=fmt, functional=not no_functional)
@@ -244,9 +271,10 @@ class Command(RegistryCommand):
 
     # --- optimize / clear / pin ------------------------------------------------------------------
 
-    def do_optimize(self, *, dry_run=False, max_size=None, json=False, **_):
+    def do_optimize(self, *, dry_run=False, max_size=None, json=False, node=None, **_):
         from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
 
+        _this_node_only(node, "optimize")
         try:
             max_bytes = parse_size(max_size) if max_size else None
         except ValueError as exc:
@@ -272,9 +300,10 @@ class Command(RegistryCommand):
         for error in plan.errors:
             self.stderr.write(f"warning: {error}")
 
-    def do_clear(self, *, model=None, format=None, yes=False, json=False, **_):
+    def do_clear(self, *, model=None, format=None, yes=False, json=False, node=None, **_):
         from models_registry.services.cache import cache_clear
 
+        _this_node_only(node, "clear", model, format)
         target = model_get(name=model) if model else None
         fmt = WeightFormat.parse(format).value if format else None
         what = (f"{target.name}" if target else "every model") + (f" [{fmt}]" if fmt else "")
@@ -313,6 +342,7 @@ class Command(RegistryCommand):
     def do_download(self, **options):
         from models_registry.management.download import handle_download
 
+        _this_node_only(options.pop("node", None), "download", options.get("model"), options.get("format"))
         handle_download(self, **options)
 
 

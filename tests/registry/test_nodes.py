@@ -1,0 +1,134 @@
+"""Per-node actions: verify, clear and export change or read only this node's cache; another node's rows are
+refused with the command to run on that node's machine, and `models info --node X` shows its records read-only."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from django.urls import reverse
+
+from models_registry import cachefs
+from models_registry.choices import Health
+from models_registry.exceptions import ConflictError
+from models_registry.models import WeightFile
+from models_registry.services.cache import cache_clear
+from models_registry.services.weights import weight_verify
+
+pytestmark = pytest.mark.django_db
+
+OTHER = "other"
+
+
+@pytest.fixture
+def other_row(cached_small) -> WeightFile:
+    """The same model and format cached on node "other": its file is on that machine, not here."""
+    return WeightFile.objects.create(
+        model=cached_small.model, format=cached_small.format, node=OTHER, path=f"{cached_small.model.name}/elsewhere.pt",
+        size=cached_small.size, sha256=cached_small.sha256, content_digest=cached_small.content_digest,
+        dtype=cached_small.dtype, health=Health.OK)
+
+
+@pytest.fixture
+def staff_client(client):
+    user = get_user_model().objects.create_superuser("admin", "admin@example.com", "pw-admin-123")
+    client.force_login(user)
+    return client
+
+
+def post_action(client, model_name: str, action: str, ids) -> str:
+    url = reverse(f"admin:models_registry_{model_name}_changelist")
+    response = client.post(url, {"action": action, "_selected_action": [str(i) for i in ids]})
+    assert response.status_code in (200, 302)
+    return client.get(url).content.decode() if response.status_code == 302 else response.content.decode()
+
+
+def unchanged(other_row: WeightFile, local: WeightFile) -> None:
+    before = (other_row.health, other_row.health_reason, other_row.verified_at)
+    other_row.refresh_from_db()
+    assert (other_row.health, other_row.health_reason, other_row.verified_at) == before
+    assert WeightFile.objects.filter(pk=local.pk).exists() and cachefs.absolute(local.path).is_file()
+
+
+def test_admin_verify_and_clear_refuse_another_nodes_row_and_say_where_to_run_them(staff_client, cached_small,
+                                                                                   other_row):
+    page = post_action(staff_client, "weightfile", "verify_files", [other_row.pk])
+    assert f"DEPTHSITE_NODE={OTHER} python manage.py models verify" in page and "on node other" in page
+    unchanged(other_row, cached_small)  # not marked missing for lack of a file on this machine
+
+    page = post_action(staff_client, "weightfile", "clear_files", [other_row.pk])
+    assert f"DEPTHSITE_NODE={OTHER} python manage.py models clear" in page
+    unchanged(other_row, cached_small)  # this node's copy of the same model and format is not deleted
+
+    page = post_action(staff_client, "weightfile", "export_file", [other_row.pk])
+    assert f"DEPTHSITE_NODE={OTHER} python manage.py models export" in page
+
+
+def test_admin_model_actions_touch_only_this_nodes_files(staff_client, cached_small, other_row):
+    page = post_action(staff_client, "registeredmodel", "verify_models", [cached_small.model.pk])
+    assert "MiDaS_small [pt]: ok" in page and f"DEPTHSITE_NODE={OTHER}" in page
+    unchanged(other_row, cached_small)
+
+    page = post_action(staff_client, "registeredmodel", "clear_models", [cached_small.model.pk])
+    assert "left alone on node(s) other" in page
+    assert not WeightFile.objects.filter(pk=cached_small.pk).exists()
+    assert WeightFile.objects.filter(pk=other_row.pk, health=Health.OK).exists()
+
+
+def test_services_refuse_another_nodes_row(cached_small, other_row):
+    with pytest.raises(ConflictError) as verify:
+        weight_verify(weight_file=other_row)
+    assert verify.value.extra["node"] == OTHER
+    with pytest.raises(ConflictError):
+        cache_clear(model=cached_small.model, fmt="pt", node=OTHER)
+    unchanged(other_row, cached_small)
+
+
+def cli(*args: str) -> str:
+    out = io.StringIO()
+    call_command("models", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_cli_info_shows_another_nodes_cache_read_only(cached_small, other_row):
+    data = json.loads(cli("info", "--node", OTHER, "--json"))
+    assert data["node"] == OTHER and data["read_only"] is True and data["cache_dir"] is None
+    paths = [f["path"] for m in data["models"] for f in m["files"]]
+    assert paths == [other_row.path]
+    text = cli("info", "--node", OTHER)
+    assert "Node: other (another node's records, read-only" in text and "Cache Directory" not in text
+    local = json.loads(cli("info", "--json"))
+    assert local["node"] == "test-node" and "read_only" not in local and local["cache_dir"]
+    assert [f["path"] for m in local["models"] for f in m["files"]] == [cached_small.path]
+
+
+@pytest.mark.parametrize("action", [["verify"], ["clear", "--yes"], ["optimize"], ["download", "--model", "MiDaS_small"]])
+def test_cli_actions_refuse_another_node(cached_small, other_row, action):
+    err = io.StringIO()
+    with pytest.raises((CommandError, SystemExit)) as refused:
+        call_command("models", *action, "--node", OTHER, stdout=io.StringIO(), stderr=err)
+    err = err.getvalue() + str(refused.value)
+    assert f"DEPTHSITE_NODE={OTHER} python manage.py models {action[0]}" in err
+    unchanged(other_row, cached_small)
+
+
+@pytest.mark.parametrize("url,body", [
+    ("/api/models/MiDaS_small/verify", {"node": OTHER, "format": "pt"}),
+    ("/api/models/cache/clear", {"node": OTHER, "confirm": True, "model": "MiDaS_small"}),
+    ("/api/models/cache/optimize", {"node": OTHER, "dry_run": False}),
+    ("/api/models/MiDaS_small/download", {"node": OTHER}),
+])
+def test_api_actions_refuse_another_node_with_a_409_that_says_where_to_run_them(staff_client, cached_small,
+                                                                                other_row, url, body):
+    response = staff_client.post(url, body, content_type="application/json")
+    assert response.status_code == 409, response.content[:300]
+    error = response.json()
+    action = url.rsplit("/", 1)[1]
+    assert f"DEPTHSITE_NODE={OTHER} python manage.py models {action}" in error["message"]
+    assert error["extra"]["node"] == OTHER
+    unchanged(other_row, cached_small)
+    # The node answering is accepted by name.
+    if action == "verify":
+        assert staff_client.post(url, {**body, "node": "test-node"}, content_type="application/json").json()["ok"]
