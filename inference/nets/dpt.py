@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import DecoderConfig, DepthDecoder
+from .blocks import DecoderConfig, DepthDecoder, dpt_decoder
 from .registry import register_variant
 
 PATCH_SIZE = 16
@@ -169,19 +169,6 @@ class DPT(nn.Module):
 # --- configs ------------------------------------------------------------------------------------
 
 
-def _dpt_decoder(in_channels: tuple[int, int, int, int]) -> DecoderConfig:
-    return DecoderConfig(
-        in_channels=in_channels,
-        widths=(256, 256, 256, 256),
-        fusion_out_conv=True,
-        skip_after_activation=False,
-        fusion_align_corners=True,
-        upsample_to_lateral_size=True,
-        head_align_corners=True,
-        coarse_first=False,
-    )
-
-
 DPT_LARGE = DPTArch(
     encoder=ViTEncoderConfig(
         timm_name="vit_large_patch16_384",
@@ -190,7 +177,7 @@ DPT_LARGE = DPTArch(
         features=(256, 512, 1024, 1024),
         resample=(4, 2, 1, 0.5),
     ),
-    decoder=_dpt_decoder((256, 512, 1024, 1024)),
+    decoder=dpt_decoder((256, 512, 1024, 1024)),
 )
 
 DPT_HYBRID = DPTArch(
@@ -201,7 +188,7 @@ DPT_HYBRID = DPTArch(
         features=(256, 512, 768, 768),
         resample=(4, 2, 1, 0.5),
     ),
-    decoder=_dpt_decoder((256, 512, 768, 768)),
+    decoder=dpt_decoder((256, 512, 768, 768)),
 )
 
 
