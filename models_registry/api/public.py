@@ -59,4 +59,5 @@ def cache_info_public(info: dict[str, Any]) -> dict[str, Any]:
         "cache_dir": "",
         "node": "",
         "models": [{**model, "files": [weight_file_public(f) for f in model["files"]]} for model in info["models"]],
+        "warm": [warm_load_public(worker) for worker in info.get("warm", [])],
     }

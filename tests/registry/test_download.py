@@ -481,7 +481,10 @@ def test_setup_models_noinput_without_selection_downloads_nothing(small_model, m
 
 
 def test_setup_models_on_a_terminal_shows_the_catalogue_and_asks(small_model, mirror, monkeypatch, capsys):
-    answers = iter(["nope", "midas-small", "4"])  # an unknown name is asked again; 4 is MiDaS_small's number
+    from models_registry.selectors import model_list
+
+    number = [m.name for m in model_list()].index("MiDaS_small") + 1
+    answers = iter(["nope", "midas-small", str(number)])  # an unknown name is asked again; then MiDaS_small's number
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
 
@@ -501,7 +504,8 @@ def test_setup_models_selection_parsing(small_model):
     from models_registry.selectors import model_list
 
     models = list(model_list())
-    assert [m.name for m in parse_selection("4, dpt_large", models)] == ["MiDaS_small", "DPT_Large"]
+    number = [m.name for m in models].index("MiDaS_small") + 1
+    assert [m.name for m in parse_selection(f"{number}, dpt_large", models)] == ["MiDaS_small", "DPT_Large"]
     assert len(parse_selection("all", models)) == len(models)
     assert parse_selection("", models) == []
 

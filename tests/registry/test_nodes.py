@@ -131,4 +131,5 @@ def test_api_actions_refuse_another_node_with_a_409_that_says_where_to_run_them(
     unchanged(other_row, cached_small)
     # The node answering is accepted by name.
     if action == "verify":
-        assert staff_client.post(url, {**body, "node": "test-node"}, content_type="application/json").json()["ok"]
+        # ?wait=1: the synchronous answer (without it the verify is queued as a run, 202).
+        assert staff_client.post(url + "?wait=1", {**body, "node": "test-node"}, content_type="application/json").json()["ok"]

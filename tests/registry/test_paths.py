@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -126,8 +128,21 @@ def _force_name(model: RegisteredModel, **fields) -> RegisteredModel:
 
 @pytest.mark.parametrize("kind", ["relative", "absolute"])
 def test_clear_with_a_forced_bad_name_touches_nothing_outside(small_model, tmp_path, kind):
+    if kind == "relative":
+        _clear_touches_nothing_outside(small_model, tmp_path, kind)
+        return
+    # A short absolute folder: the name column holds 64 characters (PostgreSQL enforces it).
+    short = Path(tempfile.mkdtemp(prefix="ds-", dir="/tmp"))
+    try:
+        _clear_touches_nothing_outside(small_model, short, kind)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _clear_touches_nothing_outside(small_model, tmp_path, kind):
     outside = _outside(tmp_path)
     name = "../../outside" if kind == "relative" else str(outside)
+    assert len(name) <= 64
     model = _force_name(small_model, name=name)
     assert (cachefs.cache_root() / name).resolve() == outside.resolve()  # what the old join would reach
 
