@@ -136,8 +136,8 @@ from models_registry.models import RegisteredModel
 small = RegisteredModel.objects.get(name="MiDaS_small")
 for name in {names!r}:
     RegisteredModel.objects.update_or_create(name=name, defaults=dict(
-        display_name=name, architecture=small.architecture, file_name=name + ".pt", input_size=small.input_size,
-        preprocessing=small.preprocessing, semantics=small.semantics, source_url=""))
+        display_name=name, architecture=small.architecture, file_name=name + ".pt",
+        semantics=small.semantics, source_url=""))
 """
 
 
