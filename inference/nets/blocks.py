@@ -161,3 +161,9 @@ def dpt_decoder(in_channels: tuple[int, int, int, int]) -> DecoderConfig:
         head_align_corners=True,
         coarse_first=False,
     )
+
+
+def require_native_square(x: torch.Tensor, size: int, name: str) -> None:
+    """Refuse any input but the size x size square a fixed-grid encoder (Swin, SwinV2, LeViT) was built for."""
+    if tuple(x.shape[-2:]) != (size, size):
+        raise ValueError(f"{name} accepts {size}x{size} inputs only, got {x.shape[-2]}x{x.shape[-1]}")

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from .blocks import DepthHead, FeatureFusionBlock
+from .blocks import DepthHead, FeatureFusionBlock, require_native_square
 from .registry import HALF_MEAN, HALF_STD, NetConfig, register_variant
 
 # --- blocks -------------------------------------------------------------------------------------
@@ -63,8 +63,7 @@ class LevitEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         size = self.cfg.img_size
-        if tuple(x.shape[-2:]) != (size, size):
-            raise ValueError(f"{self.cfg.timm_name} accepts {size}x{size} inputs only, got {x.shape[-2]}x{x.shape[-1]}")
+        require_native_square(x, size, self.cfg.timm_name)
         tokens = self.model.stem(x).flatten(2).transpose(1, 2)
         grid = size // 16
         features = []

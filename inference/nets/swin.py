@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from .blocks import DecoderConfig, DepthDecoder, dpt_decoder
+from .blocks import DecoderConfig, DepthDecoder, dpt_decoder, require_native_square
 from .registry import HALF_MEAN, HALF_STD, NetConfig, register_variant
 
 # --- blocks -------------------------------------------------------------------------------------
@@ -41,10 +41,7 @@ class SwinEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         size = self.cfg.img_size
-        if tuple(x.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"{self.cfg.timm_name} accepts {size}x{size} inputs only, got {x.shape[-2]}x{x.shape[-1]}"
-            )
+        require_native_square(x, size, self.cfg.timm_name)
         x = self.model.patch_embed(x)  # (B, H, W, C)
         features = []
         for stage in self.model.layers:
