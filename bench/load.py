@@ -111,7 +111,7 @@ def timed_process(argv: list[str], env: dict[str, str]) -> float:
 
 
 def ensure_checkpoint(model: str) -> Path:
-    from tests.support.detweights import det_state_dict
+    from models_registry.detweights import det_state_dict
 
     path = BENCH_DIR / "weights" / f"{model}.pt"
     if not path.exists():
@@ -168,7 +168,7 @@ def main() -> None:
     if not photo.exists():
         from PIL import Image
 
-        from tests.support.detweights import synthetic_image
+        from models_registry.detweights import synthetic_image
 
         Image.fromarray(synthetic_image(480, 640)).save(photo, quality=92)
 

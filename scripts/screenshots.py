@@ -70,7 +70,7 @@ def manage(env: dict[str, str], *args: str) -> None:
 
 def generated_weights(folder: Path) -> Path:
     """MiDaS_small's official key layout filled by the tests' deterministic rule, as the release file is named."""
-    from tests.support.detweights import det_numpy_state_dict
+    from models_registry.detweights import det_numpy_state_dict
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "depthsite.settings")
     import django

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.support.browser import chromium_browser, require_chromium
-from tests.support.detweights import det_numpy_state_dict
+from models_registry.detweights import det_numpy_state_dict
 
 REQUIRE_SERVICES = os.environ.get("DEPTHSITE_REQUIRE_SERVICES", "") == "1"
 

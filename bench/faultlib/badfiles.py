@@ -137,7 +137,7 @@ def _run_case(workspace: Workspace, index: int, case: hostile.Case, materials: h
 
 
 def bad_weight_files(workspace: Workspace) -> Result:
-    from tests.support.detweights import det_numpy_state_dict
+    from models_registry.detweights import det_numpy_state_dict
 
     result = Result("bad-weights")
     cases = [case for case in hostile.CASES if not workspace.quick or case.name in hostile.QUICK]

@@ -281,7 +281,7 @@ class Workspace:
 
             stem = Path(next(entry.file_name for entry in CATALOGUE if entry.name == model)).stem
             path = self.folder("checkpoints") / f"{stem}.{fmt}"
-            code = ("import sys; from tests.support.detweights import det_numpy_state_dict; "
+            code = ("import sys; from models_registry.detweights import det_numpy_state_dict; "
                     "from models_registry.formats import write_weights; "
                     "write_weights(det_numpy_state_dict(sys.argv[1]), sys.argv[2], sys.argv[3], {})")
             done = subprocess.run([PYTHON, "-c", code, model, str(path), fmt], cwd=ROOT, capture_output=True,

@@ -17,7 +17,7 @@ from models_registry.exceptions import OfflineError
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.selectors import warm_models
 from models_registry.services.weights import weight_convert, weight_import, weight_verify
-from tests.support.detweights import synthetic_image
+from models_registry.detweights import synthetic_image
 
 pytestmark = pytest.mark.django_db
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"

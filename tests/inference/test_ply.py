@@ -14,7 +14,7 @@ from inference.writers import (
     PLY_DEPTH_FLOOR, PLY_PREVIEW, DepthMeta, ValidationError, fov_check, ply_preview_stride, read_ply, write_outputs,
     write_ply,
 )
-from tests.support.detweights import synthetic_image
+from models_registry.detweights import synthetic_image
 
 
 def scene(height: int = 48, width: int = 64):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from inference.estimator import estimator_pool
 from inference.writers import read_pfm, read_png16
-from tests.support.detweights import synthetic_image
+from models_registry.detweights import synthetic_image
 
 pytestmark = pytest.mark.django_db
 

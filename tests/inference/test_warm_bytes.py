@@ -13,7 +13,7 @@ from inference.estimator import EstimatorPool, network_bytes
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.services.weights import weight_import
-from tests.support.detweights import synthetic_image
+from models_registry.detweights import synthetic_image
 
 pytestmark = pytest.mark.django_db
 

@@ -21,7 +21,7 @@ from tests.conftest import require_service
 from tests.jobs import images
 from tests.jobs.e2e import start_site, stop_site
 from tests.support.cli import make_site
-from tests.support.detweights import det_numpy_state_dict
+from models_registry.detweights import det_numpy_state_dict
 
 pytestmark = pytest.mark.slow
 POSTGRES_ADMIN_URL = os.environ.get("DEPTHSITE_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")

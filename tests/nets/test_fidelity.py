@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inference.nets import NET_NAMES, create_model, get_config, postprocess, preprocess
-from tests.support.detweights import array_digest16, det_state_dict, net_input, official_layout, synthetic_image
+from models_registry.detweights import array_digest16, det_state_dict, net_input, official_layout, synthetic_image
 
 MODELS = [
     pytest.param("DPT_Large", marks=pytest.mark.slow),

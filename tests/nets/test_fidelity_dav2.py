@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from inference.nets import NET_NAMES, create_model, get_config, postprocess, preprocess, target_size
 from inference.nets.depth_anything import interpolate_pos_embed
-from tests.support.detweights import det_array, net_input, official_layout, synthetic_image
+from models_registry.detweights import det_array, net_input, official_layout, synthetic_image
 from tests.support.detweights_dav2 import (
     ENCODERS,
     MODELS,

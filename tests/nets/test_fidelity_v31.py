@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from inference.nets import NET_NAMES, create_model, get_config, postprocess, preprocess, target_size
-from tests.support.detweights import array_digest16, net_input, official_layout, synthetic_image
+from models_registry.detweights import array_digest16, net_input, official_layout, synthetic_image
 from tests.support.detweights_v31 import (
     REFERENCE_DIR,
     det_official_state_dict,

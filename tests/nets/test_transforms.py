@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inference.nets import NetConfig, get_config, postprocess, preprocess, target_size
-from tests.support.detweights import synthetic_image
+from models_registry.detweights import synthetic_image
 
 
 @pytest.mark.parametrize(

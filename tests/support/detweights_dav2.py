@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.support.detweights import array_digest16, det_array, official_layout
+from models_registry.detweights import array_digest16, det_array, official_layout
 
 # Fixture file stem (the official encoder name) of each catalogue model.
 ENCODERS = {

@@ -1,6 +1,6 @@
 """Deterministic official-layout checkpoints for the MiDaS v3.1 networks (weights_spec_v31.md).
 
-The v3.1 rule is the v3 rule (`tests/support/detweights.py`) plus one addition: the structural
+The v3.1 rule is the v3 rule (`models_registry/detweights.py`) plus one addition: the structural
 buffers (`relative_position_index`, `attn_mask`, `attention_bias_idxs`), which timm 0.6 saved with
 every checkpoint, keep their constructor values instead of being filled by the rule. timm 1.0 makes
 them non-persistent and recomputes them, so their values are taken from a built network, under the
@@ -12,7 +12,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from tests.support.detweights import CATALOGUE_DIR, det_array, official_layout
+from models_registry.detweights import CATALOGUE_DIR, det_array, official_layout
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "reference" / "midas_v31"
 BACKBONE_PREFIX = "pretrained.model."

@@ -1,4 +1,4 @@
-"""Deterministic checkpoint weights for tests: every tensor is a pure function of its key, shape and dtype.
+"""Deterministic checkpoint weights (tests, benchmarks, demo screenshots): every tensor is a pure function of its key, shape and dtype.
 
 Implements the rule of the reference fixtures (SplitMix64 stream seeded by sha256(key)), so that
 generated checkpoints reproduce the golden outputs of the official MiDaS code. numpy only; torch is
@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-CATALOGUE_DIR = Path(__file__).resolve().parents[2] / "models_registry" / "catalogue"
+CATALOGUE_DIR = Path(__file__).resolve().parent / "catalogue"
 
 _INCREMENT = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
