@@ -114,6 +114,7 @@ COMPILE = get_bool("DEPTHSITE_COMPILE", False)
 FP16 = get_bool("DEPTHSITE_FP16", False)
 WARM_MODELS = get_int("DEPTHSITE_WARM_MODELS", 2)
 WARM_BYTES = get_size("DEPTHSITE_WARM_BYTES", None)  # tensor bytes kept loaded per worker; unset: no limit
+PRELOAD = get_list("DEPTHSITE_PRELOAD", [])  # models a worker warms before taking its first job
 TORCH_THREADS = get_int("DEPTHSITE_TORCH_THREADS", 0)
 MAX_IMAGE_PIXELS = get_int("DEPTHSITE_MAX_IMAGE_PIXELS", 50_000_000)
 

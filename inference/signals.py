@@ -38,3 +38,17 @@ def _recover_when_a_worker_starts(sender, proc_name: str = "", **kwargs) -> None
         return
     if outcome["requeued"] or outcome["failed"]:
         logger.warning("%s recovered depth jobs: %s", proc_name, outcome)
+
+
+@receiver(post_spawn, dispatch_uid="inference.models_preload")
+def _preload_when_a_worker_starts(sender, proc_name: str = "", **kwargs) -> None:
+    # post_spawn runs in the new worker process before it takes a task: DEPTHSITE_PRELOAD's models are warm
+    # for the first job after a deploy, and for the replacement of a worker that died.
+    if not settings.DEPTHSITE_PRELOAD or settings.Q_CLUSTER.get("sync"):
+        return
+    from inference.services.preload import models_preload
+
+    try:
+        models_preload()
+    except Exception:
+        logger.exception("DEPTHSITE_PRELOAD failed in %s; models will load on first use", proc_name)
