@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.support import browser as browser_support
-from tests.support.cli import PROJECT_ROOT
+from depthsite.testing.cli import PROJECT_ROOT
 
 BROWSER_TEST_FILES = ["tests/api/test_dashboard.py", "tests/jobs/test_browser.py"]
 

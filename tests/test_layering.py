@@ -7,7 +7,8 @@
   module imports them inside the function that needs them, so that pages, the API and `models info` never
   pay for them (tests/jobs/test_no_torch.py checks the same from a live process).
 - Nothing outside `tests/` imports `tests`: what product code, benchmarks and tests share lives in the product
-  (the deterministic weights are `models_registry/detweights.py`).
+  (the deterministic weights in `models_registry/detweights.py`; sites in subprocesses, the loopback weight
+  mirror, photo and hostile-file builders in `depthsite/testing/`).
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def test_heavy_packages_are_imported_lazily_outside_the_networks():
     assert bad == []
 
 
-@pytest.mark.parametrize("folder", PRODUCT)
+@pytest.mark.parametrize("folder", [*PRODUCT, "bench"])
 def test_the_product_never_imports_the_tests(folder):
     bad = [f"{i.path}:{i.line} imports {i.module}" for i in _all_imports(folder) if _names(i.module, "tests")]
     assert bad == []

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support.cli import Site  # noqa: E402  (needs ROOT on sys.path)
+from depthsite.testing.cli import Site  # noqa: E402  (needs ROOT on sys.path)
 
 PYTHON = sys.executable
 MANAGE = str(ROOT / "manage.py")

@@ -1,6 +1,6 @@
 """Downloads under faults: `manage.py models download` processes killed mid-body, and many at once.
 
-The mirror is tests.support.weightserver on 127.0.0.1 (Range/ETag, a byte rate, a log of every request);
+The mirror is depthsite.testing.weightserver on 127.0.0.1 (Range/ETag, a byte rate, a log of every request);
 `DEPTHSITE_MODEL_MIRROR` points the site at it. Figures come from the server's request log (GETs, Range
 headers, 206s, bytes sent), the files in the cache and the site's database.
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.faultlib.common import MANAGE, PYTHON, Result, Workspace, kill_group, manage, spawn, stop
-from tests.support.weightserver import WeightServer
+from depthsite.testing.weightserver import WeightServer
 
 FILE_NAME = "midas_v21_small_256.pt"
 

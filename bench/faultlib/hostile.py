@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from tests.support.hostile import make_safetensors_malformed
+from depthsite.testing.hostile import make_safetensors_malformed
 
 SECRET_BYTES = 72 * 8  # one 8-byte window per num_batches_tracked entry of MiDaS_small
 GIB = 1024**3

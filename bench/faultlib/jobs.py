@@ -1,6 +1,6 @@
 """Depth jobs under faults: workers killed mid-job, a cluster restarted with jobs queued, PostgreSQL restarted.
 
-The site runs for real (tests/jobs/e2e.py: `manage.py qcluster` + `runserver` on 127.0.0.1, generated
+The site runs for real (depthsite/testing/e2e.py: `manage.py qcluster` + `runserver` on 127.0.0.1, generated
 MiDaS_small weights imported, jobs submitted through the HTTP API). Figures come from the job rows (status,
 attempts) and from the cluster's own log, where every finished execution says "depth job <id> succeeded"
 and every execution whose result was thrown away says "changed while it ran": a job that succeeded more
@@ -25,8 +25,8 @@ from PIL import Image
 
 from bench.faultlib import common
 from bench.faultlib.common import MANAGE, PYTHON, Result, Workspace, new_site, spawn, stop
-from tests.jobs import images
-from tests.jobs.e2e import RunningSite, start_site, stop_site
+from depthsite.testing import images
+from depthsite.testing.e2e import RunningSite, start_site, stop_site
 
 SITE_ENV = {"DEPTHSITE_WORKERS": "1", "DEPTHSITE_JOB_MAX_ATTEMPTS": "3", "DEPTHSITE_JOB_TIMEOUT": "120",
             "DEPTHSITE_UPLOAD_RATE": "100000/hour", "DEPTHSITE_WRITE_RATE": "100000/hour"}

@@ -20,7 +20,7 @@ import requests
 from PIL import Image
 
 from bench.faultlib.common import MANAGE, PYTHON, Result, Workspace, free_port, manage, spawn, stop
-from tests.jobs import images
+from depthsite.testing import images
 
 UPLOAD_LIMIT = 2 * 1000**2
 USERS = """

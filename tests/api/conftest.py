@@ -11,7 +11,7 @@ from django.core.cache import cache
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from tests.support.weightserver import WeightServer
+from depthsite.testing.weightserver import WeightServer
 
 MIRROR_FILE = "midas_v21_small_256.pt"
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.support.cli import PROJECT_ROOT
+from depthsite.testing.cli import PROJECT_ROOT
 
 
 def _cuda_available() -> bool:

@@ -7,7 +7,7 @@ from django.core.cache import cache
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
-from tests.jobs import images
+from depthsite.testing import images
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from rest_framework.settings import api_settings
 from rest_framework.test import APIClient
 
 from inference.models import DepthJob
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.urls import reverse
 
 from inference.models import DepthJob
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from inference.models import DepthJob
-from tests.jobs import images
+from depthsite.testing import images
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def off_the_loop(function):

@@ -24,7 +24,7 @@ from inference.services import jobs as job_services
 from inference.services.jobs import depth_job_create, depth_jobs_expire, results_staging_sweep
 from inference.tasks import depth_jobs_expire_task, depth_jobs_recover_task
 from models_registry.api.throttling import SettingsScopedRateThrottle, client_address
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db

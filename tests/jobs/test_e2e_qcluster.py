@@ -18,9 +18,9 @@ from PIL import Image
 
 from models_registry.formats import write_weights
 from tests.conftest import require_service
-from tests.jobs import images
-from tests.jobs.e2e import start_site, stop_site
-from tests.support.cli import make_site
+from depthsite.testing import images
+from depthsite.testing.e2e import start_site, stop_site
+from depthsite.testing.cli import make_site
 from models_registry.detweights import det_numpy_state_dict
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tests.jobs import images
-from tests.support.cli import PROJECT_ROOT, make_site
+from depthsite.testing import images
+from depthsite.testing.cli import PROJECT_ROOT, make_site
 
 SCRIPT = r"""
 import json, sys

@@ -12,7 +12,7 @@ from PIL import Image
 
 from inference.models import DepthJob
 from inference.writers import read_ply
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db

@@ -28,7 +28,7 @@ from inference.services.jobs import (
 )
 from inference.writers import read_pfm, read_png16
 from models_registry.exceptions import ConflictError, TooLargeError, ValidationError
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db

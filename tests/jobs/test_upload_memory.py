@@ -15,7 +15,7 @@ from PIL import Image
 
 from inference.exceptions import ImageError, ImageTooLargeError
 from inference.images import ACCEPTED_FORMATS, image_check, image_open
-from tests.jobs import images
+from depthsite.testing import images
 
 ROOT = Path(__file__).resolve().parents[2]
 MEGAPIXELS_5 = (2560, 1960)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from inference.choices import JobStatus
 from inference.models import DepthJob
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db

@@ -12,7 +12,7 @@ from django.core.management import CommandError, call_command
 
 from models_registry import cachefs
 from models_registry.models import WeightFile
-from tests.support.cli import PROJECT_ROOT, make_site
+from depthsite.testing.cli import PROJECT_ROOT, make_site
 
 pytestmark = pytest.mark.django_db
 

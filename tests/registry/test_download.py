@@ -38,7 +38,7 @@ from models_registry.services.download import (
     weights_resolve,
     weights_resolve_loaded,
 )
-from tests.support.weightserver import WeightServer
+from depthsite.testing.weightserver import WeightServer
 
 REPO = Path(__file__).resolve().parents[2]
 FILE_NAME = "midas_v21_small_256.pt"

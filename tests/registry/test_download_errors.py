@@ -16,7 +16,7 @@ from models_registry.exceptions import DownloadError
 from models_registry.models import WeightDownload, WeightFile
 from models_registry.services import download as download_service
 from models_registry.services.download import weight_download
-from tests.support.weightserver import WeightServer
+from depthsite.testing.weightserver import WeightServer
 
 WAYS_OUT = ("DEPTHSITE_MODEL_MIRROR", "python manage.py models import PATH --model MiDaS_small", "--offline")
 

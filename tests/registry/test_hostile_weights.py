@@ -26,7 +26,7 @@ from models_registry.models import WeightFile
 from models_registry.services import weights as weight_services
 from models_registry.services.catalogue import model_pin
 from models_registry.services.weights import weight_convert, weight_import, weight_verify
-from tests.support import hostile
+from depthsite.testing import hostile
 
 SECRET = b"TOPSECRT" * 64
 # Far below the 512 MB the hostile files declare, far above what refusing them needs.

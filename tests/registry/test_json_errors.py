@@ -11,7 +11,7 @@ import pytest
 from django.core.management import load_command_class
 from django.db import connections
 
-from tests.support.cli import make_site
+from depthsite.testing.cli import make_site
 
 pytestmark = pytest.mark.django_db
 

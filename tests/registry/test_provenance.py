@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 from models_registry.choices import Health
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.weights import weight_export, weight_import
-from tests.support.weightserver import WeightServer
+from depthsite.testing.weightserver import WeightServer
 
 
 def _model() -> RegisteredModel:

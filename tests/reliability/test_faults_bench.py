@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.support.cli import PROJECT_ROOT
+from depthsite.testing.cli import PROJECT_ROOT
 
 BENCH = PROJECT_ROOT / "bench" / "faults.py"
 

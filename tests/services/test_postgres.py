@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import require_service
-from tests.support.cli import PROJECT_ROOT
+from depthsite.testing.cli import PROJECT_ROOT
 
 POSTGRES_URL = os.environ.get("DEPTHSITE_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
 # Files whose subject is parsing bytes (weight formats, hostile files, full disks, JSON error output): the

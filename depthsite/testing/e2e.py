@@ -1,6 +1,6 @@
 """A depthsite running for real: `manage.py qcluster` and `manage.py runserver` subprocesses on an isolated site.
 
-The site is a tests.support.cli Site (its own database, weight cache and media folder) with generated
+The site is a depthsite.testing.cli Site (its own database, weight cache and media folder) with generated
 MiDaS_small weights imported, a user with an API token, and the real settings (sync off). Jobs go in
 through the HTTP API; the test reads job rows straight from the site's database to find the worker
 process it may kill.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from tests.support.cli import PROJECT_ROOT, Site
+from depthsite.testing.cli import PROJECT_ROOT, Site
 
 TERMINAL = ("succeeded", "failed")
 

@@ -4,7 +4,7 @@ In-process: `with WeightServer(folder) as server: ... server.url_for("x.pt")`; `
 the behaviour (no Range support, drop the connection after N bytes, an HTML page, an error status n times,
 a byte rate, no Content-Length, an endless body, a gzip-encoded body, a lying Content-Length), and
 `server.requests` / `server.bytes_sent` say what was asked for and sent.
-As a process: `python -m tests.support.weightserver DIR [--port P] [--no-range] [--rate BYTES_PER_S] [--no-length]
+As a process: `python -m depthsite.testing.weightserver DIR [--port P] [--no-range] [--rate BYTES_PER_S] [--no-length]
 [--endless] [--gzip]`.
 """
 from __future__ import annotations
@@ -289,7 +289,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.weightserver",
+    parser = argparse.ArgumentParser(prog="python -m depthsite.testing.weightserver",
                                      description="Serve a folder of weight files on 127.0.0.1 for download tests.")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
