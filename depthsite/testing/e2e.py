@@ -17,12 +17,26 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import requests
+from PIL import Image
 
-from depthsite.testing.cli import PROJECT_ROOT, Site
+from depthsite.testing import images
+from depthsite.testing.cli import PROJECT_ROOT, Site, make_site
 
 TERMINAL = ("succeeded", "failed")
+POSTGRES_ADMIN_URL = os.environ.get("DEPTHSITE_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("DEPTHSITE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def unique_photo(width: int, height: int, seed: int) -> bytes:
+    """A photo no other job has sent (so no result is reused): a synthetic scene with seeded noise, as JPEG."""
+    rng = np.random.default_rng(seed)
+    base = np.asarray(Image.fromarray(images.photo_array(320, 240)).resize((width, height)), dtype=np.int16)
+    noisy = np.clip(base + rng.integers(-12, 12, size=base.shape), 0, 255).astype(np.uint8)
+    return images.encode(Image.fromarray(noisy), "JPEG", quality=90)
 
 
 def free_port() -> int:
@@ -170,3 +184,36 @@ def start_site(site: Site, weights: Path, database_url: str) -> RunningSite:
 def stop_site(running: RunningSite) -> None:
     for process in running.processes.values():
         _stop(process)
+
+
+def orm_site(root: Path, weights: Path, **env: str) -> tuple[RunningSite, Callable[[], None]]:
+    """A running site on SQLite with the ORM broker (the `make run` defaults); (site, cleanup)."""
+    site = make_site(root, **env)
+    return start_site(site, weights, database_url=site.env()["DATABASE_URL"]), lambda: None
+
+
+def redis_postgres_site(root: Path, weights: Path, **env: str) -> tuple[RunningSite, Callable[[], None]]:
+    """A running site on a fresh PostgreSQL database with the Redis broker under a queue name of its own;
+    (site, cleanup), where cleanup drops the database and the queue's keys."""
+    import psycopg
+    import redis
+
+    name = f"depthsite_e2e_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    database_url = f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+
+    def cleanup() -> None:
+        client = redis.from_url(REDIS_URL)
+        for key in client.scan_iter(f"django_q:{name}:*"):
+            client.delete(key)
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    try:
+        site = make_site(root, DATABASE_URL=database_url, REDIS_URL=REDIS_URL, DEPTHSITE_QUEUE_NAME=name, **env)
+        running = start_site(site, weights, database_url=database_url)
+    except BaseException:
+        cleanup()
+        raise
+    return running, cleanup

@@ -9,36 +9,22 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from depthsite.testing.e2e import orm_site, redis_postgres_site, stop_site, unique_photo
+from models_registry.detweights import det_numpy_state_dict
 from models_registry.formats import write_weights
 from tests.conftest import require_service
-from depthsite.testing import images
-from depthsite.testing.e2e import start_site, stop_site
-from depthsite.testing.cli import make_site
-from models_registry.detweights import det_numpy_state_dict
 
 pytestmark = pytest.mark.slow
-POSTGRES_ADMIN_URL = os.environ.get("DEPTHSITE_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("DEPTHSITE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # One worker (the default: a model per process is big), two attempts, and a timeout whose retry
 # window (timeout + 60 s) outlasts the test, so a finished kill test shows our recovery at work.
 SITE_ENV = {"DEPTHSITE_WORKERS": "1", "DEPTHSITE_JOB_MAX_ATTEMPTS": "2", "DEPTHSITE_JOB_TIMEOUT": "120"}
 SIZES = [(64, 48), (96, 72), (128, 96), (160, 120), (200, 150), (240, 180), (256, 192), (288, 216),
          (320, 240), (100, 320)]
-
-
-def unique_photo(width: int, height: int, seed: int) -> bytes:
-    """A photo no other job has sent (so no result is reused), large enough that a warm worker takes seconds."""
-    rng = np.random.default_rng(seed)
-    base = np.asarray(Image.fromarray(images.photo_array(320, 240)).resize((width, height)), dtype=np.int16)
-    noisy = np.clip(base + rng.integers(-12, 12, size=base.shape), 0, 255).astype(np.uint8)
-    return images.encode(Image.fromarray(noisy), "JPEG", quality=90)
 
 
 @pytest.fixture(scope="module")
@@ -49,38 +35,13 @@ def weights(tmp_path_factory) -> Path:
 
 
 def _orm_site(root: Path, weights: Path):
-    site = make_site(root, **SITE_ENV)
-    running = start_site(site, weights, database_url=site.env()["DATABASE_URL"])
-    return running, lambda: None
+    return orm_site(root, weights, **SITE_ENV)
 
 
 def _redis_postgres_site(root: Path, weights: Path):
     require_service("PostgreSQL", "127.0.0.1", 5432)
     require_service("Redis", "127.0.0.1", 6379)
-    import psycopg
-    import redis
-
-    name = f"depthsite_e2e_{uuid.uuid4().hex[:10]}"
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    database_url = f"{base}/{name}"
-
-    def cleanup():
-        client = redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"django_q:{name}:*"):
-            client.delete(key)
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    try:
-        site = make_site(root, DATABASE_URL=database_url, REDIS_URL=REDIS_URL, DEPTHSITE_QUEUE_NAME=name,
-                         **SITE_ENV)
-        running = start_site(site, weights, database_url=database_url)
-    except BaseException:
-        cleanup()
-        raise
-    return running, cleanup
+    return redis_postgres_site(root, weights, **SITE_ENV)
 
 
 @pytest.fixture(scope="module", params=["orm-sqlite", pytest.param("redis-postgres", marks=pytest.mark.services)])
