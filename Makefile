@@ -32,11 +32,16 @@ run: migrate
 serve: install
 	scripts/serve.sh all
 
+# One pytest-xdist worker per core (at most 4: each may hold a large network), a test file per worker; the
+# ten slowest tests are listed at the end.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile --durations=10
+
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 bench: install
 	$(PY) bench/load.py

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -60,10 +61,21 @@ def _isolated_storage(settings, tmp_path):
     yield root
 
 
+def _threads_per_process() -> int:
+    """The cores shared out between pytest-xdist's workers (at most two each: the goldens were made with two)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return max(1, min(2, (os.cpu_count() or 2) // workers))
+
+
+# Before any test imports torch: a process started by a test inherits the same share.
+os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_process()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
-    """At most two threads: the machine (and CI) has two cores."""
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    """Torch in this process uses this worker's share of the cores, not all of them."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield
 
 

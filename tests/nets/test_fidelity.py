@@ -103,12 +103,15 @@ def test_channels_last_and_low_precision(loaded):
     with torch.inference_mode():
         reference = model(x)
         value_range = float(reference.max() - reference.min())
-        cases = [
-            (torch.float32, torch.channels_last, TOLERANCE),
-            (torch.bfloat16, torch.contiguous_format, 0.1),
-            # CPU float16 convolutions are only fast in channels_last.
-            (torch.float16, torch.channels_last, 0.1),
-        ]
+        cases = [(torch.float32, torch.channels_last, TOLERANCE)]
+        if name != "MiDaS":
+            # Reduced precision runs the same layers in every family; MiDaS v2.1's ResNeXt-101 in float16 on
+            # two CPU cores costs most of a minute and proves nothing MiDaS_small (same decoder) does not.
+            cases += [
+                (torch.bfloat16, torch.contiguous_format, 0.1),
+                # CPU float16 convolutions are only fast in channels_last.
+                (torch.float16, torch.channels_last, 0.1),
+            ]
         for dtype, memory_format, tolerance in cases:
             # A twin on converted copies (assign-loading keeps the checkpoint dtype, as for a half-precision
             # file); the shared fixture stays untouched.
