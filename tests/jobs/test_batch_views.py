@@ -169,3 +169,13 @@ def test_an_anonymous_batch_is_reachable_by_its_random_id_like_an_anonymous_job(
     assert Client().get(response["Location"]).status_code == 200
     settings.DEPTHSITE_PUBLIC_UPLOADS = False
     assert Client().get(response["Location"]).status_code == 302  # to the login page
+
+
+def test_staff_find_batches_in_the_admin(client, staff, cached_small, run_jobs):
+    client.force_login(staff)
+    post_batch(client, run_jobs, photos=[("a.jpg", images.jpeg()), ("b.jpg", images.jpeg())])
+    batch = DepthBatch.objects.get()
+    listing = client.get("/admin/inference/depthbatch/").content.decode()
+    assert batch.short_id in listing and '<td class="field-job_count">2</td>' in listing
+    page = client.get(f"/admin/inference/depthbatch/{batch.pk}/change/").content.decode()
+    assert f"/batch/{batch.pk}/" in page
