@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from django import forms
 from django.conf import settings
-from django.core.files.uploadhandler import FileUploadHandler
+from django.core.files.uploadhandler import FileUploadHandler, TemporaryFileUploadHandler
 
 from depthsite.units import format_size
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
@@ -158,6 +158,14 @@ class BatchUploadLimitHandler(FileUploadHandler):
         if self.too_many_files:
             return batch_too_many_files(self.files)
         return batch_too_large(self.body_size or self.received, whole_body=self.body_size is not None)
+
+
+def batch_upload_handlers_install(request, *, drain: bool) -> BatchUploadLimitHandler:
+    """A batch's upload handlers on Django's request: the limits first, then temporary files only. Django keeps
+    files under FILE_UPLOAD_MAX_MEMORY_SIZE in memory, which for 50 photos is most of the batch in memory."""
+    limit = BatchUploadLimitHandler(request, drain=drain)
+    request.upload_handlers = [limit, TemporaryFileUploadHandler(request)]
+    return limit
 
 
 class MultipleFileInput(forms.ClearableFileInput):

@@ -20,7 +20,13 @@ from depthsite.units import format_size
 from inference.api.permissions import UploadThrottle
 from inference.colormaps import DEFAULT_COLORMAP
 from inference.images import ALPHA_NOTE, BROWSER_IMAGE_TYPES, image_has_alpha
-from inference.forms import BatchUploadLimitHandler, DepthBatchForm, DepthJobForm, UploadLimitHandler
+from inference.forms import (
+    BatchUploadLimitHandler,
+    DepthBatchForm,
+    DepthJobForm,
+    UploadLimitHandler,
+    batch_upload_handlers_install,
+)
 from inference.models import DepthJob
 from inference.choices import JobStatus
 from inference.selectors import (
@@ -391,8 +397,7 @@ def batch_upload(request):
             names = [option.name for option in model_options(detailed=request.user.is_staff)]
             form = DepthBatchForm(model_names=names, default_model=DEFAULT_MODEL)
             return _batch_upload_page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
-        limit = BatchUploadLimitHandler(request, drain=True)
-        request.upload_handlers.insert(0, limit)
+        limit = batch_upload_handlers_install(request, drain=True)
     return _batch_upload(request, limit=limit)
 
 

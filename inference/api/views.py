@@ -20,7 +20,7 @@ from inference.api.serializers import (
     PredictionErrorSerializer,
     PredictionSerializer,
 )
-from inference.forms import BatchUploadLimitHandler, UploadLimitHandler, upload_too_large
+from inference.forms import UploadLimitHandler, batch_upload_handlers_install, upload_too_large
 from inference.selectors import (
     depth_batch_get,
     depth_batch_jobs,
@@ -217,8 +217,7 @@ class BatchCreateView(BatchAPIView):
     def initial(self, request, *args, **kwargs):
         # As for a single prediction: nothing of the body is read before the caller is known, allowed and
         # within its rate, and the batch's byte and file limits apply from the first byte.
-        self.upload_limit = BatchUploadLimitHandler(request._request, drain=False)
-        request._request.upload_handlers.insert(0, self.upload_limit)
+        self.upload_limit = batch_upload_handlers_install(request._request, drain=False)
         gate = BodyGate.install(request._request)
         super().initial(request, *args, **kwargs)
         gate.open(request)

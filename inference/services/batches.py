@@ -25,6 +25,7 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 from django.conf import settings
 from django.core.files import File
 from django.db import transaction
+from django.utils import timezone
 from django.db.models import Count, F, Q, Sum
 
 from depthsite.units import format_size
@@ -393,6 +394,16 @@ def _anonymous_quota_check(*, session_key: str, client_address: str, count: int,
                 f"anonymous quota: {label} stores {format_size(stored)} and this batch of {format_size(size)} would "
                 f"pass the limit of {format_size(max_bytes)} (DEPTHSITE_ANON_MAX_BYTES); send fewer photos, delete "
                 "some jobs, or sign in", extra={"kind": "quota_bytes", "limit": max_bytes, "used": stored})
+
+
+def depth_batches_expire(*, now=None) -> int:
+    """Remove batches whose jobs have all gone (deleted, or expired as anonymous jobs do) once they are older than
+    DEPTHSITE_ANON_RETENTION; returns how many. A batch never holds files of its own."""
+    from datetime import timedelta
+
+    cutoff = (now or timezone.now()) - timedelta(seconds=settings.DEPTHSITE_ANON_RETENTION)
+    deleted, _ = DepthBatch.objects.filter(created_at__lt=cutoff, jobs__isnull=True).delete()
+    return deleted
 
 
 # --- the outputs as one zip ----------------------------------------------------------------------

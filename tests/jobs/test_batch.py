@@ -364,3 +364,39 @@ def test_the_archive_never_reads_outside_media_root_nor_another_owners_job(api, 
 def test_the_batch_is_in_the_openapi_schema(api):
     schema = api.get("/api/schema/", HTTP_ACCEPT="application/json").content.decode()
     assert "/api/predictions/batch" in schema and "/api/predictions/batch/{id}/archive" in schema
+
+
+def test_expired_anonymous_jobs_take_their_empty_batch_with_them(anonymous, small_model, run_jobs):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from inference.tasks import depth_jobs_expire_task
+
+    post_batch(anonymous, run_jobs, photos=[("a.jpg", images.jpeg()), ("b.jpg", images.jpeg())])
+    kept = DepthBatch.objects.get()
+    post_batch(anonymous, run_jobs, photos=[("c.jpg", images.jpeg())])
+    old = DepthBatch.objects.exclude(pk=kept.pk).get()
+    long_ago = timezone.now() - timedelta(days=8)
+    DepthBatch.objects.filter(pk=old.pk).update(created_at=long_ago)
+    DepthJob.objects.filter(batch=old).update(created_at=long_ago)
+    with run_jobs():
+        assert depth_jobs_expire_task() == f"deleted 1 anonymous job(s), {len(images.jpeg())} bytes, 1 empty batch(es)"
+    assert list(DepthBatch.objects.all()) == [kept] and DepthJob.objects.filter(batch=kept).count() == 2
+
+
+def test_batch_photos_are_spooled_to_disk_never_held_in_memory(api, small_model, run_jobs, monkeypatch):
+    from django.core.files.uploadedfile import TemporaryUploadedFile
+
+    from inference.api import views as api_views
+
+    seen = []
+    real = api_views.depth_batch_images_collect
+
+    def spy(*, images, archive):
+        seen.extend([*images, archive])
+        return real(images=images, archive=archive)
+
+    monkeypatch.setattr(api_views, "depth_batch_images_collect", spy)
+    post_batch(api, run_jobs, photos=[("a.jpg", images.jpeg())], archive=make_zip({"b.jpg": images.jpeg()}))
+    assert len(seen) == 2 and all(isinstance(item, TemporaryUploadedFile) for item in seen)
