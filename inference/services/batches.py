@@ -487,6 +487,10 @@ class _Pipe:
 
 def depth_batch_archive_stream(*, entries: Sequence[ArchiveEntry], manifest: dict) -> Iterator[bytes]:
     """The zip, produced piece by piece: never the whole archive in memory, whatever the batch's size."""
+    return (piece for piece in _archive_pieces(entries=entries, manifest=manifest) if piece)
+
+
+def _archive_pieces(*, entries: Sequence[ArchiveEntry], manifest: dict) -> Iterator[bytes]:
     pipe = _Pipe()
     with zipfile.ZipFile(pipe, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as bundle:
         bundle.writestr("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))

@@ -400,3 +400,11 @@ def test_batch_photos_are_spooled_to_disk_never_held_in_memory(api, small_model,
     monkeypatch.setattr(api_views, "depth_batch_images_collect", spy)
     post_batch(api, run_jobs, photos=[("a.jpg", images.jpeg())], archive=make_zip({"b.jpg": images.jpeg()}))
     assert len(seen) == 2 and all(isinstance(item, TemporaryUploadedFile) for item in seen)
+
+
+def test_too_many_file_parts_are_refused_while_the_body_is_read(api, small_model, run_jobs, settings):
+    settings.DEPTHSITE_BATCH_MAX_FILES = 3  # 3 photos and one archive at most: the fifth file part stops the parse
+    response = post_batch(api, run_jobs, photos=[(f"{n}.jpg", images.jpeg()) for n in range(5)])
+    assert response.status_code == 400 and response.json()["extra"]["kind"] == "too_many_files"
+    assert "more than 3 files in one batch" in response.json()["message"]
+    assert_nothing_created()
