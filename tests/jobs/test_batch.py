@@ -408,3 +408,9 @@ def test_too_many_file_parts_are_refused_while_the_body_is_read(api, small_model
     assert response.status_code == 400 and response.json()["extra"]["kind"] == "too_many_files"
     assert "more than 3 files in one batch" in response.json()["message"]
     assert_nothing_created()
+
+
+def test_anonymous_callers_are_refused_before_the_body_is_read_when_uploads_are_not_public(small_model, run_jobs):
+    response = post_batch(APIClient(), run_jobs, photos=[("a.jpg", images.jpeg())])
+    assert response.status_code == 401 and response.json()["message"] == "Authentication credentials were not provided."
+    assert_nothing_created()
