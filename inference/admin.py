@@ -6,7 +6,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from inference.choices import JobStatus
-from inference.models import DepthJob
+from inference.models import DepthBatch, DepthJob
 from inference.services.jobs import depth_job_rerun
 from models_registry.exceptions import ApplicationError
 
@@ -44,7 +44,8 @@ class DepthJobAdmin(admin.ModelAdmin):
     actions = [rerun_jobs]
     readonly_fields = [field.name for field in DepthJob._meta.fields] + ["page_link"]
     fieldsets = (
-        (None, {"fields": ("id", "page_link", "status", "error", "error_code", "attempts", "owner", "session_key")}),
+        (None, {"fields": ("id", "page_link", "status", "error", "error_code", "attempts", "owner", "session_key",
+                           "batch")}),
         ("Input", {"fields": ("image", "image_name", "image_format", "image_width", "image_height", "image_size",
                               "image_sha256", "model", "model_name", "outputs", "colormap", "fov_degrees")}),
         ("Run", {"fields": ("created_at", "queued_at", "started_at", "finished_at", "load_ms", "inference_ms",
@@ -84,4 +85,41 @@ class DepthJobAdmin(admin.ModelAdmin):
     @admin.display(description="page")
     def page_link(self, obj):
         url = reverse("inference:job_detail", args=[obj.pk])
+        return format_html('<a href="{}">{}</a>', url, url)
+
+
+@admin.register(DepthBatch)
+class DepthBatchAdmin(admin.ModelAdmin):
+    """Batches are made by uploads: the admin lists them with their size and links to their page."""
+
+    list_display = ("short_id", "model_name", "owner_display", "created_at", "job_count", "archive_name")
+    list_filter = ("model_name", ("owner", admin.EmptyFieldListFilter), "created_at")
+    search_fields = ("id", "owner__username", "archive_name")
+    date_hierarchy = "created_at"
+    list_select_related = ("owner",)
+    readonly_fields = [field.name for field in DepthBatch._meta.fields] + ["page_link"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def get_queryset(self, request):
+        from django.db.models import Count
+
+        return super().get_queryset(request).annotate(job_total=Count("jobs"))
+
+    @admin.display(description="id", ordering="id")
+    def short_id(self, obj):
+        return obj.short_id
+
+    @admin.display(description="owner", ordering="owner__username")
+    def owner_display(self, obj):
+        return obj.owner.get_username() if obj.owner_id else "anonymous"
+
+    @admin.display(description="jobs", ordering="job_total")
+    def job_count(self, obj):
+        return obj.job_total
+
+    @admin.display(description="page")
+    def page_link(self, obj):
+        url = reverse("inference:batch_detail", args=[obj.pk])
         return format_html('<a href="{}">{}</a>', url, url)

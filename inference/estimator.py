@@ -26,7 +26,7 @@ from models_registry.exceptions import WeightFileError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import model_get
 from models_registry.services.download import weights_resolve, weights_resolve_loaded
-from models_registry.services.warm import warm_model_forget, warm_model_record
+from models_registry.services.warm import warm_model_forget, warm_model_record, warm_models_forget_at_exit
 from models_registry.services.weights import weight_mark_corrupt, weight_mark_used
 
 logger = logging.getLogger(__name__)
@@ -238,6 +238,10 @@ class EstimatorPool:
                     warm_model_record(model=model, weight_file=WeightFile.objects.filter(
                         pk=estimator.weight_file_id).first(), worker=WORKER_ID, device=str(target),
                         dtype=dtype.replace("torch.", ""), load_ms=estimator.load_ms, bytes=estimator.bytes)
+                    if not settings.Q_CLUSTER.get("sync"):
+                        # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests)
+                        # belong to no worker.
+                        warm_models_forget_at_exit(worker=WORKER_ID)
         used = WeightFile.objects.filter(pk=estimator.weight_file_id).first()
         if used is not None:
             weight_mark_used(weight_file=used)

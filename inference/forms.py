@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from django import forms
 from django.conf import settings
-from django.core.files.uploadhandler import FileUploadHandler
+from django.core.files.uploadhandler import FileUploadHandler, TemporaryFileUploadHandler
 
 from depthsite.units import format_size
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.images import ALPHA_NOTE
 from inference.selectors import output_choices
 from inference.writers import DEFAULT_FOV_DEGREES
-from models_registry.exceptions import TooLargeError
+from models_registry.exceptions import TooLargeError, ValidationError
 
 # Room for the multipart envelope (boundaries, part headers, the small fields) around a file at the limit.
 ENVELOPE_BYTES = 64 * 1024
@@ -92,3 +92,109 @@ class DepthJobForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["model"].choices = [(name, name) for name in model_names]
         self.fields["model"].initial = default_model if default_model in model_names else (model_names or [""])[0]
+
+
+def batch_too_large(size: int | None = None, *, whole_body: bool = False) -> TooLargeError:
+    """The 413 of a batch request over DEPTHSITE_BATCH_MAX_BYTES (all its photos, or its zip, together)."""
+    limit = settings.DEPTHSITE_BATCH_MAX_BYTES
+    said = (f"the batch is {'about ' if whole_body else 'over '}{format_size(size)}" if size
+            else "the batch is too large")
+    return TooLargeError(f"{said}; a batch takes at most {format_size(limit)} in all (DEPTHSITE_BATCH_MAX_BYTES)",
+                         extra={"field": "images", "kind": "too_many_bytes", "limit": limit, "size": size})
+
+
+def batch_too_many_files(count: int) -> ValidationError:
+    limit = settings.DEPTHSITE_BATCH_MAX_FILES
+    return ValidationError(f"more than {limit} files in one batch (DEPTHSITE_BATCH_MAX_FILES); send fewer, or "
+                           "several batches", extra={"field": "images", "kind": "too_many_files", "limit": limit,
+                                                     "count": count})
+
+
+class BatchUploadLimitHandler(FileUploadHandler):
+    """UploadLimitHandler for a batch: DEPTHSITE_BATCH_MAX_BYTES over the whole body and every file together,
+    and at most DEPTHSITE_BATCH_MAX_FILES photos plus one archive. `drain` as for single uploads."""
+
+    def __init__(self, request=None, *, drain: bool):
+        super().__init__(request)
+        self.drain = drain
+        self.exceeded = False
+        self.too_many_files = False
+        self.limit = settings.DEPTHSITE_BATCH_MAX_BYTES
+        self.max_files = settings.DEPTHSITE_BATCH_MAX_FILES + 1
+        self.received = 0
+        self.files = 0
+        self.body_size: int | None = None
+
+    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
+        if self.limit and content_length and content_length > self.limit + ENVELOPE_BYTES:
+            self.exceeded = True
+            self.body_size = content_length
+            if not self.drain:
+                raise batch_too_large(content_length, whole_body=True)
+        return None
+
+    def new_file(self, *args, **kwargs):
+        super().new_file(*args, **kwargs)
+        self.files += 1
+        if self.files > self.max_files:
+            self.too_many_files = True
+            if not self.drain:
+                raise batch_too_many_files(self.files)
+
+    def receive_data_chunk(self, raw_data, start):
+        self.received += len(raw_data)
+        if self.limit and self.received > self.limit:
+            self.exceeded = True
+        if self.exceeded or self.too_many_files:
+            if not self.drain:
+                raise self.refusal()
+            return None  # dropped: no later handler writes it; the parser goes on to the fields after it
+        return raw_data
+
+    def file_complete(self, file_size):
+        return None
+
+    def refusal(self):
+        if self.too_many_files:
+            return batch_too_many_files(self.files)
+        return batch_too_large(self.body_size or self.received, whole_body=self.body_size is not None)
+
+
+def batch_upload_handlers_install(request, *, drain: bool) -> BatchUploadLimitHandler:
+    """A batch's upload handlers on Django's request: the limits first, then temporary files only. Django keeps
+    files under FILE_UPLOAD_MAX_MEMORY_SIZE in memory, which for 50 photos is most of the batch in memory."""
+    limit = BatchUploadLimitHandler(request, drain=drain)
+    request.upload_handlers = [limit, TemporaryFileUploadHandler(request)]
+    return limit
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    """Several files in one field (`<input type=file multiple>`); each is checked by the batch service."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("widget", MultipleFileInput())
+        super().__init__(*args, **kwargs)
+
+    def clean(self, data, initial=None):
+        single = super().clean
+        if isinstance(data, (list, tuple)):
+            return [single(item, initial) for item in data if item]
+        return [single(data, initial)] if data else []
+
+
+class DepthBatchForm(DepthJobForm):
+    """The batch upload: several photos and/or one zip of photos, with the options of a single upload."""
+
+    image = None
+    images = MultipleFileField(
+        label="Photos", required=False, allow_empty_file=True,
+        widget=MultipleFileInput(attrs={"accept": "image/jpeg,image/png,image/webp,image/gif,image/bmp,image/tiff"}),
+        help_text=f"Several JPEG, PNG, WebP, GIF, BMP or TIFF files. {ALPHA_NOTE}")
+    archive = forms.FileField(label="Or a zip of photos", required=False, allow_empty_file=True,
+                              widget=forms.ClearableFileInput(attrs={"accept": ".zip,application/zip"}))
+
+    field_order = ["images", "archive", "model", "colormap", "outputs", "fov"]

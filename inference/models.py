@@ -17,6 +17,39 @@ def upload_path(job: "DepthJob", filename: str) -> str:
     return f"uploads/{timezone.now():%Y/%m}/{uuid.uuid4().hex}{suffix}"
 
 
+class DepthBatch(models.Model):
+    """Several photos sent at once (files or a zip): one DepthJob each, watched and downloaded together."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)  # reachable by id, like a job
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                              related_name="depth_batches", help_text="Empty for anonymous uploads.")
+    session_key = models.CharField(max_length=40, blank=True, db_index=True,
+                                   help_text="The anonymous uploader's session.")
+    client_address = models.CharField(max_length=64, blank=True,
+                                      help_text="The anonymous uploader's address (an IPv6 /64).")
+    created_at = models.DateTimeField(auto_now_add=True)
+    model = models.ForeignKey("models_registry.RegisteredModel", null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="depth_batches")
+    model_name = models.CharField(max_length=64, help_text="The canonical model name, kept if the model goes.")
+    outputs = models.JSONField(default=list, help_text="Output formats of every job, in canonical order.")
+    colormap = models.CharField(max_length=16)
+    fov_degrees = models.FloatField(default=60.0)
+    archive_name = models.CharField(max_length=255, blank=True, help_text="The zip the client sent, if any.")
+    skipped = models.JSONField(default=list, blank=True,
+                               help_text="Archive members not made into jobs: [{name, reason}].")
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "depth batches"
+
+    def __str__(self) -> str:
+        return f"depth batch {self.short_id} ({self.model_name})"
+
+    @property
+    def short_id(self) -> str:
+        return self.id.hex[:8]
+
+
 class DepthJob(models.Model):
     # A random UUID: job pages and anonymous API reads are reachable by id, so ids must not be guessable.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -70,6 +103,8 @@ class DepthJob(models.Model):
     weights_sha256 = models.CharField(max_length=64, blank=True, db_index=True)
     weights_format = models.CharField(max_length=16, blank=True)
     device = models.CharField(max_length=32, blank=True)
+    batch = models.ForeignKey(DepthBatch, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs",
+                              help_text="The batch this photo came in, if any.")
     reused_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reused_by",
                                     help_text="The earlier job whose result files were copied.")
 

@@ -12,7 +12,7 @@ from django.db.models import QuerySet
 from depthsite.units import format_size
 from inference.choices import JobStatus
 from inference.images import BROWSER_IMAGE_TYPES
-from inference.models import DepthJob
+from inference.models import DepthBatch, DepthJob
 from inference.writers import CONTENT_TYPES, OUTPUT_FORMATS, SUFFIXES
 from models_registry import cachefs
 from models_registry.exceptions import ApplicationError, NotFoundError
@@ -260,3 +260,54 @@ def output_choices() -> list[tuple[str, str]]:
               "pfm": "PFM (float32, as MiDaS run.py)", "side": "photo and depth side by side",
               "ply": "3D point cloud .ply (relative depth)", "ply_preview": "3D preview .ply (downsampled)"}
     return [(fmt, labels.get(fmt, fmt)) for fmt in OUTPUT_FORMATS]
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def depth_batch_get(*, batch_id, user) -> DepthBatch:
+    """A batch the caller may see, by the rule of jobs: a user's to that user and staff; an anonymous one to
+    whoever holds its random id (while anonymous uploads are on). Else NotFoundError."""
+    batch = DepthBatch.objects.select_related("owner", "model").filter(pk=batch_id).first()
+    if batch is None or not _may_see(batch, user):
+        raise NotFoundError(f"no batch with id {batch_id}", extra={"id": str(batch_id)})
+    return batch
+
+
+def depth_batch_jobs(*, batch: DepthBatch) -> list[DepthJob]:
+    """The batch's jobs in upload order; only those of the batch's own uploader (never another's job)."""
+    jobs = DepthJob.objects.filter(batch=batch).select_related("owner", "model", "reused_from")
+    if batch.owner_id is not None:
+        jobs = jobs.filter(owner_id=batch.owner_id)
+    else:
+        jobs = jobs.filter(owner__isnull=True, session_key=batch.session_key)
+    return list(jobs.order_by("created_at", "image_name", "id"))
+
+
+def depth_batch_summary(*, batch: DepthBatch, jobs: list[DepthJob]) -> dict[str, Any]:
+    """The batch's progress: counts per status, the share of jobs done, and each job's short state."""
+    counts = {status: 0 for status in JobStatus.values}
+    for job in jobs:
+        counts[job.status] = counts.get(job.status, 0) + 1
+    done = sum(1 for job in jobs if job.is_terminal)
+    return {
+        "id": str(batch.pk),
+        "model": batch.model_name,
+        "outputs": list(batch.outputs or []),
+        "colormap": batch.colormap,
+        "fov": batch.fov_degrees,
+        "archive_name": batch.archive_name,
+        "skipped": list(batch.skipped or []),
+        "created_at": _iso(batch.created_at),
+        "total": len(jobs),
+        "done": done,
+        "counts": counts,
+        "progress": round(done / len(jobs), 3) if jobs else 1.0,
+        "complete": done == len(jobs),
+        "jobs": [{"id": str(job.pk), "name": job.image_name, "status": job.status, "error": job.error,
+                  "error_code": job.error_code, "width": job.image_width, "height": job.image_height,
+                  "format": job.image_format, "outputs": sorted(job.result_files or {}) if job.is_terminal else [],
+                  "preview": depth_job_preview_format(job=job) if job.status == JobStatus.SUCCEEDED else None,
+                  "browser_image": job.image_format in BROWSER_IMAGE_TYPES or bool(job.input_preview)}
+                 for job in jobs],
+    }

@@ -1,4 +1,5 @@
-"""Receivers: a deleted job's files go with it, and a starting worker picks up jobs whose worker died."""
+"""Receivers: a deleted job's files go with it; a starting worker picks up jobs whose worker died and arranges
+that its warm-model rows go when it is stopped."""
 from __future__ import annotations
 
 import logging
@@ -30,6 +31,9 @@ def _recover_when_a_worker_starts(sender, proc_name: str = "", **kwargs) -> None
     if settings.Q_CLUSTER.get("sync"):
         return  # tasks run inline (tests): no worker can have died
     from inference.services.jobs import depth_jobs_recover
+    from inference.services.workers import worker_exit_hooks_install
+
+    worker_exit_hooks_install()  # a worker sent SIGTERM removes its warm-model rows before it dies
 
     try:
         outcome = depth_jobs_recover()

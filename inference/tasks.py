@@ -32,7 +32,9 @@ def depth_jobs_recover_task() -> str:
 
 def depth_jobs_expire_task() -> str:
     """The scheduled expiry (see migration 0004): anonymous jobs past DEPTHSITE_ANON_RETENTION go, files too."""
+    from inference.services.batches import depth_batches_expire
     from inference.services.jobs import depth_jobs_expire
 
     outcome = depth_jobs_expire()
-    return f"deleted {outcome['jobs']} anonymous job(s), {outcome['bytes']} bytes"
+    batches = depth_batches_expire()
+    return f"deleted {outcome['jobs']} anonymous job(s), {outcome['bytes']} bytes, {batches} empty batch(es)"

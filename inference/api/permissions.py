@@ -64,6 +64,26 @@ class UploadThrottle(SimpleRateThrottle):
             self.history.pop()
         return len(self.history) < self.num_requests
 
+    def allow_uploads(self, request, count: int) -> bool:
+        """Count a batch of `count` photos as that many uploads: all of them fit in the rate, or none is counted
+        (`remaining` then says how many would have)."""
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return True
+        self._configure(request)
+        if self.rate is None:
+            return True
+        self.key = self.get_cache_key(request, None)
+        self.history = self.cache.get(self.key, [])
+        self.now = self.timer()
+        while self.history and self.history[-1] <= self.now - self.duration:
+            self.history.pop()
+        self.remaining = max(0, self.num_requests - len(self.history))
+        if len(self.history) + count > self.num_requests:
+            return False
+        self.history[:0] = [self.now] * count
+        self.cache.set(self.key, self.history, self.duration)
+        return True
+
     def get_ident(self, request) -> str:
         return client_address(request)
 

@@ -12,7 +12,7 @@ from inference.images import ALPHA_NOTE
 from inference.models import DepthJob
 from inference.selectors import depth_job_preview_format, depth_job_reused_from
 from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
-from models_registry.api.serializers import StrictSerializer
+from models_registry.api.serializers import StrictSerializer, UploadField
 
 
 class PredictionCreateSerializer(StrictSerializer):
@@ -117,3 +117,65 @@ class PredictionErrorSerializer(serializers.Serializer):
 
     message = serializers.CharField()
     extra = serializers.DictField()
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+class BatchCreateSerializer(StrictSerializer):
+    images = serializers.ListField(
+        child=UploadField(allow_empty_file=True), required=False, default=list,
+        help_text="Photos, one `images` part each (repeat the field); each is checked as a single upload is. "
+                  "At most DEPTHSITE_BATCH_MAX_FILES photos and DEPTHSITE_BATCH_MAX_BYTES in all.")
+    archive = UploadField(
+        required=False, allow_null=True, default=None, allow_empty_file=True,
+        help_text="Or (and) one .zip of photos. Folders, hidden files, macOS metadata, nested archives and files "
+                  "not named as photos are skipped and listed in `skipped`; an encrypted zip, or one with symbolic "
+                  "links, absolute or `..` names, a name listed twice, or a zip-bomb ratio, is refused (400).")
+    model = serializers.CharField(default="MiDaS_small", max_length=64, allow_blank=True,
+                                  help_text="A model name or alias, as for a single prediction.")
+    outputs = serializers.ListField(
+        child=serializers.CharField(max_length=64), default=["png"], max_length=len(OUTPUT_FORMATS) + 1,
+        help_text=f"Output formats of every job: {', '.join(OUTPUT_FORMATS)} or all.")
+    colormap = serializers.ChoiceField(choices=COLORMAPS, default=DEFAULT_COLORMAP)
+    fov = serializers.FloatField(default=DEFAULT_FOV_DEGREES, min_value=FOV_RANGE[0], max_value=FOV_RANGE[1])
+
+
+class BatchJobSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    url = serializers.URLField(help_text="The prediction in the API.")
+    name = serializers.CharField(help_text="The photo's file name (in the archive: its base name).")
+    status = serializers.ChoiceField(choices=JobStatus.choices)
+    error = serializers.CharField()
+    error_code = serializers.CharField()
+    width = serializers.IntegerField(allow_null=True)
+    height = serializers.IntegerField(allow_null=True)
+    format = serializers.CharField()
+    outputs = serializers.ListField(child=serializers.CharField(), help_text="Outputs written (once finished).")
+
+
+class BatchSkippedSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    reason = serializers.CharField()
+
+
+class BatchSerializer(serializers.Serializer):
+    """A batch as `inference.selectors.depth_batch_summary` describes it, with its URLs."""
+
+    id = serializers.UUIDField()
+    url = serializers.URLField(help_text="This batch's status in the API (poll it).")
+    page_url = serializers.URLField(help_text="Its web page, with live progress.")
+    archive_url = serializers.URLField(help_text="The zip of every output: 409 while jobs run, unless ?partial=1.")
+    model = serializers.CharField()
+    outputs = serializers.ListField(child=serializers.CharField())
+    colormap = serializers.CharField()
+    fov = serializers.FloatField()
+    archive_name = serializers.CharField(help_text="The zip sent, if any.")
+    skipped = BatchSkippedSerializer(many=True, help_text="Members of the zip not made into jobs, with why.")
+    created_at = serializers.DateTimeField()
+    total = serializers.IntegerField()
+    done = serializers.IntegerField(help_text="Jobs succeeded or failed.")
+    counts = serializers.DictField(child=serializers.IntegerField(), help_text="Jobs per status.")
+    progress = serializers.FloatField(help_text="done / total, 0 to 1.")
+    complete = serializers.BooleanField()
+    jobs = BatchJobSerializer(many=True)

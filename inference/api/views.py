@@ -1,25 +1,46 @@
-"""REST doors of predictions: create (multipart, 202), list, read, delete, and result files."""
+"""REST doors of predictions: create (multipart, 202), list, read, delete, result files, and batches."""
 from __future__ import annotations
 
 import uuid
 
-from django.http import FileResponse
+from django.http import FileResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.generics import GenericAPIView
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
+from rest_framework.reverse import reverse
 
 from inference.api.permissions import PredictionAccess, UploadThrottle
-from inference.api.serializers import PredictionErrorSerializer, PredictionCreateSerializer, PredictionSerializer
-from inference.forms import UploadLimitHandler, upload_too_large
-from inference.selectors import depth_job_file, depth_job_get, depth_job_list, depth_job_may_delete
+from inference.api.serializers import (
+    BatchCreateSerializer,
+    BatchSerializer,
+    PredictionCreateSerializer,
+    PredictionErrorSerializer,
+    PredictionSerializer,
+)
+from inference.forms import UploadLimitHandler, batch_upload_handlers_install, upload_too_large
+from inference.selectors import (
+    depth_batch_get,
+    depth_batch_jobs,
+    depth_batch_summary,
+    depth_job_file,
+    depth_job_get,
+    depth_job_list,
+    depth_job_may_delete,
+)
+from inference.services.batches import (
+    depth_batch_archive_plan,
+    depth_batch_archive_stream,
+    depth_batch_create,
+    depth_batch_images_collect,
+)
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
 from models_registry.api.throttling import client_address
 from models_registry.api.uploads import BodyGate
-from models_registry.exceptions import ApplicationError, NotFoundError
+from models_registry.exceptions import ApplicationError, ConflictError, NotFoundError
 
 ERRORS = {
     400: OpenApiResponse(PredictionErrorSerializer, description="A field is wrong; the message names it."),
@@ -158,4 +179,129 @@ class PredictionFileView(PredictionAPIView):
 
     def perform_content_negotiation(self, request, force=False):
         # Whatever the client accepts, a file is a file and an error is JSON.
+        return super().perform_content_negotiation(request, force=True)
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+BATCH_ID_PARAMETER = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The batch's id.")
+
+
+def batch_body(batch, summary: dict, request) -> dict:
+    """A batch summary with the API's and the web's URLs (absolute, as the predictions API gives them)."""
+    jobs = [{**item, "url": reverse("predictions-api:prediction-detail", args=[item["id"]], request=request)}
+            for item in summary["jobs"]]
+    return {**summary, "jobs": jobs,
+            "url": reverse("predictions-api:batch-detail", args=[batch.pk], request=request),
+            "page_url": reverse("inference:batch_detail", args=[batch.pk], request=request),
+            "archive_url": reverse("predictions-api:batch-archive", args=[batch.pk], request=request)}
+
+
+class BatchAPIView(GenericAPIView):
+    permission_classes = [PredictionAccess]
+    serializer_class = BatchSerializer
+
+    def get_object(self):
+        try:
+            batch_id = uuid.UUID(str(self.kwargs["id"]))
+        except ValueError:
+            raise NotFoundError(f"no batch with id {self.kwargs['id']!r}: ids are UUIDs",
+                                extra={"id": str(self.kwargs["id"])}) from None
+        return depth_batch_get(batch_id=batch_id, user=self.request.user)
+
+
+class BatchCreateView(BatchAPIView):
+    parser_classes = [MultiPartParser, FormParser]
+    throttle_classes = [UploadThrottle]
+
+    def initial(self, request, *args, **kwargs):
+        # As for a single prediction: nothing of the body is read before the caller is known, allowed and
+        # within its rate, and the batch's byte and file limits apply from the first byte.
+        self.upload_limit = batch_upload_handlers_install(request._request, drain=False)
+        gate = BodyGate.install(request._request)
+        super().initial(request, *args, **kwargs)
+        gate.open(request)
+
+    def check_throttles(self, request):
+        # The rate is counted once the photos are known: a batch of N counts as N uploads (see post).
+        throttle = UploadThrottle()
+        if not throttle.would_allow(request):
+            self.throttled(request, throttle.wait())
+
+    @extend_schema(
+        summary="Estimate the depth of several photos (a batch)",
+        description="Several `images` parts and/or one `archive` zip, with the options of a single prediction. "
+                    "Every photo becomes a prediction under one batch; if any photo or the archive is refused, "
+                    "nothing is created. A batch of N photos counts as N uploads against the upload rate and the "
+                    "anonymous quota. Poll `url` until `complete`, then fetch `archive_url`.",
+        request={"multipart/form-data": BatchCreateSerializer},
+        responses={202: BatchSerializer, **{code: ERRORS[code] for code in (400, 401, 403, 413, 429)}},
+    )
+    def post(self, request):
+        serializer = BatchCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            with depth_batch_images_collect(images=data["images"], archive=data["archive"]) as photos:
+                throttle = UploadThrottle()
+                if not throttle.allow_uploads(request, len(photos)):
+                    raise _batch_throttled(len(photos), throttle)
+                batch = depth_batch_create(images=photos, model=data["model"], outputs=data["outputs"],
+                                           colormap=data["colormap"], fov=data["fov"], owner=request.user,
+                                           session_key=_session_key(request), client_address=client_address(request))
+        except ApplicationError as exc:
+            raise _naming_field(exc) from None
+        body = batch_body(batch, depth_batch_summary(batch=batch, jobs=depth_batch_jobs(batch=batch)), request)
+        return Response(BatchSerializer(body).data, status=status.HTTP_202_ACCEPTED, headers={"Location": body["url"]})
+
+
+def _batch_throttled(count: int, throttle: UploadThrottle) -> ApplicationError:
+    from inference.exceptions import QuotaExceededError
+
+    wait = throttle.wait()
+    return QuotaExceededError(
+        f"this batch of {count} photos would pass your upload rate ({throttle.remaining} more now); send fewer, or "
+        "try again" + (f" in {int(wait) + 1} s" if wait else " later"),
+        extra={"kind": "throttled", "count": count, "remaining": throttle.remaining, "wait": wait})
+
+
+class BatchDetailView(BatchAPIView):
+    @extend_schema(summary="A batch: progress, counts per status, and each prediction's state",
+                   parameters=[BATCH_ID_PARAMETER],
+                   responses={200: BatchSerializer, 401: ERRORS[401], 403: ERRORS[403], 404: ERRORS[404]})
+    def get(self, request, id):
+        batch = self.get_object()
+        body = batch_body(batch, depth_batch_summary(batch=batch, jobs=depth_batch_jobs(batch=batch)), request)
+        return Response(BatchSerializer(body).data)
+
+
+class BatchArchiveView(BatchAPIView):
+    @extend_schema(
+        summary="Every output of a batch as one zip",
+        description="Each finished prediction's outputs, named `<photo>-depth<suffix>` (made safe and unique), and "
+                    "`manifest.json` listing every prediction with its status, error and files. While predictions "
+                    "are queued or running: 409, unless `partial=1` asks for what is finished so far (the manifest "
+                    "then says `complete: false`, as does the X-Batch-Complete header).",
+        parameters=[BATCH_ID_PARAMETER,
+                    OpenApiParameter("partial", OpenApiTypes.BOOL, OpenApiParameter.QUERY,
+                                     description="1: answer with the finished outputs while others still run.")],
+        responses={(200, "application/zip"): OpenApiTypes.BINARY, 401: ERRORS[401], 403: ERRORS[403],
+                   404: ERRORS[404],
+                   409: OpenApiResponse(PredictionErrorSerializer, description="Predictions still running.")},
+    )
+    def get(self, request, id):
+        batch = self.get_object()
+        entries, manifest = depth_batch_archive_plan(batch=batch, jobs=depth_batch_jobs(batch=batch))
+        if not manifest["complete"] and request.query_params.get("partial") not in ("1", "true"):
+            running = sum(1 for job in manifest["jobs"] if job["status"] in ("queued", "running"))
+            raise ConflictError(f"{running} prediction(s) of this batch are still queued or running; poll the batch "
+                                "until `complete`, or ask for the finished ones with ?partial=1",
+                                extra={"running": running, "total": len(manifest["jobs"])})
+        response = StreamingHttpResponse(depth_batch_archive_stream(entries=entries, manifest=manifest),
+                                         content_type="application/zip")
+        response["Content-Disposition"] = f'attachment; filename="depth-batch-{batch.short_id}.zip"'
+        response["X-Batch-Complete"] = "true" if manifest["complete"] else "false"
+        return response
+
+    def perform_content_negotiation(self, request, force=False):
         return super().perform_content_negotiation(request, force=True)

@@ -31,6 +31,9 @@ OPERATIONS = {
     "models_convert": ("post", "/api/models/{name}/convert", {"200", "400", "404", "409"}),
     "models_export": ("get", "/api/models/{name}/export", {"200", "400", "403", "404"}),
     "models_import": ("post", "/api/models/import", {"201", "400", "413", "422"}),
+    "predictions_batch_create": ("post", "/api/predictions/batch", {"202", "400", "413", "429"}),
+    "predictions_batch_retrieve": ("get", "/api/predictions/batch/{id}", {"200", "404"}),
+    "predictions_batch_archive_retrieve": ("get", "/api/predictions/batch/{id}/archive", {"200", "404", "409"}),
 }
 
 

@@ -197,3 +197,13 @@ def test_functional_hash_is_the_same_for_every_format(cached_small):
         assert result.ok
         WeightFileHash[weight_file.format] = result.weight_file.functional_hash
     assert WeightFileHash["pt"] == WeightFileHash["h5"] and len(WeightFileHash["pt"]) == 64
+
+
+@pytest.mark.parametrize("sync, arranged", [(False, True), (True, False)])
+def test_a_worker_arranges_to_forget_its_warm_rows_at_exit(cached_small, pool, settings, monkeypatch, sync, arranged):
+    # The exit itself is proven with a real django-q2 worker in tests/jobs/test_worker_exit.py.
+    settings.Q_CLUSTER = {**settings.Q_CLUSTER, "sync": sync}
+    promised = []
+    monkeypatch.setattr(estimator_module, "warm_models_forget_at_exit", lambda *, worker: promised.append(worker))
+    pool.get(model="MiDaS_small")
+    assert promised == ([estimator_module.WORKER_ID] if arranged else [])

@@ -172,7 +172,7 @@ def test_anonymous_jobs_expire_with_their_files(small_model, settings, user, run
     assert set(DepthJob.objects.values_list("pk", flat=True)) == {recent.pk, owned.pk}
     assert not upload_file.exists() and not folder.exists()
     with run_jobs():
-        assert depth_jobs_expire_task() == "deleted 0 anonymous job(s), 0 bytes"
+        assert depth_jobs_expire_task() == "deleted 0 anonymous job(s), 0 bytes, 0 empty batch(es)"
 
 
 def test_the_expiry_schedule_exists():

@@ -1,0 +1,76 @@
+"""A worker process that stops removes its own warm-model rows: a real django-q2 worker stopped three ways, and a
+real `qcluster` stopped after a job."""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models_registry.formats import write_weights
+from tests.jobs import images
+from tests.jobs.e2e import start_site, stop_site
+from tests.support.cli import PROJECT_ROOT, make_site
+from tests.support.detweights import det_numpy_state_dict
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return make_site(tmp_path_factory.mktemp("warm-exit"))
+
+
+def stopped_worker(site, mode: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "tests.support.warm_worker", mode], cwd=PROJECT_ROOT,
+                            env=site.env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_worker_stopped_by_its_cluster_removes_its_rows(site):
+    outcome = stopped_worker(site, "stop")
+    assert outcome["success"] and outcome["before"] == 1
+    assert outcome["exitcode"] == 0 and outcome["after"] == 0
+
+
+def test_a_worker_sent_sigterm_removes_its_rows_and_still_dies_of_it(site):
+    outcome = stopped_worker(site, "sigterm")
+    assert outcome["before"] == 1 and outcome["after"] == 0
+    assert outcome["exitcode"] == -signal.SIGTERM  # the cluster sees the death it would have seen
+
+
+def test_a_killed_worker_leaves_its_rows_to_the_staleness_sweep(site):
+    # SIGKILL runs no code: the rows stay until the heartbeat-based sweep removes them (tested in test_lease).
+    outcome = stopped_worker(site, "sigkill")
+    assert outcome["before"] == 1 and outcome["after"] == 1 and outcome["exitcode"] == -signal.SIGKILL
+
+
+def _warm_rows(database: Path) -> list[str]:
+    with sqlite3.connect(database, timeout=30) as conn:
+        return [row[0] for row in conn.execute("SELECT worker FROM models_registry_warmmodel")]
+
+
+def test_stopping_qcluster_removes_the_warm_rows_of_its_workers(tmp_path):
+    """End to end: a real `qcluster` runs a job (its worker loads MiDaS_small and records it warm), then
+    `qcluster` is sent SIGTERM, as `make run`'s Ctrl-C or a service manager does: the row goes with the worker."""
+    weights = tmp_path / "midas_v21_small_256.pt"
+    write_weights(det_numpy_state_dict("MiDaS_small"), weights, "pt", {})
+    site = make_site(tmp_path / "site", DEPTHSITE_WORKERS="1")
+    running = start_site(site, weights, database_url=site.env()["DATABASE_URL"])
+    try:
+        job = running.submit(images.jpeg(160, 120))
+        assert running.wait([job["id"]], timeout=240)[job["id"]]["status"] == "succeeded"
+        workers = _warm_rows(site.root / "db.sqlite3")
+        # the job's worker is node:pid:start, the warm row's host:pid: the same process
+        assert len(workers) == 1 and workers[0].split(":")[1] == running.row(job["id"])["worker"].split(":")[1]
+        cluster = running.processes["qcluster"]
+        cluster.send_signal(signal.SIGTERM)
+        cluster.wait(timeout=60)
+    finally:
+        stop_site(running)
+    assert _warm_rows(site.root / "db.sqlite3") == [], running.log_tail()

@@ -1,0 +1,60 @@
+"""A real django-q2 worker process that records a warm-model row, then is stopped (run by test_worker_exit.py).
+
+`python -m tests.support.warm_worker stop|sigterm|sigkill` in a site's environment (tests/support/cli.py):
+forks `django_q.worker.worker` as the sentinel does, has it run `record_warm_row`, stops it the chosen way,
+and prints one JSON line: the worker's name, its rows before and after, and its exit code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+
+def record_warm_row() -> str:
+    """The task: what the estimator pool does when it has built a network (without torch)."""
+    from models_registry.models import RegisteredModel
+    from models_registry.services.warm import warm_model_record, warm_models_forget_at_exit
+
+    worker = f"test-node:{os.getpid()}"
+    warm_model_record(model=RegisteredModel.objects.get(name="MiDaS_small"), weight_file=None, worker=worker,
+                      device="cpu", dtype="float32")
+    warm_models_forget_at_exit(worker=worker)
+    return worker
+
+
+def main(mode: str) -> None:
+    import django
+
+    django.setup()
+    from django.db import connections
+    from django_q.cluster import get_mp_context
+    from django_q.worker import worker
+
+    from models_registry.models import WarmModel
+
+    # As django-q2's Sentinel sets up its workers: Ctrl-C is the cluster's business, SIGTERM is default.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    context = get_mp_context()
+    tasks, results = context.Queue(), context.Queue()
+    connections.close_all()
+    process = context.Process(target=worker, args=(tasks, results, context.Value("f", -1), 60))
+    process.start()
+    tasks.put({"id": "warm-1", "name": "warm-1", "func": f"{__name__}.record_warm_row", "args": (), "kwargs": {}})
+    done = results.get(timeout=120)
+    name = done["result"]
+    before = WarmModel.objects.filter(worker=name).count()
+    if mode == "stop":
+        tasks.put("STOP")  # what the sentinel sends every worker when qcluster gets SIGTERM or Ctrl-C
+    else:
+        os.kill(process.pid, signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
+    process.join(60)
+    after = WarmModel.objects.filter(worker=name).count()
+    print(json.dumps({"worker": name, "success": done["success"], "before": before, "after": after,
+                      "exitcode": process.exitcode}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
