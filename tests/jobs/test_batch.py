@@ -13,7 +13,7 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from inference.models import DepthBatch, DepthJob
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db

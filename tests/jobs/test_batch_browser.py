@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from inference.models import DepthBatch, DepthJob
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.test_browser import off_the_loop
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -12,7 +12,7 @@ from django.test import Client
 from django.urls import reverse
 
 from inference.models import DepthBatch, DepthJob
-from tests.jobs import images
+from depthsite.testing import images
 from tests.jobs.conftest import upload
 from tests.jobs.test_batch import assert_nothing_created, make_zip
 

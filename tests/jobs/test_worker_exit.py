@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from models_registry.formats import write_weights
-from tests.jobs import images
-from tests.jobs.e2e import start_site, stop_site
-from tests.support.cli import PROJECT_ROOT, make_site
-from tests.support.detweights import det_numpy_state_dict
+from depthsite.testing import images
+from depthsite.testing.e2e import start_site, stop_site
+from depthsite.testing.cli import PROJECT_ROOT, make_site
+from models_registry.detweights import det_numpy_state_dict
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """A real django-q2 worker process that records a warm-model row, then is stopped (run by test_worker_exit.py).
 
-`python -m tests.support.warm_worker stop|sigterm|sigkill` in a site's environment (tests/support/cli.py):
+`python -m tests.support.warm_worker stop|sigterm|sigkill` in a site's environment (depthsite/testing/cli.py):
 forks `django_q.worker.worker` as the sentinel does, has it run `record_warm_row`, stops it the chosen way,
 and prints one JSON line: the worker's name, its rows before and after, and its exit code.
 """
