@@ -190,6 +190,7 @@ def test_optimize_rejects_bad_input(staff_client, db, body):
 # --- download ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_download_is_queued_then_polled_to_completion(staff_client, small_model, mirror, mirror_folder,
                                                       django_capture_on_commit_callbacks):
     # The row is saved, then queued on commit; test settings run the queued task inline.
@@ -317,6 +318,7 @@ print(codes, "torch" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_pages_that_serve_no_model_never_import_torch(tmp_path):
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "depthsite.settings.test", "TEST_CACHE_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", LIGHT_REQUESTS], cwd=REPO, env=env, capture_output=True,

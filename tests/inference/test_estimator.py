@@ -34,6 +34,7 @@ def pool():
     pool.clear()
 
 
+@pytest.mark.slow
 def test_prediction_matches_the_official_end_to_end_output(cached_small, pool):
     estimator = pool.get(model="MiDaS_small")
     for height, width in ((240, 320), (500, 375)):
@@ -43,6 +44,7 @@ def test_prediction_matches_the_official_end_to_end_output(cached_small, pool):
         assert relative_error(result.depth, golden) <= 2e-5
 
 
+@pytest.mark.slow
 def test_result_describes_itself(cached_small, pool):
     result = pool.get(model="midas_small").predict(synthetic_image(240, 320))
     assert result.model == "MiDaS_small"
@@ -84,6 +86,7 @@ def test_pool_keeps_estimators_warm_and_marks_weights_used(cached_small, pool):
     assert warm[0].worker == estimator_module.WORKER_ID
 
 
+@pytest.mark.slow
 def test_pool_evicts_the_least_recently_used(cached_small, small_pt):
     for name in ("small_a", "small_b"):
         RegisteredModel.objects.create(name=name, display_name=name, architecture="MiDaS_small",
@@ -189,6 +192,7 @@ def test_default_pool_is_shared(cached_small):
         estimator_module.estimator_pool().clear()
 
 
+@pytest.mark.slow
 def test_functional_hash_is_the_same_for_every_format(cached_small):
     h5 = weight_convert(model=cached_small.model, fmt="h5")
     WeightFileHash = {}

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.django_db
 CASES = images.bad_uploads()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_api(api, request, run_jobs, case):
     name, data, expected = CASES[case]
@@ -39,6 +40,7 @@ def test_api(api, request, run_jobs, case):
     assert depth.shape == (height, width) and np.isfinite(depth).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_web_form(client, user, request, run_jobs, case):
     client.force_login(user)

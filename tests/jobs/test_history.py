@@ -111,6 +111,7 @@ def run_again(client, job, model="DPT_Hybrid"):
     return client.post(reverse("inference:job_run_again", args=[job.pk]), {"model": model})
 
 
+@pytest.mark.slow
 def test_run_again_makes_a_new_job_from_the_same_photo(web, cached_small, run_jobs, user):
     post_photo(web, run_jobs, colormap="viridis", outputs=["png", "npy"])
     first = DepthJob.objects.get()

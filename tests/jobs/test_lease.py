@@ -108,6 +108,7 @@ def test_an_expired_lease_with_no_attempts_left_fails_the_job(small_model, clock
     assert row.status == JobStatus.FAILED and row.error_code == JobErrorCode.INTERRUPTED and row.lease_until is None
 
 
+@pytest.mark.slow
 def test_a_late_old_worker_cannot_overwrite_the_new_attempts_result(cached_small, clock):
     old = claimed(queued_job(), "other-node:11:1")
     clock.advance(LEASE + 1)
@@ -198,6 +199,7 @@ def test_the_heartbeat_thread_renews_a_lease_through_its_own_connection(small_mo
     assert DepthJob.objects.get(pk=job.pk).lease_until > first
 
 
+@pytest.mark.slow
 def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_small, clock):
     old = claimed(queued_job(), "other-node:11:1")
     clock.advance(LEASE + 1)

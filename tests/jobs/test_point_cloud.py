@@ -145,6 +145,7 @@ def test_the_job_page_shows_the_cloud_in_3d(transactional_db, live_server, cache
     page.close()
 
 
+@pytest.mark.slow
 def test_a_result_is_reused_only_for_the_same_field_of_view(api, cached_small, run_jobs, settings):
     settings.DEPTHSITE_REUSE_RESULTS = True
     first = api.get(submit(api, run_jobs, outputs="ply", fov="60").json()["url"]).json()

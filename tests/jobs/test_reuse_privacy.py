@@ -55,6 +55,7 @@ def test_an_anonymous_stranger_reusing_a_result_learns_nothing_of_the_first_job(
     assert staff_api.get(body["url"]).json()["reused_from"] == str(first.pk)
 
 
+@pytest.mark.slow
 def test_signed_in_users_see_reuse_of_their_own_jobs_only(cached_small, run_jobs, user, other_user):
     alice = APIClient()
     alice.force_authenticate(user)

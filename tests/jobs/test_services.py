@@ -55,6 +55,7 @@ def queued_job(**kwargs) -> DepthJob:
 # --- create ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_create_stores_the_upload_and_runs_to_success(cached_small, user, run_jobs):
     job = create(run_jobs, image=upload(images.jpeg(96, 72), "My Photo.JPG"), model="midas_small",
                  outputs=["npy", "png", "png16", "pfm", "side"], colormap="viridis", owner=user)
@@ -145,6 +146,7 @@ def test_job_is_queued_only_when_the_transaction_commits(small_model, django_cap
 # --- reuse -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_image_weights_and_options_reuse_the_result(cached_small, run_jobs, settings):
     settings.DEPTHSITE_REUSE_RESULTS = True
     data = images.jpeg(80, 60)
@@ -164,6 +166,7 @@ def test_same_image_weights_and_options_reuse_the_result(cached_small, run_jobs,
     assert second.reused_from is None and second.status == JobStatus.SUCCEEDED
 
 
+@pytest.mark.slow
 def test_other_options_or_disabled_reuse_compute_again(cached_small, run_jobs, settings):
     data = images.jpeg(80, 60)
     first = create(run_jobs, image=upload(data))

@@ -80,6 +80,7 @@ def test_job_status_json_is_small_and_complete(web, cached_small, run_jobs):
     assert data["image"]["width"] == 96 and data["model"] == "MiDaS_small"
 
 
+@pytest.mark.slow
 def test_result_files_are_served_with_their_content_types(web, cached_small, run_jobs):
     post_photo(web, run_jobs, outputs=["png", "png16", "npy", "pfm", "side"])
     job = DepthJob.objects.get()

@@ -97,6 +97,7 @@ def test_end_to_end_matches_golden(loaded, reference_dir, image_size):
         assert error <= TOLERANCE, f"{tag} {height}x{width}: relative error {error:.2e}"
 
 
+@pytest.mark.slow
 def test_channels_last_and_low_precision(loaded):
     name, model, state_dict = loaded
     x = torch.from_numpy(net_input(64, 96))

@@ -93,6 +93,7 @@ def test_backbone_settings_the_goldens_cannot_see(loaded):
 # --- golden outputs -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", NET_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_net_output_matches_golden(loaded, dav2_dir, size):
     name, model, _ = loaded
@@ -105,6 +106,7 @@ def test_net_output_matches_golden(loaded, dav2_dir, size):
     assert error <= TOLERANCE, f"{name} {height}x{width}: relative error {error:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_size", IMAGE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_end_to_end_matches_golden(loaded, dav2_dir, image_size):
     name, model, _ = loaded
@@ -217,6 +219,7 @@ def _probe(model) -> torch.Tensor:
         return model(torch.from_numpy(net_input(70, 98)))
 
 
+@pytest.mark.slow
 def test_official_pth_file_loads_strict_and_reports_the_mask_token(small, tmp_path, caplog):
     _, reference = small
     path = write_official_checkpoint("Depth_Anything_V2_Small", tmp_path / "depth_anything_v2_vits.pth")
@@ -263,6 +266,7 @@ def test_input_must_be_a_multiple_of_the_patch(small):
         model(torch.zeros(1, 3, 64, 70))
 
 
+@pytest.mark.slow
 def test_batch_and_low_precision(small):
     state_dict, reference = small
     x = torch.from_numpy(net_input(70, 98))
@@ -277,6 +281,7 @@ def test_batch_and_low_precision(small):
     assert float((out.float() - single).abs().max()) / float(single.max() - single.min()) <= 0.1
 
 
+@pytest.mark.slow
 def test_conventional_build_runs():
     model = create_model("Depth_Anything_V2_Small")
     assert not model.training
@@ -285,6 +290,7 @@ def test_conventional_build_runs():
     assert out.shape == (2, 70, 98) and bool((out >= 0).all())
 
 
+@pytest.mark.slow
 def test_functional_health_check_runs(small):
     # The registry's health check feeds a fixed probe: it must be a size the patch-14 network accepts.
     from inference.health import probe_size, weights_functional_hash

@@ -81,6 +81,7 @@ def test_weights_and_recomputed_buffers_match_reference_digests(loaded):
     assert set(model.state_dict()) == expected
 
 
+@pytest.mark.slow
 def test_net_output_matches_golden(loaded):
     name, model, _ = loaded
     for height, width in NET_SIZES[name]:
@@ -92,6 +93,7 @@ def test_net_output_matches_golden(loaded):
         assert error <= TOLERANCE, f"{name} {height}x{width}: relative error {error:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_size", IMAGE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_end_to_end_matches_golden(loaded, image_size):
     name, model, _ = loaded
@@ -118,6 +120,7 @@ def test_official_checkpoint_with_structural_buffers_loads_strict(loaded, caplog
         assert twin_tensors[timm_key(name, key)].data_ptr() == official[key].data_ptr()
 
 
+@pytest.mark.slow
 def test_other_input_sizes(loaded):
     name, model, _ = loaded
     config = get_config(name)
@@ -138,6 +141,7 @@ def test_other_input_sizes(loaded):
             assert torch.equal(model(small), first)
 
 
+@pytest.mark.slow
 def test_batch_and_bfloat16(loaded):
     name, model, state_dict = loaded
     if name not in FAST:
@@ -202,6 +206,7 @@ def test_registry_layout_files_list_every_official_key():
         assert set(structural_keys(name)) <= {key for key, _, _ in layout}
 
 
+@pytest.mark.slow
 def test_functional_health_check_runs_fixed_size_networks(loaded):
     # The registry's health check feeds a fixed probe; Swin/SwinV2/LeViT refuse anything but their square.
     from types import SimpleNamespace

@@ -163,6 +163,7 @@ def test_commands_that_need_no_tensors_do_not_import_torch(tmp_path):
         assert time.monotonic() - started < 3.0, args
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     site = make_site(tmp_path / "site")
     result = site.manage("models", "export", "--model", "MiDaS_small", "--output", str(tmp_path / "x.pt"))

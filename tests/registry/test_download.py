@@ -289,6 +289,7 @@ def test_http_mirror_is_base_url_plus_file_name(small_model, mirror, served):
     assert small_model.sha256_pinned_from == result.source_url
 
 
+@pytest.mark.slow
 def test_file_mirror_copies_from_a_folder(small_model, settings, served, server):
     settings.DEPTHSITE_MODEL_MIRROR = served["root"].as_uri()
 
@@ -384,6 +385,7 @@ def test_enqueue_runs_the_task_with_the_id_and_refuses_a_second_active_one(
     assert queued.weight_file.sha256 == served["sha256"] and queued.bytes_done == served["size"]
 
 
+@pytest.mark.slow
 def test_a_running_row_whose_process_died_does_not_block(small_model, mirror):
     dead = WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.RUNNING)
 
@@ -668,6 +670,7 @@ def test_entries_without_a_catalogue_size_are_capped_by_the_import_limit(small_m
     assert _leftovers() == []
 
 
+@pytest.mark.slow
 def test_a_gzip_encoded_body_is_refused_not_decoded(small_model, mirror):
     mirror.configure(gzip=True)
 

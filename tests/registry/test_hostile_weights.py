@@ -107,6 +107,7 @@ def test_h5_pointing_at_a_secret_never_puts_a_byte_of_it_in_the_cache(tmp_path, 
 # --- 2. declared sizes ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("maker, kind", [
     (hostile.make_h5_unwritten, "unwritten"),
     (hostile.make_h5_unwritten_chunks, "unwritten"),

@@ -66,6 +66,7 @@ def test_admin_verify_and_clear_refuse_another_nodes_row_and_say_where_to_run_th
     assert f"DEPTHSITE_NODE={OTHER} python manage.py models export" in page
 
 
+@pytest.mark.slow
 def test_admin_model_actions_touch_only_this_nodes_files(staff_client, cached_small, other_row):
     page = post_action(staff_client, "registeredmodel", "verify_models", [cached_small.model.pk])
     assert "MiDaS_small [pt]: ok" in page and f"DEPTHSITE_NODE={OTHER}" in page

@@ -78,6 +78,7 @@ def test_api_import_records_the_name_sent_and_the_user_and_pin_false(small_model
     assert body["pinned"] is False and not _model().expected_sha256
 
 
+@pytest.mark.slow
 def test_bundle_of_an_imported_file_says_imported_not_github(small_model, small_pt, tmp_path):
     weight_import(path=small_pt, imported_by="bob")
     output = tmp_path / "b.tar"

@@ -128,6 +128,7 @@ def test_import_with_model_names_what_differs(write_checkpoint, small_arrays):
     assert "scratch.output_conv.4.weight" in caught.value.message and "wrong shape" in caught.value.message
 
 
+@pytest.mark.slow
 def test_import_refuses_when_several_models_share_the_layout(small_pt):
     RegisteredModel.objects.create(name="my_small", display_name="Fine-tuned small", architecture="MiDaS_small",
                                    file_name="my_small.pt", input_size=256)
@@ -154,6 +155,7 @@ def test_import_of_weights_that_differ_from_the_pinned_ones_is_refused(small_pt,
     assert not WeightFile.objects.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "h5", "pkl"])
 def test_import_of_each_format(write_checkpoint, small_arrays, fmt):
     path = write_checkpoint(fmt, name=f"weights.{fmt}")
@@ -172,6 +174,7 @@ def test_import_detects_format_by_content_not_name(write_checkpoint):
 # --- verify --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verify_ok_records_time_and_functional_hash(cached_small):
     result = weight_verify(weight_file=cached_small)
     assert result.ok
@@ -464,6 +467,7 @@ def test_mark_used_sets_last_used(cached_small):
     assert cached_small.last_used_at is not None
 
 
+@pytest.mark.slow
 def test_weights_verify_covers_every_file(cached_small):
     weight_convert(model=cached_small.model, fmt="pkl")
     results = weights_verify()
