@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from inference.api.permissions import PredictionAccess, UploadThrottle
 from inference.api.serializers import PredictionErrorSerializer, PredictionCreateSerializer, PredictionSerializer
 from inference.forms import UploadLimitHandler, upload_too_large
+from inference.media import media_open
 from inference.selectors import depth_job_file, depth_job_get, depth_job_list, depth_job_may_delete
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
@@ -153,7 +154,8 @@ class PredictionFileView(PredictionAPIView):
     )
     def get(self, request, id, fmt):
         result = depth_job_file(job=self.get_object(), fmt=fmt)
-        return FileResponse(open(result.path, "rb"), content_type=result.content_type, as_attachment=True,
+        # Streamed from the media storage after the owner check (get_object): no public or presigned URL.
+        return FileResponse(media_open(result.name), content_type=result.content_type, as_attachment=True,
                             filename=result.download_name)
 
     def perform_content_negotiation(self, request, force=False):

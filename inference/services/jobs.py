@@ -33,6 +33,17 @@ from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.exceptions import ImageError, InferenceError, QuotaExceededError
 from inference.images import BROWSER_IMAGE_TYPES, image_check, image_open
+from inference.media import (
+    RESULTS_DIR,
+    STAGING_PREFIX,
+    media_exists,
+    media_fetch,
+    media_folder_publish,
+    media_put,
+    media_remove,
+    media_staging_root,
+    media_usage,
+)
 from inference.models import DepthJob
 from inference.writers import DEFAULT_FOV_DEGREES, DepthMeta, fov_check, parse_formats, write_outputs
 from models_registry import cachefs
@@ -54,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "MiDaS_small"
 DEFAULT_OUTPUTS = ("png",)
-RESULTS_DIR = "results"
 RESULT_STEM = "depth"
 TASK = "inference.tasks.depth_job_task"
 # Another node's worker cannot be probed; django-q2 stops a task at its timeout, so a job still
@@ -65,7 +75,6 @@ _HASH_CHUNK = 1024 * 1024
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
                "TIFF": ".tif"}
 PREVIEW_SUFFIX = ".preview.png"
-STAGING_PREFIX = ".tmp-"
 _STAGING_NAME = re.compile(r"^\.tmp-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-[0-9a-f]+$")
 
 ERROR_GENERIC = ("an internal error stopped this job (the details are in the worker's log); "
@@ -96,10 +105,6 @@ def job_lease_seconds() -> int:
 def warm_stale_seconds() -> int:
     """A warm-model row whose worker has not beaten for this long belongs to a dead worker."""
     return 10 * job_lease_seconds()
-
-
-def _media_root() -> Path:
-    return Path(settings.MEDIA_ROOT)
 
 
 # --- worker identity -------------------------------------------------------------------------------
@@ -218,7 +223,7 @@ def depth_job_create(
     session_key: str = "",
     client_address: str = "",
 ) -> DepthJob:
-    """Check an upload, store it under MEDIA_ROOT, save the job and queue it once the transaction commits.
+    """Check an upload, store it in the media storage, save the job and queue it once the transaction commits.
 
     ValidationError (400) for an unknown model, output or colormap; ImageError (400) for a file that is
     not a readable photo; TooLargeError/ImageTooLargeError (413) for too many bytes or pixels;
@@ -501,11 +506,14 @@ def _execute(job: DepthJob) -> None:
     if not model.enabled:
         raise NotFoundError(f"the model {model.name} was disabled after this job was submitted; "
                             "submit the photo again with another model", extra={"model": model.name})
+    if not job.image or not job.image.name:
+        raise ImageError("the job has no stored image", extra={"field": "image"})
     try:
-        path = Path(job.image.path)
-    except ValueError:
-        raise ImageError("the job has no stored image", extra={"field": "image"}) from None
-    loaded = image_open(path, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+        stored = job.image.storage.open(job.image.name, "rb")
+    except FileNotFoundError:
+        raise ImageError("the file is missing", extra={"field": "image", "kind": "missing"}) from None
+    with stored:
+        loaded = image_open(stored, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
     _input_preview_write(job, loaded.rgb)
 
     if settings.DEPTHSITE_REUSE_RESULTS:
@@ -546,7 +554,7 @@ def _commit_results(job: DepthJob) -> None:
         return
     if not DepthJob.objects.filter(pk=job.pk).exists():
         # Deleted while it ran: its files must not outlive it.
-        shutil.rmtree(results_folder(job_id=job.pk), ignore_errors=True)
+        media_remove([results_folder(job_id=job.pk) + "/"])
     logger.info("depth job %s changed while it ran (deleted or recovered); its result was not recorded", job.pk)
 
 
@@ -554,7 +562,7 @@ def _commit_results(job: DepthJob) -> None:
 
 
 def input_preview_path(*, image_name: str) -> str:
-    """Where the browser preview of an upload lives (relative to MEDIA_ROOT): beside it, named after it, so
+    """Where the browser preview of an upload lives (a storage name): beside it, named after it, so
     deleting a job finds it whether or not its row recorded it yet."""
     return str(PurePosixPath(image_name).with_suffix(PREVIEW_SUFFIX))
 
@@ -564,54 +572,54 @@ def _input_preview_write(job: DepthJob, rgb) -> None:
     if job.image_format in BROWSER_IMAGE_TYPES or not job.image or not job.image.name:
         return
     relative = input_preview_path(image_name=job.image.name)
-    final = _media_root() / relative
-    if not final.is_file():
+    if not media_exists(relative):
         from PIL import Image
 
-        # Written in a results staging folder (same file system), so a killed worker's half file is swept
-        # with the other staging folders, then renamed into place.
-        staging = _media_root() / RESULTS_DIR / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
+        # Written in a results staging folder, so a killed worker's half file is swept with the other staging
+        # folders, then put into place (a rename on a local storage, one put on an object store).
+        staging = media_staging_root() / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
             temporary = staging / "preview.png"
             Image.fromarray(rgb).save(temporary, format="PNG")
-            os.replace(temporary, final)
+            media_put(name=relative, source=temporary)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     if job.input_preview != relative:
         job.input_preview = relative
         if not DepthJob.objects.filter(pk=job.pk).update(input_preview=relative):
-            final.unlink(missing_ok=True)  # the job was deleted meanwhile
+            media_remove([relative])  # the job was deleted meanwhile
 
 
 def _stored_result_bytes(job: DepthJob) -> int:
-    """Bytes a job keeps on disk besides its upload (results and preview), for the anonymous quota."""
-    paths = [_media_root() / rel for rel in (job.result_files or {}).values()]
+    """Bytes a job keeps in the media store besides its upload (results and preview), for the anonymous quota."""
+    names = list((job.result_files or {}).values())
     if job.input_preview:
-        paths.append(_media_root() / job.input_preview)
-    return sum(path.stat().st_size for path in paths if path.is_file())
+        names.append(job.input_preview)
+    return media_usage(names)
 
 
-def results_folder(*, job_id) -> Path:
-    return _media_root() / RESULTS_DIR / str(job_id)
+def results_folder(*, job_id) -> str:
+    """The storage name of a job's results folder: every result file of the job lies in it, and only there."""
+    return f"{RESULTS_DIR}/{job_id}"
 
 
 def _results_write(job: DepthJob, write) -> dict[str, str]:
-    """Write into a temporary folder beside the final one, then rename it: never half a result under its name."""
+    """Write into a local staging folder, then publish it as the job's results folder (a rename on a local
+    storage, one atomic put per file on an object store): never half a result under its name."""
     final = results_folder(job_id=job.pk)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".tmp-{job.pk}-{uuid.uuid4().hex[:8]}"
+    root = media_staging_root()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
     try:
         written: dict[str, Path] = write(staging)
         if not _still_this_attempt(job):
             # A late attempt whose lease ran out must not replace the files of the attempt that took over.
             raise _Superseded(str(job.pk))
-        if final.exists():
-            shutil.rmtree(final)  # a re-run's earlier files
-        os.replace(staging, final)
+        media_folder_publish(source=staging, prefix=final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {fmt: f"{RESULTS_DIR}/{job.pk}/{path.name}" for fmt, path in written.items()}
+    return {fmt: f"{final}/{path.name}" for fmt, path in written.items()}
 
 
 def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
@@ -625,50 +633,38 @@ def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
             continue
         # result_files may hold more than the outputs (the .ply's browser preview): all of them are copied.
         if set(job.outputs) <= set(candidate.result_files) and all(
-                (_media_root() / rel).is_file() for rel in candidate.result_files.values()):
+                media_exists(name) for name in candidate.result_files.values()):
             return candidate
     return None
 
 
 def _results_copy(earlier: DepthJob, job: DepthJob) -> dict[str, str]:
-    """Hard links where the file system allows (copies otherwise): each job owns its own names."""
+    """Hard links where the storage is this file system (copies otherwise): each job owns its own names."""
     def link_all(folder: Path) -> dict[str, Path]:
         folder.mkdir(parents=True)
         copied = {}
-        for fmt, rel in earlier.result_files.items():
-            source = _media_root() / rel
-            dest = folder / source.name
-            try:
-                os.link(source, dest)
-            except OSError:
-                shutil.copy2(source, dest)
+        for fmt, name in earlier.result_files.items():
+            dest = folder / PurePosixPath(name).name
+            media_fetch(name=name, dest=dest)
             copied[fmt] = dest
         return copied
 
     return _results_write(job, link_all)
 
 
-def depth_job_paths(*, job: DepthJob) -> list[Path]:
-    """Everything on disk that belongs to a job: its upload and its results folder."""
-    paths = []
+def depth_job_paths(*, job: DepthJob) -> list[str]:
+    """Every storage name that belongs to a job: its upload, its preview and its results folder (ending in "/")."""
+    names = []
     if job.image and job.image.name:
-        paths.append(_media_root() / job.image.name)
-        paths.append(_media_root() / input_preview_path(image_name=job.image.name))
-    paths.append(results_folder(job_id=job.pk))
-    return paths
+        names.append(job.image.name)
+        names.append(input_preview_path(image_name=job.image.name))
+    names.append(results_folder(job_id=job.pk) + "/")
+    return names
 
 
-def depth_job_files_remove(*, paths: Iterable[Path]) -> int:
-    """Remove a deleted job's files; returns the bytes freed. Missing files are fine (already gone)."""
-    freed = 0
-    for path in paths:
-        if path.is_dir():
-            freed += sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.is_file():
-            freed += path.stat().st_size
-            path.unlink(missing_ok=True)
-    return freed
+def depth_job_files_remove(*, paths: Iterable[str]) -> int:
+    """Remove a deleted job's files from the media store; returns the bytes freed. Missing files are fine."""
+    return media_remove(paths)
 
 
 # --- delete, re-run ------------------------------------------------------------------------------
@@ -679,9 +675,7 @@ def depth_job_delete(*, job: DepthJob) -> dict[str, Any]:
 
     A running job may be deleted: its worker notices and drops the result it was writing.
     """
-    paths = depth_job_paths(job=job)
-    planned = sum(p.stat().st_size for p in paths if p.is_file()) + sum(
-        item.stat().st_size for p in paths if p.is_dir() for item in p.rglob("*") if item.is_file())
+    planned = media_usage(depth_job_paths(job=job))
     job_id = job.pk
     job.delete()
     return {"id": str(job_id), "bytes": planned}
@@ -692,7 +686,7 @@ def depth_job_rerun(*, job: DepthJob) -> DepthJob:
     observed_status = job.status
     if observed_status in JobStatus.ACTIVE:
         raise ConflictError(f"job {job.short_id} is already {observed_status}", extra={"status": observed_status})
-    if not job.image or not (_media_root() / job.image.name).is_file():
+    if not job.image or not media_exists(job.image.name):
         raise ImageError("the job's uploaded image is gone, so it cannot run again; upload the photo again",
                          extra={"field": "image"})
     with transaction.atomic():
@@ -763,7 +757,7 @@ def results_staging_sweep(*, max_age_seconds: float | None = None) -> list[str]:
     A folder goes when nothing was written in it for longer than a job may run (`timeout` plus the grace
     the recovery allows), and its job is not running in a live worker: a write in progress is never touched.
     """
-    root = _media_root() / RESULTS_DIR
+    root = media_staging_root()
     bound = _job_timeout() + RECOVERY_GRACE_SECONDS if max_age_seconds is None else max_age_seconds
     now = time.time()
     swept: list[str] = []

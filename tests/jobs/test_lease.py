@@ -5,9 +5,11 @@ Time is moved by patching `timezone.now`, never by sleeping.
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from inference.choices import JobErrorCode, JobStatus
@@ -203,7 +205,7 @@ def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_s
     clock.advance(LEASE + 1)
     depth_jobs_recover()
     new = depth_job_run(job=DepthJob.objects.get(pk=old.pk))
-    folder = job_services.results_folder(job_id=new.pk)
+    folder = Path(settings.MEDIA_ROOT) / job_services.results_folder(job_id=new.pk)
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert before and new.status == JobStatus.SUCCEEDED
 
