@@ -350,11 +350,12 @@ def worker_heartbeat() -> dict[str, int]:
         attempts = list(_running.items())
     renewed = sum(depth_job_lease_renew(job_id=pk, worker=worker, attempts=count)
                   for pk, (worker, count) in attempts)
+    recovered = depth_jobs_leases_recover()
     warm = 0
     estimator = sys.modules.get("inference.estimator")  # no loaded network without it: nothing to report
     if estimator is not None:
         warm = warm_models_heartbeat(worker=estimator.WORKER_ID)
-    return {"leases": renewed, "warm": warm}
+    return {"leases": renewed, "warm": warm, "requeued": len(recovered["requeued"])}
 
 
 def _heartbeat_loop(stop: threading.Event | None = None) -> None:
@@ -718,22 +719,7 @@ def depth_jobs_recover() -> dict[str, list[str]]:
     """
     requeued: list[str] = []
     failed: list[str] = []
-    for job in DepthJob.objects.filter(status=JobStatus.RUNNING).only(
-            "id", "status", "attempts", "worker", "started_at", "lease_until"):
-        if worker_alive(worker=job.worker, started_at=job.started_at, lease_until=job.lease_until):
-            continue
-        if job.attempts >= job_max_attempts():
-            if _fail_exhausted(job):
-                failed.append(str(job.pk))
-            continue
-        observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
-        job.requeue()
-        if DepthJob.objects.filter(pk=job.pk, **observed).update(status=job.status, worker="", lease_until=None,
-                                                                 queued_at=job.queued_at):
-            logger.warning("depth job %s: its worker %s stopped during attempt %d; queued again",
-                           job.pk, observed["worker"] or "?", job.attempts)
-            _depth_job_enqueue(job.pk)
-            requeued.append(str(job.pk))
+    _recover_running(DepthJob.objects.filter(status=JobStatus.RUNNING), requeued, failed)
 
     # A queued job waits at most `retry` for a worker under a healthy broker; past that its task may be
     # lost (Redis pops a task before running it), so it gets a fresh one.
@@ -749,6 +735,38 @@ def depth_jobs_recover() -> dict[str, list[str]]:
 
     warm_models_stale_remove(older_than=timedelta(seconds=warm_stale_seconds()))
     return {"requeued": requeued, "failed": failed}
+
+
+def depth_jobs_leases_recover() -> dict[str, list[str]]:
+    """Queue again the running jobs whose lease ran out (their worker died, on whatever node).
+
+    One indexed query when nothing expired, so every live worker's heartbeat runs it: a dead node's job
+    waits about one lease (DEPTHSITE_JOB_LEASE) for another node, not the 2-minute schedule. Two workers
+    finding the same job race on a conditional update; one wins."""
+    requeued: list[str] = []
+    failed: list[str] = []
+    _recover_running(DepthJob.objects.filter(status=JobStatus.RUNNING, lease_until__lt=timezone.now()),
+                     requeued, failed)
+    return {"requeued": requeued, "failed": failed}
+
+
+def _recover_running(running, requeued: list[str], failed: list[str]) -> None:
+    for job in running.only("id", "status", "attempts", "worker", "started_at", "lease_until"):
+        if worker_alive(worker=job.worker, started_at=job.started_at, lease_until=job.lease_until):
+            continue
+        if job.attempts >= job_max_attempts():
+            if _fail_exhausted(job):
+                failed.append(str(job.pk))
+            continue
+        observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
+        job.requeue()
+        if DepthJob.objects.filter(pk=job.pk, **observed).update(status=job.status, worker="", lease_until=None,
+                                                                 queued_at=job.queued_at):
+            logger.warning("depth job %s: its worker %s stopped during attempt %d; queued again",
+                           job.pk, observed["worker"] or "?", job.attempts)
+            _depth_job_enqueue(job.pk)
+            requeued.append(str(job.pk))
+
 
 
 def results_staging_sweep(*, max_age_seconds: float | None = None) -> list[str]:

@@ -218,3 +218,16 @@ def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_s
         job_services._results_write(old, late_write)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]  # its staging folder went too
+
+
+def test_a_live_workers_heartbeat_requeues_a_dead_nodes_job_once_its_lease_ran_out(small_model, clock, enqueued):
+    dead = claimed(queued_job(), "dead-node:11:1")
+    live = claimed(queued_job(), "other-node:12:1")
+    clock.advance(LEASE - 1)
+    assert depth_job_lease_renew(job_id=live.pk, worker=live.worker, attempts=live.attempts)
+    assert worker_heartbeat()["requeued"] == 0
+    clock.advance(2)  # the dead node's lease is over; the live one was renewed a second ago
+    assert worker_heartbeat()["requeued"] == 1
+    assert DepthJob.objects.get(pk=dead.pk).status == JobStatus.QUEUED and enqueued[-1] == str(dead.pk)
+    assert DepthJob.objects.get(pk=live.pk).status == JobStatus.RUNNING
+    assert worker_heartbeat()["requeued"] == 0  # requeued once, not at every beat
