@@ -351,6 +351,8 @@ def worker_heartbeat() -> dict[str, int]:
     renewed = sum(depth_job_lease_renew(job_id=pk, worker=worker, attempts=count)
                   for pk, (worker, count) in attempts)
     recovered = depth_jobs_leases_recover()
+    if not attempts:
+        recovered["requeued"] += depth_jobs_stranded_requeue()
     warm = 0
     estimator = sys.modules.get("inference.estimator")  # no loaded network without it: nothing to report
     if estimator is not None:
@@ -748,6 +750,42 @@ def depth_jobs_leases_recover() -> dict[str, list[str]]:
     _recover_running(DepthJob.objects.filter(status=JobStatus.RUNNING, lease_until__lt=timezone.now()),
                      requeued, failed)
     return {"requeued": requeued, "failed": failed}
+
+
+def _broker_backlog() -> int | None:
+    """Tasks waiting in the broker's list (one LLEN on Redis); None when it cannot be read."""
+    from django_q.brokers import get_broker
+
+    try:
+        return int(get_broker().queue_size() or 0)
+    except Exception:
+        logger.exception("could not read the task broker's queue size")
+        return None
+
+
+def depth_jobs_stranded_requeue() -> list[str]:
+    """Give a fresh task to queued jobs whose task sits in no broker list: called by an idle worker's heartbeat.
+
+    A cluster's pusher takes tasks from Redis before a worker is free (up to `queue_limit`); a node killed
+    then loses them (Redis has no receipts), and their jobs stay queued. When this worker is idle, the
+    broker's list is empty and a job has been queued for more than a lease, its task is in some cluster's
+    hands, a dead one's or a busy one's: a second task is harmless (the later delivery finds the job
+    claimed or finished and does nothing), a lost one would wait for the `retry` window. The conditional
+    update on queued_at lets one worker per lease period do it."""
+    stale_before = timezone.now() - timedelta(seconds=job_lease_seconds())
+    waiting = list(DepthJob.objects.filter(status=JobStatus.QUEUED, queued_at__lt=stale_before)
+                   .order_by("queued_at").values_list("pk", "queued_at")[:100])
+    if not waiting or _broker_backlog() != 0:
+        return []
+    requeued = []
+    for pk, queued_at in waiting:
+        if DepthJob.objects.filter(pk=pk, status=JobStatus.QUEUED, queued_at=queued_at).update(
+                queued_at=timezone.now()):
+            logger.warning("depth job %s has been queued since %s with no task in the broker; queued again",
+                           pk, queued_at)
+            _depth_job_enqueue(pk)
+            requeued.append(str(pk))
+    return requeued
 
 
 def _recover_running(running, requeued: list[str], failed: list[str]) -> None:

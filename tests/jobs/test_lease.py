@@ -231,3 +231,20 @@ def test_a_live_workers_heartbeat_requeues_a_dead_nodes_job_once_its_lease_ran_o
     assert DepthJob.objects.get(pk=dead.pk).status == JobStatus.QUEUED and enqueued[-1] == str(dead.pk)
     assert DepthJob.objects.get(pk=live.pk).status == JobStatus.RUNNING
     assert worker_heartbeat()["requeued"] == 0  # requeued once, not at every beat
+
+
+def test_an_idle_worker_requeues_jobs_whose_task_no_broker_list_holds(small_model, clock, enqueued, monkeypatch):
+    stranded = queued_job()  # its task was taken by a cluster that died before a worker started it
+    clock.advance(LEASE - 1)
+    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 0)
+    assert worker_heartbeat()["requeued"] == 0  # queued for less than a lease: it may just be on its way
+    clock.advance(2)
+    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 3)
+    assert worker_heartbeat()["requeued"] == 0  # tasks wait in the broker: it may be one of them
+    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 0)
+    assert worker_heartbeat()["requeued"] == 1 and enqueued[-1] == str(stranded.pk)
+    assert worker_heartbeat()["requeued"] == 0  # once per lease period, not at every beat
+    busy = claimed(queued_job(), "other-node:12:1")
+    monkeypatch.setattr(job_services, "_running", {busy.pk: (busy.worker, busy.attempts)})
+    clock.advance(LEASE + 1)
+    assert worker_heartbeat()["requeued"] == 0  # a busy worker leaves that to idle ones
