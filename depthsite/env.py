@@ -142,6 +142,8 @@ JOB_MAX_ATTEMPTS = get_int("DEPTHSITE_JOB_MAX_ATTEMPTS", 3)
 JOB_LEASE = get_int("DEPTHSITE_JOB_LEASE", 30)
 WORKER_MAX_RSS_KB = get_int("DEPTHSITE_WORKER_MAX_RSS_KB", 8 * 1024 * 1024)
 REUSE_RESULTS = get_bool("DEPTHSITE_REUSE_RESULTS", True)
+# bench/scale.py: a folder where each process keeps the count of SQL statements it sent (unset: not counted).
+COUNT_QUERIES_DIR = get_str("DEPTHSITE_COUNT_QUERIES_DIR", "")
 MAX_UPLOAD_BYTES = get_size("DEPTHSITE_MAX_UPLOAD_BYTES", 25 * 1000**2)
 MAX_IMPORT_BYTES = get_size("DEPTHSITE_MAX_IMPORT_BYTES", 4 * 1000**3)
 PUBLIC_UPLOADS = get_bool("DEPTHSITE_PUBLIC_UPLOADS", False)
