@@ -127,3 +127,24 @@ def test_a_rerun_in_s3_replaces_the_earlier_results_without_renamed_copies(bucke
     job.refresh_from_db()
     assert job.status == "succeeded"
     assert {key for key in _keys(bucket) if key.startswith(f"site/results/{job.pk}/")} == before
+
+
+def test_a_tiffs_browser_preview_is_an_object_served_to_the_owner_and_deleted_with_the_job(bucket, api, user,
+                                                                                        cached_small, run_jobs,
+                                                                                        client):
+    from PIL import Image
+
+    tiff = images.encode(Image.fromarray(images.photo_array(40, 30)), "TIFF")
+    with run_jobs():
+        job_id = api.post("/api/predictions/", {"image": upload(tiff, "scan.tif")}, format="multipart").json()["id"]
+    job = DepthJob.objects.get(pk=job_id)
+    assert job.status == "succeeded" and job.input_preview.endswith(".preview.png")
+    preview_key = f"site/{job.input_preview}"
+    assert preview_key in _keys(bucket) and _body(bucket, preview_key).startswith(b"\x89PNG")
+    client.force_login(user)
+    shown = client.get(reverse("inference:job_input", args=[job.pk]))
+    assert shown.status_code == 200 and shown["Content-Type"] == "image/png"
+    assert b"".join(shown.streaming_content) == _body(bucket, preview_key)
+    with run_jobs():
+        assert api.delete(f"/api/predictions/{job.pk}/").status_code == 204
+    assert _keys(bucket) == set()
