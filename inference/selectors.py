@@ -12,7 +12,7 @@ from django.db.models import QuerySet
 from depthsite.units import format_size
 from inference.choices import JobStatus
 from inference.images import BROWSER_IMAGE_TYPES
-from inference.media import RESULTS_DIR, media_exists, media_name_check
+from inference.media import RESULTS_DIR, media_exists, media_name_check, media_size
 from inference.models import DepthJob
 from inference.writers import CONTENT_TYPES, OUTPUT_FORMATS, SUFFIXES
 from models_registry.exceptions import ApplicationError, NotFoundError
@@ -99,6 +99,15 @@ def depth_job_file(*, job: DepthJob, fmt: str) -> ResultFile:
                             extra={"format": fmt, "available": sorted(job.result_files or {})})
     stem = Path(job.image_name or "image").stem[:80] or "image"
     return ResultFile(name=name, content_type=CONTENT_TYPES[fmt], download_name=f"{stem}-depth{SUFFIXES[fmt]}")
+
+
+def depth_job_file_sizes(*, job: DepthJob) -> dict[str, int | None]:
+    """Bytes of each recorded output of a job (None when it is missing or its name is not the job's own)."""
+    sizes = {}
+    for fmt, relative in (job.result_files or {}).items():
+        name = media_name_check(relative, under=f"{RESULTS_DIR}/{job.pk}")
+        sizes[fmt] = media_size(name) if name else None
+    return sizes
 
 
 def depth_job_input(*, job: DepthJob) -> tuple[str, str]:

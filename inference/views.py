@@ -20,11 +20,12 @@ from inference.api.permissions import UploadThrottle
 from inference.colormaps import DEFAULT_COLORMAP
 from inference.images import ALPHA_NOTE, BROWSER_IMAGE_TYPES, image_has_alpha
 from inference.forms import DepthJobForm, UploadLimitHandler
-from inference.media import media_name_check, media_open, media_size
+from inference.media import media_name_check, media_open
 from inference.models import DepthJob
 from inference.choices import JobStatus
 from inference.selectors import (
     depth_job_file,
+    depth_job_file_sizes,
     depth_job_get,
     depth_job_history,
     depth_job_input,
@@ -189,9 +190,9 @@ def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int 
     urls = job_urls(job)
     labels = dict(output_choices())
     files = []
+    sizes = depth_job_file_sizes(job=job)
     for fmt, url in urls["files"].items():
-        name = media_name_check(job.result_files[fmt], under=f"results/{job.pk}")
-        size = media_size(name) if name else None
+        size = sizes.get(fmt)
         files.append({"format": fmt, "label": labels.get(fmt, fmt), "url": url, "download": urls["downloads"][fmt],
                       "size": format_size(size) if size is not None else "missing"})
     return render(request, "inference/job_detail.html", {

@@ -39,6 +39,7 @@ from inference.media import (
     media_exists,
     media_fetch,
     media_folder_publish,
+    media_open,
     media_put,
     media_remove,
     media_staging_root,
@@ -512,7 +513,7 @@ def _execute(job: DepthJob) -> None:
     if not job.image or not job.image.name:
         raise ImageError("the job has no stored image", extra={"field": "image"})
     try:
-        stored = job.image.storage.open(job.image.name, "rb")
+        stored = media_open(job.image.name)
     except FileNotFoundError:
         raise ImageError("the file is missing", extra={"field": "image", "kind": "missing"}) from None
     with stored:
@@ -804,7 +805,6 @@ def _recover_running(running, requeued: list[str], failed: list[str]) -> None:
                            job.pk, observed["worker"] or "?", job.attempts)
             _depth_job_enqueue(job.pk)
             requeued.append(str(job.pk))
-
 
 
 def results_staging_sweep(*, max_age_seconds: float | None = None) -> list[str]:
