@@ -301,11 +301,25 @@ def anonymous_quota_check(*, session_key: str, client_address: str, size: int, s
                 extra={"kind": "quota_bytes", "limit": max_bytes, "used": stored})
 
 
+_brokers: dict[int, Any] = {}
+
+
+def _broker():
+    """This process's django-q2 broker, made once: a broker per enqueue (async_task's default) opens a new Redis
+    connection for every job (bench/scale.py counted one HELLO per job). Keyed by pid: a forked child makes its own."""
+    from django_q.brokers import get_broker
+
+    broker = _brokers.get(os.getpid())
+    if broker is None:
+        broker = _brokers[os.getpid()] = get_broker()
+    return broker
+
+
 def _depth_job_enqueue(job_id: uuid.UUID | str) -> None:
     from django_q.tasks import async_task
 
     try:
-        task_id = async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs")
+        task_id = async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs", broker=_broker())
     except Exception:
         # The row stays queued: the recovery queues it again, so a broker hiccup loses no job.
         logger.exception("could not queue depth job %s; the job recovery will queue it again", job_id)
@@ -755,10 +769,8 @@ def depth_jobs_leases_recover() -> dict[str, list[str]]:
 
 def _broker_backlog() -> int | None:
     """Tasks waiting in the broker's list (one LLEN on Redis); None when it cannot be read."""
-    from django_q.brokers import get_broker
-
     try:
-        return int(get_broker().queue_size() or 0)
+        return int(_broker().queue_size() or 0)
     except Exception:
         logger.exception("could not read the task broker's queue size")
         return None
