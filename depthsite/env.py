@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from depthsite.units import parse_size
@@ -96,6 +97,18 @@ VAR_DIR = Path(get_str("DEPTHSITE_VAR_DIR", str(BASE_DIR / "var")))
 DATABASE_URL = get_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'depthsite.sqlite3'}")
 REDIS_URL = get_str("REDIS_URL", "")
 MEDIA_ROOT = Path(get_str("DEPTHSITE_MEDIA_ROOT", str(VAR_DIR / "media")))
+# Where uploads and results live: "local" (MEDIA_ROOT, or a shared file system mounted there) or "s3"
+# (an S3-compatible object store through django-storages, with the DEPTHSITE_MEDIA_S3_* values below).
+MEDIA_STORAGE = get_str("DEPTHSITE_MEDIA_STORAGE", "local").lower()
+MEDIA_S3_BUCKET = get_str("DEPTHSITE_MEDIA_S3_BUCKET", "")
+MEDIA_S3_ENDPOINT = get_str("DEPTHSITE_MEDIA_S3_ENDPOINT", "")  # empty: AWS itself
+MEDIA_S3_REGION = get_str("DEPTHSITE_MEDIA_S3_REGION", "")
+# Empty keys: boto3's own chain (AWS_* variables, an instance or pod role).
+MEDIA_S3_ACCESS_KEY = get_str("DEPTHSITE_MEDIA_S3_ACCESS_KEY", "")
+MEDIA_S3_SECRET_KEY = get_str("DEPTHSITE_MEDIA_S3_SECRET_KEY", "")
+MEDIA_S3_PREFIX = get_str("DEPTHSITE_MEDIA_S3_PREFIX", "")  # a folder inside the bucket
+# A worker writes results here before putting them into an object store (a local storage stages in its own folder).
+MEDIA_STAGING = Path(get_str("DEPTHSITE_MEDIA_STAGING", str(Path(tempfile.gettempdir()) / "depthsite-media-staging")))
 
 # --- the weight cache --------------------------------------------------------------------------
 _XDG_CACHE = Path(get_str("XDG_CACHE_HOME", str(Path.home() / ".cache")))
@@ -130,6 +143,8 @@ JOB_MAX_ATTEMPTS = get_int("DEPTHSITE_JOB_MAX_ATTEMPTS", 3)
 JOB_LEASE = get_int("DEPTHSITE_JOB_LEASE", 30)
 WORKER_MAX_RSS_KB = get_int("DEPTHSITE_WORKER_MAX_RSS_KB", 8 * 1024 * 1024)
 REUSE_RESULTS = get_bool("DEPTHSITE_REUSE_RESULTS", True)
+# bench/scale.py: a folder where each process keeps the count of SQL statements it sent (unset: not counted).
+COUNT_QUERIES_DIR = get_str("DEPTHSITE_COUNT_QUERIES_DIR", "")
 MAX_UPLOAD_BYTES = get_size("DEPTHSITE_MAX_UPLOAD_BYTES", 25 * 1000**2)
 # A batch (several photos or a zip): at most this many photos, and this many bytes in all (body and unpacked).
 BATCH_MAX_FILES = get_int("DEPTHSITE_BATCH_MAX_FILES", 50)

@@ -14,3 +14,10 @@ class InferenceConfig(AppConfig):
         functional_check_register(weights_functional_hash)
 
         from inference import signals  # noqa: F401  (connects the depth job receivers)
+
+        from django.conf import settings
+
+        if getattr(settings, "DEPTHSITE_COUNT_QUERIES_DIR", None):  # bench/scale.py only
+            from depthsite.querycount import queries_count_install
+
+            queries_count_install(folder=settings.DEPTHSITE_COUNT_QUERIES_DIR)

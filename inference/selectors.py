@@ -12,9 +12,9 @@ from django.db.models import QuerySet
 from depthsite.units import format_size
 from inference.choices import JobStatus
 from inference.images import BROWSER_IMAGE_TYPES
+from inference.media import RESULTS_DIR, media_exists, media_name_check, media_size
 from inference.models import DepthBatch, DepthJob
 from inference.writers import CONTENT_TYPES, OUTPUT_FORMATS, SUFFIXES
-from models_registry import cachefs
 from models_registry.exceptions import ApplicationError, NotFoundError
 from models_registry.models import RegisteredModel
 from models_registry.selectors import download_active, model_list, weight_files_usable
@@ -83,7 +83,7 @@ def depth_job_may_delete(*, job: DepthJob, user, session_key: str = "") -> bool:
 
 @dataclass(frozen=True)
 class ResultFile:
-    path: Path
+    name: str  # in the media storage (inference.media)
     content_type: str
     download_name: str
 
@@ -91,30 +91,35 @@ class ResultFile:
 def depth_job_file(*, job: DepthJob, fmt: str) -> ResultFile:
     """One output of a finished job, with its content type and a file name for downloads."""
     relative = (job.result_files or {}).get(fmt) if job.status == JobStatus.SUCCEEDED else None
-    try:
-        # A recorded path never leads outside MEDIA_ROOT, whatever the row holds.
-        path = cachefs.contained(Path(settings.MEDIA_ROOT), relative) if relative else None
-    except ApplicationError:
-        path = None
-    if path is None or not path.is_file():
+    # A recorded name never leads outside the job's own results folder, whatever the row holds.
+    name = media_name_check(relative, under=f"{RESULTS_DIR}/{job.pk}")
+    if name is None or not media_exists(name):
         raise NotFoundError(f"prediction {job.pk} has no {fmt!r} output"
                             + ("" if job.status == JobStatus.SUCCEEDED else f" (it is {job.status})"),
                             extra={"format": fmt, "available": sorted(job.result_files or {})})
     stem = Path(job.image_name or "image").stem[:80] or "image"
-    return ResultFile(path=path, content_type=CONTENT_TYPES[fmt], download_name=f"{stem}-depth{SUFFIXES[fmt]}")
+    return ResultFile(name=name, content_type=CONTENT_TYPES[fmt], download_name=f"{stem}-depth{SUFFIXES[fmt]}")
 
 
-def depth_job_input(*, job: DepthJob) -> tuple[Path, str]:
+def depth_job_file_sizes(*, job: DepthJob) -> dict[str, int | None]:
+    """Bytes of each recorded output of a job (None when it is missing or its name is not the job's own)."""
+    sizes = {}
+    for fmt, relative in (job.result_files or {}).items():
+        name = media_name_check(relative, under=f"{RESULTS_DIR}/{job.pk}")
+        sizes[fmt] = media_size(name) if name else None
+    return sizes
+
+
+def depth_job_input(*, job: DepthJob) -> tuple[str, str]:
     """The uploaded photo for display, served as stored: the upload when browsers show its format, else the
-    upright PNG the worker made once (NotFoundError until it has)."""
-    root = Path(settings.MEDIA_ROOT)
-    path = root / job.image.name if job.image else None
-    if path is None or not path.is_file():
+    upright PNG the worker made once (NotFoundError until it has). Returns (storage name, content type)."""
+    name = media_name_check(job.image.name if job.image else None)
+    if name is None or not media_exists(name):
         raise NotFoundError(f"the image of prediction {job.pk} is gone", extra={"id": str(job.pk)})
     if job.image_format in BROWSER_IMAGE_TYPES:
-        return path, BROWSER_IMAGE_TYPES[job.image_format]
-    preview = root / job.input_preview if job.input_preview else None
-    if preview is None or not preview.is_file():
+        return name, BROWSER_IMAGE_TYPES[job.image_format]
+    preview = media_name_check(job.input_preview) if job.input_preview else None
+    if preview is None or not media_exists(preview):
         raise NotFoundError(f"the preview of prediction {job.pk} is made when a worker runs it; try again then",
                             extra={"id": str(job.pk), "status": job.status})
     return preview, "image/png"

@@ -30,11 +30,14 @@ def _recover_when_a_worker_starts(sender, proc_name: str = "", **kwargs) -> None
     # tell the dead one's job is orphaned (the ORM broker would only re-deliver it after `retry`, Redis never).
     if settings.Q_CLUSTER.get("sync"):
         return  # tasks run inline (tests): no worker can have died
-    from inference.services.jobs import depth_jobs_recover
+    from inference.services.jobs import depth_jobs_recover, worker_heartbeat_start
     from inference.services.workers import worker_exit_hooks_install
 
     worker_exit_hooks_install()  # a worker sent SIGTERM removes its warm-model rows before it dies
 
+    # Beating from the start, not from a first task: an idle worker's heartbeat also picks up the jobs of
+    # dead nodes once their lease runs out (depth_jobs_leases_recover).
+    worker_heartbeat_start()
     try:
         outcome = depth_jobs_recover()
     except Exception:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -27,6 +26,7 @@ from inference.forms import (
     UploadLimitHandler,
     batch_upload_handlers_install,
 )
+from inference.media import media_name_check, media_open
 from inference.models import DepthJob
 from inference.choices import JobStatus
 from inference.selectors import (
@@ -34,6 +34,7 @@ from inference.selectors import (
     depth_batch_jobs,
     depth_batch_summary,
     depth_job_file,
+    depth_job_file_sizes,
     depth_job_get,
     depth_job_history,
     depth_job_input,
@@ -204,10 +205,11 @@ def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int 
     urls = job_urls(job)
     labels = dict(output_choices())
     files = []
+    sizes = depth_job_file_sizes(job=job)
     for fmt, url in urls["files"].items():
-        path = Path(settings.MEDIA_ROOT) / job.result_files[fmt]
+        size = sizes.get(fmt)
         files.append({"format": fmt, "label": labels.get(fmt, fmt), "url": url, "download": urls["downloads"][fmt],
-                      "size": format_size(path.stat().st_size) if path.is_file() else "missing"})
+                      "size": format_size(size) if size is not None else "missing"})
     return render(request, "inference/job_detail.html", {
         "job": job,
         "summary": summary,
@@ -264,12 +266,13 @@ def _job_page_with_error(request, job: DepthJob, error: str, *, status: int):
 
 def _input_had_alpha(job: DepthJob) -> bool:
     """Read from the stored upload's header (no pixels decoded); an unreadable or missing file says nothing."""
-    if not job.image:
+    name = media_name_check(job.image.name if job.image else None)
+    if name is None:
         return False
     try:
-        return image_has_alpha(Path(settings.MEDIA_ROOT) / job.image.name,
-                               max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
-    except ApplicationError:
+        with media_open(name) as stored:
+            return image_has_alpha(stored, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    except (ApplicationError, FileNotFoundError):
         return False
 
 
@@ -295,7 +298,8 @@ def job_file(request, job_id, fmt: str):
         result = depth_job_file(job=job, fmt=fmt)
     except NotFoundError:
         raise Http404("no such output") from None
-    return FileResponse(open(result.path, "rb"), content_type=result.content_type,
+    # Streamed from the media storage, after the access check above (no public or presigned URL).
+    return FileResponse(media_open(result.name), content_type=result.content_type,
                         as_attachment=bool(request.GET.get("download")), filename=result.download_name)
 
 
@@ -304,10 +308,10 @@ def job_file(request, job_id, fmt: str):
 def job_input(request, job_id):
     job = _job(request, job_id)
     try:
-        path, content_type = depth_job_input(job=job)
+        name, content_type = depth_job_input(job=job)
     except NotFoundError as exc:
         raise Http404(exc.message) from None
-    return FileResponse(open(path, "rb"), content_type=content_type)
+    return FileResponse(media_open(name), content_type=content_type)
 
 
 @require_POST

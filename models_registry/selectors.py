@@ -263,7 +263,8 @@ def model_status(*, node: str | None = None) -> dict[str, Any]:
             "files": len(files),
             "bytes": sum(f.size for f in files),
             "max_bytes": _max_bytes(),
-            "disk_free": cachefs.disk_free(root),
+            # Another node's disk is on its own machine: unknown here.
+            "disk_free": cachefs.disk_free(root) if node == cachefs.node_name() else None,
             "downloads_active": sum(1 for d in downloads.values() if d.is_active),
         },
         "models": entries,

@@ -44,3 +44,44 @@ def test_a_debug_run_keeps_a_private_key_that_later_commands_reuse(tmp_path):
     later = _manage(tmp_path, "shell", "-c", probe)
     assert later.returncode == 0, later.stderr
     assert f"DEBUG False KEY {key}" in later.stdout
+
+
+def test_media_storage_is_the_local_folder_by_default_and_s3_by_one_setting(tmp_path):
+    probe = ("from django.conf import settings; d = settings.STORAGES['default']; "
+             "print('BACKEND', d['BACKEND']); print('OPTIONS', sorted(d.get('OPTIONS', {}).items()))")
+    local = _manage(tmp_path, "shell", "-c", probe, DJANGO_SECRET_KEY="k")
+    assert local.returncode == 0, local.stderr
+    assert "BACKEND django.core.files.storage.FileSystemStorage" in local.stdout.splitlines()
+
+    s3 = _manage(tmp_path, "shell", "-c", probe, DJANGO_SECRET_KEY="k", DEPTHSITE_MEDIA_STORAGE="s3",
+                 DEPTHSITE_MEDIA_S3_BUCKET="media", DEPTHSITE_MEDIA_S3_ENDPOINT="http://127.0.0.1:9000",
+                 DEPTHSITE_MEDIA_S3_PREFIX="/site/")
+    assert s3.returncode == 0, s3.stderr
+    lines = s3.stdout.splitlines()
+    options = next(line for line in lines if line.startswith("OPTIONS "))
+    assert "BACKEND storages.backends.s3.S3Storage" in lines
+    for item in ("('bucket_name', 'media')", "('endpoint_url', 'http://127.0.0.1:9000')", "('location', 'site')",
+                 "('file_overwrite', True)", "('default_acl', None)"):
+        assert item in options
+
+    missing = _manage(tmp_path, "shell", "-c", probe, DJANGO_SECRET_KEY="k", DEPTHSITE_MEDIA_STORAGE="s3")
+    assert missing.returncode != 0 and "DEPTHSITE_MEDIA_S3_BUCKET" in missing.stderr
+    unknown = _manage(tmp_path, "shell", "-c", probe, DJANGO_SECRET_KEY="k", DEPTHSITE_MEDIA_STORAGE="ftp")
+    assert unknown.returncode != 0 and "use local or s3" in unknown.stderr
+
+
+def test_the_query_counter_counts_statements_per_kind_in_its_own_file(tmp_path):
+    from depthsite import querycount
+
+    querycount._folder = tmp_path
+    querycount._state.update(pid=None)
+    calls = []
+    for sql in ('SELECT "a"."id" FROM "inference_depthjob" WHERE 1', 'UPDATE "inference_depthjob" SET x = 1',
+                'SELECT 1 FROM "inference_depthjob"', "SAVEPOINT s1"):
+        querycount._count(lambda *args: calls.append(args), sql, None, False, {})
+    counted = querycount.queries_counted(folder=tmp_path)
+    assert len(calls) == 4  # every statement still ran
+    assert counted == {"other": 4, "other SELECT inference_depthjob": 2, "other UPDATE inference_depthjob": 1,
+                       "other SAVEPOINT": 1}
+    os.close(querycount._state["fd"])
+    querycount._state.update(pid=None)

@@ -118,4 +118,33 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 MEDIA_URL = "media/"
 MEDIA_ROOT = env.MEDIA_ROOT
 
+
+def media_storage(kind: str) -> dict:
+    """STORAGES["default"] for DEPTHSITE_MEDIA_STORAGE: the local folder, or an S3-compatible bucket."""
+    if kind in ("", "local"):
+        return {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+    if kind != "s3":
+        raise ImproperlyConfigured(f"DEPTHSITE_MEDIA_STORAGE={kind!r}: use local or s3")
+    if not env.MEDIA_S3_BUCKET:
+        raise ImproperlyConfigured("DEPTHSITE_MEDIA_STORAGE=s3 needs DEPTHSITE_MEDIA_S3_BUCKET")
+    return {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {
+        "bucket_name": env.MEDIA_S3_BUCKET,
+        "endpoint_url": env.MEDIA_S3_ENDPOINT or None,
+        "region_name": env.MEDIA_S3_REGION or None,
+        "access_key": env.MEDIA_S3_ACCESS_KEY or None,
+        "secret_key": env.MEDIA_S3_SECRET_KEY or None,
+        "location": env.MEDIA_S3_PREFIX.strip("/"),
+        # Job code picks unique names and replaces a re-run's results in place: never a renamed copy.
+        "file_overwrite": True,
+        # Private objects: every download goes through the site's owner check (see inference.media).
+        "default_acl": None,
+        "querystring_auth": True,
+    }}
+
+
+STORAGES = {
+    "default": media_storage(env.MEDIA_STORAGE),
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

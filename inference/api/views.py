@@ -36,6 +36,7 @@ from inference.services.batches import (
     depth_batch_create,
     depth_batch_images_collect,
 )
+from inference.media import media_open
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
 from models_registry.api.throttling import client_address
@@ -174,7 +175,8 @@ class PredictionFileView(PredictionAPIView):
     )
     def get(self, request, id, fmt):
         result = depth_job_file(job=self.get_object(), fmt=fmt)
-        return FileResponse(open(result.path, "rb"), content_type=result.content_type, as_attachment=True,
+        # Streamed from the media storage after the owner check (get_object): no public or presigned URL.
+        return FileResponse(media_open(result.name), content_type=result.content_type, as_attachment=True,
                             filename=result.download_name)
 
     def perform_content_negotiation(self, request, force=False):

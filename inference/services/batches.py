@@ -30,6 +30,7 @@ from django.db.models import Count, F, Q, Sum
 
 from depthsite.units import format_size
 from inference.exceptions import QuotaExceededError
+from inference.media import media_open, media_size
 from inference.models import DepthBatch, DepthJob
 from inference.selectors import depth_job_file
 from inference.services.jobs import DEFAULT_MODEL, depth_job_create
@@ -411,10 +412,10 @@ def depth_batches_expire(*, now=None) -> int:
 
 def batch_result_open(*, job: DepthJob, fmt: str) -> tuple[BinaryIO, int]:
     """One finished output of a job, opened for reading, and its size: the only place batches read result files
-    (through `depth_job_file`, which keeps every path inside MEDIA_ROOT)."""
+    (through `depth_job_file`, which keeps every name inside the job's results folder of the media storage)."""
     result = depth_job_file(job=job, fmt=fmt)
-    handle = open(result.path, "rb")
-    return handle, result.path.stat().st_size
+    handle = media_open(result.name)
+    return handle, media_size(result.name) or 0
 
 
 def _safe_stem(name: str) -> str:

@@ -33,6 +33,18 @@ from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.exceptions import ImageError, InferenceError, QuotaExceededError
 from inference.images import BROWSER_IMAGE_TYPES, image_check, image_open
+from inference.media import (
+    RESULTS_DIR,
+    STAGING_PREFIX,
+    media_exists,
+    media_fetch,
+    media_folder_publish,
+    media_open,
+    media_put,
+    media_remove,
+    media_staging_root,
+    media_usage,
+)
 from inference.models import DepthJob
 from inference.writers import DEFAULT_FOV_DEGREES, DepthMeta, fov_check, parse_formats, write_outputs
 from models_registry import cachefs
@@ -54,7 +66,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "MiDaS_small"
 DEFAULT_OUTPUTS = ("png",)
-RESULTS_DIR = "results"
 RESULT_STEM = "depth"
 TASK = "inference.tasks.depth_job_task"
 # Another node's worker cannot be probed; django-q2 stops a task at its timeout, so a job still
@@ -65,7 +76,6 @@ _HASH_CHUNK = 1024 * 1024
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
                "TIFF": ".tif"}
 PREVIEW_SUFFIX = ".preview.png"
-STAGING_PREFIX = ".tmp-"
 _STAGING_NAME = re.compile(r"^\.tmp-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-[0-9a-f]+$")
 
 ERROR_GENERIC = ("an internal error stopped this job (the details are in the worker's log); "
@@ -96,10 +106,6 @@ def job_lease_seconds() -> int:
 def warm_stale_seconds() -> int:
     """A warm-model row whose worker has not beaten for this long belongs to a dead worker."""
     return 10 * job_lease_seconds()
-
-
-def _media_root() -> Path:
-    return Path(settings.MEDIA_ROOT)
 
 
 # --- worker identity -------------------------------------------------------------------------------
@@ -218,7 +224,7 @@ def depth_job_create(
     session_key: str = "",
     client_address: str = "",
 ) -> DepthJob:
-    """Check an upload, store it under MEDIA_ROOT, save the job and queue it once the transaction commits.
+    """Check an upload, store it in the media storage, save the job and queue it once the transaction commits.
 
     ValidationError (400) for an unknown model, output or colormap; ImageError (400) for a file that is
     not a readable photo; TooLargeError/ImageTooLargeError (413) for too many bytes or pixels;
@@ -295,11 +301,25 @@ def anonymous_quota_check(*, session_key: str, client_address: str, size: int, s
                 extra={"kind": "quota_bytes", "limit": max_bytes, "used": stored})
 
 
+_brokers: dict[int, Any] = {}
+
+
+def _broker():
+    """This process's django-q2 broker, made once: a broker per enqueue (async_task's default) opens a new Redis
+    connection for every job (bench/scale.py counted one HELLO per job). Keyed by pid: a forked child makes its own."""
+    from django_q.brokers import get_broker
+
+    broker = _brokers.get(os.getpid())
+    if broker is None:
+        broker = _brokers[os.getpid()] = get_broker()
+    return broker
+
+
 def _depth_job_enqueue(job_id: uuid.UUID | str) -> None:
     from django_q.tasks import async_task
 
     try:
-        task_id = async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs")
+        task_id = async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs", broker=_broker())
     except Exception:
         # The row stays queued: the recovery queues it again, so a broker hiccup loses no job.
         logger.exception("could not queue depth job %s; the job recovery will queue it again", job_id)
@@ -345,11 +365,14 @@ def worker_heartbeat() -> dict[str, int]:
         attempts = list(_running.items())
     renewed = sum(depth_job_lease_renew(job_id=pk, worker=worker, attempts=count)
                   for pk, (worker, count) in attempts)
+    recovered = depth_jobs_leases_recover()
+    if not attempts:
+        recovered["requeued"] += depth_jobs_stranded_requeue()
     warm = 0
     estimator = sys.modules.get("inference.estimator")  # no loaded network without it: nothing to report
     if estimator is not None:
         warm = warm_models_heartbeat(worker=estimator.WORKER_ID)
-    return {"leases": renewed, "warm": warm}
+    return {"leases": renewed, "warm": warm, "requeued": len(recovered["requeued"])}
 
 
 def _heartbeat_loop(stop: threading.Event | None = None) -> None:
@@ -501,11 +524,14 @@ def _execute(job: DepthJob) -> None:
     if not model.enabled:
         raise NotFoundError(f"the model {model.name} was disabled after this job was submitted; "
                             "submit the photo again with another model", extra={"model": model.name})
+    if not job.image or not job.image.name:
+        raise ImageError("the job has no stored image", extra={"field": "image"})
     try:
-        path = Path(job.image.path)
-    except ValueError:
-        raise ImageError("the job has no stored image", extra={"field": "image"}) from None
-    loaded = image_open(path, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+        stored = media_open(job.image.name)
+    except FileNotFoundError:
+        raise ImageError("the file is missing", extra={"field": "image", "kind": "missing"}) from None
+    with stored:
+        loaded = image_open(stored, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
     _input_preview_write(job, loaded.rgb)
 
     if settings.DEPTHSITE_REUSE_RESULTS:
@@ -546,7 +572,7 @@ def _commit_results(job: DepthJob) -> None:
         return
     if not DepthJob.objects.filter(pk=job.pk).exists():
         # Deleted while it ran: its files must not outlive it.
-        shutil.rmtree(results_folder(job_id=job.pk), ignore_errors=True)
+        media_remove([results_folder(job_id=job.pk) + "/"])
     logger.info("depth job %s changed while it ran (deleted or recovered); its result was not recorded", job.pk)
 
 
@@ -554,7 +580,7 @@ def _commit_results(job: DepthJob) -> None:
 
 
 def input_preview_path(*, image_name: str) -> str:
-    """Where the browser preview of an upload lives (relative to MEDIA_ROOT): beside it, named after it, so
+    """Where the browser preview of an upload lives (a storage name): beside it, named after it, so
     deleting a job finds it whether or not its row recorded it yet."""
     return str(PurePosixPath(image_name).with_suffix(PREVIEW_SUFFIX))
 
@@ -564,54 +590,54 @@ def _input_preview_write(job: DepthJob, rgb) -> None:
     if job.image_format in BROWSER_IMAGE_TYPES or not job.image or not job.image.name:
         return
     relative = input_preview_path(image_name=job.image.name)
-    final = _media_root() / relative
-    if not final.is_file():
+    if not media_exists(relative):
         from PIL import Image
 
-        # Written in a results staging folder (same file system), so a killed worker's half file is swept
-        # with the other staging folders, then renamed into place.
-        staging = _media_root() / RESULTS_DIR / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
+        # Written in a results staging folder, so a killed worker's half file is swept with the other staging
+        # folders, then put into place (a rename on a local storage, one put on an object store).
+        staging = media_staging_root() / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
             temporary = staging / "preview.png"
             Image.fromarray(rgb).save(temporary, format="PNG")
-            os.replace(temporary, final)
+            media_put(name=relative, source=temporary)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     if job.input_preview != relative:
         job.input_preview = relative
         if not DepthJob.objects.filter(pk=job.pk).update(input_preview=relative):
-            final.unlink(missing_ok=True)  # the job was deleted meanwhile
+            media_remove([relative])  # the job was deleted meanwhile
 
 
 def _stored_result_bytes(job: DepthJob) -> int:
-    """Bytes a job keeps on disk besides its upload (results and preview), for the anonymous quota."""
-    paths = [_media_root() / rel for rel in (job.result_files or {}).values()]
+    """Bytes a job keeps in the media store besides its upload (results and preview), for the anonymous quota."""
+    names = list((job.result_files or {}).values())
     if job.input_preview:
-        paths.append(_media_root() / job.input_preview)
-    return sum(path.stat().st_size for path in paths if path.is_file())
+        names.append(job.input_preview)
+    return media_usage(names)
 
 
-def results_folder(*, job_id) -> Path:
-    return _media_root() / RESULTS_DIR / str(job_id)
+def results_folder(*, job_id) -> str:
+    """The storage name of a job's results folder: every result file of the job lies in it, and only there."""
+    return f"{RESULTS_DIR}/{job_id}"
 
 
 def _results_write(job: DepthJob, write) -> dict[str, str]:
-    """Write into a temporary folder beside the final one, then rename it: never half a result under its name."""
+    """Write into a local staging folder, then publish it as the job's results folder (a rename on a local
+    storage, one atomic put per file on an object store): never half a result under its name."""
     final = results_folder(job_id=job.pk)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".tmp-{job.pk}-{uuid.uuid4().hex[:8]}"
+    root = media_staging_root()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
     try:
         written: dict[str, Path] = write(staging)
         if not _still_this_attempt(job):
             # A late attempt whose lease ran out must not replace the files of the attempt that took over.
             raise _Superseded(str(job.pk))
-        if final.exists():
-            shutil.rmtree(final)  # a re-run's earlier files
-        os.replace(staging, final)
+        media_folder_publish(source=staging, prefix=final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {fmt: f"{RESULTS_DIR}/{job.pk}/{path.name}" for fmt, path in written.items()}
+    return {fmt: f"{final}/{path.name}" for fmt, path in written.items()}
 
 
 def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
@@ -625,50 +651,38 @@ def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
             continue
         # result_files may hold more than the outputs (the .ply's browser preview): all of them are copied.
         if set(job.outputs) <= set(candidate.result_files) and all(
-                (_media_root() / rel).is_file() for rel in candidate.result_files.values()):
+                media_exists(name) for name in candidate.result_files.values()):
             return candidate
     return None
 
 
 def _results_copy(earlier: DepthJob, job: DepthJob) -> dict[str, str]:
-    """Hard links where the file system allows (copies otherwise): each job owns its own names."""
+    """Hard links where the storage is this file system (copies otherwise): each job owns its own names."""
     def link_all(folder: Path) -> dict[str, Path]:
         folder.mkdir(parents=True)
         copied = {}
-        for fmt, rel in earlier.result_files.items():
-            source = _media_root() / rel
-            dest = folder / source.name
-            try:
-                os.link(source, dest)
-            except OSError:
-                shutil.copy2(source, dest)
+        for fmt, name in earlier.result_files.items():
+            dest = folder / PurePosixPath(name).name
+            media_fetch(name=name, dest=dest)
             copied[fmt] = dest
         return copied
 
     return _results_write(job, link_all)
 
 
-def depth_job_paths(*, job: DepthJob) -> list[Path]:
-    """Everything on disk that belongs to a job: its upload and its results folder."""
-    paths = []
+def depth_job_paths(*, job: DepthJob) -> list[str]:
+    """Every storage name that belongs to a job: its upload, its preview and its results folder (ending in "/")."""
+    names = []
     if job.image and job.image.name:
-        paths.append(_media_root() / job.image.name)
-        paths.append(_media_root() / input_preview_path(image_name=job.image.name))
-    paths.append(results_folder(job_id=job.pk))
-    return paths
+        names.append(job.image.name)
+        names.append(input_preview_path(image_name=job.image.name))
+    names.append(results_folder(job_id=job.pk) + "/")
+    return names
 
 
-def depth_job_files_remove(*, paths: Iterable[Path]) -> int:
-    """Remove a deleted job's files; returns the bytes freed. Missing files are fine (already gone)."""
-    freed = 0
-    for path in paths:
-        if path.is_dir():
-            freed += sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.is_file():
-            freed += path.stat().st_size
-            path.unlink(missing_ok=True)
-    return freed
+def depth_job_files_remove(*, paths: Iterable[str]) -> int:
+    """Remove a deleted job's files from the media store; returns the bytes freed. Missing files are fine."""
+    return media_remove(paths)
 
 
 # --- delete, re-run ------------------------------------------------------------------------------
@@ -679,9 +693,7 @@ def depth_job_delete(*, job: DepthJob) -> dict[str, Any]:
 
     A running job may be deleted: its worker notices and drops the result it was writing.
     """
-    paths = depth_job_paths(job=job)
-    planned = sum(p.stat().st_size for p in paths if p.is_file()) + sum(
-        item.stat().st_size for p in paths if p.is_dir() for item in p.rglob("*") if item.is_file())
+    planned = media_usage(depth_job_paths(job=job))
     job_id = job.pk
     job.delete()
     return {"id": str(job_id), "bytes": planned}
@@ -692,7 +704,7 @@ def depth_job_rerun(*, job: DepthJob) -> DepthJob:
     observed_status = job.status
     if observed_status in JobStatus.ACTIVE:
         raise ConflictError(f"job {job.short_id} is already {observed_status}", extra={"status": observed_status})
-    if not job.image or not (_media_root() / job.image.name).is_file():
+    if not job.image or not media_exists(job.image.name):
         raise ImageError("the job's uploaded image is gone, so it cannot run again; upload the photo again",
                          extra={"field": "image"})
     with transaction.atomic():
@@ -724,22 +736,7 @@ def depth_jobs_recover() -> dict[str, list[str]]:
     """
     requeued: list[str] = []
     failed: list[str] = []
-    for job in DepthJob.objects.filter(status=JobStatus.RUNNING).only(
-            "id", "status", "attempts", "worker", "started_at", "lease_until"):
-        if worker_alive(worker=job.worker, started_at=job.started_at, lease_until=job.lease_until):
-            continue
-        if job.attempts >= job_max_attempts():
-            if _fail_exhausted(job):
-                failed.append(str(job.pk))
-            continue
-        observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
-        job.requeue()
-        if DepthJob.objects.filter(pk=job.pk, **observed).update(status=job.status, worker="", lease_until=None,
-                                                                 queued_at=job.queued_at):
-            logger.warning("depth job %s: its worker %s stopped during attempt %d; queued again",
-                           job.pk, observed["worker"] or "?", job.attempts)
-            _depth_job_enqueue(job.pk)
-            requeued.append(str(job.pk))
+    _recover_running(DepthJob.objects.filter(status=JobStatus.RUNNING), requeued, failed)
 
     # A queued job waits at most `retry` for a worker under a healthy broker; past that its task may be
     # lost (Redis pops a task before running it), so it gets a fresh one.
@@ -757,13 +754,78 @@ def depth_jobs_recover() -> dict[str, list[str]]:
     return {"requeued": requeued, "failed": failed}
 
 
+def depth_jobs_leases_recover() -> dict[str, list[str]]:
+    """Queue again the running jobs whose lease ran out (their worker died, on whatever node).
+
+    One indexed query when nothing expired, so every live worker's heartbeat runs it: a dead node's job
+    waits about one lease (DEPTHSITE_JOB_LEASE) for another node, not the 2-minute schedule. Two workers
+    finding the same job race on a conditional update; one wins."""
+    requeued: list[str] = []
+    failed: list[str] = []
+    _recover_running(DepthJob.objects.filter(status=JobStatus.RUNNING, lease_until__lt=timezone.now()),
+                     requeued, failed)
+    return {"requeued": requeued, "failed": failed}
+
+
+def _broker_backlog() -> int | None:
+    """Tasks waiting in the broker's list (one LLEN on Redis); None when it cannot be read."""
+    try:
+        return int(_broker().queue_size() or 0)
+    except Exception:
+        logger.exception("could not read the task broker's queue size")
+        return None
+
+
+def depth_jobs_stranded_requeue() -> list[str]:
+    """Give a fresh task to queued jobs whose task sits in no broker list: called by an idle worker's heartbeat.
+
+    A cluster's pusher takes tasks from Redis before a worker is free (up to `queue_limit`); a node killed
+    then loses them (Redis has no receipts), and their jobs stay queued. When this worker is idle, the
+    broker's list is empty and a job has been queued for more than a lease, its task is in some cluster's
+    hands, a dead one's or a busy one's: a second task is harmless (the later delivery finds the job
+    claimed or finished and does nothing), a lost one would wait for the `retry` window. The conditional
+    update on queued_at lets one worker per lease period do it."""
+    stale_before = timezone.now() - timedelta(seconds=job_lease_seconds())
+    waiting = list(DepthJob.objects.filter(status=JobStatus.QUEUED, queued_at__lt=stale_before)
+                   .order_by("queued_at").values_list("pk", "queued_at")[:100])
+    if not waiting or _broker_backlog() != 0:
+        return []
+    requeued = []
+    for pk, queued_at in waiting:
+        if DepthJob.objects.filter(pk=pk, status=JobStatus.QUEUED, queued_at=queued_at).update(
+                queued_at=timezone.now()):
+            logger.warning("depth job %s has been queued since %s with no task in the broker; queued again",
+                           pk, queued_at)
+            _depth_job_enqueue(pk)
+            requeued.append(str(pk))
+    return requeued
+
+
+def _recover_running(running, requeued: list[str], failed: list[str]) -> None:
+    for job in running.only("id", "status", "attempts", "worker", "started_at", "lease_until"):
+        if worker_alive(worker=job.worker, started_at=job.started_at, lease_until=job.lease_until):
+            continue
+        if job.attempts >= job_max_attempts():
+            if _fail_exhausted(job):
+                failed.append(str(job.pk))
+            continue
+        observed = {"status": job.status, "attempts": job.attempts, "worker": job.worker}
+        job.requeue()
+        if DepthJob.objects.filter(pk=job.pk, **observed).update(status=job.status, worker="", lease_until=None,
+                                                                 queued_at=job.queued_at):
+            logger.warning("depth job %s: its worker %s stopped during attempt %d; queued again",
+                           job.pk, observed["worker"] or "?", job.attempts)
+            _depth_job_enqueue(job.pk)
+            requeued.append(str(job.pk))
+
+
 def results_staging_sweep(*, max_age_seconds: float | None = None) -> list[str]:
     """Remove `.tmp-<job>-*` staging folders left under the results root by a killed worker; returns their names.
 
     A folder goes when nothing was written in it for longer than a job may run (`timeout` plus the grace
     the recovery allows), and its job is not running in a live worker: a write in progress is never touched.
     """
-    root = _media_root() / RESULTS_DIR
+    root = media_staging_root()
     bound = _job_timeout() + RECOVERY_GRACE_SECONDS if max_age_seconds is None else max_age_seconds
     now = time.time()
     swept: list[str] = []

@@ -1,13 +1,13 @@
 """Running a finished job's photo again with another model: a new job from the same stored upload."""
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import PurePosixPath
 
-from django.conf import settings
 from django.core.files import File
 
 from inference.choices import JobStatus
 from inference.exceptions import ImageError
+from inference.media import media_exists, media_open
 from inference.models import DepthJob
 from inference.services.jobs import depth_job_create
 from models_registry.exceptions import ConflictError
@@ -25,11 +25,11 @@ def depth_job_run_again(*, job: DepthJob, model: str, owner=None, session_key: s
     if job.status not in JobStatus.TERMINAL:
         raise ConflictError(f"job {job.short_id} is still {job.status}; run it again once it has finished",
                             extra={"status": job.status})
-    path = Path(settings.MEDIA_ROOT) / job.image.name if job.image else None
-    if path is None or not path.is_file():
+    name = job.image.name if job.image else ""
+    if not name or not media_exists(name):
         raise ImageError("the job's uploaded image is gone, so it cannot run again; upload the photo again",
                          extra={"field": "image"})
-    with path.open("rb") as stored:
-        return depth_job_create(image=File(stored, name=job.image_name or path.name), model=model,
+    with media_open(name) as stored:
+        return depth_job_create(image=File(stored, name=job.image_name or PurePosixPath(name).name), model=model,
                                 outputs=list(job.outputs or []), colormap=job.colormap, fov=job.fov_degrees,
                                 owner=owner, session_key=session_key, client_address=client_address)

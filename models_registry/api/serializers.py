@@ -266,12 +266,17 @@ class ModelStatusSerializer(serializers.Serializer):
     warm = WarmLoadSerializer(many=True)
 
 
+class NodeQuerySerializer(serializers.Serializer):
+    node = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=255, required=False, allow_blank=True,
+                                  help_text="A node name (DEPTHSITE_NODE); empty: this node.")
+
+
 class StatusTotalsSerializer(serializers.Serializer):
     models = serializers.IntegerField()
     files = serializers.IntegerField()
     bytes = serializers.IntegerField()
     max_bytes = serializers.IntegerField(allow_null=True)
-    disk_free = serializers.IntegerField()
+    disk_free = serializers.IntegerField(allow_null=True, help_text="Null for another node's records.")
     downloads_active = serializers.IntegerField()
 
 

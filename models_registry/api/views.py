@@ -11,6 +11,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.renderers import BaseRenderer, JSONRenderer
@@ -113,13 +114,23 @@ class ModelDetailApi(RegistryApi):
 
 
 class ModelStatusApi(RegistryApi):
-    """What the dashboard polls: this node's files per model, the latest download, and the warm workers."""
+    """What the dashboard polls: a node's files per model (this node's unless ?node=X), the latest download,
+    and the warm workers."""
 
     @extend_schema(tags=[TAG], operation_id="models_status",
-                   summary="Per model on this node: cached formats, health, download progress, warm workers",
-                   responses={200: s.StatusSerializer, **errors(*READ_ERRORS)})
+                   summary="Per model on a node (default this one): cached formats, health, download progress, "
+                           "warm workers",
+                   parameters=[OpenApiParameter(
+                       "node", OpenApiTypes.STR, OpenApiParameter.QUERY, required=False,
+                       description="Another node's cache records (read-only, signed-in readers only), as "
+                                   "`manage.py models info --node X`; its disk_free is unknown here (null).")],
+                   responses={200: s.StatusSerializer, **errors(*READ_ERRORS, 400)})
     def get(self, request):
-        return Response(s.StatusSerializer(model_status(), context=self.reader_context()).data)
+        node = _validated(s.NodeQuerySerializer, request.query_params).get("node") or None
+        if node and registry_reader_is_public(request.user):
+            # Node names are the operators' business (anonymous readers see none): no probing them either.
+            raise PermissionDenied("sign in to read another node's cache")
+        return Response(s.StatusSerializer(model_status(node=node), context=self.reader_context()).data)
 
 
 class CacheInfoApi(RegistryApi):

@@ -161,7 +161,7 @@ def test_anonymous_jobs_expire_with_their_files(small_model, settings, user, run
     owned = depth_job_create(image=upload(), owner=user)
     week_ago = timezone.now() - timedelta(days=7, minutes=1)
     DepthJob.objects.filter(pk__in=[old.pk, owned.pk]).update(created_at=week_ago)
-    folder = job_services.results_folder(job_id=old.pk)
+    folder = Path(settings.MEDIA_ROOT) / job_services.results_folder(job_id=old.pk)
     folder.mkdir(parents=True)
     (folder / "depth.png").write_bytes(b"x" * 100)
     upload_file = Path(settings.MEDIA_ROOT) / old.image.name

@@ -5,9 +5,11 @@ Time is moved by patching `timezone.now`, never by sleeping.
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from inference.choices import JobErrorCode, JobStatus
@@ -205,7 +207,7 @@ def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_s
     clock.advance(LEASE + 1)
     depth_jobs_recover()
     new = depth_job_run(job=DepthJob.objects.get(pk=old.pk))
-    folder = job_services.results_folder(job_id=new.pk)
+    folder = Path(settings.MEDIA_ROOT) / job_services.results_folder(job_id=new.pk)
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert before and new.status == JobStatus.SUCCEEDED
 
@@ -218,3 +220,33 @@ def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_s
         job_services._results_write(old, late_write)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]  # its staging folder went too
+
+
+def test_a_live_workers_heartbeat_requeues_a_dead_nodes_job_once_its_lease_ran_out(small_model, clock, enqueued):
+    dead = claimed(queued_job(), "dead-node:11:1")
+    live = claimed(queued_job(), "other-node:12:1")
+    clock.advance(LEASE - 1)
+    assert depth_job_lease_renew(job_id=live.pk, worker=live.worker, attempts=live.attempts)
+    assert worker_heartbeat()["requeued"] == 0
+    clock.advance(2)  # the dead node's lease is over; the live one was renewed a second ago
+    assert worker_heartbeat()["requeued"] == 1
+    assert DepthJob.objects.get(pk=dead.pk).status == JobStatus.QUEUED and enqueued[-1] == str(dead.pk)
+    assert DepthJob.objects.get(pk=live.pk).status == JobStatus.RUNNING
+    assert worker_heartbeat()["requeued"] == 0  # requeued once, not at every beat
+
+
+def test_an_idle_worker_requeues_jobs_whose_task_no_broker_list_holds(small_model, clock, enqueued, monkeypatch):
+    stranded = queued_job()  # its task was taken by a cluster that died before a worker started it
+    clock.advance(LEASE - 1)
+    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 0)
+    assert worker_heartbeat()["requeued"] == 0  # queued for less than a lease: it may just be on its way
+    clock.advance(2)
+    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 3)
+    assert worker_heartbeat()["requeued"] == 0  # tasks wait in the broker: it may be one of them
+    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 0)
+    assert worker_heartbeat()["requeued"] == 1 and enqueued[-1] == str(stranded.pk)
+    assert worker_heartbeat()["requeued"] == 0  # once per lease period, not at every beat
+    busy = claimed(queued_job(), "other-node:12:1")
+    monkeypatch.setattr(job_services, "_running", {busy.pk: (busy.worker, busy.attempts)})
+    clock.advance(LEASE + 1)
+    assert worker_heartbeat()["requeued"] == 0  # a busy worker leaves that to idle ones

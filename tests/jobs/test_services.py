@@ -401,3 +401,28 @@ def test_worker_identity_names_node_pid_and_start():
     node, pid, start = worker_id().rsplit(":", 2)
     assert node == settings.DEPTHSITE_NODE and int(pid) == os.getpid()
     assert start == job_services._process_start(os.getpid())
+
+
+def test_enqueues_of_one_process_share_one_broker_connection(small_model, monkeypatch):
+    """A broker per enqueue opened a new Redis connection per job; one per process is enough."""
+    import django_q.brokers
+    from django_q.tasks import Conf
+
+    made, pushed = [], []
+
+    class Broker:
+        list_key = "depthsite"
+
+        def enqueue(self, task):
+            pushed.append(task)
+            return f"task-{len(pushed)}"
+
+    monkeypatch.setattr(django_q.brokers, "get_broker", lambda *args: made.append(1) or Broker())
+    monkeypatch.setattr(Conf, "SYNC", False)  # a real enqueue through the broker, not the tests' inline run
+    monkeypatch.setattr(job_services, "_brokers", {})
+    jobs = [job_services.depth_job_create(image=upload()) for _ in range(3)]
+    for job in jobs:
+        job_services._depth_job_enqueue(job.pk)
+    assert len(pushed) == 3 and len(made) == 1
+    task_ids = {DepthJob.objects.get(pk=job.pk).task_id for job in jobs}
+    assert len(task_ids) == 3 and "" not in task_ids

@@ -134,3 +134,21 @@ def test_api_actions_refuse_another_node_with_a_409_that_says_where_to_run_them(
     if action == "verify":
         # ?wait=1: the synchronous answer (without it the verify is queued as a run, 202).
         assert staff_client.post(url + "?wait=1", {**body, "node": "test-node"}, content_type="application/json").json()["ok"]
+
+
+def test_api_status_filters_by_node_for_signed_in_readers(staff_client, client, cached_small, other_row, settings):
+    settings.DEPTHSITE_PUBLIC_STATUS = True
+    other = staff_client.get("/api/models/status", {"node": OTHER}).json()
+    small = next(m for m in other["models"] if m["name"] == "MiDaS_small")
+    assert other["node"] == OTHER and other["totals"]["files"] == 1 and other["totals"]["disk_free"] is None
+    assert [f["path"] for f in small["formats"]] == [other_row.path]
+    here = staff_client.get("/api/models/status").json()
+    small = next(m for m in here["models"] if m["name"] == "MiDaS_small")
+    assert here["node"] == "test-node" and [f["path"] for f in small["formats"]] == [cached_small.path]
+    assert here["totals"]["disk_free"] > 0
+    assert staff_client.get("/api/models/status", {"node": "no-such-node"}).json()["totals"]["files"] == 0
+    assert staff_client.get("/api/models/status", {"node": "../etc"}).status_code == 400
+    staff_client.logout()
+    # Anonymous readers see no node names, so they cannot ask for one either.
+    assert staff_client.get("/api/models/status").status_code == 200
+    assert staff_client.get("/api/models/status", {"node": OTHER}).status_code == 403

@@ -238,7 +238,12 @@ def test_a_result_path_forced_outside_media_is_not_served(db, settings, tmp_path
     own.write_bytes(b"png")
     DepthJob.objects.filter(pk=job.pk).update(result_files={"png": f"results/{job.pk}/x.png"})
     job.refresh_from_db()
-    assert depth_job_file(job=job, fmt="png").path == own
+    assert depth_job_file(job=job, fmt="png").name == f"results/{job.pk}/x.png"
+    # Another job's result folder is outside this one's: not served either.
+    DepthJob.objects.filter(pk=job.pk).update(result_files={"png": "results/someone-else/x.png"})
+    job.refresh_from_db()
+    with pytest.raises(NotFoundError):
+        depth_job_file(job=job, fmt="png")
 
 
 def test_a_record_forced_outside_is_never_loaded_and_a_download_replaces_it(small_model, small_pt, tmp_path,
