@@ -1,4 +1,7 @@
-"""The cache folder on disk: paths, per-model file locks, and writes that never leave a half file under a final name."""
+"""The cache folder on disk: paths, per-model file locks, and writes that never leave a half file under a final name.
+
+Only `cache_root` and `node_name` read Django's settings (imported there): the file helpers serve the
+Django-free fetcher (models_registry.fetch) as well."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +15,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from django.conf import settings
 from filelock import FileLock, Timeout
 
 from models_registry.exceptions import ApplicationError, ConflictError, DiskFullError, ValidationError
@@ -72,12 +74,16 @@ def contained(root: Path, *parts: str | Path) -> Path:
 
 
 def cache_root() -> Path:
+    from django.conf import settings
+
     root = Path(settings.DEPTHSITE_CACHE_DIR).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
 def node_name() -> str:
+    from django.conf import settings
+
     return settings.DEPTHSITE_NODE
 
 

@@ -27,7 +27,7 @@ def download_run(download_id: int) -> str:
         # Re-delivered while the first delivery still transfers (downloads outlive the broker's retry time).
         return "running elsewhere"
     try:
-        weight_download(model=download.model, fmt=download.format, download=download, progress=False)
+        weight_download(model=download.model, fmt=download.format, download=download)
     except ApplicationError as exc:
         # The row holds the error for the API and web pages; the queue need not retry a domain failure.
         logger.warning("download %s of %s failed: %s", download.pk, download.model.name, exc.message)

@@ -110,3 +110,15 @@ def test_heavy_packages_are_imported_lazily_outside_the_networks():
 def test_the_product_never_imports_the_tests(folder):
     bad = [f"{i.path}:{i.line} imports {i.module}" for i in _all_imports(folder) if _names(i.module, "tests")]
     assert bad == []
+
+
+def test_the_fetcher_runs_without_django():
+    # models_registry.fetch moves bytes only: importing it (and what it imports) loads no part of Django.
+    import subprocess
+    import sys
+
+    code = "import sys, models_registry.fetch; print(sorted(m for m in sys.modules if m.split('.')[0] == 'django'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

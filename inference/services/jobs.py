@@ -535,7 +535,7 @@ def _execute(job: DepthJob) -> None:
     _input_preview_write(job, loaded.rgb)
 
     if settings.DEPTHSITE_REUSE_RESULTS:
-        from models_registry.services.download import weights_resolve
+        from models_registry.services.resolve import weights_resolve
 
         weight_file = weights_resolve(model=model)
         earlier = _reusable(job, weight_file.sha256)

@@ -1,7 +1,15 @@
 """`manage.py models download`: fetch one model's weights into the cache and say what happened."""
 from __future__ import annotations
 
+import contextlib
+import shutil
+import sys
+from typing import Iterator, TextIO
+
+from tqdm import tqdm
+
 from depthsite.units import format_size
+from models_registry.fetch import Progress
 from models_registry.selectors import model_get
 from models_registry.services.download import DownloadResult, weight_download
 
@@ -24,17 +32,38 @@ def download_report(result: DownloadResult) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def terminal_bar(label: str, stream: TextIO | None = None) -> Iterator[Progress | None]:
+    """A progress bar for a download on `stream` (stderr) when it is a terminal, as the service's progress
+    callback; None where nobody watches (a pipe, a log, a task)."""
+    stream = stream or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        yield None
+        return
+    # The size from shutil (with its 80x24 fallback), not tqdm's ioctl: a pseudo-terminal that reports 0x0
+    # (script, some CI runners) would make tqdm hide the bar entirely.
+    screen = shutil.get_terminal_size()
+    bar = tqdm(total=None, desc=label, unit="B", unit_scale=True, unit_divisor=1000, file=stream,
+               ncols=screen.columns, nrows=screen.lines, mininterval=0.2)
+
+    def update(done: int, total: int | None) -> None:
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
 def handle_download(command, *, model: str, format: str | None = None, offline: bool = False,
                     json: bool = False, **_) -> None:
     target = model_get(name=model, enabled_only=True)
-    result = weight_download(
-        model=target,
-        fmt=format,
-        offline=offline or None,
-        requested_by="manage.py",
-        # Messages go to stderr, like the progress bar: with --json, stdout carries the JSON alone.
-        notify=command.stderr.write,
-    )
+    # Messages go to stderr, like the progress bar: with --json, stdout carries the JSON alone.
+    with terminal_bar(target.name) as bar:
+        result = weight_download(model=target, fmt=format, offline=offline or None, requested_by="manage.py",
+                                 notify=command.stderr.write, on_progress=bar)
     if json:
         return command.print_json(result.as_dict())
     for line in download_report(result):

@@ -1,34 +1,29 @@
-"""Acquiring weights: streamed, resumable, single-flight downloads that never leave a bad file in the cache,
-and the resolution chain that finds (or fetches) the file a model is loaded from."""
+"""Downloading a model's weights into this node's cache: at most once per node (single flight under the model's
+lock), recorded in a WeightDownload row, checked against the pin before it gets its final name.
+
+The bytes themselves come from `models_registry.fetch` (Django-free: HTTP with resume and retries, file://
+copies); this module chooses the source and the limits, words the failures for people, and accepts the file.
+The chain that picks the file a model is loaded from is `services/resolve.py`."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import shutil
-import socket
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
-from urllib.parse import quote, unquote, urlsplit
-from urllib.request import url2pathname
+from typing import Any, Callable, Iterator
+from urllib.parse import quote, urlsplit
 
-import requests
-import urllib3
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from filelock import Timeout
-from tqdm import tqdm
 
 import depthsite
 from depthsite.units import format_size
-from models_registry import cachefs
+from models_registry import cachefs, fetch
 from models_registry.catalogue import key_layout
 from models_registry.choices import DownloadStatus, Health, WeightFormat
 from models_registry.exceptions import (
@@ -42,31 +37,26 @@ from models_registry.exceptions import (
     ValidationError,
     WeightFileError,
 )
-from models_registry.formats import LoadedWeights, read_weights, sniff_format
-from models_registry.formats.sniff import HTML_STARTS
+from models_registry.formats import sniff_format
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.selectors import download_active, weight_files_usable
 from models_registry.services.catalogue import model_pin
 from models_registry.services.licences import model_license_check
 from models_registry.services.weights import (
     SOURCE_PREFERENCE,
-    weights_functional_check,
     cache_file_path,
     weight_convert,
     weight_mark_corrupt,
     weight_pin_problem,
     weight_record,
+    weights_functional_check,
     weights_inspect,
 )
 
 logger = logging.getLogger(__name__)
 
-# Module constants rather than settings: operators never need them, tests shrink them.
-RETRY_ATTEMPTS = 4  # failed attempts in a row (without progress) before giving up
-RETRY_BACKOFF_SECONDS = 1.0  # doubled after each failed attempt
-CONNECT_TIMEOUT_SECONDS = 15
-READ_TIMEOUT_SECONDS = 60  # a stalled server fails the attempt instead of holding the model's lock forever
-CHUNK_BYTES = 1024 * 1024
+# Module constants rather than settings: operators never need them, tests shrink them. The transfer's own
+# (timeouts, retries, chunk size) are models_registry.fetch's.
 DISK_MARGIN_BYTES = 128 * 1024 * 1024
 # A body may exceed the catalogue's estimate of the file (fp32 tensors) by this much before it is cut off:
 # a server that sends no Content-Length (or an endless body) must not be able to fill the disk.
@@ -75,30 +65,8 @@ SIZE_MARGIN_BYTES = 64 * 1024 * 1024
 PROGRESS_INTERVAL_SECONDS = 0.5
 LOCK_WAIT_SECONDS = 3 * 3600
 QUEUED_STALE_SECONDS = 24 * 3600
-RESOLVE_ROUNDS = 4  # one per format, plus a fresh download
-SIDECAR_SUFFIX = ".json"
 
 Notify = Callable[[str], None]
-
-
-class _TransientError(Exception):
-    """A failure worth another attempt: connection errors, timeouts, 5xx, a body cut short.
-
-    `code` and `what` describe it for the one-line error given when the attempts run out."""
-
-    def __init__(self, message: str, *, code: str = "download_interrupted", what: str = "",
-                 status: int | None = None):
-        super().__init__(message)
-        self.code = code
-        self.what = what or message
-        self.status = status
-
-
-@dataclass
-class _Fetched:
-    sha256: str
-    size: int
-    resumed_from: int
 
 
 @dataclass
@@ -148,7 +116,7 @@ def _is_offline(offline: bool | None) -> bool:
     return bool(settings.DEPTHSITE_OFFLINE) or bool(offline)
 
 
-def _wanted_format(fmt: str | None) -> str | None:
+def wanted_format(fmt: str | None) -> str | None:
     if fmt:
         return WeightFormat.parse(fmt).value
     if settings.DEPTHSITE_CACHE_FORMAT:
@@ -217,7 +185,7 @@ def _quick_problem(weight_file: WeightFile, path: Path) -> tuple[str, str] | Non
     return None
 
 
-def _healthy_files(model: RegisteredModel) -> list[WeightFile]:
+def healthy_files(model: RegisteredModel) -> list[WeightFile]:
     """Usable cached files of the model, best first; files found missing or damaged are marked so on the way."""
     healthy = []
     for weight_file in weight_files_usable(model=model):
@@ -243,78 +211,13 @@ def _healthy_files(model: RegisteredModel) -> list[WeightFile]:
     return healthy
 
 
-# --- files of a transfer ---------------------------------------------------------------------------
+# --- the transfer: where, how much, and what a failure means for people -------------------------------
 
 
 def _partial_path(model: RegisteredModel) -> Path:
     # A stable name per (model, file), so an interrupted transfer is found and resumed by the next one.
     file_name = cachefs.safe_name(model.file_name or f"{model.name}.pt", what=f"the file name of {model.name}")
     return cachefs.contained(cachefs.model_dir(model.name), f"{file_name}{cachefs.PARTIAL_SUFFIX}")
-
-
-def _sidecar_path(part: Path) -> Path:
-    return part.with_name(part.name + SIDECAR_SUFFIX)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _discard(part: Path) -> None:
-    part.unlink(missing_ok=True)
-    _sidecar_path(part).unlink(missing_ok=True)
-
-
-def _read_sidecar(part: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(_sidecar_path(part).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_sidecar(part: Path, **values: Any) -> None:
-    with cachefs.atomic_write(_sidecar_path(part)) as tmp:
-        tmp.write_text(json.dumps({**values, "written": timezone.now().isoformat()}))
-
-
-def _resume_point(part: Path, url: str) -> tuple[int, str]:
-    """(offset, If-Range validator) for continuing a partial file; (0, "") and no partial when it cannot be."""
-    size = _size(part)
-    if not size:
-        return 0, ""
-    meta = _read_sidecar(part)
-    etag = meta.get("etag") or ""
-    # If-Range needs a strong validator: a weak ETag or none at all falls back to Last-Modified.
-    validator = etag if etag and not etag.startswith("W/") else meta.get("last_modified") or ""
-    total = meta.get("total")
-    if meta.get("url") != url or not validator or (total is not None and size > total):
-        logger.info("%s: cannot resume (different source or no validator); starting again", part.name)
-        _discard(part)
-        return 0, ""
-    if total is not None and size == total:
-        # Complete but never accepted (the process died while checking it): fetch the last byte again,
-        # which proves with If-Range that the server's file is still the one these bytes came from.
-        with open(part, "rb+") as handle:
-            handle.truncate(total - 1)
-        size = total - 1
-    return size, validator
-
-
-def _hash_prefix(part: Path, length: int) -> "hashlib._Hash":
-    digest = hashlib.sha256()
-    if length:
-        with open(part, "rb") as handle:
-            while chunk := handle.read(min(CHUNK_BYTES * 4, length - handle.tell())):
-                digest.update(chunk)
-    return digest
-
-
-def _append(handle: BinaryIO, chunk: bytes) -> None:
-    handle.write(chunk)
 
 
 def _check_disk(model: RegisteredModel, folder: Path, remaining: int) -> None:
@@ -343,97 +246,11 @@ def _byte_cap(model: RegisteredModel) -> tuple[int, str]:
     return settings.DEPTHSITE_MAX_IMPORT_BYTES, "DEPTHSITE_MAX_IMPORT_BYTES"
 
 
-def _too_large(model: RegisteredModel, url: str, size: int, cap: int, source: str, *, declared: bool) -> DownloadError:
-    what = f"declares {format_size(size)}" if declared else f"sent more than {format_size(cap)}"
-    return DownloadError(
-        f"{url} {what}, beyond the {format_size(cap)} a file of {model.name} may have ({source}); the transfer "
-        "was stopped and nothing was cached. Check the URL or DEPTHSITE_MODEL_MIRROR",
-        extra={"url": url, "kind": "too_large", "limit": cap},
-    )
-
-
 def _pin_hint(model: RegisteredModel, sha256: str = "") -> str:
     hint = f"python manage.py models pin --model {model.name} --reset (the next download pins again)"
     if sha256:
         hint += f", or python manage.py models pin --model {model.name} --sha256 {sha256}"
     return hint
-
-
-# --- progress --------------------------------------------------------------------------------------
-
-
-class _Progress:
-    """The terminal bar (when wanted) and the row's bytes done/total, saved at most every PROGRESS_INTERVAL."""
-
-    def __init__(self, *, label: str, total: int | None, initial: int, show: bool,
-                 download: WeightDownload | None):
-        self.total = total
-        self.done = initial
-        self.download = download
-        self._saved_at = 0.0
-        # The size from shutil (with its 80x24 fallback), not tqdm's ioctl: a pseudo-terminal that reports
-        # 0x0 (script, some CI runners) would make tqdm hide the bar entirely.
-        screen = shutil.get_terminal_size()
-        self.bar = tqdm(total=total, initial=initial, desc=label, unit="B", unit_scale=True, unit_divisor=1000,
-                        file=sys.stderr, disable=not show, ncols=screen.columns, nrows=screen.lines,
-                        mininterval=0.2)
-        if download is not None:
-            download.resumed_from = initial
-            WeightDownload.objects.filter(pk=download.pk).update(resumed_from=initial)
-        self._save()
-
-    def advance(self, count: int) -> None:
-        self.done += count
-        self.bar.update(count)
-        if time.monotonic() - self._saved_at >= PROGRESS_INTERVAL_SECONDS:
-            self._save()
-
-    def _save(self) -> None:
-        self._saved_at = time.monotonic()
-        if self.download is not None:
-            self.download.bytes_done, self.download.bytes_total = self.done, self.total
-            WeightDownload.objects.filter(pk=self.download.pk).update(bytes_done=self.done, bytes_total=self.total)
-
-    def close(self) -> None:
-        self._save()
-        self.bar.close()
-
-
-def _show_progress(progress: bool | None) -> bool:
-    return progress if progress is not None else sys.stderr.isatty()
-
-
-# --- HTTP ----------------------------------------------------------------------------------------
-
-
-def _html_error(url: str, why: str) -> DownloadError:
-    return DownloadError(
-        f"{url} answered with an HTML page where weights were expected ({why}): the server sent an error, "
-        "login or landing page; check the URL or DEPTHSITE_MODEL_MIRROR. Nothing was cached.",
-        extra={"url": url, "kind": "html"},
-    )
-
-
-def _content_range(value: str) -> tuple[int, int | None]:
-    """(first byte, total) of a `Content-Range: bytes a-b/total` header; (-1, None) when unreadable."""
-    try:
-        unit, _, rest = value.partition(" ")
-        span, _, total = rest.partition("/")
-        first = int(span.split("-")[0])
-        return (first, None if total == "*" else int(total)) if unit == "bytes" else (-1, None)
-    except ValueError:
-        return -1, None
-
-
-def _host(url: str) -> str:
-    """The host (and port) of a URL, without any user:password a mirror URL may carry."""
-    parts = urlsplit(url)
-    return f"{parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}"
-
-
-def _shown_url(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{_host(url)}{parts.path}"
 
 
 def _ways_out(model: RegisteredModel) -> str:
@@ -446,12 +263,12 @@ def _ways_out(model: RegisteredModel) -> str:
 def _unreachable_error(model: RegisteredModel, url: str, *, code: str, what: str, attempts: int,
                        partial: int = 0, status: int | None = None) -> DownloadError:
     """One line: what failed, what was tried, and the ways out; `code` is stable for scripts and the API."""
-    tried = f"tried {_host(url)} ({_shown_url(url)})"
+    tried = f"tried {fetch.host_of(url)} ({fetch.shown_url(url)})"
     if attempts > 1:
         tried = f"giving up after {attempts} failed attempts; {tried}"
     kept = f"; {format_size(partial)} are kept and the next download resumes from there" if partial else ""
-    extra: dict[str, Any] = {"code": code, "url": _shown_url(url), "host": _host(url), "attempts": attempts,
-                             "resumable": bool(partial), "partial_bytes": partial,
+    extra: dict[str, Any] = {"code": code, "url": fetch.shown_url(url), "host": fetch.host_of(url),
+                             "attempts": attempts, "resumable": bool(partial), "partial_bytes": partial,
                              "hint": _ways_out(model).removeprefix("Ways out: ")}
     if status is not None:
         extra["status"] = status
@@ -459,196 +276,81 @@ def _unreachable_error(model: RegisteredModel, url: str, *, code: str, what: str
                          extra=extra)
 
 
-def _connection_problem(exc: requests.RequestException, url: str) -> tuple[str, str, bool]:
-    """(code, what failed, whether another attempt can help) for an error raised before any response came."""
-    host = _host(url)
-    if isinstance(exc, requests.exceptions.SSLError):
-        return ("download_tls", f"the TLS handshake with {host} failed (certificate not trusted, or not a TLS "
-                                "server)", False)
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return "download_timeout", f"connecting to {host} timed out after {CONNECT_TIMEOUT_SECONDS} s", True
-    if isinstance(exc, requests.Timeout):
-        return "download_timeout", f"{host} stopped answering for {READ_TIMEOUT_SECONDS} s", True
-    # requests wraps urllib3's MaxRetryError, which wraps the socket's own error: look down the chain.
-    seen: set[int] = set()
-    pending: list[Any] = [exc]
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, (socket.gaierror, urllib3.exceptions.NameResolutionError)):
-            return "download_dns", f"the host name {urlsplit(url).hostname} does not resolve (DNS)", False
-        if isinstance(error, BaseException):
-            pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__,
-                            *[arg for arg in error.args if isinstance(arg, BaseException)]])
-    return "download_unreachable", f"cannot connect to {host} (connection refused, or no route to it)", True
+def _fetch_failure(model: RegisteredModel, url: str, failure: fetch.FetchError, cap_source: str) -> ApplicationError:
+    """The fetcher's facts, worded for the person who asked for the model."""
+    if failure.kind in ("unreachable", "http"):
+        return _unreachable_error(model, url, code=failure.code, what=failure.what, attempts=failure.attempts,
+                                  partial=failure.partial, status=failure.status)
+    if failure.kind == "not_found":
+        return DownloadError(f"{failure.what} ({url})", extra={"url": url, "status": 404})
+    if failure.kind == "html":
+        return DownloadError(
+            f"{url} answered with an HTML page where weights were expected ({failure.what}): the server sent an "
+            "error, login or landing page; check the URL or DEPTHSITE_MODEL_MIRROR. Nothing was cached.",
+            extra={"url": url, "kind": "html"},
+        )
+    if failure.kind == "encoded":
+        # Identity was asked for; a compressed body is never decoded (a small body must not become a big file).
+        return DownloadError(
+            f"{url} sent its body with Content-Encoding {failure.encoding} although identity was asked; refused, "
+            "nothing was cached. Serve the file as it is (no compression) or check DEPTHSITE_MODEL_MIRROR",
+            extra={"url": url, "kind": "encoded", "encoding": failure.encoding},
+        )
+    if failure.kind == "size_mismatch":
+        return IntegrityError(
+            f"{url} offers {failure.size} bytes but the pinned file of {model.name} has {failure.limit} "
+            f"(pinned sha256 {model.expected_sha256}); nothing was cached. To accept a different file: "
+            + _pin_hint(model),
+            extra={"url": url, "size": failure.size, "expected_size": failure.limit},
+        )
+    if failure.kind == "too_large":
+        what = f"declares {format_size(failure.size)}" if failure.declared else f"sent more than {format_size(failure.limit)}"
+        return DownloadError(
+            f"{url} {what}, beyond the {format_size(failure.limit)} a file of {model.name} may have ({cap_source}); "
+            "the transfer was stopped and nothing was cached. Check the URL or DEPTHSITE_MODEL_MIRROR",
+            extra={"url": url, "kind": "too_large", "limit": failure.limit},
+        )
+    return DownloadError(f"cannot download {model.name}: {failure.what}", extra={"url": url, "code": failure.code})
 
 
-def _http_attempt(session: requests.Session, *, model: RegisteredModel, url: str, part: Path,
-                  show: bool, download: WeightDownload | None) -> _Fetched:
-    offset, validator = _resume_point(part, url)
-    headers = {"Range": f"bytes={offset}-", "If-Range": validator} if offset else {}
-    try:
-        response = session.get(url, headers=headers, stream=True,
-                               timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
-    except requests.RequestException as exc:
-        code, what, heals = _connection_problem(exc, url)
-        if not heals:
-            # DNS and TLS failures do not heal in seconds: no retries; a partial file is kept for later.
-            raise _unreachable_error(model, url, code=code, what=what, attempts=1, partial=_size(part)) from None
-        raise _TransientError(f"cannot reach {_host(url)}: {what}", code=code, what=what) from None
-    with response:
-        status = response.status_code
-        if status >= 500 or status in (408, 429):
-            raise _TransientError(f"{url} answered {status} {response.reason}",
-                                  code="download_http_5xx" if status >= 500 else f"download_http_{status}",
-                                  what=f"{_shown_url(url)} answered {status} {response.reason}", status=status)
-        if status == 416:
-            _discard(part)  # the server has less than our partial: it is not the same file
-            raise _TransientError(f"{url} could not resume at byte {offset} (416); starting again")
-        if status not in (200, 206):
-            missing = status in (401, 403, 404, 410)
-            raise _unreachable_error(
-                model, url, code=f"download_http_{status}", status=status, attempts=1,
-                what=(f"{_shown_url(url)} answered {status} {response.reason}: "
-                      + ("the file is not there or access is denied" if missing else "not a weight file")))
-        content_type = response.headers.get("Content-Type", "")
-        if content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
-            raise _html_error(url, f"Content-Type {content_type}")
-        encoding = response.headers.get("Content-Encoding", "").strip().lower()
-        if encoding not in ("", "identity"):
-            # Identity was asked for: lengths, ranges and the disk check count the file's own bytes, and a
-            # small compressed body must not expand into a big file. The body is never decoded.
-            raise DownloadError(
-                f"{url} sent its body with Content-Encoding {encoding} although identity was asked; refused, "
-                "nothing was cached. Serve the file as it is (no compression) or check DEPTHSITE_MODEL_MIRROR",
-                extra={"url": url, "kind": "encoded", "encoding": encoding},
-            )
-        if status == 206:
-            first, total = _content_range(response.headers.get("Content-Range", ""))
-            if first != offset:
-                _discard(part)
-                raise _TransientError(f"{url} resumed at byte {first} instead of {offset}; starting again")
-        else:
-            if offset:
-                logger.info("%s: the server sent the whole file (no Range support, or the file changed); "
-                            "starting again from zero", url)
-            offset = 0
-            length = response.headers.get("Content-Length", "")
-            total = int(length) if length.isdigit() else None
-        if total is not None and model.expected_size and total != model.expected_size:
-            raise IntegrityError(
-                f"{url} offers {total} bytes but the pinned file of {model.name} has {model.expected_size} "
-                f"(pinned sha256 {model.expected_sha256}); nothing was cached. To accept a different file: "
-                + _pin_hint(model),
-                extra={"url": url, "size": total, "expected_size": model.expected_size},
-            )
-        cap, cap_source = _byte_cap(model)
-        if total is not None and total > cap:
-            raise _too_large(model, url, total, cap, cap_source, declared=True)
-        _check_disk(model, part.parent, (total if total is not None else cap) - offset)
-        if offset == 0:
-            # Written before the first body byte, so a transfer killed at any point can be resumed.
-            _write_sidecar(part, url=url, etag=response.headers.get("ETag", ""),
-                           last_modified=response.headers.get("Last-Modified", ""), total=total)
-        digest = _hash_prefix(part, offset)
-        progress = _Progress(label=model.name, total=total, initial=offset, show=show, download=download)
-        try:
-            with cachefs.disk_full_as_error(part), open(part, "rb+" if offset else "wb") as handle:
-                handle.seek(offset)
-                handle.truncate()
-                sniff = offset == 0
-                while True:
-                    try:
-                        # The raw stream, never decoded (see Content-Encoding above); chunked framing is undone.
-                        chunk = response.raw.read(CHUNK_BYTES, decode_content=False)
-                    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-                        handle.flush()
-                        raise _TransientError(
-                            f"the connection broke after {format_size(progress.done)}: {exc}") from None
-                    if not chunk:
-                        break
-                    if sniff:
-                        if chunk.lstrip()[:64].lower().startswith(HTML_STARTS):
-                            raise _html_error(url, "the body is HTML")
-                        sniff = False
-                    if progress.done + len(chunk) > cap:
-                        raise _too_large(model, url, progress.done + len(chunk), cap, cap_source, declared=False)
-                    _append(handle, chunk)
-                    digest.update(chunk)
-                    progress.advance(len(chunk))
-                handle.flush()
-                os.fsync(handle.fileno())
-        finally:
-            progress.close()
-    size = _size(part)
-    if total is not None and size != total:
-        raise _TransientError(f"received {size} of {total} bytes")
-    return _Fetched(sha256=digest.hexdigest(), size=size, resumed_from=offset)
+def _row_progress(download: WeightDownload | None, also: fetch.Progress | None) -> fetch.Progress:
+    """A progress callback that saves bytes done/total on the row (at most every PROGRESS_INTERVAL) and passes
+    them on to the caller's own callback (a terminal bar in the command)."""
+    state = {"saved_at": 0.0, "first": True}
+
+    def report(done: int, total: int | None) -> None:
+        if download is not None:
+            now = time.monotonic()
+            if state["first"]:
+                state["first"] = False
+                download.resumed_from = done
+                WeightDownload.objects.filter(pk=download.pk).update(resumed_from=done)
+            if now - state["saved_at"] >= PROGRESS_INTERVAL_SECONDS or (total is not None and done >= total):
+                state["saved_at"] = now
+                download.bytes_done, download.bytes_total = done, total
+                WeightDownload.objects.filter(pk=download.pk).update(bytes_done=done, bytes_total=total)
+        if also is not None:
+            also(done, total)
+
+    return report
 
 
-def _http_fetch(*, model: RegisteredModel, url: str, part: Path, show: bool,
-                download: WeightDownload | None) -> _Fetched:
-    """Stream `url` into `part`, resuming and retrying with backoff; failures without progress are counted."""
-    failures = 0
-    furthest = _size(part)
-    with requests.Session() as session:
-        # identity: Content-Length and Range then count the file's own bytes, not a compressed stream.
-        session.headers.update({"User-Agent": f"depthsite/{depthsite.__version__}", "Accept-Encoding": "identity"})
-        while True:
-            try:
-                return _http_attempt(session, model=model, url=url, part=part, show=show, download=download)
-            except _TransientError as exc:
-                size = _size(part)
-                if size > furthest:
-                    furthest = size  # a dropped connection that still moved bytes forward is not counted
-                else:
-                    failures += 1
-                if failures >= RETRY_ATTEMPTS:
-                    raise _unreachable_error(model, url, code=exc.code, what=exc.what, attempts=failures,
-                                             partial=size, status=exc.status) from None
-                delay = RETRY_BACKOFF_SECONDS * 2 ** max(failures - 1, 0)
-                logger.warning("download of %s: %s; retrying in %.1f s", model.name, exc, delay)
-                time.sleep(delay)
-
-
-def _file_copy(*, model: RegisteredModel, url: str, part: Path, show: bool,
-               download: WeightDownload | None) -> _Fetched:
-    """Copy from a file:// mirror into `part` with the same hashing and checks as a transfer (never resumed)."""
-    folder_url, _, quoted_name = url.rpartition("/")
-    folder = Path(url2pathname(urlsplit(folder_url).path))
-    source = cachefs.contained(folder, cachefs.safe_name(unquote(quoted_name), what="the mirror file name"))
-    if not source.is_file():
-        raise DownloadError(f"the mirror folder {source.parent} has no file {source.name} ({url})",
-                            extra={"url": url, "status": 404})
-    total = source.stat().st_size
+def _fetch(*, model: RegisteredModel, url: str, part: Path, on_progress: fetch.Progress) -> fetch.Fetched:
     cap, cap_source = _byte_cap(model)
-    if total > cap:
-        raise _too_large(model, url, total, cap, cap_source, declared=True)
-    _discard(part)
-    _check_disk(model, part.parent, total)
-    digest = hashlib.sha256()
-    progress = _Progress(label=model.name, total=total, initial=0, show=show, download=download)
+    limits = fetch.Limits(max_bytes=cap, exact_size=model.expected_size or None,
+                          ensure_room=lambda folder, needed: _check_disk(model, folder, needed))
     try:
-        with cachefs.disk_full_as_error(part), open(source, "rb") as reader, open(part, "wb") as handle:
-            while chunk := reader.read(CHUNK_BYTES):
-                if progress.done + len(chunk) > cap:  # the file grew while it was copied
-                    raise _too_large(model, url, progress.done + len(chunk), cap, cap_source, declared=False)
-                _append(handle, chunk)
-                digest.update(chunk)
-                progress.advance(len(chunk))
-            handle.flush()
-            os.fsync(handle.fileno())
-    finally:
-        progress.close()
-    return _Fetched(sha256=digest.hexdigest(), size=_size(part), resumed_from=0)
+        with cachefs.disk_full_as_error(part):
+            return fetch.fetch(url, part, limits=limits, on_progress=on_progress,
+                               user_agent=f"depthsite/{depthsite.__version__}")
+    except fetch.FetchError as failure:
+        raise _fetch_failure(model, url, failure, cap_source) from None
 
 
 # --- acceptance ------------------------------------------------------------------------------------
 
 
-def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str,
+def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: str,
             requested_by: str = "") -> tuple[WeightFile, bool]:
     """Check the complete partial file, then rename it to its final name and record it, together."""
     if model.expected_sha256 and fetched.sha256 != model.expected_sha256:
@@ -684,7 +386,7 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str,
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=inspection.format, path=dest, inspection=inspection,
                                         functional_hash=functional_hash, origin="download",
-                                        origin_source=_shown_url(url), origin_by=requested_by)
+                                        origin_source=fetch.shown_url(url), origin_by=requested_by)
             if pin_now:
                 model_pin(model=model, sha256=fetched.sha256, size=fetched.size, content_digest=inspection.digest,
                           source=url)
@@ -699,7 +401,7 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: _Fetched, url: str,
         if renamed:
             cachefs.remove_file(dest)  # the record did not commit: no final file without its record
         raise
-    _sidecar_path(part).unlink(missing_ok=True)
+    fetch.sidecar_path(part).unlink(missing_ok=True)
     return weight_file, pin_now
 
 
@@ -761,16 +463,15 @@ def _is_stale(download: WeightDownload) -> bool:
 # --- services --------------------------------------------------------------------------------------
 
 
-def _transfer(*, model: RegisteredModel, url: str, show: bool,
-              download: WeightDownload | None) -> tuple[_Fetched, WeightFile, bool]:
+def _transfer(*, model: RegisteredModel, url: str, download: WeightDownload | None,
+              on_progress: fetch.Progress | None) -> tuple[fetch.Fetched, WeightFile, bool]:
     part = _partial_path(model)
-    fetch = _file_copy if url.startswith("file:") else _http_fetch
     try:
-        fetched = fetch(model=model, url=url, part=part, show=show, download=download)
+        fetched = _fetch(model=model, url=url, part=part, on_progress=_row_progress(download, on_progress))
     except ApplicationError as exc:
         # Bad bytes are never kept; only a transfer that gave up on a flaky server keeps them to resume.
         if not exc.extra.get("resumable"):
-            _discard(part)
+            fetch.discard(part)
         raise
     try:
         weight_file, pinned = _accept(model=model, part=part, fetched=fetched, url=url,
@@ -778,7 +479,7 @@ def _transfer(*, model: RegisteredModel, url: str, show: bool,
     except Exception:
         # Whatever way the complete bytes failed acceptance (a clear error, or a reader that tripped over a
         # malformed header), they are never resumed into: the next download starts from zero.
-        _discard(part)
+        fetch.discard(part)
         raise
     return fetched, weight_file, pinned
 
@@ -788,7 +489,7 @@ def weight_download(
     model: RegisteredModel,
     fmt: str | None = None,
     offline: bool | None = None,
-    progress: bool | None = None,
+    on_progress: fetch.Progress | None = None,
     download: WeightDownload | None = None,
     requested_by: str = "",
     notify: Notify | None = None,
@@ -796,18 +497,18 @@ def weight_download(
     """Make sure the model's weights are cached on this node, downloading them at most once per node.
 
     `fmt` (default DEPTHSITE_CACHE_FORMAT) also keeps a converted copy; `offline` (or DEPTHSITE_OFFLINE)
-    forbids the network; `progress` None shows a bar when stderr is a terminal; `download` is the row to
-    report on (one is created when bytes must move); `notify` receives messages a user should see.
+    forbids the network; `on_progress(done, total)` hears the bytes as they arrive (the command draws a bar
+    with it; the row is updated either way); `download` is the row to report on (one is created when bytes
+    must move); `notify` receives messages a user should see.
     """
     model_license_check(model=model)
-    wanted = _wanted_format(fmt)
+    wanted = wanted_format(fmt)
     is_offline = _is_offline(offline)
-    show = _show_progress(progress)
     try:
         with _single_flight(model, notify) as waited:
             _fail_interrupted(model, keep=download)
             model.refresh_from_db()  # the first of several callers may just have pinned it
-            cached = _healthy_files(model)
+            cached = healthy_files(model)
             if cached:
                 result = DownloadResult(weight_file=cached[0], transferred=False, waited=waited, download=download)
                 if download is not None:
@@ -823,7 +524,8 @@ def weight_download(
                                                              requested_by=requested_by)
                 download.start(source_url=url)
                 download.save()
-                fetched, weight_file, pinned = _transfer(model=model, url=url, show=show, download=download)
+                fetched, weight_file, pinned = _transfer(model=model, url=url, download=download,
+                                                         on_progress=on_progress)
                 download.finish(weight_file)
                 download.bytes_done = fetched.size
                 download.save()
@@ -849,8 +551,8 @@ def weight_download(
 def download_enqueue(*, model: RegisteredModel, fmt: str | None = None, requested_by: str = "") -> WeightDownload:
     """Record a download and queue it (the task gets the row's id); ConflictError when one is active on this node."""
     model_license_check(model=model)
-    wanted = _wanted_format(fmt) or WeightFormat.PT
-    if _is_offline(None) and not _healthy_files(model) and not download_url(model=model).startswith("file:"):
+    wanted = wanted_format(fmt) or WeightFormat.PT
+    if _is_offline(None) and not healthy_files(model) and not download_url(model=model).startswith("file:"):
         raise _offline_error(model)
     with transaction.atomic():
         # Serialises enqueues of one model, so two requests cannot both find no active download.
@@ -876,43 +578,3 @@ def _queue_download(download_id: int) -> None:
     task_id = async_task("models_registry.tasks.download_run", download_id, task_name=f"download-{download_id}",
                          group="downloads", timeout=settings.DEPTHSITE_DOWNLOAD_TIMEOUT)
     WeightDownload.objects.filter(pk=download_id).update(task_id=task_id or "")
-
-
-def weights_resolve(*, model: RegisteredModel, offline: bool | None = None, notify: Notify | None = None) -> WeightFile:
-    """The file to load the model from: a healthy cached file in the preferred format, else any healthy
-    format (converted when DEPTHSITE_CACHE_FORMAT asks), else a download unless offline, else a clear error."""
-    model_license_check(model=model)
-    preferred = _wanted_format(None)
-    for _ in range(RESOLVE_ROUNDS):
-        files = _healthy_files(model)
-        if not files:
-            break
-        exact = [f for f in files if f.format == preferred]
-        if exact or not preferred:
-            return (exact or files)[0]
-        try:
-            return weight_convert(model=model, fmt=preferred)
-        except ApplicationError as exc:
-            # A conversion that fails (disk full, all sources damaged) must not stop loading what exists.
-            logger.warning("could not convert %s to %s: %s", model.name, preferred, exc.message)
-            files = _healthy_files(model)
-            if files:
-                return files[0]
-    return weight_download(model=model, fmt=preferred, offline=offline, progress=False, notify=notify).weight_file
-
-
-def weights_resolve_loaded(*, model: RegisteredModel, offline: bool | None = None,
-                           notify: Notify | None = None) -> tuple[WeightFile, LoadedWeights]:
-    """`weights_resolve`, then read the tensors; a file that fails to load is marked corrupt and the chain goes on."""
-    last_error = ""
-    for _ in range(RESOLVE_ROUNDS):
-        weight_file = weights_resolve(model=model, offline=offline, notify=notify)
-        try:
-            return weight_file, read_weights(cachefs.absolute(weight_file.path), weight_file.format,
-                                              architecture=model.architecture)
-        except (WeightFileError, OSError) as exc:
-            last_error = getattr(exc, "message", None) or str(exc)
-            weight_mark_corrupt(weight_file=weight_file, reason=last_error)
-    raise WeightFileError(f"no cached file of {model.name} loads (last error: {last_error}); "
-                          f"run python manage.py models verify --model {model.name}",
-                          extra={"model": model.name})

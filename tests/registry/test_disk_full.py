@@ -5,6 +5,7 @@ errors are the ones h5py, safetensors, torch and plain files really raise, not i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -167,3 +168,55 @@ def test_bundle_import_of_a_bad_member_leaves_nothing(tmp_path, settings, small_
         weight_import(path=cut)
     assert type(caught.value).__name__ in ("WeightFileError", "IntegrityError")
     assert _files(Path(settings.DEPTHSITE_CACHE_DIR)) == before
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_during_a_download_leaves_nothing(tiny_disk, small_model, small_arrays, tmp_path,
+                                                               settings, monkeypatch):
+    """Room for the file when the transfer starts; another writer takes it while the bytes arrive."""
+    import threading
+
+    from depthsite.testing.weightserver import WeightServer
+    from models_registry import fetch
+    from models_registry.choices import DownloadStatus
+    from models_registry.models import WeightDownload, WeightFile
+    from models_registry.services import download as download_service
+    from models_registry.services.download import weight_download
+
+    served = tmp_path / "served"
+    served.mkdir()
+    write_weights(small_arrays, served / "midas_v21_small_256.pt", "pt", {})
+    size = (served / "midas_v21_small_256.pt").stat().st_size
+    # Exactly what the pre-transfer check asks for (the file and its margin), and a little more.
+    cache = tiny_disk("cache", size + download_service.DISK_MARGIN_BYTES + 4 * 1024 * KB)
+    settings.DEPTHSITE_CACHE_DIR = cache
+    monkeypatch.setattr(fetch, "RETRY_BACKOFF_SECONDS", 0.01)
+    part = cache / "MiDaS_small" / "midas_v21_small_256.pt.part"
+    stop = threading.Event()
+
+    def other_tenant() -> None:
+        # Waits for the first 8 MB to land, then writes until the disk is full (ENOSPC ends it).
+        while not stop.is_set() and (not part.exists() or part.stat().st_size < 8 * 1024 * KB):
+            stop.wait(0.01)
+        with contextlib.suppress(OSError), open(cache / "other-tenant.bin", "wb") as filler:
+            while not stop.is_set():
+                filler.write(b"\0" * (1024 * KB))
+                filler.flush()
+
+    with WeightServer(served) as server:
+        server.configure(rate=40 * 1024 * KB)  # about two seconds for the file: the filler wins the race
+        settings.DEPTHSITE_MODEL_MIRROR = server.url
+        thread = threading.Thread(target=other_tenant, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(DiskFullError, match="no space left on the device"):
+                weight_download(model=small_model)
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+    (cache / "other-tenant.bin").unlink(missing_ok=True)
+    assert [name for name in _files(cache) if not name.startswith(".locks")] == []
+    assert not WeightFile.objects.exists()
+    row = WeightDownload.objects.get(model=small_model)
+    assert row.status == DownloadStatus.FAILED and "no space left" in row.error
+    assert _open_under(cache) == []

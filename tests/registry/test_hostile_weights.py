@@ -342,7 +342,7 @@ def _health(weight_file: WeightFile) -> str:
 
 
 def test_a_new_pin_stops_serving_copies_of_the_old_weights(two_copies, settings):
-    from models_registry.services.download import weights_resolve
+    from models_registry.services.resolve import weights_resolve
     from tests.registry.test_commands import run
 
     pt, safetensors = two_copies
@@ -363,7 +363,7 @@ def test_a_new_pin_stops_serving_copies_of_the_old_weights(two_copies, settings)
 
 
 def test_pinning_the_cached_file_itself_proves_its_copies(two_copies):
-    from models_registry.services.download import weights_resolve
+    from models_registry.services.resolve import weights_resolve
 
     pt, safetensors = two_copies
     model = model_pin(model=pt.model, sha256=pt.sha256, source="operator")

@@ -15,7 +15,8 @@ from inference.models import DepthJob
 from models_registry import cachefs
 from models_registry.exceptions import LicenseError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
-from models_registry.services.download import weight_download, weights_resolve
+from models_registry.services.download import weight_download
+from models_registry.services.resolve import weights_resolve
 from models_registry.services.licences import license_accepted, model_license_check
 from models_registry.services.weights import weight_import
 from depthsite.testing import images

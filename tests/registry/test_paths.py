@@ -248,7 +248,7 @@ def test_a_result_path_forced_outside_media_is_not_served(db, settings, tmp_path
 
 def test_a_record_forced_outside_is_never_loaded_and_a_download_replaces_it(small_model, small_pt, tmp_path,
                                                                             settings):
-    from models_registry.services.download import weights_resolve
+    from models_registry.services.resolve import weights_resolve
 
     outside = tmp_path / "outside.pt"
     small_pt.rename(outside)  # valid weights: reading them would "work", which is the danger

@@ -8,7 +8,7 @@ from depthsite.units import format_size
 from models_registry.catalogue import approx_bytes
 from models_registry.exceptions import ApplicationError, NotFoundError
 from models_registry.management.base import CliError, RegistryCommand
-from models_registry.management.download import download_report
+from models_registry.management.download import download_report, terminal_bar
 from models_registry.models import RegisteredModel
 from models_registry.selectors import model_get, model_list, weight_files
 from models_registry.services.download import weight_download
@@ -50,8 +50,9 @@ class Command(RegistryCommand):
         for target in chosen:
             self.stdout.write(f"== {target.name}")
             try:
-                result = weight_download(model=target, fmt=format, offline=offline or None,
-                                         requested_by="setup_models", notify=self.stderr.write)
+                with terminal_bar(target.name) as bar:
+                    result = weight_download(model=target, fmt=format, offline=offline or None,
+                                             requested_by="setup_models", notify=self.stderr.write, on_progress=bar)
             except ApplicationError as exc:
                 # One model failing (a 404, no space) must not stop the others; the exit code tells.
                 failures.append(target.name)

@@ -1,0 +1,410 @@
+"""Fetch one file into a partial file: over HTTP(S), resumable and retried, or copied from a file:// folder.
+
+Django-free: no settings, no rows, no wording for users. The download service (services/download.py) decides
+where the partial file lives, what limits apply, what a failure means for the model, and how to say it.
+What this module knows is bytes: it streams them into `part`, hashes them as they come, stops at the byte
+limit, never decodes a compressed body, and keeps a sidecar (`part` + ".json") with the source's validator so
+that an interrupted transfer resumes with Range/If-Range instead of starting again.
+
+Retries: urllib3's `Retry` handles connection errors and answers worth another try (408, 429, 5xx, honouring
+Retry-After) with exponential backoff; DNS and TLS failures are not retried (they do not heal in seconds).
+A body cut short after some bytes moved is resumed by `fetch` itself: urllib3 cannot resume a body. Attempts
+that move no byte forward count towards RETRY_ATTEMPTS; attempts that do, do not.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from models_registry import cachefs
+from models_registry.formats.sniff import HTML_STARTS
+
+logger = logging.getLogger(__name__)
+
+# Module constants rather than settings: operators never need them, tests shrink them.
+RETRY_ATTEMPTS = 4  # attempts in a row that move no byte forward before giving up
+RETRY_BACKOFF_SECONDS = 1.0  # doubled after each failed attempt
+CONNECT_TIMEOUT_SECONDS = 15
+READ_TIMEOUT_SECONDS = 60  # a stalled server fails the attempt instead of holding the model's lock forever
+CHUNK_BYTES = 1024 * 1024
+SIDECAR_SUFFIX = ".json"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+Progress = Callable[[int, "int | None"], None]  # (bytes done, total or None); called as bytes arrive
+
+
+class FetchError(Exception):
+    """A fetch that failed, as facts: `kind` says which way, the rest is what the caller needs to word it.
+
+    kinds: "unreachable" (gave up: no connection, DNS, TLS, timeouts, 5xx; `code` says which), "http" (an
+    answer that is no file and will not become one: 401/403/404/410, other 4xx), "not_found" (no such file
+    in a file:// folder), "html" (an HTML page instead of weights), "encoded" (a Content-Encoding although
+    identity was asked), "too_large" (declared or sent beyond `limit`), "size_mismatch" (a declared size
+    other than the exact size required).
+    """
+
+    def __init__(self, kind: str, what: str, *, code: str = "", status: int | None = None, attempts: int = 1,
+                 partial: int = 0, size: int = 0, limit: int = 0, declared: bool = False, encoding: str = ""):
+        super().__init__(what)
+        self.kind = kind
+        self.what = what
+        self.code = code or f"download_{kind}"
+        self.status = status
+        self.attempts = attempts
+        self.partial = partial  # bytes kept in the partial file for the next fetch to resume from
+        self.size = size
+        self.limit = limit
+        self.declared = declared
+        self.encoding = encoding
+
+
+class _Transient(Exception):
+    """An attempt worth repeating (a body cut short, a bad resume); `code`/`what` describe it at the end."""
+
+    def __init__(self, what: str, *, code: str = "download_interrupted", status: int | None = None):
+        super().__init__(what)
+        self.code, self.what, self.status = code, what, status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a fetch may bring: at most `max_bytes`; exactly `exact_size` when known (a pinned file); and
+    `ensure_room(folder, bytes_to_write)`, which raises (the caller's own error) when the disk is too full."""
+
+    max_bytes: int
+    exact_size: int | None = None
+    ensure_room: Callable[[Path, int], None] = lambda folder, needed: None
+
+
+@dataclass(frozen=True)
+class Fetched:
+    sha256: str
+    size: int
+    resumed_from: int
+
+
+def host_of(url: str) -> str:
+    """The host (and port) of a URL, without any user:password a mirror URL may carry."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}"
+
+
+def shown_url(url: str) -> str:
+    """The URL as it may be shown or recorded: scheme, host and path, never credentials or a query."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{host_of(url)}{parts.path}"
+
+
+# --- the partial file and its sidecar ---------------------------------------------------------------
+
+
+def sidecar_path(part: Path) -> Path:
+    return part.with_name(part.name + SIDECAR_SUFFIX)
+
+
+def discard(part: Path) -> None:
+    """Forget a partial transfer: the bytes and the sidecar."""
+    part.unlink(missing_ok=True)
+    sidecar_path(part).unlink(missing_ok=True)
+
+
+def partial_size(part: Path) -> int:
+    try:
+        return part.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_sidecar(part: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(sidecar_path(part).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_sidecar(part: Path, **values: Any) -> None:
+    with cachefs.atomic_write(sidecar_path(part)) as tmp:
+        tmp.write_text(json.dumps({**values, "written": dt.datetime.now(dt.timezone.utc).isoformat()}))
+
+
+def _resume_point(part: Path, url: str) -> tuple[int, str]:
+    """(offset, If-Range validator) for continuing a partial file; (0, "") and no partial when it cannot be."""
+    size = partial_size(part)
+    if not size:
+        return 0, ""
+    meta = _read_sidecar(part)
+    etag = meta.get("etag") or ""
+    # If-Range needs a strong validator: a weak ETag or none at all falls back to Last-Modified.
+    validator = etag if etag and not etag.startswith("W/") else meta.get("last_modified") or ""
+    total = meta.get("total")
+    if meta.get("url") != url or not validator or (total is not None and size > total):
+        logger.info("%s: cannot resume (different source or no validator); starting again", part.name)
+        discard(part)
+        return 0, ""
+    if total is not None and size == total:
+        # Complete but never accepted (the process died while checking it): fetch the last byte again,
+        # which proves with If-Range that the server's file is still the one these bytes came from.
+        with open(part, "rb+") as handle:
+            handle.truncate(total - 1)
+        size = total - 1
+    return size, validator
+
+
+def _hash_prefix(part: Path, length: int) -> "hashlib._Hash":
+    digest = hashlib.sha256()
+    if length:
+        with open(part, "rb") as handle:
+            while chunk := handle.read(min(CHUNK_BYTES * 4, length - handle.tell())):
+                digest.update(chunk)
+    return digest
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+
+class _Retry(Retry):
+    """urllib3's Retry, except that a host name that does not resolve or a TLS handshake that fails gives up
+    at once: waiting seconds between attempts fixes neither."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        if error is not None and _final_kind(error):
+            raise urllib3.exceptions.MaxRetryError(_pool, url, error) from error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def _final_kind(error: BaseException) -> str:
+    """"dns" or "tls" when the error (or one it wraps) is a name that does not resolve or a failed TLS
+    handshake; "" otherwise."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen or not isinstance(link, BaseException):
+            continue
+        seen.add(id(link))
+        if isinstance(link, (socket.gaierror, urllib3.exceptions.NameResolutionError)):
+            return "dns"
+        if isinstance(link, (urllib3.exceptions.SSLError, requests.exceptions.SSLError)):
+            return "tls"
+        pending.extend([getattr(link, "reason", None), link.__cause__, link.__context__, *link.args])
+    return ""
+
+
+def _session(user_agent: str) -> requests.Session:
+    session = requests.Session()
+    tries = RETRY_ATTEMPTS - 1
+    retry = _Retry(total=tries, connect=tries, read=tries, other=0, status=tries, status_forcelist=RETRY_STATUSES,
+                   allowed_methods={"GET"}, backoff_factor=RETRY_BACKOFF_SECONDS, respect_retry_after_header=True,
+                   raise_on_status=False)
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    # identity: Content-Length and Range then count the file's own bytes, not a compressed stream.
+    session.headers.update({"User-Agent": user_agent, "Accept-Encoding": "identity"})
+    return session
+
+
+def _connection_problem(exc: requests.RequestException, url: str) -> tuple[str, str, int]:
+    """(code, what failed, attempts made) for an error raised before any response came."""
+    host = host_of(url)
+    final = _final_kind(exc)
+    if final == "tls":
+        return ("download_tls", f"the TLS handshake with {host} failed (certificate not trusted, or not a TLS "
+                                "server)", 1)
+    if final == "dns":
+        return "download_dns", f"the host name {urlsplit(url).hostname} does not resolve (DNS)", 1
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "download_timeout", f"connecting to {host} timed out after {CONNECT_TIMEOUT_SECONDS} s", RETRY_ATTEMPTS
+    if isinstance(exc, requests.Timeout):
+        return "download_timeout", f"{host} stopped answering for {READ_TIMEOUT_SECONDS} s", RETRY_ATTEMPTS
+    return ("download_unreachable", f"cannot connect to {host} (connection refused, or no route to it)",
+            RETRY_ATTEMPTS)
+
+
+def _content_range(value: str) -> tuple[int, int | None]:
+    """(first byte, total) of a `Content-Range: bytes a-b/total` header; (-1, None) when unreadable."""
+    try:
+        unit, _, rest = value.partition(" ")
+        span, _, total = rest.partition("/")
+        first = int(span.split("-")[0])
+        return (first, None if total == "*" else int(total)) if unit == "bytes" else (-1, None)
+    except ValueError:
+        return -1, None
+
+
+def _too_large(url: str, size: int, limit: int, *, declared: bool) -> FetchError:
+    return FetchError("too_large", f"{shown_url(url)} {'declares' if declared else 'sent'} {size} bytes",
+                      size=size, limit=limit, declared=declared)
+
+
+def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limits,
+                  on_progress: Progress | None) -> Fetched:
+    offset, validator = _resume_point(part, url)
+    headers = {"Range": f"bytes={offset}-", "If-Range": validator} if offset else {}
+    try:
+        response = session.get(url, headers=headers, stream=True,
+                               timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+    except requests.RequestException as exc:
+        code, what, attempts = _connection_problem(exc, url)
+        raise FetchError("unreachable", what, code=code, attempts=attempts, partial=partial_size(part)) from None
+    with response:
+        status = response.status_code
+        if status in RETRY_STATUSES:  # urllib3 retried it and gave up
+            raise FetchError("unreachable", f"{shown_url(url)} answered {status} {response.reason}",
+                             code="download_http_5xx" if status >= 500 else f"download_http_{status}",
+                             status=status, attempts=RETRY_ATTEMPTS, partial=partial_size(part))
+        if status == 416:
+            discard(part)  # the server has less than our partial: it is not the same file
+            raise _Transient(f"{url} could not resume at byte {offset} (416); starting again")
+        if status not in (200, 206):
+            missing = status in (401, 403, 404, 410)
+            raise FetchError("http", (f"{shown_url(url)} answered {status} {response.reason}: "
+                                      + ("the file is not there or access is denied" if missing
+                                         else "not a weight file")),
+                             code=f"download_http_{status}", status=status)
+        content_type = response.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
+            raise FetchError("html", f"Content-Type {content_type}")
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # Identity was asked for: lengths, ranges and the disk check count the file's own bytes, and a
+            # small compressed body must not expand into a big file. The body is never decoded.
+            raise FetchError("encoded", f"Content-Encoding {encoding}", encoding=encoding)
+        if status == 206:
+            first, total = _content_range(response.headers.get("Content-Range", ""))
+            if first != offset:
+                discard(part)
+                raise _Transient(f"{url} resumed at byte {first} instead of {offset}; starting again")
+        else:
+            if offset:
+                logger.info("%s: the server sent the whole file (no Range support, or the file changed); "
+                            "starting again from zero", url)
+            offset = 0
+            length = response.headers.get("Content-Length", "")
+            total = int(length) if length.isdigit() else None
+        if total is not None and limits.exact_size and total != limits.exact_size:
+            raise FetchError("size_mismatch", f"{shown_url(url)} offers {total} bytes", size=total,
+                             limit=limits.exact_size)
+        if total is not None and total > limits.max_bytes:
+            raise _too_large(url, total, limits.max_bytes, declared=True)
+        limits.ensure_room(part.parent, (total if total is not None else limits.max_bytes) - offset)
+        if offset == 0:
+            # Written before the first body byte, so a transfer killed at any point can be resumed.
+            _write_sidecar(part, url=url, etag=response.headers.get("ETag", ""),
+                           last_modified=response.headers.get("Last-Modified", ""), total=total)
+        digest = _hash_prefix(part, offset)
+        done = offset
+        if on_progress is not None:
+            on_progress(done, total)
+        with open(part, "rb+" if offset else "wb") as handle:
+            handle.seek(offset)
+            handle.truncate()
+            sniff = offset == 0
+            while True:
+                try:
+                    # The raw stream, never decoded (see Content-Encoding above); chunked framing is undone.
+                    chunk = response.raw.read(CHUNK_BYTES, decode_content=False)
+                except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                    handle.flush()
+                    raise _Transient(f"the connection broke after {done} bytes: {exc}") from None
+                if not chunk:
+                    break
+                if sniff:
+                    if chunk.lstrip()[:64].lower().startswith(HTML_STARTS):
+                        raise FetchError("html", "the body is HTML")
+                    sniff = False
+                if done + len(chunk) > limits.max_bytes:
+                    raise _too_large(url, done + len(chunk), limits.max_bytes, declared=False)
+                handle.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if on_progress is not None:
+                    on_progress(done, total)
+            handle.flush()
+            os.fsync(handle.fileno())
+    size = partial_size(part)
+    if total is not None and size != total:
+        raise _Transient(f"received {size} of {total} bytes")
+    return Fetched(sha256=digest.hexdigest(), size=size, resumed_from=offset)
+
+
+def _http_fetch(url: str, part: Path, limits: Limits, on_progress: Progress | None, user_agent: str) -> Fetched:
+    failures = 0
+    furthest = partial_size(part)
+    with _session(user_agent) as session:
+        while True:
+            try:
+                return _http_attempt(session, url, part, limits, on_progress)
+            except _Transient as exc:
+                size = partial_size(part)
+                if size > furthest:
+                    furthest = size  # a dropped connection that still moved bytes forward is not counted
+                else:
+                    failures += 1
+                if failures >= RETRY_ATTEMPTS:
+                    raise FetchError("unreachable", exc.what, code=exc.code, status=exc.status, attempts=failures,
+                                     partial=size) from None
+                delay = RETRY_BACKOFF_SECONDS * 2 ** max(failures - 1, 0)
+                logger.warning("fetching %s: %s; retrying in %.1f s", shown_url(url), exc, delay)
+                time.sleep(delay)
+
+
+# --- file:// ---------------------------------------------------------------------------------------
+
+
+def _file_copy(url: str, part: Path, limits: Limits, on_progress: Progress | None) -> Fetched:
+    """Copy from a file:// folder with the same hashing and limits as a transfer (never resumed)."""
+    folder_url, _, quoted_name = url.rpartition("/")
+    folder = Path(url2pathname(urlsplit(folder_url).path))
+    source = cachefs.contained(folder, cachefs.safe_name(unquote(quoted_name), what="the mirror file name"))
+    if not source.is_file():
+        raise FetchError("not_found", f"the mirror folder {source.parent} has no file {source.name}", status=404)
+    total = source.stat().st_size
+    if total > limits.max_bytes:
+        raise _too_large(url, total, limits.max_bytes, declared=True)
+    discard(part)
+    limits.ensure_room(part.parent, total)
+    digest = hashlib.sha256()
+    done = 0
+    if on_progress is not None:
+        on_progress(0, total)
+    with open(source, "rb") as reader, open(part, "wb") as handle:
+        while chunk := reader.read(CHUNK_BYTES):
+            if done + len(chunk) > limits.max_bytes:  # the file grew while it was copied
+                raise _too_large(url, done + len(chunk), limits.max_bytes, declared=False)
+            handle.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            if on_progress is not None:
+                on_progress(done, total)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Fetched(sha256=digest.hexdigest(), size=partial_size(part), resumed_from=0)
+
+
+def fetch(url: str, part: Path, *, limits: Limits, on_progress: Progress | None = None,
+          user_agent: str = "depthsite") -> Fetched:
+    """Bring `url` (http, https or file) into `part`: the bytes and their sha256.
+
+    FetchError on failure; with `partial` > 0 the bytes so far are kept (with the sidecar) for the next fetch
+    to resume, otherwise nothing is left. Errors from `limits.ensure_room` and OSError from the disk pass
+    through unchanged (the caller words a full disk)."""
+    if url.startswith("file:"):
+        return _file_copy(url, part, limits, on_progress)
+    return _http_fetch(url, part, limits, on_progress, user_agent)
