@@ -7,6 +7,7 @@ no conversion or copy); the worker converts (`image_open`)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import re
 import warnings
@@ -249,3 +250,11 @@ def _orientation(image: Image.Image) -> int:
         return int(image.getexif().get(0x0112, 1))
     except Exception:  # damaged EXIF is not worth failing a photo for
         return 1
+
+
+def pixels_digest(rgb: np.ndarray) -> str:
+    """sha256 of decoded pixels and their size: equal for the same picture in any file format or metadata."""
+    pixels = np.ascontiguousarray(rgb, dtype=np.uint8)
+    digest = hashlib.sha256(f"{pixels.shape[0]}x{pixels.shape[1]}x{pixels.shape[2]}:".encode("ascii"))
+    digest.update(memoryview(pixels).cast("B"))
+    return digest.hexdigest()

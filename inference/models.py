@@ -63,6 +63,9 @@ class DepthJob(models.Model):
     image = models.FileField(upload_to=upload_path, max_length=255)
     image_name = models.CharField(max_length=255, blank=True, help_text="The file name the client sent.")
     image_sha256 = models.CharField(max_length=64)
+    pixels_sha256 = models.CharField(max_length=64, blank=True,
+                                     help_text="sha256 of the decoded, upright RGB pixels the network saw (with their "
+                                               "size): the key of result reuse, whatever file format carried them.")
     image_size = models.BigIntegerField(help_text="Bytes of the upload.")
     image_format = models.CharField(max_length=16, blank=True)
     image_width = models.PositiveIntegerField(null=True, blank=True, help_text="Upright width in pixels.")
@@ -113,7 +116,7 @@ class DepthJob(models.Model):
         indexes = [
             models.Index(fields=["owner", "-created_at"]),
             models.Index(fields=["session_key", "-created_at"]),
-            models.Index(fields=["image_sha256", "weights_sha256"]),
+            models.Index(fields=["pixels_sha256", "weights_sha256"]),
         ]
 
     def __str__(self) -> str:

@@ -32,7 +32,7 @@ from depthsite.units import format_size
 from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.exceptions import ImageError, InferenceError, QuotaExceededError
-from inference.images import BROWSER_IMAGE_TYPES, image_check, image_open
+from inference.images import BROWSER_IMAGE_TYPES, image_check, image_open, pixels_digest
 from inference.media import (
     RESULTS_DIR,
     STAGING_PREFIX,
@@ -420,7 +420,7 @@ def _save_running(job: DepthJob, fields: Iterable[str]) -> bool:
     return bool(updated)
 
 
-_FINISH_FIELDS = ("status", "result_files", "depth_min", "depth_max", "semantics", "weights_sha256",
+_FINISH_FIELDS = ("status", "result_files", "depth_min", "depth_max", "semantics", "weights_sha256", "pixels_sha256",
                   "weights_format", "device", "load_ms", "inference_ms", "reused_from", "finished_at", "results_bytes", "lease_until")
 _FAIL_FIELDS = ("status", "error", "error_code", "finished_at", "lease_until")
 
@@ -532,6 +532,7 @@ def _execute(job: DepthJob) -> None:
         raise ImageError("the file is missing", extra={"field": "image", "kind": "missing"}) from None
     with stored:
         loaded = image_open(stored, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    job.pixels_sha256 = pixels_digest(loaded.rgb)
     _input_preview_write(job, loaded.rgb)
 
     if settings.DEPTHSITE_REUSE_RESULTS:
@@ -641,7 +642,8 @@ def _results_write(job: DepthJob, write) -> dict[str, str]:
 
 
 def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
-    candidates = (DepthJob.objects.filter(status=JobStatus.SUCCEEDED, image_sha256=job.image_sha256,
+    # By the pixels the network saw, not the file's bytes: the same photo as PNG and as TIFF is one result.
+    candidates = (DepthJob.objects.filter(status=JobStatus.SUCCEEDED, pixels_sha256=job.pixels_sha256,
                                           weights_sha256=weights_sha256, colormap=job.colormap)
                   .exclude(pk=job.pk).order_by("-finished_at"))
     if "ply" in job.outputs:  # the point cloud depends on the camera too

@@ -167,6 +167,25 @@ def test_same_image_weights_and_options_reuse_the_result(cached_small, run_jobs,
 
 
 @pytest.mark.slow
+def test_the_same_pixels_in_another_file_format_reuse_the_result(cached_small, run_jobs, settings):
+    # Reuse is keyed by the decoded pixels, not the file's bytes: PNG and TIFF of one picture are one result,
+    # and a one-pixel change is another picture.
+    settings.DEPTHSITE_REUSE_RESULTS = True
+    picture = Image.fromarray(images.photo_array(80, 60))
+    as_png, as_tiff = images.encode(picture, "PNG"), images.encode(picture, "TIFF")
+    assert as_png != as_tiff
+    first = create(run_jobs, image=upload(as_png, "photo.png", "image/png"))
+    second = create(run_jobs, image=upload(as_tiff, "photo.tiff", "image/tiff"))
+    assert first.image_sha256 != second.image_sha256
+    assert second.pixels_sha256 == first.pixels_sha256 != ""
+    assert second.status == JobStatus.SUCCEEDED and second.reused_from == first
+    changed = np.array(picture)
+    changed[0, 0] ^= 1
+    third = create(run_jobs, image=upload(images.encode(Image.fromarray(changed), "PNG"), "other.png", "image/png"))
+    assert third.pixels_sha256 != first.pixels_sha256 and third.reused_from is None and third.inference_ms
+
+
+@pytest.mark.slow
 def test_other_options_or_disabled_reuse_compute_again(cached_small, run_jobs, settings):
     data = images.jpeg(80, 60)
     first = create(run_jobs, image=upload(data))
