@@ -39,10 +39,21 @@ def _body_limit_response(exc) -> Response | None:
     return None
 
 
+# The next step in the API's own words, for domain errors that state a fact any door may meet (the CLI words
+# the same kinds for its options: models_registry/management/base.py).
+API_NEXT_STEPS: dict[str, str] = {
+    "unknown_layout": "send the model field to see what differs",
+    "ambiguous_model": "send the model field with one of them",
+}
+
+
 def exception_handler(exc, context):
     """One error shape for every endpoint: a message a person can read, and machine-readable extra."""
     if isinstance(exc, ApplicationError):
-        return Response({"message": exc.message, "extra": exc.extra}, status=exc.status)
+        step = API_NEXT_STEPS.get(str(exc.extra.get("kind", "")))
+        message = f"{exc.message}; {step}" if step else exc.message
+        extra = {**exc.extra, "hint": step} if step else exc.extra
+        return Response({"message": message, "extra": extra}, status=exc.status)
     refused = _body_limit_response(exc)
     if refused is not None:
         return refused

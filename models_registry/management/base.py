@@ -40,6 +40,22 @@ ERROR_HINTS: dict[str, str] = {
 }
 
 
+# The next step in the CLI's own words, for domain errors that state a fact any door may meet (the service
+# says "say which model"; the command says which option does it). The API words the same kinds for its fields.
+CLI_NEXT_STEPS: dict[str, str] = {
+    "unknown_layout": "pass --model NAME to see what differs",
+    "ambiguous_model": "choose one with --model NAME",
+    "exists": "pass --force to overwrite it",
+}
+
+
+def cli_message(exc: ApplicationError) -> tuple[str, str | None]:
+    """(the one line the command prints, its hint) for a domain error."""
+    step = CLI_NEXT_STEPS.get(str(exc.extra.get("kind", "")))
+    message = f"{exc.message}; {step}" if step else exc.message
+    return message, step or getattr(exc, "hint", None) or exc.extra.get("hint")
+
+
 class CliError(CommandError):
     """Raised from handle() for a clean one-line error with a given exit code (and, for --json, a code/hint)."""
 
@@ -92,9 +108,9 @@ class RegistryCommand(BaseCommand):
         try:
             return super().execute(*args, **options)
         except ApplicationError as exc:
-            self._fail(exc.message, exc.exit_code,
-                       payload=error_payload(code=application_error_code(exc), message=exc.message,
-                                             hint=getattr(exc, "hint", None) or exc.extra.get("hint")))
+            message, hint = cli_message(exc)
+            self._fail(message, exc.exit_code,
+                       payload=error_payload(code=application_error_code(exc), message=message, hint=hint))
         except CliError as exc:
             self._fail(str(exc), exc.returncode, payload=error_payload(code=exc.code, message=str(exc), hint=exc.hint))
         except CommandError as exc:

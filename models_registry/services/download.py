@@ -153,7 +153,7 @@ def download_url(*, model: RegisteredModel) -> str:
 
 
 def _offline_error(model: RegisteredModel) -> OfflineError:
-    why = "DEPTHSITE_OFFLINE is set" if settings.DEPTHSITE_OFFLINE else "--offline was given"
+    why = "DEPTHSITE_OFFLINE is set" if settings.DEPTHSITE_OFFLINE else "offline mode was asked for"
     return OfflineError(
         f"{model.name} is not cached on this node and {why}, so nothing is downloaded. Copy "
         f"{model.file_name or 'its weight file'} from a machine that has it"

@@ -123,7 +123,7 @@ def model_identify(*, inspection: Inspection) -> RegisteredModel:
     if not architectures:
         raise WeightFileError(
             f"{inspection.path.name} does not have the key layout of any known MiDaS architecture "
-            f"({', '.join(ARCHITECTURES)}); pass --model to see what differs",
+            f"({', '.join(ARCHITECTURES)}); naming the model it is meant for shows what differs",
             extra={"kind": "unknown_layout"},
         )
     candidates = list(RegisteredModel.objects.filter(architecture__in=architectures, enabled=True))
@@ -133,8 +133,9 @@ def model_identify(*, inspection: Inspection) -> RegisteredModel:
         raise WeightFileError(f"the weights have the {architectures[0]} layout but no enabled model uses it",
                               extra={"kind": "unknown_layout"})
     names = ", ".join(model.name for model in candidates)
-    raise ValidationError(f"the weights fit several models ({names}); choose one with --model",
-                          extra={"field": "model", "candidates": [model.name for model in candidates]})
+    raise ValidationError(f"the weights fit several models ({names}); say which one they are for",
+                          extra={"field": "model", "kind": "ambiguous_model",
+                                 "candidates": [model.name for model in candidates]})
 
 
 def weights_functional_check(model: RegisteredModel, loaded: LoadedWeights) -> str:
@@ -515,7 +516,8 @@ def weight_export(*, model: RegisteredModel, fmt: str, output: Path, bundle: boo
     if output.is_dir():
         output = output / export_file_name(model=model, fmt=fmt, bundle=bundle)
     if output.exists() and not force:
-        raise ConflictError(f"{output} already exists; pass --force to overwrite it", extra={"path": str(output)})
+        raise ConflictError(f"{output} already exists and overwriting it was not asked for",
+                            extra={"path": str(output), "kind": "exists"})
     if not output.parent.is_dir():
         raise ValidationError(f"folder {output.parent} does not exist", extra={"field": "output"})
     with cachefs.atomic_write(output) as tmp:
