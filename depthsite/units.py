@@ -50,3 +50,8 @@ def format_size(num_bytes: int | None) -> str:
     if unit == "GB" and abs(value) >= 1000:
         return f"{value / 1000:.2f} TB"
     return f"{value:.2f} {unit}" if unit == "GB" else f"{value:.1f} {unit}"
+
+
+def iso_time(value) -> str | None:
+    """A datetime as ISO 8601 text for JSON answers; None stays None."""
+    return value.isoformat() if value else None

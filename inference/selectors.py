@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.db.models import QuerySet
 
-from depthsite.units import format_size
+from depthsite.units import format_size, iso_time
 from inference.choices import JobStatus
 from inference.images import BROWSER_IMAGE_TYPES
 from inference.media import RESULTS_DIR, media_exists, media_name_check, media_size
@@ -164,10 +164,10 @@ def depth_job_summary(job: DepthJob, *, user, session_key: str = "") -> dict[str
         "fov": job.fov_degrees,
         "image": {"name": job.image_name, "size": job.image_size, "sha256": job.image_sha256,
                   "format": job.image_format, "width": job.image_width, "height": job.image_height},
-        "created_at": _iso(job.created_at),
-        "queued_at": _iso(job.queued_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso_time(job.created_at),
+        "queued_at": iso_time(job.queued_at),
+        "started_at": iso_time(job.started_at),
+        "finished_at": iso_time(job.finished_at),
         "load_ms": _round(job.load_ms),
         "inference_ms": _round(job.inference_ms),
         "depth_min": job.depth_min,
@@ -179,10 +179,6 @@ def depth_job_summary(job: DepthJob, *, user, session_key: str = "") -> dict[str
         "reused_from": depth_job_reused_from(job=job, user=user, session_key=session_key),
         "preview": depth_job_preview_format(job=job),
     }
-
-
-def _iso(value) -> str | None:
-    return value.isoformat() if value else None
 
 
 def _round(value: float | None) -> float | None:
@@ -303,7 +299,7 @@ def depth_batch_summary(*, batch: DepthBatch, jobs: list[DepthJob]) -> dict[str,
         "fov": batch.fov_degrees,
         "archive_name": batch.archive_name,
         "skipped": list(batch.skipped or []),
-        "created_at": _iso(batch.created_at),
+        "created_at": iso_time(batch.created_at),
         "total": len(jobs),
         "done": done,
         "counts": counts,

@@ -29,6 +29,7 @@ from inference.forms import (
 from inference.media import media_name_check, media_open
 from inference.models import DepthJob
 from inference.choices import JobStatus
+from inference.sessions import upload_session_key
 from inference.selectors import (
     depth_batch_get,
     depth_batch_jobs,
@@ -73,15 +74,6 @@ def _uploads_allowed(view):
     return wrapper
 
 
-def _session_key(request, *, create: bool = False) -> str:
-    if request.user.is_authenticated:
-        return ""
-    if create and not request.session.session_key:
-        request.session["depthsite_uploads"] = True  # marks the session modified, so its cookie is sent
-        request.session.save()
-    return request.session.session_key or ""
-
-
 def _job(request, job_id) -> DepthJob:
     try:
         return depth_job_get(job_id=job_id, user=request.user)
@@ -91,7 +83,7 @@ def _job(request, job_id) -> DepthJob:
 
 def _with_reuse_shown(request, jobs) -> list[DepthJob]:
     """Marks the jobs whose reused source the caller owns: only those say "reused" in a table."""
-    session_key = _session_key(request)
+    session_key = upload_session_key(request)
     jobs = list(jobs)
     for job in jobs:
         job.reuse_shown = depth_job_reused_from(job=job, user=request.user, session_key=session_key) is not None
@@ -157,7 +149,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
             try:
                 job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
                                        colormap=data["colormap"], fov=data.get("fov"), owner=request.user,
-                                       session_key=_session_key(request, create=True),
+                                       session_key=upload_session_key(request, create=True),
                                        client_address=client_address(request))
             except ApplicationError as exc:
                 field = exc.extra.get("field")
@@ -174,7 +166,7 @@ def _upload(request, *, limit: UploadLimitHandler | None):
 
 def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refusal: str = ""):
     options = model_options(detailed=request.user.is_staff) if options is None else options
-    recent = _with_reuse_shown(request, depth_job_list(user=request.user, session_key=_session_key(request))[:5])
+    recent = _with_reuse_shown(request, depth_job_list(user=request.user, session_key=upload_session_key(request))[:5])
     return render(request, "inference/upload.html", {
         "form": form,
         "model_options": options,
@@ -201,7 +193,7 @@ def job_detail(request, job_id):
 
 
 def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int = 200):
-    summary = depth_job_summary(job, user=request.user, session_key=_session_key(request))
+    summary = depth_job_summary(job, user=request.user, session_key=upload_session_key(request))
     urls = job_urls(job)
     labels = dict(output_choices())
     files = []
@@ -217,7 +209,7 @@ def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int 
         "files": files,
         "preview_url": urls["files"].get(summary["preview"]) if summary["preview"] else None,
         "state": {**summary, **urls, "labels": labels},
-        "can_delete": depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)),
+        "can_delete": depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)),
         "alpha_note": ALPHA_NOTE if _input_had_alpha(job) else "",
         **_run_again_context(request, job, error=run_again_error),
     }, status=status)
@@ -226,7 +218,7 @@ def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int 
 def _run_again_context(request, job: DepthJob, *, error: str = "") -> dict:
     """The "run again with another model" form: for a finished job, to its owner (or uploading session) and staff."""
     allowed = (job.status in JobStatus.TERMINAL
-               and depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)))
+               and depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)))
     names = [option.name for option in model_options(detailed=request.user.is_staff)] if allowed else []
     return {"can_run_again": allowed, "run_again_models": [name for name in names if name != job.model_name],
             "run_again_error": error}
@@ -244,7 +236,7 @@ def job_run_again(request, job_id):
 @csrf_protect
 def _job_run_again(request, job_id):
     job = _job(request, job_id)
-    if not depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)):
+    if not depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)):
         raise Http404("no such job")  # someone else's job: not theirs to spend a quota or a worker on
     throttle = UploadThrottle()
     if not throttle.allow_request(request, None):
@@ -252,7 +244,7 @@ def _job_run_again(request, job_id):
     model = request.POST.get("model", "")
     try:
         new_job = depth_job_run_again(job=job, model=model, owner=request.user,
-                                      session_key=_session_key(request, create=True),
+                                      session_key=upload_session_key(request, create=True),
                                       client_address=client_address(request))
     except ApplicationError as exc:
         return _job_page_with_error(request, job, exc.message, status=exc.status if 400 <= exc.status < 500 else 400)
@@ -286,7 +278,7 @@ def job_status(request, job_id):
         job = depth_job_get(job_id=job_id, user=request.user)
     except NotFoundError as exc:
         return JsonResponse({"message": exc.message, "extra": exc.extra}, status=404)
-    return JsonResponse({**depth_job_summary(job, user=request.user, session_key=_session_key(request)),
+    return JsonResponse({**depth_job_summary(job, user=request.user, session_key=upload_session_key(request)),
                          **job_urls(job)})
 
 
@@ -318,7 +310,7 @@ def job_input(request, job_id):
 @_uploads_allowed
 def job_delete(request, job_id):
     job = _job(request, job_id)
-    if not depth_job_may_delete(job=job, user=request.user, session_key=_session_key(request)):
+    if not depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)):
         raise Http404("no such job")
     short_id = job.short_id
     outcome = depth_job_delete(job=job)
@@ -344,7 +336,7 @@ def _history_filters(request) -> tuple[dict, list[str]]:
         problems.append(f"unknown status {status[:40]!r}; one of: {', '.join(JobStatus.values)}")
         status = ""
     model = request.GET.get("model", "")
-    names = depth_job_model_names(jobs=depth_job_list(user=request.user, session_key=_session_key(request),
+    names = depth_job_model_names(jobs=depth_job_list(user=request.user, session_key=upload_session_key(request),
                                                       everyone=everyone == "1"))
     if model and model not in names:
         problems.append(f"unknown model {model[:64]!r}; one of: {', '.join(names)}")
@@ -357,7 +349,7 @@ def _history_filters(request) -> tuple[dict, list[str]]:
 @_uploads_allowed
 def job_list(request):
     filters, problems = _history_filters(request)
-    jobs = depth_job_history(user=request.user, session_key=_session_key(request), everyone=filters["everyone"],
+    jobs = depth_job_history(user=request.user, session_key=upload_session_key(request), everyone=filters["everyone"],
                              status=filters["status"], model=filters["model"])
     page = Paginator(jobs, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
     jobs = _with_reuse_shown(request, page.object_list)
@@ -431,7 +423,7 @@ def _batch_upload(request, *, limit: BatchUploadLimitHandler | None):
                 return _batch_upload_page(request, form, status=429, options=options)
             batch = depth_batch_create(images=photos, model=data["model"], outputs=data["outputs"],
                                        colormap=data["colormap"], fov=data.get("fov"), owner=request.user,
-                                       session_key=_session_key(request, create=True),
+                                       session_key=upload_session_key(request, create=True),
                                        client_address=client_address(request))
     except ApplicationError as exc:
         field = exc.extra.get("field")

@@ -7,7 +7,7 @@ from typing import Any
 from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
 from django.utils import timezone
 
-from depthsite.units import format_size
+from depthsite.units import format_size, iso_time
 from models_registry import cachefs
 from models_registry.choices import DownloadStatus, Health, WeightFormat
 from models_registry.exceptions import NotFoundError
@@ -70,10 +70,6 @@ def warm_models(*, model: RegisteredModel | None = None) -> QuerySet[WarmModel]:
     return queryset.filter(model=model) if model is not None else queryset
 
 
-def _iso(value) -> str | None:
-    return value.isoformat() if value else None
-
-
 def weight_file_data(weight_file: WeightFile) -> dict[str, Any]:
     return {
         "id": weight_file.pk,
@@ -88,9 +84,9 @@ def weight_file_data(weight_file: WeightFile) -> dict[str, Any]:
         "health": weight_file.health,
         "health_reason": weight_file.health_reason,
         "functional_hash": weight_file.functional_hash,
-        "verified_at": _iso(weight_file.verified_at),
-        "last_used_at": _iso(weight_file.last_used_at),
-        "created_at": _iso(weight_file.created_at),
+        "verified_at": iso_time(weight_file.verified_at),
+        "last_used_at": iso_time(weight_file.last_used_at),
+        "created_at": iso_time(weight_file.created_at),
         "node": weight_file.node,
         "license": weight_file.license,
         "provenance": weight_file.provenance,
@@ -183,9 +179,9 @@ def download_data(download: WeightDownload) -> dict[str, Any]:
         "error": download.error,
         "error_code": download.error_code,
         "requested_by": download.requested_by,
-        "created_at": _iso(download.created_at),
-        "started_at": _iso(download.started_at),
-        "finished_at": _iso(download.finished_at),
+        "created_at": iso_time(download.created_at),
+        "started_at": iso_time(download.started_at),
+        "finished_at": iso_time(download.finished_at),
     }
 
 
@@ -199,8 +195,8 @@ def warm_model_data(warm: WarmModel) -> dict[str, Any]:
         "weights_sha256": warm.weights_sha256,
         "load_ms": warm.load_ms,
         "bytes": warm.bytes,
-        "loaded_at": _iso(warm.loaded_at),
-        "last_used_at": _iso(warm.last_used_at),
+        "loaded_at": iso_time(warm.loaded_at),
+        "last_used_at": iso_time(warm.last_used_at),
         "alive": alive,
     }
 
@@ -323,8 +319,8 @@ def warm_worker_data(*, node: str | None = None) -> list[dict[str, Any]]:
     for warm in queryset:
         entry = workers.setdefault(warm.worker, {"worker": warm.worker, "node": warm.node, "bytes": 0, "models": []})
         entry["models"].append({"model": warm.model.name, "device": warm.device, "dtype": warm.dtype,
-                                "bytes": warm.bytes, "loaded_at": _iso(warm.loaded_at),
-                                "last_used_at": _iso(warm.last_used_at)})
+                                "bytes": warm.bytes, "loaded_at": iso_time(warm.loaded_at),
+                                "last_used_at": iso_time(warm.last_used_at)})
         entry["bytes"] += warm.bytes or 0
     return list(workers.values())
 
@@ -349,7 +345,7 @@ def management_run_data(run: ManagementRun) -> dict[str, Any]:
         "error": run.error,
         "error_status": run.error_status,
         "requested_by": run.requested_by,
-        "created_at": _iso(run.created_at),
-        "started_at": _iso(run.started_at),
-        "finished_at": _iso(run.finished_at),
+        "created_at": iso_time(run.created_at),
+        "started_at": iso_time(run.started_at),
+        "finished_at": iso_time(run.finished_at),
     }

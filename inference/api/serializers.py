@@ -13,6 +13,7 @@ from inference.models import DepthJob
 from inference.selectors import depth_job_preview_format, depth_job_reused_from
 from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
 from models_registry.api.serializers import StrictSerializer, UploadField
+from models_registry.catalogue import DEFAULT_MODEL
 
 
 class PredictionCreateSerializer(StrictSerializer):
@@ -21,7 +22,7 @@ class PredictionCreateSerializer(StrictSerializer):
         help_text="The photo: JPEG, PNG, WebP, GIF (first frame), BMP or TIFF (no other format), up to "
                   f"DEPTHSITE_MAX_UPLOAD_BYTES and DEPTHSITE_MAX_IMAGE_PIXELS. {ALPHA_NOTE}",
     )
-    model = serializers.CharField(default="MiDaS_small", max_length=64, allow_blank=True,
+    model = serializers.CharField(default=DEFAULT_MODEL, max_length=64, allow_blank=True,
                                   help_text="A model name or alias (case-insensitive), e.g. MiDaS_small, "
                                             "DPT_Large; empty means MiDaS_small.")
     outputs = serializers.ListField(
@@ -132,7 +133,7 @@ class BatchCreateSerializer(StrictSerializer):
         help_text="Or (and) one .zip of photos. Folders, hidden files, macOS metadata, nested archives and files "
                   "not named as photos are skipped and listed in `skipped`; an encrypted zip, or one with symbolic "
                   "links, absolute or `..` names, a name listed twice, or a zip-bomb ratio, is refused (400).")
-    model = serializers.CharField(default="MiDaS_small", max_length=64, allow_blank=True,
+    model = serializers.CharField(default=DEFAULT_MODEL, max_length=64, allow_blank=True,
                                   help_text="A model name or alias, as for a single prediction.")
     outputs = serializers.ListField(
         child=serializers.CharField(max_length=64), default=["png"], max_length=len(OUTPUT_FORMATS) + 1,

@@ -37,6 +37,7 @@ from inference.services.batches import (
     depth_batch_images_collect,
 )
 from inference.media import media_open
+from inference.sessions import upload_session_key
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
 from models_registry.api.throttling import client_address
@@ -55,16 +56,6 @@ ERRORS = {
 ID_PARAMETER = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The prediction's id.")
 
 
-def _session_key(request) -> str:
-    if request.user.is_authenticated:
-        return ""
-    session = request._request.session
-    if not session.session_key:
-        session["depthsite_uploads"] = True  # marks it modified, so its cookie is sent
-        session.save()
-    return session.session_key or ""
-
-
 def _naming_field(exc: ApplicationError) -> ApplicationError:
     # API messages name the field they are about, as DRF's validation messages do.
     field = exc.extra.get("field")
@@ -79,13 +70,7 @@ class PredictionAPIView(GenericAPIView):
     lookup_url_kwarg = "id"
 
     def get_queryset(self):
-        return depth_job_list(user=self.request.user, session_key=self._known_session_key(), everyone=True)
-
-    def _known_session_key(self) -> str:
-        if self.request.user.is_authenticated:
-            return ""
-        session = getattr(self.request._request, "session", None)  # absent when the schema is generated
-        return (session.session_key if session is not None else "") or ""
+        return depth_job_list(user=self.request.user, session_key=upload_session_key(self.request), everyone=True)
 
     def get_object(self):
         try:
@@ -139,7 +124,7 @@ class PredictionListView(PredictionAPIView):
         try:
             job = depth_job_create(image=data["image"], model=data["model"], outputs=data["outputs"],
                                    colormap=data["colormap"], fov=data["fov"], owner=request.user,
-                                   session_key=_session_key(request), client_address=client_address(request))
+                                   session_key=upload_session_key(request, create=True), client_address=client_address(request))
         except ApplicationError as exc:
             raise _naming_field(exc) from None
         body = PredictionSerializer(job, context={"request": request}).data
@@ -159,7 +144,7 @@ class PredictionDetailView(PredictionAPIView):
                    responses={204: None, **{code: ERRORS[code] for code in (401, 403, 404, 429)}})
     def delete(self, request, id):
         job = self.get_object()
-        if not depth_job_may_delete(job=job, user=request.user, session_key=self._known_session_key()):
+        if not depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(self.request)):
             raise NotFoundError(f"no prediction with id {id} that you may delete", extra={"id": str(id)})
         depth_job_delete(job=job)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -250,7 +235,7 @@ class BatchCreateView(BatchAPIView):
                     raise _batch_throttled(len(photos), throttle)
                 batch = depth_batch_create(images=photos, model=data["model"], outputs=data["outputs"],
                                            colormap=data["colormap"], fov=data["fov"], owner=request.user,
-                                           session_key=_session_key(request), client_address=client_address(request))
+                                           session_key=upload_session_key(request, create=True), client_address=client_address(request))
         except ApplicationError as exc:
             raise _naming_field(exc) from None
         body = batch_body(batch, depth_batch_summary(batch=batch, jobs=depth_batch_jobs(batch=batch)), request)

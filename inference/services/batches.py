@@ -33,7 +33,8 @@ from inference.exceptions import QuotaExceededError
 from inference.media import media_open, media_size
 from inference.models import DepthBatch, DepthJob
 from inference.selectors import depth_job_file
-from inference.services.jobs import DEFAULT_MODEL, depth_job_create
+from inference.services.jobs import depth_job_create
+from models_registry.catalogue import DEFAULT_MODEL
 from inference.writers import SUFFIXES
 from models_registry.exceptions import ApplicationError, NotFoundError, TooLargeError, ValidationError
 

@@ -48,6 +48,7 @@ from inference.media import (
 from inference.models import DepthJob
 from inference.writers import DEFAULT_FOV_DEGREES, DepthMeta, fov_check, parse_formats, write_outputs
 from models_registry import cachefs
+from models_registry.catalogue import DEFAULT_MODEL
 from models_registry.exceptions import (
     ApplicationError,
     ConflictError,
@@ -64,7 +65,6 @@ from models_registry.services.licences import model_license_check
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "MiDaS_small"
 DEFAULT_OUTPUTS = ("png",)
 RESULT_STEM = "depth"
 TASK = "inference.tasks.depth_job_task"

@@ -8,6 +8,7 @@ from django.conf import settings
 
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.writers import DEFAULT_FOV_DEGREES, OUTPUT_FORMATS, DepthMeta, fov_check, parse_formats, write_outputs
+from models_registry.catalogue import DEFAULT_MODEL
 from models_registry.exceptions import ApplicationError
 from models_registry.management.base import CliError, RegistryCommand
 
@@ -17,7 +18,7 @@ class Command(RegistryCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("images", nargs="+", metavar="IMAGE")
-        parser.add_argument("--model", default="MiDaS_small")
+        parser.add_argument("--model", default=DEFAULT_MODEL)
         parser.add_argument("--output", required=True, metavar="DIR")
         parser.add_argument("--format", default="png", dest="formats",
                             help=f"one of {', '.join(OUTPUT_FORMATS)}, a comma list, or all")
