@@ -63,4 +63,3 @@ class RunStatus(models.TextChoices):
 
 RunStatus.ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
 RunStatus.TERMINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED)
-DownloadStatus = RunStatus

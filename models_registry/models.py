@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from depthsite.netspecs import NetSpec, net_spec
 from models_registry import cachefs
-from models_registry.choices import DownloadStatus, Health, RunStatus, WeightFormat, architecture_choices
+from models_registry.choices import RunStatus, Health, WeightFormat, architecture_choices
 
 
 def validate_path_name(value: str) -> None:
@@ -144,21 +144,13 @@ class WeightFile(models.Model):
                 "at": self.created_at.isoformat() if self.created_at else None, "sha256": self.sha256}
 
 
-class WeightDownload(models.Model):
-    """One acquisition of a model's weights on a node: progress for the API, outcome for the audit."""
+class BackgroundRun(models.Model):
+    """What every background action on a node records: where it runs, who asked, the task, the times, the
+    outcome (WeightDownload and ManagementRun add what is their own)."""
 
-    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="downloads")
     node = models.CharField(max_length=255)
-    format = models.CharField(max_length=16, choices=WeightFormat.choices, default=WeightFormat.PT)
-    status = models.CharField(max_length=16, choices=DownloadStatus.choices, default=DownloadStatus.QUEUED)
-    source_url = models.CharField(max_length=1000, blank=True)
-    bytes_done = models.BigIntegerField(default=0)
-    bytes_total = models.BigIntegerField(null=True, blank=True)
-    resumed_from = models.BigIntegerField(default=0)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
     error = models.TextField(blank=True)
-    error_code = models.CharField(max_length=64, blank=True,
-                                  help_text="Stable code of the failure (e.g. download_dns), for scripts and the API.")
-    weight_file = models.ForeignKey(WeightFile, null=True, blank=True, on_delete=models.SET_NULL)
     task_id = models.CharField(max_length=64, blank=True, help_text="django-q2 task id, for debugging only.")
     requested_by = models.CharField(max_length=150, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -166,29 +158,44 @@ class WeightDownload(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        abstract = True
         ordering = ["-created_at"]
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in RunStatus.ACTIVE
+
+
+class WeightDownload(BackgroundRun):
+    """One acquisition of a model's weights on a node: progress for the API, outcome for the audit."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="downloads")
+    format = models.CharField(max_length=16, choices=WeightFormat.choices, default=WeightFormat.PT)
+    source_url = models.CharField(max_length=1000, blank=True)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(null=True, blank=True)
+    resumed_from = models.BigIntegerField(default=0)
+    error_code = models.CharField(max_length=64, blank=True,
+                                  help_text="Stable code of the failure (e.g. download_dns), for scripts and the API.")
+    weight_file = models.ForeignKey(WeightFile, null=True, blank=True, on_delete=models.SET_NULL)
 
     def __str__(self) -> str:
         return f"download of {self.model.name} on {self.node} ({self.status})"
 
-    @property
-    def is_active(self) -> bool:
-        return self.status in DownloadStatus.ACTIVE
-
     def start(self, *, source_url: str) -> None:
-        self.status = DownloadStatus.RUNNING
+        self.status = RunStatus.RUNNING
         self.source_url = source_url
         self.started_at = timezone.now()
         self.error = ""
         self.error_code = ""
 
     def finish(self, weight_file: WeightFile | None) -> None:
-        self.status = DownloadStatus.SUCCEEDED
+        self.status = RunStatus.SUCCEEDED
         self.weight_file = weight_file
         self.finished_at = timezone.now()
 
     def fail(self, error: str, code: str = "") -> None:
-        self.status = DownloadStatus.FAILED
+        self.status = RunStatus.FAILED
         self.error = error
         self.error_code = code
         self.finished_at = timezone.now()
@@ -219,7 +226,7 @@ class WarmModel(models.Model):
         return f"{self.model.name} warm in {self.worker} ({self.device}, {self.dtype})"
 
 
-class ManagementRun(models.Model):
+class ManagementRun(BackgroundRun):
     """A long management action (verify, convert, optimize) run in the background for the API and dashboard:
     the POST answers 202 with this row's URL, a worker runs it, and the row holds the outcome."""
 
@@ -233,24 +240,11 @@ class ManagementRun(models.Model):
                               related_name="management_runs", help_text="Empty for cache-wide actions (optimize).")
     node = models.CharField(max_length=255, help_text="The node whose cache the action changes.")
     params = models.JSONField(default=dict, blank=True, help_text="The request's validated fields.")
-    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
     result = models.JSONField(null=True, blank=True, help_text="What the synchronous call would have answered.")
-    error = models.TextField(blank=True)
     error_status = models.PositiveSmallIntegerField(null=True, blank=True,
                                                     help_text="The HTTP status the error would have had.")
-    task_id = models.CharField(max_length=64, blank=True, help_text="django-q2 task id, for debugging only.")
-    requested_by = models.CharField(max_length=150, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        ordering = ["-created_at"]
 
     def __str__(self) -> str:
         target = self.model.name if self.model_id else "cache"
         return f"{self.kind} of {target} on {self.node} ({self.status})"
 
-    @property
-    def is_active(self) -> bool:
-        return self.status in RunStatus.ACTIVE

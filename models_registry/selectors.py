@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from depthsite.units import format_size, iso_time
 from models_registry import cachefs
-from models_registry.choices import DownloadStatus, Health, WeightFormat
+from models_registry.choices import RunStatus, Health, WeightFormat
 from models_registry.exceptions import NotFoundError
 from models_registry.models import ManagementRun, RegisteredModel, WarmModel, WeightDownload, WeightFile
 
@@ -58,7 +58,7 @@ def weight_files_usable(*, model: RegisteredModel, node: str | None = None) -> l
 
 def download_active(*, model: RegisteredModel, node: str | None = None) -> WeightDownload | None:
     return (
-        WeightDownload.objects.filter(model=model, node=node or cachefs.node_name(), status__in=DownloadStatus.ACTIVE)
+        WeightDownload.objects.filter(model=model, node=node or cachefs.node_name(), status__in=RunStatus.ACTIVE)
         .order_by("-created_at")
         .first()
     )
@@ -209,7 +209,7 @@ def _worst_health(files: list[WeightFile]) -> str | None:
 def download_is_superseded(*, download: WeightDownload, files: list[WeightFile]) -> bool:
     """A failed download is history, not the model's state, once a usable file of the model was written or
     verified after it: the dashboard then shows the healthy cache, not the old failure."""
-    if download.status != DownloadStatus.FAILED:
+    if download.status != RunStatus.FAILED:
         return False
     ended = download.finished_at or download.created_at
     return any(f.health in Health.USABLE and max(t for t in (f.created_at, f.verified_at) if t) > ended

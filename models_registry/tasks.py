@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from models_registry.choices import DownloadStatus
+from models_registry.choices import RunStatus
 from models_registry.exceptions import ApplicationError
 from models_registry.models import WeightDownload
 
@@ -18,7 +18,7 @@ def download_run(download_id: int) -> str:
     if download is None:
         logger.warning("download %s no longer exists; nothing to do", download_id)
         return "missing"
-    if download.status in DownloadStatus.TERMINAL:
+    if download.status in RunStatus.TERMINAL:
         # A re-delivery of a task that already ran (its worker died after finishing): never transfer twice.
         return download.status
     from models_registry.services.download import download_is_running_elsewhere

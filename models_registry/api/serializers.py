@@ -7,7 +7,7 @@ from rest_framework import serializers
 
 from depthsite.units import parse_size
 from models_registry.api import public
-from models_registry.choices import DownloadStatus, Health, WeightFormat
+from models_registry.choices import RunStatus, Health, WeightFormat
 from models_registry.exceptions import ValidationError as DomainValidationError
 from models_registry.models import RegisteredModel
 
@@ -154,7 +154,7 @@ class DownloadSerializer(serializers.Serializer):
     model = serializers.CharField()
     node = serializers.CharField()
     format = serializers.ChoiceField(choices=WeightFormat.choices)
-    status = serializers.ChoiceField(choices=DownloadStatus.choices)
+    status = serializers.ChoiceField(choices=RunStatus.choices)
     active = serializers.BooleanField()
     bytes_done = serializers.IntegerField()
     bytes_total = serializers.IntegerField(allow_null=True)
@@ -459,7 +459,7 @@ class ManagementRunSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(choices=["verify", "convert", "optimize"])
     model = serializers.CharField(allow_null=True, help_text="Null for cache-wide actions (optimize).")
     node = serializers.CharField()
-    status = serializers.ChoiceField(choices=DownloadStatus.choices)
+    status = serializers.ChoiceField(choices=RunStatus.choices)
     active = serializers.BooleanField()
     params = serializers.DictField(help_text="The request's fields.")
     result = serializers.JSONField(allow_null=True, help_text="The action's answer once it succeeded.")

@@ -25,7 +25,7 @@ import depthsite
 from depthsite.units import format_size
 from models_registry import cachefs, fetch
 from models_registry.catalogue import key_layout
-from models_registry.choices import DownloadStatus, Health, WeightFormat
+from models_registry.choices import RunStatus, Health, WeightFormat
 from models_registry.exceptions import (
     ApplicationError,
     ConflictError,
@@ -436,10 +436,10 @@ def _single_flight(model: RegisteredModel, notify: Notify | None) -> Iterator[bo
 
 def _fail_interrupted(model: RegisteredModel, keep: WeightDownload | None) -> None:
     """Rows left running by a process that died; only called with the model's lock held, so none is alive."""
-    stale = WeightDownload.objects.filter(model=model, node=cachefs.node_name(), status=DownloadStatus.RUNNING)
+    stale = WeightDownload.objects.filter(model=model, node=cachefs.node_name(), status=RunStatus.RUNNING)
     if keep is not None:
         stale = stale.exclude(pk=keep.pk)
-    count = stale.update(status=DownloadStatus.FAILED, finished_at=timezone.now(),
+    count = stale.update(status=RunStatus.FAILED, finished_at=timezone.now(),
                          error="interrupted: the process running it stopped; the next download resumes its partial file")
     if count:
         logger.warning("marked %d interrupted download(s) of %s as failed", count, model.name)
@@ -451,11 +451,11 @@ def download_is_running_elsewhere(*, download: WeightDownload) -> bool:
     The broker hands a task out again after the job retry time, which a long download outlives: such a
     second delivery must leave the transfer to the process that runs it, not queue up behind its lock.
     """
-    return download.status == DownloadStatus.RUNNING and not _is_stale(download)
+    return download.status == RunStatus.RUNNING and not _is_stale(download)
 
 
 def _is_stale(download: WeightDownload) -> bool:
-    if download.status == DownloadStatus.RUNNING:
+    if download.status == RunStatus.RUNNING:
         return cachefs.lock_is_free(cachefs.lock_path(download.model.name))  # running rows hold the lock; a free lock means the holder died
     return (timezone.now() - download.created_at).total_seconds() > QUEUED_STALE_SECONDS
 
@@ -536,7 +536,7 @@ def weight_download(
                 logger.info("downloaded %s from %s (%d bytes%s)", model.name, url, fetched.size,
                             f", resumed at {fetched.resumed_from}" if fetched.resumed_from else "")
     except BaseException as exc:
-        if download is not None and download.status in DownloadStatus.ACTIVE:
+        if download is not None and download.status in RunStatus.ACTIVE:
             code = exc.extra.get("code", "") if isinstance(exc, ApplicationError) else ""
             download.fail(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}", code=code)
             download.save()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models_registry.choices import DownloadStatus, Health
+from models_registry.choices import RunStatus, Health
 from models_registry.models import WarmModel, WeightDownload, WeightFile
 
 pytestmark = pytest.mark.django_db
@@ -26,7 +26,7 @@ def operators_traces(settings, small_model):
     WeightFile.objects.create(model=small_model, format="h5", path=PATH, size=40_000_000, sha256="2" * 64,
                               node=NODE, health=Health.CORRUPT,
                               health_reason=f"{MIRROR} is not weights: it starts with b'{FILE_BYTES}'")
-    download = WeightDownload.objects.create(model=small_model, node=NODE, status=DownloadStatus.FAILED,
+    download = WeightDownload.objects.create(model=small_model, node=NODE, status=RunStatus.FAILED,
                                              requested_by=OPERATOR, source_url=MIRROR,
                                              error=f"{MIRROR} is an HTML page, not weights: b'{FILE_BYTES}'")
     WarmModel.objects.create(model=small_model, worker=WORKER, node=NODE, device="cpu", dtype="float32")

@@ -8,7 +8,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from models_registry import cachefs
-from models_registry.choices import DownloadStatus, Health
+from models_registry.choices import RunStatus, Health
 from models_registry.models import WarmModel, WeightDownload, WeightFile
 from models_registry.services.catalogue import model_pin
 
@@ -49,7 +49,7 @@ def test_the_page_shows_files_health_pin_progress_and_warm_workers(client, cache
                               health_reason="midas_v21_small_256.h5 has 10 bytes but 40000000 were recorded")
     # Pinning the cached file's own hash keeps it served (a different pin would stop serving it).
     model_pin(model=small_model, sha256=cached_record.sha256)
-    WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.RUNNING,
+    WeightDownload.objects.create(model=small_model, node="test-node", status=RunStatus.RUNNING,
                                   bytes_done=30_000_000, bytes_total=100_000_000)
     WarmModel.objects.create(model=small_model, worker="web-1:4242", node="test-node", device="cpu",
                              dtype="float32")

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from models_registry.api.public import ERROR_HIDDEN
-from models_registry.choices import DownloadStatus
+from models_registry.choices import RunStatus
 from models_registry.models import WarmModel, WeightDownload
 from tests.api.test_dashboard import login, row_of, staff_page  # noqa: F401 (a fixture)
 
@@ -20,7 +20,7 @@ TRACEBACK = "download of MiDaS_small failed: HTTPSConnectionPool(host='github.co
 
 
 def _failed_download(model, *, ago: timedelta) -> WeightDownload:
-    download = WeightDownload.objects.create(model=model, node="test-node", status=DownloadStatus.FAILED,
+    download = WeightDownload.objects.create(model=model, node="test-node", status=RunStatus.FAILED,
                                              error=TRACEBACK)
     when = timezone.now() - ago
     WeightDownload.objects.filter(pk=download.pk).update(created_at=when, finished_at=when)

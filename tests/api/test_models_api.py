@@ -12,7 +12,7 @@ import pytest
 from django.core.management import call_command
 
 from models_registry import cachefs
-from models_registry.choices import DownloadStatus, Health
+from models_registry.choices import RunStatus, Health
 from models_registry.models import WarmModel, WeightDownload, WeightFile
 
 pytestmark = pytest.mark.django_db
@@ -84,9 +84,9 @@ def test_detail_of_an_unknown_model_lists_the_known_ones(user_client):
 def test_status_per_model_with_health_download_progress_and_warm_worker(user_client, cached_record, path):
     cached_record.set_health(Health.CORRUPT, "sha256 differs")
     cached_record.save()
-    WeightDownload.objects.create(model=cached_record.model, node="test-node", status=DownloadStatus.RUNNING,
+    WeightDownload.objects.create(model=cached_record.model, node="test-node", status=RunStatus.RUNNING,
                                   bytes_done=25, bytes_total=100)
-    WeightDownload.objects.create(model=cached_record.model, node="gpu-2", status=DownloadStatus.FAILED)
+    WeightDownload.objects.create(model=cached_record.model, node="gpu-2", status=RunStatus.FAILED)
     WarmModel.objects.create(model=cached_record.model, worker="host:7", node="test-node", device="cpu",
                              dtype="float32")
 
@@ -111,7 +111,7 @@ def test_status_per_model_with_health_download_progress_and_warm_worker(user_cli
 
 def test_status_reads_few_queries_whatever_the_catalogue(user_client, cached_record, django_assert_max_num_queries):
     for _ in range(3):
-        WeightDownload.objects.create(model=cached_record.model, node="test-node", status=DownloadStatus.FAILED)
+        WeightDownload.objects.create(model=cached_record.model, node="test-node", status=RunStatus.FAILED)
     with django_assert_max_num_queries(8):  # token, user, then the five reads of model_status
         assert user_client.get("/api/models/status").status_code == 200
 
@@ -210,7 +210,7 @@ def test_download_is_queued_then_polled_to_completion(staff_client, small_model,
 
 
 def test_download_while_one_is_active_is_a_conflict(staff_client, small_model, mirror):
-    active = WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.QUEUED)
+    active = WeightDownload.objects.create(model=small_model, node="test-node", status=RunStatus.QUEUED)
     body = assert_error(staff_client.post("/api/models/midas-small/download", {}, format="json"), 409,
                         "already queued")
     assert body["extra"] == {"download": active.pk}

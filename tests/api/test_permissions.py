@@ -11,7 +11,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from models_registry import cachefs
-from models_registry.choices import DownloadStatus
+from models_registry.choices import RunStatus
 from models_registry.models import WeightDownload, WeightFile
 
 pytestmark = pytest.mark.django_db
@@ -84,7 +84,7 @@ def test_refused_clear_and_optimize_delete_nothing(clients, cached_record, who):
 @pytest.mark.parametrize("who", ["anonymous", "user", "staff"])
 def test_read_permission_matrix(clients, small_model, settings, who, public):
     settings.DEPTHSITE_PUBLIC_STATUS = public
-    download = WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.FAILED)
+    download = WeightDownload.objects.create(model=small_model, node="test-node", status=RunStatus.FAILED)
     for path in READS:
         response = clients[who].get(path.format(download=download.pk))
         expected = 401 if who == "anonymous" and not public else 200

@@ -178,7 +178,7 @@ def test_a_disk_that_fills_up_during_a_download_leaves_nothing(tiny_disk, small_
 
     from depthsite.testing.weightserver import WeightServer
     from models_registry import fetch
-    from models_registry.choices import DownloadStatus
+    from models_registry.choices import RunStatus
     from models_registry.models import WeightDownload, WeightFile
     from models_registry.services import download as download_service
     from models_registry.services.download import weight_download
@@ -218,5 +218,5 @@ def test_a_disk_that_fills_up_during_a_download_leaves_nothing(tiny_disk, small_
     assert [name for name in _files(cache) if not name.startswith(".locks")] == []
     assert not WeightFile.objects.exists()
     row = WeightDownload.objects.get(model=small_model)
-    assert row.status == DownloadStatus.FAILED and "no space left" in row.error
+    assert row.status == RunStatus.FAILED and "no space left" in row.error
     assert _open_under(cache) == []

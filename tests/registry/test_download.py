@@ -21,7 +21,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from models_registry import cachefs, fetch
-from models_registry.choices import DownloadStatus, Health
+from models_registry.choices import RunStatus, Health
 from models_registry.exceptions import (
     ConflictError,
     DiskFullError,
@@ -115,7 +115,7 @@ def test_clean_download_from_catalogue_url_is_recorded_and_pinned(small_model, s
     assert small_model.expected_content_digest == weight_file.content_digest
     assert small_model.sha256_pinned_from == url and small_model.sha256_pinned_at is not None
     row = WeightDownload.objects.get(model=small_model)
-    assert row.status == DownloadStatus.SUCCEEDED and row.weight_file_id == weight_file.pk
+    assert row.status == RunStatus.SUCCEEDED and row.weight_file_id == weight_file.pk
     assert row.bytes_done == row.bytes_total == served["size"] and row.source_url == url
     # Progress is saved on the row at most every PROGRESS_INTERVAL, not once per 1 MiB chunk.
     progress_writes = [q for q in queries.captured_queries
@@ -232,7 +232,7 @@ def test_html_page_is_refused_and_never_cached(small_model, mirror, content_type
 
     assert len(mirror.gets()) == 1
     _assert_nothing_cached(small_model)
-    assert WeightDownload.objects.get(model=small_model).status == DownloadStatus.FAILED
+    assert WeightDownload.objects.get(model=small_model).status == RunStatus.FAILED
 
 
 @pytest.mark.parametrize("status", [404, 403])
@@ -376,18 +376,18 @@ def test_enqueue_runs_the_task_with_the_id_and_refuses_a_second_active_one(
     assert len(callbacks) == 1
 
     queued.refresh_from_db()
-    assert queued.status == DownloadStatus.SUCCEEDED and queued.task_id and queued.requested_by == "alice"
+    assert queued.status == RunStatus.SUCCEEDED and queued.task_id and queued.requested_by == "alice"
     assert queued.weight_file.sha256 == served["sha256"] and queued.bytes_done == served["size"]
 
 
 @pytest.mark.slow
 def test_a_running_row_whose_process_died_does_not_block(small_model, mirror):
-    dead = WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.RUNNING)
+    dead = WeightDownload.objects.create(model=small_model, node="test-node", status=RunStatus.RUNNING)
 
     result = weight_download(model=small_model)
 
     dead.refresh_from_db()
-    assert dead.status == DownloadStatus.FAILED and "interrupted" in dead.error
+    assert dead.status == RunStatus.FAILED and "interrupted" in dead.error
     assert result.transferred
 
 
@@ -739,8 +739,8 @@ def test_a_redelivered_download_task_leaves_the_running_transfer_alone(small_mod
     from models_registry.tasks import download_run
 
     monkeypatch.setattr(download_service, "LOCK_WAIT_SECONDS", 1)
-    row = WeightDownload.objects.create(model=small_model, node="test-node", status=DownloadStatus.RUNNING)
+    row = WeightDownload.objects.create(model=small_model, node="test-node", status=RunStatus.RUNNING)
     with cachefs.locked("MiDaS_small"):  # the first delivery, still transferring
         assert download_run(row.pk) == "running elsewhere"
     row.refresh_from_db()
-    assert row.status == DownloadStatus.RUNNING and row.error == ""
+    assert row.status == RunStatus.RUNNING and row.error == ""

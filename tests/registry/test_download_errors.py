@@ -12,7 +12,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from models_registry import fetch
-from models_registry.choices import DownloadStatus
+from models_registry.choices import RunStatus
 from models_registry.exceptions import DownloadError
 from models_registry.models import WeightDownload, WeightFile
 from models_registry.services.download import weight_download
@@ -68,7 +68,7 @@ def test_unresolvable_host_fails_at_once_with_dns_code(small_model, settings, at
     assert "secret" not in error.message and "secret" not in json.dumps(error.extra)
     _one_line_with_ways_out(error.message)
     row = WeightDownload.objects.get(model=small_model)
-    assert row.status == DownloadStatus.FAILED and row.error_code == "download_dns" and row.error == error.message
+    assert row.status == RunStatus.FAILED and row.error_code == "download_dns" and row.error == error.message
 
 
 def test_closed_port_is_retried_then_named_unreachable(small_model, settings, attempts, closed_port):
