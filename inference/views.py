@@ -113,18 +113,26 @@ def _too_many_uploads(wait: float | None) -> str:
 def upload(request):
     limit = None
     if request.method == "POST":
-        # Before a byte of the body is read (the form's CSRF token is in it): who may upload at all, and
-        # whether this client is already over its rate. The server discards the unread body itself.
-        if not uploads_allowed(user=request.user):
-            return redirect_to_login(request.get_full_path())
-        throttle = UploadThrottle()
-        if not throttle.would_allow(request):
-            names = [option.name for option in model_options(detailed=request.user.is_staff)]
-            form = DepthJobForm(model_names=names, default_model=DEFAULT_MODEL)
-            return _upload_page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
+        refused = _refused_before_reading(request, form_class=DepthJobForm, page=_upload_page)
+        if refused is not None:
+            return refused
         limit = UploadLimitHandler(request, drain=True)
         request.upload_handlers.insert(0, limit)
     return _upload(request, limit=limit)
+
+
+def _refused_before_reading(request, *, form_class, page):
+    """Before a byte of an upload's body is read (the form's CSRF token is in it): who may upload at all, and
+    whether this client is already over its rate. The response that refuses it, or None; the server discards
+    the unread body itself."""
+    if not uploads_allowed(user=request.user):
+        return redirect_to_login(request.get_full_path())
+    throttle = UploadThrottle()
+    if not throttle.would_allow(request):
+        names = [option.name for option in model_options(detailed=request.user.is_staff)]
+        form = form_class(model_names=names, default_model=DEFAULT_MODEL)
+        return page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
+    return None
 
 
 @csrf_protect
@@ -386,13 +394,9 @@ def _too_many_batch_uploads(count: int, remaining: int, wait: float | None) -> s
 def batch_upload(request):
     limit = None
     if request.method == "POST":
-        if not uploads_allowed(user=request.user):
-            return redirect_to_login(request.get_full_path())
-        throttle = UploadThrottle()
-        if not throttle.would_allow(request):
-            names = [option.name for option in model_options(detailed=request.user.is_staff)]
-            form = DepthBatchForm(model_names=names, default_model=DEFAULT_MODEL)
-            return _batch_upload_page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
+        refused = _refused_before_reading(request, form_class=DepthBatchForm, page=_batch_upload_page)
+        if refused is not None:
+            return refused
         limit = batch_upload_handlers_install(request, drain=True)
     return _batch_upload(request, limit=limit)
 

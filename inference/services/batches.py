@@ -26,14 +26,13 @@ from django.conf import settings
 from django.core.files import File
 from django.db import transaction
 from django.utils import timezone
-from django.db.models import Count, F, Q, Sum
 
 from depthsite.units import format_size
 from inference.exceptions import QuotaExceededError
 from inference.media import media_open, media_size
 from inference.models import DepthBatch, DepthJob
 from inference.selectors import depth_job_file
-from inference.services.jobs import depth_job_create
+from inference.services.jobs import anonymous_usage, depth_job_create
 from models_registry.catalogue import DEFAULT_MODEL
 from inference.writers import SUFFIXES
 from models_registry.exceptions import ApplicationError, NotFoundError, TooLargeError, ValidationError
@@ -380,12 +379,7 @@ def _anonymous_quota_check(*, session_key: str, client_address: str, count: int,
     (`depth_job_create` checks each photo again inside the transaction, against concurrent uploads)."""
     max_jobs = settings.DEPTHSITE_ANON_MAX_JOBS
     max_bytes = settings.DEPTHSITE_ANON_MAX_BYTES
-    scopes = [("this browser session", Q(session_key=session_key)) if session_key else None,
-              ("your address", Q(client_address=client_address)) if client_address else None]
-    for label, condition in filter(None, scopes):
-        usage = DepthJob.objects.filter(condition, owner__isnull=True).aggregate(
-            jobs=Count("pk"), bytes=Sum(F("image_size") + F("results_bytes")))
-        jobs, stored = usage["jobs"] or 0, usage["bytes"] or 0
+    for label, jobs, stored in anonymous_usage(session_key=session_key, client_address=client_address):
         if max_jobs and jobs + count > max_jobs:
             raise QuotaExceededError(
                 f"anonymous quota: {label} has {jobs} jobs stored and this batch of {count} photos would pass the "

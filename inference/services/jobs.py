@@ -272,6 +272,19 @@ def depth_job_create(
     return job
 
 
+def anonymous_usage(*, session_key: str, client_address: str) -> list[tuple[str, int, int]]:
+    """[(whose, jobs, bytes stored)] of an anonymous uploader: its browser session and its address, each
+    counted on its own (uploads and results)."""
+    scopes = [("this browser session", Q(session_key=session_key)) if session_key else None,
+              ("your address", Q(client_address=client_address)) if client_address else None]
+    counted = []
+    for label, condition in filter(None, scopes):
+        usage = DepthJob.objects.filter(condition, owner__isnull=True).aggregate(
+            jobs=Count("pk"), bytes=Sum(F("image_size") + F("results_bytes")))
+        counted.append((label, usage["jobs"] or 0, usage["bytes"] or 0))
+    return counted
+
+
 def anonymous_quota_check(*, session_key: str, client_address: str, size: int, saved: bool = False) -> None:
     """QuotaExceededError (429) when this upload would take an anonymous session or address past
     DEPTHSITE_ANON_MAX_JOBS jobs or DEPTHSITE_ANON_MAX_BYTES stored bytes (uploads and results).
@@ -280,12 +293,7 @@ def anonymous_quota_check(*, session_key: str, client_address: str, size: int, s
     max_jobs = settings.DEPTHSITE_ANON_MAX_JOBS
     max_bytes = settings.DEPTHSITE_ANON_MAX_BYTES
     retention_days = max(1, round(settings.DEPTHSITE_ANON_RETENTION / 86400))
-    scopes = [("this browser session", Q(session_key=session_key)) if session_key else None,
-              ("your address", Q(client_address=client_address)) if client_address else None]
-    for label, condition in filter(None, scopes):
-        usage = DepthJob.objects.filter(condition, owner__isnull=True).aggregate(
-            jobs=Count("pk"), bytes=Sum(F("image_size") + F("results_bytes")))
-        jobs, stored = usage["jobs"] or 0, usage["bytes"] or 0
+    for label, jobs, stored in anonymous_usage(session_key=session_key, client_address=client_address):
         if saved:
             jobs, stored = jobs - 1, stored - size
         if max_jobs and jobs + 1 > max_jobs:
