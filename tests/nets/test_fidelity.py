@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from inference.nets import NET_NAMES, create_model, get_config, postprocess, preprocess
-from models_registry.detweights import array_digest16, det_state_dict, net_input, official_layout, synthetic_image
+from inference.nets import NET_NAMES, create_model, get_config
+from models_registry.detweights import array_digest16, det_state_dict, net_input, official_layout
+from tests.nets.fidelity import (
+    IMAGE_SIZES,
+    TOLERANCE,
+    assert_end_to_end_matches,
+    assert_net_matches,
+    loaded_network,
+)
 
 MODELS = [
     pytest.param("DPT_Large", marks=pytest.mark.slow),
@@ -25,26 +30,11 @@ NET_SIZES = {
     "MiDaS": [(384, 384), (384, 256)],
     "MiDaS_small": [(256, 256), (256, 160)],
 }
-IMAGE_SIZES = [(240, 320), (500, 375)]
-# Recommended by the fixtures for net-only and for end-to-end with a non-antialiased bicubic resize.
-TOLERANCE = 2e-5
-
-
-def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
-    """max |candidate - golden| / (golden.max() - golden.min()), the fixtures' metric."""
-    assert candidate.shape == golden.shape, (candidate.shape, golden.shape)
-    return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def loaded(request):
-    """(name, model, state_dict): the model adopts the checkpoint tensors, so keeping both costs nothing."""
-    name = request.param
-    state_dict = det_state_dict(name)
-    model = create_model(name, state_dict=state_dict)
-    yield name, model, state_dict
-    del model, state_dict
-    gc.collect()
+    yield from loaded_network(request.param, det_state_dict)
 
 
 def _e2e_transforms(name):
@@ -75,26 +65,15 @@ def test_state_dict_layout_is_official(loaded):
 def test_net_output_matches_golden(loaded, reference_dir, size_index):
     name, model, _ = loaded
     height, width = NET_SIZES[name][size_index]
-    with torch.inference_mode():
-        out = model(torch.from_numpy(net_input(height, width)))
-    assert out.shape == (1, height, width) and out.dtype == torch.float32
-    golden = np.load(reference_dir / f"net_{name}_{height}x{width}.npy")
-    error = relative_error(out[0].numpy(), golden)
-    assert error <= TOLERANCE, f"{name} {height}x{width}: relative error {error:.2e}"
+    assert_net_matches(model, height, width, reference_dir / f"net_{name}_{height}x{width}.npy", name)
 
 
 @pytest.mark.parametrize("image_size", IMAGE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_end_to_end_matches_golden(loaded, reference_dir, image_size):
     name, model, _ = loaded
     height, width = image_size
-    image = synthetic_image(height, width)
     for tag, config in _e2e_transforms(name):
-        with torch.inference_mode():
-            depth = postprocess(model(preprocess(image, config)), (height, width))
-        assert depth.shape == (height, width) and depth.dtype == np.float32
-        golden = np.load(reference_dir / f"e2e_{tag}_{height}x{width}.npy")
-        error = relative_error(depth, golden)
-        assert error <= TOLERANCE, f"{tag} {height}x{width}: relative error {error:.2e}"
+        assert_end_to_end_matches(model, config, height, width, reference_dir / f"e2e_{tag}_{height}x{width}.npy", tag)
 
 
 @pytest.mark.slow

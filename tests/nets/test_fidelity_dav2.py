@@ -1,7 +1,6 @@
 """The Depth Anything V2 networks reproduce the official code's golden outputs under the deterministic weights."""
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import types
@@ -14,6 +13,14 @@ import torch.nn.functional as F
 from inference.nets import NET_NAMES, create_model, get_config, postprocess, preprocess, target_size
 from inference.nets.depth_anything import interpolate_pos_embed
 from models_registry.detweights import det_array, net_input, official_layout, synthetic_image
+from tests.nets.fidelity import (
+    IMAGE_SIZES,
+    TOLERANCE,
+    assert_end_to_end_matches,
+    assert_net_matches,
+    loaded_network,
+    relative_error,
+)
 from tests.support.detweights_dav2 import (
     ENCODERS,
     MODELS,
@@ -29,16 +36,8 @@ PARAMS = [
     pytest.param("Depth_Anything_V2_Large", marks=pytest.mark.slow),
 ]
 NET_SIZES = [(518, 518), (518, 392)]  # native (no position interpolation), and 37x28 patches
-IMAGE_SIZES = [(240, 320), (500, 375)]  # network inputs 518x686 and 686x518
-TOLERANCE = 2e-5  # the fixtures' bound for net-only and OpenCV-equivalent end-to-end outputs
 POS_TOLERANCE = 1e-6
 MASK_TOKEN = "pretrained.mask_token"
-
-
-def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
-    """max |candidate - golden| / (golden.max() - golden.min()), the fixtures' metric."""
-    assert candidate.shape == golden.shape, (candidate.shape, golden.shape)
-    return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +47,7 @@ def dav2_dir(reference_dir):
 
 @pytest.fixture(scope="module", params=PARAMS)
 def loaded(request):
-    """(name, model, official state_dict): the model adopts the checkpoint tensors, so keeping both costs nothing."""
-    name = request.param
-    state_dict = det_state_dict(name)
-    model = create_model(name, state_dict=state_dict)
-    yield name, model, state_dict
-    del model, state_dict
-    gc.collect()
+    yield from loaded_network(request.param, det_state_dict)
 
 
 # --- weights and layout -------------------------------------------------------------------------
@@ -98,12 +91,7 @@ def test_backbone_settings_the_goldens_cannot_see(loaded):
 def test_net_output_matches_golden(loaded, dav2_dir, size):
     name, model, _ = loaded
     height, width = size
-    with torch.inference_mode():
-        out = model(torch.from_numpy(net_input(height, width)))
-    assert out.shape == (1, height, width) and out.dtype == torch.float32
-    golden = np.load(dav2_dir / f"net_{ENCODERS[name]}_{height}x{width}.npy")
-    error = relative_error(out[0].numpy(), golden)
-    assert error <= TOLERANCE, f"{name} {height}x{width}: relative error {error:.2e}"
+    assert_net_matches(model, height, width, dav2_dir / f"net_{ENCODERS[name]}_{height}x{width}.npy", name)
 
 
 @pytest.mark.slow
@@ -111,15 +99,10 @@ def test_net_output_matches_golden(loaded, dav2_dir, size):
 def test_end_to_end_matches_golden(loaded, dav2_dir, image_size):
     name, model, _ = loaded
     height, width = image_size
-    image = synthetic_image(height, width)  # RGB; the official infer_image gets it as BGR and converts
-    batch = preprocess(image, name)
-    assert tuple(batch.shape[-2:]) == target_size(height, width, name)
-    with torch.inference_mode():
-        depth = postprocess(model(batch), (height, width), name)
-    assert depth.shape == (height, width) and depth.dtype == np.float32
-    golden = np.load(dav2_dir / f"e2e_{ENCODERS[name]}_{height}x{width}.npy")
-    error = relative_error(depth, golden)
-    assert error <= TOLERANCE, f"{name} {height}x{width}: relative error {error:.2e}"
+    # The synthetic image is RGB; the official infer_image gets it as BGR and converts.
+    assert tuple(preprocess(synthetic_image(height, width), name).shape[-2:]) == target_size(height, width, name)
+    assert_end_to_end_matches(model, name, height, width, dav2_dir / f"e2e_{ENCODERS[name]}_{height}x{width}.npy",
+                              name, output_config=name)
 
 
 # --- position embedding -------------------------------------------------------------------------

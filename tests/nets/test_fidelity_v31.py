@@ -5,7 +5,6 @@ our networks run on timm 1.0 modules, so every check also proves the checkpoint 
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -14,8 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from inference.nets import NET_NAMES, create_model, get_config, postprocess, preprocess, target_size
-from models_registry.detweights import array_digest16, net_input, official_layout, synthetic_image
+from inference.nets import NET_NAMES, create_model, get_config, target_size
+from models_registry.detweights import array_digest16, net_input, official_layout
+from tests.nets.fidelity import (
+    IMAGE_SIZES,
+    TOLERANCE,
+    assert_end_to_end_matches,
+    assert_net_matches,
+    loaded_network,
+)
 from tests.support.detweights_v31 import (
     REFERENCE_DIR,
     det_official_state_dict,
@@ -40,26 +46,13 @@ NET_SIZES = {
     "DPT_Swin_L_384": [(384, 384)],
     "DPT_LeViT_224": [(224, 224)],
 }
-IMAGE_SIZES = [(240, 320), (500, 375)]
-TOLERANCE = 2e-5
-
-
-def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
-    """max |candidate - golden| / (golden.max() - golden.min()), the fixtures' metric."""
-    assert candidate.shape == golden.shape, (candidate.shape, golden.shape)
-    return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def loaded(request):
     """(name, model, rule-filled official entries): built from an official-layout checkpoint less its
     structural buffers, which the network recomputes."""
-    name = request.param
-    state_dict = det_rule_state_dict(name)
-    model = create_model(name, state_dict=state_dict)
-    yield name, model, state_dict
-    del model, state_dict
-    gc.collect()
+    yield from loaded_network(request.param, det_rule_state_dict)
 
 
 def test_weights_and_recomputed_buffers_match_reference_digests(loaded):
@@ -85,12 +78,7 @@ def test_weights_and_recomputed_buffers_match_reference_digests(loaded):
 def test_net_output_matches_golden(loaded):
     name, model, _ = loaded
     for height, width in NET_SIZES[name]:
-        with torch.inference_mode():
-            out = model(torch.from_numpy(net_input(height, width)))
-        assert out.shape == (1, height, width) and out.dtype == torch.float32
-        golden = np.load(REFERENCE_DIR / f"net_{name}_{height}x{width}.npy")
-        error = relative_error(out[0].numpy(), golden)
-        assert error <= TOLERANCE, f"{name} {height}x{width}: relative error {error:.2e}"
+        assert_net_matches(model, height, width, REFERENCE_DIR / f"net_{name}_{height}x{width}.npy", name)
 
 
 @pytest.mark.slow
@@ -98,12 +86,7 @@ def test_net_output_matches_golden(loaded):
 def test_end_to_end_matches_golden(loaded, image_size):
     name, model, _ = loaded
     height, width = image_size
-    with torch.inference_mode():
-        depth = postprocess(model(preprocess(synthetic_image(height, width), name)), (height, width))
-    assert depth.shape == (height, width) and depth.dtype == np.float32
-    golden = np.load(REFERENCE_DIR / f"e2e_{name}_{height}x{width}.npy")
-    error = relative_error(depth, golden)
-    assert error <= TOLERANCE, f"{name} {height}x{width}: relative error {error:.2e}"
+    assert_end_to_end_matches(model, name, height, width, REFERENCE_DIR / f"e2e_{name}_{height}x{width}.npy", name)
 
 
 def test_official_checkpoint_with_structural_buffers_loads_strict(loaded, caplog):
