@@ -10,9 +10,10 @@ processes of each path and times, inside the process, from "imports done" to "re
   conventional  network built with normal initialisation -> torch.load -> load_state_dict
   read bytes    reading the checkpoint file into memory (the floor any loader pays without mmap)
 
-It also reports the bare `python -c "import torch, timm"` process time and the whole-process time of
-`manage.py predict` to a first depth map. Medians over the runs; ratios are of medians measured in
-the same run.
+It also reports the bare `python -c "import torch, timm"` process time, `manage.py version` against
+`manage.py models info` (and `--json`), and the whole-process time of `manage.py predict` to a first depth
+map against the conventional script's (random init, torch.load, load_state_dict, forward, PNG). Medians over
+the runs; ratios are of medians measured in the same run.
 """
 from __future__ import annotations
 
@@ -78,6 +79,27 @@ def child_conventional(model: str, path: str) -> dict:
     network.load_state_dict(state_dict)
     network.eval()
     return {"ready_s": time.perf_counter() - started}
+
+
+def child_conventional_map(model: str, path: str, photo: str, out: str) -> dict:
+    """The conventional way to a first depth map, whole process: build (random init), torch.load,
+    load_state_dict, one forward, write a 16-bit PNG (what a torch.hub-style script does)."""
+    import numpy as np
+    import torch
+    import timm  # noqa: F401
+    from PIL import Image
+
+    from inference.nets import create_model, postprocess, preprocess
+
+    network = create_model(model, device="cpu")
+    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    network.eval()
+    image = np.asarray(Image.open(photo).convert("RGB"))
+    with torch.inference_mode():
+        depth = postprocess(network(preprocess(image, model)), image.shape[:2], model)
+    scaled = (depth - depth.min()) / max(float(depth.max() - depth.min()), 1e-12) * 65535
+    Image.fromarray(scaled.astype(np.uint16)).save(out)
+    return {"written": out}
 
 
 def child_read(path: str) -> dict:
@@ -150,7 +172,8 @@ def main() -> None:
 
     if args.child:
         kind, *rest = args.child
-        result = {"depthsite": child_depthsite, "conventional": child_conventional, "read": child_read}[kind](*rest)
+        result = {"depthsite": child_depthsite, "conventional": child_conventional, "read": child_read,
+                  "conventional_map": child_conventional_map}[kind](*rest)
         print(json.dumps(result))
         return
 
@@ -162,7 +185,14 @@ def main() -> None:
 
     import_times = [timed_process([sys.executable, "-c", "import torch, timm"], env) for _ in range(args.runs)]
     import_s = statistics.median(import_times)
-    print(f"bare `python -c 'import torch, timm'` process: median {import_s:.2f} s over {args.runs} runs\n")
+    print(f"bare `python -c 'import torch, timm'` process: median {import_s:.2f} s over {args.runs} runs")
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    commands = {"version": ["version"], "models info": ["models", "info"], "models info --json": ["models", "info", "--json"]}
+    command_s = {name: statistics.median(timed_process([*manage, *argv], env) for _ in range(args.runs))
+                 for name, argv in commands.items()}
+    print("whole processes, medians: " + ", ".join(
+        f"manage.py {name} {seconds:.2f} s" + (f" (+{seconds - command_s['version']:.2f} s)" if name != "version" else "")
+        for name, seconds in command_s.items()) + "\n")
 
     photo = BENCH_DIR / "photo.jpg"
     if not photo.exists():
@@ -173,7 +203,7 @@ def main() -> None:
         Image.fromarray(synthetic_image(480, 640)).save(photo, quality=92)
 
     header = (f"{'model':<12} {'file':>9} {'read bytes':>11} {'depthsite':>10} {'conventional':>13} "
-              f"{'speed-up':>9} {'vs read':>8} {'first map':>10}")
+              f"{'speed-up':>9} {'vs read':>8} {'first map':>10} {'conv. map':>10} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     rows = {}
@@ -187,20 +217,29 @@ def main() -> None:
             times["conventional"].append(run_child(["conventional", model, str(path)], env)["ready_s"])
         medians = {kind: statistics.median(values) for kind, values in times.items()}
         out_dir = BENCH_DIR / "out"
+        out_dir.mkdir(parents=True, exist_ok=True)
         first_map = statistics.median(
             timed_process([sys.executable, str(ROOT / "manage.py"), "predict", str(photo), "--model", model,
                            "--output", str(out_dir), "--format", "png", "--offline"], env)
             for _ in range(max(1, args.runs // 2)))
+        conventional_map = statistics.median(
+            timed_process([sys.executable, __file__, "--child", "conventional_map", model, str(path), str(photo),
+                           str(out_dir / f"conventional-{model}.png")], env)
+            for _ in range(max(1, args.runs // 2)))
         speedup = medians["conventional"] / medians["depthsite"]
         versus_read = medians["depthsite"] / medians["read"]
         rows[model] = {**medians, "speedup": speedup, "vs_read": versus_read, "first_map_s": first_map,
+                       "conventional_map_s": conventional_map, "first_map_ratio": first_map / conventional_map,
                        "file_bytes": path.stat().st_size, "runs": args.runs}
         print(f"{model:<12} {path.stat().st_size / 1e9:>7.2f}GB {medians['read']:>10.3f}s {medians['depthsite']:>9.3f}s "
-              f"{medians['conventional']:>12.3f}s {speedup:>8.1f}x {versus_read:>7.2f}x {first_map:>9.2f}s",
-              flush=True)
+              f"{medians['conventional']:>12.3f}s {speedup:>8.1f}x {versus_read:>7.2f}x {first_map:>9.2f}s "
+              f"{conventional_map:>9.2f}s {first_map / conventional_map:>5.2f}x", flush=True)
     print("\nspeed-up = conventional / depthsite; vs read = depthsite / read bytes (both medians, same run);")
-    print("first map = whole `manage.py predict` process (imports, registry, load, one 640x480 photo, write).")
-    (BENCH_DIR / "load.json").write_text(json.dumps({"import_torch_timm_s": import_s, "models": rows}, indent=2))
+    print("first map = whole `manage.py predict` process (imports, registry, load, one 640x480 photo, write);")
+    print("conv. map = whole process of the conventional path (random init, torch.load, load_state_dict, forward,")
+    print("            16-bit PNG), as a torch.hub-style script does it; ratio = first map / conv. map.")
+    (BENCH_DIR / "load.json").write_text(json.dumps({"import_torch_timm_s": import_s, "commands_s": command_s,
+                                                     "models": rows}, indent=2))
 
 
 if __name__ == "__main__":
