@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from django.conf import settings
 
-from inference.exceptions import InferenceError
+from inference.exceptions import InferenceError, OutOfMemoryError
 from inference.nets import create_model, get_config, postprocess, preprocess, target_size
 from models_registry.catalogue import approx_bytes
 from models_registry.exceptions import WeightFileError
@@ -131,13 +131,13 @@ class DepthEstimator:
                 prediction = self.network(batch)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
-                raise InferenceError(f"out of GPU memory running {self.model_name} on a {width}x{height} image; "
+                raise OutOfMemoryError(f"out of GPU memory running {self.model_name} on a {width}x{height} image; "
                                      "try a smaller image or a smaller model") from None
             except RuntimeError as exc:
-                if "out of memory" in str(exc).lower() or "can't allocate" in str(exc).lower():
-                    raise InferenceError(f"out of memory running {self.model_name} on a {width}x{height} image; "
-                                         "try a smaller image or a smaller model") from None
-                raise
+                if not cpu_out_of_memory(exc):
+                    raise
+                raise OutOfMemoryError(f"out of memory running {self.model_name} on a {width}x{height} image; "
+                                       "try a smaller image or a smaller model") from None
             depth = postprocess(prediction.float().cpu(), (height, width), self.config)
         elapsed = (time.perf_counter() - started) * 1000
         self.last_used = time.monotonic()
@@ -147,6 +147,13 @@ class DepthEstimator:
             device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
             preprocessing=self.preprocessing(height, width), inference_ms=elapsed,
         )
+
+
+def cpu_out_of_memory(exc: RuntimeError) -> bool:
+    """Whether torch's CPU allocator refused memory: it raises a plain RuntimeError ("DefaultCPUAllocator:
+    can't allocate memory" or "... not enough memory"), the one place a type cannot tell it apart."""
+    text = str(exc)
+    return "DefaultCPUAllocator" in text or "out of memory" in text.lower()
 
 
 def network_bytes(network: torch.nn.Module) -> int:

@@ -20,6 +20,10 @@ class InferenceError(ApplicationError):
     status = 503
 
 
+class OutOfMemoryError(InferenceError):
+    """The network ran out of memory on this input (CPU or GPU): a smaller image or model may fit."""
+
+
 class QuotaExceededError(ApplicationError):
     """An anonymous session or address already stores as many jobs or bytes as DEPTHSITE_ANON_MAX_* allow."""
 

@@ -31,7 +31,7 @@ from django.utils import timezone
 from depthsite.units import format_size
 from inference.choices import JobErrorCode, JobStatus
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
-from inference.exceptions import ImageError, InferenceError, QuotaExceededError
+from inference.exceptions import ImageError, InferenceError, OutOfMemoryError, QuotaExceededError
 from inference.images import BROWSER_IMAGE_TYPES, image_check, image_open, pixels_digest
 from inference.media import (
     RESULTS_DIR,
@@ -455,9 +455,10 @@ def error_for(exc: BaseException) -> tuple[str, str]:
         return exc.message, JobErrorCode.MODEL
     if isinstance(exc, ImageError):
         return f"the uploaded image cannot be read: {exc.message}", JobErrorCode.IMAGE
+    if isinstance(exc, OutOfMemoryError):
+        return exc.message, JobErrorCode.OUT_OF_MEMORY
     if isinstance(exc, InferenceError):
-        code = JobErrorCode.OUT_OF_MEMORY if "out of" in exc.message and "memory" in exc.message else JobErrorCode.INTERNAL
-        return exc.message, code
+        return exc.message, JobErrorCode.INTERNAL
     if isinstance(exc, MemoryError):
         return ("out of memory while processing this image; try a smaller image or a smaller model",
                 JobErrorCode.OUT_OF_MEMORY)

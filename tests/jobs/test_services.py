@@ -218,13 +218,20 @@ def test_failed_download_says_so(small_model, run_jobs, settings, tmp_path):
     assert "midas_v21_small_256.pt" in job.error or "download" in job.error
 
 
-def test_out_of_memory_is_reported_as_such(cached_small, run_jobs, monkeypatch):
-    from inference.estimator import DepthEstimator
+@pytest.mark.parametrize("raised", ["cpu", "cuda"])
+def test_out_of_memory_is_reported_as_such(cached_small, run_jobs, monkeypatch, raised):
+    # The network really runs out of memory: on CPU it asks torch's allocator for a petabyte (which refuses
+    # with its own RuntimeError); on CUDA torch raises its OutOfMemoryError type (raised here: no GPU).
+    import torch
 
-    def oom(self, image):
-        raise InferenceError("out of memory running MiDaS_small on a 96x72 image; try a smaller image or a smaller model")
+    from inference.nets.midas import MidasNet
 
-    monkeypatch.setattr(DepthEstimator, "predict", oom)
+    def oom(self, x):
+        if raised == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.empty(1 << 50, dtype=torch.uint8)
+
+    monkeypatch.setattr(MidasNet, "forward", oom)
     job = create(run_jobs)
     assert job.status == JobStatus.FAILED and job.error_code == JobErrorCode.OUT_OF_MEMORY
     assert "smaller image" in job.error
