@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
+import psutil
 from django.conf import settings
 from django.core.files import File
 from django.db import transaction
@@ -112,20 +113,10 @@ def warm_stale_seconds() -> int:
 
 
 def _process_start(pid: int) -> str:
-    """The kernel's start time of a process (Linux), so a reused pid is not mistaken for the old worker."""
+    """When the process started, so a reused pid is not mistaken for the old worker ("" when it is gone)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return ""
-    return fields[19].decode() if len(fields) > 19 else ""
-
-
-def _process_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
         return ""
 
 
@@ -158,14 +149,14 @@ def worker_alive(*, worker: str, started_at=None, lease_until=None) -> bool:
         # A worker runs one task at a time: if this process is asking, its own earlier attempt is over.
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if start and f"{process.create_time():.2f}" != start:
+            return False  # the pid now belongs to another process
+        return process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass
-    if start and _process_start(pid) not in ("", start):
-        return False  # the pid now belongs to another process
-    return _process_state(pid) not in ("Z", "X")
+    except psutil.AccessDenied:
+        return True  # it exists, and belongs to someone else: not provably dead
 
 
 # --- create --------------------------------------------------------------------------------------
