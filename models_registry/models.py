@@ -61,10 +61,6 @@ class RegisteredModel(models.Model):
         return self.name
 
     @property
-    def is_hash_pinned(self) -> bool:
-        return bool(self.expected_sha256)
-
-    @property
     def spec(self) -> NetSpec:
         """The network facts of the architecture (depthsite.netspecs): never stored, so never stale."""
         return net_spec(self.architecture)

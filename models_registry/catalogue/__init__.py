@@ -248,13 +248,6 @@ def key_layout(architecture: str) -> KeyLayout:
     return KeyLayout(architecture=architecture, entries=entries)
 
 
-def catalogue_entry(name: str) -> CatalogueEntry | None:
-    for entry in CATALOGUE:
-        if entry.name == name:
-            return entry
-    return None
-
-
 def architecture_entry(architecture: str) -> CatalogueEntry | None:
     """The official release of an architecture (custom entries on it share its size and timings)."""
     for entry in CATALOGUE:

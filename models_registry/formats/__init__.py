@@ -3,7 +3,6 @@ from models_registry.formats.digest import content_digest, file_sha256
 from models_registry.formats.io import (
     LoadedWeights,
     RestrictedUnpickler,
-    read_state_dict,
     read_weights,
     restricted_loads,
     write_weights,
@@ -17,7 +16,6 @@ __all__ = [
     "content_digest",
     "extension_format",
     "file_sha256",
-    "read_state_dict",
     "read_weights",
     "restricted_loads",
     "sniff_format",

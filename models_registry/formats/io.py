@@ -762,18 +762,6 @@ def read_weights(path: Path | str, fmt: str | None = None, *, architecture: str 
     return _READERS[fmt](path, tensor_budget(architecture))
 
 
-def read_state_dict(path: Path | str, fmt: str | None = None, *, architecture: str | None = None) -> dict:
-    """{key: torch.Tensor} for loading into a network, without a second copy of the weights in memory."""
-    import torch
-
-    path = Path(path)
-    fmt = _checked_format(path, fmt)
-    if fmt == "pt":
-        return read_pt_state_dict(path, tensor_budget(architecture))[0]
-    loaded = read_weights(path, fmt, architecture=architecture)
-    return {key: torch.from_numpy(array) for key, array in loaded.arrays.items()}
-
-
 def write_weights(arrays: Mapping[str, np.ndarray], path: Path | str, fmt: str,
                   metadata: Mapping[str, str] | None = None) -> None:
     """Write arrays in `fmt` to `path` (a temporary path: the caller renames it) and flush it to disk."""

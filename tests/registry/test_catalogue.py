@@ -27,6 +27,10 @@ CONTRACT_NAMES = (
 )
 
 
+def _entry(name: str) -> catalogue.CatalogueEntry:
+    return next(entry for entry in catalogue.CATALOGUE if entry.name == name)
+
+
 def test_one_name_list_in_the_contract_order():
     assert NET_NAMES == CONTRACT_NAMES
     assert tuple(entry.name for entry in CATALOGUE) == CONTRACT_NAMES
@@ -38,7 +42,7 @@ def test_one_name_list_in_the_contract_order():
 
 @pytest.mark.parametrize("name", CONTRACT_NAMES)
 def test_catalogue_and_spec_match_the_official_facts(name):
-    entry, facts, spec = catalogue.catalogue_entry(name), FACTS[name], net_spec(name)
+    entry, facts, spec = _entry(name), FACTS[name], net_spec(name)
     assert entry.file_name == facts["checkpoint_file"]
     assert entry.source_url == facts["checkpoint_url"]
     assert entry.license == facts["license"]
@@ -59,8 +63,8 @@ def test_key_layout_agrees_with_the_catalogue(name):
         pytest.skip(f"keys_{name}.json is added with the {name} network (another branch); not on this one")
     layout = key_layout(name)
     data = json.loads(key_layout_path(name).read_text())
-    assert layout.tensor_bytes == catalogue.catalogue_entry(name).approx_bytes
-    assert data["checkpoint_file"] == catalogue.catalogue_entry(name).file_name
+    assert layout.tensor_bytes == _entry(name).approx_bytes
+    assert data["checkpoint_file"] == _entry(name).file_name
     assert name in catalogue.ARCHITECTURES
 
 
@@ -184,7 +188,7 @@ def test_models_list_groups_by_family_with_size_input_time_and_licence(cpu_times
     assert families == sorted(families, key=families.index) and len(set(families)) == 7
     small = rows[0]
     assert small["default"] and small["cpu_seconds"] == 0.07 and small["input_size"] == 256
-    assert small["approx_bytes"] == catalogue.catalogue_entry("MiDaS_small").approx_bytes
+    assert small["approx_bytes"] == _entry("MiDaS_small").approx_bytes
     large = next(row for row in rows if row["name"] == "Depth_Anything_V2_Large")
     assert large["license"] == "CC-BY-NC-4.0" and large["license_accepted"] and large["input_size"] == 518
 
