@@ -6,19 +6,17 @@ half a file.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 from inference.colormaps import DEFAULT_COLORMAP, colorize
+from models_registry import cachefs
 from models_registry.exceptions import ValidationError
 
 OUTPUT_FORMATS = ("png", "png16", "npy", "pfm", "side", "ply")
@@ -74,18 +72,8 @@ def parse_formats(values: Iterable[str] | str) -> list[str]:
     return [fmt for fmt in OUTPUT_FORMATS if fmt in wanted]
 
 
-@contextlib.contextmanager
-def _atomic(dest: Path) -> Iterator[Path]:
-    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{dest.name}")
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_npy(depth: np.ndarray, dest: Path) -> Path:
-    with _atomic(dest) as tmp:
+    with cachefs.atomic_write(dest) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, np.asarray(depth, dtype=np.float32))
     return dest
@@ -98,7 +86,7 @@ def write_pfm(depth: np.ndarray, dest: Path) -> Path:
         raise ValueError(f"a PFM depth map is 2-D, got shape {data.shape}")
     little = data.dtype.byteorder == "<" or (data.dtype.byteorder in "=|" and sys.byteorder == "little")
     scale = -1.0 if little else 1.0
-    with _atomic(dest) as tmp:
+    with cachefs.atomic_write(dest) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(b"Pf\n")
             handle.write(f"{data.shape[1]} {data.shape[0]}\n".encode("ascii"))
@@ -138,7 +126,7 @@ def write_png16(depth: np.ndarray, dest: Path, meta: DepthMeta = DepthMeta()) ->
     scaled = np.zeros(data.shape, np.uint16) if span <= 0 else np.round((data - low) / span * PNG16_MAX).astype(np.uint16)
     info = _png_info(meta, **{"depthsite:depth_min": repr(low), "depthsite:depth_max": repr(high),
                               "depthsite:scale": "depth = min + value / 65535 * (max - min)"})
-    with _atomic(dest) as tmp:
+    with cachefs.atomic_write(dest) as tmp:
         Image.fromarray(scaled).save(tmp, format="PNG", pnginfo=info)
     return dest
 
@@ -157,7 +145,7 @@ def read_png16(path: Path) -> np.ndarray:
 
 def write_color_png(depth: np.ndarray, dest: Path, colormap: str = DEFAULT_COLORMAP,
                     meta: DepthMeta = DepthMeta()) -> Path:
-    with _atomic(dest) as tmp:
+    with cachefs.atomic_write(dest) as tmp:
         Image.fromarray(colorize(depth, colormap)).save(tmp, format="PNG", pnginfo=_png_info(meta))
     return dest
 
@@ -169,7 +157,7 @@ def write_side_by_side(image_rgb: np.ndarray, depth: np.ndarray, dest: Path,
     if coloured.shape[:2] != image_rgb.shape[:2]:
         raise ValueError(f"depth {coloured.shape[:2]} and image {image_rgb.shape[:2]} differ in size")
     gap = np.full((image_rgb.shape[0], 8, 3), 255, np.uint8)
-    with _atomic(dest) as tmp:
+    with cachefs.atomic_write(dest) as tmp:
         Image.fromarray(np.concatenate([image_rgb, gap, coloured], axis=1)).save(tmp, format="PNG")
     return dest
 
@@ -272,7 +260,7 @@ def write_ply(depth: np.ndarray, image_rgb: np.ndarray, dest: Path, *, fov_degre
     rows = np.arange(0, height, stride)
     columns = np.arange(0, width, stride)
     u = (columns - camera.cx) / camera.focal
-    with _atomic(dest) as tmp:
+    with cachefs.atomic_write(dest) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(_ply_header(count=rows.size * columns.size, camera=camera, low=low, high=high,
                                      stride=stride, meta=meta))

@@ -13,7 +13,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -124,17 +124,27 @@ def model_lock(model_name: str, timeout: float = -1) -> FileLock:
 
 
 @contextlib.contextmanager
-def locked(model_name: str, timeout: float = 600) -> Iterator[None]:
-    lock = model_lock(model_name, timeout=timeout)
+def locked(model_name: str, timeout: float = 600, *, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Hold the model's lock (an flock: it dies with its holder); yields whether another process held it
+    first, in which case `on_wait` is called before waiting up to `timeout` seconds (ConflictError after)."""
+    lock = model_lock(model_name)
+    waited = False
     try:
-        lock.acquire()
+        lock.acquire(timeout=0)
     except Timeout:
-        raise ConflictError(
-            f"another process has held the lock of {model_name} for over {timeout:.0f} s; try again later",
-            extra={"lock": str(lock_path(model_name))},
-        ) from None
+        waited = True
+        if on_wait is not None:
+            on_wait()
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            held = f"{timeout / 3600:.0f} h" if timeout >= 3600 else f"{timeout:.0f} s"
+            raise ConflictError(
+                f"another process has held the lock of {model_name} for over {held}; try again later",
+                extra={"lock": str(lock_path(model_name))},
+            ) from None
     try:
-        yield
+        yield waited
     finally:
         lock.release()
 

@@ -13,13 +13,12 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from filelock import Timeout
 
 import depthsite
 from depthsite.units import format_size
@@ -408,30 +407,15 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: 
 # --- single flight ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _single_flight(model: RegisteredModel, notify: Notify | None) -> Iterator[bool]:
-    """Hold the model's lock; yields whether another process held it first. flock dies with its holder."""
-    lock = cachefs.model_lock(model.name)
-    waited = False
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        waited = True
+def _single_flight(model: RegisteredModel, notify: Notify | None) -> contextlib.AbstractContextManager[bool]:
+    """Hold the model's lock for the whole download; yields whether another process held it first."""
+    def waiting() -> None:
         message = f"waiting for another download of {model.name} on this node"
         logger.info(message)
         if notify is not None:
             notify(message)
-        try:
-            lock.acquire(timeout=LOCK_WAIT_SECONDS)
-        except Timeout:
-            raise ConflictError(
-                f"another process has held the lock of {model.name} for over {LOCK_WAIT_SECONDS / 3600:.0f} h; "
-                "try again later", extra={"lock": str(cachefs.lock_path(model.name))},
-            ) from None
-    try:
-        yield waited
-    finally:
-        lock.release()
+
+    return cachefs.locked(model.name, LOCK_WAIT_SECONDS, on_wait=waiting)
 
 
 def _fail_interrupted(model: RegisteredModel, keep: WeightDownload | None) -> None:
