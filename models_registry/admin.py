@@ -30,8 +30,7 @@ def _verify_line(weight_file: WeightFile, done: list[str], failed: list[str]) ->
     except ApplicationError as exc:
         failed.append(exc.message)
         return
-    line = f"{weight_file.model.name} [{weight_file.format}]: {result.health}"
-    (done if result.ok else failed).append(line + (f" - {result.reason}" if result.reason else ""))
+    (done if result.ok else failed).append(result.summary)
 
 
 def _report(modeladmin, request, done: list[str], failed: list[str]) -> None:

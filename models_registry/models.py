@@ -128,6 +128,10 @@ class WeightFile(models.Model):
     def __str__(self) -> str:
         return f"{self.model.name} [{self.format}] on {self.node}"
 
+    def label(self, health: str | None = None) -> str:
+        """ "MiDaS_small [pt]: ok", the one way a file and its health are named in messages."""
+        return f"{self.model.name} [{self.format}]: {health or self.health}"
+
     def set_health(self, health: str, reason: str = "") -> None:
         self.health = health
         self.health_reason = reason

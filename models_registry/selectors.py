@@ -127,7 +127,7 @@ def cache_info(*, node: str | None = None) -> dict[str, Any]:
         "node": node,
         "totals": {"models": len(by_model), "files": len(files), "bytes": total_bytes},
         "health": "good" if not problems else f"{len(problems)} file(s) need attention",
-        "problem_files": [f"{f.model.name} [{f.format}]: {f.health}" for f in problems],
+        "problem_files": [f.label() for f in problems],
         "formats": formats,
         "max_bytes": _max_bytes(),
         "disk_free": cachefs.disk_free(root),

@@ -259,6 +259,12 @@ class VerifyResult:
     def ok(self) -> bool:
         return self.health == Health.OK
 
+    @property
+    def summary(self) -> str:
+        """One line for people: "MiDaS_small [pt]: corrupt - why"."""
+        line = self.weight_file.label(self.health)
+        return f"{line} - {self.reason}" if self.reason else line
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "model": self.weight_file.model.name,
