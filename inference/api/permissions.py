@@ -1,13 +1,11 @@
 """Who may use predictions, and how often uploads may come (shared by the API and the web form)."""
 from __future__ import annotations
 
-from django.core.exceptions import ImproperlyConfigured
 from rest_framework.permissions import BasePermission
-from rest_framework.settings import api_settings
 from rest_framework.throttling import SimpleRateThrottle
 
 from inference.selectors import uploads_allowed
-from models_registry.api.throttling import client_address
+from models_registry.api.throttling import LiveRatesMixin
 
 
 class PredictionAccess(BasePermission):
@@ -20,7 +18,7 @@ class PredictionAccess(BasePermission):
         return uploads_allowed(user=request.user)
 
 
-class UploadThrottle(SimpleRateThrottle):
+class UploadThrottle(LiveRatesMixin, SimpleRateThrottle):
     """Anonymous uploads by client address at the "uploads" rate; everything else that writes (signed-in
     uploads, deletions) by user or address at the "writes" rate. Rates are read per request, so a changed
     REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] applies without a restart. Reads are never throttled."""
@@ -30,12 +28,6 @@ class UploadThrottle(SimpleRateThrottle):
     def __init__(self):
         # SimpleRateThrottle binds its rate at construction; ours depends on the request.
         pass
-
-    def get_rate(self) -> str | None:
-        rates = api_settings.DEFAULT_THROTTLE_RATES or {}
-        if self.scope not in rates:
-            raise ImproperlyConfigured(f"no throttle rate for scope {self.scope!r} in DEFAULT_THROTTLE_RATES")
-        return rates[self.scope]
 
     def _configure(self, request) -> None:
         anonymous = not request.user.is_authenticated
@@ -57,11 +49,7 @@ class UploadThrottle(SimpleRateThrottle):
         self._configure(request)
         if self.rate is None:
             return True
-        self.key = self.get_cache_key(request, view)
-        self.history = self.cache.get(self.key, [])
-        self.now = self.timer()
-        while self.history and self.history[-1] <= self.now - self.duration:
-            self.history.pop()
+        self._load_history(request, view)
         return len(self.history) < self.num_requests
 
     def allow_uploads(self, request, count: int) -> bool:
@@ -72,11 +60,7 @@ class UploadThrottle(SimpleRateThrottle):
         self._configure(request)
         if self.rate is None:
             return True
-        self.key = self.get_cache_key(request, None)
-        self.history = self.cache.get(self.key, [])
-        self.now = self.timer()
-        while self.history and self.history[-1] <= self.now - self.duration:
-            self.history.pop()
+        self._load_history(request, None)
         self.remaining = max(0, self.num_requests - len(self.history))
         if len(self.history) + count > self.num_requests:
             return False
@@ -84,8 +68,13 @@ class UploadThrottle(SimpleRateThrottle):
         self.cache.set(self.key, self.history, self.duration)
         return True
 
-    def get_ident(self, request) -> str:
-        return client_address(request)
+    def _load_history(self, request, view) -> None:
+        """This caller's recent requests in the window, as SimpleRateThrottle keeps them (nothing counted)."""
+        self.key = self.get_cache_key(request, view)
+        self.history = self.cache.get(self.key, [])
+        self.now = self.timer()
+        while self.history and self.history[-1] <= self.now - self.duration:
+            self.history.pop()
 
     def get_cache_key(self, request, view) -> str:
         ident = request.user.pk if request.user.is_authenticated else self.get_ident(request)

@@ -48,10 +48,12 @@ def client_address(request) -> str:
     return remote or UNKNOWN_ADDRESS
 
 
-class SettingsScopedRateThrottle(ScopedRateThrottle):
-    """DRF's ScopedRateThrottle binds the rates when the module is imported; this one reads them for every
-    request, so a changed REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] applies without restarting the server.
-    Anonymous callers are counted by `client_address`, never by a header they wrote."""
+class LiveRatesMixin:
+    """For DRF throttles: the rate of `self.scope` read from settings on every request (DRF binds it when the
+    module is imported), so a changed REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] applies without a restart; and
+    anonymous callers counted by `client_address`, never by a header they wrote."""
+
+    scope: str
 
     def get_rate(self) -> str | None:
         rates = api_settings.DEFAULT_THROTTLE_RATES or {}
@@ -61,3 +63,7 @@ class SettingsScopedRateThrottle(ScopedRateThrottle):
 
     def get_ident(self, request) -> str:
         return client_address(request)
+
+
+class SettingsScopedRateThrottle(LiveRatesMixin, ScopedRateThrottle):
+    """DRF's ScopedRateThrottle with the rates read per request (LiveRatesMixin)."""
