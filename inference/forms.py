@@ -37,20 +37,25 @@ class UploadLimitHandler(FileUploadHandler):
     Either way `exceeded` tells the door to answer 413, and `file_size` says how big the refused file was.
     """
 
+    limit_setting = "DEPTHSITE_MAX_UPLOAD_BYTES"
+
     def __init__(self, request=None, *, drain: bool):
         super().__init__(request)
         self.drain = drain
         self.exceeded = False
-        self.limit = settings.DEPTHSITE_MAX_UPLOAD_BYTES
+        self.limit = getattr(settings, self.limit_setting)
         self.file_size: int | None = None
         self.body_size: int | None = None
+
+    def too_large(self, size: int | None, *, whole_body: bool = False) -> TooLargeError:
+        return upload_too_large(size, name_field=True, whole_body=whole_body)
 
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
         if self.limit and content_length and content_length > self.limit + ENVELOPE_BYTES:
             self.exceeded = True
             self.body_size = content_length
             if not self.drain:
-                raise upload_too_large(content_length, name_field=True, whole_body=True)
+                raise self.too_large(content_length, whole_body=True)
         return None
 
     def receive_data_chunk(self, raw_data, start):
@@ -110,28 +115,21 @@ def batch_too_many_files(count: int) -> ValidationError:
                                                      "count": count})
 
 
-class BatchUploadLimitHandler(FileUploadHandler):
+class BatchUploadLimitHandler(UploadLimitHandler):
     """UploadLimitHandler for a batch: DEPTHSITE_BATCH_MAX_BYTES over the whole body and every file together,
     and at most DEPTHSITE_BATCH_MAX_FILES photos plus one archive. `drain` as for single uploads."""
 
+    limit_setting = "DEPTHSITE_BATCH_MAX_BYTES"
+
     def __init__(self, request=None, *, drain: bool):
-        super().__init__(request)
-        self.drain = drain
-        self.exceeded = False
+        super().__init__(request, drain=drain)
         self.too_many_files = False
-        self.limit = settings.DEPTHSITE_BATCH_MAX_BYTES
         self.max_files = settings.DEPTHSITE_BATCH_MAX_FILES + 1
         self.received = 0
         self.files = 0
-        self.body_size: int | None = None
 
-    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
-        if self.limit and content_length and content_length > self.limit + ENVELOPE_BYTES:
-            self.exceeded = True
-            self.body_size = content_length
-            if not self.drain:
-                raise batch_too_large(content_length, whole_body=True)
-        return None
+    def too_large(self, size: int | None, *, whole_body: bool = False) -> TooLargeError:
+        return batch_too_large(size, whole_body=whole_body)
 
     def new_file(self, *args, **kwargs):
         super().new_file(*args, **kwargs)
