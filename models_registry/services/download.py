@@ -36,7 +36,6 @@ from models_registry.exceptions import (
     ValidationError,
     WeightFileError,
 )
-from models_registry.formats import sniff_format
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.selectors import download_active, weight_files_usable
 from models_registry.services.catalogue import model_pin
@@ -47,6 +46,7 @@ from models_registry.services.weights import (
     weight_convert,
     weight_mark_corrupt,
     weight_pin_problem,
+    weight_quick_problem,
     weight_record,
     weights_functional_check,
     weights_inspect,
@@ -166,24 +166,6 @@ def _offline_error(model: RegisteredModel) -> OfflineError:
 # --- the cache as it is --------------------------------------------------------------------------
 
 
-def _quick_problem(weight_file: WeightFile, path: Path) -> tuple[str, str] | None:
-    """(health, reason) when a recorded file is visibly unusable; cheap: stat and a sniff, no hashing."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return Health.MISSING, f"file not found at {path}"
-    if size != weight_file.size:
-        return Health.CORRUPT, (f"{path.name} has {size} bytes but {weight_file.size} were recorded: "
-                                "the file was truncated or replaced")
-    try:
-        sniffed = sniff_format(path)
-    except WeightFileError as exc:
-        return Health.CORRUPT, exc.message
-    if sniffed != weight_file.format:
-        return Health.CORRUPT, f"{path.name} holds {sniffed} content but is recorded as {weight_file.format}"
-    return None
-
-
 def healthy_files(model: RegisteredModel) -> list[WeightFile]:
     """Usable cached files of the model, best first; files found missing or damaged are marked so on the way."""
     healthy = []
@@ -194,7 +176,7 @@ def healthy_files(model: RegisteredModel) -> list[WeightFile]:
             # A record whose path leads outside the cache is never read; a good download re-uses its row.
             weight_mark_corrupt(weight_file=weight_file, reason="its recorded path leads outside the cache")
             continue
-        problem = _quick_problem(weight_file, path)
+        problem = weight_quick_problem(weight_file, path)
         if problem is not None:
             health, reason = problem
             if health == Health.CORRUPT:

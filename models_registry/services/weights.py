@@ -277,26 +277,36 @@ class VerifyResult:
         }
 
 
-def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Inspection | None]:
-    """(health, reason, inspection) of a recorded file, checking everything `models verify` promises."""
-    if not path.exists():
+def weight_quick_problem(weight_file: WeightFile, path: Path) -> tuple[str, str] | None:
+    """(health, reason) when a recorded file is visibly unusable, else None. Cheap (a stat and a sniff of its
+    first bytes, no hashing): the resolution chain runs it before every load; `models verify` starts with it."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
         return Health.MISSING, (f"file not found at {path}: download or import {weight_file.model.name} again, "
-                                "or run `models optimize` to drop the record"), None
+                                "or run `models optimize` to drop the record")
     try:
         sniffed = sniff_format(path)
     except WeightFileError as exc:
-        return Health.CORRUPT, exc.message, None
+        return Health.CORRUPT, exc.message
     claimed = extension_format(path)
     if sniffed != weight_file.format or (claimed and claimed != sniffed):
         return Health.CORRUPT, (f"{path.name} holds {sniffed} content but is recorded as {weight_file.format}"
                                 f"{f' and named {path.suffix}' if claimed and claimed != sniffed else ''}; "
-                                "it was overwritten by another file"), None
-    size = path.stat().st_size
+                                "it was overwritten by another file")
     if size != weight_file.size:
         return Health.CORRUPT, (f"{path.name} has {size} bytes but {weight_file.size} were recorded: "
-                                "the file was truncated or replaced"), None
+                                "the file was truncated or replaced")
+    return None
+
+
+def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Inspection | None]:
+    """(health, reason, inspection) of a recorded file, checking everything `models verify` promises."""
+    quick = weight_quick_problem(weight_file, path)
+    if quick is not None:
+        return (*quick, None)
     try:
-        inspection = weights_inspect(path=path, architecture=weight_file.model.architecture, fmt=sniffed)
+        inspection = weights_inspect(path=path, architecture=weight_file.model.architecture, fmt=weight_file.format)
     except WeightFileError as exc:
         return Health.CORRUPT, exc.message, None
     if inspection.sha256 != weight_file.sha256:
