@@ -41,7 +41,7 @@ from models_registry.selectors import download_active, weight_files_usable
 from models_registry.services.catalogue import model_pin
 from models_registry.services.licences import model_license_check
 from models_registry.services.weights import (
-    SOURCE_PREFERENCE,
+    best_first,
     cache_file_path,
     weight_convert,
     weight_mark_corrupt,
@@ -188,8 +188,7 @@ def healthy_files(model: RegisteredModel) -> list[WeightFile]:
             continue
         if not weight_pin_problem(model=model, weight_file=weight_file):
             healthy.append(weight_file)
-    healthy.sort(key=lambda f: (f.health != Health.OK, SOURCE_PREFERENCE.index(f.format)))
-    return healthy
+    return best_first(healthy)
 
 
 # --- the transfer: where, how much, and what a failure means for people -------------------------------

@@ -47,6 +47,12 @@ BUNDLE_VERSION = 1
 # Formats tried first as a conversion source: the ones that load fastest.
 SOURCE_PREFERENCE = ("safetensors", "pt", "h5", "pkl")
 
+
+def best_first(files: Iterable[WeightFile]) -> list[WeightFile]:
+    """Cached files in the order they are loaded from: verified ok before unverified, then by format
+    (SOURCE_PREFERENCE: the cheapest to read first)."""
+    return sorted(files, key=lambda f: (f.health != Health.OK, SOURCE_PREFERENCE.index(f.format)))
+
 # A functional check builds the architecture, loads the tensors strictly, runs a fixed tiny input and
 # returns a hash of the output. The inference app registers one; the registry never imports inference.
 FunctionalCheck = Callable[[RegisteredModel, dict], str]
@@ -371,8 +377,7 @@ def _best_source(model: RegisteredModel, exclude: Iterable[str] = ()) -> WeightF
             f"(python manage.py models download --model {model.name})",
             extra={"model": model.name},
         )
-    files.sort(key=lambda f: (f.health != Health.OK, SOURCE_PREFERENCE.index(f.format)))
-    return files[0]
+    return best_first(files)[0]
 
 
 def weights_load_usable(*, model: RegisteredModel, exclude: Iterable[str] = ()) -> tuple[WeightFile, LoadedWeights]:
