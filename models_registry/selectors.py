@@ -93,6 +93,19 @@ def weight_file_data(weight_file: WeightFile) -> dict[str, Any]:
     }
 
 
+def _model_cache_data(model: RegisteredModel, files: list[WeightFile]) -> dict[str, Any]:
+    """What `models info` and the status API both say of a model and its files on a node."""
+    return {
+        "name": model.name,
+        "display_name": model.display_name,
+        "enabled": model.enabled,
+        "pinned": model.pinned,
+        "expected_sha256": model.expected_sha256,
+        "license": model.license,
+        "bytes": sum(f.size for f in files),
+    }
+
+
 def cache_info(*, node: str | None = None) -> dict[str, Any]:
     """Everything `models info` shows: totals, format distribution and per-model files on this node."""
     node = node or cachefs.node_name()
@@ -109,17 +122,8 @@ def cache_info(*, node: str | None = None) -> dict[str, Any]:
     models = []
     for model in RegisteredModel.objects.all():
         model_files = by_model.get(model.pk, [])
-        models.append({
-            "name": model.name,
-            "display_name": model.display_name,
-            "architecture": model.architecture,
-            "enabled": model.enabled,
-            "pinned": model.pinned,
-            "expected_sha256": model.expected_sha256,
-            "license": model.license,
-            "bytes": sum(f.size for f in model_files),
-            "files": [weight_file_data(f) for f in model_files],
-        })
+        models.append({**_model_cache_data(model, model_files), "architecture": model.architecture,
+                       "files": [weight_file_data(f) for f in model_files]})
     total_bytes = sum(f.size for f in files)
     root = cachefs.cache_root()
     return {
@@ -235,15 +239,9 @@ def model_status(*, node: str | None = None) -> dict[str, Any]:
         if download is not None and download_is_superseded(download=download, files=model_files):
             download = None
         entries.append({
-            "name": model.name,
-            "display_name": model.display_name,
-            "enabled": model.enabled,
-            "pinned": model.pinned,
-            "expected_sha256": model.expected_sha256,
-            "license": model.license,
+            **_model_cache_data(model, model_files),
             "license_accepted": model_facts(model)["license_accepted"],
             "health": _worst_health(model_files),
-            "bytes": sum(f.size for f in model_files),
             "formats": [weight_file_data(f) for f in model_files],
             "download": download_data(download) if download is not None else None,
             "warm": [warm_model_data(w) for w in warm if w.model_id == model.pk],
