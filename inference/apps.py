@@ -1,4 +1,4 @@
-"""App config: registers the functional health check with the registry (the registry never imports us)."""
+"""App config: registers the functional health check and the runtime artifact builder with the registry (the registry never imports us)."""
 from django.apps import AppConfig
 
 
@@ -12,5 +12,10 @@ class InferenceConfig(AppConfig):
         from models_registry.services.weights import functional_check_register
 
         functional_check_register(weights_functional_hash)
+
+        from inference.runtime.artifacts import runtime_artifact_build
+        from models_registry.services.runtime import runtime_builder_register
+
+        runtime_builder_register(runtime_artifact_build)
 
         from inference import signals  # noqa: F401  (connects the depth job receivers)
