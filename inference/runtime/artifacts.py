@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from django.utils import timezone
 
 from inference.exceptions import RuntimeArtifactError
+from inference.runtime.export import EXPORTER, check_shapes, network_export
 
 from models_registry import cachefs
 from models_registry.choices import Health, RuntimeFormat
@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = RuntimeFormat.ONNX.value
 TOLERANCE = 2e-5  # of the eager output's range: what the fidelity tests hold the eager path to
-OPSET = 17
-EXPORTER = f"torch.onnx.export (TorchScript exporter, opset {OPSET})"
 
 
 def weights_key(weight_file: WeightFile) -> str:
@@ -74,30 +72,6 @@ class ArtifactCheck:
         shapes = ", ".join(f"{h}x{w}" for h, w in self.shapes)
         return (f"{EXPORTER}; checked against eager at {shapes}: max |diff| {self.worst:.2e} of the range "
                 f"(tolerance {TOLERANCE:g})")
-
-
-def check_shapes(config) -> list[tuple[int, int]]:
-    """The native input, and for networks that take any multiple a second, non-square one (proves dynamic axes)."""
-    height, width = config.net_size
-    if config.fixed_input_size:
-        return [(height, width)]
-    return [(height, width), (height - 2 * config.ensure_multiple_of, width)]
-
-
-def network_export(network, config, path: Path) -> None:
-    """Write the network's ONNX graph to `path`: dynamic height and width unless it takes its native square only."""
-    import torch
-
-    from inference.health import probe_input
-
-    height, width = config.net_size
-    example = torch.from_numpy(probe_input(height, width))
-    dynamic = None if config.fixed_input_size else {"image": {2: "height", 3: "width"}}
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings say nothing about the result
-        torch.onnx.export(network, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["image"], output_names=["depth"], dynamic_axes=dynamic,
-                          do_constant_folding=True)
 
 
 def artifact_compare(network, config, path: Path) -> ArtifactCheck:
