@@ -9,9 +9,10 @@ For each registered network at its native input size, in the same process and th
   depthsite  what a CPU worker runs by default (DEPTHSITE_RUNTIME=auto): the ONNX Runtime artifact that
              inference.runtime.artifacts exports and checks, opened with the runtime's session options
 The two alternate run by run on the same input (median of --repeats after one warm-up each), and the
-outputs are compared: max |depthsite - baseline| / range(baseline). Networks carry their normal random
-initialisation: weight values do not change the cost. Pre- and postprocessing of a 640x480 photo are
-timed too, torch transforms against the numpy twin the ONNX path uses. Nothing here is a stored reference:
+outputs are compared: max |depthsite - baseline| / range(baseline). Networks carry the tests' deterministic
+weights (tests/support; --weights random for a seeded initialisation): weight values do not change the
+cost, but a random head can output a constant, leaving nothing to compare. Pre- and postprocessing of a
+640x480 photo are timed too, torch transforms against the numpy twin the ONNX path uses. Nothing here is a stored reference:
 every ratio comes from this run.
 """
 from __future__ import annotations
@@ -38,20 +39,44 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def measure(name: str, repeats: int, threads: int, workdir: Path) -> dict:
+def build_network(name: str, weights: str):
+    """The network with random (seeded) or deterministic test weights; the latter give every network a
+    non-constant output to compare (a random head may output a constant)."""
+    import torch
+
+    from inference.nets import create_model
+
+    torch.manual_seed(0)
+    network = create_model(name).eval()
+    if weights == "random":
+        return network
+    from depthsite.netspecs import net_spec
+
+    if net_spec(name).family in ("beit", "swin2", "swin", "levit"):
+        from tests.support.detweights_v31 import det_official_state_dict
+
+        state_dict = det_official_state_dict(name, network)
+    else:
+        from tests.support.detweights import det_state_dict
+
+        state_dict = det_state_dict(name)
+    del network
+    return create_model(name, state_dict=state_dict).eval()
+
+
+def measure(name: str, repeats: int, threads: int, workdir: Path, weights: str = "det") -> dict:
     import numpy as np
     import torch
 
     from inference.health import probe_input
-    from inference.nets import create_model, get_config
+    from inference.nets import get_config
     from inference.nets import transforms as torch_transforms
     from inference.runtime import transforms as numpy_transforms
     from inference.runtime.export import network_export
     from inference.runtime.onnx import session_open
 
     config = get_config(name)
-    torch.manual_seed(0)  # the same random initialisation every run
-    network = create_model(name).eval()
+    network = build_network(name, weights)
     height, width = config.net_size
     batch = probe_input(height, width)
     tensor = torch.from_numpy(batch)
@@ -184,6 +209,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each path after one warm-up")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch and ONNX Runtime intra-op threads (default: every core)")
+    parser.add_argument("--weights", choices=("det", "random"), default="det",
+                        help="det: the tests' deterministic weights (default); random: seeded initialisation")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     parser.add_argument("--write", action="store_true", help=f"merge the results into {CPU_TIMES.relative_to(ROOT)}")
     parser.add_argument("--markdown", action="store_true", help="print the README's models table and stop")
@@ -203,7 +230,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="depthsite-forward-") as workdir:
         for name in names:
-            r = measure(name, args.repeats, args.threads, Path(workdir))
+            r = measure(name, args.repeats, args.threads, Path(workdir), args.weights)
             results[name] = r
             print(f"{name:<24} {r['input'][0]:>4}x{r['input'][1]:<4} {r['eager_s']:>8.3f}s {r['depthsite_s']:>9.3f}s "
                   f"{r['ratio']:>5.2f}x {_diff_text(r['max_diff_of_range']):>16} {r['export_s']:>6.1f}s "
