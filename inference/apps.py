@@ -13,9 +13,15 @@ class InferenceConfig(AppConfig):
 
         functional_check_register(weights_functional_hash)
 
-        from inference.runtime.artifacts import runtime_artifact_build
         from models_registry.services.runtime import runtime_builder_register
 
-        runtime_builder_register(runtime_artifact_build)
+        runtime_builder_register(_runtime_artifact_build)
 
         from inference import signals  # noqa: F401  (connects the depth job receivers)
+
+
+def _runtime_artifact_build(**kwargs):
+    # Imported on use: commands that never build an artifact (models info) do not pay for the module.
+    from inference.runtime.artifacts import runtime_artifact_build
+
+    return runtime_artifact_build(**kwargs)
