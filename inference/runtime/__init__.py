@@ -9,8 +9,6 @@ import importlib
 import logging
 from pathlib import Path
 
-from django.conf import settings
-
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "onnx", "eager")
@@ -43,6 +41,8 @@ def cuda_possible() -> bool:
 
 def runtime_select(*, device: str | None = None) -> str:
     """'onnx' or 'eager' for a request on `device` (None: DEPTHSITE_DEVICE, else CUDA when present, else CPU)."""
+    from django.conf import settings  # here, so inference.nets may use this package's numpy transforms
+
     wanted = (getattr(settings, "DEPTHSITE_RUNTIME", "auto") or "auto").lower()
     if wanted == "eager":
         return "eager"
