@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -30,8 +29,7 @@ logger = logging.getLogger(__name__)
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
-__all__ = ["WORKER_ID", "DepthResult", "EstimatorPool", "estimator_get", "estimator_pool", "estimator_build",
-           "DepthEstimator", "device_select", "network_bytes"]
+__all__ = ["WORKER_ID", "DepthResult", "EstimatorPool", "estimator_get", "estimator_pool", "estimator_build"]
 
 _EAGER_NAMES = ("DepthEstimator", "device_select", "network_bytes")
 
