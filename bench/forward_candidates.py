@@ -3,8 +3,9 @@
     .venv/bin/python bench/forward_candidates.py [--models MiDaS_small,DPT_Hybrid] [--repeats 5] [--threads 2]
         [--skip compile] [--json]
 
-Candidates, each on the same input at the native size (median of --repeats after a warm-up; the eager
-baseline runs between candidates so that drift from other processes shows): channels_last, bfloat16 and
+Candidates, each on the same input at the native size (median of --repeats after a warm-up); the fp32
+eager baseline runs before each timed run of a candidate, and each ratio is against those baseline runs,
+so both saw the same load: channels_last, bfloat16 and
 float16 eager, torch.compile (its compile cost reported apart), and the ONNX artifact under each graph
 optimisation level and with 1 thread or all. max|diff|/range is against the fp32 eager output.
 """
@@ -23,14 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def timed(run, repeats: int) -> tuple[float, object]:
+def timed(run, repeats: int, baseline=None) -> tuple[float, object, float | None]:
+    """Median seconds of `run` (after a warm-up); with `baseline`, that one runs before each timed run and
+    its median comes back too, so that a ratio compares runs made under the same load."""
     output = run()  # warm-up
-    times = []
+    times, base_times = [], []
     for _ in range(repeats):
+        if baseline is not None:
+            started = time.perf_counter()
+            baseline()
+            base_times.append(time.perf_counter() - started)
         started = time.perf_counter()
         output = run()
         times.append(time.perf_counter() - started)
-    return statistics.median(times), output
+    return statistics.median(times), output, (statistics.median(base_times) if base_times else None)
 
 
 def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdir: Path) -> list[dict]:
@@ -43,8 +50,11 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
     from inference.runtime.export import network_export
     from inference.runtime.onnx import session_options
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from forward import build_network  # bench/forward.py: the tests' deterministic weights
+
     config = get_config(name)
-    network = create_model(name).eval()
+    network = build_network(name, "det")
     batch = probe_input(*config.net_size)
     x = torch.from_numpy(batch)
     rows = []
@@ -55,27 +65,34 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
                 return net(tensor).float().numpy()
         return run
 
-    baseline_s, reference = timed(eager(network, x), repeats)
+    base_run = eager(network, x)
+    baseline_s, reference, _ = timed(base_run, repeats)
     spread = float(reference.max() - reference.min()) or 1.0
 
-    def add(label: str, seconds: float, output, extra: str = "") -> None:
+    def add(label: str, seconds: float, output, extra: str = "", base: float | None = None) -> None:
         diff = float(np.abs(np.asarray(output, dtype=np.float64) - reference).max() / spread)
         rows.append({"model": name, "candidate": label, "seconds": round(seconds, 4),
-                     "ratio": round(seconds / baseline_s, 3), "max_diff_of_range": diff, "note": extra})
+                     "ratio": round(seconds / (base or baseline_s), 3), "max_diff_of_range": diff, "note": extra})
 
     add("eager fp32 (baseline)", baseline_s, reference)
     if "channels_last" not in skip:
         net_cl = network.to(memory_format=torch.channels_last)
-        seconds, out = timed(eager(net_cl, x.contiguous(memory_format=torch.channels_last)), repeats)
-        add("eager fp32 channels_last", seconds, out)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        reference_net = create_model(name).eval()
+        reference_net.load_state_dict(net_cl.state_dict())
+        seconds, out, base = timed(eager(net_cl, x_cl), repeats, eager(reference_net, x))
+        add("eager fp32 channels_last", seconds, out, base=base)
+        del reference_net
         network = network.to(memory_format=torch.contiguous_format)
     for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         if label in skip:
             continue
         try:
             net_half = create_model(name).eval().to(dtype)
-            seconds, out = timed(eager(net_half, x.to(dtype)), max(1, repeats // 2))
-            add(f"eager {label}", seconds, out)
+            net_half.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
+                                      for k, v in network.state_dict().items()})
+            seconds, out, base = timed(eager(net_half, x.to(dtype)), max(1, repeats // 2), base_run)
+            add(f"eager {label}", seconds, out, base=base)
             del net_half
         except RuntimeError as exc:
             rows.append({"model": name, "candidate": f"eager {label}", "seconds": None, "ratio": None,
@@ -87,13 +104,11 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
             with torch.inference_mode():
                 compiled(x)
             compile_s = time.perf_counter() - started
-            seconds, out = timed(eager(compiled, x), repeats)
-            add("torch.compile (inductor)", seconds, out, f"first call (compile) {compile_s:.1f} s")
+            seconds, out, base = timed(eager(compiled, x), repeats, base_run)
+            add("torch.compile (inductor)", seconds, out, f"first call (compile) {compile_s:.1f} s", base=base)
         except Exception as exc:  # inductor needs a C++ toolchain; any failure is the finding
             rows.append({"model": name, "candidate": "torch.compile (inductor)", "seconds": None, "ratio": None,
                          "max_diff_of_range": None, "note": f"fails: {type(exc).__name__}: {str(exc)[:80]}"})
-    seconds, _ = timed(eager(network, x), repeats)
-    add("eager fp32 (baseline, again)", seconds, reference, "drift check")
 
     path = workdir / f"{name}.onnx"
     network_export(network, config, path)
@@ -105,12 +120,12 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         started = time.perf_counter()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         open_s = time.perf_counter() - started
-        seconds, out = timed(lambda: session.run(None, {"image": batch})[0], repeats)
-        add(f"onnx, optimisation {label}, {threads} threads", seconds, out, f"session open {open_s:.2f} s")
+        seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
+        add(f"onnx, optimisation {label}, {threads} threads", seconds, out, f"session open {open_s:.2f} s", base=base)
     for count in sorted({1, threads}):
         session = ort.InferenceSession(str(path), session_options(count), providers=["CPUExecutionProvider"])
-        seconds, out = timed(lambda: session.run(None, {"image": batch})[0], repeats)
-        add(f"onnx, optimisation all, {count} thread{'s' if count != 1 else ''}", seconds, out)
+        seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
+        add(f"onnx, optimisation all, {count} thread{'s' if count != 1 else ''}", seconds, out, base=base)
     path.unlink()
     return rows
 
