@@ -15,7 +15,7 @@ from inference.runtime.base import DepthResult, preprocessing_facts
 
 
 def session_options(threads: int = 0) -> Any:
-    """ORT's options as measured fastest here (docs/performance.md): every graph optimisation, one inter-op thread."""
+    """ORT's options as measured here (docs/performance.md): every graph optimisation, one inter-op thread, no spinning."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -24,6 +24,10 @@ def session_options(threads: int = 0) -> Any:
     options.inter_op_num_threads = 1
     options.intra_op_num_threads = max(0, int(threads or 0))  # 0: one per physical core
     options.log_severity_level = 3  # warnings about unused initialisers are noise here
+    # ORT's pool threads otherwise spin for a while after each run: on a shared CPU that time is taken from
+    # everything else in the worker (an eager fallback model ran 10x slower right after a run here).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 
