@@ -125,6 +125,10 @@ ACCEPTED_LICENSES = get_list("DEPTHSITE_ACCEPTED_LICENSES", [])
 DEVICE = get_str("DEPTHSITE_DEVICE", "")
 COMPILE = get_bool("DEPTHSITE_COMPILE", False)
 FP16 = get_bool("DEPTHSITE_FP16", False)
+# auto: a verified ONNX Runtime artifact on CPU when onnxruntime is installed, eager PyTorch on CUDA.
+RUNTIME = get_str("DEPTHSITE_RUNTIME", "auto").lower()
+if RUNTIME not in ("auto", "onnx", "eager"):
+    raise EnvError(f"DEPTHSITE_RUNTIME={RUNTIME!r} is not one of auto, onnx, eager")
 WARM_MODELS = get_int("DEPTHSITE_WARM_MODELS", 2)
 WARM_BYTES = get_size("DEPTHSITE_WARM_BYTES", None)  # tensor bytes kept loaded per worker; unset: no limit
 PRELOAD = get_list("DEPTHSITE_PRELOAD", [])  # models a worker warms before taking its first job

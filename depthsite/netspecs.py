@@ -6,6 +6,7 @@ Adding a model is one `NetSpec` here, one catalogue entry, and a net file when i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,3 +164,63 @@ def net_spec(name: str) -> NetSpec:
         return NET_SPECS[name]
     except KeyError:
         raise KeyError(f"unknown network {name!r}; known: {', '.join(NET_NAMES)}") from None
+
+
+# --- geometry of the official Resize, shared by the torch and the numpy transforms --------------------
+
+
+def _to_multiple(value: float, multiple: int, max_value: int | None = None, min_value: int | None = None) -> int:
+    # round() is round-half-to-even, as numpy's in the official Resize; C/JS rounding would differ at x.5.
+    size = int(round(value / multiple) * multiple)
+    if max_value is not None and size > max_value:
+        size = int(math.floor(value / multiple) * multiple)
+    if min_value is not None and size < min_value:
+        size = int(math.ceil(value / multiple) * multiple)
+    return size
+
+
+def target_size(height: int, width: int, spec_or_name: NetSpec | str) -> tuple[int, int]:
+    """The (h, w) network input size that the official Resize picks for an image of (height, width)."""
+    cfg = spec_or_name if isinstance(spec_or_name, NetSpec) else net_spec(spec_or_name)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    net_h, net_w = cfg.net_size
+    scale_h = net_h / height
+    scale_w = net_w / width
+    floor_h = floor_w = None
+    if cfg.resize_method == "upper_bound":
+        # Fit inside the native size.
+        if cfg.keep_aspect_ratio:
+            if scale_w < scale_h:
+                scale_h = scale_w
+            else:
+                scale_w = scale_h
+        limit_h, limit_w = net_h, net_w
+    elif cfg.resize_method == "lower_bound":
+        # Cover the native size (Depth Anything): the larger scale, never below the native size, no upper limit.
+        if scale_w > scale_h:
+            scale_h = scale_w
+        else:
+            scale_w = scale_h
+        limit_h = limit_w = None
+        floor_h, floor_w = net_h, net_w
+    else:
+        # "minimal": the scale closest to 1; no limit, so a side may exceed the native size.
+        if cfg.keep_aspect_ratio:
+            if abs(1 - scale_w) < abs(1 - scale_h):
+                scale_h = scale_w
+            else:
+                scale_w = scale_h
+        limit_h = limit_w = None
+    # Without keep_aspect_ratio each side is scaled on its own: every image becomes net_size exactly.
+    new_h = _to_multiple(scale_h * height, cfg.ensure_multiple_of, limit_h, floor_h)
+    new_w = _to_multiple(scale_w * width, cfg.ensure_multiple_of, limit_w, floor_w)
+    if new_h <= 0 or new_w <= 0:
+        raise ValueError(f"{height}x{width} is too elongated for {cfg.name}: network size would be {new_h}x{new_w}")
+    if cfg.max_net_side is not None and max(new_h, new_w) > cfg.max_net_side:
+        ratio = cfg.max_net_side / min(net_h, net_w)
+        raise ValueError(
+            f"{height}x{width} is too elongated for {cfg.name}: network size would be {new_h}x{new_w}, above its "
+            f"limit of {cfg.max_net_side} pixels a side; crop the image to an aspect ratio of at most {ratio:g}:1"
+        )
+    return new_h, new_w

@@ -1,4 +1,4 @@
-"""App config: registers the functional health check with the registry (the registry never imports us)."""
+"""App config: registers the functional health check and the runtime artifact builder with the registry (the registry never imports us)."""
 from django.apps import AppConfig
 
 
@@ -13,6 +13,10 @@ class InferenceConfig(AppConfig):
 
         functional_check_register(weights_functional_hash)
 
+        from models_registry.services.runtime import runtime_builder_register
+
+        runtime_builder_register(_runtime_artifact_build)
+
         from inference import signals  # noqa: F401  (connects the depth job receivers)
 
         from django.conf import settings
@@ -21,3 +25,10 @@ class InferenceConfig(AppConfig):
             from depthsite.querycount import queries_count_install
 
             queries_count_install(folder=settings.DEPTHSITE_COUNT_QUERIES_DIR)
+
+
+def _runtime_artifact_build(**kwargs):
+    # Imported on use: commands that never build an artifact (models info) do not pay for the module.
+    from inference.runtime.artifacts import runtime_artifact_build
+
+    return runtime_artifact_build(**kwargs)

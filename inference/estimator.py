@@ -1,8 +1,9 @@
-"""The registry-backed depth estimator, and the per-process pool that keeps estimators warm.
+"""The per-process pool that keeps estimators warm, and the one call jobs and `predict` make: `estimator_get`.
 
-Weights come from the registry's resolution chain (healthy cached file -> other format -> download),
-are memory-mapped, and are assigned into a network built on the meta device: no random initialisation
-and no second copy of the weights in memory. torch is imported here, never by the web pages.
+An estimator runs one model from one cached weight file, in one of two runtimes (inference.runtime):
+a verified ONNX Runtime artifact built from those weights (CPU; numpy pre- and postprocessing, no torch
+in the process) or eager PyTorch (CUDA, the fallback, and DEPTHSITE_RUNTIME=eager). This module does not
+import torch: the eager runtime is imported only when a request needs it.
 """
 from __future__ import annotations
 
@@ -10,22 +11,17 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
 from django.conf import settings
 
-from inference.exceptions import InferenceError, OutOfMemoryError
-from inference.nets import create_model, get_config, postprocess, preprocess, target_size
+from inference.runtime import runtime_select, say_once
+from inference.runtime.base import DepthResult, Estimator
 from models_registry.catalogue import approx_bytes
-from models_registry.exceptions import WeightFileError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import model_get
-from models_registry.services.resolve import weights_resolve, weights_resolve_loaded
+from models_registry.services.resolve import weights_resolve
 from models_registry.services.warm import warm_model_forget, warm_model_record, warm_models_forget_at_exit
 from models_registry.services.weights import weight_mark_corrupt, weight_mark_used
 
@@ -33,162 +29,72 @@ logger = logging.getLogger(__name__)
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
+__all__ = ["WORKER_ID", "DepthResult", "EstimatorPool", "estimator_get", "estimator_pool", "estimator_build"]
 
-@dataclass
-class DepthResult:
-    depth: np.ndarray  # (H, W) float32 at the input resolution
-    depth_min: float
-    depth_max: float
-    semantics: str
-    model: str
-    weights_sha256: str
-    weights_format: str
-    device: str
-    dtype: str
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    inference_ms: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if key != "depth"}
+_EAGER_NAMES = ("DepthEstimator", "device_select", "network_bytes")
 
 
-def device_select(requested: str | None = None) -> torch.device:
-    """DEPTHSITE_DEVICE (or `requested`) when given, else CUDA when present, else CPU."""
-    name = (requested or settings.DEPTHSITE_DEVICE or "").strip()
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def __getattr__(name: str) -> Any:
+    # The eager runtime's names, for callers that ask this module for them; importing them imports torch.
+    if name in _EAGER_NAMES:
+        from inference.runtime import eager
+
+        return getattr(eager, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def estimator_build(*, model: RegisteredModel, device, half: bool, compile: bool,
+                    offline: bool | None = None) -> Estimator:
+    """An eager estimator (inference.runtime.eager.estimator_build), imported when first needed."""
+    from inference.runtime.eager import estimator_build as build
+
+    return build(model=model, device=device, half=half, compile=compile, offline=offline)
+
+
+_failed_artifacts: set[tuple[str, str]] = set()  # (model, weights sha256) whose artifact failed: eager from now on
+
+
+def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile,
+                         offline: bool | None = None) -> Estimator | None:
+    """The ONNX estimator of these weights, building and checking the artifact first when there is none.
+
+    None when there can be none (export or check failed, the file does not open): the caller runs eager,
+    and the reason is logged once."""
+    from inference.runtime.artifacts import runtime_artifact_build, runtime_artifact_find, weights_key
+    from models_registry import cachefs
+    from models_registry.exceptions import ApplicationError
+
+    failure_key = (model.name, weight_file.sha256)
+    if failure_key in _failed_artifacts:
+        return None
+    artifact = runtime_artifact_find(model=model, weight_file=weight_file)
+    if artifact is None:
+        try:
+            artifact = runtime_artifact_build(model=model, offline=offline)
+        except ApplicationError as exc:
+            _failed_artifacts.add(failure_key)
+            say_once(f"artifact:{failure_key}", "%s runs in eager PyTorch: no ONNX artifact (%s)", model.name,
+                     exc.message)
+            return None
+        if artifact.content_digest != weights_key(weight_file):
+            return None  # the weights changed while it was built; the next request resolves them again
+    from inference.runtime.onnx import OnnxEstimator
+
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InferenceError(f"unknown device {name!r} (use cpu, cuda or cuda:N)", extra={"field": "device"}) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"device {name} was asked for but CUDA is not available on this machine",
-                             extra={"field": "device"})
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise InferenceError(f"device type {device.type} is not supported", extra={"field": "device"})
-    return device
-
-
-def _configure_threads() -> None:
-    threads = settings.DEPTHSITE_TORCH_THREADS
-    if threads and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
-class DepthEstimator:
-    """One network on one device from one cached weight file; predict() may be called from many threads."""
-
-    def __init__(self, *, model: RegisteredModel, weight_file: WeightFile, state_dict: dict,
-                 device: torch.device, half: bool = False, compile: bool = False):
-        started = time.perf_counter()
-        self.model_name = model.name
-        self.architecture = model.architecture
-        self.semantics = model.semantics
-        self.weights_sha256 = weight_file.sha256
-        self.weights_format = weight_file.format
-        self.weight_file_id = weight_file.pk
-        self.device = device
-        self.dtype = torch.float16 if half else torch.float32
-        self.config = get_config(model.architecture)
-        network = create_model(model.architecture, state_dict=state_dict, device=str(device))
-        if half:
-            network = network.half()
-        network.eval()
-        if compile:
-            network = torch.compile(network)
-        self.network = network
-        self.bytes = network_bytes(network)
-        self.load_ms = (time.perf_counter() - started) * 1000
-        self._lock = threading.Lock()
-        self.last_used = time.monotonic()
-
-    @property
-    def key(self) -> tuple:
-        return (self.model_name, self.weights_sha256, str(self.device), str(self.dtype))
-
-    def preprocessing(self, height: int, width: int) -> dict[str, Any]:
-        return {
-            "network_input": list(target_size(height, width, self.config)),
-            "resize_method": self.config.resize_method,
-            "ensure_multiple_of": self.config.ensure_multiple_of,
-            "keep_aspect_ratio": self.config.keep_aspect_ratio,
-            "mean": list(self.config.mean),
-            "std": list(self.config.std),
-            "interpolation": "bicubic, no antialiasing, on float64 image/255",
-        }
-
-    def predict(self, image: np.ndarray) -> DepthResult:
-        """uint8 RGB (H, W, 3) -> float32 relative inverse depth at (H, W)."""
-        height, width = int(image.shape[0]), int(image.shape[1])
-        try:
-            batch = preprocess(image, self.config)
-        except ValueError as exc:
-            raise InferenceError(f"cannot prepare the image for {self.model_name}: {exc}") from None
-        batch = batch.to(self.device, self.dtype)
-        started = time.perf_counter()
-        with self._lock, torch.inference_mode():
-            try:
-                prediction = self.network(batch)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                raise OutOfMemoryError(f"out of GPU memory running {self.model_name} on a {width}x{height} image; "
-                                     "try a smaller image or a smaller model") from None
-            except RuntimeError as exc:
-                if not cpu_out_of_memory(exc):
-                    raise
-                raise OutOfMemoryError(f"out of memory running {self.model_name} on a {width}x{height} image; "
-                                       "try a smaller image or a smaller model") from None
-            depth = postprocess(prediction.float().cpu(), (height, width), self.config)
-        elapsed = (time.perf_counter() - started) * 1000
-        self.last_used = time.monotonic()
-        return DepthResult(
-            depth=depth, depth_min=float(depth.min()), depth_max=float(depth.max()), semantics=self.semantics,
-            model=self.model_name, weights_sha256=self.weights_sha256, weights_format=self.weights_format,
-            device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
-            preprocessing=self.preprocessing(height, width), inference_ms=elapsed,
-        )
-
-
-def cpu_out_of_memory(exc: RuntimeError) -> bool:
-    """Whether torch's CPU allocator refused memory: it raises a plain RuntimeError ("DefaultCPUAllocator:
-    can't allocate memory" or "... not enough memory"), the one place a type cannot tell it apart."""
-    text = str(exc)
-    return "DefaultCPUAllocator" in text or "out of memory" in text.lower()
-
-
-def network_bytes(network: torch.nn.Module) -> int:
-    """Bytes of the tensors a network holds (parameters and buffers; shared storage counted once)."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for tensor in [*network.parameters(), *network.buffers()]:
-        storage = tensor.untyped_storage()
-        key = (str(tensor.device), storage.data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
-    return total
-
-
-def estimator_build(*, model: RegisteredModel, device: torch.device, half: bool, compile: bool,
-                    offline: bool | None = None) -> DepthEstimator:
-    """Resolve, load and build; a file that the network refuses is marked corrupt and the next one is tried."""
-    last_error = ""
-    for _ in range(3):
-        weight_file, loaded = weights_resolve_loaded(model=model, offline=offline)
-        state_dict = {key: torch.from_numpy(array) for key, array in loaded.arrays.items()}
-        try:
-            return DepthEstimator(model=model, weight_file=weight_file, state_dict=state_dict, device=device,
-                                  half=half, compile=compile)
-        except ValueError as exc:
-            last_error = str(exc)
-            weight_mark_corrupt(weight_file=weight_file, reason=f"the network refused these weights: {exc}")
-    raise WeightFileError(f"no cached file of {model.name} builds a network (last error: {last_error})",
-                          extra={"model": model.name})
+        return OnnxEstimator(model_name=model.name, architecture=model.architecture, semantics=model.semantics,
+                             weights_sha256=weight_file.sha256, weights_format=weight_file.format,
+                             weight_file_id=weight_file.pk, artifact_path=cachefs.absolute(artifact.path),
+                             artifact_bytes=artifact.size, threads=settings.DEPTHSITE_TORCH_THREADS)
+    except Exception as exc:  # onnxruntime's errors share no base class; any means this file cannot be used
+        weight_mark_corrupt(weight_file=artifact, reason=f"ONNX Runtime cannot open it: {exc}")
+        _failed_artifacts.add(failure_key)
+        say_once(f"artifact:{failure_key}", "%s runs in eager PyTorch: its ONNX artifact does not open (%s)",
+                 model.name, exc)
+        return None
 
 
 class EstimatorPool:
-    """Warm estimators keyed by (model, weights sha256, device, dtype), least recently used evicted first.
+    """Warm estimators keyed by (model, weights sha256, device, dtype, runtime), least recently used evicted first.
 
     At most `capacity` networks (DEPTHSITE_WARM_MODELS) and `max_bytes` of their tensors
     (DEPTHSITE_WARM_BYTES): room is made before a network is built, so a large model does not load
@@ -198,7 +104,7 @@ class EstimatorPool:
     def __init__(self, capacity: int | None = None, max_bytes: int | None = None):
         self._capacity = capacity
         self._max_bytes = max_bytes
-        self._estimators: OrderedDict[tuple, DepthEstimator] = OrderedDict()
+        self._estimators: OrderedDict[tuple, Estimator] = OrderedDict()
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
 
@@ -217,19 +123,52 @@ class EstimatorPool:
             return sum(e.bytes for e in self._estimators.values())
 
     def get(self, *, model: RegisteredModel | str, device: str | None = None, half: bool | None = None,
-            offline: bool | None = None) -> DepthEstimator:
+            offline: bool | None = None) -> Estimator:
         if isinstance(model, str):
             model = model_get(name=model, enabled_only=True)
-        _configure_threads()
-        target = device_select(device)
         use_half = bool(settings.DEPTHSITE_FP16 if half is None else half)
+        estimator = None
+        if runtime_select(device=device) == "onnx":
+            if use_half:
+                say_once("fp16-cpu", "DEPTHSITE_FP16 is ignored on CPU: half precision is only used on CUDA "
+                         "(measured slower than float32 on this CPU, docs/performance.md)")
+            estimator = self._get_onnx(model=model, offline=offline)
+        if estimator is None:
+            estimator = self._get_eager(model=model, device=device, use_half=use_half, offline=offline)
+        used = WeightFile.objects.filter(pk=estimator.weight_file_id).first()
+        if used is not None:
+            weight_mark_used(weight_file=used)
+        return estimator
+
+    def _get_onnx(self, *, model: RegisteredModel, offline: bool | None) -> Estimator | None:
+        weight_file = weights_resolve(model=model, offline=offline)
+        key = (model.name, weight_file.sha256, "cpu", "torch.float32", "onnx")
+        estimator = self._lookup(key)
+        if estimator is None:
+            with self._build_lock(key):
+                estimator = self._lookup(key)
+                if estimator is None:
+                    self._evict(self._over_budget(incoming=approx_bytes(model.architecture), adding=1))
+                    estimator = onnx_estimator_build(model=model, weight_file=weight_file, offline=offline)
+                    if estimator is not None:
+                        self._admit(model, estimator)
+        return estimator
+
+    def _get_eager(self, *, model: RegisteredModel, device: str | None, use_half: bool,
+                   offline: bool | None) -> Estimator:
+        import torch
+
+        from inference.runtime.eager import configure_threads, device_select
+
+        configure_threads()
+        target = device_select(device)
         if use_half and target.type != "cuda":
-            logger.info("fp16 is only used on CUDA; %s runs in float32 on %s", model.name, target)
+            say_once("fp16-cpu", "DEPTHSITE_FP16 is ignored on CPU: half precision is only used on CUDA "
+                     "(measured slower than float32 on this CPU, docs/performance.md)")
             use_half = False
         dtype = str(torch.float16 if use_half else torch.float32)
         weight_file = weights_resolve(model=model, offline=offline)
-        key = (model.name, weight_file.sha256, str(target), dtype)
-
+        key = (model.name, weight_file.sha256, str(target), dtype, "eager")
         estimator = self._lookup(key)
         if estimator is None:
             with self._build_lock(key):
@@ -239,22 +178,22 @@ class EstimatorPool:
                     self._evict(self._over_budget(incoming=incoming, adding=1))
                     estimator = estimator_build(model=model, device=target, half=use_half,
                                                 compile=settings.DEPTHSITE_COMPILE, offline=offline)
-                    self._insert(estimator)
-                    logger.info("%s ready on %s in %.0f ms (%d MB)", model.name, target, estimator.load_ms,
-                                estimator.bytes // 1_000_000)
-                    warm_model_record(model=model, weight_file=WeightFile.objects.filter(
-                        pk=estimator.weight_file_id).first(), worker=WORKER_ID, device=str(target),
-                        dtype=dtype.replace("torch.", ""), load_ms=estimator.load_ms, bytes=estimator.bytes)
-                    if not settings.Q_CLUSTER.get("sync"):
-                        # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests)
-                        # belong to no worker.
-                        warm_models_forget_at_exit(worker=WORKER_ID)
-        used = WeightFile.objects.filter(pk=estimator.weight_file_id).first()
-        if used is not None:
-            weight_mark_used(weight_file=used)
+                    self._admit(model, estimator)
         return estimator
 
-    def _lookup(self, key: tuple) -> DepthEstimator | None:
+    def _admit(self, model: RegisteredModel, estimator: Estimator) -> None:
+        self._insert(estimator)
+        logger.info("%s ready on %s (%s) in %.0f ms (%d MB)", model.name, estimator.device_name, estimator.runtime,
+                    estimator.load_ms, estimator.bytes // 1_000_000)
+        warm_model_record(model=model, weight_file=WeightFile.objects.filter(pk=estimator.weight_file_id).first(),
+                          worker=WORKER_ID, device=estimator.device_name, dtype=estimator.dtype_name,
+                          load_ms=estimator.load_ms, bytes=estimator.bytes)
+        if not settings.Q_CLUSTER.get("sync"):
+            # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests) belong to no
+            # worker.
+            warm_models_forget_at_exit(worker=WORKER_ID)
+
+    def _lookup(self, key: tuple) -> Estimator | None:
         with self._lock:
             estimator = self._estimators.get(key)
             if estimator is not None:
@@ -265,7 +204,7 @@ class EstimatorPool:
         with self._lock:
             return self._building.setdefault(key, threading.Lock())
 
-    def _over_budget(self, *, incoming: int = 0, adding: int = 0) -> list[DepthEstimator]:
+    def _over_budget(self, *, incoming: int = 0, adding: int = 0) -> list[Estimator]:
         """Least recently used estimators to drop so that `adding` more networks of `incoming` bytes fit."""
         limit = self.max_bytes
         with self._lock:
@@ -283,7 +222,7 @@ class EstimatorPool:
             total -= old.bytes
         return chosen
 
-    def _insert(self, estimator: DepthEstimator) -> None:
+    def _insert(self, estimator: Estimator) -> None:
         with self._lock:
             self._estimators[estimator.key] = estimator
             self._estimators.move_to_end(estimator.key)
@@ -292,7 +231,7 @@ class EstimatorPool:
             logger.warning("%s alone holds %d bytes, over DEPTHSITE_WARM_BYTES=%d; kept while it is used",
                            estimator.model_name, estimator.bytes, self.max_bytes)
 
-    def _evict(self, victims: list[DepthEstimator]) -> None:
+    def _evict(self, victims: list[Estimator]) -> None:
         evicted = []
         with self._lock:
             for old in victims:
@@ -300,21 +239,18 @@ class EstimatorPool:
                     del self._estimators[old.key]
                     evicted.append(old)
         for old in evicted:
-            logger.info("evicting warm %s (%s) from this process", old.model_name, old.device)
+            logger.info("evicting warm %s (%s, %s) from this process", old.model_name, old.device_name, old.runtime)
             try:
                 model = RegisteredModel.objects.get(name=old.model_name)
-                warm_model_forget(worker=WORKER_ID, model=model, device=str(old.device),
-                                  dtype=str(old.dtype).replace("torch.", ""))
+                warm_model_forget(worker=WORKER_ID, model=model, device=old.device_name, dtype=old.dtype_name)
             except RegisteredModel.DoesNotExist:
                 pass
-            if old.device.type == "cuda":
-                del old
-                torch.cuda.empty_cache()
+            old.release()
 
     def warm(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [{"model": e.model_name, "weights_sha256": e.weights_sha256, "device": str(e.device),
-                     "dtype": str(e.dtype).replace("torch.", ""), "load_ms": e.load_ms, "bytes": e.bytes}
+            return [{"model": e.model_name, "weights_sha256": e.weights_sha256, "device": e.device_name,
+                     "dtype": e.dtype_name, "runtime": e.runtime, "load_ms": e.load_ms, "bytes": e.bytes}
                     for e in self._estimators.values()]
 
     def clear(self) -> None:
@@ -328,8 +264,8 @@ _pool = EstimatorPool()
 
 
 def estimator_get(*, model: RegisteredModel | str, device: str | None = None, half: bool | None = None,
-                  offline: bool | None = None) -> DepthEstimator:
-    """A warm estimator from this process's pool (built on first use)."""
+                  offline: bool | None = None) -> Estimator:
+    """A warm estimator from this process's pool (built on first use), in the runtime runtime_select picks."""
     return _pool.get(model=model, device=device, half=half, offline=offline)
 
 

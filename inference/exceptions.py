@@ -28,3 +28,7 @@ class QuotaExceededError(ApplicationError):
     """An anonymous session or address already stores as many jobs or bytes as DEPTHSITE_ANON_MAX_* allow."""
 
     status = 429
+
+
+class RuntimeArtifactError(InferenceError):
+    """A runtime artifact (ONNX) could not be built, or does not compute what eager PyTorch computes."""

@@ -28,6 +28,20 @@ class WeightFormat(models.TextChoices):
             ) from None
 
 
+class RuntimeFormat(models.TextChoices):
+    """Files derived from cached weights for a faster runtime: built on this node, never imported or exported."""
+
+    ONNX = "onnx", "ONNX Runtime graph (.onnx), built from cached weights"
+
+    @classmethod
+    def extension(cls, fmt: str) -> str:
+        return {"onnx": ".onnx"}[fmt]
+
+
+# What a WeightFile row may hold: weights in one of four formats, or a runtime artifact derived from them.
+FILE_FORMAT_CHOICES = [*WeightFormat.choices, *RuntimeFormat.choices]
+
+
 class Health(models.TextChoices):
     OK = "ok", "ok"
     UNVERIFIED = "unverified", "unverified"

@@ -115,3 +115,21 @@ def synthetic_image(height: int, width: int) -> np.ndarray:
     rect_cols = slice(width // 2, width // 2 + width // 3)
     image[rect_rows, rect_cols] = (30, 200, 90)
     return image
+
+
+def structural_keys(model: str) -> tuple[str, ...]:
+    """Official keys of the structural buffers of `model`, as listed by its key layout."""
+    data = json.loads((CATALOGUE_DIR / f"keys_{model}.json").read_text())
+    return tuple(data["structural_buffers"]["keys"])
+
+
+def det_rule_state_dict(model: str) -> dict:
+    """Every rule-filled entry of the official layout (structural buffers left out), as torch tensors."""
+    import torch
+
+    skip = set(structural_keys(model))
+    return {
+        key: torch.from_numpy(det_array(key, shape, dtype))
+        for key, shape, dtype in official_layout(model)
+        if key not in skip
+    }

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from depthsite.netspecs import NetSpec, net_spec
 from models_registry import cachefs
-from models_registry.choices import RunStatus, Health, WeightFormat, architecture_choices
+from models_registry.choices import FILE_FORMAT_CHOICES, Health, RunStatus, WeightFormat, architecture_choices
 
 
 def validate_path_name(value: str) -> None:
@@ -91,7 +91,9 @@ class RegisteredModel(models.Model):
 
 class WeightFile(models.Model):
     model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="weight_files")
-    format = models.CharField(max_length=16, choices=WeightFormat.choices)
+    # A runtime artifact (onnx) is recorded like weights: its content_digest is that of the weights it was
+    # built from, so it is only ever served for those weights.
+    format = models.CharField(max_length=16, choices=FILE_FORMAT_CHOICES)
     path = models.CharField(max_length=500, help_text="Relative to the node's cache directory.")
     size = models.BigIntegerField()
     sha256 = models.CharField(max_length=64)
@@ -111,7 +113,8 @@ class WeightFile(models.Model):
     # Where these bytes came from, as it happened (blank on rows recorded before provenance was kept).
     origin = models.CharField(max_length=16, blank=True,
                               choices=[("download", "downloaded"), ("import", "imported from a file"),
-                                       ("convert", "converted from another cached copy")])
+                                       ("convert", "converted from another cached copy"),
+                                       ("build", "built for a runtime from a cached copy")])
     origin_source = models.CharField(max_length=500, blank=True,
                                      help_text="The URL downloaded, the imported file's original name, or the "
                                                "copy converted from.")

@@ -53,7 +53,8 @@ def weight_file_get(*, model: RegisteredModel, fmt: str, node: str | None = None
 
 
 def weight_files_usable(*, model: RegisteredModel, node: str | None = None) -> list[WeightFile]:
-    return list(weight_files(model=model, node=node).filter(health__in=Health.USABLE))
+    """Usable copies of the weights themselves (a runtime artifact is not a source of weights)."""
+    return list(weight_files(model=model, node=node).filter(health__in=Health.USABLE, format__in=WeightFormat.values))
 
 
 def download_active(*, model: RegisteredModel, node: str | None = None) -> WeightDownload | None:

@@ -17,6 +17,8 @@ DEPTHSITE_PUBLIC_UPLOADS = False
 DEPTHSITE_PUBLIC_STATUS = False
 DEPTHSITE_CACHE_MAX_BYTES = None
 DEPTHSITE_CACHE_FORMAT = ""
+# Exporting an ONNX artifact costs seconds per model: the runtime tests ask for it, the others run eager.
+DEPTHSITE_RUNTIME = "eager"
 
 Q_CLUSTER = {**Q_CLUSTER, "sync": True}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from depthsite.netspecs import target_size as _target_size
+
 from .registry import NetConfig, get_config
 
 ConfigOrName = Union[NetConfig, str]
@@ -16,61 +18,11 @@ def _resolve(config_or_name: ConfigOrName) -> NetConfig:
     return config_or_name if isinstance(config_or_name, NetConfig) else get_config(config_or_name)
 
 
-def _to_multiple(value: float, multiple: int, max_value: Optional[int] = None, min_value: Optional[int] = None) -> int:
-    # np.round is round-half-to-even, as in the official Resize; C/JS rounding would differ at x.5.
-    size = int(np.round(value / multiple) * multiple)
-    if max_value is not None and size > max_value:
-        size = int(np.floor(value / multiple) * multiple)
-    if min_value is not None and size < min_value:
-        size = int(np.ceil(value / multiple) * multiple)
-    return size
-
-
 def target_size(height: int, width: int, config_or_name: ConfigOrName) -> tuple[int, int]:
-    """The (h, w) network input size that the official Resize picks for an image of (height, width)."""
-    cfg = _resolve(config_or_name)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    net_h, net_w = cfg.net_size
-    scale_h = net_h / height
-    scale_w = net_w / width
-    floor_h = floor_w = None
-    if cfg.resize_method == "upper_bound":
-        # Fit inside the native size.
-        if cfg.keep_aspect_ratio:
-            if scale_w < scale_h:
-                scale_h = scale_w
-            else:
-                scale_w = scale_h
-        limit_h, limit_w = net_h, net_w
-    elif cfg.resize_method == "lower_bound":
-        # Cover the native size (Depth Anything): the larger scale, never below the native size, no upper limit.
-        if scale_w > scale_h:
-            scale_h = scale_w
-        else:
-            scale_w = scale_h
-        limit_h = limit_w = None
-        floor_h, floor_w = net_h, net_w
-    else:
-        # "minimal": the scale closest to 1; no limit, so a side may exceed the native size.
-        if cfg.keep_aspect_ratio:
-            if abs(1 - scale_w) < abs(1 - scale_h):
-                scale_h = scale_w
-            else:
-                scale_w = scale_h
-        limit_h = limit_w = None
-    # Without keep_aspect_ratio each side is scaled on its own: every image becomes net_size exactly.
-    new_h = _to_multiple(scale_h * height, cfg.ensure_multiple_of, limit_h, floor_h)
-    new_w = _to_multiple(scale_w * width, cfg.ensure_multiple_of, limit_w, floor_w)
-    if new_h <= 0 or new_w <= 0:
-        raise ValueError(f"{height}x{width} is too elongated for {cfg.name}: network size would be {new_h}x{new_w}")
-    if cfg.max_net_side is not None and max(new_h, new_w) > cfg.max_net_side:
-        ratio = cfg.max_net_side / min(net_h, net_w)
-        raise ValueError(
-            f"{height}x{width} is too elongated for {cfg.name}: network size would be {new_h}x{new_w}, above its "
-            f"limit of {cfg.max_net_side} pixels a side; crop the image to an aspect ratio of at most {ratio:g}:1"
-        )
-    return new_h, new_w
+    """The (h, w) network input size that the official Resize picks for an image of (height, width).
+
+    One definition (depthsite.netspecs), shared with the numpy twin the ONNX path uses."""
+    return _target_size(height, width, _resolve(config_or_name))
 
 
 def preprocess(image: np.ndarray, config_or_name: ConfigOrName) -> torch.Tensor:

@@ -16,7 +16,7 @@ from django.utils import timezone
 import depthsite
 from models_registry import cachefs
 from models_registry.catalogue import ARCHITECTURES, key_layout
-from models_registry.choices import Health, WeightFormat
+from models_registry.choices import Health, RuntimeFormat, WeightFormat
 from models_registry.exceptions import (
     ConflictError,
     DiskFullError,
@@ -341,10 +341,29 @@ def node_check(*, node: str, action: str, model: str = "", fmt: str = "") -> Non
                "hint": f"run `{command}` on the machine of node {node}"})
 
 
+def _artifact_problem(weight_file: WeightFile, path: Path) -> tuple[str, str]:
+    """A runtime artifact's bytes against its record; its output was compared with eager when it was built."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return Health.MISSING, f"file not found at {path}"
+    if size != weight_file.size or file_sha256(path) != weight_file.sha256:
+        return Health.CORRUPT, (f"{path.name} is not the artifact that was built and checked (size or sha256 "
+                                "changed); it is rebuilt on next use")
+    return Health.OK, weight_file.health_reason if weight_file.health == Health.OK else ""
+
+
 def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> VerifyResult:
     """Check one recorded file of this node; ConflictError for another node's record (its file is not here)."""
     node_check(node=weight_file.node, action="verify", model=weight_file.model.name, fmt=weight_file.format)
     path = cachefs.absolute(weight_file.path)
+    if weight_file.format in RuntimeFormat.values:
+        health, reason = _artifact_problem(weight_file, path)
+        if health == Health.OK and weight_file.health != Health.OK:
+            health, reason = weight_file.health, weight_file.health_reason  # bytes intact, but it failed its check
+        weight_file.set_health(health, reason)
+        weight_file.save(update_fields=["health", "health_reason", "verified_at"])
+        return VerifyResult(weight_file=weight_file, health=health, reason=reason, path=str(path))
     health, reason, inspection = _verify_problems(weight_file, path)
     if health == Health.OK and functional and inspection is not None:
         try:

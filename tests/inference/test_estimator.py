@@ -59,13 +59,15 @@ def test_result_describes_itself(cached_small, pool):
 
 def test_weights_are_assigned_without_a_copy(cached_small, pool, monkeypatch):
     seen = {}
-    real_create = estimator_module.create_model
+    from inference.runtime import eager
+
+    real_create = eager.create_model
 
     def spy(name, *, state_dict=None, device="cpu"):
         seen.update(state_dict)
         return real_create(name, state_dict=state_dict, device=device)
 
-    monkeypatch.setattr(estimator_module, "create_model", spy)
+    monkeypatch.setattr(eager, "create_model", spy)
     estimator = pool.get(model="MiDaS_small")
     parameters = dict(estimator.network.named_parameters())
     key = "scratch.output_conv.0.weight"

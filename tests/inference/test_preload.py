@@ -26,9 +26,13 @@ def test_the_setting_reads_a_comma_list(monkeypatch):
 
 
 @pytest.mark.slow
-def test_post_spawn_warms_the_named_models(cached_small, fresh_pool, settings):
+def test_post_spawn_warms_the_named_models(cached_small, fresh_pool, settings, monkeypatch):
     from django_q.signals import post_spawn
 
+    from inference import estimator
+
+    # As a real worker (sync off), but this test process is no worker: nothing to remove when it exits.
+    monkeypatch.setattr(estimator, "warm_models_forget_at_exit", lambda **kwargs: None)
     settings.DEPTHSITE_PRELOAD = ["MiDaS_small"]
     settings.Q_CLUSTER = {**settings.Q_CLUSTER, "sync": False}
     assert fresh_pool.warm() == []

@@ -22,13 +22,8 @@ from tests.nets.fidelity import (
     assert_net_matches,
     loaded_network,
 )
-from tests.support.detweights_v31 import (
-    REFERENCE_DIR,
-    det_official_state_dict,
-    det_rule_state_dict,
-    structural_keys,
-    timm_key,
-)
+from models_registry.detweights import det_rule_state_dict, structural_keys
+from tests.support.detweights_v31 import REFERENCE_DIR, det_official_state_dict, timm_key
 
 V31 = ("DPT_BEiT_L_512", "DPT_BEiT_L_384", "DPT_BEiT_B_384", "DPT_SwinV2_L_384", "DPT_SwinV2_B_384",
        "DPT_SwinV2_T_256", "DPT_Swin_L_384", "DPT_LeViT_224")

@@ -12,16 +12,10 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from models_registry.detweights import CATALOGUE_DIR, det_array, official_layout
+from models_registry.detweights import det_rule_state_dict, official_layout
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "reference" / "midas_v31"
 BACKBONE_PREFIX = "pretrained.model."
-
-
-def structural_keys(model: str) -> tuple[str, ...]:
-    """Official keys of the structural buffers of `model`, as listed by its key layout."""
-    data = json.loads((CATALOGUE_DIR / f"keys_{model}.json").read_text())
-    return tuple(data["structural_buffers"]["keys"])
 
 
 @lru_cache(maxsize=None)
@@ -45,18 +39,6 @@ def timm_key(model: str, official: str) -> str:
         return official
     assert target[0] is not None, official
     return target[0]
-
-
-def det_rule_state_dict(model: str) -> dict:
-    """Every rule-filled entry of the official layout (structural buffers left out), as torch tensors."""
-    import torch
-
-    skip = set(structural_keys(model))
-    return {
-        key: torch.from_numpy(det_array(key, shape, dtype))
-        for key, shape, dtype in official_layout(model)
-        if key not in skip
-    }
 
 
 def det_official_state_dict(model: str, network, rule: dict | None = None) -> dict:

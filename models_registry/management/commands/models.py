@@ -66,6 +66,9 @@ class Command(RegistryCommand):
         p.add_argument("--node", help=NODE_HELP)
         p.add_argument("--dry-run", action="store_true", help="show the plan only")
         p.add_argument("--max-size", help="e.g. 10GB (default DEPTHSITE_CACHE_MAX_BYTES)")
+        p.add_argument("--build-runtime", action="store_true",
+                       help="first build and check the ONNX Runtime artifact of every cached model (or --model)")
+        p.add_argument("--model", help="with --build-runtime: this model only")
         p.add_argument("--json", action="store_true")
 
         p = actions.add_parser("clear", help="remove cached files and their records")
@@ -271,7 +274,8 @@ class Command(RegistryCommand):
 
     # --- optimize / clear / pin ------------------------------------------------------------------
 
-    def do_optimize(self, *, dry_run=False, max_size=None, json=False, node=None, **_):
+    def do_optimize(self, *, dry_run=False, max_size=None, json=False, node=None, build_runtime=False,
+                    model=None, **_):
         from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
 
         _this_node_only(node, "optimize")
@@ -279,12 +283,25 @@ class Command(RegistryCommand):
             max_bytes = parse_size(max_size) if max_size else None
         except ValueError as exc:
             raise CliError(f"--max-size: {exc}") from None
+        if model and not build_runtime:
+            raise CliError("--model goes with --build-runtime (optimize itself covers the whole cache)")
+        builds = []
+        if build_runtime and not dry_run:
+            from models_registry.services.runtime import runtime_artifacts_build
+
+            builds = runtime_artifacts_build(model=model_get(name=model) if model else None)
         plan = cache_optimize_plan(max_bytes=max_bytes)
         if not dry_run and plan.items:
             plan = cache_optimize_execute(plan=plan)
         if json:
-            return self.print_json(plan.as_dict())
+            return self.print_json({**plan.as_dict(), "runtime": [build.as_dict() for build in builds]}
+                                   if build_runtime else plan.as_dict())
         w = self.stdout.write
+        for build in builds:
+            if build.ok:
+                w(f"{build.model}: onnx artifact {format_size(build.artifact.size)}, {build.detail}")
+            else:
+                w(f"{build.model}: no runtime artifact, runs eager: {build.detail}")
         w(f"Cache {plan.cache_dir} on {plan.node}: {format_size(plan.bytes_before)}"
           + (f", limit {format_size(plan.max_bytes)}" if plan.max_bytes else ""))
         if not plan.items:

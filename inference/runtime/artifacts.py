@@ -1,0 +1,152 @@
+"""Runtime artifacts in the weight cache: find the verified ONNX file built from given weights, or build one.
+
+An artifact is a WeightFile of format `onnx` whose content_digest is the digest of the weights it was
+exported from: it is served for those weights only. It is exported here (never imported from outside),
+checked against eager PyTorch on reference inputs (max |diff| <= TOLERANCE of the eager output's range),
+written under a temporary name and renamed into place only once it passed. Building needs torch; finding
+and using one does not.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.utils import timezone
+
+from inference.exceptions import RuntimeArtifactError
+from inference.runtime.export import EXPORTER, check_shapes, network_export
+
+from models_registry import cachefs
+from models_registry.choices import Health, RuntimeFormat
+from models_registry.exceptions import ApplicationError
+from models_registry.formats import file_sha256
+from models_registry.models import RegisteredModel, WeightFile
+from models_registry.selectors import weight_file_get
+from models_registry.services.weights import weight_mark_corrupt
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = RuntimeFormat.ONNX.value
+TOLERANCE = 2e-5  # of the eager output's range: what the fidelity tests hold the eager path to
+
+
+def weights_key(weight_file: WeightFile) -> str:
+    """What an artifact is keyed by: the content digest of its source weights (their sha256 when unknown)."""
+    return weight_file.content_digest or weight_file.sha256
+
+
+def runtime_artifact_path(*, model: RegisteredModel) -> Path:
+    stem = Path(model.file_name).stem if model.file_name else model.name
+    return cachefs.model_dir(model.name) / f"{stem}{RuntimeFormat.extension(ARTIFACT_FORMAT)}"
+
+
+def runtime_artifact_find(*, model: RegisteredModel, weight_file: WeightFile) -> WeightFile | None:
+    """The checked artifact built from exactly these weights, its bytes intact; None when there is none to use.
+
+    A recorded artifact whose bytes changed is marked corrupt (and so rebuilt and pruned)."""
+    artifact = weight_file_get(model=model, fmt=ARTIFACT_FORMAT)
+    if artifact is None or artifact.health != Health.OK or artifact.content_digest != weights_key(weight_file):
+        return None
+    try:
+        path = cachefs.absolute(artifact.path)
+        size = path.stat().st_size
+    except (OSError, ApplicationError):
+        artifact.set_health(Health.MISSING, "the artifact file is gone; it is rebuilt on next use")
+        artifact.save(update_fields=["health", "health_reason", "verified_at"])
+        return None
+    if size != artifact.size or file_sha256(path) != artifact.sha256:
+        weight_mark_corrupt(weight_file=artifact, reason=f"{path.name} is not the artifact that was built and "
+                                                         "checked (size or sha256 changed)")
+        return None
+    return artifact
+
+
+@dataclass
+class ArtifactCheck:
+    shapes: list[tuple[int, int]]
+    worst: float  # max |onnx - eager| / range(eager), over the shapes
+
+    def describe(self) -> str:
+        shapes = ", ".join(f"{h}x{w}" for h, w in self.shapes)
+        return (f"{EXPORTER}; checked against eager at {shapes}: max |diff| {self.worst:.2e} of the range "
+                f"(tolerance {TOLERANCE:g})")
+
+
+def artifact_compare(network, config, path: Path) -> ArtifactCheck:
+    """Run eager and the artifact on the reference inputs; the worst relative difference."""
+    import numpy as np
+    import torch
+
+    from inference.health import probe_input
+    from inference.runtime.onnx import session_open
+
+    session = session_open(path)
+    name = session.get_inputs()[0].name
+    worst = 0.0
+    shapes = check_shapes(config)
+    for height, width in shapes:
+        batch = probe_input(height, width)
+        with torch.inference_mode():
+            eager = network(torch.from_numpy(batch)).float().numpy()
+        fast = session.run(None, {name: batch})[0]
+        if fast.shape != eager.shape or not np.isfinite(fast).all():
+            raise RuntimeArtifactError(f"the ONNX artifact's output at {height}x{width} has shape {fast.shape} "
+                                       f"or non-finite values; eager gives {eager.shape}")
+        spread = float(eager.max() - eager.min()) or 1.0
+        worst = max(worst, float(np.abs(fast.astype(np.float64) - eager).max() / spread))
+    return ArtifactCheck(shapes=shapes, worst=worst)
+
+
+def runtime_artifact_build(*, model: RegisteredModel, offline: bool | None = None,
+                           tolerance: float = TOLERANCE) -> WeightFile:
+    """Export, check and record the ONNX artifact of the model's current weights (torch is needed here)."""
+    import torch
+
+    from inference.nets import create_model, get_config
+    from models_registry.services.resolve import weights_resolve_loaded
+
+    weight_file, loaded = weights_resolve_loaded(model=model, offline=offline)
+    existing = runtime_artifact_find(model=model, weight_file=weight_file)
+    if existing is not None:
+        return existing
+    config = get_config(model.architecture)
+    state_dict = {key: torch.from_numpy(array) for key, array in loaded.arrays.items()}
+    network = create_model(model.architecture, state_dict=state_dict, device="cpu").eval()
+    dest = runtime_artifact_path(model=model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cachefs.temp_path_for(dest)
+    try:
+        with cachefs.disk_full_as_error(dest):
+            try:
+                network_export(network, config, tmp)
+            except Exception as exc:  # the exporter raises many kinds; each means "no artifact"
+                raise RuntimeArtifactError(f"exporting {model.name} to ONNX failed: {exc}",
+                                           extra={"model": model.name}) from None
+            check = artifact_compare(network, config, tmp)
+            if check.worst > tolerance:
+                raise RuntimeArtifactError(
+                    f"the ONNX artifact of {model.name} differs from eager by {check.worst:.2e} of the output "
+                    f"range (tolerance {tolerance:g}); eager is used", extra={"model": model.name})
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            sha256 = file_sha256(tmp)
+            size = tmp.stat().st_size
+            with cachefs.locked(model.name):
+                os.replace(tmp, dest)
+                cachefs.fsync_dir(dest.parent)
+                now = timezone.now()
+                artifact, _ = WeightFile.objects.update_or_create(
+                    model=model, format=ARTIFACT_FORMAT, node=cachefs.node_name(), defaults={
+                        "path": cachefs.relative(dest), "size": size, "sha256": sha256,
+                        "content_digest": weights_key(weight_file), "dtype": "float32", "health": Health.OK,
+                        "health_reason": check.describe(), "functional_hash": "", "license": model.license,
+                        "verified_at": now, "created_at": now, "origin": "build",
+                        "origin_source": f"{weight_file.format} copy, sha256 {weight_file.sha256}",
+                        "origin_by": "", "last_used_at": None})
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    logger.info("built the ONNX artifact of %s (%d MB): %s", model.name, size // 1_000_000, check.describe())
+    return artifact

@@ -1,0 +1,109 @@
+"""Pre- and postprocessing in numpy: the torch-free twin of inference/nets/transforms.py (same sizes, same kernels).
+
+Resizing is separable: each axis is a gather of 4 (bicubic) or 2 (bilinear) neighbours with per-output
+weights, computed exactly as torch's upsample kernels compute them (half-pixel centres without
+clamping for bicubic, a = -0.75, border indices clamped; align_corners for Depth Anything's bilinear).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from depthsite.netspecs import NetSpec, net_spec, target_size
+
+CUBIC_A = -0.75
+
+
+def _resolve(spec_or_name: NetSpec | str) -> NetSpec:
+    return spec_or_name if isinstance(spec_or_name, NetSpec) else net_spec(spec_or_name)
+
+
+def _cubic_taps(size_in: int, size_out: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights), each (size_out, 4): torch's bicubic with align_corners=False and no antialiasing."""
+    scale = dtype(size_in) / dtype(size_out)
+    source = scale * (np.arange(size_out, dtype=dtype) + dtype(0.5)) - dtype(0.5)  # not clamped for cubic
+    base = np.floor(source)
+    t = (source - base).astype(dtype)
+    a = dtype(CUBIC_A)
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1).astype(dtype)
+    indices = base.astype(np.int64)[:, None] + np.arange(-1, 3)[None, :]
+    return np.clip(indices, 0, size_in - 1), weights
+
+
+def _linear_taps_aligned(size_in: int, size_out: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights), each (size_out, 2): torch's bilinear with align_corners=True."""
+    scale = dtype(size_in - 1) / dtype(size_out - 1) if size_out > 1 else dtype(0)
+    source = scale * np.arange(size_out, dtype=dtype)
+    low = np.floor(source).astype(np.int64)
+    low = np.clip(low, 0, size_in - 1)
+    lam = (source - low).astype(dtype)
+    high = np.minimum(low + 1, size_in - 1)
+    return np.stack([low, high], axis=1), np.stack([1 - lam, lam], axis=1).astype(dtype)
+
+
+def _resize_axis(x: np.ndarray, axis: int, size_out: int, mode: str, dtype: Any) -> np.ndarray:
+    size_in = x.shape[axis]
+    if mode == "bicubic":
+        indices, weights = _cubic_taps(size_in, size_out, dtype)
+    else:
+        indices, weights = _linear_taps_aligned(size_in, size_out, dtype)
+    shape = [1] * x.ndim
+    shape[axis] = size_out
+    out = None
+    for k in range(indices.shape[1]):
+        term = np.take(x, indices[:, k], axis=axis) * weights[:, k].reshape(shape)
+        out = term if out is None else out + term
+    return out
+
+
+def resize(x: np.ndarray, size: tuple[int, int], *, mode: str = "bicubic", dtype: Any = np.float64) -> np.ndarray:
+    """Resize the last two axes of x (…, H, W) to size; mode "bicubic" (half-pixel) or "bilinear" (aligned corners)."""
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"unsupported interpolation {mode!r}")
+    x = x.astype(dtype, copy=False)
+    height, width = int(size[0]), int(size[1])
+    # Along x first, then y: the order torch's kernels accumulate in, so float32 results agree closely.
+    x = _resize_axis(x, x.ndim - 1, width, mode, dtype)
+    return _resize_axis(x, x.ndim - 2, height, mode, dtype)
+
+
+def preprocess(image: np.ndarray, spec_or_name: NetSpec | str) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> normalised float32 (1, 3, h, w) at the network input size (float64 inside)."""
+    cfg = _resolve(spec_or_name)
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected a uint8 RGB array of shape (H, W, 3), got {array.dtype} {array.shape}")
+    size = target_size(array.shape[0], array.shape[1], cfg)
+    x = array.transpose(2, 0, 1).astype(np.float64) / 255.0
+    x = resize(x, size, mode="bicubic", dtype=np.float64)
+    mean = np.asarray(cfg.mean, dtype=np.float64).reshape(3, 1, 1)
+    std = np.asarray(cfg.std, dtype=np.float64).reshape(3, 1, 1)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x[None].astype(np.float32))
+
+
+def postprocess(prediction: np.ndarray, size: tuple[int, int], spec_or_name: NetSpec | str | None = None) -> np.ndarray:
+    """Network output (1, h, w) or (h, w) -> float32 (H, W) at the image size, with the variant's official resize."""
+    pred = np.asarray(prediction)
+    if pred.ndim == 3 and pred.shape[0] == 1:
+        pred = pred[0]
+    if pred.ndim != 2:
+        raise ValueError(f"expected a prediction of shape (1, h, w) or (h, w), got {tuple(np.shape(prediction))}")
+    mode = "bicubic"
+    if spec_or_name is not None:
+        cfg = _resolve(spec_or_name)
+        mode = cfg.output_interpolation
+        if cfg.output_align_corners != (mode == "bilinear"):
+            # Only the two official pairs have a twin: bicubic half-pixel (MiDaS), bilinear aligned (DA V2).
+            raise ValueError(f"{cfg.name}: {mode} with align_corners={cfg.output_align_corners} has no numpy twin")
+    # float32 like torch: its float32 source indices and weights are what the eager path computes with.
+    out = resize(pred.astype(np.float32), size, mode=mode, dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32)

@@ -1,0 +1,241 @@
+"""The ONNX runtime path: artifacts built, checked, recorded and keyed by the weights' digest; eager fallback."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference import estimator as estimator_module
+from inference import runtime as runtime_module
+from inference.estimator import EstimatorPool
+from inference.runtime import artifacts, runtime_select
+from models_registry import cachefs
+from models_registry.choices import Health
+from models_registry.exceptions import WeightFileError
+from models_registry.formats import file_sha256
+from models_registry.models import RegisteredModel, WeightFile
+from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
+from models_registry.services.weights import weight_import, weight_verify
+from models_registry.detweights import synthetic_image
+
+pytestmark = pytest.mark.django_db
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
+
+
+def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
+    return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime_state(settings):
+    settings.DEPTHSITE_RUNTIME = "onnx"
+    runtime_module._said.clear()
+    estimator_module._failed_artifacts.clear()
+    yield
+    runtime_module._said.clear()
+    estimator_module._failed_artifacts.clear()
+
+
+@pytest.fixture
+def pool():
+    pool = EstimatorPool(capacity=2)
+    yield pool
+    pool.clear()
+
+
+def artifact_row(model_name: str = "MiDaS_small") -> WeightFile | None:
+    return WeightFile.objects.filter(model__name=model_name, format="onnx").first()
+
+
+def fake_artifact(model: RegisteredModel, source: WeightFile, size: int = 4096) -> WeightFile:
+    """An artifact row and file without an export: enough for what the registry does with it."""
+    path = artifacts.runtime_artifact_path(model=model)
+    path.write_bytes(bytes(range(256)) * (size // 256))
+    return WeightFile.objects.create(model=model, format="onnx", path=cachefs.relative(path), size=path.stat().st_size,
+                                     sha256=file_sha256(path), content_digest=source.content_digest,
+                                     health=Health.OK, node=cachefs.node_name(), origin="build")
+
+
+# --- choosing the runtime ------------------------------------------------------------------------
+
+
+def test_runtime_select_follows_the_setting_and_the_device(settings):
+    settings.DEPTHSITE_RUNTIME = "eager"
+    assert runtime_select(device="cpu") == "eager"
+    settings.DEPTHSITE_RUNTIME = "onnx"
+    assert runtime_select(device="cpu") == "onnx"
+    assert runtime_select(device="cuda") == "eager"
+    settings.DEPTHSITE_RUNTIME = "auto"
+    assert runtime_select(device="cpu") == "onnx"
+
+
+def test_missing_onnxruntime_means_eager_said_once(settings, monkeypatch, caplog, cached_small, pool):
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    with caplog.at_level(logging.WARNING, logger="inference.runtime"):
+        assert runtime_select(device="cpu") == "eager"
+        estimator = pool.get(model="MiDaS_small")
+        pool.get(model="MiDaS_small")
+    assert estimator.runtime == "eager"
+    assert [r.message for r in caplog.records].count(
+        "onnxruntime is not installed: models run in eager PyTorch "
+        "(pip install -r requirements.txt for the faster CPU runtime)") == 1
+    assert artifact_row() is None
+
+
+def test_fp16_on_cpu_is_ignored_with_one_warning(settings, cached_small, pool, caplog):
+    settings.DEPTHSITE_RUNTIME = "eager"
+    with caplog.at_level(logging.WARNING, logger="inference.runtime"):
+        first = pool.get(model="MiDaS_small", device="cpu", half=True)
+        pool.get(model="MiDaS_small", device="cpu", half=True)
+    assert first.dtype_name == "float32"
+    assert sum("DEPTHSITE_FP16 is ignored on CPU" in r.message for r in caplog.records) == 1
+
+
+# --- numpy twin of the transforms ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["MiDaS_small", "DPT_Hybrid", "Depth_Anything_V2_Small", "DPT_SwinV2_T_256"])
+def test_numpy_transforms_match_the_torch_ones(name):
+    import torch
+
+    from inference.nets import transforms as torch_transforms
+    from inference.runtime import transforms as numpy_transforms
+
+    for height, width in ((240, 320), (500, 375), (97, 203)):
+        image = synthetic_image(height, width)
+        expected = torch_transforms.preprocess(image, name).numpy()
+        got = numpy_transforms.preprocess(image, name)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        assert np.abs(got - expected).max() <= 1e-6
+        # A smooth prediction, as networks give: float32 rounding only, well inside the 2e-5 budget.
+        rows, cols = np.meshgrid(np.linspace(0, 3, got.shape[2]), np.linspace(0, 2, got.shape[3]), indexing="ij")
+        prediction = (np.sin(rows) * np.cos(cols) * 40 + 100).astype(np.float32)[None]
+        back = torch_transforms.postprocess(torch.from_numpy(prediction), (height, width), name)
+        assert relative_error(numpy_transforms.postprocess(prediction, (height, width), name), back) <= 5e-6
+
+
+# --- the registry's side, without an export ----------------------------------------------------------
+
+
+def test_an_onnx_file_is_never_imported(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "midas_v21_small_256.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(WeightFileError):
+        weight_import(path=path, model_name="MiDaS_small")
+    assert not WeightFile.objects.exists()
+
+
+def test_budget_pruning_removes_artifacts_and_weights_resolution_ignores_them(cached_small):
+    model = cached_small.model
+    artifact = fake_artifact(model, cached_small)
+    from models_registry.selectors import weight_files_usable
+
+    assert [f.format for f in weight_files_usable(model=model)] == ["pt"]
+    plan = cache_optimize_plan(max_bytes=1)
+    evicted = {item.format for item in plan.items if item.kind == "evict"}
+    assert "onnx" in evicted
+    cache_optimize_execute(plan=plan)
+    assert not WeightFile.objects.filter(pk=artifact.pk).exists()
+    assert not artifacts.runtime_artifact_path(model=model).exists()
+
+
+def test_verify_checks_an_artifacts_bytes(cached_small):
+    artifact = fake_artifact(cached_small.model, cached_small)
+    assert weight_verify(weight_file=artifact).health == Health.OK
+    path = cachefs.absolute(artifact.path)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert weight_verify(weight_file=artifact).health == Health.CORRUPT
+    # A damaged artifact is never served for its weights.
+    assert artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small) is None
+
+
+# --- built, checked and used (real exports of MiDaS_small) ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_artifact_is_built_recorded_and_matches_eager(cached_small, pool):
+    estimator = pool.get(model="MiDaS_small")
+    assert estimator.runtime == "onnx"
+    artifact = artifact_row()
+    path = cachefs.absolute(artifact.path)
+    assert artifact.health == Health.OK and artifact.origin == "build"
+    assert artifact.size == path.stat().st_size and artifact.sha256 == file_sha256(path)
+    assert artifact.content_digest == cached_small.content_digest
+    assert "checked against eager at 256x256, 192x256" in artifact.health_reason
+    assert not list(path.parent.glob(f"{cachefs.TEMP_PREFIX}*"))  # no half-written file left beside it
+    for height, width in ((240, 320), (500, 375)):
+        result = estimator.predict(synthetic_image(height, width))
+        golden = np.load(FIXTURES / f"e2e_MiDaS_small_{height}x{width}.npy")
+        assert result.depth.shape == (height, width) and result.depth.dtype == np.float32
+        assert result.runtime == "onnx" and result.weights_sha256 == cached_small.sha256
+        assert relative_error(result.depth, golden) <= 2e-5
+    assert pool.get(model="MiDaS_small") is estimator
+
+
+@pytest.mark.slow
+def test_artifact_is_keyed_by_the_weights_digest(cached_small, small_arrays, write_checkpoint, pool):
+    first = pool.get(model="MiDaS_small")
+    old = artifact_row()
+    other = {key: (value * np.float32(0.5) if key.endswith("output_conv.4.weight") else value)
+             for key, value in small_arrays.items()}
+    replaced = weight_import(path=write_checkpoint("pt", name="other.pt", arrays=other), model_name="MiDaS_small",
+                             pin=False).weight_file
+    assert replaced.content_digest != old.content_digest
+    assert artifacts.runtime_artifact_find(model=replaced.model, weight_file=replaced) is None
+    second = pool.get(model="MiDaS_small")
+    assert second is not first and second.runtime == "onnx" and second.weights_sha256 == replaced.sha256
+    new = artifact_row()
+    assert new.content_digest == replaced.content_digest and new.sha256 != old.sha256
+    image = synthetic_image(96, 128)
+    assert not np.allclose(first.predict(image).depth, second.predict(image).depth)
+
+
+@pytest.mark.slow
+def test_damaged_or_missing_artifact_is_detected_and_rebuilt(cached_small, caplog):
+    pool = EstimatorPool(capacity=2)
+    pool.get(model="MiDaS_small")
+    pool.clear()
+    artifact = artifact_row()
+    path = cachefs.absolute(artifact.path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        rebuilt = EstimatorPool(capacity=2).get(model="MiDaS_small")
+    assert rebuilt.runtime == "onnx"
+    assert any("marked corrupt" in r.message for r in caplog.records)
+    artifact.refresh_from_db()
+    assert artifact.health == Health.OK and artifact.sha256 == file_sha256(path)
+    path.unlink()
+    again = EstimatorPool(capacity=2).get(model="MiDaS_small")
+    assert again.runtime == "onnx" and path.exists()
+
+
+@pytest.mark.slow
+def test_artifact_failing_its_check_falls_back_to_eager_said_once(cached_small, monkeypatch, caplog, pool):
+    real_compare = artifacts.artifact_compare
+
+    def off_by_a_lot(network, config, path):
+        check = real_compare(network, config, path)
+        check.worst = 1e-3
+        return check
+
+    monkeypatch.setattr(artifacts, "artifact_compare", off_by_a_lot)
+    with caplog.at_level(logging.WARNING, logger="inference.runtime"):
+        first = pool.get(model="MiDaS_small")
+        second = EstimatorPool(capacity=1).get(model="MiDaS_small")
+    assert first.runtime == "eager" and second.runtime == "eager"
+    fallbacks = [r for r in caplog.records if "runs in eager PyTorch" in r.message]
+    assert len(fallbacks) == 1 and "differs from eager by 1.00e-03" in fallbacks[0].getMessage()
+    assert artifact_row() is None
+    assert not list(artifacts.runtime_artifact_path(model=cached_small.model).parent.glob("*.onnx"))
