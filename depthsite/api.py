@@ -7,7 +7,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from models_registry.exceptions import ApplicationError
+from depthsite.exceptions import ApplicationError
 
 
 def _first_message(detail) -> str:

@@ -5,13 +5,13 @@ from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html
 
-from inference.choices import JobStatus
+from depthsite.choices import RunStatus
 from inference.models import DepthBatch, DepthJob
 from inference.services.jobs import depth_job_rerun
-from models_registry.exceptions import ApplicationError
+from depthsite.exceptions import ApplicationError
 
-STATUS_COLOURS = {JobStatus.QUEUED: "#9a6700", JobStatus.RUNNING: "#9a6700", JobStatus.SUCCEEDED: "#1a7f37",
-                  JobStatus.FAILED: "#cf222e"}
+STATUS_COLOURS = {RunStatus.QUEUED: "#9a6700", RunStatus.RUNNING: "#9a6700", RunStatus.SUCCEEDED: "#1a7f37",
+                  RunStatus.FAILED: "#cf222e"}
 
 
 @admin.action(description="Re-run selected jobs")

@@ -1,11 +1,7 @@
 """Choices of depth jobs, with the groups that views, services and the recovery rely on."""
 from django.db import models
 
-
-from models_registry.choices import RunStatus
-
-# A job lives like any background run: queued, running, then succeeded or failed (groups ACTIVE, TERMINAL).
-JobStatus = RunStatus
+# A job's status is depthsite.choices.RunStatus: queued, running, then succeeded or failed (ACTIVE, TERMINAL).
 
 
 class JobErrorCode(models.TextChoices):

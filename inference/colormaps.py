@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models_registry.exceptions import ValidationError
+from depthsite.exceptions import InvalidRequestError
 
 COLORMAPS = ("inferno", "magma", "viridis", "turbo", "gray")
 DEFAULT_COLORMAP = "inferno"
@@ -17,7 +17,7 @@ _TABLES = Path(__file__).with_name("colormaps.npz")
 def colormap_table(name: str) -> np.ndarray:
     """(256, 3) uint8 table; index 0 is the smallest value (farthest, for inverse depth)."""
     if name not in COLORMAPS:
-        raise ValidationError(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}",
+        raise InvalidRequestError(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}",
                               extra={"field": "colormap"})
     if name == "gray":
         ramp = np.arange(256, dtype=np.uint8)

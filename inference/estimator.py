@@ -62,7 +62,7 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile,
     and the reason is logged once."""
     from inference.runtime.artifacts import runtime_artifact_build, runtime_artifact_find, weights_key
     from models_registry import cachefs
-    from models_registry.exceptions import ApplicationError
+    from depthsite.exceptions import ApplicationError
 
     failure_key = (model.name, weight_file.sha256)
     if failure_key in _failed_artifacts:

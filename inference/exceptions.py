@@ -1,5 +1,5 @@
 """Inference's domain errors, members of the one ApplicationError family (rendered alike by every door)."""
-from models_registry.exceptions import ApplicationError, TooLargeError
+from depthsite.exceptions import ApplicationError, TooLargeError
 
 
 class ImageError(ApplicationError):

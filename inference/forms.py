@@ -10,7 +10,7 @@ from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.images import ALPHA_NOTE
 from inference.selectors import output_choices
 from inference.writers import DEFAULT_FOV_DEGREES
-from models_registry.exceptions import TooLargeError, ValidationError
+from depthsite.exceptions import TooLargeError, InvalidRequestError
 
 # Room for the multipart envelope (boundaries, part headers, the small fields) around a file at the limit.
 ENVELOPE_BYTES = 64 * 1024
@@ -108,9 +108,9 @@ def batch_too_large(size: int | None = None, *, whole_body: bool = False) -> Too
                          extra={"field": "images", "kind": "too_many_bytes", "limit": limit, "size": size})
 
 
-def batch_too_many_files(count: int) -> ValidationError:
+def batch_too_many_files(count: int) -> InvalidRequestError:
     limit = settings.DEPTHSITE_BATCH_MAX_FILES
-    return ValidationError(f"more than {limit} files in one batch (DEPTHSITE_BATCH_MAX_FILES); send fewer, or "
+    return InvalidRequestError(f"more than {limit} files in one batch (DEPTHSITE_BATCH_MAX_FILES); send fewer, or "
                            "several batches", extra={"field": "images", "kind": "too_many_files", "limit": limit,
                                                      "count": count})
 

@@ -53,7 +53,7 @@ def _run_probe(model, arrays: dict) -> str:
     import torch
 
     from inference.nets import create_model, get_config
-    from models_registry.exceptions import WeightFileError
+    from depthsite.exceptions import WeightFileError
 
     state_dict = {key: torch.from_numpy(np.asarray(value)) for key, value in arrays.items()}
     try:

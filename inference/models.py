@@ -8,7 +8,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-from inference.choices import JobErrorCode, JobStatus
+from depthsite.choices import RunStatus
+from inference.choices import JobErrorCode
 
 
 def upload_path(job: "DepthJob", filename: str) -> str:
@@ -81,7 +82,7 @@ class DepthJob(models.Model):
     colormap = models.CharField(max_length=16)
     fov_degrees = models.FloatField(default=60.0, help_text="Horizontal field of view the .ply point cloud assumes.")
 
-    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED, db_index=True)
     error = models.TextField(blank=True)
     error_code = models.CharField(max_length=32, choices=JobErrorCode.choices, blank=True)
     attempts = models.PositiveIntegerField(default=0, help_text="Times a worker started this job.")
@@ -128,14 +129,14 @@ class DepthJob(models.Model):
 
     @property
     def is_active(self) -> bool:
-        return self.status in JobStatus.ACTIVE
+        return self.status in RunStatus.ACTIVE
 
     @property
     def is_terminal(self) -> bool:
-        return self.status in JobStatus.TERMINAL
+        return self.status in RunStatus.TERMINAL
 
     def start(self, *, worker: str) -> None:
-        self.status = JobStatus.RUNNING
+        self.status = RunStatus.RUNNING
         self.worker = worker
         self.attempts += 1
         self.started_at = timezone.now()
@@ -146,7 +147,7 @@ class DepthJob(models.Model):
     def finish(self, *, result_files: dict[str, str], depth_min: float, depth_max: float, semantics: str,
                weights_sha256: str, weights_format: str, device: str, load_ms: float | None,
                inference_ms: float | None, reused_from: "DepthJob | None" = None) -> None:
-        self.status = JobStatus.SUCCEEDED
+        self.status = RunStatus.SUCCEEDED
         self.lease_until = None
         self.result_files = result_files
         self.depth_min = depth_min
@@ -161,7 +162,7 @@ class DepthJob(models.Model):
         self.finished_at = timezone.now()
 
     def fail(self, error: str, code: str = JobErrorCode.INTERNAL) -> None:
-        self.status = JobStatus.FAILED
+        self.status = RunStatus.FAILED
         self.lease_until = None
         self.error = error
         self.error_code = code
@@ -169,7 +170,7 @@ class DepthJob(models.Model):
 
     def requeue(self) -> None:
         """Back to the queue, keeping its attempts (a re-run resets them itself)."""
-        self.status = JobStatus.QUEUED
+        self.status = RunStatus.QUEUED
         self.worker = ""
         self.lease_until = None
         self.queued_at = timezone.now()

@@ -10,12 +10,12 @@ from django.conf import settings
 from django.db.models import QuerySet
 
 from depthsite.units import format_size, iso_time
-from inference.choices import JobStatus
+from depthsite.choices import RunStatus
 from inference.images import BROWSER_IMAGE_TYPES
 from inference.media import RESULTS_DIR, media_exists, media_name_check, media_size
 from inference.models import DepthBatch, DepthJob
 from inference.writers import CONTENT_TYPES, OUTPUT_FORMATS, SUFFIXES
-from models_registry.exceptions import ApplicationError, NotFoundError
+from depthsite.exceptions import ApplicationError, NotFoundError
 from models_registry.models import RegisteredModel
 from models_registry.selectors import download_active, model_list, weight_files_usable
 
@@ -39,7 +39,7 @@ def depth_job_list(*, user, session_key: str = "", everyone: bool = False) -> Qu
 def depth_job_history(*, user, session_key: str = "", everyone: bool = False, status: str = "",
                       model: str = "") -> QuerySet[DepthJob]:
     """The history page's jobs: `depth_job_list`, narrowed to one status and one model when given (both checked
-    by the caller against JobStatus and the catalogue names)."""
+    by the caller against RunStatus and the catalogue names)."""
     queryset = depth_job_list(user=user, session_key=session_key, everyone=everyone)
     if status:
         queryset = queryset.filter(status=status)
@@ -90,12 +90,12 @@ class ResultFile:
 
 def depth_job_file(*, job: DepthJob, fmt: str) -> ResultFile:
     """One output of a finished job, with its content type and a file name for downloads."""
-    relative = (job.result_files or {}).get(fmt) if job.status == JobStatus.SUCCEEDED else None
+    relative = (job.result_files or {}).get(fmt) if job.status == RunStatus.SUCCEEDED else None
     # A recorded name never leads outside the job's own results folder, whatever the row holds.
     name = media_name_check(relative, under=f"{RESULTS_DIR}/{job.pk}")
     if name is None or not media_exists(name):
         raise NotFoundError(f"prediction {job.pk} has no {fmt!r} output"
-                            + ("" if job.status == JobStatus.SUCCEEDED else f" (it is {job.status})"),
+                            + ("" if job.status == RunStatus.SUCCEEDED else f" (it is {job.status})"),
                             extra={"format": fmt, "available": sorted(job.result_files or {})})
     stem = Path(job.image_name or "image").stem[:80] or "image"
     return ResultFile(name=name, content_type=CONTENT_TYPES[fmt], download_name=f"{stem}-depth{SUFFIXES[fmt]}")
@@ -287,7 +287,7 @@ def depth_batch_jobs(*, batch: DepthBatch) -> list[DepthJob]:
 
 def depth_batch_summary(*, batch: DepthBatch, jobs: list[DepthJob]) -> dict[str, Any]:
     """The batch's progress: counts per status, the share of jobs done, and each job's short state."""
-    counts = {status: 0 for status in JobStatus.values}
+    counts = {status: 0 for status in RunStatus.values}
     for job in jobs:
         counts[job.status] = counts.get(job.status, 0) + 1
     done = sum(1 for job in jobs if job.is_terminal)
@@ -308,7 +308,7 @@ def depth_batch_summary(*, batch: DepthBatch, jobs: list[DepthJob]) -> dict[str,
         "jobs": [{"id": str(job.pk), "name": job.image_name, "status": job.status, "error": job.error,
                   "error_code": job.error_code, "width": job.image_width, "height": job.image_height,
                   "format": job.image_format, "outputs": sorted(job.result_files or {}) if job.is_terminal else [],
-                  "preview": depth_job_preview_format(job=job) if job.status == JobStatus.SUCCEEDED else None,
+                  "preview": depth_job_preview_format(job=job) if job.status == RunStatus.SUCCEEDED else None,
                   "browser_image": job.image_format in BROWSER_IMAGE_TYPES or bool(job.input_preview)}
                  for job in jobs],
     }

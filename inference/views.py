@@ -28,7 +28,7 @@ from inference.forms import (
 )
 from inference.media import media_name_check, media_open
 from inference.models import DepthJob
-from inference.choices import JobStatus
+from depthsite.choices import RunStatus
 from inference.sessions import upload_session_key
 from inference.selectors import (
     depth_batch_get,
@@ -58,7 +58,7 @@ from inference.services.batches import (
 from inference.services.rerun import depth_job_run_again
 from models_registry.api.throttling import client_address
 from models_registry.catalogue import cpu_times_machine
-from models_registry.exceptions import ApplicationError, NotFoundError
+from depthsite.exceptions import ApplicationError, NotFoundError
 
 HISTORY_PAGE_SIZE = 20
 
@@ -225,7 +225,7 @@ def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int 
 
 def _run_again_context(request, job: DepthJob, *, error: str = "") -> dict:
     """The "run again with another model" form: for a finished job, to its owner (or uploading session) and staff."""
-    allowed = (job.status in JobStatus.TERMINAL
+    allowed = (job.status in RunStatus.TERMINAL
                and depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)))
     names = [option.name for option in model_options(detailed=request.user.is_staff)] if allowed else []
     return {"can_run_again": allowed, "run_again_models": [name for name in names if name != job.model_name],
@@ -340,8 +340,8 @@ def _history_filters(request) -> tuple[dict, list[str]]:
         problems.append("only staff can list everyone's jobs")
         everyone = ""
     status = request.GET.get("status", "")
-    if status and status not in JobStatus.values:
-        problems.append(f"unknown status {status[:40]!r}; one of: {', '.join(JobStatus.values)}")
+    if status and status not in RunStatus.values:
+        problems.append(f"unknown status {status[:40]!r}; one of: {', '.join(RunStatus.values)}")
         status = ""
     model = request.GET.get("model", "")
     names = depth_job_model_names(jobs=depth_job_list(user=request.user, session_key=upload_session_key(request),
@@ -350,7 +350,7 @@ def _history_filters(request) -> tuple[dict, list[str]]:
         problems.append(f"unknown model {model[:64]!r}; one of: {', '.join(names)}")
         model = ""
     return {"status": status, "model": model, "everyone": everyone == "1", "model_names": names,
-            "statuses": JobStatus.values}, problems
+            "statuses": RunStatus.values}, problems
 
 
 @require_GET
@@ -364,7 +364,7 @@ def job_list(request):
     for job in jobs:
         urls = job_urls(job)
         job.input_thumb = urls["input_url"] if job.image_format in BROWSER_IMAGE_TYPES or job.input_preview else ""
-        job.depth_thumb = urls["files"].get("png", "") if job.status == JobStatus.SUCCEEDED else ""
+        job.depth_thumb = urls["files"].get("png", "") if job.status == RunStatus.SUCCEEDED else ""
     query = {key: value for key, value in (("status", filters["status"]), ("model", filters["model"]),
                                           ("everyone", "1" if filters["everyone"] else "")) if value}
     return render(request, "inference/job_list.html", {

@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from inference.colormaps import DEFAULT_COLORMAP, colorize
 from models_registry import cachefs
-from models_registry.exceptions import ValidationError
+from depthsite.exceptions import InvalidRequestError
 
 OUTPUT_FORMATS = ("png", "png16", "npy", "pfm", "side", "ply")
 # A file written beside an output, for pages rather than people: the browser's 3D view loads the preview.
@@ -65,10 +65,10 @@ def parse_formats(values: Iterable[str] | str) -> list[str]:
             elif item in OUTPUT_FORMATS:
                 wanted.add(item)
             else:
-                raise ValidationError(f"unknown output format {item!r}; choose from {', '.join(OUTPUT_FORMATS)} or all",
+                raise InvalidRequestError(f"unknown output format {item!r}; choose from {', '.join(OUTPUT_FORMATS)} or all",
                                       extra={"field": "outputs"})
     if not wanted:
-        raise ValidationError("choose at least one output format", extra={"field": "outputs"})
+        raise InvalidRequestError("choose at least one output format", extra={"field": "outputs"})
     return [fmt for fmt in OUTPUT_FORMATS if fmt in wanted]
 
 
@@ -163,16 +163,16 @@ def write_side_by_side(image_rgb: np.ndarray, depth: np.ndarray, dest: Path,
 
 
 def fov_check(value) -> float:
-    """A horizontal field of view in degrees, as a number within FOV_RANGE; ValidationError naming `fov` otherwise."""
+    """A horizontal field of view in degrees, as a number within FOV_RANGE; InvalidRequestError naming `fov` otherwise."""
     low, high = FOV_RANGE
     try:
         fov = float(value)
     except (TypeError, ValueError):
-        raise ValidationError(f"the field of view must be a number of degrees from {low:g} to {high:g}, "
+        raise InvalidRequestError(f"the field of view must be a number of degrees from {low:g} to {high:g}, "
                               f"not {value!r}",
                               extra={"field": "fov"}) from None
     if not (math.isfinite(fov) and low <= fov <= high):
-        raise ValidationError(f"the field of view must be from {low:g} to {high:g} degrees, not {value!r}",
+        raise InvalidRequestError(f"the field of view must be from {low:g} to {high:g} degrees, not {value!r}",
                               extra={"field": "fov"})
     return fov
 

@@ -9,7 +9,7 @@ from django.utils.html import format_html
 from depthsite.units import format_size
 from models_registry import cachefs
 from models_registry.choices import Health, WeightFormat
-from models_registry.exceptions import ApplicationError
+from depthsite.exceptions import ApplicationError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.services.cache import cache_clear
 from models_registry.services.weights import node_check, weight_convert, weight_export_artifact, weight_verify

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from models_registry.exceptions import ApplicationError, ConflictError, DiskFullError, ValidationError
+from depthsite.exceptions import ApplicationError, ConflictError, DiskFullError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ def name_problem(value: str) -> str:
 
 
 def safe_name(value: str, *, what: str) -> str:
-    """`value` when it is a usable single path component; ValidationError naming `what` otherwise."""
+    """`value` when it is a usable single path component; InvalidRequestError naming `what` otherwise."""
     problem = name_problem(value)
     if problem:
-        raise ValidationError(f"{what} {value!r} {problem}", extra={"kind": "unsafe_name", "value": str(value)})
+        raise InvalidRequestError(f"{what} {value!r} {problem}", extra={"kind": "unsafe_name", "value": str(value)})
     return value
 
 
@@ -68,7 +68,7 @@ def contained(root: Path, *parts: str | Path) -> Path:
     resolved = candidate.resolve()
     if resolved == base or not resolved.is_relative_to(base):
         shown = "/".join(str(part) for part in parts)
-        raise ValidationError(f"the path {shown!r} leads outside its folder; refused",
+        raise InvalidRequestError(f"the path {shown!r} leads outside its folder; refused",
                               extra={"kind": "unsafe_path", "path": shown})
     return candidate
 
@@ -99,7 +99,7 @@ def model_dir(model_name: str) -> Path:
 
 
 def absolute(relative_path: str) -> Path:
-    """The file a record's relative path names, inside the cache (ValidationError otherwise)."""
+    """The file a record's relative path names, inside the cache (InvalidRequestError otherwise)."""
     return contained(cache_root(), relative_path)
 
 

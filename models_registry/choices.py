@@ -16,14 +16,14 @@ class WeightFormat(models.TextChoices):
 
     @classmethod
     def parse(cls, text: str) -> "WeightFormat":
-        from models_registry.exceptions import ValidationError
+        from depthsite.exceptions import InvalidRequestError
 
         value = (text or "").strip().lower().lstrip(".")
         value = {"pth": "pt", "torch": "pt", "st": "safetensors", "hdf5": "h5", "pickle": "pkl"}.get(value, value)
         try:
             return cls(value)
         except ValueError:
-            raise ValidationError(
+            raise InvalidRequestError(
                 f"unknown format {text!r}; choose one of: {', '.join(cls.values)}", extra={"field": "format"}
             ) from None
 
@@ -66,14 +66,3 @@ def architecture_choices() -> list[tuple[str, str]]:
     return Architecture.choices
 
 
-class RunStatus(models.TextChoices):
-    """The life of a background run (a download here, a depth job in inference)."""
-
-    QUEUED = "queued", "queued"
-    RUNNING = "running", "running"
-    SUCCEEDED = "succeeded", "succeeded"
-    FAILED = "failed", "failed"
-
-
-RunStatus.ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
-RunStatus.TERMINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED)

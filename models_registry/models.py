@@ -8,7 +8,8 @@ from django.utils import timezone
 
 from depthsite.netspecs import NetSpec, net_spec
 from models_registry import cachefs
-from models_registry.choices import FILE_FORMAT_CHOICES, Health, RunStatus, WeightFormat, architecture_choices
+from depthsite.choices import RunStatus
+from models_registry.choices import FILE_FORMAT_CHOICES, Health, WeightFormat, architecture_choices
 
 
 def validate_path_name(value: str) -> None:

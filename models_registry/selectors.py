@@ -9,8 +9,9 @@ from django.utils import timezone
 
 from depthsite.units import format_size, iso_time
 from models_registry import cachefs
-from models_registry.choices import RunStatus, Health, WeightFormat
-from models_registry.exceptions import NotFoundError
+from depthsite.choices import RunStatus
+from models_registry.choices import Health, WeightFormat
+from depthsite.exceptions import NotFoundError
 from models_registry.models import ManagementRun, RegisteredModel, WarmModel, WeightDownload, WeightFile
 
 # A live worker refreshes its warm rows' last_used_at (on use and by its heartbeat). Rows older than

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from models_registry.choices import RunStatus
-from models_registry.exceptions import ApplicationError
+from depthsite.choices import RunStatus
+from depthsite.exceptions import ApplicationError
 from models_registry.models import WeightDownload
 
 logger = logging.getLogger(__name__)

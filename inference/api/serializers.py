@@ -6,7 +6,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
 
-from inference.choices import JobErrorCode, JobStatus
+from depthsite.choices import RunStatus
+from inference.choices import JobErrorCode
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.images import ALPHA_NOTE
 from inference.models import DepthJob
@@ -49,7 +50,7 @@ class PredictionSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     url = serializers.SerializerMethodField(help_text="This prediction in the API.")
     page_url = serializers.SerializerMethodField(help_text="Its web page, with live status.")
-    status = serializers.ChoiceField(choices=JobStatus.choices)
+    status = serializers.ChoiceField(choices=RunStatus.choices)
     attempts = serializers.IntegerField()
     error = serializers.CharField(help_text="Why it failed, and what to do; empty otherwise.")
     error_code = serializers.ChoiceField(choices=[("", "none"), *JobErrorCode.choices])
@@ -146,7 +147,7 @@ class BatchJobSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     url = serializers.URLField(help_text="The prediction in the API.")
     name = serializers.CharField(help_text="The photo's file name (in the archive: its base name).")
-    status = serializers.ChoiceField(choices=JobStatus.choices)
+    status = serializers.ChoiceField(choices=RunStatus.choices)
     error = serializers.CharField()
     error_code = serializers.CharField()
     width = serializers.IntegerField(allow_null=True)

@@ -42,7 +42,7 @@ from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
 from models_registry.api.throttling import client_address
 from models_registry.api.uploads import BodyGate
-from models_registry.exceptions import ApplicationError, ConflictError, NotFoundError
+from depthsite.exceptions import ApplicationError, ConflictError, NotFoundError
 
 ERRORS = {
     400: OpenApiResponse(PredictionErrorSerializer, description="A field is wrong; the message names it."),

@@ -20,7 +20,7 @@ from inference.runtime.export import EXPORTER, check_shapes, network_export
 
 from models_registry import cachefs
 from models_registry.choices import Health, RuntimeFormat
-from models_registry.exceptions import ApplicationError
+from depthsite.exceptions import ApplicationError
 from models_registry.formats import file_sha256
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import weight_file_get

@@ -17,7 +17,7 @@ from django.conf import settings
 from inference.exceptions import InferenceError, OutOfMemoryError
 from inference.nets import create_model, get_config, postprocess, preprocess, target_size
 from inference.runtime.base import DepthResult, preprocessing_facts
-from models_registry.exceptions import WeightFileError
+from depthsite.exceptions import WeightFileError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.resolve import weights_resolve_loaded
 from models_registry.services.weights import weight_mark_corrupt

@@ -35,7 +35,7 @@ from inference.selectors import depth_job_file
 from inference.services.jobs import anonymous_usage, depth_job_create
 from models_registry.catalogue import DEFAULT_MODEL
 from inference.writers import SUFFIXES
-from models_registry.exceptions import ApplicationError, NotFoundError, TooLargeError, ValidationError
+from depthsite.exceptions import ApplicationError, NotFoundError, TooLargeError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ class BatchImages:
         self.close()
 
 
-def _too_many(count: int, *, field_name: str) -> ValidationError:
+def _too_many(count: int, *, field_name: str) -> InvalidRequestError:
     limit = batch_max_files()
-    return ValidationError(f"{field_name}: {count} photos; a batch takes at most {limit} (DEPTHSITE_BATCH_MAX_FILES)",
+    return InvalidRequestError(f"{field_name}: {count} photos; a batch takes at most {limit} (DEPTHSITE_BATCH_MAX_FILES)",
                            extra={"field": field_name, "kind": "too_many_files", "limit": limit, "count": count})
 
 
@@ -113,17 +113,17 @@ def _too_many_bytes(size: int, *, field_name: str, what: str = "the batch") -> T
                          extra={"field": field_name, "kind": "too_many_bytes", "limit": limit, "size": size})
 
 
-def _refused(message: str, *, kind: str, member: str = "") -> ValidationError:
+def _refused(message: str, *, kind: str, member: str = "") -> InvalidRequestError:
     extra = {"field": "archive", "kind": kind}
     if member:
         extra["member"] = member
-    return ValidationError(f"archive: {message}", extra=extra)
+    return InvalidRequestError(f"archive: {message}", extra=extra)
 
 
 def depth_batch_images_collect(*, images: Sequence[File] = (), archive: File | None = None) -> BatchImages:
     """The photos of a batch: the uploaded files as they are, then the image members of a zip, unpacked.
 
-    ValidationError (400) for no photo, too many, or a hostile or unreadable archive (the message says which
+    InvalidRequestError (400) for no photo, too many, or a hostile or unreadable archive (the message says which
     member and why); TooLargeError (413) for more bytes than DEPTHSITE_BATCH_MAX_BYTES, or one photo over
     DEPTHSITE_MAX_UPLOAD_BYTES. The checks of each photo's content are `depth_job_create`'s, later.
     """
@@ -146,9 +146,9 @@ def depth_batch_images_collect(*, images: Sequence[File] = (), archive: File | N
         collected.close()
         if archive is not None:
             skipped = "; ".join(f"{item['name']} ({item['reason']})" for item in collected.skipped[:5])
-            raise ValidationError("archive: it holds no photo" + (f" (skipped: {skipped})" if skipped else ""),
+            raise InvalidRequestError("archive: it holds no photo" + (f" (skipped: {skipped})" if skipped else ""),
                                   extra={"field": "archive", "kind": "no_images", "skipped": collected.skipped})
-        raise ValidationError("images: send at least one photo (images), or a zip of photos (archive)",
+        raise InvalidRequestError("images: send at least one photo (images), or a zip of photos (archive)",
                               extra={"field": "images", "kind": "no_images"})
     return collected
 
@@ -444,7 +444,7 @@ def depth_batch_archive_plan(*, batch: DepthBatch, jobs: Sequence[DepthJob]) -> 
                 continue
             try:
                 depth_job_file(job=job, fmt=fmt)
-            except (NotFoundError, ValidationError):
+            except (NotFoundError, InvalidRequestError):
                 continue
             name = f"{stem}-depth{SUFFIXES[fmt]}"
             taken.add(name.lower())
@@ -494,7 +494,7 @@ def _archive_pieces(*, entries: Sequence[ArchiveEntry], manifest: dict) -> Itera
         for entry in entries:
             try:
                 source, size = batch_result_open(job=entry.job, fmt=entry.fmt)
-            except (NotFoundError, ValidationError, OSError):
+            except (NotFoundError, InvalidRequestError, OSError):
                 continue  # deleted since the plan: the manifest still says what it was
             with source:
                 info = zipfile.ZipInfo(entry.name, date_time=_zip_time(entry.job))

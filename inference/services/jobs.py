@@ -30,7 +30,8 @@ from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 
 from depthsite.units import format_size
-from inference.choices import JobErrorCode, JobStatus
+from depthsite.choices import RunStatus
+from inference.choices import JobErrorCode
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.exceptions import ImageError, InferenceError, OutOfMemoryError, QuotaExceededError
 from inference.images import BROWSER_IMAGE_TYPES, image_check, image_open, pixels_digest
@@ -50,14 +51,14 @@ from inference.models import DepthJob
 from inference.writers import DEFAULT_FOV_DEGREES, DepthMeta, fov_check, parse_formats, write_outputs
 from models_registry import cachefs
 from models_registry.catalogue import DEFAULT_MODEL
-from models_registry.exceptions import (
+from depthsite.exceptions import (
     ApplicationError,
     ConflictError,
     DownloadError,
     NotFoundError,
     OfflineError,
     TooLargeError,
-    ValidationError,
+    InvalidRequestError,
     WeightFileError,
 )
 from models_registry.models import RegisteredModel
@@ -167,7 +168,7 @@ def _model_for_job(name: str) -> RegisteredModel:
         model = model_get(name=name or DEFAULT_MODEL, enabled_only=True)
     except NotFoundError as exc:
         # An unknown model is a mistake in the request (400), not a missing resource.
-        raise ValidationError(exc.message, extra={**exc.extra, "field": "model"}) from None
+        raise InvalidRequestError(exc.message, extra={**exc.extra, "field": "model"}) from None
     model_license_check(model=model)  # refused before the upload is stored (403, under the model field)
     return model
 
@@ -175,7 +176,7 @@ def _model_for_job(name: str) -> RegisteredModel:
 def _colormap(name: str) -> str:
     value = (name or DEFAULT_COLORMAP).strip().lower()
     if value not in COLORMAPS:
-        raise ValidationError(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}",
+        raise InvalidRequestError(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}",
                               extra={"field": "colormap"})
     return value
 
@@ -217,7 +218,7 @@ def depth_job_create(
 ) -> DepthJob:
     """Check an upload, store it in the media storage, save the job and queue it once the transaction commits.
 
-    ValidationError (400) for an unknown model, output or colormap; ImageError (400) for a file that is
+    InvalidRequestError (400) for an unknown model, output or colormap; ImageError (400) for a file that is
     not a readable photo; TooLargeError/ImageTooLargeError (413) for too many bytes or pixels;
     QuotaExceededError (429) when an anonymous session or address stores its quota already.
     """
@@ -352,7 +353,7 @@ _heartbeat_pid: int | None = None
 def depth_job_lease_renew(*, job_id, worker: str, attempts: int) -> bool:
     """Extend the lease of one attempt; False when the row is no longer that attempt (recovered, deleted, over)."""
     until = timezone.now() + timedelta(seconds=job_lease_seconds())
-    return bool(DepthJob.objects.filter(pk=job_id, status=JobStatus.RUNNING, worker=worker,
+    return bool(DepthJob.objects.filter(pk=job_id, status=RunStatus.RUNNING, worker=worker,
                                         attempts=attempts).update(lease_until=until))
 
 
@@ -407,14 +408,14 @@ class _Superseded(Exception):
 
 
 def _still_this_attempt(job: DepthJob) -> bool:
-    return DepthJob.objects.filter(pk=job.pk, status=JobStatus.RUNNING, worker=job.worker,
+    return DepthJob.objects.filter(pk=job.pk, status=RunStatus.RUNNING, worker=job.worker,
                                    attempts=job.attempts).exists()
 
 
 def _save_running(job: DepthJob, fields: Iterable[str]) -> bool:
     """Write the outcome only while the row is still this attempt's: it may be deleted or recovered meanwhile."""
     values = {name: getattr(job, name) for name in fields}
-    updated = DepthJob.objects.filter(pk=job.pk, status=JobStatus.RUNNING, worker=job.worker,
+    updated = DepthJob.objects.filter(pk=job.pk, status=RunStatus.RUNNING, worker=job.worker,
                                       attempts=job.attempts).update(**values)
     return bool(updated)
 
@@ -463,7 +464,7 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
     if job.is_terminal:
         return job  # a re-delivery of a task whose job already ended
     me = worker_id()
-    if job.status == JobStatus.RUNNING and worker_alive(worker=job.worker, started_at=job.started_at,
+    if job.status == RunStatus.RUNNING and worker_alive(worker=job.worker, started_at=job.started_at,
                                                         lease_until=job.lease_until):
         logger.info("depth job %s is running in %s; this delivery leaves it alone", job.pk, job.worker)
         return job
@@ -643,7 +644,7 @@ def _results_write(job: DepthJob, write) -> dict[str, str]:
 
 def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
     # By the pixels the network saw, not the file's bytes: the same photo as PNG and as TIFF is one result.
-    candidates = (DepthJob.objects.filter(status=JobStatus.SUCCEEDED, pixels_sha256=job.pixels_sha256,
+    candidates = (DepthJob.objects.filter(status=RunStatus.SUCCEEDED, pixels_sha256=job.pixels_sha256,
                                           weights_sha256=weights_sha256, colormap=job.colormap)
                   .exclude(pk=job.pk).order_by("-finished_at"))
     if "ply" in job.outputs:  # the point cloud depends on the camera too
@@ -704,7 +705,7 @@ def depth_job_delete(*, job: DepthJob) -> dict[str, Any]:
 def depth_job_rerun(*, job: DepthJob) -> DepthJob:
     """Queue a finished job again (its attempts start over); ConflictError while it is queued or running."""
     observed_status = job.status
-    if observed_status in JobStatus.ACTIVE:
+    if observed_status in RunStatus.ACTIVE:
         raise ConflictError(f"job {job.short_id} is already {observed_status}", extra={"status": observed_status})
     if not job.image or not media_exists(job.image.name):
         raise ImageError("the job's uploaded image is gone, so it cannot run again; upload the photo again",
@@ -738,15 +739,15 @@ def depth_jobs_recover() -> dict[str, list[str]]:
     """
     requeued: list[str] = []
     failed: list[str] = []
-    _recover_running(DepthJob.objects.filter(status=JobStatus.RUNNING), requeued, failed)
+    _recover_running(DepthJob.objects.filter(status=RunStatus.RUNNING), requeued, failed)
 
     # A queued job waits at most `retry` for a worker under a healthy broker; past that its task may be
     # lost (Redis pops a task before running it), so it gets a fresh one.
     stale_before = timezone.now() - timedelta(seconds=_retry_after())
-    for job in DepthJob.objects.filter(status=JobStatus.QUEUED, queued_at__lt=stale_before).only(
+    for job in DepthJob.objects.filter(status=RunStatus.QUEUED, queued_at__lt=stale_before).only(
             "id", "status", "queued_at"):
         now = timezone.now()
-        if DepthJob.objects.filter(pk=job.pk, status=JobStatus.QUEUED, queued_at=job.queued_at).update(queued_at=now):
+        if DepthJob.objects.filter(pk=job.pk, status=RunStatus.QUEUED, queued_at=job.queued_at).update(queued_at=now):
             logger.warning("depth job %s has waited since %s; queued again", job.pk, job.queued_at)
             _depth_job_enqueue(job.pk)
             requeued.append(str(job.pk))
@@ -764,7 +765,7 @@ def depth_jobs_leases_recover() -> dict[str, list[str]]:
     finding the same job race on a conditional update; one wins."""
     requeued: list[str] = []
     failed: list[str] = []
-    _recover_running(DepthJob.objects.filter(status=JobStatus.RUNNING, lease_until__lt=timezone.now()),
+    _recover_running(DepthJob.objects.filter(status=RunStatus.RUNNING, lease_until__lt=timezone.now()),
                      requeued, failed)
     return {"requeued": requeued, "failed": failed}
 
@@ -788,13 +789,13 @@ def depth_jobs_stranded_requeue() -> list[str]:
     claimed or finished and does nothing), a lost one would wait for the `retry` window. The conditional
     update on queued_at lets one worker per lease period do it."""
     stale_before = timezone.now() - timedelta(seconds=job_lease_seconds())
-    waiting = list(DepthJob.objects.filter(status=JobStatus.QUEUED, queued_at__lt=stale_before)
+    waiting = list(DepthJob.objects.filter(status=RunStatus.QUEUED, queued_at__lt=stale_before)
                    .order_by("queued_at").values_list("pk", "queued_at")[:100])
     if not waiting or _broker_backlog() != 0:
         return []
     requeued = []
     for pk, queued_at in waiting:
-        if DepthJob.objects.filter(pk=pk, status=JobStatus.QUEUED, queued_at=queued_at).update(
+        if DepthJob.objects.filter(pk=pk, status=RunStatus.QUEUED, queued_at=queued_at).update(
                 queued_at=timezone.now()):
             logger.warning("depth job %s has been queued since %s with no task in the broker; queued again",
                            pk, queued_at)
@@ -845,7 +846,7 @@ def results_staging_sweep(*, max_age_seconds: float | None = None) -> list[str]:
         if found:
             job = DepthJob.objects.filter(pk=found.group(1)).only("id", "status", "worker", "started_at",
                                                                   "lease_until").first()
-            if job is not None and job.status == JobStatus.RUNNING and worker_alive(
+            if job is not None and job.status == RunStatus.RUNNING and worker_alive(
                     worker=job.worker, started_at=job.started_at, lease_until=job.lease_until):
                 continue
         path = Path(entry.path)

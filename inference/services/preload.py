@@ -11,7 +11,7 @@ import time
 
 from django.conf import settings
 
-from models_registry.exceptions import ApplicationError
+from depthsite.exceptions import ApplicationError
 
 logger = logging.getLogger(__name__)
 

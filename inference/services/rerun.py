@@ -5,12 +5,12 @@ from pathlib import PurePosixPath
 
 from django.core.files import File
 
-from inference.choices import JobStatus
+from depthsite.choices import RunStatus
 from inference.exceptions import ImageError
 from inference.media import media_exists, media_open
 from inference.models import DepthJob
 from inference.services.jobs import depth_job_create
-from models_registry.exceptions import ConflictError
+from depthsite.exceptions import ConflictError
 
 
 def depth_job_run_again(*, job: DepthJob, model: str, owner=None, session_key: str = "",
@@ -22,7 +22,7 @@ def depth_job_run_again(*, job: DepthJob, model: str, owner=None, session_key: s
     (the job's owner or staff). ConflictError while `job` is still queued or running; ImageError when its
     photo is gone.
     """
-    if job.status not in JobStatus.TERMINAL:
+    if job.status not in RunStatus.TERMINAL:
         raise ConflictError(f"job {job.short_id} is still {job.status}; run it again once it has finished",
                             extra={"status": job.status})
     name = job.image.name if job.image else ""

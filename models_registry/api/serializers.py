@@ -7,8 +7,9 @@ from rest_framework import serializers
 
 from depthsite.units import parse_size
 from models_registry.api import public
-from models_registry.choices import RunStatus, Health, WeightFormat
-from models_registry.exceptions import ValidationError as DomainValidationError
+from depthsite.choices import RunStatus
+from models_registry.choices import Health, WeightFormat
+from depthsite.exceptions import InvalidRequestError
 from models_registry.models import RegisteredModel
 
 MAX_BYTES_LIMIT = 2**63 - 1  # what a BigIntegerField and every disk can hold
@@ -25,7 +26,7 @@ class WeightFormatField(serializers.ChoiceField):
             self.fail("invalid_choice", input=data)
         try:
             return WeightFormat.parse(data).value
-        except DomainValidationError as exc:
+        except InvalidRequestError as exc:
             raise serializers.ValidationError(exc.message, code="invalid_choice") from None
 
 

@@ -11,7 +11,7 @@ from django.utils.datastructures import MultiValueDict
 
 from depthsite.units import format_size
 from models_registry import cachefs
-from models_registry.exceptions import TooLargeError
+from depthsite.exceptions import TooLargeError
 
 IMPORTS_DIR = ".imports"
 # Room for the multipart envelope (boundaries, part headers, the `model` field) around a file at the limit.

@@ -24,7 +24,7 @@ from models_registry.api.public import cache_info_public, registry_reader_is_pub
 from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
 from models_registry.api.uploads import BodyGate, ImportUploadHandler
-from models_registry.exceptions import ApplicationError, ValidationError
+from depthsite.exceptions import ApplicationError, InvalidRequestError
 from models_registry.services.weights import node_check
 from models_registry.selectors import (
     cache_info,
@@ -168,7 +168,7 @@ class CacheClearApi(RegistryWriteApi):
 
         data = _validated(s.CacheClearRequestSerializer, request.data)
         if not data["confirm"]:
-            raise ValidationError('clearing deletes weight files: send {"confirm": true} to go ahead',
+            raise InvalidRequestError('clearing deletes weight files: send {"confirm": true} to go ahead',
                                   extra={"field": "confirm"})
         model = model_get(name=data["model"]) if data.get("model") else None
         return Response(cache_clear(model=model, fmt=data.get("format"), node=data.get("node")).as_dict())

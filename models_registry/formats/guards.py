@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from models_registry.catalogue import ARCHITECTURES, key_layout
-from models_registry.exceptions import WeightFileError
+from depthsite.exceptions import WeightFileError
 
 # The widest element a weights file may use (float64/int64): the budget allows every tensor at 8 bytes.
 MAX_ITEMSIZE = 8

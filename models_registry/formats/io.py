@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from models_registry.exceptions import WeightFileError
+from depthsite.exceptions import WeightFileError
 from models_registry.formats.digest import c_order
 from models_registry.formats.guards import (
     check_dtype,

@@ -6,7 +6,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from models_registry.exceptions import WeightFileError
+from depthsite.exceptions import WeightFileError
 
 HEAD_BYTES = 1024
 ZIP_MAGIC = b"PK\x03\x04"

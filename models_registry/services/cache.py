@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 from depthsite.units import format_size
 from models_registry import cachefs
 from models_registry.choices import Health, WeightFormat
-from models_registry.exceptions import ValidationError
+from depthsite.exceptions import InvalidRequestError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import weight_files
 
@@ -134,7 +134,7 @@ def cache_optimize_plan(*, max_bytes: int | None = None, now: float | None = Non
     for record in records:
         try:
             path = cachefs.absolute(record.path)
-        except ValidationError as exc:
+        except InvalidRequestError as exc:
             # A record forced in with a path outside the cache: never touch that path, only report it.
             plan.errors.append(f"{record.model.name} [{record.format}]: {exc.message}")
             doomed.add(record.pk)

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from models_registry.catalogue import CATALOGUE
-from models_registry.exceptions import ValidationError
+from depthsite.exceptions import InvalidRequestError
 from models_registry.models import RegisteredModel
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def model_pin(
     else:
         sha256 = sha256.strip().lower()
         if not SHA256_RE.match(sha256):
-            raise ValidationError(f"not a sha256 hash: {sha256!r} (64 hex digits)", extra={"field": "sha256"})
+            raise InvalidRequestError(f"not a sha256 hash: {sha256!r} (64 hex digits)", extra={"field": "sha256"})
         if model.expected_sha256 != sha256:
             model.expected_content_digest = ""
         model.expected_sha256 = sha256

@@ -24,16 +24,17 @@ import depthsite
 from depthsite.units import format_size
 from models_registry import cachefs, fetch
 from models_registry.catalogue import key_layout
-from models_registry.choices import RunStatus, Health, WeightFormat
-from models_registry.exceptions import (
+from depthsite.choices import RunStatus
+from models_registry.choices import Health, WeightFormat
+from depthsite.exceptions import (
     ApplicationError,
     ConflictError,
     DiskFullError,
     DownloadError,
-    IntegrityError,
+    DigestMismatchError,
     NotFoundError,
     OfflineError,
-    ValidationError,
+    InvalidRequestError,
     WeightFileError,
 )
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
@@ -132,7 +133,7 @@ def download_url(*, model: RegisteredModel) -> str:
                                       what=f"the file name of {model.name}")
         scheme = urlsplit(mirror).scheme.lower()
         if scheme not in ("http", "https", "file"):
-            raise ValidationError(
+            raise InvalidRequestError(
                 f"DEPTHSITE_MODEL_MIRROR={mirror!r} is not an http(s):// base URL or a file:// folder",
                 extra={"setting": "DEPTHSITE_MODEL_MIRROR"},
             )
@@ -146,7 +147,7 @@ def download_url(*, model: RegisteredModel) -> str:
     if urlsplit(model.source_url).scheme.lower() not in ("http", "https"):
         # Only the operator's DEPTHSITE_MODEL_MIRROR may name a local folder; a catalogue entry's URL
         # (admin-editable) must not make the server copy its own files.
-        raise ValidationError(f"the download URL of {model.name} is not an http(s):// URL",
+        raise InvalidRequestError(f"the download URL of {model.name} is not an http(s):// URL",
                               extra={"model": model.name, "field": "source_url"})
     return model.source_url
 
@@ -172,7 +173,7 @@ def healthy_files(model: RegisteredModel) -> list[WeightFile]:
     for weight_file in weight_files_usable(model=model):
         try:
             path = cachefs.absolute(weight_file.path)
-        except ValidationError:
+        except InvalidRequestError:
             # A record whose path leads outside the cache is never read; a good download re-uses its row.
             weight_mark_corrupt(weight_file=weight_file, reason="its recorded path leads outside the cache")
             continue
@@ -277,7 +278,7 @@ def _fetch_failure(model: RegisteredModel, url: str, failure: fetch.FetchError, 
             extra={"url": url, "kind": "encoded", "encoding": failure.encoding},
         )
     if failure.kind == "size_mismatch":
-        return IntegrityError(
+        return DigestMismatchError(
             f"{url} offers {failure.size} bytes but the pinned file of {model.name} has {failure.limit} "
             f"(pinned sha256 {model.expected_sha256}); nothing was cached. To accept a different file: "
             + _pin_hint(model),
@@ -334,14 +335,14 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: 
             requested_by: str = "") -> tuple[WeightFile, bool]:
     """Check the complete partial file, then rename it to its final name and record it, together."""
     if model.expected_sha256 and fetched.sha256 != model.expected_sha256:
-        raise IntegrityError(
+        raise DigestMismatchError(
             f"the bytes from {url} differ from the pinned sha256 of {model.name}: downloaded {fetched.sha256}, "
             f"pinned {model.expected_sha256} (pinned from {model.sha256_pinned_from or 'the catalogue'}); "
             f"nothing was cached. If the new file is legitimate, re-pin: {_pin_hint(model, fetched.sha256)}",
             extra={"url": url, "sha256": fetched.sha256, "pinned": model.expected_sha256},
         )
     if model.expected_size and fetched.size != model.expected_size:
-        raise IntegrityError(f"{url} gave {fetched.size} bytes but the pinned file of {model.name} has "
+        raise DigestMismatchError(f"{url} gave {fetched.size} bytes but the pinned file of {model.name} has "
                              f"{model.expected_size}; nothing was cached", extra={"url": url})
     try:
         inspection = weights_inspect(path=part, architecture=model.architecture)
@@ -350,9 +351,9 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: 
         raise WeightFileError(f"the file from {url} is not usable weights of {model.name}: {exc.message}; "
                               "nothing was cached", extra={**exc.extra, "url": url}) from None
     if inspection.sha256 != fetched.sha256:
-        raise IntegrityError(f"{part.name} changed on disk while it was being checked; nothing was cached")
+        raise DigestMismatchError(f"{part.name} changed on disk while it was being checked; nothing was cached")
     if model.expected_content_digest and inspection.digest != model.expected_content_digest:
-        raise IntegrityError(
+        raise DigestMismatchError(
             f"the weights from {url} differ from the pinned weights of {model.name} (content digest "
             f"{inspection.digest[:16]}..., pinned {model.expected_content_digest[:16]}...); nothing was cached. "
             f"To accept them: {_pin_hint(model)}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 
 from models_registry.catalogue import license_note
-from models_registry.exceptions import LicenseError
+from depthsite.exceptions import LicenseError
 from models_registry.models import RegisteredModel, WeightFile
 
 SETTING = "DEPTHSITE_ACCEPTED_LICENSES"

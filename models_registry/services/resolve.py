@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from models_registry import cachefs
-from models_registry.exceptions import ApplicationError, WeightFileError
+from depthsite.exceptions import ApplicationError, WeightFileError
 from models_registry.formats import LoadedWeights, read_weights
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.download import Notify, healthy_files, wanted_format, weight_download

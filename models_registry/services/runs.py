@@ -17,8 +17,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from models_registry import cachefs
-from models_registry.choices import Health, RunStatus, WeightFormat
-from models_registry.exceptions import ApplicationError, ValidationError
+from depthsite.choices import RunStatus
+from models_registry.choices import Health, WeightFormat
+from depthsite.exceptions import ApplicationError, InvalidRequestError
 from models_registry.models import ManagementRun, RegisteredModel
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def management_action(*, kind: str, model: RegisteredModel | None, params: dict[
         if not params.get("dry_run", True) and plan.items:
             plan = cache_optimize_execute(plan=plan)
         return plan.as_dict()
-    raise ValidationError(f"unknown action {kind!r}", extra={"kind": kind})
+    raise InvalidRequestError(f"unknown action {kind!r}", extra={"kind": kind})
 
 
 def management_precheck(*, kind: str, model: RegisteredModel | None, params: dict[str, Any]) -> None:

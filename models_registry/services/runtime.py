@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from models_registry.choices import Health
-from models_registry.exceptions import ApplicationError, ValidationError
+from depthsite.exceptions import ApplicationError, InvalidRequestError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import model_list, weight_files_usable
 
@@ -44,11 +44,11 @@ class RuntimeBuild:
 def runtime_artifacts_build(*, model: RegisteredModel | None = None) -> list[RuntimeBuild]:
     """Build (or find current) the runtime artifact of every model with usable cached weights on this node."""
     if not _builders:
-        raise ValidationError("no runtime builder is registered (the inference app is not installed)")
+        raise InvalidRequestError("no runtime builder is registered (the inference app is not installed)")
     chosen = [model] if model is not None else [m for m in model_list(enabled_only=True)
                                                  if weight_files_usable(model=m)]
     if model is not None and not weight_files_usable(model=model):
-        raise ValidationError(f"{model.name} has no usable cached weights on this node to build from",
+        raise InvalidRequestError(f"{model.name} has no usable cached weights on this node to build from",
                               extra={"model": model.name})
     results = []
     for entry in chosen:

@@ -17,13 +17,13 @@ import depthsite
 from models_registry import cachefs
 from models_registry.catalogue import ARCHITECTURES, key_layout
 from models_registry.choices import Health, RuntimeFormat, WeightFormat
-from models_registry.exceptions import (
+from depthsite.exceptions import (
     ConflictError,
     DiskFullError,
-    IntegrityError,
+    DigestMismatchError,
     NotFoundError,
     TooLargeError,
-    ValidationError,
+    InvalidRequestError,
     WeightFileError,
 )
 from models_registry.formats import (
@@ -139,7 +139,7 @@ def model_identify(*, inspection: Inspection) -> RegisteredModel:
         raise WeightFileError(f"the weights have the {architectures[0]} layout but no enabled model uses it",
                               extra={"kind": "unknown_layout"})
     names = ", ".join(model.name for model in candidates)
-    raise ValidationError(f"the weights fit several models ({names}); say which one they are for",
+    raise InvalidRequestError(f"the weights fit several models ({names}); say which one they are for",
                           extra={"field": "model", "kind": "ambiguous_model",
                                  "candidates": [model.name for model in candidates]})
 
@@ -420,7 +420,7 @@ def _write_converted(model: RegisteredModel, source: WeightFile, loaded: LoadedW
     write_weights(loaded.arrays, dest, fmt, metadata)
     written = weights_inspect(path=dest, architecture=model.architecture, fmt=fmt)
     if source.content_digest and written.digest != source.content_digest:
-        raise IntegrityError(f"converting {model.name} to {fmt} changed its tensors (digest mismatch); nothing was kept")
+        raise DigestMismatchError(f"converting {model.name} to {fmt} changed its tensors (digest mismatch); nothing was kept")
     return written
 
 
@@ -487,7 +487,7 @@ def _write_weights_file(model: RegisteredModel, fmt: str, dest: Path) -> tuple[s
         sha256 = cachefs.copy_with_sha256(cachefs.absolute(cached.path), dest)
         if sha256 != cached.sha256:
             weight_mark_corrupt(weight_file=cached, reason="sha256 changed since it was recorded (found on export)")
-            raise IntegrityError(f"the cached {fmt} file of {model.name} changed on disk; run `models verify`")
+            raise DigestMismatchError(f"the cached {fmt} file of {model.name} changed on disk; run `models verify`")
         return sha256, cached.content_digest, cached
     source, loaded = weights_load_usable(model=model)
     written = _write_converted(model, source, loaded, fmt, dest)
@@ -559,7 +559,7 @@ def weight_export(*, model: RegisteredModel, fmt: str, output: Path, bundle: boo
         raise ConflictError(f"{output} already exists and overwriting it was not asked for",
                             extra={"path": str(output), "kind": "exists"})
     if not output.parent.is_dir():
-        raise ValidationError(f"folder {output.parent} does not exist", extra={"field": "output"})
+        raise InvalidRequestError(f"folder {output.parent} does not exist", extra={"field": "output"})
     with cachefs.atomic_write(output) as tmp:
         result = _write_export(model, fmt, bundle, tmp)
     result.path = output
@@ -726,9 +726,9 @@ def weight_import(*, path: Path, model_name: str | None = None, original_name: s
         inspection = weights_inspect(path=source, architecture=model.architecture if model else None)
         if manifest:
             if manifest.get("file_sha256") and manifest["file_sha256"] != inspection.sha256:
-                raise IntegrityError(f"{path.name}: the weight file's sha256 differs from the bundle manifest")
+                raise DigestMismatchError(f"{path.name}: the weight file's sha256 differs from the bundle manifest")
             if manifest.get("content_digest") and manifest["content_digest"] != inspection.digest:
-                raise IntegrityError(f"{path.name}: the weights' content digest differs from the bundle manifest")
+                raise DigestMismatchError(f"{path.name}: the weights' content digest differs from the bundle manifest")
         if model is None:
             model = model_identify(inspection=inspection)
         return _import_inspected(model, inspection, origin=path, original_name=original_name or path.name,
@@ -742,7 +742,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
                       imported_by: str, pin: bool) -> ImportResult:
     model_license_check(model=model)
     if model.expected_content_digest and inspection.digest != model.expected_content_digest:
-        raise IntegrityError(
+        raise DigestMismatchError(
             f"the weights in {origin.name} differ from the pinned weights of {model.name} "
             f"(content digest {inspection.digest[:16]}..., pinned {model.expected_content_digest[:16]}...); "
             f"to accept them, reset the pin: python manage.py models pin --model {model.name} --reset",
@@ -752,7 +752,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
     proves_pin = (fmt == WeightFormat.PT and bool(model.expected_sha256)
                   and inspection.sha256 == model.expected_sha256)
     if model.expected_sha256 and not model.expected_content_digest and not proves_pin:
-        raise IntegrityError(
+        raise DigestMismatchError(
             f"{model.name} is pinned to sha256 {model.expected_sha256[:16]}... and {origin.name} is not that file "
             f"(sha256 {inspection.sha256[:16]}...), so its weights cannot be proven to be the pinned ones; import "
             f"the pinned .pt file, or change the pin: python manage.py models pin --model {model.name} --reset",
@@ -773,7 +773,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
         with cachefs.atomic_write(dest) as tmp:
             copied_sha256 = cachefs.copy_with_sha256(inspection.path, tmp)
             if copied_sha256 != inspection.sha256:
-                raise IntegrityError(f"{origin.name} changed while it was being imported; try again")
+                raise DigestMismatchError(f"{origin.name} changed while it was being imported; try again")
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
                                         functional_hash=functional_hash, origin="import",

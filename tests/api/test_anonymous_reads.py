@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models_registry.choices import RunStatus, Health
+from depthsite.choices import RunStatus
+from models_registry.choices import Health
 from models_registry.models import WarmModel, WeightDownload, WeightFile
 
 pytestmark = pytest.mark.django_db

@@ -8,7 +8,8 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from models_registry import cachefs
-from models_registry.choices import RunStatus, Health
+from depthsite.choices import RunStatus
+from models_registry.choices import Health
 from models_registry.models import WarmModel, WeightDownload, WeightFile
 from models_registry.services.catalogue import model_pin
 

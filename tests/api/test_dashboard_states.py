@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from models_registry.api.public import ERROR_HIDDEN
-from models_registry.choices import RunStatus
+from depthsite.choices import RunStatus
 from models_registry.models import WarmModel, WeightDownload
 from tests.api.test_dashboard import login, row_of, staff_page  # noqa: F401 (a fixture)
 

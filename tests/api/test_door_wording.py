@@ -12,7 +12,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 
-from models_registry.exceptions import ConflictError, ValidationError
+from depthsite.exceptions import ConflictError, InvalidRequestError
 from models_registry.models import RegisteredModel
 from models_registry.services.weights import weight_export, weight_import
 
@@ -26,7 +26,7 @@ def twin_model(small_model):
 
 
 def test_the_service_states_the_fact_without_a_doors_words(twin_model, small_pt):
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         weight_import(path=small_pt)
     assert caught.value.extra["kind"] == "ambiguous_model"
     assert set(caught.value.extra["candidates"]) == {"MiDaS_small", "my_small"}

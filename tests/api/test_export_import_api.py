@@ -16,7 +16,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from models_registry import cachefs
 from models_registry.api.uploads import ENVELOPE_BYTES, ImportUploadHandler
 from models_registry.choices import Health
-from models_registry.exceptions import TooLargeError
+from depthsite.exceptions import TooLargeError
 from models_registry.formats import content_digest, read_weights
 from models_registry.models import WeightFile
 from tests.api.conftest import cache_leftovers

@@ -8,7 +8,7 @@ from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.validation import validate_schema
 
 from models_registry import cachefs
-from models_registry.exceptions import ConflictError
+from depthsite.exceptions import ConflictError
 from models_registry.models import ManagementRun, WeightFile
 from tests.api.test_models_api import assert_error
 

@@ -12,7 +12,8 @@ import pytest
 from django.core.management import call_command
 
 from models_registry import cachefs
-from models_registry.choices import RunStatus, Health
+from depthsite.choices import RunStatus
+from models_registry.choices import Health
 from models_registry.models import WarmModel, WeightDownload, WeightFile
 
 pytestmark = pytest.mark.django_db

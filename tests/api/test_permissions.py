@@ -11,7 +11,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from models_registry import cachefs
-from models_registry.choices import RunStatus
+from depthsite.choices import RunStatus
 from models_registry.models import WeightDownload, WeightFile
 
 pytestmark = pytest.mark.django_db

@@ -13,7 +13,7 @@ from inference.estimator import EstimatorPool, estimator_get
 from inference.exceptions import InferenceError
 from models_registry import cachefs
 from models_registry.choices import Health
-from models_registry.exceptions import OfflineError
+from depthsite.exceptions import OfflineError
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.selectors import warm_models
 from models_registry.services.weights import weight_convert, weight_import, weight_verify

@@ -10,8 +10,9 @@ import pytest
 from django.core.management import CommandError, call_command
 from PIL import Image
 
+from depthsite.exceptions import InvalidRequestError
 from inference.writers import (
-    PLY_DEPTH_FLOOR, PLY_PREVIEW, DepthMeta, ValidationError, fov_check, ply_preview_stride, read_ply, write_outputs,
+    PLY_DEPTH_FLOOR, PLY_PREVIEW, DepthMeta, fov_check, ply_preview_stride, read_ply, write_outputs,
     write_ply,
 )
 from models_registry.detweights import synthetic_image
@@ -75,7 +76,7 @@ def test_a_flat_or_broken_depth_map_still_makes_finite_points(tmp_path):
 
 @pytest.mark.parametrize("fov", [0, 5, 179, 180, -60, float("nan"), float("inf"), "wide", None])
 def test_a_field_of_view_outside_the_range_is_refused(fov):
-    with pytest.raises(ValidationError) as refused:
+    with pytest.raises(InvalidRequestError) as refused:
         fov_check(fov)
     assert refused.value.extra == {"field": "fov"}
 

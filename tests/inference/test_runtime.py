@@ -13,7 +13,7 @@ from inference.estimator import EstimatorPool
 from inference.runtime import artifacts, runtime_select
 from models_registry import cachefs
 from models_registry.choices import Health
-from models_registry.exceptions import WeightFileError
+from depthsite.exceptions import WeightFileError
 from models_registry.formats import file_sha256
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan

@@ -14,7 +14,7 @@ from inference.writers import (
     write_outputs,
     write_pfm,
 )
-from models_registry.exceptions import ValidationError
+from depthsite.exceptions import InvalidRequestError
 
 
 @pytest.fixture
@@ -73,8 +73,8 @@ def test_colorize_maps_min_and_max_to_the_table_ends(depth):
 
 
 def test_unknown_colormap_and_format_are_validation_errors():
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidRequestError):
         colormap_table("jet")
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidRequestError):
         parse_formats("png,tiff")
     assert parse_formats("npy,png") == ["png", "npy"]

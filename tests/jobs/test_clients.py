@@ -18,7 +18,7 @@ from django_q.models import Schedule
 from rest_framework.test import APIClient
 
 from inference.api.permissions import UploadThrottle
-from inference.choices import JobStatus
+from depthsite.choices import RunStatus
 from inference.models import DepthJob
 from inference.services import jobs as job_services
 from inference.services.jobs import depth_job_create, depth_jobs_expire, results_staging_sweep
@@ -200,7 +200,7 @@ def test_the_recovery_sweeps_staging_folders_of_killed_workers(small_model, sett
     old = 3 * 3600
     gone_job = _staging(uuid.uuid4(), old)  # its job was deleted
     failed = depth_job_create(image=upload(), session_key="s")
-    DepthJob.objects.filter(pk=failed.pk).update(status=JobStatus.FAILED)
+    DepthJob.objects.filter(pk=failed.pk).update(status=RunStatus.FAILED)
     failed_job = _staging(failed.pk, old)
     fresh = _staging(uuid.uuid4(), 10)  # a write may still be going on
     odd = _staging("not-a-uuid", old)
@@ -209,7 +209,7 @@ def test_the_recovery_sweeps_staging_folders_of_killed_workers(small_model, sett
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         worker = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{job_services._process_start(sleeper.pid)}"
-        DepthJob.objects.filter(pk=live.pk).update(status=JobStatus.RUNNING, worker=worker, attempts=1,
+        DepthJob.objects.filter(pk=live.pk).update(status=RunStatus.RUNNING, worker=worker, attempts=1,
                                                    started_at=timezone.now())
         running = _staging(live.pk, old)
         finished = Path(settings.MEDIA_ROOT) / job_services.RESULTS_DIR / str(failed.pk)
@@ -238,7 +238,7 @@ def test_a_failed_download_does_not_put_server_paths_in_the_job_error(small_mode
     with run_jobs():
         job = depth_job_create(image=upload(), session_key="s")
     job.refresh_from_db()
-    assert job.status == JobStatus.FAILED and job.error_code == "download_failed"
+    assert job.status == RunStatus.FAILED and job.error_code == "download_failed"
     assert "could not be downloaded" in job.error
     assert "secret-mirror-folder" not in job.error and str(tmp_path) not in job.error
 
@@ -294,5 +294,5 @@ def test_a_missing_upload_does_not_put_the_media_path_in_the_job_error(small_mod
     (Path(settings.MEDIA_ROOT) / job.image.name).unlink()
     job_services.depth_job_run(job=job)
     job.refresh_from_db()
-    assert job.status == JobStatus.FAILED and "the file is missing" in job.error
+    assert job.status == RunStatus.FAILED and "the file is missing" in job.error
     assert str(settings.MEDIA_ROOT) not in job.error and "uploads/" not in job.error

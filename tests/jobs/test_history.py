@@ -7,7 +7,7 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from inference.choices import JobStatus
+from depthsite.choices import RunStatus
 from inference.models import DepthJob
 from inference.services.jobs import depth_job_create
 from tests.jobs.conftest import upload
@@ -24,7 +24,7 @@ def web(client, user):
     return client
 
 
-def _job(owner, *, model="MiDaS_small", status=JobStatus.QUEUED) -> DepthJob:
+def _job(owner, *, model="MiDaS_small", status=RunStatus.QUEUED) -> DepthJob:
     job = depth_job_create(image=upload(), owner=owner, model=model)  # queued: commit callbacks are not run
     DepthJob.objects.filter(pk=job.pk).update(status=status)
     return job
@@ -35,9 +35,9 @@ def _rows(html: str) -> list[str]:
 
 
 def test_filters_by_status_and_model(web, small_model, user):
-    failed = _job(user, status=JobStatus.FAILED)
-    done = _job(user, status=JobStatus.SUCCEEDED)
-    other_model = _job(user, model="DPT_Hybrid", status=JobStatus.SUCCEEDED)
+    failed = _job(user, status=RunStatus.FAILED)
+    done = _job(user, status=RunStatus.SUCCEEDED)
+    other_model = _job(user, model="DPT_Hybrid", status=RunStatus.SUCCEEDED)
     assert set(_rows(web.get(HISTORY).content.decode())) == {str(failed.pk), str(done.pk), str(other_model.pk)}
     assert _rows(web.get(HISTORY + "?status=failed").content.decode()) == [str(failed.pk)]
     assert set(_rows(web.get(HISTORY + "?status=succeeded").content.decode())) == {str(done.pk), str(other_model.pk)}
@@ -72,7 +72,7 @@ def test_staff_see_everyone_with_the_owner_and_others_cannot(client, small_model
 
 
 def test_a_removed_model_is_a_filter_only_for_those_whose_jobs_carry_it(client, small_model, user, other_user):
-    theirs = _job(other_user, status=JobStatus.SUCCEEDED)
+    theirs = _job(other_user, status=RunStatus.SUCCEEDED)
     DepthJob.objects.filter(pk=theirs.pk).update(model=None, model_name="GoneNet")  # a custom entry removed since
     client.force_login(user)
     response = client.get(HISTORY + "?model=GoneNet")
@@ -84,7 +84,7 @@ def test_a_removed_model_is_a_filter_only_for_those_whose_jobs_carry_it(client, 
 
 def test_pages_keep_the_filters(web, small_model, user):
     for _ in range(21):
-        _job(user, status=JobStatus.FAILED)
+        _job(user, status=RunStatus.FAILED)
     _job(user)
     html = web.get(HISTORY + "?status=failed").content.decode()
     assert len(_rows(html)) == 20 and "page 1 of 2" in html
@@ -125,11 +125,11 @@ def test_run_again_makes_a_new_job_from_the_same_photo(web, cached_small, run_jo
             second.fov_degrees) == ("DPT_Hybrid", user, first.image_sha256, first.outputs, "viridis",
                                     first.fov_degrees)
     first.refresh_from_db()
-    assert first.status == JobStatus.SUCCEEDED and first.model_name == "MiDaS_small"
+    assert first.status == RunStatus.SUCCEEDED and first.model_name == "MiDaS_small"
 
 
 def test_run_again_is_for_the_owner_and_staff_only(client, small_model, user, other_user, staff):
-    job = _job(user, status=JobStatus.SUCCEEDED)
+    job = _job(user, status=RunStatus.SUCCEEDED)
     client.force_login(other_user)
     assert run_again(client, job).status_code == 404
     assert "run-again" not in client.get(reverse("inference:job_detail", args=[job.pk])).content.decode()
@@ -142,14 +142,14 @@ def test_run_again_refuses_active_jobs_and_unknown_models_with_a_message(web, sm
     queued = _job(user)
     response = run_again(web, queued)
     assert response.status_code == 409 and "still queued" in response.content.decode()
-    done = _job(user, status=JobStatus.SUCCEEDED)
+    done = _job(user, status=RunStatus.SUCCEEDED)
     response = run_again(web, done, model="NoSuchNet")
     assert response.status_code == 400 and "unknown model" in response.content.decode()
     assert DepthJob.objects.count() == 2
 
 
 def test_run_again_needs_the_csrf_token(small_model, user):
-    job = _job(user, status=JobStatus.SUCCEEDED)
+    job = _job(user, status=RunStatus.SUCCEEDED)
     client = Client(enforce_csrf_checks=True)
     client.force_login(user)
     assert run_again(client, job).status_code == 403
@@ -161,7 +161,7 @@ def test_anonymous_run_again_keeps_to_the_session_quota_and_throttle(client, sma
     settings.DEPTHSITE_PUBLIC_UPLOADS = True
     post_photo(client, run_jobs)
     job = DepthJob.objects.get()
-    DepthJob.objects.filter(pk=job.pk).update(status=JobStatus.FAILED)
+    DepthJob.objects.filter(pk=job.pk).update(status=RunStatus.FAILED)
     assert run_again(Client(), job).status_code == 404  # a stranger holding the link may look, not spend
     settings.DEPTHSITE_ANON_MAX_JOBS = 1
     response = run_again(client, job)

@@ -12,7 +12,8 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from inference.choices import JobErrorCode, JobStatus
+from depthsite.choices import RunStatus
+from inference.choices import JobErrorCode
 from inference.models import DepthJob
 from inference.services import jobs as job_services
 from inference.services.jobs import depth_job_lease_renew, depth_job_run, depth_jobs_recover, worker_heartbeat
@@ -70,12 +71,12 @@ def test_another_nodes_job_is_recovered_once_its_lease_runs_out_not_after_the_jo
     job = claimed(queued_job(), "other-node:11:1")
     clock.advance(LEASE - 1)
     assert depth_jobs_recover()["requeued"] == []
-    assert DepthJob.objects.get(pk=job.pk).status == JobStatus.RUNNING
+    assert DepthJob.objects.get(pk=job.pk).status == RunStatus.RUNNING
     clock.advance(2)  # the lease is over, far inside the job timeout (600 s + grace)
     outcome = depth_jobs_recover()
     row = DepthJob.objects.get(pk=job.pk)
     assert outcome["requeued"] == [str(job.pk)]
-    assert (row.status, row.worker, row.attempts, row.lease_until) == (JobStatus.QUEUED, "", 1, None)
+    assert (row.status, row.worker, row.attempts, row.lease_until) == (RunStatus.QUEUED, "", 1, None)
     assert enqueued[-1] == str(job.pk)  # a fresh task for it
 
 
@@ -107,7 +108,7 @@ def test_an_expired_lease_with_no_attempts_left_fails_the_job(small_model, clock
     clock.advance(LEASE + 1)
     assert depth_jobs_recover() == {"requeued": [], "failed": [str(job.pk)]}
     row = DepthJob.objects.get(pk=job.pk)
-    assert row.status == JobStatus.FAILED and row.error_code == JobErrorCode.INTERRUPTED and row.lease_until is None
+    assert row.status == RunStatus.FAILED and row.error_code == JobErrorCode.INTERRUPTED and row.lease_until is None
 
 
 @pytest.mark.slow
@@ -116,7 +117,7 @@ def test_a_late_old_worker_cannot_overwrite_the_new_attempts_result(cached_small
     clock.advance(LEASE + 1)
     assert depth_jobs_recover()["requeued"] == [str(old.pk)]
     new = depth_job_run(job=DepthJob.objects.get(pk=old.pk))  # the next delivery, on this node
-    assert new.status == JobStatus.SUCCEEDED and new.attempts == 2
+    assert new.status == RunStatus.SUCCEEDED and new.attempts == 2
     finished = DepthJob.objects.get(pk=old.pk)
 
     # The old worker wakes up and reports its own outcome: neither it nor its heartbeat lands.
@@ -125,14 +126,14 @@ def test_a_late_old_worker_cannot_overwrite_the_new_attempts_result(cached_small
     assert not depth_job_lease_renew(job_id=old.pk, worker=old.worker, attempts=old.attempts)
     row = DepthJob.objects.get(pk=old.pk)
     assert (row.status, row.error, row.attempts, row.worker, dict(row.result_files)) == (
-        JobStatus.SUCCEEDED, "", 2, finished.worker, dict(finished.result_files))
+        RunStatus.SUCCEEDED, "", 2, finished.worker, dict(finished.result_files))
 
 
 def test_a_running_job_with_a_live_lease_is_left_alone_by_another_delivery(small_model, clock):
     job = claimed(queued_job(), "other-node:11:1")
     clock.advance(LEASE / 2)
     again = depth_job_run(job=DepthJob.objects.get(pk=job.pk))
-    assert (again.status, again.attempts, again.worker) == (JobStatus.RUNNING, 1, "other-node:11:1")
+    assert (again.status, again.attempts, again.worker) == (RunStatus.RUNNING, 1, "other-node:11:1")
 
 
 # --- warm-model rows ------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_s
     new = depth_job_run(job=DepthJob.objects.get(pk=old.pk))
     folder = Path(settings.MEDIA_ROOT) / job_services.results_folder(job_id=new.pk)
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
-    assert before and new.status == JobStatus.SUCCEEDED
+    assert before and new.status == RunStatus.SUCCEEDED
 
     def late_write(staging):
         staging.mkdir(parents=True)
@@ -230,8 +231,8 @@ def test_a_live_workers_heartbeat_requeues_a_dead_nodes_job_once_its_lease_ran_o
     assert worker_heartbeat()["requeued"] == 0
     clock.advance(2)  # the dead node's lease is over; the live one was renewed a second ago
     assert worker_heartbeat()["requeued"] == 1
-    assert DepthJob.objects.get(pk=dead.pk).status == JobStatus.QUEUED and enqueued[-1] == str(dead.pk)
-    assert DepthJob.objects.get(pk=live.pk).status == JobStatus.RUNNING
+    assert DepthJob.objects.get(pk=dead.pk).status == RunStatus.QUEUED and enqueued[-1] == str(dead.pk)
+    assert DepthJob.objects.get(pk=live.pk).status == RunStatus.RUNNING
     assert worker_heartbeat()["requeued"] == 0  # requeued once, not at every beat
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference.choices import JobStatus
+from depthsite.choices import RunStatus
 from inference.models import DepthJob
 from inference.services.jobs import depth_job_create
 from tests.jobs.conftest import upload
@@ -43,7 +43,7 @@ def test_running_a_job_on_a_warm_worker_takes_few_queries(warm_pool, django_capt
     with django_assert_max_num_queries(MAX_RUN_QUERIES):
         depth_job_task(str(job.pk))  # what the worker runs: the id in, the row loaded, the job run
     job.refresh_from_db()
-    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.status == RunStatus.SUCCEEDED, job.error
 
 
 def test_creating_a_job_takes_few_queries(warm_pool, django_capture_on_commit_callbacks,

@@ -13,7 +13,8 @@ from django.conf import settings
 from django.utils import timezone
 from PIL import Image
 
-from inference.choices import JobErrorCode, JobStatus
+from depthsite.choices import RunStatus
+from inference.choices import JobErrorCode
 from inference.exceptions import ImageError, ImageTooLargeError, InferenceError
 from inference.models import DepthJob
 from inference.services import jobs as job_services
@@ -27,7 +28,7 @@ from inference.services.jobs import (
     worker_id,
 )
 from inference.writers import read_pfm, read_png16
-from models_registry.exceptions import ConflictError, TooLargeError, ValidationError
+from depthsite.exceptions import ConflictError, TooLargeError, InvalidRequestError
 from depthsite.testing import images
 from tests.jobs.conftest import upload
 
@@ -59,7 +60,7 @@ def queued_job(**kwargs) -> DepthJob:
 def test_create_stores_the_upload_and_runs_to_success(cached_small, user, run_jobs):
     job = create(run_jobs, image=upload(images.jpeg(96, 72), "My Photo.JPG"), model="midas_small",
                  outputs=["npy", "png", "png16", "pfm", "side"], colormap="viridis", owner=user)
-    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.status == RunStatus.SUCCEEDED, job.error
     assert job.owner == user and job.model_name == "MiDaS_small" and job.colormap == "viridis"
     assert job.outputs == ["png", "png16", "npy", "pfm", "side"]  # canonical order
     assert job.image.name.startswith("uploads/") and job.image.name.endswith(".jpg")
@@ -86,7 +87,7 @@ def test_create_stores_the_upload_and_runs_to_success(cached_small, user, run_jo
 
 def test_create_defaults_to_a_colour_png(cached_small, run_jobs):
     job = create(run_jobs)
-    assert job.status == JobStatus.SUCCEEDED and list(job.result_files) == ["png"]
+    assert job.status == RunStatus.SUCCEEDED and list(job.result_files) == ["png"]
     assert job.owner is None and job.session_key == ""
 
 
@@ -100,7 +101,7 @@ def test_create_validates_options(small_model, kwargs, field, text):
     if field is None:
         assert queued_job(**kwargs).outputs == ["png"]
         return
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         queued_job(**kwargs)
     assert caught.value.status == 400 and caught.value.extra["field"] == field and text in caught.value.message
     assert not DepthJob.objects.exists()
@@ -109,7 +110,7 @@ def test_create_validates_options(small_model, kwargs, field, text):
 def test_create_refuses_a_disabled_model(small_model):
     small_model.enabled = False
     small_model.save()
-    with pytest.raises(ValidationError, match="disabled") as caught:
+    with pytest.raises(InvalidRequestError, match="disabled") as caught:
         queued_job(model="MiDaS_small")
     assert caught.value.extra["field"] == "model"
 
@@ -140,7 +141,7 @@ def test_job_is_queued_only_when_the_transaction_commits(small_model, django_cap
         job = queued_job()
     assert len(callbacks) == 1
     job.refresh_from_db()
-    assert job.status == JobStatus.QUEUED and job.attempts == 0 and job.task_id == ""
+    assert job.status == RunStatus.QUEUED and job.attempts == 0 and job.task_id == ""
 
 
 # --- reuse -----------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_same_image_weights_and_options_reuse_the_result(cached_small, run_jobs,
     data = images.jpeg(80, 60)
     first = create(run_jobs, image=upload(data), outputs=["png", "npy"])
     second = create(run_jobs, image=upload(data, "again.jpg"), outputs=["npy", "png"])
-    assert second.status == JobStatus.SUCCEEDED and second.reused_from == first
+    assert second.status == RunStatus.SUCCEEDED and second.reused_from == first
     assert second.inference_ms is None and second.load_ms is None
     assert second.depth_min == first.depth_min and second.weights_sha256 == first.weights_sha256
     for fmt in ("png", "npy"):
@@ -163,7 +164,7 @@ def test_same_image_weights_and_options_reuse_the_result(cached_small, run_jobs,
         depth_job_delete(job=first)
     assert all(media(rel).is_file() for rel in second.result_files.values())
     second.refresh_from_db()
-    assert second.reused_from is None and second.status == JobStatus.SUCCEEDED
+    assert second.reused_from is None and second.status == RunStatus.SUCCEEDED
 
 
 @pytest.mark.slow
@@ -178,7 +179,7 @@ def test_the_same_pixels_in_another_file_format_reuse_the_result(cached_small, r
     second = create(run_jobs, image=upload(as_tiff, "photo.tiff", "image/tiff"))
     assert first.image_sha256 != second.image_sha256
     assert second.pixels_sha256 == first.pixels_sha256 != ""
-    assert second.status == JobStatus.SUCCEEDED and second.reused_from == first
+    assert second.status == RunStatus.SUCCEEDED and second.reused_from == first
     changed = np.array(picture)
     changed[0, 0] ^= 1
     third = create(run_jobs, image=upload(images.encode(Image.fromarray(changed), "PNG"), "other.png", "image/png"))
@@ -194,7 +195,7 @@ def test_other_options_or_disabled_reuse_compute_again(cached_small, run_jobs, s
     settings.DEPTHSITE_REUSE_RESULTS = False
     same_but_off = create(run_jobs, image=upload(data))
     for job in (other_colormap, other_outputs, same_but_off):
-        assert job.status == JobStatus.SUCCEEDED and job.reused_from is None and job.inference_ms > 0
+        assert job.status == RunStatus.SUCCEEDED and job.reused_from is None and job.inference_ms > 0
     assert first.reused_from is None
 
 
@@ -204,7 +205,7 @@ def test_other_options_or_disabled_reuse_compute_again(cached_small, run_jobs, s
 def test_uncached_model_offline_fails_with_what_to_do(small_model, run_jobs, settings):
     settings.DEPTHSITE_OFFLINE = True
     job = create(run_jobs)
-    assert job.status == JobStatus.FAILED and job.error_code == JobErrorCode.OFFLINE
+    assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.OFFLINE
     assert "not cached" in job.error and "models import" in job.error
     assert job.finished_at and job.attempts == 1
 
@@ -213,7 +214,7 @@ def test_failed_download_says_so(small_model, run_jobs, settings, tmp_path):
     settings.DEPTHSITE_MODEL_MIRROR = (tmp_path / "empty-mirror").as_uri()
     (tmp_path / "empty-mirror").mkdir()
     job = create(run_jobs)
-    assert job.status == JobStatus.FAILED, job.error
+    assert job.status == RunStatus.FAILED, job.error
     assert job.error_code in (JobErrorCode.DOWNLOAD, JobErrorCode.WEIGHTS)
     assert "midas_v21_small_256.pt" in job.error or "download" in job.error
 
@@ -233,7 +234,7 @@ def test_out_of_memory_is_reported_as_such(cached_small, run_jobs, monkeypatch, 
 
     monkeypatch.setattr(MidasNet, "forward", oom)
     job = create(run_jobs)
-    assert job.status == JobStatus.FAILED and job.error_code == JobErrorCode.OUT_OF_MEMORY
+    assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.OUT_OF_MEMORY
     assert "smaller image" in job.error
 
 
@@ -243,7 +244,7 @@ def test_unexpected_error_fails_the_job_with_a_generic_message(cached_small, run
 
     monkeypatch.setattr(job_services, "write_outputs", boom)
     job = create(run_jobs)
-    assert job.status == JobStatus.FAILED and job.error_code == JobErrorCode.INTERNAL
+    assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.INTERNAL
     assert job.error == job_services.ERROR_GENERIC and "secret" not in job.error
     assert "secret internal detail" in caplog.text  # the traceback is in the log
     assert not media(f"results/{job.pk}").exists()
@@ -254,7 +255,7 @@ def test_an_upload_that_vanished_fails_clearly(cached_small, run_jobs):
     media(job.image.name).unlink()
     depth_job_run(job=job)
     job.refresh_from_db()
-    assert job.status == JobStatus.FAILED and job.error_code == JobErrorCode.IMAGE
+    assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.IMAGE
     assert "cannot be read" in job.error
 
 
@@ -275,13 +276,13 @@ def test_a_job_running_in_a_live_worker_is_left_alone(cached_small, monkeypatch)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         alive = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{job_services._process_start(sleeper.pid)}"
-        DepthJob.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, worker=alive, attempts=1,
+        DepthJob.objects.filter(pk=job.pk).update(status=RunStatus.RUNNING, worker=alive, attempts=1,
                                                   started_at=timezone.now())
         job.refresh_from_db()
         assert worker_alive(worker=alive, started_at=job.started_at)
         depth_job_run(job=job)
         job.refresh_from_db()
-        assert job.status == JobStatus.RUNNING and job.worker == alive and job.attempts == 1
+        assert job.status == RunStatus.RUNNING and job.worker == alive and job.attempts == 1
         assert depth_jobs_recover() == {"requeued": [], "failed": []}
     finally:
         sleeper.kill()
@@ -297,23 +298,23 @@ def dead_worker() -> str:
 
 def test_a_job_whose_worker_died_is_run_again(cached_small):
     job = queued_job()
-    DepthJob.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, worker=dead_worker(), attempts=1,
+    DepthJob.objects.filter(pk=job.pk).update(status=RunStatus.RUNNING, worker=dead_worker(), attempts=1,
                                               started_at=timezone.now())
     job.refresh_from_db()
     depth_job_run(job=job)
     job.refresh_from_db()
-    assert job.status == JobStatus.SUCCEEDED and job.attempts == 2 and job.worker == worker_id()
+    assert job.status == RunStatus.SUCCEEDED and job.attempts == 2 and job.worker == worker_id()
 
 
 def test_a_job_that_keeps_losing_its_worker_fails_with_the_reason(cached_small, settings):
     settings.Q_CLUSTER = {**settings.Q_CLUSTER, "max_attempts": 2}
     job = queued_job()
-    DepthJob.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, worker=dead_worker(), attempts=2,
+    DepthJob.objects.filter(pk=job.pk).update(status=RunStatus.RUNNING, worker=dead_worker(), attempts=2,
                                               started_at=timezone.now())
     job.refresh_from_db()
     depth_job_run(job=job)
     job.refresh_from_db()
-    assert job.status == JobStatus.FAILED and job.error_code == JobErrorCode.INTERRUPTED
+    assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.INTERRUPTED
     assert "stopped 2 time(s)" in job.error and "smaller image" in job.error
 
 
@@ -341,15 +342,15 @@ def test_recovery_requeues_dead_workers_jobs_and_fails_exhausted_ones(cached_sma
     settings.Q_CLUSTER = {**settings.Q_CLUSTER, "max_attempts": 2}
     retry = queued_job()
     exhausted = queued_job()
-    DepthJob.objects.filter(pk=retry.pk).update(status=JobStatus.RUNNING, worker=dead_worker(), attempts=1)
-    DepthJob.objects.filter(pk=exhausted.pk).update(status=JobStatus.RUNNING, worker=dead_worker(), attempts=2)
+    DepthJob.objects.filter(pk=retry.pk).update(status=RunStatus.RUNNING, worker=dead_worker(), attempts=1)
+    DepthJob.objects.filter(pk=exhausted.pk).update(status=RunStatus.RUNNING, worker=dead_worker(), attempts=2)
     with run_jobs():
         outcome = depth_jobs_recover()
     assert outcome == {"requeued": [str(retry.pk)], "failed": [str(exhausted.pk)]}
     retry.refresh_from_db()
     exhausted.refresh_from_db()
-    assert retry.status == JobStatus.SUCCEEDED and retry.attempts == 2
-    assert exhausted.status == JobStatus.FAILED and exhausted.error_code == JobErrorCode.INTERRUPTED
+    assert retry.status == RunStatus.SUCCEEDED and retry.attempts == 2
+    assert exhausted.status == RunStatus.FAILED and exhausted.error_code == JobErrorCode.INTERRUPTED
 
 
 def test_recovery_requeues_jobs_queued_past_the_retry_window(cached_small, run_jobs):
@@ -361,7 +362,7 @@ def test_recovery_requeues_jobs_queued_past_the_retry_window(cached_small, run_j
     assert outcome["requeued"] == [str(stale.pk)]
     stale.refresh_from_db()
     fresh.refresh_from_db()
-    assert stale.status == JobStatus.SUCCEEDED and fresh.status == JobStatus.QUEUED
+    assert stale.status == RunStatus.SUCCEEDED and fresh.status == RunStatus.QUEUED
 
 
 def test_recovery_schedule_is_installed():
@@ -409,12 +410,12 @@ def test_rerun_queues_a_finished_job_again(cached_small, run_jobs, monkeypatch):
 
     monkeypatch.setattr(DepthEstimator, "predict", oom)
     job = create(run_jobs)
-    assert job.status == JobStatus.FAILED
+    assert job.status == RunStatus.FAILED
     monkeypatch.undo()
     with run_jobs():
         depth_job_rerun(job=job)
     job.refresh_from_db()
-    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and job.error == ""
+    assert job.status == RunStatus.SUCCEEDED and job.attempts == 1 and job.error == ""
 
 
 def test_rerun_refuses_an_active_job(small_model):

@@ -11,7 +11,7 @@ from django.test import Client
 from django.urls import reverse
 from PIL import Image
 
-from inference.choices import JobStatus
+from depthsite.choices import RunStatus
 from inference.models import DepthJob
 from depthsite.testing import images
 from tests.jobs.conftest import upload
@@ -60,7 +60,7 @@ def test_upload_runs_the_job_and_the_page_shows_the_result(web, cached_small, ru
     response = post_photo(web, run_jobs)
     job = DepthJob.objects.get()
     assert response.status_code == 302 and response["Location"] == reverse("inference:job_detail", args=[job.pk])
-    assert job.owner == user and job.status == JobStatus.SUCCEEDED
+    assert job.owner == user and job.status == RunStatus.SUCCEEDED
     page = web.get(response["Location"]).content.decode()
     assert 'class="badge succeeded"' in page
     assert reverse("inference:job_input", args=[job.pk]) in page

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from models_registry import cachefs
-from models_registry.exceptions import DiskFullError
+from depthsite.exceptions import DiskFullError
 from models_registry.formats import write_weights
 from models_registry.services.weights import weight_export, weight_import
 
@@ -84,7 +84,7 @@ def test_export_to_a_full_disk_is_one_clear_error(tiny_disk, cached_small, small
 
 def test_writer_errors_that_are_not_about_space_pass_through(tmp_path):
     # A writer's own failure (here h5py refusing a "/" in a name) must not be reported as a full disk.
-    from models_registry.exceptions import WeightFileError
+    from depthsite.exceptions import WeightFileError
 
     import numpy as np
 
@@ -121,7 +121,7 @@ def test_efbig_from_a_file_size_limit_is_disk_full(tmp_path, fmt):
         "from pathlib import Path\n"
         "import numpy as np\n"
         "from models_registry import cachefs\n"
-        "from models_registry.exceptions import DiskFullError\n"
+        "from depthsite.exceptions import DiskFullError\n"
         "from models_registry.formats import write_weights\n"
         "dest = Path(sys.argv[1]) / ('w.' + sys.argv[2])\n"
         "try:\n"
@@ -178,7 +178,7 @@ def test_a_disk_that_fills_up_during_a_download_leaves_nothing(tiny_disk, small_
 
     from depthsite.testing.weightserver import WeightServer
     from models_registry import fetch
-    from models_registry.choices import RunStatus
+    from depthsite.choices import RunStatus
     from models_registry.models import WeightDownload, WeightFile
     from models_registry.services import download as download_service
     from models_registry.services.download import weight_download

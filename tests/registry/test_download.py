@@ -21,12 +21,13 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from models_registry import cachefs, fetch
-from models_registry.choices import RunStatus, Health
-from models_registry.exceptions import (
+from depthsite.choices import RunStatus
+from models_registry.choices import Health
+from depthsite.exceptions import (
     ConflictError,
     DiskFullError,
     DownloadError,
-    IntegrityError,
+    DigestMismatchError,
     OfflineError,
 )
 from models_registry.models import WeightDownload, WeightFile
@@ -270,7 +271,7 @@ def test_bytes_that_differ_from_the_pin_are_refused(small_model, mirror, served)
     pinned = "ab" * 32
     model_pin(model=small_model, sha256=pinned, source="operator")
 
-    with pytest.raises(IntegrityError) as caught:
+    with pytest.raises(DigestMismatchError) as caught:
         weight_download(model=small_model)
 
     message = caught.value.message

@@ -12,8 +12,8 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from models_registry import fetch
-from models_registry.choices import RunStatus
-from models_registry.exceptions import DownloadError
+from depthsite.choices import RunStatus
+from depthsite.exceptions import DownloadError
 from models_registry.models import WeightDownload, WeightFile
 from models_registry.services.download import weight_download
 from depthsite.testing.weightserver import WeightServer

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from models_registry.exceptions import WeightFileError
+from depthsite.exceptions import WeightFileError
 from models_registry.formats import (
     content_digest,
     read_weights,

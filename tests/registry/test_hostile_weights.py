@@ -14,7 +14,7 @@ import pytest
 
 from models_registry import cachefs
 from models_registry.choices import Health
-from models_registry.exceptions import (
+from depthsite.exceptions import (
     DiskFullError,
     NotFoundError,
     OfflineError,

@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from inference.models import DepthJob
 from models_registry import cachefs
-from models_registry.exceptions import LicenseError
+from depthsite.exceptions import LicenseError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.services.download import weight_download
 from models_registry.services.resolve import weights_resolve

@@ -12,7 +12,7 @@ from django.urls import reverse
 
 from models_registry import cachefs
 from models_registry.choices import Health
-from models_registry.exceptions import ConflictError
+from depthsite.exceptions import ConflictError
 from models_registry.models import WeightFile
 from models_registry.services.cache import cache_clear
 from models_registry.services.weights import weight_verify

@@ -15,7 +15,7 @@ from django.urls import reverse
 
 from models_registry import cachefs
 from models_registry.choices import Health
-from models_registry.exceptions import ApplicationError, ValidationError
+from depthsite.exceptions import ApplicationError, InvalidRequestError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.services.cache import cache_clear, cache_optimize_execute, cache_optimize_plan
 from models_registry.services.download import download_url, weight_download
@@ -112,7 +112,7 @@ def test_contained_refuses_whatever_resolves_outside(tmp_path):
     assert cachefs.contained(root, "inner", "x.pt") == root / "inner" / "x.pt"
     os.symlink(tmp_path, root / "link")
     for parts in (["/etc/passwd"], ["../x"], ["inner/../../x"], ["link", "x"], [""], ["."], ["inner", ".."]):
-        with pytest.raises(ValidationError) as caught:
+        with pytest.raises(InvalidRequestError) as caught:
             cachefs.contained(root, *parts)
         assert caught.value.extra["kind"] == "unsafe_path"
 
@@ -146,10 +146,10 @@ def _clear_touches_nothing_outside(small_model, tmp_path, kind):
     model = _force_name(small_model, name=name)
     assert (cachefs.cache_root() / name).resolve() == outside.resolve()  # what the old join would reach
 
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         cache_clear(model=model)
     assert "model name" in caught.value.message
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidRequestError):
         cache_clear()  # every model: the bad one stops it before anything goes
     assert _untouched(outside) == ["victim.pt", "victim.pt.part"]
     assert not (tmp_path / "outside.lock").exists() and not list(tmp_path.glob("*.lock"))
@@ -173,13 +173,13 @@ def test_download_with_a_forced_bad_name_writes_nothing_outside(small_model, tmp
     outside = _outside(tmp_path)
     settings.DEPTHSITE_MODEL_MIRROR = "http://127.0.0.1:9/"  # never reached
     model = _force_name(small_model, name="../../outside")
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidRequestError):
         weight_download(model=model)
     assert _untouched(outside) == ["victim.pt", "victim.pt.part"]
     assert not list(tmp_path.glob("outside*.lock"))
 
     model = _force_name(small_model, name="MiDaS_small", file_name="../../outside/victim.pt")
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidRequestError):
         weight_download(model=model)
     assert _untouched(outside) == ["victim.pt", "victim.pt.part"]
     assert not WeightFile.objects.exists()
@@ -194,7 +194,7 @@ def test_file_mirror_never_copies_a_file_outside_its_folder(small_model, small_p
     settings.DEPTHSITE_MODEL_MIRROR = mirror.as_uri()
     model = _force_name(small_model, file_name="../secret.pt")
 
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         weight_download(model=model)
     assert "file name" in caught.value.message
     assert not WeightFile.objects.exists()
@@ -218,17 +218,17 @@ def test_only_the_operator_mirror_may_be_a_local_folder(small_model, settings, t
 
 
 def test_a_result_path_forced_outside_media_is_not_served(db, settings, tmp_path):
-    from inference.choices import JobStatus
+    from depthsite.choices import RunStatus
     from inference.models import DepthJob
     from inference.selectors import depth_job_file
-    from models_registry.exceptions import NotFoundError
+    from depthsite.exceptions import NotFoundError
 
     secret = tmp_path / "secret_key"
     secret.write_text("server secret")
     media = Path(settings.MEDIA_ROOT)
     (media / "results").mkdir(parents=True)
     job = DepthJob.objects.create(image="uploads/x.jpg", image_sha256="0" * 64, image_size=1, model_name="MiDaS_small",
-                                  outputs=["png", "npy"], colormap="inferno", status=JobStatus.SUCCEEDED,
+                                  outputs=["png", "npy"], colormap="inferno", status=RunStatus.SUCCEEDED,
                                   result_files={"png": os.path.relpath(secret, media), "npy": str(secret)})
     for fmt in ("png", "npy"):
         with pytest.raises(NotFoundError):

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models_registry.exceptions import WeightFileError
+from depthsite.exceptions import WeightFileError
 from models_registry.formats.io import read_weights
 
 ARRAYS = {

@@ -12,11 +12,11 @@ import pytest
 
 from models_registry import cachefs
 from models_registry.choices import Health
-from models_registry.exceptions import (
+from depthsite.exceptions import (
     ConflictError,
-    IntegrityError,
+    DigestMismatchError,
     NotFoundError,
-    ValidationError,
+    InvalidRequestError,
     WeightFileError,
 )
 from models_registry.formats import content_digest, read_weights
@@ -79,7 +79,7 @@ def test_unknown_model_lists_the_known_ones():
 
 
 def test_pin_rejects_a_malformed_hash():
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidRequestError):
         model_pin(model=model_get(name="MiDaS"), sha256="xyz")
 
 
@@ -132,7 +132,7 @@ def test_import_with_model_names_what_differs(write_checkpoint, small_arrays):
 def test_import_refuses_when_several_models_share_the_layout(small_pt):
     RegisteredModel.objects.create(name="my_small", display_name="Fine-tuned small", architecture="MiDaS_small",
                                    file_name="my_small.pt", input_size=256)
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         weight_import(path=small_pt)
     assert "MiDaS_small" in caught.value.message and "my_small" in caught.value.message
     result = weight_import(path=small_pt, model_name="my_small")
@@ -149,7 +149,7 @@ def test_import_of_weights_that_differ_from_the_pinned_ones_is_refused(small_pt,
     model = model_get(name="MiDaS_small")
     model.expected_content_digest = "0" * 64
     model.save()
-    with pytest.raises(IntegrityError) as caught:
+    with pytest.raises(DigestMismatchError) as caught:
         weight_import(path=small_pt)
     assert "models pin --model MiDaS_small --reset" in caught.value.message
     assert not WeightFile.objects.exists()
@@ -342,7 +342,7 @@ def test_bundle_with_tampered_weights_is_refused(cached_small, tmp_path):
             else:
                 target.addfile(member, source.extractfile(member))
     cache_clear(model=cached_small.model)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(DigestMismatchError):
         weight_import(path=tampered)
     assert not WeightFile.objects.exists()
 

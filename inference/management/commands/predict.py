@@ -9,8 +9,8 @@ from django.conf import settings
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.writers import DEFAULT_FOV_DEGREES, OUTPUT_FORMATS, DepthMeta, fov_check, parse_formats, write_outputs
 from models_registry.catalogue import DEFAULT_MODEL
-from models_registry.exceptions import ApplicationError
-from models_registry.management.base import CliError, RegistryCommand
+from depthsite.exceptions import ApplicationError
+from depthsite.commands import CliError, RegistryCommand
 
 
 class Command(RegistryCommand):

@@ -8,7 +8,7 @@ from pathlib import Path
 from depthsite.units import format_size, parse_size
 from models_registry.catalogue import DEFAULT_MODEL, SEMANTICS, cpu_times_machine
 from models_registry.choices import WeightFormat
-from models_registry.management.base import CliError, RegistryCommand
+from depthsite.commands import CliError, RegistryCommand
 from models_registry.selectors import cache_info, model_get, model_list, models_by_family, weight_files
 
 

@@ -6,8 +6,8 @@ import sys
 
 from depthsite.units import format_size
 from models_registry.catalogue import approx_bytes
-from models_registry.exceptions import ApplicationError, NotFoundError
-from models_registry.management.base import CliError, RegistryCommand
+from depthsite.exceptions import ApplicationError, NotFoundError
+from depthsite.commands import CliError, RegistryCommand
 from models_registry.management.download import download_report, terminal_bar
 from models_registry.models import RegisteredModel
 from models_registry.selectors import model_get, model_list, weight_files

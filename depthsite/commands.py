@@ -10,17 +10,17 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from models_registry import exceptions
-from models_registry.exceptions import ApplicationError
+from depthsite import exceptions
+from depthsite.exceptions import ApplicationError
 
 # A stable code per kind of domain error (scripts branch on it); the message says what happened.
 ERROR_CODES: dict[type, str] = {
     exceptions.NotFoundError: "not_found",
-    exceptions.ValidationError: "invalid",
+    exceptions.InvalidRequestError: "invalid",
     exceptions.ConflictError: "conflict",
     exceptions.TooLargeError: "too_large",
     exceptions.WeightFileError: "bad_weights",
-    exceptions.IntegrityError: "integrity",
+    exceptions.DigestMismatchError: "integrity",
     exceptions.OfflineError: "offline",
     exceptions.DownloadError: "download_failed",
     exceptions.DiskFullError: "disk_full",

@@ -1,4 +1,4 @@
-"""The registry's domain errors: one small family that every door renders the same way.
+"""The domain errors of the whole site (the shared kernel): one small family that every door renders the same way.
 
 Each error carries a message a user can act on and optional structured `extra`; the REST layer maps
 `status` to the HTTP code, commands print the message on one line and exit with `exit_code`.
@@ -21,8 +21,9 @@ class ApplicationError(Exception):
         return self.message
 
 
-class ValidationError(ApplicationError):
-    """The request itself is wrong (unknown format, bad size, missing confirmation)."""
+class InvalidRequestError(ApplicationError):
+    """The request itself is wrong (unknown format, bad size, missing confirmation). Not Django's
+    ValidationError, which forms and model fields raise."""
 
 
 class NotFoundError(ApplicationError):
@@ -51,8 +52,8 @@ class WeightFileError(ApplicationError):
     status = 422
 
 
-class IntegrityError(ApplicationError):
-    """Bytes differ from the pinned hash or from the record."""
+class DigestMismatchError(ApplicationError):
+    """Bytes differ from the pinned hash or from the record. Not the database's IntegrityError."""
 
     status = 409
 
