@@ -26,6 +26,17 @@ def download_run(download_id: int) -> str:
     if download_is_running_elsewhere(download=download):
         # Re-delivered while the first delivery still transfers (downloads outlive the broker's retry time).
         return "running elsewhere"
+    from models_registry.services.weights import node_check
+
+    try:
+        # A download fills the cache of the node it was asked of: a worker of another node refuses it with
+        # where to run it, instead of caching the file here under that node's row.
+        node_check(node=download.node, action="download", model=download.model.name)
+    except ApplicationError as exc:
+        download.fail(exc.message, code="other_node")
+        download.save()
+        logger.warning("download %s of %s refused on this node: %s", download.pk, download.model.name, exc.message)
+        return download.status
     try:
         weight_download(model=download.model, fmt=download.format, download=download)
     except ApplicationError as exc:

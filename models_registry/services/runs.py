@@ -17,6 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from models_registry import cachefs
+from models_registry.services.weights import node_check
 from depthsite.choices import RunStatus
 from models_registry.choices import Health, WeightFormat
 from depthsite.exceptions import ApplicationError, InvalidRequestError
@@ -98,6 +99,9 @@ def management_run_execute(*, run: ManagementRun) -> ManagementRun:
         return run
     fields: dict[str, Any]
     try:
+        # The run acts on the cache of the node it was asked of: a worker of another node refuses it with
+        # where to run it, instead of acting on its own cache under that node's name.
+        node_check(node=run.node, action=run.kind, model=run.model.name if run.model_id else "")
         result = management_action(kind=run.kind, model=run.model, params=run.params)
     except ApplicationError as exc:
         fields = {"status": RunStatus.FAILED, "error": exc.message, "error_status": exc.status}

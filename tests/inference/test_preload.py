@@ -10,6 +10,16 @@ from depthsite import env
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _no_worker_threads(monkeypatch):
+    """post_spawn as a real worker (sync off) also starts the heartbeat thread and the exit hooks: this test
+    process is no worker, and a thread left beating would outlive the test database."""
+    from inference.services import jobs, workers
+
+    monkeypatch.setattr(jobs, "worker_heartbeat_start", lambda: False)
+    monkeypatch.setattr(workers, "worker_exit_hooks_install", lambda: None)
+
+
 @pytest.fixture
 def fresh_pool(monkeypatch):
     from inference import estimator

@@ -152,3 +152,29 @@ def test_api_status_filters_by_node_for_signed_in_readers(staff_client, client, 
     # Anonymous readers see no node names, so they cannot ask for one either.
     assert staff_client.get("/api/models/status").status_code == 200
     assert staff_client.get("/api/models/status", {"node": OTHER}).status_code == 403
+
+
+def test_queued_actions_run_only_on_the_node_they_were_asked_of(small_model, cached_small, settings):
+    # The API queues a download or a verify for its own node; a worker of another node that takes the task
+    # refuses it (the row says where to run it) instead of acting on its own cache under that node's name.
+    from depthsite.choices import RunStatus
+    from models_registry.models import ManagementRun, WeightDownload
+    from models_registry.services.runs import management_run_execute
+    from models_registry.tasks import download_run
+
+    download = WeightDownload.objects.create(model=small_model, node="gpu-9")
+    assert download_run(download.pk) == RunStatus.FAILED
+    download.refresh_from_db()
+    assert download.error_code == "other_node" and "DEPTHSITE_NODE=gpu-9 python manage.py models download" in download.error
+    assert WeightFile.objects.filter(model=small_model).count() == 1  # nothing fetched here
+
+    verified = cached_small.verified_at
+    run = ManagementRun.objects.create(kind="verify", model=small_model, node="gpu-9", params={})
+    run = management_run_execute(run=run)
+    assert run.status == RunStatus.FAILED and run.error_status == 409
+    assert "DEPTHSITE_NODE=gpu-9 python manage.py models verify --model MiDaS_small" in run.error
+    cached_small.refresh_from_db()
+    assert cached_small.verified_at == verified  # this node's file was not touched
+
+    here = ManagementRun.objects.create(kind="verify", model=small_model, node=settings.DEPTHSITE_NODE, params={})
+    assert management_run_execute(run=here).status == RunStatus.SUCCEEDED

@@ -115,8 +115,15 @@ def test_a_node_killed_mid_job_loses_nothing_and_runs_nothing_twice(two_nodes):
                 and not p.name.startswith(f".tmp-{victim}")]
 
     # Per-node cache records: the same file recorded once per node, each under its own node.
-    files = _rows(running.database_url, "SELECT node, format FROM models_registry_weightfile ORDER BY node")
-    assert files == [("node-a", "pt"), ("node-b", "pt")]
+    # A node that ran a job also built its own runtime artifact (format onnx), keyed by the same weights.
+    files = _rows(running.database_url,
+                  "SELECT node, format, content_digest FROM models_registry_weightfile ORDER BY node, format")
+    weights = [(node, fmt) for node, fmt, _ in files if fmt != "onnx"]
+    assert weights == [("node-a", "pt"), ("node-b", "pt")], files
+    digests = {digest for _, fmt, digest in files if fmt == "pt"}
+    assert len(digests) == 1, files
+    artifacts = [(node, digest) for node, fmt, digest in files if fmt == "onnx"]
+    assert all(digest in digests and (node, "pt") in weights for node, digest in artifacts), files
     status_b = running.session().get(f"{running.base_url}/api/models/status", params={"node": "node-b"},
                                      timeout=30).json()
     assert status_b["node"] == "node-b" and status_b["totals"]["files"] == 1
