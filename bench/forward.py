@@ -10,7 +10,7 @@ For each registered network at its native input size, in the same process and th
              inference.runtime.artifacts exports and checks, opened with the runtime's session options
 The two alternate run by run on the same input (median of --repeats after one warm-up each), and the
 outputs are compared: max |depthsite - baseline| / range(baseline). Networks carry the tests' deterministic
-weights (tests/support; --weights random for a seeded initialisation): weight values do not change the
+weights (models_registry/detweights; --weights random for a seeded initialisation): weight values do not change the
 cost, but a random head can output a constant, leaving nothing to compare. Pre- and postprocessing of a
 640x480 photo are timed too, torch transforms against the numpy twin the ONNX path uses. Nothing here is a stored reference:
 every ratio comes from this run.
