@@ -16,7 +16,7 @@ from pathlib import Path
 from django.utils import timezone
 
 from inference.exceptions import RuntimeArtifactError
-from inference.runtime.export import EXPORTER, check_shapes, network_export
+from inference.runtime.export import EXPORTER, check_shapes, network_export, onnx_supported
 
 from models_registry import cachefs
 from models_registry.choices import Health, RuntimeFormat
@@ -90,7 +90,11 @@ def artifact_compare(network, config, path: Path) -> ArtifactCheck:
         batch = probe_input(height, width)
         with torch.inference_mode():
             eager = network(torch.from_numpy(batch)).float().numpy()
-        fast = session.run(None, {name: batch})[0]
+        try:
+            fast = session.run(None, {name: batch})[0]
+        except Exception as exc:  # onnxruntime's errors share no base class: this input size does not run
+            raise RuntimeArtifactError(f"the ONNX artifact does not run at {height}x{width} (eager does): "
+                                       f"{str(exc).splitlines()[0][:300]}") from None
         if fast.shape != eager.shape or not np.isfinite(fast).all():
             raise RuntimeArtifactError(f"the ONNX artifact's output at {height}x{width} has shape {fast.shape} "
                                        f"or non-finite values; eager gives {eager.shape}")
@@ -107,6 +111,11 @@ def runtime_artifact_build(*, model: RegisteredModel, offline: bool | None = Non
     from inference.nets import create_model, get_config
     from models_registry.services.resolve import weights_resolve_loaded
 
+    if not onnx_supported(model.architecture):
+        raise RuntimeArtifactError(
+            f"{model.name} ({model.spec.family_label}) has no ONNX artifact: its exported graph only holds at the "
+            "export size (position embeddings resized by shape), so it runs in eager PyTorch",
+            extra={"model": model.name, "kind": "unsupported"})
     weight_file, loaded = weights_resolve_loaded(model=model, offline=offline)
     existing = runtime_artifact_find(model=model, weight_file=weight_file)
     if existing is not None:

@@ -14,6 +14,7 @@ from inference.runtime import artifacts, runtime_select
 from models_registry import cachefs
 from models_registry.choices import Health
 from depthsite.exceptions import WeightFileError
+from inference.exceptions import RuntimeArtifactError
 from models_registry.formats import file_sha256
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
@@ -239,3 +240,51 @@ def test_artifact_failing_its_check_falls_back_to_eager_said_once(cached_small, 
     assert len(fallbacks) == 1 and "differs from eager by 1.00e-03" in fallbacks[0].getMessage()
     assert artifact_row() is None
     assert not list(artifacts.runtime_artifact_path(model=cached_small.model).parent.glob("*.onnx"))
+
+
+# --- families the exporter cannot serve -------------------------------------------------------------
+
+
+def test_only_families_whose_graph_holds_at_every_size_get_an_artifact():
+    from inference.runtime.export import onnx_supported
+
+    assert [name for name in ("MiDaS_small", "MiDaS", "DPT_SwinV2_T_256", "DPT_Swin_L_384", "DPT_LeViT_224")
+            if not onnx_supported(name)] == []
+    assert [name for name in ("DPT_Large", "DPT_Hybrid", "DPT_BEiT_B_384", "Depth_Anything_V2_Small")
+            if onnx_supported(name)] == []
+
+
+@pytest.mark.slow
+def test_an_artifact_that_fails_at_another_input_size_is_a_failed_check_not_a_crash(tmp_path):
+    # Depth Anything's exported graph keeps the position embedding of the export size: at the second, non-square
+    # check size ONNX Runtime raises its own error. That must read as "no artifact" (eager runs), never escape.
+    from inference.nets import create_model, get_config
+    from inference.runtime.export import network_export
+    from models_registry.detweights import det_state_dict
+
+    name = "Depth_Anything_V2_Small"
+    network = create_model(name, state_dict=det_state_dict(name)).eval()
+    path = tmp_path / "a.onnx"
+    network_export(network, get_config(name), path)
+    with pytest.raises(RuntimeArtifactError, match="does not run at"):
+        artifacts.artifact_compare(network, get_config(name), path)
+
+
+@pytest.mark.slow
+def test_a_model_without_onnx_support_runs_eager_under_the_onnx_runtime(db, pool, small_arrays, write_checkpoint,
+                                                                        settings):
+    # A DPT model on CPU with DEPTHSITE_RUNTIME=onnx: no export is tried, the eager network answers, and the
+    # build path refuses it with a message (models optimize --build-runtime says so).
+    from depthsite.exceptions import ApplicationError
+    from models_registry.detweights import det_numpy_state_dict
+
+    weight_import(path=write_checkpoint("pt", name="dpt_hybrid_384.pt", arrays=det_numpy_state_dict("DPT_Hybrid")),
+                  pin=False)
+    model = RegisteredModel.objects.get(name="DPT_Hybrid")
+    estimator = pool.get(model="DPT_Hybrid")
+    assert estimator.runtime == "eager"
+    result = estimator.predict(synthetic_image(96, 128))
+    assert result.depth.shape == (96, 128) and result.runtime == "eager"
+    assert artifact_row("DPT_Hybrid") is None
+    with pytest.raises(ApplicationError, match="runs in eager PyTorch"):
+        artifacts.runtime_artifact_build(model=model)
