@@ -25,7 +25,7 @@ def test_registry_suite_passes_on_postgresql():
     env = {**os.environ, "DATABASE_URL": POSTGRES_URL, "DEPTHSITE_REQUIRE_SERVICES": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", *(f"tests/registry/{name}" for name in ABOUT_THE_DATABASE), "-q",
-         "-p", "no:cacheprovider", "-p", "no:xdist", "--create-db"],
+         "-m", "not slow", "-p", "no:cacheprovider", "-p", "no:xdist", "--create-db"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
