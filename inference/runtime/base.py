@@ -1,6 +1,8 @@
 """What every runtime's estimator answers: the depth result, and the facts the pool and the job record read."""
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,3 +65,15 @@ class Estimator(Protocol):
     def dtype_name(self) -> str: ...
 
     def predict(self, image: np.ndarray) -> DepthResult: ...
+
+
+def depth_result(estimator, depth: np.ndarray, *, started: float, height: int, width: int) -> DepthResult:
+    """The result of one prediction by `estimator` (either runtime), timed from `started` (perf_counter)."""
+    elapsed = (time.perf_counter() - started) * 1000
+    estimator.last_used = time.monotonic()
+    return DepthResult(
+        depth=depth, depth_min=float(depth.min()), depth_max=float(depth.max()), semantics=estimator.semantics,
+        model=estimator.model_name, weights_sha256=estimator.weights_sha256, weights_format=estimator.weights_format,
+        device=estimator.device_name, dtype=estimator.dtype_name, preprocessing=estimator.preprocessing(height, width),
+        inference_ms=elapsed, runtime=estimator.runtime,
+    )

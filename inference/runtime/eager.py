@@ -16,7 +16,7 @@ from django.conf import settings
 
 from inference.exceptions import InferenceError, OutOfMemoryError
 from inference.nets import create_model, get_config, postprocess, preprocess, target_size
-from inference.runtime.base import DepthResult, preprocessing_facts
+from inference.runtime.base import DepthResult, depth_result, preprocessing_facts
 from depthsite.exceptions import WeightFileError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.resolve import weights_resolve_loaded
@@ -121,14 +121,7 @@ class DepthEstimator:
                 raise OutOfMemoryError(f"out of memory running {self.model_name} on a {width}x{height} image; "
                                        "try a smaller image or a smaller model") from None
             depth = postprocess(prediction.float().cpu(), (height, width), self.config)
-        elapsed = (time.perf_counter() - started) * 1000
-        self.last_used = time.monotonic()
-        return DepthResult(
-            depth=depth, depth_min=float(depth.min()), depth_max=float(depth.max()), semantics=self.semantics,
-            model=self.model_name, weights_sha256=self.weights_sha256, weights_format=self.weights_format,
-            device=self.device_name, dtype=self.dtype_name, preprocessing=self.preprocessing(height, width),
-            inference_ms=elapsed, runtime=self.runtime,
-        )
+        return depth_result(self, depth, started=started, height=height, width=width)
 
     def release(self) -> None:
         # A thread may still be running it: drop nothing it needs, only hand cached blocks back to the GPU.

@@ -11,7 +11,7 @@ import numpy as np
 from depthsite.netspecs import net_spec
 from inference.exceptions import InferenceError, OutOfMemoryError
 from inference.runtime import transforms
-from inference.runtime.base import DepthResult, preprocessing_facts
+from inference.runtime.base import DepthResult, depth_result, preprocessing_facts
 
 
 def session_options(threads: int = 0) -> Any:
@@ -92,14 +92,7 @@ class OnnxEstimator:
             raise OutOfMemoryError(f"out of memory running {self.model_name} on a {width}x{height} image; "
                                    "try a smaller image or a smaller model") from None
         depth = transforms.postprocess(prediction, (height, width), self.config)
-        elapsed = (time.perf_counter() - started) * 1000
-        self.last_used = time.monotonic()
-        return DepthResult(
-            depth=depth, depth_min=float(depth.min()), depth_max=float(depth.max()), semantics=self.semantics,
-            model=self.model_name, weights_sha256=self.weights_sha256, weights_format=self.weights_format,
-            device=self.device_name, dtype=self.dtype_name, preprocessing=self.preprocessing(height, width),
-            inference_ms=elapsed, runtime=self.runtime,
-        )
+        return depth_result(self, depth, started=started, height=height, width=width)
 
     def release(self) -> None:
         self.session = None
