@@ -280,14 +280,21 @@ def _input_had_alpha(job: DepthJob) -> bool:
 @require_GET
 def job_status(request, job_id):
     """The small JSON the job page polls."""
-    if not uploads_allowed(user=request.user):
-        return JsonResponse({"message": "sign in to see this job", "extra": {}}, status=403)
-    try:
+    def state() -> dict:
         job = depth_job_get(job_id=job_id, user=request.user)
+        return {**depth_job_summary(job, user=request.user, session_key=upload_session_key(request)), **job_urls(job)}
+
+    return _polled(request, what="job", state=state)
+
+
+def _polled(request, *, what: str, state) -> JsonResponse:
+    """What a page polls: `state()` as JSON; 403 for who may not upload, 404 (JSON) for what is not theirs."""
+    if not uploads_allowed(user=request.user):
+        return JsonResponse({"message": f"sign in to see this {what}", "extra": {}}, status=403)
+    try:
+        return JsonResponse(state())
     except NotFoundError as exc:
         return JsonResponse({"message": exc.message, "extra": exc.extra}, status=404)
-    return JsonResponse({**depth_job_summary(job, user=request.user, session_key=upload_session_key(request)),
-                         **job_urls(job)})
 
 
 @require_GET
@@ -489,13 +496,11 @@ def batch_detail(request, batch_id):
 @require_GET
 def batch_status(request, batch_id):
     """The small JSON the batch page polls."""
-    if not uploads_allowed(user=request.user):
-        return JsonResponse({"message": "sign in to see this batch", "extra": {}}, status=403)
-    try:
+    def state() -> dict:
         batch = depth_batch_get(batch_id=batch_id, user=request.user)
-    except NotFoundError as exc:
-        return JsonResponse({"message": exc.message, "extra": exc.extra}, status=404)
-    return JsonResponse(batch_urls(batch, depth_batch_summary(batch=batch, jobs=depth_batch_jobs(batch=batch))))
+        return batch_urls(batch, depth_batch_summary(batch=batch, jobs=depth_batch_jobs(batch=batch)))
+
+    return _polled(request, what="batch", state=state)
 
 
 @require_GET
