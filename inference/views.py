@@ -172,12 +172,12 @@ def _upload(request, *, limit: UploadLimitHandler | None):
     return _upload_page(request, form, status=status, options=options)
 
 
-def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refusal: str = ""):
-    options = model_options(detailed=request.user.is_staff) if options is None else options
-    recent = _with_reuse_shown(request, depth_job_list(user=request.user, session_key=upload_session_key(request))[:5])
-    return render(request, "inference/upload.html", {
+def _job_options_context(request, form, *, options=None, refusal: str = "") -> dict:
+    """What the job options (templates/inference/_job_options.html) and the limits beside them need, for the
+    single upload form and the batch form alike."""
+    return {
         "form": form,
-        "model_options": options,
+        "model_options": model_options(detailed=request.user.is_staff) if options is None else options,
         "cpu_times_machine": cpu_times_machine(),
         "selected_model": form["model"].value() or DEFAULT_MODEL,
         "selected_outputs": form["outputs"].value() or ["png"],
@@ -186,9 +186,15 @@ def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refu
         "max_upload": format_size(settings.DEPTHSITE_MAX_UPLOAD_BYTES) if settings.DEPTHSITE_MAX_UPLOAD_BYTES else None,
         "max_megapixels": settings.DEPTHSITE_MAX_IMAGE_PIXELS / 1e6,
         "alpha_note": ALPHA_NOTE,
-        "recent": recent,
         "refusal": refusal,
-    }, status=status)
+    }
+
+
+def _upload_page(request, form: DepthJobForm, *, status: int, options=None, refusal: str = ""):
+    recent = _with_reuse_shown(request, depth_job_list(user=request.user, session_key=upload_session_key(request))[:5])
+    return render(request, "inference/upload.html",
+                  {**_job_options_context(request, form, options=options, refusal=refusal), "recent": recent},
+                  status=status)
 
 
 # --- a job ---------------------------------------------------------------------------------------
@@ -450,21 +456,10 @@ def _batch_upload(request, *, limit: BatchUploadLimitHandler | None):
 def _batch_upload_page(request, form: DepthBatchForm, *, status: int, options=None, refusal: str = ""):
     from inference.services.batches import batch_max_bytes, batch_max_files
 
-    options = model_options(detailed=request.user.is_staff) if options is None else options
     return render(request, "inference/batch_upload.html", {
-        "form": form,
-        "model_options": options,
-        "cpu_times_machine": cpu_times_machine(),
-        "selected_model": form["model"].value() or DEFAULT_MODEL,
-        "selected_outputs": form["outputs"].value() or ["png"],
-        "selected_colormap": form["colormap"].value() or DEFAULT_COLORMAP,
-        "output_choices": output_choices(),
-        "max_upload": format_size(settings.DEPTHSITE_MAX_UPLOAD_BYTES) if settings.DEPTHSITE_MAX_UPLOAD_BYTES else None,
+        **_job_options_context(request, form, options=options, refusal=refusal),
         "max_files": batch_max_files(),
         "max_batch": format_size(batch_max_bytes()) if batch_max_bytes() else None,
-        "max_megapixels": settings.DEPTHSITE_MAX_IMAGE_PIXELS / 1e6,
-        "alpha_note": ALPHA_NOTE,
-        "refusal": refusal,
     }, status=status)
 
 
