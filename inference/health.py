@@ -37,11 +37,12 @@ def output_hash(output: np.ndarray) -> str:
     return hashlib.sha256(quantised.tobytes()).hexdigest()
 
 
-def weights_functional_hash(model, arrays: dict) -> str:
-    """The registry's functional check for one model's tensors (numpy arrays in the official layout)."""
+def weights_functional_hash(model, arrays: dict, *, digest: str | None = None) -> str:
+    """The registry's functional check for one model's tensors (numpy arrays in the official layout);
+    `digest`: their content digest when the caller has it (else it is computed here)."""
     from models_registry.formats.digest import content_digest
 
-    key = (model.architecture, content_digest(arrays))
+    key = (model.architecture, digest or content_digest(arrays))
     if key not in _PROVEN:
         if len(_PROVEN) >= _PROVEN_MAX:
             _PROVEN.pop(next(iter(_PROVEN)))

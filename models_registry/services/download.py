@@ -346,7 +346,7 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: 
                              f"{model.expected_size}; nothing was cached", extra={"url": url})
     try:
         inspection = weights_inspect(path=part, architecture=model.architecture)
-        functional_hash = weights_functional_check(model, inspection.loaded)
+        functional_hash = weights_functional_check(model, inspection.loaded, digest=inspection.digest)
     except WeightFileError as exc:
         raise WeightFileError(f"the file from {url} is not usable weights of {model.name}: {exc.message}; "
                               "nothing was cached", extra={**exc.extra, "url": url}) from None

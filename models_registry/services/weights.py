@@ -54,8 +54,9 @@ def best_first(files: Iterable[WeightFile]) -> list[WeightFile]:
     return sorted(files, key=lambda f: (f.health != Health.OK, SOURCE_PREFERENCE.index(f.format)))
 
 # A functional check builds the architecture, loads the tensors strictly, runs a fixed tiny input and
-# returns a hash of the output. The inference app registers one; the registry never imports inference.
-FunctionalCheck = Callable[[RegisteredModel, dict], str]
+# returns a hash of the output. The inference app registers one; the registry never imports inference. The
+# caller passes the tensors' content digest it already computed (the check may key a memo on it).
+FunctionalCheck = Callable[..., str]  # (model, arrays, *, digest: str | None) -> output hash
 _functional_checks: list[FunctionalCheck] = []
 
 
@@ -144,11 +145,11 @@ def model_identify(*, inspection: Inspection) -> RegisteredModel:
                                  "candidates": [model.name for model in candidates]})
 
 
-def weights_functional_check(model: RegisteredModel, loaded: LoadedWeights) -> str:
+def weights_functional_check(model: RegisteredModel, loaded: LoadedWeights, *, digest: str | None = None) -> str:
     result = ""
     for check in _functional_checks:
         try:
-            result = check(model, loaded.arrays)
+            result = check(model, loaded.arrays, digest=digest)
         except WeightFileError:
             raise
         except Exception as exc:  # a network that cannot run these weights is a corrupt file, not a crash
@@ -367,7 +368,8 @@ def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> Verify
     health, reason, inspection = _verify_problems(weight_file, path)
     if health == Health.OK and functional and inspection is not None:
         try:
-            weight_file.functional_hash = weights_functional_check(weight_file.model, inspection.loaded)
+            weight_file.functional_hash = weights_functional_check(weight_file.model, inspection.loaded,
+                                                                   digest=inspection.digest)
         except WeightFileError as exc:
             health, reason = Health.CORRUPT, exc.message
     weight_file.set_health(health, reason)
@@ -768,7 +770,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
             return ImportResult(existing, False,
                                 f"{model.name} [{fmt}] is already cached with identical weights; nothing changed"
                                 + ("; its weights are now pinned" if pinned else ""), pinned=pinned)
-        functional_hash = weights_functional_check(model, inspection.loaded)
+        functional_hash = weights_functional_check(model, inspection.loaded, digest=inspection.digest)
         dest = cache_file_path(model=model, fmt=fmt)
         with cachefs.atomic_write(dest) as tmp:
             copied_sha256 = cachefs.copy_with_sha256(inspection.path, tmp)
