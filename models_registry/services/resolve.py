@@ -7,16 +7,18 @@ to load is marked corrupt and the chain goes on with the next one.
 from __future__ import annotations
 
 import logging
+from typing import Callable, TypeVar
 
-from models_registry import cachefs
-from depthsite.exceptions import ApplicationError, WeightFileError
-from models_registry.formats import LoadedWeights, read_weights
+from depthsite.exceptions import ApplicationError
+from models_registry.formats import LoadedWeights
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.download import Notify, healthy_files, wanted_format, weight_download
 from models_registry.services.licences import model_license_check
-from models_registry.services.weights import weight_convert, weight_mark_corrupt
+from models_registry.services.weights import weight_convert, weights_first_usable, weights_read
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RESOLVE_ROUNDS = 4  # one per format, plus a fresh download
 
@@ -44,18 +46,15 @@ def weights_resolve(*, model: RegisteredModel, offline: bool | None = None, noti
     return weight_download(model=model, fmt=preferred, offline=offline, notify=notify).weight_file
 
 
+def weights_use(*, model: RegisteredModel, use: Callable[[WeightFile], T], offline: bool | None = None,
+                notify: Notify | None = None) -> tuple[WeightFile, T]:
+    """`use` applied to the resolved file; a file that fails there is marked corrupt and the chain resolves the
+    next one (weights_first_usable)."""
+    return weights_first_usable(model=model, use=use, rounds=RESOLVE_ROUNDS,
+                                pick=lambda: weights_resolve(model=model, offline=offline, notify=notify))
+
+
 def weights_resolve_loaded(*, model: RegisteredModel, offline: bool | None = None,
                            notify: Notify | None = None) -> tuple[WeightFile, LoadedWeights]:
-    """`weights_resolve`, then read the tensors; a file that fails to load is marked corrupt and the chain goes on."""
-    last_error = ""
-    for _ in range(RESOLVE_ROUNDS):
-        weight_file = weights_resolve(model=model, offline=offline, notify=notify)
-        try:
-            return weight_file, read_weights(cachefs.absolute(weight_file.path), weight_file.format,
-                                              architecture=model.architecture)
-        except (WeightFileError, OSError) as exc:
-            last_error = getattr(exc, "message", None) or str(exc)
-            weight_mark_corrupt(weight_file=weight_file, reason=last_error)
-    raise WeightFileError(f"no cached file of {model.name} loads (last error: {last_error}); "
-                          f"run python manage.py models verify --model {model.name}",
-                          extra={"model": model.name})
+    """`weights_resolve`, then read the tensors (weights_use)."""
+    return weights_use(model=model, use=weights_read, offline=offline, notify=notify)

@@ -8,7 +8,7 @@ import mmap
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from django.db import transaction
 from django.utils import timezone
@@ -41,6 +41,8 @@ from models_registry.selectors import model_get, weight_file_get, weight_files, 
 from models_registry.services.licences import model_license_check
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 BUNDLE_MANIFEST = "manifest.json"
 BUNDLE_VERSION = 1
@@ -401,17 +403,33 @@ def _best_source(model: RegisteredModel, exclude: Iterable[str] = ()) -> WeightF
     return best_first(files)[0]
 
 
-def weights_load_usable(*, model: RegisteredModel, exclude: Iterable[str] = ()) -> tuple[WeightFile, LoadedWeights]:
-    """The first healthy cached file that really loads; files that fail are marked corrupt and skipped."""
-    skipped = set(exclude)
-    while True:
-        source = _best_source(model, exclude=skipped)
-        path = cachefs.absolute(source.path)
+def weights_first_usable(*, model: RegisteredModel, pick: Callable[[], WeightFile],
+                         use: Callable[[WeightFile], T], rounds: int = len(SOURCE_PREFERENCE) + 1) -> tuple[WeightFile, T]:
+    """`use` applied to the file `pick` chooses; a file that fails there (WeightFileError, or the OS cannot read
+    it) is marked corrupt, so the next `pick` passes it over. The one "try the next file" loop: loading,
+    converting and building an estimator all go through it."""
+    last_error = ""
+    for _ in range(rounds):
+        weight_file = pick()
         try:
-            return source, read_weights(path, source.format, architecture=model.architecture)
-        except (WeightFileError, FileNotFoundError) as exc:
-            weight_mark_corrupt(weight_file=source, reason=getattr(exc, "message", str(exc)))
-            skipped.add(source.format)
+            return weight_file, use(weight_file)
+        except (WeightFileError, OSError) as exc:
+            last_error = getattr(exc, "message", None) or str(exc)
+            weight_mark_corrupt(weight_file=weight_file, reason=last_error)
+    raise WeightFileError(f"no cached file of {model.name} is usable (last error: {last_error}); "
+                          f"run python manage.py models verify --model {model.name}",
+                          extra={"model": model.name, "kind": "none_usable"})
+
+
+def weights_read(weight_file: WeightFile) -> LoadedWeights:
+    """The tensors of one cached file (WeightFileError or OSError when they do not load)."""
+    return read_weights(cachefs.absolute(weight_file.path), weight_file.format,
+                        architecture=weight_file.model.architecture)
+
+
+def weights_load_usable(*, model: RegisteredModel, exclude: Iterable[str] = ()) -> tuple[WeightFile, LoadedWeights]:
+    """The first healthy cached file that really loads (formats in `exclude` left out)."""
+    return weights_first_usable(model=model, pick=lambda: _best_source(model, exclude=exclude), use=weights_read)
 
 
 def _write_converted(model: RegisteredModel, source: WeightFile, loaded: LoadedWeights, fmt: str,
