@@ -8,12 +8,12 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.beit import gen_relative_position_index
 from torch import nn
 
 from .blocks import DecoderConfig, DepthDecoder, dpt_decoder
 from .dpt import Reassemble
 from .registry import HALF_MEAN, HALF_STD, NetConfig, register_variant
+from .resample import linear_matrix, resample_2d
 
 PATCH_SIZE = 16
 
@@ -31,8 +31,13 @@ def relative_position_bias(attn: nn.Module, grid: tuple[int, int], index: torch.
     old_h, old_w = 2 * attn.window_size[0] - 1, 2 * attn.window_size[1] - 1
     new_h, new_w = 2 * grid[0] - 1, 2 * grid[1] - 1
     distances, cls_rows = table[: old_h * old_w], table[old_h * old_w:]
-    if (new_h, new_w) != (old_h, old_w):
-        # The official code reshapes to (width, height), which only matters for non-square windows.
+    # The official code reshapes to (width, height), which only matters for non-square windows.
+    if torch.onnx.is_in_onnx_export():
+        # The grid is traced: resample with matrices built for it (exact identity at the native grid).
+        grid_table = distances.reshape(1, old_w, old_h, -1).permute(0, 3, 1, 2)
+        grid_table = resample_2d(grid_table, linear_matrix(new_h, old_w), linear_matrix(new_w, old_h))
+        distances = grid_table.permute(0, 2, 3, 1).flatten(0, 2)
+    elif (new_h, new_w) != (old_h, old_w):
         grid_table = distances.reshape(1, old_w, old_h, -1).permute(0, 3, 1, 2)
         grid_table = F.interpolate(grid_table, size=(new_h, new_w), mode="bilinear", align_corners=False)
         distances = grid_table.permute(0, 2, 3, 1).reshape(new_h * new_w, -1)
@@ -40,6 +45,25 @@ def relative_position_bias(attn: nn.Module, grid: tuple[int, int], index: torch.
     tokens = grid[0] * grid[1] + 1
     bias = table[index.view(-1)].view(tokens, tokens, -1)
     return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+def relative_position_index(grid: tuple, device=None) -> torch.Tensor:
+    """(N + 1, N + 1) index into a BEiT relative-position table for a (rows, cols) grid of N tokens plus the
+    class token, the layout timm's gen_relative_position_index builds: distance (dr, dc) of two patches at
+    (dr + rows - 1) * (2 cols - 1) + dc + cols - 1; then class-to-patch, patch-to-class and class-to-class.
+
+    Built with tensor arithmetic only, so an exported graph builds it for its own input's grid."""
+    rows, cols = grid
+    patches = torch.arange(rows * cols, device=device)
+    row, col = patches // cols, patches % cols
+    distance = ((row.unsqueeze(1) - row.unsqueeze(0) + rows - 1) * (2 * cols - 1)
+                + col.unsqueeze(1) - col.unsqueeze(0) + cols - 1)
+    first = (2 * rows - 1) * (2 * cols - 1)  # the three class-token entries follow the distances
+    to_patches = torch.full_like(patches, 0) + first
+    corner = torch.zeros_like(patches[:1]) + first + 2
+    top = torch.cat((corner, to_patches)).unsqueeze(0)
+    below = torch.cat(((to_patches + 1).unsqueeze(1), distance), dim=1)
+    return torch.cat((top, below), dim=0)
 
 
 def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -100,7 +124,7 @@ class BeitEncoder(nn.Module):
             tokens = tokens + beit.pos_embed
         tokens = beit.pos_drop(tokens)
 
-        index = gen_relative_position_index(grid, device=x.device)
+        index = relative_position_index(grid, device=x.device)
         taps = self.cfg.block_taps
         features = []
         for number, block in enumerate(beit.blocks[: max(taps) + 1]):
@@ -128,7 +152,8 @@ class BeitDPT(nn.Module):
         self.scratch = DepthDecoder(arch.decoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scratch(self.pretrained(x)).squeeze(1)
+        grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
+        return self.scratch(self.pretrained(x), grid).squeeze(1)
 
 
 # --- checkpoint conversion ----------------------------------------------------------------------

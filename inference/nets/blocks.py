@@ -95,6 +95,16 @@ class DepthHead(nn.Sequential):
         )
 
 
+def lateral_sizes(grid: Sequence) -> list[tuple]:
+    """Sizes of the three finer laterals of a DPT head over a (rows, cols) token grid: 4x, 2x and 1x the grid.
+
+    Computed from the grid rather than read off the laterals: the ONNX exporter records a traced tensor's
+    shape as a constant of the export size, while arithmetic on the input's own size stays symbolic, so a
+    graph exported this way fuses at every input size."""
+    rows, cols = grid
+    return [(4 * rows, 4 * cols), (2 * rows, 2 * cols), (rows, cols)]
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     """The per-model decoder quirks of the official code, as options."""
@@ -135,16 +145,18 @@ class DepthDecoder(nn.Module):
             cfg.widths[0], align_corners=cfg.head_align_corners, non_negative=cfg.non_negative
         )
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Sequence[torch.Tensor], grid: Optional[Sequence] = None) -> torch.Tensor:
+        """`grid`: the encoder's token grid, from which a ViT-style encoder's lateral sizes follow
+        (lateral_sizes); without it they are read off the laterals."""
         f1, f2, f3, f4 = features
         l1, l2, l3, l4 = self.layer1_rn(f1), self.layer2_rn(f2), self.layer3_rn(f3), self.layer4_rn(f4)
+        sizes: list = [None, None, None]
+        if self.cfg.upsample_to_lateral_size:
+            sizes = lateral_sizes(grid) if grid is not None else [l1.shape[-2:], l2.shape[-2:], l3.shape[-2:]]
 
-        def size_of(t: torch.Tensor):
-            return t.shape[-2:] if self.cfg.upsample_to_lateral_size else None
-
-        path = self.refinenet4(l4, size=size_of(l3))
-        path = self.refinenet3(path, l3, size=size_of(l2))
-        path = self.refinenet2(path, l2, size=size_of(l1))
+        path = self.refinenet4(l4, size=sizes[2])
+        path = self.refinenet3(path, l3, size=sizes[1])
+        path = self.refinenet2(path, l2, size=sizes[0])
         path = self.refinenet1(path, l1)
         return self.output_conv(path)
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .blocks import FeatureFusionBlock
+from .blocks import FeatureFusionBlock, lateral_sizes
 from .registry import IMAGENET_MEAN, IMAGENET_STD, NetConfig, register_variant
+from .resample import cubic_matrix, resample_2d
 
 
 PATCH_SIZE = 14
@@ -36,17 +37,27 @@ def interpolate_pos_embed(
     (rows + offset) / n, (cols + offset) / n rather than by the output size, computed in float32.
     timm's own resampling (size-driven, antialiased) moves the depth by ~2.5e-3 of its range.
     """
-    rows, cols = int(grid[0]), int(grid[1])
     num_patches = pos_embed.shape[1] - 1
     side = int(math.sqrt(num_patches))
     if side * side != num_patches:
         raise ValueError(f"position embedding of {num_patches} patches is not a square grid")
-    if (rows, cols) == (side, side):
-        return pos_embed
     dtype = pos_embed.dtype
     embed = pos_embed.float()
     dim = embed.shape[-1]
     patch_pos = embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if torch.onnx.is_in_onnx_export():
+        # The grid is traced: the same bicubic rule as matrices built for it, at every grid size.
+        rows, cols = grid
+        # At the native grid the embedding is used as it is (scale 1 makes both matrices the identity).
+        native = torch.as_tensor((rows == side) & (cols == side))
+        scales = [torch.where(native, torch.ones((), dtype=torch.float64),
+                              (torch.as_tensor(size, dtype=torch.float64) + offset) / math.sqrt(num_patches)) for size in (rows, cols)]
+        patch_pos = resample_2d(patch_pos, cubic_matrix(rows, side, scale=scales[0]),
+                                cubic_matrix(cols, side, scale=scales[1]))
+        return torch.cat((embed[:, :1], patch_pos.permute(0, 2, 3, 1).flatten(1, 2)), dim=1).to(dtype)
+    rows, cols = int(grid[0]), int(grid[1])
+    if (rows, cols) == (side, side):
+        return pos_embed
     scale = ((rows + offset) / math.sqrt(num_patches), (cols + offset) / math.sqrt(num_patches))
     patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", antialias=False)
     if tuple(patch_pos.shape[-2:]) != (rows, cols):
@@ -93,9 +104,10 @@ class DPTScratch(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         l1, l2, l3, l4 = (getattr(self, f"layer{i}_rn")(f) for i, f in enumerate(features, start=1))
-        path = self.refinenet4(l4, size=l3.shape[-2:])
-        path = self.refinenet3(path, l3, size=l2.shape[-2:])
-        path = self.refinenet2(path, l2, size=l1.shape[-2:])
+        to_l1, to_l2, to_l3 = lateral_sizes((size[0] // PATCH_SIZE, size[1] // PATCH_SIZE))
+        path = self.refinenet4(l4, size=to_l3)
+        path = self.refinenet3(path, l3, size=to_l2)
+        path = self.refinenet2(path, l2, size=to_l1)
         path = self.refinenet1(path, l1)
         out = self.output_conv1(path)
         # To the input size (x1.75 from the 1/8 grid), not a x2 upsample as in MiDaS's DPT.

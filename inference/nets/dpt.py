@@ -11,6 +11,7 @@ from torch import nn
 
 from .blocks import DecoderConfig, DepthDecoder, dpt_decoder
 from .registry import register_variant
+from .resample import linear_matrix, resample_2d
 
 PATCH_SIZE = 16
 
@@ -62,6 +63,11 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     """Resample the square patch position grid to `grid` (bilinear, half-pixel) and keep the class position."""
     cls_pos, grid_pos = pos_embed[:, :1], pos_embed[0, 1:]
     side = int(math.sqrt(grid_pos.shape[0]))
+    if torch.onnx.is_in_onnx_export():
+        # The grid is traced: resample with matrices built for it (exact identity at the native grid).
+        grid_pos = grid_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid_pos = resample_2d(grid_pos, linear_matrix(grid[0], side), linear_matrix(grid[1], side))
+        return torch.cat((cls_pos, grid_pos.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
     if (side, side) == tuple(grid):
         return pos_embed
     grid_pos = grid_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
@@ -163,7 +169,8 @@ class DPT(nn.Module):
         self.scratch = DepthDecoder(arch.decoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scratch(self.pretrained(x)).squeeze(1)
+        grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
+        return self.scratch(self.pretrained(x), grid).squeeze(1)
 
 
 # --- configs ------------------------------------------------------------------------------------
