@@ -127,16 +127,9 @@ def measure(name: str, repeats: int, threads: int, workdir: Path, weights: str =
     for extra in workdir.glob(f"{name}.onnx*"):
         extra.unlink()
     eager_s, onnx_s = _median(eager_times), _median(onnx_times)
-    # What a CPU worker really runs: the artifact only for the families whose graph holds at every input size
-    # (inference.runtime.export.ONNX_FAMILIES); the others run eager, whatever the artifact does at the native square.
-    from inference.runtime.export import onnx_supported
-
-    path_used = "onnx" if onnx_supported(name) else "eager"
-    depthsite_s, depthsite_runs = (onnx_s, onnx_times) if path_used == "onnx" else (eager_s, eager_times)
-    return {"input": [height, width], "eager_s": round(eager_s, 4), "depthsite_s": round(depthsite_s, 4),
-            "path": path_used, "onnx_native_square_s": round(onnx_s, 4),
-            "ratio": round(depthsite_s / eager_s, 3), "max_diff_of_range": diff, "output_range": spread,
-            "eager_runs_s": [round(t, 4) for t in eager_times], "depthsite_runs_s": [round(t, 4) for t in depthsite_runs],
+    return {"input": [height, width], "eager_s": round(eager_s, 4), "depthsite_s": round(onnx_s, 4),
+            "path": "onnx", "ratio": round(onnx_s / eager_s, 3), "max_diff_of_range": diff, "output_range": spread,
+            "eager_runs_s": [round(t, 4) for t in eager_times], "depthsite_runs_s": [round(t, 4) for t in onnx_times],
             "export_s": round(export_s, 2), "session_open_s": round(open_s, 3), "artifact_bytes": artifact_bytes,
             "photo_pre_post_torch_s": round(_median(pre_torch), 4),
             "photo_pre_post_numpy_s": round(_median(pre_numpy), 4), "photo": list(PHOTO), "photo_net_input": list(size),
@@ -165,7 +158,7 @@ def write(results: dict, *, threads: int, repeats: int, machine: str, path: Path
     data["machine"] = machine
     plural = "s" if threads != 1 else ""
     data["note"] = ("median forward seconds per image at the native input on the default CPU path (the ONNX Runtime "
-                    "artifact, float32, where the family has one; eager otherwise: `path`), "
+                    "artifact, float32), "
                     f"{threads} thread{plural}, {repeats} runs after one warm-up; eager_s is plain fp32 eager PyTorch "
                     "in the same run (bench/forward.py --write)")
     models = data.setdefault("models", {})

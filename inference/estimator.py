@@ -18,7 +18,6 @@ from django.conf import settings
 
 from inference.runtime import runtime_select, say_once
 from inference.runtime.base import DepthResult, Estimator
-from inference.runtime.export import onnx_supported
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import model_get
@@ -129,7 +128,7 @@ class EstimatorPool:
             model = model_get(name=model, enabled_only=True)
         use_half = bool(settings.DEPTHSITE_FP16 if half is None else half)
         estimator = None
-        if runtime_select(device=device) == "onnx" and onnx_supported(model.architecture):
+        if runtime_select(device=device) == "onnx":
             if use_half:
                 say_once("fp16-cpu", "DEPTHSITE_FP16 is ignored on CPU: half precision is only used on CUDA "
                          "(measured slower than float32 on this CPU, docs/performance.md)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from django.utils import timezone
 
 from inference.exceptions import RuntimeArtifactError
-from inference.runtime.export import EXPORTER, check_shapes, network_export, onnx_supported
+from inference.runtime.export import EXPORTER, check_shapes, network_export
 
 from models_registry import cachefs
 from models_registry.choices import Health, RuntimeFormat
@@ -111,11 +111,6 @@ def runtime_artifact_build(*, model: RegisteredModel, offline: bool | None = Non
     from inference.nets import create_model, get_config
     from models_registry.services.resolve import weights_resolve_loaded
 
-    if not onnx_supported(model.architecture):
-        raise RuntimeArtifactError(
-            f"{model.name} ({model.spec.family_label}) has no ONNX artifact: its exported graph only holds at the "
-            "export size (position embeddings resized by shape), so it runs in eager PyTorch",
-            extra={"model": model.name, "kind": "unsupported"})
     weight_file, loaded = weights_resolve_loaded(model=model, offline=offline)
     existing = runtime_artifact_find(model=model, weight_file=weight_file)
     if existing is not None:

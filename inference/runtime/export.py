@@ -10,27 +10,14 @@ OPSET = 17
 EXPORTER = f"torch.onnx.export (TorchScript exporter, opset {OPSET})"
 
 
-# Families whose exported graph is right at every input size they take: the CNNs (dynamic height and width)
-# and the encoders that take their native square only (one size). The ViT (DPT), BEiT and DINOv2 encoders
-# resize their position embeddings or relative-position tables by shape arithmetic that the TorchScript
-# exporter records as constants of the export size, so the graph fails at any other input size (measured:
-# DPT_Large, DPT_Hybrid, DPT_BEiT_B_384 and Depth_Anything_V2_Small all fail the non-square check): those run
-# eager PyTorch, without an export being tried.
-ONNX_FAMILIES = frozenset({"midas_v21", "swin", "swin2", "levit"})
-
-
-def onnx_supported(architecture: str) -> bool:
-    from depthsite.netspecs import net_spec
-
-    return net_spec(architecture).family in ONNX_FAMILIES
-
-
 def check_shapes(config) -> list[tuple[int, int]]:
-    """The native input, and for networks that take any multiple a second, non-square one (proves dynamic axes)."""
+    """The native input, and for networks that take any multiple a portrait and a landscape one: they prove the
+    dynamic axes, and that the position tables resized inside the graph shrink and grow as eager resizes them."""
     height, width = config.net_size
     if config.fixed_input_size:
         return [(height, width)]
-    return [(height, width), (height - 2 * config.ensure_multiple_of, width)]
+    step = 2 * config.ensure_multiple_of
+    return [(height, width), (height - step, width), (height, width + step)]
 
 
 def network_export(network, config, path: Path) -> None:

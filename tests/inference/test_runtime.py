@@ -242,49 +242,42 @@ def test_artifact_failing_its_check_falls_back_to_eager_said_once(cached_small, 
     assert not list(artifacts.runtime_artifact_path(model=cached_small.model).parent.glob("*.onnx"))
 
 
-# --- families the exporter cannot serve -------------------------------------------------------------
-
-
-def test_only_families_whose_graph_holds_at_every_size_get_an_artifact():
-    from inference.runtime.export import onnx_supported
-
-    assert [name for name in ("MiDaS_small", "MiDaS", "DPT_SwinV2_T_256", "DPT_Swin_L_384", "DPT_LeViT_224")
-            if not onnx_supported(name)] == []
-    assert [name for name in ("DPT_Large", "DPT_Hybrid", "DPT_BEiT_B_384", "Depth_Anything_V2_Small")
-            if onnx_supported(name)] == []
+# --- every family, at sizes other than the export size ---------------------------------------------
 
 
 @pytest.mark.slow
-def test_an_artifact_that_fails_at_another_input_size_is_a_failed_check_not_a_crash(tmp_path):
-    # Depth Anything's exported graph keeps the position embedding of the export size: at the second, non-square
-    # check size ONNX Runtime raises its own error. That must read as "no artifact" (eager runs), never escape.
+@pytest.mark.parametrize("name", ["DPT_Hybrid", "DPT_BEiT_B_384", "Depth_Anything_V2_Small"])
+def test_vit_family_artifacts_hold_at_portrait_and_landscape_sizes(tmp_path, name):
+    # The ViT (DPT), BEiT and DINOv2 encoders resize position tables by the input's shape. Exported from the
+    # native square, the graph must resize them for the other check sizes as eager does (inference/nets/resample).
     from inference.nets import create_model, get_config
-    from inference.runtime.export import network_export
+    from inference.runtime.export import check_shapes, network_export
     from models_registry.detweights import det_state_dict
 
-    name = "Depth_Anything_V2_Small"
     network = create_model(name, state_dict=det_state_dict(name)).eval()
+    config = get_config(name)
     path = tmp_path / "a.onnx"
-    network_export(network, get_config(name), path)
+    network_export(network, config, path)
+    check = artifacts.artifact_compare(network, config, path)
+    assert len(check_shapes(config)) == 3 and check.shapes == check_shapes(config)
+    assert check.worst <= artifacts.TOLERANCE
+
+
+def test_an_artifact_that_fails_at_another_input_size_is_a_failed_check_not_a_crash(tmp_path):
+    # A graph exported with a fixed input shape: at the second, non-square check size ONNX Runtime raises its
+    # own error. That must read as "no artifact" (eager runs), never escape.
+    import torch
+
+    from inference.nets import create_model, get_config
+    from models_registry.detweights import det_state_dict
+
+    name = "MiDaS_small"
+    network = create_model(name, state_dict=det_state_dict(name)).eval()
+    config = get_config(name)
+    path = tmp_path / "fixed.onnx"
+    height, width = config.net_size
+    with torch.no_grad():
+        torch.onnx.export(network, (torch.zeros(1, 3, height, width),), str(path), dynamo=False,
+                          input_names=["image"], output_names=["depth"])
     with pytest.raises(RuntimeArtifactError, match="does not run at"):
-        artifacts.artifact_compare(network, get_config(name), path)
-
-
-@pytest.mark.slow
-def test_a_model_without_onnx_support_runs_eager_under_the_onnx_runtime(db, pool, small_arrays, write_checkpoint,
-                                                                        settings):
-    # A DPT model on CPU with DEPTHSITE_RUNTIME=onnx: no export is tried, the eager network answers, and the
-    # build path refuses it with a message (models optimize --build-runtime says so).
-    from depthsite.exceptions import ApplicationError
-    from models_registry.detweights import det_numpy_state_dict
-
-    weight_import(path=write_checkpoint("pt", name="dpt_hybrid_384.pt", arrays=det_numpy_state_dict("DPT_Hybrid")),
-                  pin=False)
-    model = RegisteredModel.objects.get(name="DPT_Hybrid")
-    estimator = pool.get(model="DPT_Hybrid")
-    assert estimator.runtime == "eager"
-    result = estimator.predict(synthetic_image(96, 128))
-    assert result.depth.shape == (96, 128) and result.runtime == "eager"
-    assert artifact_row("DPT_Hybrid") is None
-    with pytest.raises(ApplicationError, match="runs in eager PyTorch"):
-        artifacts.runtime_artifact_build(model=model)
+        artifacts.artifact_compare(network, config, path)
