@@ -12,7 +12,9 @@ from models_registry.choices import Health, WeightFormat
 from depthsite.exceptions import ApplicationError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.services.cache import cache_clear
-from models_registry.services.weights import node_check, weight_convert, weight_export_artifact, weight_verify
+from models_registry.services.export import weight_convert, weight_export_artifact
+from models_registry.services.records import node_check
+from models_registry.services.verify import weight_verify
 
 HEALTH_COLOURS = {Health.OK: "#1a7f37", Health.UNVERIFIED: "#9a6700", Health.CORRUPT: "#cf222e",
                   Health.MISSING: "#cf222e"}

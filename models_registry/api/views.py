@@ -25,7 +25,7 @@ from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
 from models_registry.api.uploads import BodyGate, ImportUploadHandler
 from depthsite.exceptions import ApplicationError, InvalidRequestError
-from models_registry.services.weights import node_check
+from models_registry.services.records import node_check
 from models_registry.selectors import (
     cache_info,
     download_get,
@@ -319,7 +319,7 @@ class ModelExportApi(RegistryApi):
                        OpenApiTypes.BINARY, description="The file; ETag, Digest and Repr-Digest carry its sha256."),
                        **errors(*READ_ERRORS, 400, 404, 409, 422, 507)})
     def get(self, request, name: str):
-        from models_registry.services.weights import weight_export_artifact
+        from models_registry.services.export import weight_export_artifact
 
         query = _validated(s.ExportQuerySerializer, request.query_params)
         result = weight_export_artifact(model=model_get(name=name), fmt=query["format"], bundle=query["bundle"])
@@ -359,7 +359,7 @@ class WeightImportApi(RegistryWriteApi):
                    responses={201: s.ImportResultSerializer, 200: s.ImportResultSerializer,
                               **errors(*WRITE_ERRORS, 409, 413, 422, 507)})
     def post(self, request):
-        from models_registry.services.weights import weight_import
+        from models_registry.services.imports import weight_import
 
         data = _validated(s.ImportRequestSerializer, request.data)
         upload = data["file"]

@@ -294,7 +294,7 @@ def cache_clear(*, model: RegisteredModel | None = None, fmt: str | None = None,
     """Remove one model, one format of it, or every model from this node's cache, files and records together.
 
     `node`: the node the caller means (a selected row's); ConflictError unless it is this one."""
-    from models_registry.services.weights import node_check
+    from models_registry.services.records import node_check
 
     node_check(node=node or "", action="clear", model=model.name if model else "", fmt=fmt or "")
     fmt = WeightFormat.parse(fmt).value if fmt else None

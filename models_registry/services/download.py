@@ -41,17 +41,16 @@ from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.selectors import download_active, weight_files_usable
 from models_registry.services.catalogue import model_pin
 from models_registry.services.licences import model_license_check
-from models_registry.services.weights import (
+from models_registry.services.export import weight_convert
+from models_registry.services.inspection import weights_functional_check, weights_inspect
+from models_registry.services.records import (
     best_first,
     cache_file_path,
-    weight_convert,
     weight_mark_corrupt,
     weight_pin_problem,
-    weight_quick_problem,
     weight_record,
-    weights_functional_check,
-    weights_inspect,
 )
+from models_registry.services.verify import weight_quick_problem
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from django.core.management import call_command
 
 from depthsite.exceptions import ConflictError, InvalidRequestError
 from models_registry.models import RegisteredModel
-from models_registry.services.weights import weight_export, weight_import
+from models_registry.services.export import weight_export
+from models_registry.services.imports import weight_import
 
 pytestmark = pytest.mark.django_db
 

@@ -16,7 +16,9 @@ from models_registry.choices import Health
 from depthsite.exceptions import OfflineError
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.selectors import warm_models
-from models_registry.services.weights import weight_convert, weight_import, weight_verify
+from models_registry.services.export import weight_convert
+from models_registry.services.imports import weight_import
+from models_registry.services.verify import weight_verify
 from models_registry.detweights import synthetic_image
 
 pytestmark = pytest.mark.django_db

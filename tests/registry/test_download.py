@@ -425,7 +425,7 @@ def test_resolve_offline_without_cache_is_a_clear_error(small_model, settings, m
 
 
 def test_resolve_loaded_marks_a_file_that_fails_to_load_and_goes_on(small_model, cached_small, mirror):
-    from models_registry.services.weights import weight_convert
+    from models_registry.services.export import weight_convert
 
     damaged = weight_convert(model=small_model, fmt="safetensors")  # preferred: it loads fastest
     with open(cachefs.absolute(damaged.path), "rb+") as handle:

@@ -15,7 +15,7 @@ from models_registry.choices import Health
 from depthsite.exceptions import ConflictError
 from models_registry.models import WeightFile
 from models_registry.services.cache import cache_clear
-from models_registry.services.weights import weight_verify
+from models_registry.services.verify import weight_verify
 
 pytestmark = pytest.mark.django_db
 
