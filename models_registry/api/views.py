@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 from types import SimpleNamespace
 
 from django.conf import settings
@@ -24,7 +23,7 @@ from models_registry.api.public import cache_info_public, registry_reader_is_pub
 from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
 from models_registry.api.uploads import BodyGate, ImportUploadHandler
-from depthsite.exceptions import ApplicationError, InvalidRequestError
+from depthsite.exceptions import InvalidRequestError
 from models_registry.services.records import node_check
 from models_registry.selectors import (
     cache_info,
@@ -364,15 +363,9 @@ class WeightImportApi(RegistryWriteApi):
         data = _validated(s.ImportRequestSerializer, request.data)
         upload = data["file"]
         upload.close()
-        path = upload.temporary_file_path()
-        # The service names the file it was given, a temporary name; the caller knows it by the name it sent.
-        try:
-            result = weight_import(path=path, model_name=data.get("model") or None, original_name=upload.name,
-                                   imported_by=request.user.get_username(), pin=data["pin"])
-        except ApplicationError as exc:
-            exc.message = exc.message.replace(Path(path).name, upload.name)
-            raise
+        # The file is saved under a temporary name; the service names it as the caller sent it.
+        result = weight_import(path=upload.temporary_file_path(), model_name=data.get("model") or None,
+                               original_name=upload.name, imported_by=request.user.get_username(), pin=data["pin"])
         body = result.as_dict()
-        body["message"] = body["message"].replace(Path(path).name, upload.name)
         body["file"] = s.WeightFileSerializer(result.weight_file).data
         return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

@@ -12,7 +12,14 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from depthsite.exceptions import DigestMismatchError, DiskFullError, NotFoundError, TooLargeError, WeightFileError
+from depthsite.exceptions import (
+    ApplicationError,
+    DigestMismatchError,
+    DiskFullError,
+    NotFoundError,
+    TooLargeError,
+    WeightFileError,
+)
 from models_registry import cachefs
 from models_registry.choices import Health, WeightFormat
 from models_registry.formats import BUNDLE, sniff_format
@@ -45,7 +52,7 @@ BUNDLE_MAX_MANIFEST = 64 * 1024
 
 
 def _bad_bundle(path: Path, why: str) -> WeightFileError:
-    return WeightFileError(f"{path.name}: {why}", extra={"kind": "bad_bundle"})
+    return WeightFileError(f"{path.name}: {why}", extra={"kind": "bad_bundle"}, file=path.name)
 
 
 def _bundle_members(path: Path, archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
@@ -82,7 +89,7 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
         archive = tarfile.open(fileobj=data, mode="r:")
     except (tarfile.TarError, ValueError, MemoryError) as exc:
         data.close()
-        raise WeightFileError(f"{path.name}: damaged bundle: {exc}", extra={"kind": "bad_bundle"}) from None
+        raise _bad_bundle(path, f"damaged bundle: {exc}") from None
     with data, archive:
         try:
             members = _bundle_members(path, archive)
@@ -90,29 +97,28 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
             raise _bad_bundle(path, f"damaged bundle: {exc}") from None
         manifest_member = members.get(BUNDLE_MANIFEST)
         if manifest_member is None:
-            raise WeightFileError(f"{path.name}: not a depthsite bundle (no manifest.json)", extra={"kind": "bad_bundle"})
+            raise _bad_bundle(path, "not a depthsite bundle (no manifest.json)")
         if manifest_member.size > BUNDLE_MAX_MANIFEST:
             raise _bad_bundle(path, f"its manifest has {manifest_member.size} bytes (at most {BUNDLE_MAX_MANIFEST})")
         try:
             manifest = json.loads(archive.extractfile(manifest_member).read(BUNDLE_MAX_MANIFEST))
             member = members[manifest["file"]]
         except (ValueError, KeyError, TypeError, tarfile.TarError):
-            raise WeightFileError(f"{path.name}: the bundle's manifest is unreadable or names a missing file",
-                                  extra={"kind": "bad_bundle"}) from None
+            raise _bad_bundle(path, "the bundle's manifest is unreadable or names a missing file") from None
         if not isinstance(manifest, dict) or member is manifest_member:
             raise _bad_bundle(path, "the bundle's manifest does not name a weight file")
         limit = settings.DEPTHSITE_MAX_IMPORT_BYTES
         if limit and member.size > limit:
             raise TooLargeError(
                 f"{path.name}: its weight file has {member.size} bytes, over the import limit of {limit} "
-                "(DEPTHSITE_MAX_IMPORT_BYTES)", extra={"size": member.size, "limit": limit})
+                "(DEPTHSITE_MAX_IMPORT_BYTES)", extra={"size": member.size, "limit": limit}, file=path.name)
         if member.offset_data + member.size > path.stat().st_size:
             raise _bad_bundle(path, f"member {member.name!r} extends past the end of the bundle")
         free = cachefs.disk_free(workdir)
         if member.size > free:
             raise DiskFullError(f"{path.name}: extracting {member.size} bytes needs more than the {free} bytes "
                                 f"free under {workdir}; free some space (models optimize) and try again",
-                                extra={"size": member.size, "free": free})
+                                extra={"size": member.size, "free": free}, file=path.name)
         target = cachefs.temp_path_for(workdir / f"bundle-{Path(member.name).name}")
         try:
             with cachefs.disk_full_as_error(target), archive.extractfile(member) as reader, \
@@ -134,17 +140,19 @@ def weight_import(*, path: Path, model_name: str | None = None, original_name: s
                   pin: bool = True) -> ImportResult:
     """Import a weight file or bundle: format by content, model by layout, verified, copied into the cache.
 
-    The record says it was imported from `original_name` (default the file's name) by `imported_by` (a user
-    name; default 'cli'). `pin` (default) pins the imported weights for a model that has no pin yet: a pt file
-    pins its sha256, size and content digest (it may be the released file); another format pins the content
-    digest only, so the released .pt is still accepted when it holds the same weights."""
+    The record and every message name the file `original_name` (default the file's name: an upload's temporary
+    name means nothing to its sender), imported by `imported_by` (a user name; default 'cli'). `pin` (default)
+    pins the imported weights for a model that has no pin yet: a pt file pins its sha256, size and content
+    digest (it may be the released file); another format pins the content digest only, so the released .pt is
+    still accepted when it holds the same weights."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise NotFoundError(f"{path}: no such file", extra={"field": "path"})
-    kind = sniff_format(path)
+    shown = original_name or path.name
     extracted: Path | None = None
     manifest: dict = {}
     try:
+        kind = sniff_format(path)
         source = path
         if kind == BUNDLE:
             extracted, manifest = _bundle_extract(path, cachefs.cache_root())
@@ -158,13 +166,22 @@ def weight_import(*, path: Path, model_name: str | None = None, original_name: s
         inspection = weights_inspect(path=source, architecture=model.architecture if model else None)
         if manifest:
             if manifest.get("file_sha256") and manifest["file_sha256"] != inspection.sha256:
-                raise DigestMismatchError(f"{path.name}: the weight file's sha256 differs from the bundle manifest")
+                raise DigestMismatchError(f"{shown}: the weight file's sha256 differs from the bundle manifest",
+                                          file=shown)
             if manifest.get("content_digest") and manifest["content_digest"] != inspection.digest:
-                raise DigestMismatchError(f"{path.name}: the weights' content digest differs from the bundle manifest")
+                raise DigestMismatchError(f"{shown}: the weights' content digest differs from the bundle manifest",
+                                          file=shown)
         if model is None:
             model = model_identify(inspection=inspection)
-        return _import_inspected(model, inspection, origin=path, original_name=original_name or path.name,
+        return _import_inspected(model, inspection, origin=path, original_name=shown,
                                  imported_by=imported_by or "cli", pin=pin)
+    except ApplicationError as exc:
+        # Errors name the files they read: the given file, or the weight file copied out of the bundle.
+        if exc.file == path.name:
+            exc.file_named(shown)
+        elif extracted is not None and exc.file == extracted.name:
+            exc.file_named(f"{shown}/{manifest['file']}")
+        raise
     finally:
         if extracted is not None:
             extracted.unlink(missing_ok=True)
@@ -175,7 +192,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
     model_license_check(model=model)
     if model.expected_content_digest and inspection.digest != model.expected_content_digest:
         raise DigestMismatchError(
-            f"the weights in {origin.name} differ from the pinned weights of {model.name} "
+            f"the weights in {original_name} differ from the pinned weights of {model.name} "
             f"(content digest {inspection.digest[:16]}..., pinned {model.expected_content_digest[:16]}...); "
             f"to accept them, reset the pin: python manage.py models pin --model {model.name} --reset",
             extra={"found": inspection.digest, "pinned": model.expected_content_digest},
@@ -185,7 +202,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
                   and inspection.sha256 == model.expected_sha256)
     if model.expected_sha256 and not model.expected_content_digest and not proves_pin:
         raise DigestMismatchError(
-            f"{model.name} is pinned to sha256 {model.expected_sha256[:16]}... and {origin.name} is not that file "
+            f"{model.name} is pinned to sha256 {model.expected_sha256[:16]}... and {original_name} is not that file "
             f"(sha256 {inspection.sha256[:16]}...), so its weights cannot be proven to be the pinned ones; import "
             f"the pinned .pt file, or change the pin: python manage.py models pin --model {model.name} --reset",
             extra={"found": inspection.sha256, "pinned": model.expected_sha256},
@@ -205,7 +222,8 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
         with cachefs.atomic_write(dest) as tmp:
             copied_sha256 = cachefs.copy_with_sha256(inspection.path, tmp)
             if copied_sha256 != inspection.sha256:
-                raise DigestMismatchError(f"{origin.name} changed while it was being imported; try again")
+                raise DigestMismatchError(f"{original_name} changed while it was being imported; try again",
+                                          file=original_name)
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
                                         functional_hash=functional_hash, origin="import",
@@ -216,7 +234,7 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
                 model.expected_content_digest = inspection.digest
                 model.save(update_fields=["expected_content_digest", "updated_at"])
     logger.info("imported %s [%s] from %s", model.name, fmt, origin)
-    return ImportResult(weight_file, True, f"imported {model.name} [{fmt}] from {origin.name} "
+    return ImportResult(weight_file, True, f"imported {model.name} [{fmt}] from {original_name} "
                                            f"({inspection.size} bytes, sha256 {inspection.sha256[:16]}...)"
                                            + (f"; pinned its weights for {model.name}" if pinned else ""),
                         pinned=pinned)

@@ -65,7 +65,7 @@ def weights_inspect(*, path: Path, architecture: str | None = None, fmt: str | N
         raise WeightFileError(
             f"{path.name} declares content digest {declared[:16]}... but its tensors hash to {digest[:16]}...: "
             "the file was altered after it was written",
-            extra={"kind": "digest_mismatch"},
+            extra={"kind": "digest_mismatch"}, file=path.name,
         )
     return Inspection(path=path, format=loaded.format, size=path.stat().st_size, sha256=file_sha256(path),
                       loaded=loaded, digest=digest)
@@ -85,7 +85,7 @@ def model_identify(*, inspection: Inspection) -> RegisteredModel:
         raise WeightFileError(
             f"{inspection.path.name} does not have the key layout of any known MiDaS architecture "
             f"({', '.join(ARCHITECTURES)}); naming the model it is meant for shows what differs",
-            extra={"kind": "unknown_layout"},
+            extra={"kind": "unknown_layout"}, file=inspection.path.name,
         )
     candidates = list(RegisteredModel.objects.filter(architecture__in=architectures, enabled=True))
     if len(candidates) == 1:

@@ -6,13 +6,15 @@ door's words reach the other's users.
 """
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 
-from depthsite.exceptions import ConflictError, InvalidRequestError
+from depthsite.exceptions import ConflictError, InvalidRequestError, WeightFileError
 from models_registry.models import RegisteredModel
 from models_registry.services.export import weight_export
 from models_registry.services.imports import weight_import
@@ -64,3 +66,25 @@ def test_an_export_onto_an_existing_file_says_force_only_in_the_command(cached_s
     error = json.loads(capsys.readouterr().out)["error"]
     assert error["message"].endswith("; pass --force to overwrite it")
     assert target.read_bytes() == b"mine"
+
+
+def test_an_upload_is_named_as_its_sender_named_it(small_model, staff_client):
+    response = staff_client.post("/api/models/import", {"file": SimpleUploadedFile("mine.pt", b"not weights at all")},
+                                 format="multipart")
+    assert response.status_code == 422
+    body = response.json()
+    assert body["message"].startswith("mine.pt is not a weight file depthsite knows")
+    assert ".tmp-" not in json.dumps(body)
+
+
+def test_the_weight_file_of_a_bundle_is_named_inside_it(db, tmp_path):
+    bundle = tmp_path / "mine.tar"
+    with tarfile.open(bundle, "w") as archive:
+        for name, data in (("manifest.json", json.dumps({"file": "w.pt"}).encode()), ("w.pt", b"not weights")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(WeightFileError) as caught:
+        weight_import(path=bundle)
+    assert caught.value.message.startswith("mine.tar/w.pt is not a weight file depthsite knows")
+    assert caught.value.file == "mine.tar/w.pt"
