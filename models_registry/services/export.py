@@ -116,7 +116,9 @@ def _write_weights_file(model: RegisteredModel, fmt: str, dest: Path) -> tuple[s
         sha256 = cachefs.copy_with_sha256(cachefs.absolute(cached.path), dest)
         if sha256 != cached.sha256:
             weight_mark_corrupt(weight_file=cached, reason="sha256 changed since it was recorded (found on export)")
-            raise DigestMismatchError(f"the cached {fmt} file of {model.name} changed on disk; run `models verify`")
+            raise DigestMismatchError(f"the cached {fmt} file of {model.name} changed on disk since it was recorded; "
+                                      "it is marked corrupt, and another try exports a healthy copy if there is one",
+                                      extra={"kind": "changed_on_disk", "model": model.name, "format": fmt})
         return sha256, cached.content_digest, cached
     source, loaded = weights_load_usable(model=model)
     written = _write_converted(model, source, loaded, fmt, dest)

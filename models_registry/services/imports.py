@@ -193,9 +193,9 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
     if model.expected_content_digest and inspection.digest != model.expected_content_digest:
         raise DigestMismatchError(
             f"the weights in {original_name} differ from the pinned weights of {model.name} "
-            f"(content digest {inspection.digest[:16]}..., pinned {model.expected_content_digest[:16]}...); "
-            f"to accept them, reset the pin: python manage.py models pin --model {model.name} --reset",
-            extra={"found": inspection.digest, "pinned": model.expected_content_digest},
+            f"(content digest {inspection.digest[:16]}..., pinned {model.expected_content_digest[:16]}...)",
+            extra={"kind": "pin_differs", "model": model.name, "found": inspection.digest,
+                   "pinned": model.expected_content_digest},
         )
     fmt = inspection.format
     proves_pin = (fmt == WeightFormat.PT and bool(model.expected_sha256)
@@ -204,8 +204,9 @@ def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin:
         raise DigestMismatchError(
             f"{model.name} is pinned to sha256 {model.expected_sha256[:16]}... and {original_name} is not that file "
             f"(sha256 {inspection.sha256[:16]}...), so its weights cannot be proven to be the pinned ones; import "
-            f"the pinned .pt file, or change the pin: python manage.py models pin --model {model.name} --reset",
-            extra={"found": inspection.sha256, "pinned": model.expected_sha256},
+            "the pinned .pt file",
+            extra={"kind": "pin_differs", "model": model.name, "found": inspection.sha256,
+                   "pinned": model.expected_sha256},
         )
     with cachefs.locked(model.name):
         existing = weight_file_get(model=model, fmt=fmt)

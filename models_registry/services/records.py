@@ -1,4 +1,4 @@
-"""The records of cached files: write, mark used or corrupt, prove the pin, refuse another node's, pick the next usable."""
+"""Cached files' records: write, mark used or corrupt, prove the pin, refuse another node's, pick the next usable."""
 from __future__ import annotations
 
 import logging
@@ -111,28 +111,23 @@ def weight_files_proven(*, model: RegisteredModel) -> list[WeightFile]:
 
 
 def node_check(*, node: str, action: str, model: str = "", fmt: str = "") -> None:
-    """ConflictError (409) when `node` is not this one: a node's cache is only changed on that node's machine,
-    and the message says where and how to run the action instead."""
+    """ConflictError (409, kind other_node) when `node` is not this one: a node's cache is only changed on that
+    node's machine. The facts travel in `extra`; each door says in its own words how to act there."""
     here = cachefs.node_name()
     if not node or node == here:
         return
-    options = (f" --model {model}" if model else "") + (f" --format {fmt}" if fmt else "")
-    command = f"DEPTHSITE_NODE={node} python manage.py models {action}{options}"
     what = f"{model} [{fmt}]" if model and fmt else (model or "that cache")
     raise ConflictError(
-        f"{what} is on node {node}, not on this node ({here}): {action} it on that machine with `{command}`",
-        extra={"node": node, "this_node": here, "command": command,
-               "hint": f"run `{command}` on the machine of node {node}"})
+        f"{what} is on node {node}, not on this node ({here}): {action} it on that node's machine",
+        extra={"kind": "other_node", "node": node, "this_node": here, "action": action, "model": model,
+               "format": fmt})
 
 
 def _best_source(model: RegisteredModel, exclude: Iterable[str] = ()) -> WeightFile:
     files = [f for f in weight_files_proven(model=model) if f.format not in exclude]
     if not files:
-        raise NotFoundError(
-            f"no healthy cached weights of {model.name} on this node; download or import them first "
-            f"(python manage.py models download --model {model.name})",
-            extra={"model": model.name},
-        )
+        raise NotFoundError(f"no healthy cached weights of {model.name} on this node; download or import them first",
+                            extra={"kind": "not_cached", "model": model.name})
     return best_first(files)[0]
 
 
@@ -149,9 +144,8 @@ def weights_first_usable(*, model: RegisteredModel, pick: Callable[[], WeightFil
         except (WeightFileError, OSError) as exc:
             last_error = getattr(exc, "message", None) or str(exc)
             weight_mark_corrupt(weight_file=weight_file, reason=last_error)
-    raise WeightFileError(f"no cached file of {model.name} is usable (last error: {last_error}); "
-                          f"run python manage.py models verify --model {model.name}",
-                          extra={"model": model.name, "kind": "none_usable"})
+    raise WeightFileError(f"no cached file of {model.name} is usable (last error: {last_error}); each is marked "
+                          "with what is wrong", extra={"model": model.name, "kind": "none_usable"})
 
 
 def weights_read(weight_file: WeightFile) -> LoadedWeights:

@@ -169,8 +169,8 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     result = site.manage("models", "export", "--model", "MiDaS_small", "--output", str(tmp_path / "x.pt"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: no healthy cached weights of MiDaS_small on this node; download or import them first "
-        "(python manage.py models download --model MiDaS_small)"
+        "error: no healthy cached weights of MiDaS_small on this node; download or import them first; "
+        "`python manage.py models download --model MiDaS_small` (or `models import PATH --model MiDaS_small`)"
     ]
     missing = site.manage("models", "import", str(tmp_path / "nope.pt"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "no such file" in missing.stderr
