@@ -22,6 +22,7 @@ from models_registry.services.inspection import Inspection, weights_inspect
 from models_registry.services.licences import model_license_check
 from models_registry.services.records import (
     cache_file_path,
+    node_check,
     weight_mark_corrupt,
     weight_pin_problem,
     weight_record,
@@ -198,8 +199,12 @@ def weight_export(*, model: RegisteredModel, fmt: str, output: Path, bundle: boo
     return result
 
 
-def weight_export_artifact(*, model: RegisteredModel, fmt: str, bundle: bool = False) -> ExportResult:
-    """A file to stream to a browser: the cached file itself when possible, else a fresh file under .exports/."""
+def weight_export_artifact(*, model: RegisteredModel, fmt: str, bundle: bool = False,
+                           node: str | None = None) -> ExportResult:
+    """A file to stream to a browser: the cached file itself when possible, else a fresh file under .exports/.
+
+    `node`: the node the caller means (a selected row's); ConflictError unless it is this one, whose copy is read."""
+    node_check(node=node or "", action="export", model=model.name, fmt=fmt)
     model_license_check(model=model)
     fmt = WeightFormat.parse(fmt).value
     cached = weight_file_get(model=model, fmt=fmt)

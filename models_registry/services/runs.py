@@ -32,14 +32,13 @@ QUEUED_STALE_AFTER = timedelta(hours=24)  # no worker took it: no cluster runs (
 def management_action(*, kind: str, model: RegisteredModel | None, params: dict[str, Any]) -> dict[str, Any]:
     """Run one action now and return its JSON answer; ApplicationError as the synchronous call would raise."""
     if kind == ManagementRun.Kind.VERIFY:
-        from models_registry.services.verify import weights_verify
+        from models_registry.services.verify import verify_nothing_summary, weights_verify
 
         results = weights_verify(model=model, fmt=params.get("format"), functional=params.get("functional", True))
-        lines = [f"{r.weight_file.format}: {r.health}" + (f" - {r.reason}" if r.reason else "") for r in results]
         return {
             "model": model.name,
             "ok": bool(results) and all(r.ok for r in results),
-            "message": "; ".join(lines) or f"no cached files of {model.name} on this node to verify",
+            "message": "; ".join(r.summary for r in results) or verify_nothing_summary(model=model),
             "results": [r.as_dict() for r in results],
         }
     if kind == ManagementRun.Kind.CONVERT:

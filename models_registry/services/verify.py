@@ -133,3 +133,8 @@ def weights_verify(*, model: RegisteredModel | None = None, fmt: str | None = No
     if fmt:
         queryset = queryset.filter(format=fmt)
     return [weight_verify(weight_file=weight_file, functional=functional) for weight_file in queryset]
+
+
+def verify_nothing_summary(*, model: RegisteredModel | None = None) -> str:
+    """The line for a verify that found no file of this node to check (VerifyResult.summary is the line for one)."""
+    return f"no cached files{f' of {model.name}' if model else ''} on this node to verify"

@@ -74,12 +74,13 @@ def test_admin_verify_clear_and_export_refuse_another_nodes_row_in_the_services_
 
 @pytest.mark.slow
 def test_admin_model_actions_touch_only_this_nodes_files(staff_client, cached_small, other_row):
-    page = html.unescape(post_action(staff_client, "registeredmodel", "verify_models", [cached_small.model.pk]))
-    assert "MiDaS_small [pt]: ok" in page and refusal("verify") in page
+    page = post_action(staff_client, "registeredmodel", "verify_models", [cached_small.model.pk])
+    assert "MiDaS_small [pt]: ok" in page and OTHER not in page  # the same files as `models verify --model`
     unchanged(other_row, cached_small)
 
-    page = post_action(staff_client, "registeredmodel", "clear_models", [cached_small.model.pk])
-    assert "left alone on node(s) other" in page
+    page = html.unescape(post_action(staff_client, "registeredmodel", "clear_models", [cached_small.model.pk]))
+    assert ("Cleared MiDaS_small: 1 file(s), 85.7 MB freed on test-node; left alone on node(s) other "
+            "(clear them on that node's machine)") in page
     assert not WeightFile.objects.filter(pk=cached_small.pk).exists()
     assert WeightFile.objects.filter(pk=other_row.pk, health=Health.OK).exists()
 

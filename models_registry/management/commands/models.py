@@ -224,7 +224,7 @@ class Command(RegistryCommand):
     # --- verify / convert / export / import ------------------------------------------------------
 
     def do_verify(self, *, model=None, format=None, no_functional=False, json=False, node=None, **_):
-        from models_registry.services.verify import weights_verify
+        from models_registry.services.verify import verify_nothing_summary, weights_verify
 
         _this_node_only(node, "verify", model, format)
         target = model_get(name=model) if model else None
@@ -235,11 +235,9 @@ class Command(RegistryCommand):
             self.print_json([r.as_dict() for r in results])
         else:
             if not results:
-                self.stdout.write("no cached files to verify")
+                self.stdout.write(verify_nothing_summary(model=target))
             for result in results:
-                label = result.health.upper() if not result.ok else "ok"
-                line = f"{label:<8} {result.weight_file.model.name} [{result.weight_file.format}] {result.path}"
-                self.stdout.write(line + (f"\n         {result.reason}" if result.reason else ""))
+                self.stdout.write(f"{result.summary}\n    {result.path}")
         if bad:
             raise CliError(f"{len(bad)} of {len(results)} weight file(s) not ok", returncode=1)
 
@@ -332,7 +330,7 @@ class Command(RegistryCommand):
         result = cache_clear(model=target, fmt=fmt)
         if json:
             return self.print_json(result.as_dict())
-        self.stdout.write(f"cleared {what}: {result.files} file(s), {format_size(result.bytes)} freed")
+        self.stdout.write(result.summary)
 
     def do_pin(self, *, model, sha256=None, reset=False, json=False, **_):
         from models_registry.services.catalogue import model_pin
