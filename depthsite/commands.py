@@ -45,6 +45,13 @@ def _on_its_node(extra: dict[str, Any]) -> str:
     return f"there, run `DEPTHSITE_NODE={extra['node']} python manage.py models {extra['action']}{options}`"
 
 
+def _re_pin(extra: dict[str, Any]) -> str:
+    step = f"to accept them, reset the pin: `python manage.py models pin --model {extra['model']} --reset`"
+    if extra.get("sha256"):
+        step += f", or pin this file: `python manage.py models pin --model {extra['model']} --sha256 {extra['sha256']}`"
+    return step
+
+
 # The next step in the CLI's own words, for domain errors that state a fact any door may meet (the service
 # says "say which model"; the command says which option does it). The API words the same kinds for its fields.
 # A string is filled from the error's `extra` (str.format_map); a function builds the step from it.
@@ -55,7 +62,12 @@ CLI_NEXT_STEPS: dict[str, str | Callable[[dict[str, Any]], str]] = {
     "other_node": _on_its_node,
     "not_cached": "`python manage.py models download --model {model}` (or `models import PATH --model {model}`)",
     "none_usable": "`python manage.py models verify --model {model}` names what is wrong with each file",
-    "pin_differs": "to accept them, reset the pin: `python manage.py models pin --model {model} --reset`",
+    "pin_differs": _re_pin,
+    "no_url": "`python manage.py models import PATH --model {model}` imports a local copy",
+    "offline": "`python manage.py models import PATH --model {model}` imports it",
+    "unreachable": ("here: `python manage.py models import PATH --model {model}` imports a file you have, "
+                    "`--offline` works from the cache only"),
+    "disk_full": "`python manage.py models optimize --max-size SIZE` frees space",
 }
 
 

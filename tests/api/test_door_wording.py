@@ -147,3 +147,13 @@ def test_the_weight_file_of_a_bundle_is_named_inside_it(db, tmp_path):
         weight_import(path=bundle)
     assert caught.value.message.startswith("mine.tar/w.pt is not a weight file depthsite knows")
     assert caught.value.file == "mine.tar/w.pt"
+
+
+def test_a_full_disk_names_optimize_with_its_flag_only_in_the_command(tmp_path):
+    from depthsite.commands import cli_message
+
+    error = cachefs.disk_full_error(tmp_path / "w.pt")
+    assert error.extra["kind"] == "disk_full" and "--" not in error.message
+    message, hint = cli_message(error)
+    assert message == f"{error.message}; `python manage.py models optimize --max-size SIZE` frees space"
+    assert hint == "`python manage.py models optimize --max-size SIZE` frees space"

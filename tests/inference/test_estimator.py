@@ -152,7 +152,7 @@ def test_missing_weights_offline_is_a_clear_error(small_model, pool, settings):
     settings.DEPTHSITE_OFFLINE = True
     with pytest.raises(OfflineError) as caught:
         pool.get(model="MiDaS_small")
-    assert "models import" in caught.value.message
+    assert caught.value.extra["kind"] == "offline" and "import it" in caught.value.message
 
 
 def test_device_selection_errors(cached_small, pool, settings):

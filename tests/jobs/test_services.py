@@ -207,7 +207,7 @@ def test_uncached_model_offline_fails_with_what_to_do(small_model, run_jobs, set
     settings.DEPTHSITE_OFFLINE = True
     job = create(run_jobs)
     assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.OFFLINE
-    assert "not cached" in job.error and "models import" in job.error
+    assert "not cached" in job.error and "import it" in job.error
     assert job.finished_at and job.attempts == 1
 
 
