@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -40,18 +40,41 @@ ERROR_HINTS: dict[str, str] = {
 }
 
 
+def _on_its_node(extra: dict[str, Any]) -> str:
+    options = "".join(f" --{option} {extra[option]}" for option in ("model", "format") if extra.get(option))
+    return f"there, run `DEPTHSITE_NODE={extra['node']} python manage.py models {extra['action']}{options}`"
+
+
+def _re_pin(extra: dict[str, Any]) -> str:
+    step = f"to accept them, reset the pin: `python manage.py models pin --model {extra['model']} --reset`"
+    if extra.get("sha256"):
+        step += f", or pin this file: `python manage.py models pin --model {extra['model']} --sha256 {extra['sha256']}`"
+    return step
+
+
 # The next step in the CLI's own words, for domain errors that state a fact any door may meet (the service
 # says "say which model"; the command says which option does it). The API words the same kinds for its fields.
-CLI_NEXT_STEPS: dict[str, str] = {
+# A string is filled from the error's `extra` (str.format_map); a function builds the step from it.
+CLI_NEXT_STEPS: dict[str, str | Callable[[dict[str, Any]], str]] = {
     "unknown_layout": "pass --model NAME to see what differs",
     "ambiguous_model": "choose one with --model NAME",
     "exists": "pass --force to overwrite it",
+    "other_node": _on_its_node,
+    "not_cached": "`python manage.py models download --model {model}` (or `models import PATH --model {model}`)",
+    "none_usable": "`python manage.py models verify --model {model}` names what is wrong with each file",
+    "pin_differs": _re_pin,
+    "no_url": "`python manage.py models import PATH --model {model}` imports a local copy",
+    "offline": "`python manage.py models import PATH --model {model}` imports it",
+    "unreachable": ("here: `python manage.py models import PATH --model {model}` imports a file you have, "
+                    "`--offline` works from the cache only"),
+    "disk_full": "`python manage.py models optimize --max-size SIZE` frees space",
 }
 
 
 def cli_message(exc: ApplicationError) -> tuple[str, str | None]:
     """(the one line the command prints, its hint) for a domain error."""
     step = CLI_NEXT_STEPS.get(str(exc.extra.get("kind", "")))
+    step = step(exc.extra) if callable(step) else step.format_map(exc.extra) if step else None
     message = f"{exc.message}; {step}" if step else exc.message
     return message, step or getattr(exc, "hint", None) or exc.extra.get("hint")
 

@@ -12,13 +12,21 @@ class ApplicationError(Exception):
     status = 400
     exit_code = 2
 
-    def __init__(self, message: str, extra: dict[str, Any] | None = None):
+    def __init__(self, message: str, extra: dict[str, Any] | None = None, *, file: str = ""):
         super().__init__(message)
         self.message = message
         self.extra = extra or {}
+        self.file = file  # the name by which the message names the file it is about, if any
 
     def __str__(self) -> str:
         return self.message
+
+    def file_named(self, name: str) -> ApplicationError:
+        """The same error naming its file as the caller knows it (an upload's own name, not its temporary one)."""
+        if self.file and name and name != self.file:
+            self.message = self.message.replace(self.file, name)
+            self.file = name
+        return self
 
 
 class InvalidRequestError(ApplicationError):

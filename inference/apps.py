@@ -9,7 +9,7 @@ class InferenceConfig(AppConfig):
 
     def ready(self):
         from inference.health import weights_functional_hash
-        from models_registry.services.weights import functional_check_register
+        from models_registry.services.inspection import functional_check_register
 
         functional_check_register(weights_functional_hash)
 

@@ -23,7 +23,7 @@ from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import model_get
 from models_registry.services.resolve import weights_resolve
 from models_registry.services.warm import warm_model_forget, warm_model_record, warm_models_forget_at_exit
-from models_registry.services.weights import weight_mark_corrupt, weight_mark_used
+from models_registry.services.records import weight_mark_corrupt, weight_mark_used
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from django.http import FileResponse
 from django.utils.html import format_html
 
 from depthsite.units import format_size
-from models_registry import cachefs
 from models_registry.choices import Health, WeightFormat
 from depthsite.exceptions import ApplicationError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.services.cache import cache_clear
-from models_registry.services.weights import node_check, weight_convert, weight_export_artifact, weight_verify
+from models_registry.services.export import weight_convert, weight_export_artifact
+from models_registry.services.verify import verify_nothing_summary, weight_verify, weights_verify
 
 HEALTH_COLOURS = {Health.OK: "#1a7f37", Health.UNVERIFIED: "#9a6700", Health.CORRUPT: "#cf222e",
                   Health.MISSING: "#cf222e"}
@@ -21,16 +21,6 @@ HEALTH_COLOURS = {Health.OK: "#1a7f37", Health.UNVERIFIED: "#9a6700", Health.COR
 def _health_badge(weight_file: WeightFile) -> str:
     colour = HEALTH_COLOURS.get(weight_file.health, "#57606a")
     return format_html('<strong style="color:{}">{}</strong>', colour, weight_file.health)
-
-
-def _verify_line(weight_file: WeightFile, done: list[str], failed: list[str]) -> None:
-    """Verify a row of this node; another node's row is refused (its file is on that machine) and left as it is."""
-    try:
-        result = weight_verify(weight_file=weight_file)
-    except ApplicationError as exc:
-        failed.append(exc.message)
-        return
-    (done if result.ok else failed).append(result.summary)
 
 
 def _report(modeladmin, request, done: list[str], failed: list[str]) -> None:
@@ -80,24 +70,17 @@ def _convert_action(fmt: str):
 def verify_models(modeladmin, request, queryset):
     done, failed = [], []
     for model in queryset:
-        for weight_file in model.weight_files.select_related("model").order_by("node", "format"):
-            _verify_line(weight_file, done, failed)
-    if not done and not failed:
-        failed.append("no cached files to verify in the selection")
+        results = weights_verify(model=model)
+        for result in results:
+            (done if result.ok else failed).append(result.summary)
+        if not results:
+            failed.append(verify_nothing_summary(model=model))
     _report(modeladmin, request, done, failed)
 
 
 @admin.action(description="Clear cached files (this node)")
 def clear_models(modeladmin, request, queryset):
-    done = []
-    here = cachefs.node_name()
-    for model in queryset:
-        result = cache_clear(model=model)
-        elsewhere = sorted(set(model.weight_files.exclude(node=here).values_list("node", flat=True)))
-        note = (f"; left alone on node(s) {', '.join(elsewhere)} (run `DEPTHSITE_NODE=<node> python manage.py "
-                f"models clear --model {model.name}` on that machine)") if elsewhere else ""
-        done.append(f"{model.name}: {result.files} file(s), {format_size(result.bytes)} freed on {here}{note}")
-    _report(modeladmin, request, done, [])
+    _report(modeladmin, request, [cache_clear(model=model).summary for model in queryset], [])
 
 
 def _download_response(result) -> FileResponse:
@@ -156,7 +139,12 @@ class RegisteredModelAdmin(admin.ModelAdmin):
 def verify_files(modeladmin, request, queryset):
     done, failed = [], []
     for weight_file in queryset.select_related("model"):
-        _verify_line(weight_file, done, failed)
+        try:
+            result = weight_verify(weight_file=weight_file)
+        except ApplicationError as exc:
+            failed.append(exc.message)  # another node's row: its file is on that machine, the row stays as it is
+            continue
+        (done if result.ok else failed).append(result.summary)
     _report(modeladmin, request, done, failed)
 
 
@@ -167,9 +155,8 @@ def export_file(modeladmin, request, queryset):
         return None
     weight_file = queryset.select_related("model").get()
     try:
-        # The export reads this node's copy: another node's row would hand out a different file.
-        node_check(node=weight_file.node, action="export", model=weight_file.model.name, fmt=weight_file.format)
-        result = weight_export_artifact(model=weight_file.model, fmt=weight_file.format)
+        # The export reads this node's copy: another node's row is refused, it would hand out a different file.
+        result = weight_export_artifact(model=weight_file.model, fmt=weight_file.format, node=weight_file.node)
     except ApplicationError as exc:
         modeladmin.message_user(request, exc.message, messages.ERROR)
         return None
@@ -185,7 +172,7 @@ def clear_files(modeladmin, request, queryset):
         except ApplicationError as exc:
             failed.append(exc.message)  # another node's file: deleting here would remove this node's copy
             continue
-        done.append(f"{weight_file.model.name} [{weight_file.format}]: {format_size(result.bytes)} freed")
+        done.append(result.summary)
     _report(modeladmin, request, done, failed)
 
 

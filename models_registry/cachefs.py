@@ -206,8 +206,8 @@ def is_no_space(exc: BaseException, path: Path | None = None) -> bool:
 def disk_full_error(path: Path, exc: BaseException | None = None) -> DiskFullError:
     return DiskFullError(
         f"no space left on the device holding {path.parent} while writing {path.name}; "
-        "free some space (models optimize --max-size ...) and try again",
-        extra={"path": str(path)},
+        "free some space (optimize the cache to a smaller size) and try again",
+        extra={"kind": "disk_full", "path": str(path)},
     )
 
 
@@ -221,8 +221,8 @@ def ensure_room(path: Path, needed: int) -> None:
     if needed > free:
         raise DiskFullError(
             f"no space left on the device holding {path.parent} for {path.name}: it needs about {needed} bytes "
-            f"and {free} are free; free some space (models optimize --max-size ...) and try again",
-            extra={"path": str(path), "needed": needed, "free": free},
+            f"and {free} are free; free some space (optimize the cache to a smaller size) and try again",
+            extra={"kind": "disk_full", "path": str(path), "needed": needed, "free": free},
         )
 
 

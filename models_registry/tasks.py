@@ -26,7 +26,7 @@ def download_run(download_id: int) -> str:
     if download_is_running_elsewhere(download=download):
         # Re-delivered while the first delivery still transfers (downloads outlive the broker's retry time).
         return "running elsewhere"
-    from models_registry.services.weights import node_check
+    from models_registry.services.records import node_check
 
     try:
         # A download fills the cache of the node it was asked of: a worker of another node refuses it with

@@ -115,6 +115,6 @@ def small_model(db):
 @pytest.fixture
 def cached_small(small_model, small_pt):
     """MiDaS_small imported into the test cache as pt, unpinned (tests that need a pin set one); its WeightFile."""
-    from models_registry.services.weights import weight_import
+    from models_registry.services.imports import weight_import
 
     return weight_import(path=small_pt, pin=False).weight_file

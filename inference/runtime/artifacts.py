@@ -24,7 +24,7 @@ from depthsite.exceptions import ApplicationError
 from models_registry.formats import file_sha256
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import weight_file_get
-from models_registry.services.weights import weight_mark_corrupt
+from models_registry.services.records import weight_mark_corrupt
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from inference.runtime.base import DepthResult, depth_result, preprocessing_fact
 from depthsite.exceptions import WeightFileError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.resolve import weights_resolve_loaded
-from models_registry.services.weights import weight_mark_corrupt
+from models_registry.services.records import weight_mark_corrupt
 
 logger = logging.getLogger(__name__)
 

@@ -350,7 +350,12 @@ class CacheClearRequestSerializer(StrictSerializer):
 class CacheClearResultSerializer(serializers.Serializer):
     files = serializers.IntegerField()
     bytes = serializers.IntegerField()
-    models = serializers.ListField(child=serializers.CharField())
+    models = serializers.ListField(child=serializers.CharField(), help_text="Those that had something here to remove.")
+    scope = serializers.CharField(help_text="What was asked: a model, a model and format, or every model.")
+    node = serializers.CharField(help_text="The node whose cache was cleared (this one).")
+    elsewhere = serializers.ListField(child=serializers.CharField(),
+                                      help_text="Other nodes that still cache it: cleared only on their machines.")
+    summary = serializers.CharField(help_text="One line for people.")
 
 
 class CacheOptimizeRequestSerializer(StrictSerializer):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 from types import SimpleNamespace
 
 from django.conf import settings
@@ -24,8 +23,8 @@ from models_registry.api.public import cache_info_public, registry_reader_is_pub
 from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
 from models_registry.api.uploads import BodyGate, ImportUploadHandler
-from depthsite.exceptions import ApplicationError, InvalidRequestError
-from models_registry.services.weights import node_check
+from depthsite.exceptions import InvalidRequestError
+from models_registry.services.records import node_check
 from models_registry.selectors import (
     cache_info,
     download_get,
@@ -319,7 +318,7 @@ class ModelExportApi(RegistryApi):
                        OpenApiTypes.BINARY, description="The file; ETag, Digest and Repr-Digest carry its sha256."),
                        **errors(*READ_ERRORS, 400, 404, 409, 422, 507)})
     def get(self, request, name: str):
-        from models_registry.services.weights import weight_export_artifact
+        from models_registry.services.export import weight_export_artifact
 
         query = _validated(s.ExportQuerySerializer, request.query_params)
         result = weight_export_artifact(model=model_get(name=name), fmt=query["format"], bundle=query["bundle"])
@@ -359,20 +358,14 @@ class WeightImportApi(RegistryWriteApi):
                    responses={201: s.ImportResultSerializer, 200: s.ImportResultSerializer,
                               **errors(*WRITE_ERRORS, 409, 413, 422, 507)})
     def post(self, request):
-        from models_registry.services.weights import weight_import
+        from models_registry.services.imports import weight_import
 
         data = _validated(s.ImportRequestSerializer, request.data)
         upload = data["file"]
         upload.close()
-        path = upload.temporary_file_path()
-        # The service names the file it was given, a temporary name; the caller knows it by the name it sent.
-        try:
-            result = weight_import(path=path, model_name=data.get("model") or None, original_name=upload.name,
-                                   imported_by=request.user.get_username(), pin=data["pin"])
-        except ApplicationError as exc:
-            exc.message = exc.message.replace(Path(path).name, upload.name)
-            raise
+        # The file is saved under a temporary name; the service names it as the caller sent it.
+        result = weight_import(path=upload.temporary_file_path(), model_name=data.get("model") or None,
+                               original_name=upload.name, imported_by=request.user.get_username(), pin=data["pin"])
         body = result.as_dict()
-        body["message"] = body["message"].replace(Path(path).name, upload.name)
         body["file"] = s.WeightFileSerializer(result.weight_file).data
         return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

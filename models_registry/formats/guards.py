@@ -47,7 +47,7 @@ def too_large(path: Path, declared: int, budget: int, what: str = "tensors") -> 
     return WeightFileError(
         f"{path.name} declares {declared} bytes of {what}, more than the {budget} bytes the largest "
         "weights of its architecture can need; refused before reading",
-        extra={"kind": "too_large", "declared": declared, "budget": budget},
+        extra={"kind": "too_large", "declared": declared, "budget": budget}, file=path.name,
     )
 
 
@@ -57,7 +57,7 @@ def check_dtype(path: Path, key: str, dtype: np.dtype) -> np.dtype:
             or dtype.subdtype is not None or dtype.hasobject or dtype.itemsize not in (1, 2, 4, 8)):
         raise WeightFileError(
             f"{path.name}: tensor {key!r} has dtype {dtype}, not a plain numeric dtype (bool, int or float)",
-            extra={"kind": "unsupported_dtype", "key": key},
+            extra={"kind": "unsupported_dtype", "key": key}, file=path.name,
         )
     return dtype
 
@@ -67,7 +67,7 @@ def element_count(path: Path, key: str, shape) -> int:
     if not isinstance(shape, (tuple, list)) or len(shape) > 32 or not all(
             isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
         raise WeightFileError(f"{path.name}: tensor {key!r} has an invalid shape {shape!r}",
-                              extra={"kind": "bad_shape", "key": key})
+                              extra={"kind": "bad_shape", "key": key}, file=path.name)
     count = 1
     for dim in shape:
         count *= dim
@@ -94,7 +94,8 @@ MAX_OPCODES = 1_000_000
 
 
 def _bad_pickle(name: str, why: str) -> WeightFileError:
-    return WeightFileError(f"{name}: damaged or hostile pickle: {why}", extra={"kind": "bad_pickle"})
+    return WeightFileError(f"{name}: damaged or hostile pickle: {why}", extra={"kind": "bad_pickle"},
+                           file=name.partition("/")[0])
 
 
 def pickle_scan(data, name: str = "pickle", start: int = 0) -> int:

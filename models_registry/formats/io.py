@@ -76,7 +76,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> tuple[Mapping[str, Any], bool]:
     if not isinstance(obj, Mapping):
         raise WeightFileError(
             f"{path.name} holds a {type(obj).__name__}, not a state_dict (a mapping of names to tensors)",
-            extra={"kind": "not_state_dict"},
+            extra={"kind": "not_state_dict"}, file=path.name,
         )
     return obj, False
 
@@ -99,23 +99,24 @@ def _pt_zip_check(path: Path, size: int, budget: int) -> None:
                     raise WeightFileError(
                         f"{path.name}: member {info.filename} is compressed; torch checkpoints store every record "
                         "uncompressed, and a compressed one could expand far beyond the file",
-                        extra={"kind": "unreadable"},
+                        extra={"kind": "unreadable"}, file=path.name,
                     )
                 if info.header_offset + info.file_size > size:
                     raise WeightFileError(f"{path.name}: member {info.filename} extends past the end of the file",
-                                          extra={"kind": "truncated_zip"})
+                                          extra={"kind": "truncated_zip"}, file=path.name)
                 if info.filename.endswith(".pkl"):
                     if info.file_size > PT_MAX_PICKLE:
                         raise WeightFileError(
                             f"{path.name}: its {info.filename} has {info.file_size} bytes (a state_dict's is a few "
-                            f"hundred KB; at most {PT_MAX_PICKLE})", extra={"kind": "too_large"})
+                            f"hundred KB; at most {PT_MAX_PICKLE})", extra={"kind": "too_large"}, file=path.name)
                     pickle_scan(archive.read(info), f"{path.name}/{info.filename}")
                 declared += info.file_size
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise WeightFileError(f"{path.name}: damaged zip archive: {exc}", extra={"kind": "truncated_zip"}) from None
+        raise WeightFileError(f"{path.name}: damaged zip archive: {exc}", extra={"kind": "truncated_zip"},
+                              file=path.name) from None
     if declared > size:
         raise WeightFileError(f"{path.name}: its members declare {declared} bytes but the file has {size}",
-                              extra={"kind": "truncated_zip"})
+                              extra={"kind": "truncated_zip"}, file=path.name)
     if declared > budget:
         raise too_large(path, declared, budget)
 
@@ -138,7 +139,7 @@ def _pt_legacy_check(path: Path, size: int, budget: int) -> None:
         itemsize = torch._utils._element_size(dtype)
         if not isinstance(numel, int) or numel < 0 or numel * itemsize > size:
             raise WeightFileError(f"{path.name}: a storage declares {numel} elements, more than the file holds",
-                                  extra={"kind": "truncated"})
+                                  extra={"kind": "truncated"}, file=path.name)
         declared[str(root_key)] = (numel, itemsize)
         storage = torch.UntypedStorage(numel * itemsize, device="meta")
         return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
@@ -161,18 +162,18 @@ def _pt_legacy_check(path: Path, size: int, budget: int) -> None:
                 numel, itemsize = declared[str(key)]
                 if pos + 8 > size or int.from_bytes(data[pos:pos + 8], "little") != numel:
                     raise WeightFileError(f"{path.name}: storage {key} does not have the size its header declares",
-                                          extra={"kind": "truncated"})
+                                          extra={"kind": "truncated"}, file=path.name)
                 pos += 8 + numel * itemsize
                 total += numel * itemsize
                 if pos > size:
                     raise WeightFileError(f"{path.name}: storage {key} extends past the end of the file",
-                                          extra={"kind": "truncated"})
+                                          extra={"kind": "truncated"}, file=path.name)
     except WeightFileError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             RuntimeError, struct.error) as exc:
         raise WeightFileError(f"{path.name}: not a loadable PyTorch checkpoint: {type(exc).__name__}: {exc}",
-                              extra={"kind": "unreadable"}) from None
+                              extra={"kind": "unreadable"}, file=path.name) from None
     if total > budget:
         raise too_large(path, total, budget)
 
@@ -200,19 +201,19 @@ def read_pt_state_dict(path: Path, budget: int | None = None) -> tuple[dict, boo
         raise WeightFileError(
             f"{path.name}: refused to load: the checkpoint holds objects other than tensors and plain "
             f"containers, and depthsite never unpickles arbitrary code ({first_line})",
-            extra={"kind": "unsafe_pickle"},
+            extra={"kind": "unsafe_pickle"}, file=path.name,
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, MemoryError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightFileError(f"{path.name}: not a loadable PyTorch checkpoint: {first_line}",
-                              extra={"kind": "unreadable"}) from None
+                              extra={"kind": "unreadable"}, file=path.name) from None
     state_dict, unwrapped = _unwrap_state_dict(obj, path)
     tensors = {}
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise WeightFileError(
                 f"{path.name}: entry {key!r} is a {type(value).__name__}, not a tensor",
-                extra={"kind": "not_state_dict"},
+                extra={"kind": "not_state_dict"}, file=path.name,
             )
         tensors[str(key)] = value
     return tensors, unwrapped
@@ -226,10 +227,10 @@ def _read_pt(path: Path, budget: int) -> LoadedWeights:
     for key, tensor in tensors.items():
         if tensor.dtype == torch.bfloat16:
             raise WeightFileError(f"{path.name}: bfloat16 tensors are not supported ({key})",
-                                  extra={"kind": "unsupported_dtype"})
+                                  extra={"kind": "unsupported_dtype"}, file=path.name)
         if tensor.is_complex() or tensor.layout != torch.strided or tensor.is_quantized:
             raise WeightFileError(f"{path.name}: tensor {key!r} is not a plain dense real tensor",
-                                  extra={"kind": "unsupported_dtype", "key": key})
+                                  extra={"kind": "unsupported_dtype", "key": key}, file=path.name)
         arrays[key] = tensor.detach().cpu().numpy()
         check_dtype(path, key, arrays[key].dtype)
     return LoadedWeights("pt", arrays, unwrapped=unwrapped)
@@ -261,7 +262,8 @@ ST_MAX_HEADER = 8 * 1024 * 1024
 
 
 def _st_malformed(path: Path, why: str) -> WeightFileError:
-    return WeightFileError(f"{path.name}: malformed safetensors header: {why}", extra={"kind": "malformed_safetensors"})
+    return WeightFileError(f"{path.name}: malformed safetensors header: {why}", extra={"kind": "malformed_safetensors"},
+                           file=path.name)
 
 
 def _st_unique_keys(pairs):
@@ -276,11 +278,12 @@ def _st_header(path: Path, size: int) -> tuple[dict, dict, int]:
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise WeightFileError(f"{path.name}: too short for a safetensors file", extra={"kind": "truncated_safetensors"})
+            raise WeightFileError(f"{path.name}: too short for a safetensors file", extra={"kind": "truncated_safetensors"},
+                                  file=path.name)
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > size - 8:
             raise WeightFileError(f"{path.name}: its header claims {header_len} bytes but the file has {size}",
-                                  extra={"kind": "truncated_safetensors"})
+                                  extra={"kind": "truncated_safetensors"}, file=path.name)
         if header_len > ST_MAX_HEADER:
             raise _st_malformed(path, f"a header of {header_len} bytes (at most {ST_MAX_HEADER})")
         try:
@@ -304,7 +307,7 @@ def _st_header(path: Path, size: int) -> tuple[dict, dict, int]:
         dtype = _ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
             raise WeightFileError(f"{path.name}: unsupported safetensors dtype {info['dtype']!r} ({key})",
-                                  extra={"kind": "unsupported_dtype"})
+                                  extra={"kind": "unsupported_dtype"}, file=path.name)
         offsets = info["data_offsets"]
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
@@ -337,7 +340,7 @@ def _read_safetensors(path: Path, budget: int) -> LoadedWeights:
             raise WeightFileError(
                 f"{path.name}: tensor {key} lies outside the file or has the wrong length "
                 "(a truncated or damaged safetensors file)",
-                extra={"kind": "truncated_safetensors"},
+                extra={"kind": "truncated_safetensors"}, file=path.name,
             )
         declared += end - begin
     if declared > budget:
@@ -367,7 +370,7 @@ def _h5_refused(path: Path, key: str, why: str, kind: str = "h5_not_in_file") ->
     return WeightFileError(
         f"{path.name}: {key!r} {why}; only datasets stored inside the file (contiguous or chunked) are "
         "weights, and nothing is read from anywhere else",
-        extra={"kind": kind, "key": key},
+        extra={"kind": kind, "key": key}, file=path.name,
     )
 
 
@@ -416,7 +419,7 @@ def _h5_entry(path: Path, key: str, dataset, size: int) -> _H5Entry:
             raise _h5_refused(path, key, "is declared but its data was never written", kind="unwritten")
         if offset + nbytes > size:
             raise WeightFileError(f"{path.name}: dataset {key} extends past the end of the file",
-                                  extra={"kind": "truncated"})
+                                  extra={"kind": "truncated"}, file=path.name)
         return _H5Entry(key, dataset, dtype, shape, nbytes, offset)
     if layout == h5py.h5d.COMPACT:
         # Compact data sits in the dataset's own header inside this file, at most 64 KiB.
@@ -439,7 +442,7 @@ def _h5_entry(path: Path, key: str, dataset, size: int) -> _H5Entry:
     stored = dataset.id.get_storage_size()
     if stored > size or (not filters and stored < nbytes):
         raise WeightFileError(f"{path.name}: dataset {key} declares more stored bytes than the file holds",
-                              extra={"kind": "truncated"})
+                              extra={"kind": "truncated"}, file=path.name)
     return _H5Entry(key, dataset, dtype, shape, nbytes, None)
 
 
@@ -451,7 +454,7 @@ def _h5_metadata(path: Path, handle) -> dict[str, str]:
         attribute = h5py.h5a.open(handle.id, name.encode("utf-8"))
         if attribute.get_storage_size() > H5_MAX_ATTRIBUTE:
             raise WeightFileError(f"{path.name}: attribute {name!r} is larger than {H5_MAX_ATTRIBUTE} bytes",
-                                  extra={"kind": "too_large"})
+                                  extra={"kind": "too_large"}, file=path.name)
         value = handle.attrs[name]
         metadata[name] = value.decode() if isinstance(value, bytes) else str(value)
     return metadata
@@ -466,7 +469,7 @@ def _read_h5(path: Path, budget: int) -> LoadedWeights:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise WeightFileError(f"{path.name}: not a readable HDF5 file (truncated or damaged): {exc}",
-                              extra={"kind": "unreadable"}) from None
+                              extra={"kind": "unreadable"}, file=path.name) from None
     arrays: dict[str, np.ndarray] = {}
     with handle:
         try:
@@ -500,7 +503,7 @@ def _read_h5(path: Path, budget: int) -> LoadedWeights:
                     arrays[entry.key] = np.asarray(entry.dataset[()]).reshape(entry.shape)
         except (OSError, KeyError, RuntimeError, ValueError, TypeError, MemoryError) as exc:
             raise WeightFileError(f"{path.name}: damaged HDF5 file: {type(exc).__name__}: {exc}",
-                                  extra={"kind": "unreadable"}) from None
+                                  extra={"kind": "unreadable"}, file=path.name) from None
     return LoadedWeights("h5", arrays, metadata=metadata)
 
 
@@ -684,11 +687,11 @@ def _restricted_load(data, name: str) -> Any:
     try:
         return RestrictedUnpickler(io.BytesIO(data) if isinstance(data, bytes) else _MappedReader(data)).load()
     except WeightFileError as exc:
-        raise WeightFileError(f"{name}: {exc.message}", extra=exc.extra) from None
+        raise WeightFileError(f"{name}: {exc.message}", extra=exc.extra, file=name) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
             OverflowError, MemoryError, RecursionError) as exc:
         raise WeightFileError(f"{name}: damaged pickle ({type(exc).__name__}: {exc})",
-                              extra={"kind": "unreadable"}) from None
+                              extra={"kind": "unreadable"}, file=name) from None
 
 
 def restricted_loads(data: bytes) -> Any:
@@ -714,7 +717,7 @@ def _read_pkl(path: Path, budget: int) -> LoadedWeights:
     for key, value in state_dict.items():
         if not isinstance(value, np.ndarray):
             raise WeightFileError(f"{path.name}: entry {key!r} is a {type(value).__name__}, not an array",
-                                  extra={"kind": "not_state_dict"})
+                                  extra={"kind": "not_state_dict"}, file=path.name)
         check_dtype(path, str(key), value.dtype)
         arrays[str(key)] = value.view(np.ndarray) if type(value) is not np.ndarray else value
     return LoadedWeights("pkl", arrays, metadata=metadata, unwrapped=unwrapped)
@@ -744,7 +747,7 @@ def _checked_format(path: Path, expected: str | None) -> str:
     found = sniff_format(path)
     if expected and found != expected:
         raise WeightFileError(f"{path.name} holds {found} content, not {expected}",
-                              extra={"kind": "format_mismatch", "found": found, "expected": expected})
+                              extra={"kind": "format_mismatch", "found": found, "expected": expected}, file=path.name)
     return found
 
 
@@ -758,7 +761,7 @@ def read_weights(path: Path | str, fmt: str | None = None, *, architecture: str 
     fmt = _checked_format(path, fmt)
     if fmt == BUNDLE:
         raise WeightFileError(f"{path.name} is a bundle (.tar); import it instead of reading it as weights",
-                              extra={"kind": "bundle"})
+                              extra={"kind": "bundle"}, file=path.name)
     return _READERS[fmt](path, tensor_budget(architecture))
 
 

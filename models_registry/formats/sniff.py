@@ -20,8 +20,8 @@ HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--
 BUNDLE = "bundle"
 
 
-def _bad(kind: str, message: str, **extra) -> WeightFileError:
-    return WeightFileError(message, extra={"kind": kind, **extra})
+def _bad(kind: str, message: str, *, file: str = "", **extra) -> WeightFileError:
+    return WeightFileError(message, extra={"kind": kind, **extra}, file=file)
 
 
 def _zip_has_central_directory(path: Path, size: int) -> bool:
@@ -49,7 +49,7 @@ def sniff_format(path: Path | str) -> str:
         raise _bad(
             "empty",
             f"{path.name} is an empty file (0 bytes): a download or copy never wrote anything; "
-            "delete it (models optimize) and download or import the model again",
+            "delete it (models optimize) and download or import the model again", file=path.name,
         )
     with open(path, "rb") as handle:
         head = handle.read(HEAD_BYTES)
@@ -63,13 +63,13 @@ def sniff_format(path: Path | str) -> str:
             "lfs_pointer",
             f"{path.name} is a Git LFS pointer ({size} bytes of text{', ' + oid if oid else ''}), not weights: "
             "the repository was cloned without `git lfs pull`; fetch the real file or download the model",
-            oid=oid,
+            oid=oid, file=path.name,
         )
     if head.lstrip()[:64].lower().startswith(HTML_STARTS):
         raise _bad(
             "html",
             f"{path.name} is an HTML page ({size} bytes), not weights: a server answered with an error "
-            "or login page that was saved as the checkpoint; delete it and download again",
+            "or login page that was saved as the checkpoint; delete it and download again", file=path.name,
         )
     if head.startswith(ZIP_MAGIC):
         if not _zip_has_central_directory(path, size):
@@ -77,15 +77,17 @@ def sniff_format(path: Path | str) -> str:
                 "truncated_zip",
                 f"{path.name} is a truncated zip archive ({size} bytes; torch says \"failed finding central "
                 "directory\"): the download was interrupted; delete it (models optimize) and download again",
+                file=path.name,
             )
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except zipfile.BadZipFile as exc:
-            raise _bad("truncated_zip", f"{path.name} is a damaged zip archive: {exc}") from None
+            raise _bad("truncated_zip", f"{path.name} is a damaged zip archive: {exc}", file=path.name) from None
         if any(name.endswith("data.pkl") for name in names):
             return "pt"
-        raise _bad("not_torch_zip", f"{path.name} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
+        raise _bad("not_torch_zip", f"{path.name} is a zip archive but not a PyTorch checkpoint (no data.pkl)",
+                   file=path.name)
     if head.startswith(HDF5_MAGIC):
         return "h5"
     if head.startswith(LEGACY_TORCH_MAGIC):
@@ -100,14 +102,14 @@ def sniff_format(path: Path | str) -> str:
             raise _bad(
                 "truncated_safetensors",
                 f"{path.name} is a truncated safetensors file: its header alone claims {header_len} bytes "
-                f"but the file has {size}; delete it and convert or download again",
+                f"but the file has {size}; delete it and convert or download again", file=path.name,
             )
         return "safetensors"
     preview = head[:16].hex(" ")
     raise _bad(
         "unknown",
         f"{path.name} is not a weight file depthsite knows (pt, safetensors, h5, pkl or a bundle); "
-        f"first bytes: {preview}",
+        f"first bytes: {preview}", file=path.name,
     )
 
 

@@ -283,10 +283,21 @@ def cache_optimize_execute(*, plan: OptimizePlan) -> OptimizePlan:
 class ClearResult:
     files: int
     bytes: int
-    models: list[str]
+    models: list[str]  # those that had something here to remove
+    scope: str = ""  # what was asked: "MiDaS_small [pt]", "MiDaS_small", "every model"
+    node: str = ""
+    elsewhere: list[str] = field(default_factory=list)  # other nodes that still cache it, left alone
+
+    @property
+    def summary(self) -> str:
+        """One line for people, the same in every door."""
+        line = f"cleared {self.scope}: {self.files} file(s), {format_size(self.bytes)} freed on {self.node}"
+        if self.elsewhere:
+            line += f"; left alone on node(s) {', '.join(self.elsewhere)} (clear them on that node's machine)"
+        return line
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "summary": self.summary}
 
 
 def cache_clear(*, model: RegisteredModel | None = None, fmt: str | None = None,
@@ -294,7 +305,7 @@ def cache_clear(*, model: RegisteredModel | None = None, fmt: str | None = None,
     """Remove one model, one format of it, or every model from this node's cache, files and records together.
 
     `node`: the node the caller means (a selected row's); ConflictError unless it is this one."""
-    from models_registry.services.weights import node_check
+    from models_registry.services.records import node_check
 
     node_check(node=node or "", action="clear", model=model.name if model else "", fmt=fmt or "")
     fmt = WeightFormat.parse(fmt).value if fmt else None
@@ -302,7 +313,13 @@ def cache_clear(*, model: RegisteredModel | None = None, fmt: str | None = None,
     for current in models:
         # Checked for all before anything goes: a name forced into the database never leads outside the cache.
         cachefs.model_folder(current.name)
-    result = ClearResult(files=0, bytes=0, models=[])
+    here = cachefs.node_name()
+    others = WeightFile.objects.filter(model__in=models).exclude(node=here)
+    if fmt:
+        others = others.filter(format=fmt)
+    scope = (model.name if model is not None else "every model") + (f" [{fmt}]" if fmt else "")
+    result = ClearResult(files=0, bytes=0, models=[], scope=scope, node=here,
+                         elsewhere=sorted(set(others.values_list("node", flat=True))))
     for current in models:
         records = weight_files(model=current)
         if fmt:

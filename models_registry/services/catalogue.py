@@ -106,7 +106,7 @@ def _unproven_copies_mark(model: RegisteredModel, *, reset: bool) -> int:
     """Mark every usable cached copy (all nodes) that the new pin does not prove; how many were marked."""
     from models_registry.choices import Health
     from models_registry.models import WeightFile
-    from models_registry.services.weights import weight_pin_problem
+    from models_registry.services.records import weight_pin_problem
 
     marked = 0
     for weight_file in WeightFile.objects.filter(model=model, health__in=Health.USABLE):

@@ -41,17 +41,16 @@ from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.selectors import download_active, weight_files_usable
 from models_registry.services.catalogue import model_pin
 from models_registry.services.licences import model_license_check
-from models_registry.services.weights import (
+from models_registry.services.export import weight_convert
+from models_registry.services.inspection import weights_functional_check, weights_inspect
+from models_registry.services.records import (
     best_first,
     cache_file_path,
-    weight_convert,
     weight_mark_corrupt,
     weight_pin_problem,
-    weight_quick_problem,
     weight_record,
-    weights_functional_check,
-    weights_inspect,
 )
+from models_registry.services.verify import weight_quick_problem
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +138,8 @@ def download_url(*, model: RegisteredModel) -> str:
             )
         return f"{mirror.rstrip('/')}/{quote(file_name, safe='')}"
     if not model.source_url:
-        raise NotFoundError(
-            f"{model.name} has no download URL; set DEPTHSITE_MODEL_MIRROR or import a local copy "
-            f"(python manage.py models import PATH --model {model.name})",
-            extra={"model": model.name},
-        )
+        raise NotFoundError(f"{model.name} has no download URL; set DEPTHSITE_MODEL_MIRROR or import a local copy",
+                            extra={"kind": "no_url", "model": model.name})
     if urlsplit(model.source_url).scheme.lower() not in ("http", "https"):
         # Only the operator's DEPTHSITE_MODEL_MIRROR may name a local folder; a catalogue entry's URL
         # (admin-editable) must not make the server copy its own files.
@@ -157,10 +153,9 @@ def _offline_error(model: RegisteredModel) -> OfflineError:
     return OfflineError(
         f"{model.name} is not cached on this node and {why}, so nothing is downloaded. Copy "
         f"{model.file_name or 'its weight file'} from a machine that has it"
-        f"{f' (released at {model.source_url})' if model.source_url else ''} and import it: "
-        f"python manage.py models import PATH --model {model.name} "
+        f"{f' (released at {model.source_url})' if model.source_url else ''} and import it "
         "(or point DEPTHSITE_MODEL_MIRROR at a file:// folder that holds it)",
-        extra={"model": model.name, "offline": True},
+        extra={"kind": "offline", "model": model.name, "offline": True},
     )
 
 
@@ -208,9 +203,8 @@ def _check_disk(model: RegisteredModel, folder: Path, remaining: int) -> None:
         raise DiskFullError(
             f"not enough free disk space to download {model.name}: {format_size(remaining)} to write plus a "
             f"{format_size(DISK_MARGIN_BYTES)} margin, but only {format_size(free)} free on the disk of {folder}; "
-            "free some space (python manage.py models optimize --max-size SIZE) or set DEPTHSITE_CACHE_DIR "
-            "to a bigger disk",
-            extra={"needed": needed, "free": free, "path": str(folder)},
+            "free some space (optimize the cache to a smaller size) or set DEPTHSITE_CACHE_DIR to a bigger disk",
+            extra={"kind": "disk_full", "needed": needed, "free": free, "path": str(folder)},
         )
 
 
@@ -227,18 +221,15 @@ def _byte_cap(model: RegisteredModel) -> tuple[int, str]:
     return settings.DEPTHSITE_MAX_IMPORT_BYTES, "DEPTHSITE_MAX_IMPORT_BYTES"
 
 
-def _pin_hint(model: RegisteredModel, sha256: str = "") -> str:
-    hint = f"python manage.py models pin --model {model.name} --reset (the next download pins again)"
-    if sha256:
-        hint += f", or python manage.py models pin --model {model.name} --sha256 {sha256}"
-    return hint
+def _pin_hint(sha256: str = "") -> str:
+    # The facts for a re-pin travel in extra (kind pin_differs, model, sha256); the command line adds its commands.
+    return "reset the pin (the next download pins again)" + (f" or pin sha256 {sha256}" if sha256 else "")
 
 
 def _ways_out(model: RegisteredModel) -> str:
-    # The same three ways out in every door (CLI, API, dashboard): the message is the one place they live.
+    # The same three ways out in every door (CLI, API, dashboard); the command line adds its own commands for them.
     return (f"Ways out: set DEPTHSITE_MODEL_MIRROR to a mirror that has {model.file_name or 'the file'}, import a "
-            f"file you have (python manage.py models import PATH --model {model.name}), or use --offline to work "
-            "from the cache only")
+            "file you have, or work from the cache only (DEPTHSITE_OFFLINE)")
 
 
 def _unreachable_error(model: RegisteredModel, url: str, *, code: str, what: str, attempts: int,
@@ -248,7 +239,8 @@ def _unreachable_error(model: RegisteredModel, url: str, *, code: str, what: str
     if attempts > 1:
         tried = f"giving up after {attempts} failed attempts; {tried}"
     kept = f"; {format_size(partial)} are kept and the next download resumes from there" if partial else ""
-    extra: dict[str, Any] = {"code": code, "url": fetch.shown_url(url), "host": fetch.host_of(url),
+    extra: dict[str, Any] = {"kind": "unreachable", "model": model.name, "code": code,
+                             "url": fetch.shown_url(url), "host": fetch.host_of(url),
                              "attempts": attempts, "resumable": bool(partial), "partial_bytes": partial,
                              "hint": _ways_out(model).removeprefix("Ways out: ")}
     if status is not None:
@@ -280,9 +272,10 @@ def _fetch_failure(model: RegisteredModel, url: str, failure: fetch.FetchError, 
     if failure.kind == "size_mismatch":
         return DigestMismatchError(
             f"{url} offers {failure.size} bytes but the pinned file of {model.name} has {failure.limit} "
-            f"(pinned sha256 {model.expected_sha256}); nothing was cached. To accept a different file: "
-            + _pin_hint(model),
-            extra={"url": url, "size": failure.size, "expected_size": failure.limit},
+            f"(pinned sha256 {model.expected_sha256}); nothing was cached. To accept a different file, "
+            + _pin_hint(),
+            extra={"kind": "pin_differs", "model": model.name, "url": url, "size": failure.size,
+                   "expected_size": failure.limit},
         )
     if failure.kind == "too_large":
         what = f"declares {format_size(failure.size)}" if failure.declared else f"sent more than {format_size(failure.limit)}"
@@ -338,8 +331,9 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: 
         raise DigestMismatchError(
             f"the bytes from {url} differ from the pinned sha256 of {model.name}: downloaded {fetched.sha256}, "
             f"pinned {model.expected_sha256} (pinned from {model.sha256_pinned_from or 'the catalogue'}); "
-            f"nothing was cached. If the new file is legitimate, re-pin: {_pin_hint(model, fetched.sha256)}",
-            extra={"url": url, "sha256": fetched.sha256, "pinned": model.expected_sha256},
+            f"nothing was cached. If the new file is legitimate, {_pin_hint(fetched.sha256)}",
+            extra={"kind": "pin_differs", "model": model.name, "url": url, "sha256": fetched.sha256,
+                   "pinned": model.expected_sha256},
         )
     if model.expected_size and fetched.size != model.expected_size:
         raise DigestMismatchError(f"{url} gave {fetched.size} bytes but the pinned file of {model.name} has "
@@ -356,8 +350,8 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: 
         raise DigestMismatchError(
             f"the weights from {url} differ from the pinned weights of {model.name} (content digest "
             f"{inspection.digest[:16]}..., pinned {model.expected_content_digest[:16]}...); nothing was cached. "
-            f"To accept them: {_pin_hint(model)}",
-            extra={"url": url, "content_digest": inspection.digest},
+            f"To accept them, {_pin_hint()}",
+            extra={"kind": "pin_differs", "model": model.name, "url": url, "content_digest": inspection.digest},
         )
     dest = cache_file_path(model=model, fmt=inspection.format)
     inspection.path = dest

@@ -14,7 +14,8 @@ from models_registry.formats import LoadedWeights
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.download import Notify, healthy_files, wanted_format, weight_download
 from models_registry.services.licences import model_license_check
-from models_registry.services.weights import weight_convert, weights_first_usable, weights_read
+from models_registry.services.export import weight_convert
+from models_registry.services.records import weights_first_usable, weights_read
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from models_registry import cachefs
-from models_registry.services.weights import node_check
+from models_registry.services.records import node_check
 from depthsite.choices import RunStatus
 from models_registry.choices import Health, WeightFormat
 from depthsite.exceptions import ApplicationError, InvalidRequestError
@@ -32,19 +32,18 @@ QUEUED_STALE_AFTER = timedelta(hours=24)  # no worker took it: no cluster runs (
 def management_action(*, kind: str, model: RegisteredModel | None, params: dict[str, Any]) -> dict[str, Any]:
     """Run one action now and return its JSON answer; ApplicationError as the synchronous call would raise."""
     if kind == ManagementRun.Kind.VERIFY:
-        from models_registry.services.weights import weights_verify
+        from models_registry.services.verify import verify_nothing_summary, weights_verify
 
         results = weights_verify(model=model, fmt=params.get("format"), functional=params.get("functional", True))
-        lines = [f"{r.weight_file.format}: {r.health}" + (f" - {r.reason}" if r.reason else "") for r in results]
         return {
             "model": model.name,
             "ok": bool(results) and all(r.ok for r in results),
-            "message": "; ".join(lines) or f"no cached files of {model.name} on this node to verify",
+            "message": "; ".join(r.summary for r in results) or verify_nothing_summary(model=model),
             "results": [r.as_dict() for r in results],
         }
     if kind == ManagementRun.Kind.CONVERT:
         from models_registry.selectors import weight_file_data
-        from models_registry.services.weights import weight_convert
+        from models_registry.services.export import weight_convert
 
         return weight_file_data(weight_convert(model=model, fmt=params["format"]))
     if kind == ManagementRun.Kind.OPTIMIZE:
@@ -62,7 +61,7 @@ def management_precheck(*, kind: str, model: RegisteredModel | None, params: dic
     nothing to act on still gets its 404 at once)."""
     if kind == ManagementRun.Kind.CONVERT:
         from models_registry.selectors import weight_file_get
-        from models_registry.services.weights import _best_source
+        from models_registry.services.records import _best_source
 
         fmt = WeightFormat.parse(params["format"]).value
         existing = weight_file_get(model=model, fmt=fmt)

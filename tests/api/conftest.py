@@ -81,7 +81,7 @@ def cached_record(small_model, mirror_folder):
     only read or delete records (an import, as `cached_small` does, costs seconds of torch)."""
     from models_registry import cachefs
     from models_registry.models import WeightFile
-    from models_registry.services.weights import cache_file_path
+    from models_registry.services.records import cache_file_path
 
     dest = cache_file_path(model=small_model, fmt="pt")
     shutil.copyfile(mirror_folder["path"], dest)

@@ -66,7 +66,7 @@ def test_a_failing_run_records_its_error_and_status(staff_client, cached_record,
     def refuse(**kwargs):
         raise ConflictError("MiDaS_small changed while converting; try again")
 
-    monkeypatch.setattr("models_registry.services.weights.weight_convert", refuse)
+    monkeypatch.setattr("models_registry.services.export.weight_convert", refuse)
     with django_capture_on_commit_callbacks(execute=True):
         body = queued(staff_client.post("/api/models/MiDaS_small/convert", {"format": "h5"}, format="json"))
     run = staff_client.get(body["url"]).json()

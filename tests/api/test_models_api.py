@@ -143,12 +143,16 @@ def test_clear_one_format_then_everything(staff_client, cached_record):
     path = cachefs.absolute(cached_record.path)
     response = staff_client.post("/api/models/cache/clear/", {"confirm": True, "model": "midas_small",
                                                               "format": "h5"}, format="json")
-    assert response.status_code == 200 and response.json() == {"files": 0, "bytes": 0, "models": []}
+    assert response.status_code == 200 and response.json() == {
+        "files": 0, "bytes": 0, "models": [], "scope": "MiDaS_small [h5]", "node": "test-node", "elsewhere": [],
+        "summary": "cleared MiDaS_small [h5]: 0 file(s), 0 B freed on test-node"}
     assert path.exists()
 
     response = staff_client.post("/api/models/cache/clear", {"confirm": True}, format="json")
     assert response.status_code == 200
-    assert response.json() == {"files": 1, "bytes": cached_record.size, "models": ["MiDaS_small"]}
+    body = response.json()
+    assert (body["files"], body["bytes"], body["models"]) == (1, cached_record.size, ["MiDaS_small"])
+    assert body["summary"].startswith("cleared every model: 1 file(s), ") and body["summary"].endswith(" on test-node")
     assert not path.exists() and not WeightFile.objects.exists()
 
 
@@ -248,7 +252,7 @@ def test_verify_records_health_and_reason(staff_client, cached_small):
     response = staff_client.post("/api/models/MiDaS_small/verify?wait=1", {}, format="json")
     assert response.status_code == 200
     body = response.json()
-    assert body["ok"] is True and body["message"] == "pt: ok"
+    assert body["ok"] is True and body["message"] == "MiDaS_small [pt]: ok"
     assert body["results"][0]["functional_hash"] == WeightFile.objects.get().functional_hash != ""
 
     path = cachefs.absolute(cached_small.path)

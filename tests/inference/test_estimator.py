@@ -16,7 +16,9 @@ from models_registry.choices import Health
 from depthsite.exceptions import OfflineError
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.selectors import warm_models
-from models_registry.services.weights import weight_convert, weight_import, weight_verify
+from models_registry.services.export import weight_convert
+from models_registry.services.imports import weight_import
+from models_registry.services.verify import weight_verify
 from models_registry.detweights import synthetic_image
 
 pytestmark = pytest.mark.django_db
@@ -150,7 +152,7 @@ def test_missing_weights_offline_is_a_clear_error(small_model, pool, settings):
     settings.DEPTHSITE_OFFLINE = True
     with pytest.raises(OfflineError) as caught:
         pool.get(model="MiDaS_small")
-    assert "models import" in caught.value.message
+    assert caught.value.extra["kind"] == "offline" and "import it" in caught.value.message
 
 
 def test_device_selection_errors(cached_small, pool, settings):

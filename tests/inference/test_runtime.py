@@ -18,7 +18,8 @@ from inference.exceptions import RuntimeArtifactError
 from models_registry.formats import file_sha256
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.cache import cache_optimize_execute, cache_optimize_plan
-from models_registry.services.weights import weight_import, weight_verify
+from models_registry.services.imports import weight_import
+from models_registry.services.verify import weight_verify
 from models_registry.detweights import synthetic_image
 
 pytestmark = pytest.mark.django_db

@@ -12,7 +12,7 @@ from inference import estimator as estimator_module
 from inference.estimator import EstimatorPool, network_bytes
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WarmModel
-from models_registry.services.weights import weight_import
+from models_registry.services.imports import weight_import
 from models_registry.detweights import synthetic_image
 
 pytestmark = pytest.mark.django_db

@@ -28,6 +28,7 @@ from inference.services.jobs import (
     worker_id,
 )
 from inference.writers import read_pfm, read_png16
+from models_registry.models import WeightDownload
 from depthsite.exceptions import ConflictError, TooLargeError, InvalidRequestError
 from depthsite.testing import images
 from tests.jobs.conftest import upload
@@ -206,7 +207,7 @@ def test_uncached_model_offline_fails_with_what_to_do(small_model, run_jobs, set
     settings.DEPTHSITE_OFFLINE = True
     job = create(run_jobs)
     assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.OFFLINE
-    assert "not cached" in job.error and "models import" in job.error
+    assert "not cached" in job.error and "import it" in job.error
     assert job.finished_at and job.attempts == 1
 
 
@@ -215,8 +216,11 @@ def test_failed_download_says_so(small_model, run_jobs, settings, tmp_path):
     (tmp_path / "empty-mirror").mkdir()
     job = create(run_jobs)
     assert job.status == RunStatus.FAILED, job.error
-    assert job.error_code in (JobErrorCode.DOWNLOAD, JobErrorCode.WEIGHTS)
-    assert "midas_v21_small_256.pt" in job.error or "download" in job.error
+    assert job.error_code == JobErrorCode.DOWNLOAD
+    assert "could not be downloaded" in job.error
+    # The job says what failed; the download's own row says why, for an administrator.
+    download = WeightDownload.objects.get(model=small_model)
+    assert download.status == RunStatus.FAILED and "has no file midas_v21_small_256.pt" in download.error
 
 
 @pytest.mark.parametrize("raised", ["cpu", "cuda"])

@@ -121,14 +121,14 @@ def test_foundation_walkthrough_in_real_processes(tmp_path, small_pt):
 
     verified = site.manage("models", "verify", "--no-functional")
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert verified.stdout.count("ok ") == 2
+    assert verified.stdout.count(": ok\n") == 2
 
     h5 = site.cache_dir / "MiDaS_small" / "midas_v21_small_256.h5"
     data = h5.read_bytes()
     h5.write_bytes(data[: len(data) // 2])
     broken = site.manage("models", "verify", "--no-functional")
     assert broken.returncode == 1
-    assert "CORRUPT" in broken.stdout and "midas_v21_small_256.h5" in broken.stdout
+    assert "MiDaS_small [h5]: corrupt - " in broken.stdout and "midas_v21_small_256.h5" in broken.stdout
     assert "truncated" in broken.stdout
     assert broken.stderr.strip() == "error: 1 of 2 weight file(s) not ok"
 
@@ -169,8 +169,8 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     result = site.manage("models", "export", "--model", "MiDaS_small", "--output", str(tmp_path / "x.pt"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: no healthy cached weights of MiDaS_small on this node; download or import them first "
-        "(python manage.py models download --model MiDaS_small)"
+        "error: no healthy cached weights of MiDaS_small on this node; download or import them first; "
+        "`python manage.py models download --model MiDaS_small` (or `models import PATH --model MiDaS_small`)"
     ]
     missing = site.manage("models", "import", str(tmp_path / "nope.pt"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "no such file" in missing.stderr

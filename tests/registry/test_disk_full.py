@@ -17,7 +17,8 @@ import pytest
 from models_registry import cachefs
 from depthsite.exceptions import DiskFullError
 from models_registry.formats import write_weights
-from models_registry.services.weights import weight_export, weight_import
+from models_registry.services.export import weight_export
+from models_registry.services.imports import weight_import
 
 KB = 1024
 

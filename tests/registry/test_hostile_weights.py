@@ -23,9 +23,11 @@ from depthsite.exceptions import (
 )
 from models_registry.formats import content_digest, read_weights, restricted_loads, write_weights
 from models_registry.models import WeightFile
-from models_registry.services import weights as weight_services
+from models_registry.services import imports as import_services
 from models_registry.services.catalogue import model_pin
-from models_registry.services.weights import weight_convert, weight_import, weight_verify
+from models_registry.services.export import weight_convert
+from models_registry.services.imports import weight_import
+from models_registry.services.verify import weight_verify
 from depthsite.testing import hostile
 
 SECRET = b"TOPSECRT" * 64
@@ -304,7 +306,7 @@ def test_two_concurrent_imports_of_one_model_never_touch_each_others_file(
         write_weights(arrays, member, "pt")
         paths[name] = _bundle(tmp_path / f"{name}.tar", member)
 
-    real_inspect = weight_services.weights_inspect
+    real_inspect = import_services.weights_inspect
     extracted, second = [], []
 
     def interleaved(**kwargs):
@@ -315,7 +317,7 @@ def test_two_concurrent_imports_of_one_model_never_touch_each_others_file(
             assert kwargs["path"].stat().st_ino == extracted[0][1]  # A's file is still A's
         return inspection
 
-    monkeypatch.setattr(weight_services, "weights_inspect", interleaved)
+    monkeypatch.setattr(import_services, "weights_inspect", interleaved)
     first = weight_import(path=paths["a"])
     assert second[0].created and second[0].weight_file.content_digest == content_digest(other)
     assert first.created and first.weight_file.content_digest == content_digest(small_arrays)

@@ -58,8 +58,9 @@ def test_a_failing_json_command_prints_one_error_object(case, capsys, monkeypatc
 
 def test_the_hint_says_how_to_get_weights_when_offline(capsys, monkeypatch, small_model):
     _, out, _ = run_models(FAILING["download"][0], capsys, monkeypatch)
-    hint = json.loads(out)["error"]["hint"]
-    assert "DEPTHSITE_MODEL_MIRROR" in hint and "models import" in hint
+    error = json.loads(out)["error"]
+    assert "DEPTHSITE_MODEL_MIRROR" in error["message"]
+    assert error["hint"] == "`python manage.py models import PATH --model MiDaS_small` imports it"
 
 
 def test_without_json_stdout_stays_empty(capsys, monkeypatch, small_model):

@@ -18,7 +18,7 @@ from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.services.download import weight_download
 from models_registry.services.resolve import weights_resolve
 from models_registry.services.licences import license_accepted, model_license_check
-from models_registry.services.weights import weight_import
+from models_registry.services.imports import weight_import
 from depthsite.testing import images
 
 pytestmark = pytest.mark.django_db

@@ -1,7 +1,9 @@
 """Per-node actions: verify, clear and export change or read only this node's cache; another node's rows are
-refused with the command to run on that node's machine, and `models info --node X` shows its records read-only."""
+refused in the service's one wording (the command line adds the command to run on that node's machine), and
+`models info --node X` shows its records read-only."""
 from __future__ import annotations
 
+import html
 import io
 import json
 
@@ -15,7 +17,7 @@ from models_registry.choices import Health
 from depthsite.exceptions import ConflictError
 from models_registry.models import WeightFile
 from models_registry.services.cache import cache_clear
-from models_registry.services.weights import weight_verify
+from models_registry.services.verify import weight_verify
 
 pytestmark = pytest.mark.django_db
 
@@ -52,28 +54,33 @@ def unchanged(other_row: WeightFile, local: WeightFile) -> None:
     assert WeightFile.objects.filter(pk=local.pk).exists() and cachefs.absolute(local.path).is_file()
 
 
-def test_admin_verify_and_clear_refuse_another_nodes_row_and_say_where_to_run_them(staff_client, cached_small,
-                                                                                   other_row):
-    page = post_action(staff_client, "weightfile", "verify_files", [other_row.pk])
-    assert f"DEPTHSITE_NODE={OTHER} python manage.py models verify" in page and "on node other" in page
+def refusal(action: str) -> str:
+    return f"MiDaS_small [pt] is on node {OTHER}, not on this node (test-node): {action} it on that node's machine"
+
+
+def test_admin_verify_clear_and_export_refuse_another_nodes_row_in_the_services_words(staff_client, cached_small,
+                                                                                      other_row):
+    page = html.unescape(post_action(staff_client, "weightfile", "verify_files", [other_row.pk]))
+    assert refusal("verify") in page and "manage.py" not in page
     unchanged(other_row, cached_small)  # not marked missing for lack of a file on this machine
 
-    page = post_action(staff_client, "weightfile", "clear_files", [other_row.pk])
-    assert f"DEPTHSITE_NODE={OTHER} python manage.py models clear" in page
+    page = html.unescape(post_action(staff_client, "weightfile", "clear_files", [other_row.pk]))
+    assert refusal("clear") in page
     unchanged(other_row, cached_small)  # this node's copy of the same model and format is not deleted
 
-    page = post_action(staff_client, "weightfile", "export_file", [other_row.pk])
-    assert f"DEPTHSITE_NODE={OTHER} python manage.py models export" in page
+    page = html.unescape(post_action(staff_client, "weightfile", "export_file", [other_row.pk]))
+    assert refusal("export") in page
 
 
 @pytest.mark.slow
 def test_admin_model_actions_touch_only_this_nodes_files(staff_client, cached_small, other_row):
     page = post_action(staff_client, "registeredmodel", "verify_models", [cached_small.model.pk])
-    assert "MiDaS_small [pt]: ok" in page and f"DEPTHSITE_NODE={OTHER}" in page
+    assert "MiDaS_small [pt]: ok" in page and OTHER not in page  # the same files as `models verify --model`
     unchanged(other_row, cached_small)
 
-    page = post_action(staff_client, "registeredmodel", "clear_models", [cached_small.model.pk])
-    assert "left alone on node(s) other" in page
+    page = html.unescape(post_action(staff_client, "registeredmodel", "clear_models", [cached_small.model.pk]))
+    assert ("Cleared MiDaS_small: 1 file(s), 85.7 MB freed on test-node; left alone on node(s) other "
+            "(clear them on that node's machine)") in page
     assert not WeightFile.objects.filter(pk=cached_small.pk).exists()
     assert WeightFile.objects.filter(pk=other_row.pk, health=Health.OK).exists()
 
@@ -81,7 +88,9 @@ def test_admin_model_actions_touch_only_this_nodes_files(staff_client, cached_sm
 def test_services_refuse_another_nodes_row(cached_small, other_row):
     with pytest.raises(ConflictError) as verify:
         weight_verify(weight_file=other_row)
-    assert verify.value.extra["node"] == OTHER
+    assert verify.value.message == refusal("verify")
+    assert verify.value.extra == {"kind": "other_node", "node": OTHER, "this_node": "test-node", "action": "verify",
+                                  "model": "MiDaS_small", "format": "pt"}
     with pytest.raises(ConflictError):
         cache_clear(model=cached_small.model, fmt="pt", node=OTHER)
     unchanged(other_row, cached_small)
@@ -111,7 +120,8 @@ def test_cli_actions_refuse_another_node(cached_small, other_row, action):
     with pytest.raises((CommandError, SystemExit)) as refused:
         call_command("models", *action, "--node", OTHER, stdout=io.StringIO(), stderr=err)
     err = err.getvalue() + str(refused.value)
-    assert f"DEPTHSITE_NODE={OTHER} python manage.py models {action[0]}" in err
+    assert f"on node {OTHER}, not on this node (test-node): {action[0]} it on that node's machine; there, run " \
+           f"`DEPTHSITE_NODE={OTHER} python manage.py models {action[0]}" in err
     unchanged(other_row, cached_small)
 
 
@@ -121,14 +131,15 @@ def test_cli_actions_refuse_another_node(cached_small, other_row, action):
     ("/api/models/cache/optimize", {"node": OTHER, "dry_run": False}),
     ("/api/models/MiDaS_small/download", {"node": OTHER}),
 ])
-def test_api_actions_refuse_another_node_with_a_409_that_says_where_to_run_them(staff_client, cached_small,
-                                                                                other_row, url, body):
+def test_api_actions_refuse_another_node_with_a_409_in_the_services_words(staff_client, cached_small,
+                                                                           other_row, url, body):
     response = staff_client.post(url, body, content_type="application/json")
     assert response.status_code == 409, response.content[:300]
     error = response.json()
     action = url.rsplit("/", 1)[1]
-    assert f"DEPTHSITE_NODE={OTHER} python manage.py models {action}" in error["message"]
-    assert error["extra"]["node"] == OTHER
+    assert f"is on node {OTHER}, not on this node (test-node): {action} it on that node's machine" in error["message"]
+    assert "--" not in json.dumps(error) and "manage.py" not in json.dumps(error)  # the API speaks no CLI
+    assert (error["extra"]["kind"], error["extra"]["node"], error["extra"]["action"]) == ("other_node", OTHER, action)
     unchanged(other_row, cached_small)
     # The node answering is accepted by name.
     if action == "verify":
@@ -165,14 +176,16 @@ def test_queued_actions_run_only_on_the_node_they_were_asked_of(small_model, cac
     download = WeightDownload.objects.create(model=small_model, node="gpu-9")
     assert download_run(download.pk) == RunStatus.FAILED
     download.refresh_from_db()
-    assert download.error_code == "other_node" and "DEPTHSITE_NODE=gpu-9 python manage.py models download" in download.error
+    assert download.error_code == "other_node"
+    assert download.error == ("MiDaS_small is on node gpu-9, not on this node (test-node): download it on that "
+                              "node's machine")
     assert WeightFile.objects.filter(model=small_model).count() == 1  # nothing fetched here
 
     verified = cached_small.verified_at
     run = ManagementRun.objects.create(kind="verify", model=small_model, node="gpu-9", params={})
     run = management_run_execute(run=run)
     assert run.status == RunStatus.FAILED and run.error_status == 409
-    assert "DEPTHSITE_NODE=gpu-9 python manage.py models verify --model MiDaS_small" in run.error
+    assert run.error == "MiDaS_small is on node gpu-9, not on this node (test-node): verify it on that node's machine"
     cached_small.refresh_from_db()
     assert cached_small.verified_at == verified  # this node's file was not touched
 

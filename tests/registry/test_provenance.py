@@ -14,7 +14,8 @@ from rest_framework.test import APIClient
 
 from models_registry.choices import Health
 from models_registry.models import RegisteredModel, WeightFile
-from models_registry.services.weights import weight_export, weight_import
+from models_registry.services.export import weight_export
+from models_registry.services.imports import weight_import
 from depthsite.testing.weightserver import WeightServer
 
 

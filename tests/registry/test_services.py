@@ -22,17 +22,13 @@ from depthsite.exceptions import (
 from models_registry.formats import content_digest, read_weights
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import cache_info, model_get
-from models_registry.services import weights as weight_services
+from models_registry.services import export as export_services
 from models_registry.services.cache import cache_clear, cache_optimize_execute, cache_optimize_plan
 from models_registry.services.catalogue import catalogue_seed, model_pin
-from models_registry.services.weights import (
-    weight_convert,
-    weight_export,
-    weight_import,
-    weight_mark_used,
-    weight_verify,
-    weights_verify,
-)
+from models_registry.services.export import weight_convert, weight_export
+from models_registry.services.imports import weight_import
+from models_registry.services.records import weight_mark_used
+from models_registry.services.verify import weight_verify, weights_verify
 
 pytestmark = pytest.mark.django_db
 
@@ -151,7 +147,8 @@ def test_import_of_weights_that_differ_from_the_pinned_ones_is_refused(small_pt,
     model.save()
     with pytest.raises(DigestMismatchError) as caught:
         weight_import(path=small_pt)
-    assert "models pin --model MiDaS_small --reset" in caught.value.message
+    assert caught.value.extra["kind"] == "pin_differs" and caught.value.extra["model"] == "MiDaS_small"
+    assert "--" not in caught.value.message  # the command line adds how to reset the pin (test_door_wording)
     assert not WeightFile.objects.exists()
 
 
@@ -273,10 +270,11 @@ def test_convert_skips_a_source_that_fails_to_load(cached_small):
     assert "empty file" in cached_small.health_reason
 
 
-def test_convert_without_cached_weights_says_how_to_get_them():
+def test_convert_without_cached_weights_says_so():
     with pytest.raises(NotFoundError) as caught:
         weight_convert(model=model_get(name="MiDaS_small"), fmt="h5")
-    assert "models download --model MiDaS_small" in caught.value.message
+    assert caught.value.message.endswith("; download or import them first")
+    assert caught.value.extra == {"kind": "not_cached", "model": "MiDaS_small"}
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -351,13 +349,13 @@ def test_interrupted_export_leaves_no_final_file(cached_small, tmp_path, monkeyp
     out_dir = tmp_path / "exports"
     out_dir.mkdir()
     output = out_dir / "x.h5"
-    real_write = weight_services.write_weights
+    real_write = export_services.write_weights
 
     def write_then_die(arrays, path, fmt, metadata=None):
         real_write(arrays, path, fmt, metadata)
         raise KeyboardInterrupt("interrupted midway")
 
-    monkeypatch.setattr(weight_services, "write_weights", write_then_die)
+    monkeypatch.setattr(export_services, "write_weights", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         weight_export(model=cached_small.model, fmt="h5", output=output)
     assert not output.exists()

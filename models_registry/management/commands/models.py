@@ -16,7 +16,7 @@ NODE_HELP = "the node meant (refused unless it is this one: run the command on t
 
 
 def _this_node_only(node: str | None, action: str, model: str | None = None, fmt: str | None = None) -> None:
-    from models_registry.services.weights import node_check
+    from models_registry.services.records import node_check
 
     node_check(node=node or "", action=action, model=model or "", fmt=fmt or "")
 
@@ -224,7 +224,7 @@ class Command(RegistryCommand):
     # --- verify / convert / export / import ------------------------------------------------------
 
     def do_verify(self, *, model=None, format=None, no_functional=False, json=False, node=None, **_):
-        from models_registry.services.weights import weights_verify
+        from models_registry.services.verify import verify_nothing_summary, weights_verify
 
         _this_node_only(node, "verify", model, format)
         target = model_get(name=model) if model else None
@@ -235,16 +235,14 @@ class Command(RegistryCommand):
             self.print_json([r.as_dict() for r in results])
         else:
             if not results:
-                self.stdout.write("no cached files to verify")
+                self.stdout.write(verify_nothing_summary(model=target))
             for result in results:
-                label = result.health.upper() if not result.ok else "ok"
-                line = f"{label:<8} {result.weight_file.model.name} [{result.weight_file.format}] {result.path}"
-                self.stdout.write(line + (f"\n         {result.reason}" if result.reason else ""))
+                self.stdout.write(f"{result.summary}\n    {result.path}")
         if bad:
             raise CliError(f"{len(bad)} of {len(results)} weight file(s) not ok", returncode=1)
 
     def do_convert(self, *, model, to, json=False, **_):
-        from models_registry.services.weights import weight_convert
+        from models_registry.services.export import weight_convert
 
         weight_file = weight_convert(model=model_get(name=model), fmt=to)
         if json:
@@ -255,7 +253,7 @@ class Command(RegistryCommand):
                           f"({format_size(weight_file.size)}, content digest {weight_file.content_digest[:16]}...)")
 
     def do_export(self, *, model, output, format, bundle=False, force=False, json=False, **_):
-        from models_registry.services.weights import weight_export
+        from models_registry.services.export import weight_export
 
         result = weight_export(model=model_get(name=model), fmt=format, output=Path(output), bundle=bundle,
                                force=force)
@@ -265,7 +263,7 @@ class Command(RegistryCommand):
                           f"to {result.path} ({format_size(result.size)}, sha256 {result.sha256})")
 
     def do_import(self, *, path, model=None, no_pin=False, json=False, **_):
-        from models_registry.services.weights import weight_import
+        from models_registry.services.imports import weight_import
 
         result = weight_import(path=Path(path), model_name=model, imported_by="cli", pin=not no_pin)
         if json:
@@ -332,7 +330,7 @@ class Command(RegistryCommand):
         result = cache_clear(model=target, fmt=fmt)
         if json:
             return self.print_json(result.as_dict())
-        self.stdout.write(f"cleared {what}: {result.files} file(s), {format_size(result.bytes)} freed")
+        self.stdout.write(result.summary)
 
     def do_pin(self, *, model, sha256=None, reset=False, json=False, **_):
         from models_registry.services.catalogue import model_pin

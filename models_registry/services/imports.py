@@ -1,0 +1,261 @@
+"""Import a weight file or a bundle into the cache: extract safely, identify, check against the pin, record."""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from depthsite.exceptions import (
+    ApplicationError,
+    DigestMismatchError,
+    DiskFullError,
+    NotFoundError,
+    TooLargeError,
+    WeightFileError,
+)
+from models_registry import cachefs
+from models_registry.choices import Health, WeightFormat
+from models_registry.formats import BUNDLE, sniff_format
+from models_registry.models import RegisteredModel, WeightFile
+from models_registry.selectors import model_get, weight_file_get
+from models_registry.services.export import BUNDLE_MANIFEST
+from models_registry.services.inspection import Inspection, model_identify, weights_functional_check, weights_inspect
+from models_registry.services.licences import model_license_check
+from models_registry.services.records import cache_file_path, weight_record
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportResult:
+    weight_file: WeightFile
+    created: bool
+    message: str
+    pinned: bool = False  # this import pinned the model's weights
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.weight_file.model.name, "format": self.weight_file.format,
+                "created": self.created, "message": self.message, "sha256": self.weight_file.sha256,
+                "content_digest": self.weight_file.content_digest, "path": self.weight_file.path,
+                "pinned": self.pinned, "provenance": self.weight_file.provenance}
+
+
+BUNDLE_MAX_MEMBERS = 16
+BUNDLE_MAX_MANIFEST = 64 * 1024
+
+
+def _bad_bundle(path: Path, why: str) -> WeightFileError:
+    return WeightFileError(f"{path.name}: {why}", extra={"kind": "bad_bundle"}, file=path.name)
+
+
+def _bundle_members(path: Path, archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """The bundle's members, read one header at a time: a few regular files, none sparse."""
+    members: dict[str, tarfile.TarInfo] = {}
+    while True:
+        member = archive.next()
+        if member is None:
+            return members
+        if len(members) >= BUNDLE_MAX_MEMBERS:
+            raise _bad_bundle(path, f"more than {BUNDLE_MAX_MEMBERS} members; a bundle holds a manifest and one file")
+        sparse = (member.type == tarfile.GNUTYPE_SPARSE or member.sparse is not None
+                  or any(key.startswith("GNU.sparse") for key in member.pax_headers))
+        if sparse:
+            raise _bad_bundle(path, f"member {member.name!r} is a sparse file; a bundle holds regular files only")
+        if not member.isreg():
+            raise _bad_bundle(path, f"member {member.name!r} is not a regular file")
+        members[member.name] = member
+
+
+def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
+    """Read a bundle's manifest and copy its one weight file out (no extractall: member names are untrusted).
+
+    Sizes are checked against the import limit and the free disk before a byte is written, and the copy
+    gets a name of its own, so concurrent imports never write into a file another one has mapped.
+    """
+    from django.conf import settings
+
+    with open(path, "rb") as handle:
+        # tarfile reads a PAX or long-name header whole at the size it declares; from a map, a read
+        # never returns (or allocates) more than the file holds.
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        archive = tarfile.open(fileobj=data, mode="r:")
+    except (tarfile.TarError, ValueError, MemoryError) as exc:
+        data.close()
+        raise _bad_bundle(path, f"damaged bundle: {exc}") from None
+    with data, archive:
+        try:
+            members = _bundle_members(path, archive)
+        except (tarfile.TarError, ValueError, MemoryError) as exc:
+            raise _bad_bundle(path, f"damaged bundle: {exc}") from None
+        manifest_member = members.get(BUNDLE_MANIFEST)
+        if manifest_member is None:
+            raise _bad_bundle(path, "not a depthsite bundle (no manifest.json)")
+        if manifest_member.size > BUNDLE_MAX_MANIFEST:
+            raise _bad_bundle(path, f"its manifest has {manifest_member.size} bytes (at most {BUNDLE_MAX_MANIFEST})")
+        try:
+            manifest = json.loads(archive.extractfile(manifest_member).read(BUNDLE_MAX_MANIFEST))
+            member = members[manifest["file"]]
+        except (ValueError, KeyError, TypeError, tarfile.TarError):
+            raise _bad_bundle(path, "the bundle's manifest is unreadable or names a missing file") from None
+        if not isinstance(manifest, dict) or member is manifest_member:
+            raise _bad_bundle(path, "the bundle's manifest does not name a weight file")
+        limit = settings.DEPTHSITE_MAX_IMPORT_BYTES
+        if limit and member.size > limit:
+            raise TooLargeError(
+                f"{path.name}: its weight file has {member.size} bytes, over the import limit of {limit} "
+                "(DEPTHSITE_MAX_IMPORT_BYTES)", extra={"size": member.size, "limit": limit}, file=path.name)
+        if member.offset_data + member.size > path.stat().st_size:
+            raise _bad_bundle(path, f"member {member.name!r} extends past the end of the bundle")
+        free = cachefs.disk_free(workdir)
+        if member.size > free:
+            raise DiskFullError(f"{path.name}: extracting {member.size} bytes needs more than the {free} bytes "
+                                f"free under {workdir}; free some space (models optimize) and try again",
+                                extra={"size": member.size, "free": free}, file=path.name)
+        target = cachefs.temp_path_for(workdir / f"bundle-{Path(member.name).name}")
+        try:
+            with cachefs.disk_full_as_error(target), archive.extractfile(member) as reader, \
+                    open(target, "xb") as writer:
+                remaining = member.size
+                while remaining > 0:
+                    chunk = reader.read(min(cachefs.COPY_CHUNK, remaining))
+                    if not chunk:
+                        raise _bad_bundle(path, f"member {member.name!r} is shorter than its header says")
+                    writer.write(chunk)
+                    remaining -= len(chunk)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+    return target, manifest
+
+
+def weight_import(*, path: Path, model_name: str | None = None, original_name: str = "", imported_by: str = "",
+                  pin: bool = True) -> ImportResult:
+    """Import a weight file or bundle: format by content, model by layout, verified, copied into the cache.
+
+    The record and every message name the file `original_name` (default the file's name: an upload's temporary
+    name means nothing to its sender), imported by `imported_by` (a user name; default 'cli'). `pin` (default)
+    pins the imported weights for a model that has no pin yet: a pt file pins its sha256, size and content
+    digest (it may be the released file); another format pins the content digest only, so the released .pt is
+    still accepted when it holds the same weights."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such file", extra={"field": "path"})
+    shown = original_name or path.name
+    extracted: Path | None = None
+    manifest: dict = {}
+    try:
+        kind = sniff_format(path)
+        source = path
+        if kind == BUNDLE:
+            extracted, manifest = _bundle_extract(path, cachefs.cache_root())
+            source = extracted
+        model = model_get(name=model_name) if model_name else None
+        if model is None and manifest.get("model"):
+            try:
+                model = model_get(name=manifest["model"])
+            except NotFoundError:
+                model = None
+        inspection = weights_inspect(path=source, architecture=model.architecture if model else None)
+        if manifest:
+            if manifest.get("file_sha256") and manifest["file_sha256"] != inspection.sha256:
+                raise DigestMismatchError(f"{shown}: the weight file's sha256 differs from the bundle manifest",
+                                          file=shown)
+            if manifest.get("content_digest") and manifest["content_digest"] != inspection.digest:
+                raise DigestMismatchError(f"{shown}: the weights' content digest differs from the bundle manifest",
+                                          file=shown)
+        if model is None:
+            model = model_identify(inspection=inspection)
+        return _import_inspected(model, inspection, origin=path, original_name=shown,
+                                 imported_by=imported_by or "cli", pin=pin)
+    except ApplicationError as exc:
+        # Errors name the files they read: the given file, or the weight file copied out of the bundle.
+        if exc.file == path.name:
+            exc.file_named(shown)
+        elif extracted is not None and exc.file == extracted.name:
+            exc.file_named(f"{shown}/{manifest['file']}")
+        raise
+    finally:
+        if extracted is not None:
+            extracted.unlink(missing_ok=True)
+
+
+def _import_inspected(model: RegisteredModel, inspection: Inspection, *, origin: Path, original_name: str,
+                      imported_by: str, pin: bool) -> ImportResult:
+    model_license_check(model=model)
+    if model.expected_content_digest and inspection.digest != model.expected_content_digest:
+        raise DigestMismatchError(
+            f"the weights in {original_name} differ from the pinned weights of {model.name} "
+            f"(content digest {inspection.digest[:16]}..., pinned {model.expected_content_digest[:16]}...)",
+            extra={"kind": "pin_differs", "model": model.name, "found": inspection.digest,
+                   "pinned": model.expected_content_digest},
+        )
+    fmt = inspection.format
+    proves_pin = (fmt == WeightFormat.PT and bool(model.expected_sha256)
+                  and inspection.sha256 == model.expected_sha256)
+    if model.expected_sha256 and not model.expected_content_digest and not proves_pin:
+        raise DigestMismatchError(
+            f"{model.name} is pinned to sha256 {model.expected_sha256[:16]}... and {original_name} is not that file "
+            f"(sha256 {inspection.sha256[:16]}...), so its weights cannot be proven to be the pinned ones; import "
+            "the pinned .pt file",
+            extra={"kind": "pin_differs", "model": model.name, "found": inspection.sha256,
+                   "pinned": model.expected_sha256},
+        )
+    with cachefs.locked(model.name):
+        existing = weight_file_get(model=model, fmt=fmt)
+        model.refresh_from_db()  # another import may have pinned it while this one was inspected
+        pin_now = pin and not model.expected_sha256 and not model.expected_content_digest
+        if (existing is not None and existing.sha256 == inspection.sha256
+                and cachefs.absolute(existing.path).exists() and existing.health == Health.OK):
+            pinned = _import_pin(model, inspection, original_name, imported_by) if pin_now else False
+            return ImportResult(existing, False,
+                                f"{model.name} [{fmt}] is already cached with identical weights; nothing changed"
+                                + ("; its weights are now pinned" if pinned else ""), pinned=pinned)
+        functional_hash = weights_functional_check(model, inspection.loaded, digest=inspection.digest)
+        dest = cache_file_path(model=model, fmt=fmt)
+        with cachefs.atomic_write(dest) as tmp:
+            copied_sha256 = cachefs.copy_with_sha256(inspection.path, tmp)
+            if copied_sha256 != inspection.sha256:
+                raise DigestMismatchError(f"{original_name} changed while it was being imported; try again",
+                                          file=original_name)
+        with transaction.atomic():
+            weight_file = weight_record(model=model, fmt=fmt, path=dest, inspection=inspection,
+                                        functional_hash=functional_hash, origin="import",
+                                        origin_source=original_name, origin_by=imported_by)
+            pinned = _import_pin(model, inspection, original_name, imported_by) if pin_now else False
+            if proves_pin and not model.expected_content_digest:
+                # The pinned file itself: its digest now proves copies in other formats.
+                model.expected_content_digest = inspection.digest
+                model.save(update_fields=["expected_content_digest", "updated_at"])
+    logger.info("imported %s [%s] from %s", model.name, fmt, origin)
+    return ImportResult(weight_file, True, f"imported {model.name} [{fmt}] from {original_name} "
+                                           f"({inspection.size} bytes, sha256 {inspection.sha256[:16]}...)"
+                                           + (f"; pinned its weights for {model.name}" if pinned else ""),
+                        pinned=pinned)
+
+
+def _import_pin(model: RegisteredModel, inspection: Inspection, original_name: str, imported_by: str) -> bool:
+    """Pin an unpinned model to the imported weights, by the same rules as model_pin (see weight_import)."""
+    from models_registry.services.catalogue import _unproven_copies_mark, model_pin
+
+    source = f"import of {original_name} by {imported_by}"
+    with transaction.atomic():
+        if inspection.format == WeightFormat.PT:
+            model_pin(model=model, sha256=inspection.sha256, size=inspection.size,
+                      content_digest=inspection.digest, source=source)
+        else:
+            # Not the released file's format: its sha256 proves nothing about a .pt, the digest proves the weights.
+            model.expected_content_digest = inspection.digest
+            model.sha256_pinned_at = timezone.now()
+            model.sha256_pinned_from = source
+            model.save(update_fields=["expected_content_digest", "sha256_pinned_at", "sha256_pinned_from",
+                                      "updated_at"])
+            _unproven_copies_mark(model, reset=False)
+    return True

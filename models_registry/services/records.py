@@ -1,0 +1,159 @@
+"""Cached files' records: write, mark used or corrupt, prove the pin, refuse another node's, pick the next usable."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+from django.utils import timezone
+
+from depthsite.exceptions import ConflictError, NotFoundError, WeightFileError
+from models_registry import cachefs
+from models_registry.choices import Health, WeightFormat
+from models_registry.formats import LoadedWeights, read_weights
+from models_registry.models import RegisteredModel, WeightFile
+from models_registry.selectors import weight_files_usable
+from models_registry.services.inspection import Inspection
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Formats tried first as a conversion source: the ones that load fastest.
+SOURCE_PREFERENCE = ("safetensors", "pt", "h5", "pkl")
+
+
+def best_first(files: Iterable[WeightFile]) -> list[WeightFile]:
+    """Cached files in the order they are loaded from: verified ok before unverified, then by format
+    (SOURCE_PREFERENCE: the cheapest to read first)."""
+    return sorted(files, key=lambda f: (f.health != Health.OK, SOURCE_PREFERENCE.index(f.format)))
+
+
+def cache_file_path(*, model: RegisteredModel, fmt: str) -> Path:
+    stem = Path(model.file_name).stem if model.file_name else model.name
+    return cachefs.model_dir(model.name) / f"{stem}{WeightFormat.extension(fmt)}"
+
+
+def weight_record(
+    *,
+    model: RegisteredModel,
+    fmt: str,
+    path: Path,
+    inspection: Inspection,
+    health: str = Health.OK,
+    reason: str = "",
+    functional_hash: str = "",
+    origin: str = "",
+    origin_source: str = "",
+    origin_by: str = "",
+) -> WeightFile:
+    """Create or replace the record of a file that is already in its final place in the cache.
+
+    `origin` (download, import, convert), `origin_source` and `origin_by` record where its bytes came from."""
+    values = {
+        "origin": origin,
+        "origin_source": origin_source[:500],
+        "origin_by": origin_by[:150],
+        "path": cachefs.relative(path),
+        "size": inspection.size,
+        "sha256": inspection.sha256,
+        "content_digest": inspection.digest,
+        "dtype": inspection.dtype,
+        "health": health,
+        "health_reason": reason,
+        "functional_hash": functional_hash,
+        "license": model.license,
+        "verified_at": timezone.now(),
+        "created_at": timezone.now(),
+    }
+    weight_file, _ = WeightFile.objects.update_or_create(
+        model=model, format=fmt, node=cachefs.node_name(), defaults=values
+    )
+    return weight_file
+
+
+def weight_mark_used(*, weight_file: WeightFile) -> None:
+    now = timezone.now()
+    WeightFile.objects.filter(pk=weight_file.pk).update(last_used_at=now)
+    weight_file.last_used_at = now
+
+
+def weight_mark_corrupt(*, weight_file: WeightFile, reason: str) -> WeightFile:
+    weight_file.set_health(Health.CORRUPT, reason)
+    weight_file.save(update_fields=["health", "health_reason", "verified_at"])
+    logger.warning("%s marked corrupt: %s", weight_file, reason)
+    return weight_file
+
+
+def weight_pin_problem(*, model: RegisteredModel, weight_file: WeightFile) -> str:
+    """Why a cached copy cannot be proven to hold the model's pinned weights ('' when it can).
+
+    A pinned sha256 names one released file: a pt copy proves itself by that sha256, any other copy
+    only by the content digest recorded from a file that had it. Without that digest nothing else
+    is proven, so nothing else is served.
+    """
+    if not model.expected_sha256 and not model.expected_content_digest:
+        return ""
+    if weight_file.format == WeightFormat.PT and model.expected_sha256 and weight_file.sha256 == model.expected_sha256:
+        return ""
+    if model.expected_content_digest:
+        if weight_file.content_digest == model.expected_content_digest:
+            return ""
+        return (f"holds other weights than the pinned ones of {model.name} (content digest "
+                f"{(weight_file.content_digest or '?')[:16]}..., pinned {model.expected_content_digest[:16]}...)")
+    return (f"cannot be proven to hold the weights pinned for {model.name} (sha256 {model.expected_sha256[:16]}...): "
+            "no cached file with that sha256 is known; download the pinned file again")
+
+
+def weight_files_proven(*, model: RegisteredModel) -> list[WeightFile]:
+    """Usable cached files of the model whose weights are proven to be the pinned ones."""
+    return [f for f in weight_files_usable(model=model) if not weight_pin_problem(model=model, weight_file=f)]
+
+
+def node_check(*, node: str, action: str, model: str = "", fmt: str = "") -> None:
+    """ConflictError (409, kind other_node) when `node` is not this one: a node's cache is only changed on that
+    node's machine. The facts travel in `extra`; each door says in its own words how to act there."""
+    here = cachefs.node_name()
+    if not node or node == here:
+        return
+    what = f"{model} [{fmt}]" if model and fmt else (model or "that cache")
+    raise ConflictError(
+        f"{what} is on node {node}, not on this node ({here}): {action} it on that node's machine",
+        extra={"kind": "other_node", "node": node, "this_node": here, "action": action, "model": model,
+               "format": fmt})
+
+
+def _best_source(model: RegisteredModel, exclude: Iterable[str] = ()) -> WeightFile:
+    files = [f for f in weight_files_proven(model=model) if f.format not in exclude]
+    if not files:
+        raise NotFoundError(f"no healthy cached weights of {model.name} on this node; download or import them first",
+                            extra={"kind": "not_cached", "model": model.name})
+    return best_first(files)[0]
+
+
+def weights_first_usable(*, model: RegisteredModel, pick: Callable[[], WeightFile],
+                         use: Callable[[WeightFile], T], rounds: int = len(SOURCE_PREFERENCE) + 1) -> tuple[WeightFile, T]:
+    """`use` applied to the file `pick` chooses; a file that fails there (WeightFileError, or the OS cannot read
+    it) is marked corrupt, so the next `pick` passes it over. The one "try the next file" loop: loading,
+    converting and building an estimator all go through it."""
+    last_error = ""
+    for _ in range(rounds):
+        weight_file = pick()
+        try:
+            return weight_file, use(weight_file)
+        except (WeightFileError, OSError) as exc:
+            last_error = getattr(exc, "message", None) or str(exc)
+            weight_mark_corrupt(weight_file=weight_file, reason=last_error)
+    raise WeightFileError(f"no cached file of {model.name} is usable (last error: {last_error}); each is marked "
+                          "with what is wrong", extra={"model": model.name, "kind": "none_usable"})
+
+
+def weights_read(weight_file: WeightFile) -> LoadedWeights:
+    """The tensors of one cached file (WeightFileError or OSError when they do not load)."""
+    return read_weights(cachefs.absolute(weight_file.path), weight_file.format,
+                        architecture=weight_file.model.architecture)
+
+
+def weights_load_usable(*, model: RegisteredModel, exclude: Iterable[str] = ()) -> tuple[WeightFile, LoadedWeights]:
+    """The first healthy cached file that really loads (formats in `exclude` left out)."""
+    return weights_first_usable(model=model, pick=lambda: _best_source(model, exclude=exclude), use=weights_read)

@@ -1,0 +1,140 @@
+"""Verify recorded files against their bytes, their layout, the pin and the functional check."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from depthsite.exceptions import WeightFileError
+from models_registry import cachefs
+from models_registry.choices import Health, RuntimeFormat
+from models_registry.formats import extension_format, file_sha256, sniff_format
+from models_registry.models import RegisteredModel, WeightFile
+from models_registry.selectors import weight_files
+from models_registry.services.inspection import Inspection, weights_functional_check, weights_inspect
+from models_registry.services.records import node_check, weight_pin_problem
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyResult:
+    weight_file: WeightFile
+    health: str
+    reason: str
+    path: str
+
+    @property
+    def ok(self) -> bool:
+        return self.health == Health.OK
+
+    @property
+    def summary(self) -> str:
+        """One line for people: "MiDaS_small [pt]: corrupt - why"."""
+        line = self.weight_file.label(self.health)
+        return f"{line} - {self.reason}" if self.reason else line
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.weight_file.model.name,
+            "format": self.weight_file.format,
+            "path": self.path,
+            "health": self.health,
+            "reason": self.reason,
+            "sha256": self.weight_file.sha256,
+            "functional_hash": self.weight_file.functional_hash,
+        }
+
+
+def weight_quick_problem(weight_file: WeightFile, path: Path) -> tuple[str, str] | None:
+    """(health, reason) when a recorded file is visibly unusable, else None. Cheap (a stat and a sniff of its
+    first bytes, no hashing): the resolution chain runs it before every load; `models verify` starts with it."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return Health.MISSING, (f"file not found at {path}: download or import {weight_file.model.name} again, "
+                                "or run `models optimize` to drop the record")
+    try:
+        sniffed = sniff_format(path)
+    except WeightFileError as exc:
+        return Health.CORRUPT, exc.message
+    claimed = extension_format(path)
+    if sniffed != weight_file.format or (claimed and claimed != sniffed):
+        return Health.CORRUPT, (f"{path.name} holds {sniffed} content but is recorded as {weight_file.format}"
+                                f"{f' and named {path.suffix}' if claimed and claimed != sniffed else ''}; "
+                                "it was overwritten by another file")
+    if size != weight_file.size:
+        return Health.CORRUPT, (f"{path.name} has {size} bytes but {weight_file.size} were recorded: "
+                                "the file was truncated or replaced")
+    return None
+
+
+def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Inspection | None]:
+    """(health, reason, inspection) of a recorded file, checking everything `models verify` promises."""
+    quick = weight_quick_problem(weight_file, path)
+    if quick is not None:
+        return (*quick, None)
+    try:
+        inspection = weights_inspect(path=path, architecture=weight_file.model.architecture, fmt=weight_file.format)
+    except WeightFileError as exc:
+        return Health.CORRUPT, exc.message, None
+    if inspection.sha256 != weight_file.sha256:
+        return Health.CORRUPT, (f"{path.name} sha256 {inspection.sha256[:16]}... differs from the recorded "
+                                f"{weight_file.sha256[:16]}...: the file changed after it was cached"), inspection
+    if weight_file.content_digest and inspection.digest != weight_file.content_digest:
+        return Health.CORRUPT, "content digest differs from the record", inspection
+    problem = weight_pin_problem(model=weight_file.model, weight_file=weight_file)
+    if problem:
+        return Health.CORRUPT, f"{path.name} {problem}", inspection
+    return Health.OK, "", inspection
+
+
+def _artifact_problem(weight_file: WeightFile, path: Path) -> tuple[str, str]:
+    """A runtime artifact's bytes against its record; its output was compared with eager when it was built."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return Health.MISSING, f"file not found at {path}"
+    if size != weight_file.size or file_sha256(path) != weight_file.sha256:
+        return Health.CORRUPT, (f"{path.name} is not the artifact that was built and checked (size or sha256 "
+                                "changed); it is rebuilt on next use")
+    return Health.OK, weight_file.health_reason if weight_file.health == Health.OK else ""
+
+
+def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> VerifyResult:
+    """Check one recorded file of this node; ConflictError for another node's record (its file is not here)."""
+    node_check(node=weight_file.node, action="verify", model=weight_file.model.name, fmt=weight_file.format)
+    path = cachefs.absolute(weight_file.path)
+    if weight_file.format in RuntimeFormat.values:
+        health, reason = _artifact_problem(weight_file, path)
+        if health == Health.OK and weight_file.health != Health.OK:
+            health, reason = weight_file.health, weight_file.health_reason  # bytes intact, but it failed its check
+        weight_file.set_health(health, reason)
+        weight_file.save(update_fields=["health", "health_reason", "verified_at"])
+        return VerifyResult(weight_file=weight_file, health=health, reason=reason, path=str(path))
+    health, reason, inspection = _verify_problems(weight_file, path)
+    if health == Health.OK and functional and inspection is not None:
+        try:
+            weight_file.functional_hash = weights_functional_check(weight_file.model, inspection.loaded,
+                                                                   digest=inspection.digest)
+        except WeightFileError as exc:
+            health, reason = Health.CORRUPT, exc.message
+    weight_file.set_health(health, reason)
+    weight_file.save(update_fields=["health", "health_reason", "verified_at", "functional_hash"])
+    if health != Health.OK:
+        logger.info("verify %s: %s: %s", weight_file, health, reason)
+    return VerifyResult(weight_file=weight_file, health=health, reason=reason, path=str(path))
+
+
+def weights_verify(*, model: RegisteredModel | None = None, fmt: str | None = None,
+                   functional: bool = True) -> list[VerifyResult]:
+    queryset = weight_files(model=model)
+    if fmt:
+        queryset = queryset.filter(format=fmt)
+    return [weight_verify(weight_file=weight_file, functional=functional) for weight_file in queryset]
+
+
+def verify_nothing_summary(*, model: RegisteredModel | None = None) -> str:
+    """The line for a verify that found no file of this node to check (VerifyResult.summary is the line for one)."""
+    return f"no cached files{f' of {model.name}' if model else ''} on this node to verify"
