@@ -8,6 +8,7 @@ its attempts; then it fails with that reason. Nothing here imports torch at modu
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ import uuid
 from datetime import timedelta
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import psutil
 from django.conf import settings
@@ -48,7 +49,8 @@ from inference.media import (
     media_usage,
 )
 from inference.models import DepthJob
-from inference.writers import DEFAULT_FOV_DEGREES, DepthMeta, fov_check, parse_formats, write_outputs
+from inference.runtime.base import Estimator
+from inference.writers import DEFAULT_FOV_DEGREES, fov_check, parse_formats
 from models_registry import cachefs
 from models_registry.catalogue import DEFAULT_MODEL
 from depthsite.exceptions import (
@@ -61,7 +63,7 @@ from depthsite.exceptions import (
     InvalidRequestError,
     WeightFileError,
 )
-from models_registry.models import RegisteredModel
+from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import model_get
 from models_registry.services.licences import model_license_check
 
@@ -536,31 +538,34 @@ def _execute(job: DepthJob) -> None:
     job.pixels_sha256 = pixels_digest(loaded.rgb)
     _input_preview_write(job, loaded.rgb)
 
-    if settings.DEPTHSITE_REUSE_RESULTS:
-        from models_registry.services.resolve import weights_resolve
-
-        weight_file = weights_resolve(model=model)
-        earlier = _reusable(job, weight_file.sha256)
-        if earlier is not None:
-            files = _results_copy(earlier, job)
-            job.finish(result_files=files, depth_min=earlier.depth_min, depth_max=earlier.depth_max,
-                       semantics=earlier.semantics, weights_sha256=earlier.weights_sha256,
-                       weights_format=earlier.weights_format, device=earlier.device, load_ms=None,
-                       inference_ms=None, reused_from=earlier)
-            _commit_results(job)
-            return
-
     from inference.estimator import estimator_get
+    from inference.pipeline import depth_pass
+    from models_registry.services.resolve import weights_use
+
+    def stored_or_estimator(weight_file: WeightFile) -> DepthJob | Estimator:
+        # The weights are resolved once per job: the file that would run also keys the result reuse.
+        if settings.DEPTHSITE_REUSE_RESULTS:
+            earlier = _reusable(job, weight_file.sha256)
+            if earlier is not None:
+                return earlier
+        return estimator_get(model=model, weight_file=weight_file)
 
     started = time.perf_counter()
-    estimator = estimator_get(model=model)
+    _, ready = weights_use(model=model, use=stored_or_estimator)
+    if isinstance(ready, DepthJob):
+        files = _results_copy(ready, job)
+        job.finish(result_files=files, depth_min=ready.depth_min, depth_max=ready.depth_max,
+                   semantics=ready.semantics, weights_sha256=ready.weights_sha256,
+                   weights_format=ready.weights_format, device=ready.device, load_ms=None,
+                   inference_ms=None, reused_from=ready)
+        _commit_results(job)
+        return
     load_ms = (time.perf_counter() - started) * 1000
-    result = estimator.predict(loaded.rgb)
-    meta = DepthMeta(model=result.model, weights_sha256=result.weights_sha256, semantics=result.semantics)
-    files = _results_write(job, lambda folder: write_outputs(
-        depth=result.depth, image_rgb=loaded.rgb, folder=folder, stem=RESULT_STEM, formats=job.outputs,
-        colormap=job.colormap, meta=meta, fov_degrees=job.fov_degrees, previews=True))
-    job.finish(result_files=files, depth_min=result.depth_min, depth_max=result.depth_max,
+    with _results_staged(job) as folder:
+        result, written = depth_pass(estimator=ready, image=loaded, folder=folder, stem=RESULT_STEM,
+                                     formats=job.outputs, colormap=job.colormap, fov_degrees=job.fov_degrees,
+                                     previews=True)
+    job.finish(result_files=_result_names(job, written), depth_min=result.depth_min, depth_max=result.depth_max,
                semantics=result.semantics, weights_sha256=result.weights_sha256,
                weights_format=result.weights_format, device=result.device, load_ms=load_ms,
                inference_ms=result.inference_ms)
@@ -624,22 +629,26 @@ def results_folder(*, job_id) -> str:
     return f"{RESULTS_DIR}/{job_id}"
 
 
-def _results_write(job: DepthJob, write) -> dict[str, str]:
-    """Write into a local staging folder, then publish it as the job's results folder (a rename on a local
-    storage, one atomic put per file on an object store): never half a result under its name."""
-    final = results_folder(job_id=job.pk)
+@contextlib.contextmanager
+def _results_staged(job: DepthJob) -> Iterator[Path]:
+    """A local staging folder to write into; once the block ends it is published as the job's results folder
+    (a rename on a local storage, one atomic put per file on an object store): never half a result under its name."""
     root = media_staging_root()
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f"{STAGING_PREFIX}{job.pk}-{uuid.uuid4().hex[:8]}"
     try:
-        written: dict[str, Path] = write(staging)
+        yield staging
         if not _still_this_attempt(job):
             # A late attempt whose lease ran out must not replace the files of the attempt that took over.
             raise _Superseded(str(job.pk))
-        media_folder_publish(source=staging, prefix=final)
+        media_folder_publish(source=staging, prefix=results_folder(job_id=job.pk))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {fmt: f"{final}/{path.name}" for fmt, path in written.items()}
+
+
+def _result_names(job: DepthJob, written: dict[str, Path]) -> dict[str, str]:
+    """{format: storage name} of files written into the staging folder, once published."""
+    return {fmt: f"{results_folder(job_id=job.pk)}/{path.name}" for fmt, path in written.items()}
 
 
 def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
@@ -661,16 +670,13 @@ def _reusable(job: DepthJob, weights_sha256: str) -> DepthJob | None:
 
 def _results_copy(earlier: DepthJob, job: DepthJob) -> dict[str, str]:
     """Hard links where the storage is this file system (copies otherwise): each job owns its own names."""
-    def link_all(folder: Path) -> dict[str, Path]:
+    copied: dict[str, Path] = {}
+    with _results_staged(job) as folder:
         folder.mkdir(parents=True)
-        copied = {}
         for fmt, name in earlier.result_files.items():
-            dest = folder / PurePosixPath(name).name
-            media_fetch(name=name, dest=dest)
-            copied[fmt] = dest
-        return copied
-
-    return _results_write(job, link_all)
+            copied[fmt] = folder / PurePosixPath(name).name
+            media_fetch(name=name, dest=copied[fmt])
+    return _result_names(job, copied)
 
 
 def depth_job_paths(*, job: DepthJob) -> list[str]:

@@ -212,13 +212,10 @@ def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_s
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert before and new.status == RunStatus.SUCCEEDED
 
-    def late_write(staging):
-        staging.mkdir(parents=True)
-        (staging / "depth.png").write_bytes(b"late")
-        return {"png": staging / "depth.png"}
-
     with pytest.raises(job_services._Superseded):
-        job_services._results_write(old, late_write)
+        with job_services._results_staged(old) as staging:
+            staging.mkdir(parents=True)
+            (staging / "depth.png").write_bytes(b"late")
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]  # its staging folder went too
 

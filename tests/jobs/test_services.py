@@ -17,6 +17,7 @@ from depthsite.choices import RunStatus
 from inference.choices import JobErrorCode
 from inference.exceptions import ImageError, ImageTooLargeError, InferenceError
 from inference.models import DepthJob
+from inference import pipeline
 from inference.services import jobs as job_services
 from inference.services.jobs import (
     depth_job_create,
@@ -144,6 +145,42 @@ def test_job_is_queued_only_when_the_transaction_commits(small_model, django_cap
     assert job.status == RunStatus.QUEUED and job.attempts == 0 and job.task_id == ""
 
 
+# --- weights ---------------------------------------------------------------------------------------
+
+
+def test_a_job_resolves_its_weights_once(cached_small, run_jobs, settings, monkeypatch):
+    # Result reuse and the estimator read the one resolved file: no second resolution (nor a download).
+    from models_registry.services import resolve
+
+    settings.DEPTHSITE_REUSE_RESULTS = True
+    real_resolve = resolve.weights_resolve
+    resolved = []
+
+    def counting_resolve(**kwargs):
+        resolved.append(kwargs["model"].name)
+        return real_resolve(**kwargs)
+
+    monkeypatch.setattr(resolve, "weights_resolve", counting_resolve)
+    job = create(run_jobs)
+    assert job.status == RunStatus.SUCCEEDED, job.error
+    assert resolved == ["MiDaS_small"]
+
+
+def test_a_cached_file_that_does_not_load_is_marked_and_the_job_runs_on_the_next(cached_small, run_jobs, settings):
+    from models_registry import cachefs
+    from models_registry.choices import Health
+    from models_registry.services.weights import weight_convert
+
+    settings.DEPTHSITE_REUSE_RESULTS = True
+    h5 = weight_convert(model=cached_small.model, fmt="h5")
+    cachefs.absolute(cached_small.path).write_bytes(b"")  # damaged behind the registry's back
+    job = create(run_jobs)
+    assert job.status == RunStatus.SUCCEEDED, job.error
+    assert job.weights_format == "h5" and job.weights_sha256 == h5.sha256
+    cached_small.refresh_from_db()
+    assert cached_small.health == Health.CORRUPT and "0 bytes" in cached_small.health_reason
+
+
 # --- reuse -----------------------------------------------------------------------------------------
 
 
@@ -242,7 +279,7 @@ def test_unexpected_error_fails_the_job_with_a_generic_message(cached_small, run
     def boom(**kwargs):
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr(job_services, "write_outputs", boom)
+    monkeypatch.setattr(pipeline, "write_outputs", boom)
     job = create(run_jobs)
     assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.INTERNAL
     assert job.error == job_services.ERROR_GENERIC and "secret" not in job.error
@@ -388,7 +425,7 @@ def test_delete_removes_the_row_and_every_file(cached_small, run_jobs):
 
 def test_a_job_deleted_while_running_leaves_no_files(cached_small, run_jobs, monkeypatch):
     job = queued_job()
-    real = job_services.write_outputs
+    real = pipeline.write_outputs
 
     def delete_midway(**kwargs):
         written = real(**kwargs)
@@ -396,7 +433,7 @@ def test_a_job_deleted_while_running_leaves_no_files(cached_small, run_jobs, mon
             DepthJob.objects.filter(pk=job.pk).delete()
         return written
 
-    monkeypatch.setattr(job_services, "write_outputs", delete_midway)
+    monkeypatch.setattr(pipeline, "write_outputs", delete_midway)
     depth_job_run(job=DepthJob.objects.get(pk=job.pk))
     assert not DepthJob.objects.filter(pk=job.pk).exists()
     assert not media(f"results/{job.pk}").exists()
