@@ -10,8 +10,6 @@ import torch: the eager runtime is imported only when a request needs it.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -21,6 +19,7 @@ from django.conf import settings
 from inference.runtime import runtime_select, say_once
 from inference.runtime.base import DepthResult, Estimator
 from inference.runtime.export import onnx_supported
+from inference.worker import worker_id
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.warm import warm_model_forget, warm_model_record, warm_models_forget_at_exit
@@ -28,9 +27,7 @@ from models_registry.services.weights import weight_mark_corrupt, weight_mark_us
 
 logger = logging.getLogger(__name__)
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
-
-__all__ = ["WORKER_ID", "DepthResult", "EstimatorPool", "estimator_get", "estimator_pool", "estimator_build"]
+__all__ = ["DepthResult", "EstimatorPool", "estimator_get", "estimator_pool", "estimator_build"]
 
 _EAGER_NAMES = ("DepthEstimator", "device_select", "network_bytes")
 
@@ -180,12 +177,13 @@ class EstimatorPool:
         self._insert(estimator)
         logger.info("%s ready on %s (%s) in %.0f ms (%d MB)", model.name, estimator.device_name, estimator.runtime,
                     estimator.load_ms, estimator.bytes // 1_000_000)
-        warm_model_record(model=model, weight_file=weight_file, worker=WORKER_ID, device=estimator.device_name, dtype=estimator.dtype_name,
-                          load_ms=estimator.load_ms, bytes=estimator.bytes)
+        me = worker_id()
+        warm_model_record(model=model, weight_file=weight_file, worker=me, device=estimator.device_name,
+                          dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes)
         if not settings.Q_CLUSTER.get("sync"):
             # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests) belong to no
             # worker.
-            warm_models_forget_at_exit(worker=WORKER_ID)
+            warm_models_forget_at_exit(worker=me)
 
     def _lookup(self, key: tuple) -> Estimator | None:
         with self._lock:
@@ -236,7 +234,7 @@ class EstimatorPool:
             logger.info("evicting warm %s (%s, %s) from this process", old.model_name, old.device_name, old.runtime)
             try:
                 model = RegisteredModel.objects.get(name=old.model_name)
-                warm_model_forget(worker=WORKER_ID, model=model, device=old.device_name, dtype=old.dtype_name)
+                warm_model_forget(worker=worker_id(), model=model, device=old.device_name, dtype=old.dtype_name)
             except RegisteredModel.DoesNotExist:
                 pass
             old.release()
@@ -251,7 +249,7 @@ class EstimatorPool:
         with self._lock:
             self._estimators.clear()
             self._building.clear()
-        warm_model_forget(worker=WORKER_ID)
+        warm_model_forget(worker=worker_id())
 
 
 _pool = EstimatorPool()

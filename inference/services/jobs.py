@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 import uuid
@@ -23,7 +22,6 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
-import psutil
 from django.conf import settings
 from django.core.files import File
 from django.db import transaction
@@ -49,6 +47,7 @@ from inference.media import (
     media_usage,
 )
 from inference.models import DepthJob
+from inference.worker import RECOVERY_GRACE_SECONDS, job_lease_seconds, job_timeout, worker_alive, worker_id
 from inference.runtime.base import Estimator
 from inference.writers import DEFAULT_FOV_DEGREES, fov_check, parse_formats
 from models_registry import cachefs
@@ -72,9 +71,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUTPUTS = ("png",)
 RESULT_STEM = "depth"
 TASK = "inference.tasks.depth_job_task"
-# Another node's worker cannot be probed; django-q2 stops a task at its timeout, so a job still
-# "running" this long after that has no live worker.
-RECOVERY_GRACE_SECONDS = 60
 _HASH_CHUNK = 1024 * 1024
 # Upright extensions by what Pillow recognised; the client's name is never trusted.
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
@@ -89,12 +85,8 @@ ERROR_GENERIC = ("an internal error stopped this job (the details are in the wor
 # --- settings ------------------------------------------------------------------------------------
 
 
-def _job_timeout() -> int:
-    return int(settings.Q_CLUSTER.get("timeout") or 600)
-
-
 def _retry_after() -> int:
-    return int(settings.Q_CLUSTER.get("retry") or _job_timeout() + 60)
+    return int(settings.Q_CLUSTER.get("retry") or job_timeout() + 60)
 
 
 def job_max_attempts() -> int:
@@ -102,64 +94,9 @@ def job_max_attempts() -> int:
     return max(1, int(settings.Q_CLUSTER.get("max_attempts") or 1))
 
 
-def job_lease_seconds() -> int:
-    """How long a running job's lease lasts (DEPTHSITE_JOB_LEASE); its worker renews it every third of that."""
-    return max(3, int(getattr(settings, "DEPTHSITE_JOB_LEASE", 30) or 30))
-
-
 def warm_stale_seconds() -> int:
     """A warm-model row whose worker has not beaten for this long belongs to a dead worker."""
     return 10 * job_lease_seconds()
-
-
-# --- worker identity -------------------------------------------------------------------------------
-
-
-def _process_start(pid: int) -> str:
-    """When the process started, so a reused pid is not mistaken for the old worker ("" when it is gone)."""
-    try:
-        return f"{psutil.Process(pid).create_time():.2f}"
-    except psutil.Error:
-        return ""
-
-
-def worker_id() -> str:
-    pid = os.getpid()
-    return f"{cachefs.node_name()}:{pid}:{_process_start(pid)}"
-
-
-def worker_alive(*, worker: str, started_at=None, lease_until=None) -> bool:
-    """Whether the process a job row names may still be running it.
-
-    A row with a lease (`lease_until`) is dead once the lease ran out, whatever node it is on; before that,
-    another node's worker counts as alive and this node's is probed. A row without one (written before
-    leases) falls back to the job timeout plus a grace since it started.
-    """
-    if lease_until is not None and lease_until <= timezone.now():
-        return False
-    try:
-        node, pid_text, start = worker.rsplit(":", 2)
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if node != cachefs.node_name():
-        if lease_until is not None:
-            return True
-        if started_at is None:
-            return False
-        return timezone.now() - started_at < timedelta(seconds=_job_timeout() + RECOVERY_GRACE_SECONDS)
-    if pid == os.getpid():
-        # A worker runs one task at a time: if this process is asking, its own earlier attempt is over.
-        return False
-    try:
-        process = psutil.Process(pid)
-        if start and f"{process.create_time():.2f}" != start:
-            return False  # the pid now belongs to another process
-        return process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # it exists, and belongs to someone else: not provably dead
 
 
 # --- create --------------------------------------------------------------------------------------
@@ -370,10 +307,7 @@ def worker_heartbeat() -> dict[str, int]:
     recovered = depth_jobs_leases_recover()
     if not attempts:
         recovered["requeued"] += depth_jobs_stranded_requeue()
-    warm = 0
-    estimator = sys.modules.get("inference.estimator")  # no loaded network without it: nothing to report
-    if estimator is not None:
-        warm = warm_models_heartbeat(worker=estimator.WORKER_ID)
+    warm = warm_models_heartbeat(worker=worker_id())
     return {"leases": renewed, "warm": warm, "requeued": len(recovered["requeued"])}
 
 
@@ -429,7 +363,7 @@ _FAIL_FIELDS = ("status", "error", "error_code", "finished_at", "lease_until")
 
 def _interrupted_message(attempts: int) -> str:
     return (f"the worker running this job stopped {attempts} time(s) before it finished (killed, out of memory, "
-            f"or over the {_job_timeout()} s job timeout); try a smaller image or a smaller model")
+            f"or over the {job_timeout()} s job timeout); try a smaller image or a smaller model")
 
 
 def error_for(exc: BaseException) -> tuple[str, str]:
@@ -488,7 +422,7 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
         logger.warning("depth job %s: attempt %d in %s no longer owns the job (deleted, or its lease ran out and "
                        "another attempt took it); its output was dropped", job.pk, job.attempts, me)
     except TimeoutException:
-        job.fail(f"the job took longer than the {_job_timeout()} s job timeout; try a smaller image or model",
+        job.fail(f"the job took longer than the {job_timeout()} s job timeout; try a smaller image or model",
                  JobErrorCode.TIMEOUT)
         _save_running(job, _FAIL_FIELDS)
         raise  # django-q2 replaces a worker whose task timed out
@@ -835,7 +769,7 @@ def results_staging_sweep(*, max_age_seconds: float | None = None) -> list[str]:
     the recovery allows), and its job is not running in a live worker: a write in progress is never touched.
     """
     root = media_staging_root()
-    bound = _job_timeout() + RECOVERY_GRACE_SECONDS if max_age_seconds is None else max_age_seconds
+    bound = job_timeout() + RECOVERY_GRACE_SECONDS if max_age_seconds is None else max_age_seconds
     now = time.time()
     swept: list[str] = []
     try:

@@ -10,6 +10,7 @@ import torch
 
 from inference import estimator as estimator_module
 from tests.support.estimators import pool_warm
+from inference.worker import worker_id
 from inference.estimator import EstimatorPool, estimator_get
 from inference.exceptions import InferenceError
 from models_registry import cachefs
@@ -86,7 +87,7 @@ def test_pool_keeps_estimators_warm_and_marks_weights_used(cached_small, pool):
     warm = list(warm_models())
     assert [(w.model.name, w.device, w.dtype, w.weights_sha256) for w in warm] == [
         ("MiDaS_small", "cpu", "float32", cached_small.sha256)]
-    assert warm[0].worker == estimator_module.WORKER_ID
+    assert warm[0].worker == worker_id()
 
 
 @pytest.mark.slow
@@ -249,4 +250,4 @@ def test_a_worker_arranges_to_forget_its_warm_rows_at_exit(cached_small, pool, s
     promised = []
     monkeypatch.setattr(estimator_module, "warm_models_forget_at_exit", lambda *, worker: promised.append(worker))
     pool_warm(pool, "MiDaS_small")
-    assert promised == ([estimator_module.WORKER_ID] if arranged else [])
+    assert promised == ([worker_id()] if arranged else [])

@@ -10,6 +10,7 @@ from django.core.management import call_command
 
 from inference import estimator as estimator_module
 from tests.support.estimators import pool_warm
+from inference.worker import worker_id
 from inference.estimator import EstimatorPool, network_bytes
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WarmModel
@@ -90,13 +91,13 @@ def test_models_info_and_dashboard_show_warm_networks_per_worker(cached_small, c
         call_command("models", "info", "--json", stdout=out)
         warm = json.loads(out.getvalue())["warm"]
         assert [(w["worker"], w["bytes"], [m["model"] for m in w["models"]]) for w in warm] == [
-            (estimator_module.WORKER_ID, estimator.bytes, ["MiDaS_small"])]
+            (worker_id(), estimator.bytes, ["MiDaS_small"])]
         out = io.StringIO()
         call_command("models", "info", stdout=out)
         text = out.getvalue()
-        assert "Warm networks" in text and estimator_module.WORKER_ID in text and "MiDaS_small on cpu" in text
+        assert "Warm networks" in text and worker_id() in text and "MiDaS_small on cpu" in text
         page = client.get("/models/").content.decode()
-        assert "Warm networks per worker" in page and estimator_module.WORKER_ID in page
+        assert "Warm networks per worker" in page and worker_id() in page
         status = client.get("/api/models/status").json()
         small = next(row for row in status["models"] if row["name"] == "MiDaS_small")
         assert small["warm"][0]["bytes"] == estimator.bytes

@@ -20,6 +20,7 @@ from rest_framework.test import APIClient
 from inference.api.permissions import UploadThrottle
 from depthsite.choices import RunStatus
 from inference.models import DepthJob
+from inference import worker as worker_module
 from inference.services import jobs as job_services
 from inference.services.jobs import depth_job_create, depth_jobs_expire, results_staging_sweep
 from inference.tasks import depth_jobs_expire_task, depth_jobs_recover_task
@@ -208,7 +209,7 @@ def test_the_recovery_sweeps_staging_folders_of_killed_workers(small_model, sett
     live = depth_job_create(image=upload(), session_key="s")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        worker = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{job_services._process_start(sleeper.pid)}"
+        worker = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{worker_module._process_start(sleeper.pid)}"
         DepthJob.objects.filter(pk=live.pk).update(status=RunStatus.RUNNING, worker=worker, attempts=1,
                                                    started_at=timezone.now())
         running = _staging(live.pk, old)

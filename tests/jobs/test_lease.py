@@ -4,7 +4,6 @@ Time is moved by patching `timezone.now`, never by sleeping.
 """
 from __future__ import annotations
 
-import types
 from pathlib import Path
 from datetime import timedelta
 
@@ -17,6 +16,7 @@ from inference.choices import JobErrorCode
 from inference.models import DepthJob
 from inference.services import jobs as job_services
 from inference.services.jobs import depth_job_lease_renew, depth_job_run, depth_jobs_recover, worker_heartbeat
+from inference.worker import worker_id
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.selectors import warm_models
 from tests.jobs.conftest import upload
@@ -147,11 +147,11 @@ def warm_row(model: RegisteredModel, worker: str, age: timedelta) -> WarmModel:
 
 def test_the_heartbeat_keeps_a_long_loaded_models_row_listed(small_model, clock, monkeypatch):
     # Loaded 7 hours ago: past the status page's staleness bound unless the worker's heartbeat keeps it current.
-    warm_row(small_model, "host:1", timedelta(hours=7))
-    monkeypatch.setitem(__import__("sys").modules, "inference.estimator", types.SimpleNamespace(WORKER_ID="host:1"))
+    warm_row(small_model, worker_id(), timedelta(hours=7))
+    warm_row(small_model, "other-node:1:1", timedelta(hours=7))  # another worker's row: not this one's to renew
     assert not warm_models().exists()
     assert worker_heartbeat()["warm"] == 1
-    assert [w.worker for w in warm_models()] == ["host:1"]
+    assert [w.worker for w in warm_models()] == [worker_id()]
 
 
 def test_recovery_removes_the_rows_of_workers_whose_heartbeat_stopped(small_model, clock):

@@ -25,9 +25,9 @@ from inference.services.jobs import (
     depth_job_rerun,
     depth_job_run,
     depth_jobs_recover,
-    worker_alive,
-    worker_id,
 )
+from inference import worker as worker_module
+from inference.worker import worker_alive, worker_id
 from inference.writers import read_pfm, read_png16
 from depthsite.exceptions import ConflictError, TooLargeError, InvalidRequestError
 from depthsite.testing import images
@@ -312,7 +312,7 @@ def test_a_job_running_in_a_live_worker_is_left_alone(cached_small, monkeypatch)
     job = queued_job()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        alive = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{job_services._process_start(sleeper.pid)}"
+        alive = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{worker_module._process_start(sleeper.pid)}"
         DepthJob.objects.filter(pk=job.pk).update(status=RunStatus.RUNNING, worker=alive, attempts=1,
                                                   started_at=timezone.now())
         job.refresh_from_db()
@@ -464,7 +464,7 @@ def test_rerun_refuses_an_active_job(small_model):
 def test_worker_identity_names_node_pid_and_start():
     node, pid, start = worker_id().rsplit(":", 2)
     assert node == settings.DEPTHSITE_NODE and int(pid) == os.getpid()
-    assert start == job_services._process_start(os.getpid())
+    assert start == worker_module._process_start(os.getpid())
 
 
 def test_enqueues_of_one_process_share_one_broker_connection(small_model, monkeypatch):
