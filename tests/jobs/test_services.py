@@ -18,14 +18,11 @@ from inference.choices import JobErrorCode
 from inference.exceptions import ImageError, ImageTooLargeError, InferenceError
 from inference.models import DepthJob
 from inference import pipeline
+from inference.services import job_runs
 from inference.services import jobs as job_services
-from inference.services.jobs import (
-    depth_job_create,
-    depth_job_delete,
-    depth_job_rerun,
-    depth_job_run,
-    depth_jobs_recover,
-)
+from inference.services.job_recovery import depth_jobs_recover
+from inference.services.job_runs import depth_job_run
+from inference.services.jobs import depth_job_create, depth_job_delete, depth_job_rerun
 from inference import worker as worker_module
 from inference.worker import worker_alive, worker_id
 from inference.writers import read_pfm, read_png16
@@ -282,7 +279,7 @@ def test_unexpected_error_fails_the_job_with_a_generic_message(cached_small, run
     monkeypatch.setattr(pipeline, "write_outputs", boom)
     job = create(run_jobs)
     assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.INTERNAL
-    assert job.error == job_services.ERROR_GENERIC and "secret" not in job.error
+    assert job.error == job_runs.ERROR_GENERIC and "secret" not in job.error
     assert "secret internal detail" in caplog.text  # the traceback is in the log
     assert not media(f"results/{job.pk}").exists()
 
@@ -367,8 +364,8 @@ def test_other_nodes_workers_count_as_alive_until_the_timeout_passes(settings):
 def test_concurrent_deliveries_claim_a_job_once(cached_small):
     job = queued_job()
     first, second = DepthJob.objects.get(pk=job.pk), DepthJob.objects.get(pk=job.pk)
-    assert job_services._claim(first, worker_id())
-    assert not job_services._claim(second, "other:1:1")
+    assert job_runs._claim(first, worker_id())
+    assert not job_runs._claim(second, "other:1:1")
     assert DepthJob.objects.get(pk=job.pk).attempts == 1
 
 
@@ -486,7 +483,7 @@ def test_enqueues_of_one_process_share_one_broker_connection(small_model, monkey
     monkeypatch.setattr(job_services, "_brokers", {})
     jobs = [job_services.depth_job_create(image=upload()) for _ in range(3)]
     for job in jobs:
-        job_services._depth_job_enqueue(job.pk)
+        job_services.depth_job_enqueue(job.pk)
     assert len(pushed) == 3 and len(made) == 1
     task_ids = {DepthJob.objects.get(pk=job.pk).task_id for job in jobs}
     assert len(task_ids) == 3 and "" not in task_ids
