@@ -88,10 +88,11 @@ BARE = """
 import json, time, sys, io
 from PIL import Image
 import numpy as np
-from inference.estimator import estimator_get
+from inference.pipeline import estimator_ready
+from models_registry.selectors import model_get
 from depthsite.testing.e2e import unique_photo
 width, height, seed, count = {width}, {height}, {seed}, {count}
-estimator = estimator_get(model="MiDaS_small")
+_, estimator = estimator_ready(model=model_get(name="MiDaS_small"))
 photos = [np.asarray(Image.open(io.BytesIO(unique_photo(width, height, seed=seed + i))).convert("RGB")) for i in range(count)]
 estimator.predict(photos[0])
 started = time.perf_counter()
@@ -107,9 +108,10 @@ from django.test.utils import CaptureQueriesContext
 from django.core.files.uploadedfile import SimpleUploadedFile
 from inference.services.jobs import depth_job_create
 from inference.tasks import depth_job_task
-from inference.estimator import estimator_get
+from inference.pipeline import estimator_ready
+from models_registry.selectors import model_get
 from depthsite.testing.e2e import unique_photo
-estimator_get(model="MiDaS_small")
+estimator_ready(model=model_get(name="MiDaS_small"))
 job = depth_job_create(image=SimpleUploadedFile("q.jpg", unique_photo(96, 72, seed=424242), content_type="image/jpeg"))
 with CaptureQueriesContext(connection) as run:
     depth_job_task(str(job.pk))

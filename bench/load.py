@@ -59,10 +59,14 @@ def child_depthsite(model: str) -> dict:
     import timm  # noqa: F401
 
     from inference.estimator import EstimatorPool
+    from models_registry.selectors import model_get
+    from models_registry.services.resolve import weights_use
 
     pool = EstimatorPool(capacity=1)
     started = time.perf_counter()
-    estimator = pool.get(model=model, device="cpu")
+    registered = model_get(name=model, enabled_only=True)
+    _, estimator = weights_use(model=registered, use=lambda weight_file: pool.get(
+        model=registered, weight_file=weight_file, device="cpu"))
     ready = time.perf_counter() - started
     return {"ready_s": ready, "format": estimator.weights_format}
 

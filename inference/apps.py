@@ -27,8 +27,12 @@ class InferenceConfig(AppConfig):
             queries_count_install(folder=settings.DEPTHSITE_COUNT_QUERIES_DIR)
 
 
-def _runtime_artifact_build(**kwargs):
+def _runtime_artifact_build(*, model, offline=None):
     # Imported on use: commands that never build an artifact (models info) do not pay for the module.
     from inference.runtime.artifacts import runtime_artifact_build
+    from models_registry.services.resolve import weights_use
 
-    return runtime_artifact_build(**kwargs)
+    # The registry's one "try the next file" loop: a source file that does not load is marked corrupt.
+    return weights_use(model=model, use=lambda weight_file: runtime_artifact_build(model=model,
+                                                                                   weight_file=weight_file),
+                       offline=offline)[1]

@@ -1,5 +1,7 @@
-"""The per-process pool that keeps estimators warm, and the one call jobs and `predict` make: `estimator_get`.
+"""The per-process pool that keeps estimators warm, keyed by the weight file it is handed: `estimator_get`.
 
+It never resolves nor downloads: callers hand it a file through the registry's `weights_use`, whose loop
+marks a file the network refuses corrupt and picks the next (inference.pipeline.estimator_ready).
 An estimator runs one model from one cached weight file, in one of two runtimes (inference.runtime):
 a verified ONNX Runtime artifact built from those weights (CPU; numpy pre- and postprocessing, no torch
 in the process) or eager PyTorch (CUDA, the fallback, and DEPTHSITE_RUNTIME=eager). This module does not
@@ -8,8 +10,6 @@ import torch: the eager runtime is imported only when a request needs it.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -18,18 +18,15 @@ from django.conf import settings
 
 from inference.runtime import runtime_select, say_once
 from inference.runtime.base import DepthResult, Estimator
+from inference.worker import worker_id
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WeightFile
-from models_registry.selectors import model_get
-from models_registry.services.resolve import weights_resolve
 from models_registry.services.warm import warm_model_forget, warm_model_record, warm_models_forget_at_exit
 from models_registry.services.records import weight_mark_corrupt, weight_mark_used
 
 logger = logging.getLogger(__name__)
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
-
-__all__ = ["WORKER_ID", "DepthResult", "EstimatorPool", "estimator_get", "estimator_pool", "estimator_build"]
+__all__ = ["DepthResult", "EstimatorPool", "estimator_get", "estimator_pool", "estimator_build"]
 
 _EAGER_NAMES = ("DepthEstimator", "device_select", "network_bytes")
 
@@ -43,24 +40,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def estimator_build(*, model: RegisteredModel, device, half: bool, compile: bool,
-                    offline: bool | None = None) -> Estimator:
+def estimator_build(*, model: RegisteredModel, weight_file: WeightFile, device, half: bool,
+                    compile: bool) -> Estimator:
     """An eager estimator (inference.runtime.eager.estimator_build), imported when first needed."""
     from inference.runtime.eager import estimator_build as build
 
-    return build(model=model, device=device, half=half, compile=compile, offline=offline)
+    return build(model=model, weight_file=weight_file, device=device, half=half, compile=compile)
 
 
 _failed_artifacts: set[tuple[str, str]] = set()  # (model, weights sha256) whose artifact failed: eager from now on
 
 
-def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile,
-                         offline: bool | None = None) -> Estimator | None:
+def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile) -> Estimator | None:
     """The ONNX estimator of these weights, building and checking the artifact first when there is none.
 
     None when there can be none (export or check failed, the file does not open): the caller runs eager,
     and the reason is logged once."""
-    from inference.runtime.artifacts import runtime_artifact_build, runtime_artifact_find, weights_key
+    from inference.runtime.artifacts import runtime_artifact_build, runtime_artifact_find
     from models_registry import cachefs
     from depthsite.exceptions import ApplicationError
 
@@ -70,14 +66,13 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile,
     artifact = runtime_artifact_find(model=model, weight_file=weight_file)
     if artifact is None:
         try:
-            artifact = runtime_artifact_build(model=model, offline=offline)
+            artifact = runtime_artifact_build(model=model, weight_file=weight_file)
         except ApplicationError as exc:
+            # Weights that do not load fail again in eager, which reports them (and they are marked corrupt).
             _failed_artifacts.add(failure_key)
             say_once(f"artifact:{failure_key}", "%s runs in eager PyTorch: no ONNX artifact (%s)", model.name,
                      exc.message)
             return None
-        if artifact.content_digest != weights_key(weight_file):
-            return None  # the weights changed while it was built; the next request resolves them again
     from inference.runtime.onnx import OnnxEstimator
 
     try:
@@ -122,26 +117,23 @@ class EstimatorPool:
         with self._lock:
             return sum(e.bytes for e in self._estimators.values())
 
-    def get(self, *, model: RegisteredModel | str, device: str | None = None, half: bool | None = None,
-            offline: bool | None = None) -> Estimator:
-        if isinstance(model, str):
-            model = model_get(name=model, enabled_only=True)
+    def get(self, *, model: RegisteredModel, weight_file: WeightFile, device: str | None = None,
+            half: bool | None = None) -> Estimator:
+        """The warm estimator of these weights, built from the handed file on first use (never resolved here:
+        a file that does not load raises WeightFileError, and the caller's registry loop picks the next)."""
         use_half = bool(settings.DEPTHSITE_FP16 if half is None else half)
         estimator = None
         if runtime_select(device=device) == "onnx":
             if use_half:
                 say_once("fp16-cpu", "DEPTHSITE_FP16 is ignored on CPU: half precision is only used on CUDA "
                          "(measured slower than float32 on this CPU, docs/performance.md)")
-            estimator = self._get_onnx(model=model, offline=offline)
+            estimator = self._get_onnx(model=model, weight_file=weight_file)
         if estimator is None:
-            estimator = self._get_eager(model=model, device=device, use_half=use_half, offline=offline)
-        used = WeightFile.objects.filter(pk=estimator.weight_file_id).first()
-        if used is not None:
-            weight_mark_used(weight_file=used)
+            estimator = self._get_eager(model=model, weight_file=weight_file, device=device, use_half=use_half)
+        weight_mark_used(weight_file=weight_file)
         return estimator
 
-    def _get_onnx(self, *, model: RegisteredModel, offline: bool | None) -> Estimator | None:
-        weight_file = weights_resolve(model=model, offline=offline)
+    def _get_onnx(self, *, model: RegisteredModel, weight_file: WeightFile) -> Estimator | None:
         key = (model.name, weight_file.sha256, "cpu", "torch.float32", "onnx")
         estimator = self._lookup(key)
         if estimator is None:
@@ -149,13 +141,13 @@ class EstimatorPool:
                 estimator = self._lookup(key)
                 if estimator is None:
                     self._evict(self._over_budget(incoming=approx_bytes(model.architecture), adding=1))
-                    estimator = onnx_estimator_build(model=model, weight_file=weight_file, offline=offline)
+                    estimator = onnx_estimator_build(model=model, weight_file=weight_file)
                     if estimator is not None:
-                        self._admit(model, estimator)
+                        self._admit(model, weight_file, estimator)
         return estimator
 
-    def _get_eager(self, *, model: RegisteredModel, device: str | None, use_half: bool,
-                   offline: bool | None) -> Estimator:
+    def _get_eager(self, *, model: RegisteredModel, weight_file: WeightFile, device: str | None,
+                   use_half: bool) -> Estimator:
         import torch
 
         from inference.runtime.eager import configure_threads, device_select
@@ -167,7 +159,6 @@ class EstimatorPool:
                      "(measured slower than float32 on this CPU, docs/performance.md)")
             use_half = False
         dtype = str(torch.float16 if use_half else torch.float32)
-        weight_file = weights_resolve(model=model, offline=offline)
         key = (model.name, weight_file.sha256, str(target), dtype, "eager")
         estimator = self._lookup(key)
         if estimator is None:
@@ -176,22 +167,22 @@ class EstimatorPool:
                 if estimator is None:
                     incoming = approx_bytes(model.architecture) // (2 if use_half else 1)
                     self._evict(self._over_budget(incoming=incoming, adding=1))
-                    estimator = estimator_build(model=model, device=target, half=use_half,
-                                                compile=settings.DEPTHSITE_COMPILE, offline=offline)
-                    self._admit(model, estimator)
+                    estimator = estimator_build(model=model, weight_file=weight_file, device=target,
+                                                half=use_half, compile=settings.DEPTHSITE_COMPILE)
+                    self._admit(model, weight_file, estimator)
         return estimator
 
-    def _admit(self, model: RegisteredModel, estimator: Estimator) -> None:
+    def _admit(self, model: RegisteredModel, weight_file: WeightFile, estimator: Estimator) -> None:
         self._insert(estimator)
         logger.info("%s ready on %s (%s) in %.0f ms (%d MB)", model.name, estimator.device_name, estimator.runtime,
                     estimator.load_ms, estimator.bytes // 1_000_000)
-        warm_model_record(model=model, weight_file=WeightFile.objects.filter(pk=estimator.weight_file_id).first(),
-                          worker=WORKER_ID, device=estimator.device_name, dtype=estimator.dtype_name,
-                          load_ms=estimator.load_ms, bytes=estimator.bytes)
+        me = worker_id()
+        warm_model_record(model=model, weight_file=weight_file, worker=me, device=estimator.device_name,
+                          dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes)
         if not settings.Q_CLUSTER.get("sync"):
             # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests) belong to no
             # worker.
-            warm_models_forget_at_exit(worker=WORKER_ID)
+            warm_models_forget_at_exit(worker=me)
 
     def _lookup(self, key: tuple) -> Estimator | None:
         with self._lock:
@@ -242,7 +233,7 @@ class EstimatorPool:
             logger.info("evicting warm %s (%s, %s) from this process", old.model_name, old.device_name, old.runtime)
             try:
                 model = RegisteredModel.objects.get(name=old.model_name)
-                warm_model_forget(worker=WORKER_ID, model=model, device=old.device_name, dtype=old.dtype_name)
+                warm_model_forget(worker=worker_id(), model=model, device=old.device_name, dtype=old.dtype_name)
             except RegisteredModel.DoesNotExist:
                 pass
             old.release()
@@ -257,16 +248,17 @@ class EstimatorPool:
         with self._lock:
             self._estimators.clear()
             self._building.clear()
-        warm_model_forget(worker=WORKER_ID)
+        warm_model_forget(worker=worker_id())
 
 
 _pool = EstimatorPool()
 
 
-def estimator_get(*, model: RegisteredModel | str, device: str | None = None, half: bool | None = None,
-                  offline: bool | None = None) -> Estimator:
-    """A warm estimator from this process's pool (built on first use), in the runtime runtime_select picks."""
-    return _pool.get(model=model, device=device, half=half, offline=offline)
+def estimator_get(*, model: RegisteredModel, weight_file: WeightFile, device: str | None = None,
+                  half: bool | None = None) -> Estimator:
+    """A warm estimator of this weight file from this process's pool (built on first use), in the runtime
+    runtime_select picks. It never resolves: callers pass it to the registry's `weights_use`."""
+    return _pool.get(model=model, weight_file=weight_file, device=device, half=half)
 
 
 def estimator_pool() -> EstimatorPool:

@@ -148,13 +148,12 @@ def depth_job_preview_format(*, job: DepthJob) -> str | None:
     return None
 
 
-def depth_job_summary(job: DepthJob, *, user, session_key: str = "") -> dict[str, Any]:
-    """Everything the job page and its live status show to this caller (URLs are added by each door)."""
+def depth_job_public(*, job: DepthJob, user, session_key: str = "") -> dict[str, Any]:
+    """A job's public facts for this caller, as stored (times as datetimes, timings unrounded): the one list of
+    what a job shows, read by the API's PredictionSerializer and the pages' depth_job_summary."""
     return {
         "id": str(job.pk),
         "status": job.status,
-        "active": job.is_active,
-        "terminal": job.is_terminal,
         "attempts": job.attempts,
         "error": job.error,
         "error_code": job.error_code,
@@ -164,12 +163,12 @@ def depth_job_summary(job: DepthJob, *, user, session_key: str = "") -> dict[str
         "fov": job.fov_degrees,
         "image": {"name": job.image_name, "size": job.image_size, "sha256": job.image_sha256,
                   "format": job.image_format, "width": job.image_width, "height": job.image_height},
-        "created_at": iso_time(job.created_at),
-        "queued_at": iso_time(job.queued_at),
-        "started_at": iso_time(job.started_at),
-        "finished_at": iso_time(job.finished_at),
-        "load_ms": _round(job.load_ms),
-        "inference_ms": _round(job.inference_ms),
+        "created_at": job.created_at,
+        "queued_at": job.queued_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "load_ms": job.load_ms,
+        "inference_ms": job.inference_ms,
         "depth_min": job.depth_min,
         "depth_max": job.depth_max,
         "semantics": job.semantics,
@@ -179,6 +178,16 @@ def depth_job_summary(job: DepthJob, *, user, session_key: str = "") -> dict[str
         "reused_from": depth_job_reused_from(job=job, user=user, session_key=session_key),
         "preview": depth_job_preview_format(job=job),
     }
+
+
+def depth_job_summary(job: DepthJob, *, user, session_key: str = "") -> dict[str, Any]:
+    """Everything the job page and its live status show to this caller (URLs are added by each door): the public
+    facts with times as ISO text and timings rounded, and whether the job is still active."""
+    facts = depth_job_public(job=job, user=user, session_key=session_key)
+    facts.update({name: iso_time(facts[name]) for name in ("created_at", "queued_at", "started_at", "finished_at")})
+    facts.update({name: _round(facts[name]) for name in ("load_ms", "inference_ms")})
+    return {"id": facts.pop("id"), "status": facts.pop("status"), "active": job.is_active,
+            "terminal": job.is_terminal, **facts}
 
 
 def _round(value: float | None) -> float | None:

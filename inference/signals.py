@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 @receiver(post_delete, sender=DepthJob, dispatch_uid="inference.depth_job_files")
 def _depth_job_files_follow_row(sender, instance: DepthJob, **kwargs) -> None:
     # Every deletion (API, web, admin, a user's cascade) ends here; files go only if the row really went.
-    from inference.services.jobs import depth_job_files_remove, depth_job_paths
+    from inference.services.job_results import depth_job_files_remove, depth_job_paths
 
     transaction.on_commit(partial(depth_job_files_remove, paths=depth_job_paths(job=instance)))
 
@@ -30,8 +30,8 @@ def _recover_when_a_worker_starts(sender, proc_name: str = "", **kwargs) -> None
     # tell the dead one's job is orphaned (the ORM broker would only re-deliver it after `retry`, Redis never).
     if settings.Q_CLUSTER.get("sync"):
         return  # tasks run inline (tests): no worker can have died
-    from inference.services.jobs import depth_jobs_recover, worker_heartbeat_start
-    from inference.services.workers import worker_exit_hooks_install
+    from inference.services.job_recovery import depth_jobs_recover
+    from inference.services.workers import worker_exit_hooks_install, worker_heartbeat_start
 
     worker_exit_hooks_install()  # a worker sent SIGTERM removes its warm-model rows before it dies
 

@@ -10,7 +10,8 @@ logger = logging.getLogger(__name__)
 
 def depth_job_task(job_id: str) -> str:
     """Run a queued DepthJob; the row records progress and outcome, the return value is for the queue's log."""
-    from inference.services.jobs import depth_job_run, worker_heartbeat_start
+    from inference.services.job_runs import depth_job_run
+    from inference.services.workers import worker_heartbeat_start
 
     worker_heartbeat_start()  # renews the lease of the job this process runs, keeps its warm rows current
     job = DepthJob.objects.select_related("model").filter(pk=job_id).first()
@@ -23,7 +24,7 @@ def depth_job_task(job_id: str) -> str:
 def depth_jobs_recover_task() -> str:
     """The scheduled sweep (see migration 0002): re-queue jobs that no worker is running, remove staging
     folders that killed workers left."""
-    from inference.services.jobs import depth_jobs_recover, results_staging_sweep
+    from inference.services.job_recovery import depth_jobs_recover, results_staging_sweep
 
     outcome = depth_jobs_recover()
     swept = results_staging_sweep()
@@ -33,7 +34,7 @@ def depth_jobs_recover_task() -> str:
 def depth_jobs_expire_task() -> str:
     """The scheduled expiry (see migration 0004): anonymous jobs past DEPTHSITE_ANON_RETENTION go, files too."""
     from inference.services.batches import depth_batches_expire
-    from inference.services.jobs import depth_jobs_expire
+    from inference.services.job_recovery import depth_jobs_expire
 
     outcome = depth_jobs_expire()
     batches = depth_batches_expire()

@@ -1,6 +1,9 @@
 """Shapes of the predictions API: the multipart request that creates a job, and a job as clients see it."""
 from __future__ import annotations
 
+from typing import Any
+
+from django.contrib.auth.models import AnonymousUser
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -11,7 +14,7 @@ from inference.choices import JobErrorCode
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.images import ALPHA_NOTE
 from inference.models import DepthJob
-from inference.selectors import depth_job_preview_format, depth_job_reused_from
+from inference.selectors import depth_job_public
 from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
 from models_registry.api.serializers import StrictSerializer, UploadField
 from models_registry.catalogue import DEFAULT_MODEL
@@ -38,14 +41,16 @@ class PredictionCreateSerializer(StrictSerializer):
 
 
 class PredictionImageSerializer(serializers.Serializer):
-    name = serializers.CharField(source="image_name")
-    size = serializers.IntegerField(source="image_size", help_text="Bytes.")
-    sha256 = serializers.CharField(source="image_sha256")
-    format = serializers.CharField(source="image_format")
-    width = serializers.IntegerField(source="image_width", allow_null=True, help_text="Upright width in pixels.")
-    height = serializers.IntegerField(source="image_height", allow_null=True)
+    name = serializers.CharField()
+    size = serializers.IntegerField(help_text="Bytes.")
+    sha256 = serializers.CharField()
+    format = serializers.CharField()
+    width = serializers.IntegerField(allow_null=True, help_text="Upright width in pixels.")
+    height = serializers.IntegerField(allow_null=True)
 
 
+# A DepthJob as clients see it: its public facts (inference.selectors.depth_job_public, which the pages read too),
+# and the API's own: its URLs and the model's licence. (A docstring here would become the schema's description.)
 class PredictionSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     url = serializers.SerializerMethodField(help_text="This prediction in the API.")
@@ -54,13 +59,13 @@ class PredictionSerializer(serializers.Serializer):
     attempts = serializers.IntegerField()
     error = serializers.CharField(help_text="Why it failed, and what to do; empty otherwise.")
     error_code = serializers.ChoiceField(choices=[("", "none"), *JobErrorCode.choices])
-    model = serializers.CharField(source="model_name")
+    model = serializers.CharField()
     model_license = serializers.SerializerMethodField(help_text="Licence of the model's weights (e.g. MIT, "
                                                                 "CC-BY-NC-4.0); empty if the model was removed.")
     outputs = serializers.ListField(child=serializers.ChoiceField(choices=OUTPUT_FORMATS))
     colormap = serializers.CharField()
-    fov = serializers.FloatField(source="fov_degrees", help_text="Field of view of the ply output, degrees.")
-    image = PredictionImageSerializer(source="*")
+    fov = serializers.FloatField(help_text="Field of view of the ply output, degrees.")
+    image = PredictionImageSerializer()
     created_at = serializers.DateTimeField()
     queued_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
@@ -82,36 +87,40 @@ class PredictionSerializer(serializers.Serializer):
     def _request(self):
         return self.context.get("request")
 
-    @extend_schema_field(OpenApiTypes.URI)
-    def get_url(self, job: DepthJob) -> str:
-        return reverse("predictions-api:prediction-detail", args=[job.pk], request=self._request())
+    def to_representation(self, job: DepthJob) -> dict[str, Any]:
+        # The fields read the selector's facts; the job rides along for what only the API shows.
+        request = self._request()
+        user = request.user if request is not None else AnonymousUser()
+        session = getattr(getattr(request, "_request", request), "session", None)
+        session_key = "" if user.is_authenticated or session is None else (session.session_key or "")
+        facts = depth_job_public(job=job, user=user, session_key=session_key)
+        return super().to_representation({**facts, "job": job})
 
-    def get_model_license(self, job: DepthJob) -> str:
-        return job.model.license if job.model is not None else ""
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_url(self, row: dict[str, Any]) -> str:
+        return reverse("predictions-api:prediction-detail", args=[row["id"]], request=self._request())
+
+    def get_model_license(self, row: dict[str, Any]) -> str:
+        model = row["job"].model
+        return model.license if model is not None else ""
 
     @extend_schema_field(OpenApiTypes.URI)
-    def get_page_url(self, job: DepthJob) -> str:
-        return reverse("inference:job_detail", args=[job.pk], request=self._request())
+    def get_page_url(self, row: dict[str, Any]) -> str:
+        return reverse("inference:job_detail", args=[row["id"]], request=self._request())
 
     @extend_schema_field({"type": "object", "additionalProperties": {"type": "string", "format": "uri"},
                           "example": {"png": "http://127.0.0.1:8000/api/predictions/<id>/files/png/"}})
-    def get_files(self, job: DepthJob) -> dict[str, str]:
-        return {fmt: reverse("predictions-api:prediction-file", args=[job.pk, fmt], request=self._request())
-                for fmt in (job.result_files or {})}
+    def get_files(self, row: dict[str, Any]) -> dict[str, str]:
+        return {fmt: reverse("predictions-api:prediction-file", args=[row["id"], fmt], request=self._request())
+                for fmt in (row["job"].result_files or {})}
 
     @extend_schema_field({"type": "string", "format": "uuid", "nullable": True})
-    def get_reused_from(self, job: DepthJob) -> str | None:
-        request = self._request()
-        if request is None:
-            return None
-        user = request.user
-        session = getattr(getattr(request, "_request", request), "session", None)
-        session_key = "" if user.is_authenticated or session is None else (session.session_key or "")
-        return depth_job_reused_from(job=job, user=user, session_key=session_key)
+    def get_reused_from(self, row: dict[str, Any]) -> str | None:
+        return row["reused_from"]
 
     @extend_schema_field({"type": "string", "nullable": True, "description": "one of the outputs, or null"})
-    def get_preview(self, job: DepthJob) -> str | None:
-        return depth_job_preview_format(job=job)
+    def get_preview(self, row: dict[str, Any]) -> str | None:
+        return row["preview"]
 
 
 class PredictionErrorSerializer(serializers.Serializer):

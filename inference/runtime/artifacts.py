@@ -103,21 +103,22 @@ def artifact_compare(network, config, path: Path) -> ArtifactCheck:
     return ArtifactCheck(shapes=shapes, worst=worst)
 
 
-def runtime_artifact_build(*, model: RegisteredModel, offline: bool | None = None,
+def runtime_artifact_build(*, model: RegisteredModel, weight_file: WeightFile,
                            tolerance: float = TOLERANCE) -> WeightFile:
-    """Export, check and record the ONNX artifact of the model's current weights (torch is needed here)."""
-    import torch
+    """Export, check and record the ONNX artifact of these weights (torch is needed here).
 
+    WeightFileError (or OSError) when the file does not load; RuntimeArtifactError when no artifact can be made."""
     from inference.nets import create_model, get_config
-    from models_registry.services.resolve import weights_resolve_loaded
+    from inference.runtime.eager import network_refused, state_dict_read
 
-    weight_file, loaded = weights_resolve_loaded(model=model, offline=offline)
     existing = runtime_artifact_find(model=model, weight_file=weight_file)
     if existing is not None:
         return existing
     config = get_config(model.architecture)
-    state_dict = {key: torch.from_numpy(array) for key, array in loaded.arrays.items()}
-    network = create_model(model.architecture, state_dict=state_dict, device="cpu").eval()
+    try:
+        network = create_model(model.architecture, state_dict=state_dict_read(weight_file), device="cpu").eval()
+    except ValueError as exc:
+        raise network_refused(model, exc) from None
     dest = runtime_artifact_path(model=model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = cachefs.temp_path_for(dest)
@@ -149,6 +150,10 @@ def runtime_artifact_build(*, model: RegisteredModel, offline: bool | None = Non
                         "verified_at": now, "created_at": now, "origin": "build",
                         "origin_source": f"{weight_file.format} copy, sha256 {weight_file.sha256}",
                         "origin_by": "", "last_used_at": None})
+    except OSError as exc:
+        # Said apart from the weights' own OSError above: writing the artifact failed, the weights are fine.
+        raise RuntimeArtifactError(f"writing the ONNX artifact of {model.name} failed: {exc}",
+                                   extra={"model": model.name}) from None
     finally:
         if tmp.exists():
             tmp.unlink()

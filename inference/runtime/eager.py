@@ -19,8 +19,7 @@ from inference.nets import create_model, get_config, postprocess, preprocess, ta
 from inference.runtime.base import DepthResult, depth_result, preprocessing_facts
 from depthsite.exceptions import WeightFileError
 from models_registry.models import RegisteredModel, WeightFile
-from models_registry.services.resolve import weights_resolve_loaded
-from models_registry.services.records import weight_mark_corrupt
+from models_registry.services.records import weights_read
 
 logger = logging.getLogger(__name__)
 
@@ -143,18 +142,23 @@ def network_bytes(network: torch.nn.Module) -> int:
     return total
 
 
-def estimator_build(*, model: RegisteredModel, device: torch.device, half: bool, compile: bool,
-                    offline: bool | None = None) -> DepthEstimator:
-    """Resolve, load and build; a file that the network refuses is marked corrupt and the next one is tried."""
-    last_error = ""
-    for _ in range(3):
-        weight_file, loaded = weights_resolve_loaded(model=model, offline=offline)
-        state_dict = {key: torch.from_numpy(array) for key, array in loaded.arrays.items()}
-        try:
-            return DepthEstimator(model=model, weight_file=weight_file, state_dict=state_dict, device=device,
-                                  half=half, compile=compile)
-        except ValueError as exc:
-            last_error = str(exc)
-            weight_mark_corrupt(weight_file=weight_file, reason=f"the network refused these weights: {exc}")
-    raise WeightFileError(f"no cached file of {model.name} builds a network (last error: {last_error})",
-                          extra={"model": model.name})
+def state_dict_read(weight_file: WeightFile) -> dict[str, torch.Tensor]:
+    """The file's tensors as torch tensors sharing the memory-mapped arrays (no copy)."""
+    loaded = weights_read(weight_file)
+    return {key: torch.from_numpy(array) for key, array in loaded.arrays.items()}
+
+
+def network_refused(model: RegisteredModel, exc: ValueError) -> WeightFileError:
+    """The network refusing a file's tensors (missing keys, wrong shapes) means the file is unusable for it."""
+    return WeightFileError(f"the network refused these weights: {exc}", extra={"model": model.name})
+
+
+def estimator_build(*, model: RegisteredModel, weight_file: WeightFile, device: torch.device, half: bool,
+                    compile: bool) -> DepthEstimator:
+    """Read the handed file and build its network; WeightFileError (or OSError) when the file is unusable."""
+    state_dict = state_dict_read(weight_file)
+    try:
+        return DepthEstimator(model=model, weight_file=weight_file, state_dict=state_dict, device=device,
+                              half=half, compile=compile)
+    except ValueError as exc:
+        raise network_refused(model, exc) from None

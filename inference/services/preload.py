@@ -18,13 +18,14 @@ logger = logging.getLogger(__name__)
 
 def models_preload(*, names: list[str] | None = None) -> dict[str, str]:
     """{model: "warm" | the reason it is not} for each name (DEPTHSITE_PRELOAD when not given)."""
-    from inference.estimator import estimator_get
+    from inference.pipeline import estimator_ready
+    from models_registry.selectors import model_get
 
     outcome: dict[str, str] = {}
     for name in names if names is not None else settings.DEPTHSITE_PRELOAD:
         started = time.perf_counter()
         try:
-            estimator_get(model=name)
+            estimator_ready(model=model_get(name=name, enabled_only=True))
         except ApplicationError as exc:
             outcome[name] = exc.message
             logger.warning("DEPTHSITE_PRELOAD: %s not warmed: %s", name, exc.message)

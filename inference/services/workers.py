@@ -1,16 +1,90 @@
-"""A qcluster worker process's end: it removes its own warm-model rows when stopped, SIGTERM included."""
+"""This process as a qcluster worker: the heartbeat that renews its job's lease and its warm rows, and its end
+(it removes its own warm-model rows when stopped, SIGTERM included)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from datetime import timedelta
+from typing import Any, Iterator
 
 from django.conf import settings
+from django.utils import timezone
 
-from models_registry.services.warm import warm_models_exit_forget
+from inference.models import DepthJob
+from inference.services.job_recovery import depth_jobs_leases_recover, depth_jobs_stranded_requeue
+from inference.services.job_state import job_attempt, job_transition
+from inference.worker import job_lease_seconds, worker_id
+from models_registry.services.warm import warm_models_exit_forget, warm_models_heartbeat
 
 logger = logging.getLogger(__name__)
+
+# The attempt this process runs now ({pk: (worker, attempts)}), read by the heartbeat thread.
+_running: dict[Any, tuple[str, int]] = {}
+_running_lock = threading.Lock()
+_heartbeat_pid: int | None = None
+
+
+@contextlib.contextmanager
+def attempt_heartbeat(*, job: DepthJob) -> Iterator[None]:
+    """While the block runs this attempt, the heartbeat renews its lease."""
+    with _running_lock:
+        _running[job.pk] = (job.worker, job.attempts)
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running.pop(job.pk, None)
+
+
+def depth_job_lease_renew(*, job_id, worker: str, attempts: int) -> bool:
+    """Extend the lease of one attempt; False when the row is no longer that attempt (recovered, deleted, over)."""
+    until = timezone.now() + timedelta(seconds=job_lease_seconds())
+    return job_transition(job_id=job_id, expect=job_attempt(worker=worker, attempts=attempts), lease_until=until)
+
+
+def worker_heartbeat() -> dict[str, int]:
+    """One beat of this worker process: renew the lease of the job it runs and keep its warm-model rows current."""
+    with _running_lock:
+        attempts = list(_running.items())
+    renewed = sum(depth_job_lease_renew(job_id=pk, worker=worker, attempts=count)
+                  for pk, (worker, count) in attempts)
+    recovered = depth_jobs_leases_recover()
+    if not attempts:
+        recovered["requeued"] += depth_jobs_stranded_requeue()
+    warm = warm_models_heartbeat(worker=worker_id())
+    return {"leases": renewed, "warm": warm, "requeued": len(recovered["requeued"])}
+
+
+def _heartbeat_loop(stop: threading.Event | None = None) -> None:
+    """Beat every third of the lease until `stop` is set (never, in a worker: the thread dies with its process)."""
+    from django.db import connection
+
+    stop = stop or threading.Event()
+    while not stop.wait(job_lease_seconds() / 3):
+        try:
+            worker_heartbeat()
+        except Exception:
+            logger.exception("the worker heartbeat failed; it tries again in %d s", job_lease_seconds() // 3)
+        finally:
+            connection.close()  # this thread's own connection: never left half-open between beats
+
+
+def worker_heartbeat_start() -> bool:
+    """Start this process's heartbeat thread once (called by the worker's task); False when it already runs,
+    or when tasks run inline in the caller (Q_CLUSTER sync: tests, a web process), which is no worker."""
+    global _heartbeat_pid
+    if settings.Q_CLUSTER.get("sync"):
+        return False
+    with _running_lock:
+        if _heartbeat_pid == os.getpid():
+            return False
+        _heartbeat_pid = os.getpid()  # a forked child has no thread of its parent's: it starts its own
+    threading.Thread(target=_heartbeat_loop, name="depthsite-heartbeat", daemon=True).start()
+    return True
+
 
 # How long a worker sent SIGTERM waits for its rows to go before it dies as it would have.
 EXIT_FORGET_SECONDS = 5.0

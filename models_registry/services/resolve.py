@@ -10,12 +10,11 @@ import logging
 from typing import Callable, TypeVar
 
 from depthsite.exceptions import ApplicationError
-from models_registry.formats import LoadedWeights
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.download import Notify, healthy_files, wanted_format, weight_download
 from models_registry.services.licences import model_license_check
 from models_registry.services.export import weight_convert
-from models_registry.services.records import weights_first_usable, weights_read
+from models_registry.services.records import weights_first_usable
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +52,3 @@ def weights_use(*, model: RegisteredModel, use: Callable[[WeightFile], T], offli
     next one (weights_first_usable)."""
     return weights_first_usable(model=model, use=use, rounds=RESOLVE_ROUNDS,
                                 pick=lambda: weights_resolve(model=model, offline=offline, notify=notify))
-
-
-def weights_resolve_loaded(*, model: RegisteredModel, offline: bool | None = None,
-                           notify: Notify | None = None) -> tuple[WeightFile, LoadedWeights]:
-    """`weights_resolve`, then read the tensors (weights_use)."""
-    return weights_use(model=model, use=weights_read, offline=offline, notify=notify)

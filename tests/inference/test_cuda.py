@@ -22,11 +22,12 @@ needs_cuda = pytest.mark.skipif("not _cuda_available()", reason="no CUDA device 
 @pytest.mark.slow
 def test_cuda_estimator_runs_in_half_precision(cached_small, settings):
     from inference.estimator import EstimatorPool
+    from tests.support.estimators import pool_warm
     from models_registry.detweights import synthetic_image
 
     settings.DEPTHSITE_DEVICE = "cuda"
     settings.DEPTHSITE_FP16 = True
-    estimator = EstimatorPool(capacity=1).get(model="MiDaS_small")
+    estimator = pool_warm(EstimatorPool(capacity=1), "MiDaS_small")
     result = estimator.predict(synthetic_image(96, 128))
     assert result.device.startswith("cuda") and result.dtype == "float16"
     assert result.depth.shape == (96, 128) and result.depth_max > result.depth_min
@@ -36,12 +37,13 @@ def test_cuda_estimator_runs_in_half_precision(cached_small, settings):
 @pytest.mark.slow
 def test_cuda_fp16_stays_close_to_fp32(cached_small, settings):
     from inference.estimator import EstimatorPool
+    from tests.support.estimators import pool_warm
     from models_registry.detweights import synthetic_image
 
     image = synthetic_image(256, 256)
     settings.DEPTHSITE_DEVICE = "cuda"
-    full = EstimatorPool(capacity=2).get(model="MiDaS_small", half=False).predict(image).depth
-    half = EstimatorPool(capacity=2).get(model="MiDaS_small", half=True).predict(image).depth
+    full = pool_warm(EstimatorPool(capacity=2), "MiDaS_small", half=False).predict(image).depth
+    half = pool_warm(EstimatorPool(capacity=2), "MiDaS_small", half=True).predict(image).depth
     assert abs(half - full).max() / (full.max() - full.min()) < 2e-2
 
 

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from inference import estimator as estimator_module
+from tests.support.estimators import pool_warm
+from inference.worker import worker_id
 from inference.estimator import EstimatorPool, estimator_get
 from inference.exceptions import InferenceError
 from models_registry import cachefs
 from models_registry.choices import Health
-from depthsite.exceptions import OfflineError
+from depthsite.exceptions import OfflineError, WeightFileError
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.selectors import warm_models
 from models_registry.services.export import weight_convert
@@ -38,7 +40,7 @@ def pool():
 
 @pytest.mark.slow
 def test_prediction_matches_the_official_end_to_end_output(cached_small, pool):
-    estimator = pool.get(model="MiDaS_small")
+    estimator = pool_warm(pool, "MiDaS_small")
     for height, width in ((240, 320), (500, 375)):
         result = estimator.predict(synthetic_image(height, width))
         golden = np.load(FIXTURES / f"e2e_MiDaS_small_{height}x{width}.npy")
@@ -48,7 +50,7 @@ def test_prediction_matches_the_official_end_to_end_output(cached_small, pool):
 
 @pytest.mark.slow
 def test_result_describes_itself(cached_small, pool):
-    result = pool.get(model="midas_small").predict(synthetic_image(240, 320))
+    result = pool_warm(pool, "midas_small").predict(synthetic_image(240, 320))
     assert result.model == "MiDaS_small"
     assert result.weights_sha256 == cached_small.sha256 and result.weights_format == "pt"
     assert result.depth_min == pytest.approx(float(result.depth.min()))
@@ -70,7 +72,7 @@ def test_weights_are_assigned_without_a_copy(cached_small, pool, monkeypatch):
         return real_create(name, state_dict=state_dict, device=device)
 
     monkeypatch.setattr(eager, "create_model", spy)
-    estimator = pool.get(model="MiDaS_small")
+    estimator = pool_warm(pool, "MiDaS_small")
     parameters = dict(estimator.network.named_parameters())
     key = "scratch.output_conv.0.weight"
     assert parameters[key].data_ptr() == seen[key].data_ptr()
@@ -79,15 +81,15 @@ def test_weights_are_assigned_without_a_copy(cached_small, pool, monkeypatch):
 
 
 def test_pool_keeps_estimators_warm_and_marks_weights_used(cached_small, pool):
-    first = pool.get(model="MiDaS_small")
-    second = pool.get(model="MIDAS_SMALL")
+    first = pool_warm(pool, "MiDaS_small")
+    second = pool_warm(pool, "MIDAS_SMALL")
     assert first is second
     cached_small.refresh_from_db()
     assert cached_small.last_used_at is not None
     warm = list(warm_models())
     assert [(w.model.name, w.device, w.dtype, w.weights_sha256) for w in warm] == [
         ("MiDaS_small", "cpu", "float32", cached_small.sha256)]
-    assert warm[0].worker == estimator_module.WORKER_ID
+    assert warm[0].worker == worker_id()
 
 
 @pytest.mark.slow
@@ -98,10 +100,10 @@ def test_pool_evicts_the_least_recently_used(cached_small, small_pt):
         weight_import(path=small_pt, model_name=name)
     pool = EstimatorPool(capacity=2)
     try:
-        a = pool.get(model="small_a")
-        pool.get(model="small_b")
-        assert pool.get(model="small_a") is a  # a is now the most recent
-        pool.get(model="MiDaS_small")  # evicts small_b
+        a = pool_warm(pool, "small_a")
+        pool_warm(pool, "small_b")
+        assert pool_warm(pool, "small_a") is a  # a is now the most recent
+        pool_warm(pool, "MiDaS_small")  # evicts small_b
         assert sorted(entry["model"] for entry in pool.warm()) == ["MiDaS_small", "small_a"]
         assert sorted(WarmModel.objects.values_list("model__name", flat=True)) == ["MiDaS_small", "small_a"]
     finally:
@@ -124,7 +126,7 @@ def test_concurrent_requests_build_once_and_agree(cached_small, pool, monkeypatc
 
     def work():
         try:
-            results.append(pool.get(model="MiDaS_small").predict(image).depth)
+            results.append(pool_warm(pool, "MiDaS_small").predict(image).depth)
         except Exception as exc:  # surfaced by the assertion below
             errors.append(exc)
 
@@ -142,33 +144,67 @@ def test_concurrent_requests_build_once_and_agree(cached_small, pool, monkeypatc
 def test_a_corrupt_cached_file_is_marked_and_another_format_is_used(cached_small, pool):
     h5 = weight_convert(model=cached_small.model, fmt="h5")
     cachefs.absolute(cached_small.path).write_bytes(b"")  # damaged behind the registry's back
-    estimator = pool.get(model="MiDaS_small")
+    estimator = pool_warm(pool, "MiDaS_small")
     assert estimator.weights_format == "h5" and estimator.weights_sha256 == h5.sha256
     cached_small.refresh_from_db()
     assert cached_small.health == Health.CORRUPT and "0 bytes" in cached_small.health_reason
 
 
+def test_a_handed_file_the_network_refuses_is_a_weight_file_error(cached_small, pool, monkeypatch):
+    from inference.runtime import eager
+
+    def refuse(name, *, state_dict=None, device="cpu"):
+        raise ValueError("missing key scratch.output_conv.0.weight")
+
+    monkeypatch.setattr(eager, "create_model", refuse)
+    with pytest.raises(WeightFileError, match="the network refused these weights: missing key"):
+        pool.get(model=cached_small.model, weight_file=cached_small)
+    assert pool.warm() == []
+    cached_small.refresh_from_db()
+    assert cached_small.health == Health.OK  # the pool only reports it: marking is the registry loop's part
+
+
+def test_a_file_the_network_refuses_is_marked_and_the_next_file_builds(cached_small, pool, monkeypatch):
+    from inference.runtime import eager
+
+    h5 = weight_convert(model=cached_small.model, fmt="h5")
+    real_create = eager.create_model
+    refused = []
+
+    def refuse_the_first(name, *, state_dict=None, device="cpu"):
+        if not refused:
+            refused.append(name)
+            raise ValueError("unexpected key pretrained.extra")
+        return real_create(name, state_dict=state_dict, device=device)
+
+    monkeypatch.setattr(eager, "create_model", refuse_the_first)
+    estimator = pool_warm(pool, "MiDaS_small")
+    first = next(f for f in (cached_small, h5) if f.sha256 != estimator.weights_sha256)
+    first.refresh_from_db()
+    assert first.health == Health.CORRUPT and "the network refused these weights" in first.health_reason
+
+
 def test_missing_weights_offline_is_a_clear_error(small_model, pool, settings):
     settings.DEPTHSITE_OFFLINE = True
     with pytest.raises(OfflineError) as caught:
-        pool.get(model="MiDaS_small")
+        pool_warm(pool, "MiDaS_small")
     assert caught.value.extra["kind"] == "offline" and "import it" in caught.value.message
 
 
 def test_device_selection_errors(cached_small, pool, settings):
     settings.DEPTHSITE_DEVICE = "tpu:7"
     with pytest.raises(InferenceError):
-        pool.get(model="MiDaS_small")
+        pool_warm(pool, "MiDaS_small")
     if not torch.cuda.is_available():
         settings.DEPTHSITE_DEVICE = "cuda"
         with pytest.raises(InferenceError) as caught:
-            pool.get(model="MiDaS_small")
+            pool_warm(pool, "MiDaS_small")
         assert "CUDA is not available" in caught.value.message
 
 
 def test_fp16_is_only_used_on_cuda(cached_small, pool, settings):
     settings.DEPTHSITE_FP16 = True
-    estimator = pool.get(model="MiDaS_small", device="cpu")
+    estimator = pool_warm(pool, "MiDaS_small", device="cpu")
     assert estimator.dtype == torch.float32
 
 
@@ -181,17 +217,19 @@ def test_compile_option_compiles_the_network(cached_small, pool, settings, monke
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     settings.DEPTHSITE_COMPILE = False
-    pool.get(model="MiDaS_small")
+    pool_warm(pool, "MiDaS_small")
     assert compiled == []
     pool.clear()
     settings.DEPTHSITE_COMPILE = True
-    estimator = pool.get(model="MiDaS_small")
+    estimator = pool_warm(pool, "MiDaS_small")
     assert compiled == [estimator.network]
 
 
 def test_default_pool_is_shared(cached_small):
     try:
-        assert estimator_get(model="MiDaS_small") is estimator_get(model="MiDaS_small")
+        model = cached_small.model
+        assert estimator_get(model=model, weight_file=cached_small) is estimator_get(model=model,
+                                                                                    weight_file=cached_small)
     finally:
         estimator_module.estimator_pool().clear()
 
@@ -213,5 +251,5 @@ def test_a_worker_arranges_to_forget_its_warm_rows_at_exit(cached_small, pool, s
     settings.Q_CLUSTER = {**settings.Q_CLUSTER, "sync": sync}
     promised = []
     monkeypatch.setattr(estimator_module, "warm_models_forget_at_exit", lambda *, worker: promised.append(worker))
-    pool.get(model="MiDaS_small")
-    assert promised == ([estimator_module.WORKER_ID] if arranged else [])
+    pool_warm(pool, "MiDaS_small")
+    assert promised == ([worker_id()] if arranged else [])

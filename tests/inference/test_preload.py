@@ -14,9 +14,9 @@ pytestmark = pytest.mark.django_db
 def _no_worker_threads(monkeypatch):
     """post_spawn as a real worker (sync off) also starts the heartbeat thread and the exit hooks: this test
     process is no worker, and a thread left beating would outlive the test database."""
-    from inference.services import jobs, workers
+    from inference.services import workers
 
-    monkeypatch.setattr(jobs, "worker_heartbeat_start", lambda: False)
+    monkeypatch.setattr(workers, "worker_heartbeat_start", lambda: False)
     monkeypatch.setattr(workers, "worker_exit_hooks_install", lambda: None)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from inference import estimator as estimator_module
 from inference import runtime as runtime_module
+from tests.support.estimators import pool_warm
 from inference.estimator import EstimatorPool
 from inference.runtime import artifacts, runtime_select
 from models_registry import cachefs
@@ -77,8 +78,8 @@ def test_missing_onnxruntime_means_eager_said_once(settings, monkeypatch, caplog
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # `import onnxruntime` now fails
     with caplog.at_level(logging.WARNING, logger="inference.runtime"):
         assert runtime_select(device="cpu") == "eager"
-        estimator = pool.get(model="MiDaS_small")
-        pool.get(model="MiDaS_small")
+        estimator = pool_warm(pool, "MiDaS_small")
+        pool_warm(pool, "MiDaS_small")
     assert estimator.runtime == "eager"
     assert [r.message for r in caplog.records].count(
         "onnxruntime is not installed: models run in eager PyTorch "
@@ -89,8 +90,8 @@ def test_missing_onnxruntime_means_eager_said_once(settings, monkeypatch, caplog
 def test_fp16_on_cpu_is_ignored_with_one_warning(settings, cached_small, pool, caplog):
     settings.DEPTHSITE_RUNTIME = "eager"
     with caplog.at_level(logging.WARNING, logger="inference.runtime"):
-        first = pool.get(model="MiDaS_small", device="cpu", half=True)
-        pool.get(model="MiDaS_small", device="cpu", half=True)
+        first = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+        pool_warm(pool, "MiDaS_small", device="cpu", half=True)
     assert first.dtype_name == "float32"
     assert sum("DEPTHSITE_FP16 is ignored on CPU" in r.message for r in caplog.records) == 1
 
@@ -166,7 +167,7 @@ def test_verify_checks_an_artifacts_bytes(cached_small):
 
 @pytest.mark.slow
 def test_artifact_is_built_recorded_and_matches_eager(cached_small, pool):
-    estimator = pool.get(model="MiDaS_small")
+    estimator = pool_warm(pool, "MiDaS_small")
     assert estimator.runtime == "onnx"
     artifact = artifact_row()
     path = cachefs.absolute(artifact.path)
@@ -181,12 +182,12 @@ def test_artifact_is_built_recorded_and_matches_eager(cached_small, pool):
         assert result.depth.shape == (height, width) and result.depth.dtype == np.float32
         assert result.runtime == "onnx" and result.weights_sha256 == cached_small.sha256
         assert relative_error(result.depth, golden) <= 2e-5
-    assert pool.get(model="MiDaS_small") is estimator
+    assert pool_warm(pool, "MiDaS_small") is estimator
 
 
 @pytest.mark.slow
 def test_artifact_is_keyed_by_the_weights_digest(cached_small, small_arrays, write_checkpoint, pool):
-    first = pool.get(model="MiDaS_small")
+    first = pool_warm(pool, "MiDaS_small")
     old = artifact_row()
     other = {key: (value * np.float32(0.5) if key.endswith("output_conv.4.weight") else value)
              for key, value in small_arrays.items()}
@@ -194,7 +195,7 @@ def test_artifact_is_keyed_by_the_weights_digest(cached_small, small_arrays, wri
                              pin=False).weight_file
     assert replaced.content_digest != old.content_digest
     assert artifacts.runtime_artifact_find(model=replaced.model, weight_file=replaced) is None
-    second = pool.get(model="MiDaS_small")
+    second = pool_warm(pool, "MiDaS_small")
     assert second is not first and second.runtime == "onnx" and second.weights_sha256 == replaced.sha256
     new = artifact_row()
     assert new.content_digest == replaced.content_digest and new.sha256 != old.sha256
@@ -205,7 +206,7 @@ def test_artifact_is_keyed_by_the_weights_digest(cached_small, small_arrays, wri
 @pytest.mark.slow
 def test_damaged_or_missing_artifact_is_detected_and_rebuilt(cached_small, caplog):
     pool = EstimatorPool(capacity=2)
-    pool.get(model="MiDaS_small")
+    pool_warm(pool, "MiDaS_small")
     pool.clear()
     artifact = artifact_row()
     path = cachefs.absolute(artifact.path)
@@ -213,13 +214,13 @@ def test_damaged_or_missing_artifact_is_detected_and_rebuilt(cached_small, caplo
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        rebuilt = EstimatorPool(capacity=2).get(model="MiDaS_small")
+        rebuilt = pool_warm(EstimatorPool(capacity=2), "MiDaS_small")
     assert rebuilt.runtime == "onnx"
     assert any("marked corrupt" in r.message for r in caplog.records)
     artifact.refresh_from_db()
     assert artifact.health == Health.OK and artifact.sha256 == file_sha256(path)
     path.unlink()
-    again = EstimatorPool(capacity=2).get(model="MiDaS_small")
+    again = pool_warm(EstimatorPool(capacity=2), "MiDaS_small")
     assert again.runtime == "onnx" and path.exists()
 
 
@@ -234,8 +235,8 @@ def test_artifact_failing_its_check_falls_back_to_eager_said_once(cached_small, 
 
     monkeypatch.setattr(artifacts, "artifact_compare", off_by_a_lot)
     with caplog.at_level(logging.WARNING, logger="inference.runtime"):
-        first = pool.get(model="MiDaS_small")
-        second = EstimatorPool(capacity=1).get(model="MiDaS_small")
+        first = pool_warm(pool, "MiDaS_small")
+        second = pool_warm(EstimatorPool(capacity=1), "MiDaS_small")
     assert first.runtime == "eager" and second.runtime == "eager"
     fallbacks = [r for r in caplog.records if "runs in eager PyTorch" in r.message]
     assert len(fallbacks) == 1 and "differs from eager by 1.00e-03" in fallbacks[0].getMessage()

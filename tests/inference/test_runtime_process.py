@@ -24,7 +24,8 @@ PROBE = textwrap.dedent("""
     from django.core.management import call_command
     call_command("predict", sys.argv[1], "--model", "MiDaS_small", "--output", sys.argv[2], "--format", "npy")
     from django.core.files import File
-    from inference.services.jobs import depth_job_create, depth_job_run
+    from inference.services.job_runs import depth_job_run
+    from inference.services.jobs import depth_job_create
     with open(sys.argv[1], "rb") as handle:
         job = depth_job_create(image=File(handle, name="photo.png"), model="MiDaS_small", outputs="npy")
     depth_job_run(job=job)

@@ -9,6 +9,8 @@ import pytest
 from django.core.management import call_command
 
 from inference import estimator as estimator_module
+from tests.support.estimators import pool_warm
+from inference.worker import worker_id
 from inference.estimator import EstimatorPool, network_bytes
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WarmModel
@@ -30,7 +32,7 @@ def three_smalls(cached_small, small_pt):
 def test_network_bytes_are_its_tensors(cached_small):
     pool = EstimatorPool(capacity=1)
     try:
-        estimator = pool.get(model="MiDaS_small")
+        estimator = pool_warm(pool, "MiDaS_small")
         expected = sum(t.numel() * t.element_size() for t in estimator.network.state_dict().values())
         assert estimator.bytes == network_bytes(estimator.network) == expected
         # The catalogue's torch-free estimate, used to make room before a build, is the same figure.
@@ -54,10 +56,10 @@ def test_pool_evicts_by_bytes_before_building(three_smalls, monkeypatch):
 
     monkeypatch.setattr(estimator_module, "estimator_build", spying_build)
     try:
-        a = pool.get(model="small_a")
-        pool.get(model="small_b")
-        assert pool.get(model="small_a") is a  # small_a is now the most recent
-        pool.get(model="MiDaS_small")
+        a = pool_warm(pool, "small_a")
+        pool_warm(pool, "small_b")
+        assert pool_warm(pool, "small_a") is a  # small_a is now the most recent
+        pool_warm(pool, "MiDaS_small")
         # small_b (least recently used) went BEFORE MiDaS_small was built: never three in memory at once.
         assert held_at_build[-1] == ["small_a"]
         assert sorted(entry["model"] for entry in pool.warm()) == ["MiDaS_small", "small_a"]
@@ -71,8 +73,8 @@ def test_a_network_larger_than_the_budget_still_runs_alone(three_smalls, setting
     settings.DEPTHSITE_WARM_BYTES = 1000  # smaller than any network
     pool = EstimatorPool(capacity=10)
     try:
-        pool.get(model="small_a")
-        estimator = pool.get(model="small_b")
+        pool_warm(pool, "small_a")
+        estimator = pool_warm(pool, "small_b")
         assert [entry["model"] for entry in pool.warm()] == ["small_b"]
         assert estimator.predict(synthetic_image(64, 64)).depth.shape == (64, 64)
     finally:
@@ -84,18 +86,18 @@ def test_models_info_and_dashboard_show_warm_networks_per_worker(cached_small, c
     client.force_login(django_user_model.objects.create_user("op", password="x", is_staff=True))
     pool = EstimatorPool(capacity=2)
     try:
-        estimator = pool.get(model="MiDaS_small")
+        estimator = pool_warm(pool, "MiDaS_small")
         out = io.StringIO()
         call_command("models", "info", "--json", stdout=out)
         warm = json.loads(out.getvalue())["warm"]
         assert [(w["worker"], w["bytes"], [m["model"] for m in w["models"]]) for w in warm] == [
-            (estimator_module.WORKER_ID, estimator.bytes, ["MiDaS_small"])]
+            (worker_id(), estimator.bytes, ["MiDaS_small"])]
         out = io.StringIO()
         call_command("models", "info", stdout=out)
         text = out.getvalue()
-        assert "Warm networks" in text and estimator_module.WORKER_ID in text and "MiDaS_small on cpu" in text
+        assert "Warm networks" in text and worker_id() in text and "MiDaS_small on cpu" in text
         page = client.get("/models/").content.decode()
-        assert "Warm networks per worker" in page and estimator_module.WORKER_ID in page
+        assert "Warm networks per worker" in page and worker_id() in page
         status = client.get("/api/models/status").json()
         small = next(row for row in status["models"] if row["name"] == "MiDaS_small")
         assert small["warm"][0]["bytes"] == estimator.bytes

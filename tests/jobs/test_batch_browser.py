@@ -18,9 +18,10 @@ DEPTH_THUMBS = """() => Array.from(document.querySelectorAll('#batch-jobs td.thu
 def test_a_batch_uploaded_in_the_browser_shows_its_progress_in_place(transactional_db, live_server, cached_small,
                                                                       settings, monkeypatch, tmp_path, request):
     from inference.services import jobs as job_services
+    from inference.services.job_runs import depth_job_run
 
     settings.DEPTHSITE_PUBLIC_UPLOADS = True
-    monkeypatch.setattr(job_services, "_depth_job_enqueue", lambda job_id: None)  # queued until we run them
+    monkeypatch.setattr(job_services, "depth_job_enqueue", lambda job_id: None)  # queued until we run them
     paths = []
     for name, data in (("lake.jpg", images.jpeg(160, 120)), ("hill.png", images.png(120, 90))):
         paths.append(tmp_path / name)
@@ -37,7 +38,7 @@ def test_a_batch_uploaded_in_the_browser_shows_its_progress_in_place(transaction
 
     def run_all():
         for job in DepthJob.objects.filter(batch__isnull=False):
-            job_services.depth_job_run(job=job)
+            depth_job_run(job=job)
         return DepthBatch.objects.get().pk
 
     batch_id = off_the_loop(run_all)

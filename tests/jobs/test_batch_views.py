@@ -65,8 +65,9 @@ def test_several_photos_lead_to_the_batch_page_with_every_job(web, cached_small,
 
 def test_the_status_json_says_the_progress(web, cached_small, run_jobs, monkeypatch):
     from inference.services import jobs as job_services
+    from inference.services.job_runs import depth_job_run
 
-    monkeypatch.setattr(job_services, "_depth_job_enqueue", lambda job_id: None)  # left queued
+    monkeypatch.setattr(job_services, "depth_job_enqueue", lambda job_id: None)  # left queued
     post_batch(web, run_jobs, photos=[("a.jpg", images.jpeg()), ("b.jpg", images.jpeg(80, 60))])
     batch = DepthBatch.objects.get()
     url = reverse("inference:batch_status", args=[batch.pk])
@@ -74,7 +75,7 @@ def test_the_status_json_says_the_progress(web, cached_small, run_jobs, monkeypa
     assert state["total"] == 2 and state["done"] == 0 and not state["complete"] and state["progress"] == 0
     assert state["counts"]["queued"] == 2 and all(job["depth_url"] == "" for job in state["jobs"])
     first = DepthJob.objects.filter(batch=batch).order_by("created_at").first()
-    job_services.depth_job_run(job=first)
+    depth_job_run(job=first)
     state = web.get(url).json()
     assert state["done"] == 1 and state["progress"] == 0.5 and state["counts"]["succeeded"] == 1
     assert state["jobs"][0]["depth_url"] == f"/jobs/{first.pk}/files/png"

@@ -106,10 +106,11 @@ def test_upload_a_photo_and_download_its_depth_map(transactional_db, live_server
 def test_the_job_page_updates_in_place_when_the_job_finishes(transactional_db, live_server, cached_small, settings,
                                                             monkeypatch, request):
     from inference.services import jobs as job_services
+    from inference.services.job_runs import depth_job_run
     from tests.jobs.conftest import upload
 
     settings.DEPTHSITE_PUBLIC_UPLOADS = True
-    monkeypatch.setattr(job_services, "_depth_job_enqueue", lambda job_id: None)  # stays queued until we run it
+    monkeypatch.setattr(job_services, "depth_job_enqueue", lambda job_id: None)  # stays queued until we run it
     job = job_services.depth_job_create(image=upload(images.jpeg(160, 120)))
     browser = request.getfixturevalue("browser")
     page = browser.new_page()
@@ -118,7 +119,7 @@ def test_the_job_page_updates_in_place_when_the_job_finishes(transactional_db, l
     page.evaluate("() => { window.notReloaded = true; }")
 
     # The worker's part.
-    off_the_loop(lambda: job_services.depth_job_run(job=DepthJob.objects.get(pk=job.pk)))
+    off_the_loop(lambda: depth_job_run(job=DepthJob.objects.get(pk=job.pk)))
     page.wait_for_function(RENDERED, timeout=30_000)
     assert page.inner_text("#job-status") == "succeeded" and page.is_visible("#job-result")
     assert page.evaluate("() => window.notReloaded === true")  # updated in place, not reloaded

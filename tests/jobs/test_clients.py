@@ -20,8 +20,12 @@ from rest_framework.test import APIClient
 from inference.api.permissions import UploadThrottle
 from depthsite.choices import RunStatus
 from inference.models import DepthJob
-from inference.services import jobs as job_services
-from inference.services.jobs import depth_job_create, depth_jobs_expire, results_staging_sweep
+from inference import worker as worker_module
+from inference.media import RESULTS_DIR
+from inference.services.job_recovery import depth_jobs_expire, results_staging_sweep
+from inference.services.job_results import results_folder
+from inference.services.job_runs import depth_job_run
+from inference.services.jobs import depth_job_create
 from inference.tasks import depth_jobs_expire_task, depth_jobs_recover_task
 from models_registry.api.throttling import SettingsScopedRateThrottle, client_address
 from depthsite.testing import images
@@ -161,7 +165,7 @@ def test_anonymous_jobs_expire_with_their_files(small_model, settings, user, run
     owned = depth_job_create(image=upload(), owner=user)
     week_ago = timezone.now() - timedelta(days=7, minutes=1)
     DepthJob.objects.filter(pk__in=[old.pk, owned.pk]).update(created_at=week_ago)
-    folder = Path(settings.MEDIA_ROOT) / job_services.results_folder(job_id=old.pk)
+    folder = Path(settings.MEDIA_ROOT) / results_folder(job_id=old.pk)
     folder.mkdir(parents=True)
     (folder / "depth.png").write_bytes(b"x" * 100)
     upload_file = Path(settings.MEDIA_ROOT) / old.image.name
@@ -187,7 +191,7 @@ def test_the_expiry_schedule_exists():
 
 
 def _staging(job_id, age_seconds: float) -> Path:
-    root = Path(settings.MEDIA_ROOT) / job_services.RESULTS_DIR
+    root = Path(settings.MEDIA_ROOT) / RESULTS_DIR
     folder = root / f".tmp-{job_id}-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True)
     (folder / "depth.png").write_bytes(b"half")
@@ -208,11 +212,11 @@ def test_the_recovery_sweeps_staging_folders_of_killed_workers(small_model, sett
     live = depth_job_create(image=upload(), session_key="s")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        worker = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{job_services._process_start(sleeper.pid)}"
+        worker = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{worker_module._process_start(sleeper.pid)}"
         DepthJob.objects.filter(pk=live.pk).update(status=RunStatus.RUNNING, worker=worker, attempts=1,
                                                    started_at=timezone.now())
         running = _staging(live.pk, old)
-        finished = Path(settings.MEDIA_ROOT) / job_services.RESULTS_DIR / str(failed.pk)
+        finished = Path(settings.MEDIA_ROOT) / RESULTS_DIR / str(failed.pk)
         finished.mkdir()  # a final results folder is never a staging one
         os.utime(finished, (time.time() - old, time.time() - old))
 
@@ -292,7 +296,7 @@ def test_the_public_upload_page_does_not_name_the_mirror(client, small_model, se
 def test_a_missing_upload_does_not_put_the_media_path_in_the_job_error(small_model, run_jobs, settings):
     job = depth_job_create(image=upload(), session_key="s")
     (Path(settings.MEDIA_ROOT) / job.image.name).unlink()
-    job_services.depth_job_run(job=job)
+    depth_job_run(job=job)
     job.refresh_from_db()
     assert job.status == RunStatus.FAILED and "the file is missing" in job.error
     assert str(settings.MEDIA_ROOT) not in job.error and "uploads/" not in job.error

@@ -189,7 +189,7 @@ def test_history_in_the_browser_shows_thumbnails_and_runs_again(transactional_db
     with_client = Client()
     with_client.force_login(user)
     job = depth_job_create(image=upload(), owner=user)
-    from inference.services.jobs import depth_job_run
+    from inference.services.job_runs import depth_job_run
 
     depth_job_run(job=job)
     session = with_client.cookies["sessionid"].value

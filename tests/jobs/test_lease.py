@@ -4,7 +4,6 @@ Time is moved by patching `timezone.now`, never by sleeping.
 """
 from __future__ import annotations
 
-import types
 from pathlib import Path
 from datetime import timedelta
 
@@ -15,8 +14,14 @@ from django.utils import timezone
 from depthsite.choices import RunStatus
 from inference.choices import JobErrorCode
 from inference.models import DepthJob
+from inference.services import job_recovery, job_runs, workers
 from inference.services import jobs as job_services
-from inference.services.jobs import depth_job_lease_renew, depth_job_run, depth_jobs_recover, worker_heartbeat
+from inference.services.job_recovery import depth_jobs_recover
+from inference.services.job_results import results_folder, results_staged
+from inference.services.job_runs import depth_job_run
+from inference.services.job_state import Superseded, job_attempt_save
+from inference.services.workers import depth_job_lease_renew, worker_heartbeat
+from inference.worker import worker_id
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.selectors import warm_models
 from tests.jobs.conftest import upload
@@ -32,7 +37,13 @@ def enqueued(settings, monkeypatch) -> list[str]:
     settings.DEPTHSITE_JOB_LEASE = LEASE
     settings.Q_CLUSTER = {**settings.Q_CLUSTER, "max_attempts": 3}
     queued: list[str] = []
-    monkeypatch.setattr(job_services, "_depth_job_enqueue", lambda job_id: queued.append(str(job_id)))
+
+    def record(job_id) -> None:
+        queued.append(str(job_id))
+
+    # Created jobs and recovered ones: every way a job gets a task.
+    monkeypatch.setattr(job_services, "depth_job_enqueue", record)
+    monkeypatch.setattr(job_recovery, "depth_job_enqueue", record)
     return queued
 
 
@@ -56,7 +67,7 @@ def queued_job() -> DepthJob:
 
 def claimed(job: DepthJob, worker: str) -> DepthJob:
     job = DepthJob.objects.get(pk=job.pk)
-    assert job_services._claim(job, worker)
+    assert job_runs._claim(job, worker)
     return job
 
 
@@ -94,7 +105,7 @@ def test_a_renewed_lease_keeps_the_job_and_only_its_own_attempt_can_renew(small_
 
 def test_the_heartbeat_renews_the_running_attempt(small_model, clock, monkeypatch):
     job = claimed(queued_job(), "other-node:11:1")
-    monkeypatch.setattr(job_services, "_running", {job.pk: (job.worker, job.attempts)})
+    monkeypatch.setattr(workers, "_running", {job.pk: (job.worker, job.attempts)})
     clock.advance(LEASE - 1)
     assert worker_heartbeat()["leases"] == 1
     clock.advance(LEASE - 1)
@@ -122,7 +133,7 @@ def test_a_late_old_worker_cannot_overwrite_the_new_attempts_result(cached_small
 
     # The old worker wakes up and reports its own outcome: neither it nor its heartbeat lands.
     old.fail("late failure", JobErrorCode.INTERNAL)
-    assert not job_services._save_running(old, job_services._FAIL_FIELDS)
+    assert not job_attempt_save(old, job_runs._FAIL_FIELDS)
     assert not depth_job_lease_renew(job_id=old.pk, worker=old.worker, attempts=old.attempts)
     row = DepthJob.objects.get(pk=old.pk)
     assert (row.status, row.error, row.attempts, row.worker, dict(row.result_files)) == (
@@ -147,15 +158,15 @@ def warm_row(model: RegisteredModel, worker: str, age: timedelta) -> WarmModel:
 
 def test_the_heartbeat_keeps_a_long_loaded_models_row_listed(small_model, clock, monkeypatch):
     # Loaded 7 hours ago: past the status page's staleness bound unless the worker's heartbeat keeps it current.
-    warm_row(small_model, "host:1", timedelta(hours=7))
-    monkeypatch.setitem(__import__("sys").modules, "inference.estimator", types.SimpleNamespace(WORKER_ID="host:1"))
+    warm_row(small_model, worker_id(), timedelta(hours=7))
+    warm_row(small_model, "other-node:1:1", timedelta(hours=7))  # another worker's row: not this one's to renew
     assert not warm_models().exists()
     assert worker_heartbeat()["warm"] == 1
-    assert [w.worker for w in warm_models()] == ["host:1"]
+    assert [w.worker for w in warm_models()] == [worker_id()]
 
 
 def test_recovery_removes_the_rows_of_workers_whose_heartbeat_stopped(small_model, clock):
-    bound = job_services.warm_stale_seconds()
+    bound = job_recovery.warm_stale_seconds()
     alive = warm_row(small_model, "host:1", timedelta(seconds=bound - 5))
     warm_row(small_model, "dead:2", timedelta(seconds=bound + 5))
     depth_jobs_recover()
@@ -164,12 +175,12 @@ def test_recovery_removes_the_rows_of_workers_whose_heartbeat_stopped(small_mode
 
 def test_the_heartbeat_thread_starts_once_per_worker_process_and_never_inline(settings, monkeypatch):
     started = []
-    monkeypatch.setattr(job_services, "_heartbeat_loop", lambda: started.append(1))
-    monkeypatch.setattr(job_services, "_heartbeat_pid", None)
-    assert not job_services.worker_heartbeat_start()  # tests run tasks inline (sync): no worker here
+    monkeypatch.setattr(workers, "_heartbeat_loop", lambda: started.append(1))
+    monkeypatch.setattr(workers, "_heartbeat_pid", None)
+    assert not workers.worker_heartbeat_start()  # tests run tasks inline (sync): no worker here
     settings.Q_CLUSTER = {**settings.Q_CLUSTER, "sync": False}
-    assert job_services.worker_heartbeat_start()
-    assert not job_services.worker_heartbeat_start()
+    assert workers.worker_heartbeat_start()
+    assert not workers.worker_heartbeat_start()
     import time
     for _ in range(100):
         if started:
@@ -187,9 +198,9 @@ def test_the_heartbeat_thread_renews_a_lease_through_its_own_connection(small_mo
     settings.DEPTHSITE_JOB_LEASE = 3  # a beat every second
     job = claimed(queued_job(), "other-node:11:1")
     first = DepthJob.objects.get(pk=job.pk).lease_until
-    monkeypatch.setattr(job_services, "_running", {job.pk: (job.worker, job.attempts)})
+    monkeypatch.setattr(workers, "_running", {job.pk: (job.worker, job.attempts)})
     stop = threading.Event()
-    thread = threading.Thread(target=job_services._heartbeat_loop, args=(stop,), daemon=True)
+    thread = threading.Thread(target=workers._heartbeat_loop, args=(stop,), daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 5
@@ -208,17 +219,14 @@ def test_a_late_old_worker_cannot_replace_the_new_attempts_result_files(cached_s
     clock.advance(LEASE + 1)
     depth_jobs_recover()
     new = depth_job_run(job=DepthJob.objects.get(pk=old.pk))
-    folder = Path(settings.MEDIA_ROOT) / job_services.results_folder(job_id=new.pk)
+    folder = Path(settings.MEDIA_ROOT) / results_folder(job_id=new.pk)
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert before and new.status == RunStatus.SUCCEEDED
 
-    def late_write(staging):
-        staging.mkdir(parents=True)
-        (staging / "depth.png").write_bytes(b"late")
-        return {"png": staging / "depth.png"}
-
-    with pytest.raises(job_services._Superseded):
-        job_services._results_write(old, late_write)
+    with pytest.raises(Superseded):
+        with results_staged(job=old) as staging:
+            staging.mkdir(parents=True)
+            (staging / "depth.png").write_bytes(b"late")
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]  # its staging folder went too
 
@@ -239,15 +247,15 @@ def test_a_live_workers_heartbeat_requeues_a_dead_nodes_job_once_its_lease_ran_o
 def test_an_idle_worker_requeues_jobs_whose_task_no_broker_list_holds(small_model, clock, enqueued, monkeypatch):
     stranded = queued_job()  # its task was taken by a cluster that died before a worker started it
     clock.advance(LEASE - 1)
-    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 0)
+    monkeypatch.setattr(job_recovery, "_broker_backlog", lambda: 0)
     assert worker_heartbeat()["requeued"] == 0  # queued for less than a lease: it may just be on its way
     clock.advance(2)
-    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 3)
+    monkeypatch.setattr(job_recovery, "_broker_backlog", lambda: 3)
     assert worker_heartbeat()["requeued"] == 0  # tasks wait in the broker: it may be one of them
-    monkeypatch.setattr(job_services, "_broker_backlog", lambda: 0)
+    monkeypatch.setattr(job_recovery, "_broker_backlog", lambda: 0)
     assert worker_heartbeat()["requeued"] == 1 and enqueued[-1] == str(stranded.pk)
     assert worker_heartbeat()["requeued"] == 0  # once per lease period, not at every beat
     busy = claimed(queued_job(), "other-node:12:1")
-    monkeypatch.setattr(job_services, "_running", {busy.pk: (busy.worker, busy.attempts)})
+    monkeypatch.setattr(workers, "_running", {busy.pk: (busy.worker, busy.attempts)})
     clock.advance(LEASE + 1)
     assert worker_heartbeat()["requeued"] == 0  # a busy worker leaves that to idle ones

@@ -99,12 +99,13 @@ BACKGROUND = (0x11, 0x14, 0x18)
 def test_the_job_page_shows_the_cloud_in_3d(transactional_db, live_server, cached_small, settings, request,
                                             tmp_path):
     from inference.services import jobs as job_services
+    from inference.services.job_runs import depth_job_run
 
     settings.DEPTHSITE_PUBLIC_UPLOADS = True
     with_ply = job_services.depth_job_create(image=upload(images.jpeg(160, 120)), outputs=["png", "ply"])
-    job_services.depth_job_run(job=DepthJob.objects.get(pk=with_ply.pk))
+    depth_job_run(job=DepthJob.objects.get(pk=with_ply.pk))
     without = job_services.depth_job_create(image=upload(images.jpeg(64, 48)), outputs=["png"])
-    job_services.depth_job_run(job=DepthJob.objects.get(pk=without.pk))
+    depth_job_run(job=DepthJob.objects.get(pk=without.pk))
 
     browser = request.getfixturevalue("browser")
     page = browser.new_page(viewport={"width": 1200, "height": 900})

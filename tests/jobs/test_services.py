@@ -17,16 +17,14 @@ from depthsite.choices import RunStatus
 from inference.choices import JobErrorCode
 from inference.exceptions import ImageError, ImageTooLargeError, InferenceError
 from inference.models import DepthJob
+from inference import pipeline
+from inference.services import job_runs
 from inference.services import jobs as job_services
-from inference.services.jobs import (
-    depth_job_create,
-    depth_job_delete,
-    depth_job_rerun,
-    depth_job_run,
-    depth_jobs_recover,
-    worker_alive,
-    worker_id,
-)
+from inference.services.job_recovery import depth_jobs_recover
+from inference.services.job_runs import depth_job_run
+from inference.services.jobs import depth_job_create, depth_job_delete, depth_job_rerun
+from inference import worker as worker_module
+from inference.worker import worker_alive, worker_id
 from inference.writers import read_pfm, read_png16
 from models_registry.models import WeightDownload
 from depthsite.exceptions import ConflictError, TooLargeError, InvalidRequestError
@@ -145,6 +143,42 @@ def test_job_is_queued_only_when_the_transaction_commits(small_model, django_cap
     assert job.status == RunStatus.QUEUED and job.attempts == 0 and job.task_id == ""
 
 
+# --- weights ---------------------------------------------------------------------------------------
+
+
+def test_a_job_resolves_its_weights_once(cached_small, run_jobs, settings, monkeypatch):
+    # Result reuse and the estimator read the one resolved file: no second resolution (nor a download).
+    from models_registry.services import resolve
+
+    settings.DEPTHSITE_REUSE_RESULTS = True
+    real_resolve = resolve.weights_resolve
+    resolved = []
+
+    def counting_resolve(**kwargs):
+        resolved.append(kwargs["model"].name)
+        return real_resolve(**kwargs)
+
+    monkeypatch.setattr(resolve, "weights_resolve", counting_resolve)
+    job = create(run_jobs)
+    assert job.status == RunStatus.SUCCEEDED, job.error
+    assert resolved == ["MiDaS_small"]
+
+
+def test_a_cached_file_that_does_not_load_is_marked_and_the_job_runs_on_the_next(cached_small, run_jobs, settings):
+    from models_registry import cachefs
+    from models_registry.choices import Health
+    from models_registry.services.export import weight_convert
+
+    settings.DEPTHSITE_REUSE_RESULTS = True
+    h5 = weight_convert(model=cached_small.model, fmt="h5")
+    cachefs.absolute(cached_small.path).write_bytes(b"")  # damaged behind the registry's back
+    job = create(run_jobs)
+    assert job.status == RunStatus.SUCCEEDED, job.error
+    assert job.weights_format == "h5" and job.weights_sha256 == h5.sha256
+    cached_small.refresh_from_db()
+    assert cached_small.health == Health.CORRUPT and "0 bytes" in cached_small.health_reason
+
+
 # --- reuse -----------------------------------------------------------------------------------------
 
 
@@ -246,10 +280,10 @@ def test_unexpected_error_fails_the_job_with_a_generic_message(cached_small, run
     def boom(**kwargs):
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr(job_services, "write_outputs", boom)
+    monkeypatch.setattr(pipeline, "write_outputs", boom)
     job = create(run_jobs)
     assert job.status == RunStatus.FAILED and job.error_code == JobErrorCode.INTERNAL
-    assert job.error == job_services.ERROR_GENERIC and "secret" not in job.error
+    assert job.error == job_runs.ERROR_GENERIC and "secret" not in job.error
     assert "secret internal detail" in caplog.text  # the traceback is in the log
     assert not media(f"results/{job.pk}").exists()
 
@@ -279,7 +313,7 @@ def test_a_job_running_in_a_live_worker_is_left_alone(cached_small, monkeypatch)
     job = queued_job()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        alive = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{job_services._process_start(sleeper.pid)}"
+        alive = f"{settings.DEPTHSITE_NODE}:{sleeper.pid}:{worker_module._process_start(sleeper.pid)}"
         DepthJob.objects.filter(pk=job.pk).update(status=RunStatus.RUNNING, worker=alive, attempts=1,
                                                   started_at=timezone.now())
         job.refresh_from_db()
@@ -334,8 +368,8 @@ def test_other_nodes_workers_count_as_alive_until_the_timeout_passes(settings):
 def test_concurrent_deliveries_claim_a_job_once(cached_small):
     job = queued_job()
     first, second = DepthJob.objects.get(pk=job.pk), DepthJob.objects.get(pk=job.pk)
-    assert job_services._claim(first, worker_id())
-    assert not job_services._claim(second, "other:1:1")
+    assert job_runs._claim(first, worker_id())
+    assert not job_runs._claim(second, "other:1:1")
     assert DepthJob.objects.get(pk=job.pk).attempts == 1
 
 
@@ -392,7 +426,7 @@ def test_delete_removes_the_row_and_every_file(cached_small, run_jobs):
 
 def test_a_job_deleted_while_running_leaves_no_files(cached_small, run_jobs, monkeypatch):
     job = queued_job()
-    real = job_services.write_outputs
+    real = pipeline.write_outputs
 
     def delete_midway(**kwargs):
         written = real(**kwargs)
@@ -400,7 +434,7 @@ def test_a_job_deleted_while_running_leaves_no_files(cached_small, run_jobs, mon
             DepthJob.objects.filter(pk=job.pk).delete()
         return written
 
-    monkeypatch.setattr(job_services, "write_outputs", delete_midway)
+    monkeypatch.setattr(pipeline, "write_outputs", delete_midway)
     depth_job_run(job=DepthJob.objects.get(pk=job.pk))
     assert not DepthJob.objects.filter(pk=job.pk).exists()
     assert not media(f"results/{job.pk}").exists()
@@ -431,7 +465,7 @@ def test_rerun_refuses_an_active_job(small_model):
 def test_worker_identity_names_node_pid_and_start():
     node, pid, start = worker_id().rsplit(":", 2)
     assert node == settings.DEPTHSITE_NODE and int(pid) == os.getpid()
-    assert start == job_services._process_start(os.getpid())
+    assert start == worker_module._process_start(os.getpid())
 
 
 def test_enqueues_of_one_process_share_one_broker_connection(small_model, monkeypatch):
@@ -453,7 +487,7 @@ def test_enqueues_of_one_process_share_one_broker_connection(small_model, monkey
     monkeypatch.setattr(job_services, "_brokers", {})
     jobs = [job_services.depth_job_create(image=upload()) for _ in range(3)]
     for job in jobs:
-        job_services._depth_job_enqueue(job.pk)
+        job_services.depth_job_enqueue(job.pk)
     assert len(pushed) == 3 and len(made) == 1
     task_ids = {DepthJob.objects.get(pk=job.pk).task_id for job in jobs}
     assert len(task_ids) == 3 and "" not in task_ids

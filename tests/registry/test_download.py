@@ -34,7 +34,8 @@ from models_registry.models import WeightDownload, WeightFile
 from models_registry.services import download as download_service
 from models_registry.services.catalogue import model_pin
 from models_registry.services.download import download_enqueue, weight_download
-from models_registry.services.resolve import weights_resolve, weights_resolve_loaded
+from models_registry.services.records import weights_read
+from models_registry.services.resolve import weights_resolve, weights_use
 from depthsite.testing.weightserver import WeightServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -434,7 +435,7 @@ def test_resolve_loaded_marks_a_file_that_fails_to_load_and_goes_on(small_model,
         handle.seek(12)
         handle.write(b"\xff\xff\xff\xff")  # same size and magic, unreadable header
 
-    weight_file, loaded = weights_resolve_loaded(model=small_model)
+    weight_file, loaded = weights_use(model=small_model, use=weights_read)
 
     damaged.refresh_from_db()
     assert damaged.health == Health.CORRUPT and "header" in damaged.health_reason

@@ -14,10 +14,11 @@ import sys
 
 def record_warm_row() -> str:
     """The task: what the estimator pool does when it has built a network (without torch)."""
+    from inference.worker import worker_id
     from models_registry.models import RegisteredModel
     from models_registry.services.warm import warm_model_record, warm_models_forget_at_exit
 
-    worker = f"test-node:{os.getpid()}"
+    worker = worker_id()
     warm_model_record(model=RegisteredModel.objects.get(name="MiDaS_small"), weight_file=None, worker=worker,
                       device="cpu", dtype="float32")
     warm_models_forget_at_exit(worker=worker)

@@ -7,7 +7,7 @@ from pathlib import Path
 from django.conf import settings
 
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
-from inference.writers import DEFAULT_FOV_DEGREES, OUTPUT_FORMATS, DepthMeta, fov_check, parse_formats, write_outputs
+from inference.writers import DEFAULT_FOV_DEGREES, OUTPUT_FORMATS, fov_check, parse_formats
 from models_registry.catalogue import DEFAULT_MODEL
 from depthsite.exceptions import ApplicationError
 from depthsite.commands import CliError, RegistryCommand
@@ -33,16 +33,16 @@ class Command(RegistryCommand):
                fov=DEFAULT_FOV_DEGREES, **options):
         from tqdm import tqdm
 
-        from inference.estimator import estimator_get
         from inference.images import image_open
+        from inference.pipeline import depth_pass, estimator_ready
+        from models_registry.selectors import model_get
 
         formats = parse_formats(formats)
         fov = fov_check(fov)
         folder = Path(output).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        estimator = estimator_get(model=model, device=device, offline=offline or None)
-        meta = DepthMeta(model=estimator.model_name, weights_sha256=estimator.weights_sha256,
-                         semantics=estimator.semantics)
+        _, estimator = estimator_ready(model=model_get(name=model, enabled_only=True), device=device,
+                                       offline=offline or None)
         failures = 0
         stems: set[str] = set()
         show = len(images) > 1 and sys.stderr.isatty()
@@ -53,9 +53,8 @@ class Command(RegistryCommand):
                 stem = f"{stem}-{len(stems)}"
             try:
                 loaded = image_open(path, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
-                result = estimator.predict(loaded.rgb)
-                written = write_outputs(depth=result.depth, image_rgb=loaded.rgb, folder=folder, stem=stem,
-                                        formats=formats, colormap=colormap, meta=meta, fov_degrees=fov)
+                result, written = depth_pass(estimator=estimator, image=loaded, folder=folder, stem=stem,
+                                             formats=formats, colormap=colormap, fov_degrees=fov)
             except ApplicationError as exc:
                 failures += 1
                 self.stderr.write(f"error: {name}: {exc.message}")
