@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -99,10 +100,22 @@ def write_checkpoint(tmp_path, small_arrays) -> Callable[..., Path]:
     return _write
 
 
+@pytest.fixture(scope="session")
+def _small_pt_bytes(tmp_path_factory, small_arrays) -> Path:
+    """The official-layout MiDaS_small .pt, written once per process (85 MB; each test gets its own copy)."""
+    from models_registry.formats import write_weights
+
+    path = tmp_path_factory.mktemp("small-pt") / "midas_v21_small_256.pt"
+    write_weights(small_arrays, path, "pt", {})
+    return path
+
+
 @pytest.fixture
-def small_pt(write_checkpoint) -> Path:
-    """An official-layout MiDaS_small .pt (a bare state_dict, as the release file is)."""
-    return write_checkpoint("pt", name="midas_v21_small_256.pt")
+def small_pt(tmp_path, _small_pt_bytes) -> Path:
+    """An official-layout MiDaS_small .pt (a bare state_dict, as the release file is), the test's own copy."""
+    path = tmp_path / _small_pt_bytes.name
+    shutil.copyfile(_small_pt_bytes, path)
+    return path
 
 
 @pytest.fixture
@@ -112,9 +125,43 @@ def small_model(db):
     return model_get(name="MiDaS_small")
 
 
-@pytest.fixture
-def cached_small(small_model, small_pt):
-    """MiDaS_small imported into the test cache as pt, unpinned (tests that need a pin set one); its WeightFile."""
-    from models_registry.services.imports import weight_import
+@pytest.fixture(scope="session")
+def _small_import(tmp_path_factory) -> dict:
+    """What importing small_pt made, kept from the first test of this process that imports it: a copy of the
+    cache file and the row's values (cached_small)."""
+    return {"folder": tmp_path_factory.mktemp("small-import")}
 
-    return weight_import(path=small_pt, pin=False).weight_file
+
+_ROW_FIELDS_NOT_COPIED = ("id", "model", "node", "path", "verified_at", "created_at", "last_used_at")
+
+
+@pytest.fixture
+def cached_small(small_model, small_pt, _small_import):
+    """MiDaS_small imported into the test cache as pt, unpinned (tests that need a pin set one); its WeightFile.
+
+    The first test of a process runs the real import; later tests get what it made, a copy of the file at the
+    same place in their own cache and a row with the same values, without repeating the 1 s of reading,
+    hashing and checking 85 MB."""
+    from django.forms.models import model_to_dict
+    from django.utils import timezone
+
+    from models_registry import cachefs
+    from models_registry.models import WeightFile
+    from models_registry.services.imports import weight_import
+    from models_registry.services.records import cache_file_path
+
+    kept = _small_import.get("file")
+    if kept is None:
+        weight_file = weight_import(path=small_pt, pin=False).weight_file
+        kept = _small_import["folder"] / "weights.pt"
+        shutil.copyfile(cachefs.absolute(weight_file.path), kept)
+        _small_import["values"] = {name: value for name, value in model_to_dict(weight_file).items()
+                                   if name not in _ROW_FIELDS_NOT_COPIED}
+        _small_import["file"] = kept
+        return weight_file
+    dest = cache_file_path(model=small_model, fmt="pt")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kept, dest)
+    now = timezone.now()
+    return WeightFile.objects.create(model=small_model, node=cachefs.node_name(), path=cachefs.relative(dest),
+                                     verified_at=now, created_at=now, **_small_import["values"])
