@@ -299,7 +299,9 @@
     request
       .then(function (response) { return action === "download" ? response : settle(response); })
       .then(function (response) {
-        show(result, response.ok, response.ok ? successMessage(action, response.data, model) : response.data.message);
+        // A verify that ran but found a damaged file is an error to the reader, not a success.
+        var healthy = response.ok && !(action === "verify" && response.data.ok === false);
+        show(result, healthy, response.ok ? successMessage(action, response.data, model) : response.data.message);
       })
       .catch(function (error) { show(result, false, String(error)); })
       .finally(function () {

@@ -138,7 +138,8 @@ def test_staff_verify_in_the_browser_turns_the_badge_corrupt(staff_page, live_se
 
     row.get_by_role("button", name="Verify").click()
 
-    expect(row.locator(".result")).to_contain_text("pt: corrupt", timeout=30_000)
+    expect(row.locator(".result")).to_contain_text("MiDaS_small [pt]: corrupt", timeout=30_000)
+    expect(row.locator(".result")).to_have_class(re.compile(r"\berror\b"))  # shown as a problem, not in green
     expect(badge).to_have_text("corrupt", timeout=15_000)
     expect(badge).to_have_class(re.compile(r"\bcorrupt\b"))
     expect(row.locator('.wf[data-format="pt"] .reason')).to_contain_text("truncated")
