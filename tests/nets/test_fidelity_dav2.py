@@ -98,6 +98,9 @@ def test_net_output_matches_golden(loaded, dav2_dir, size):
 @pytest.mark.parametrize("image_size", IMAGE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_end_to_end_matches_golden(loaded, dav2_dir, image_size):
     name, model, _ = loaded
+    if name != "Depth_Anything_V2_Small":
+        # Preprocessing and output resize are the family's: the larger encoders' net goldens prove their networks.
+        pytest.skip("same code path as the smaller model of its family; too slow to repeat on two cores")
     height, width = image_size
     # The synthetic image is RGB; the official infer_image gets it as BGR and converts.
     assert tuple(preprocess(synthetic_image(height, width), name).shape[-2:]) == target_size(height, width, name)
