@@ -212,7 +212,7 @@ class WarmModel(models.Model):
     weight_file = models.ForeignKey(WeightFile, null=True, blank=True, on_delete=models.SET_NULL)
     weights_sha256 = models.CharField(max_length=64, blank=True)
     node = models.CharField(max_length=255)
-    worker = models.CharField(max_length=255, help_text="host:pid of the process holding it.")
+    worker = models.CharField(max_length=255, help_text="node:pid:start of the process holding it (inference.worker.worker_id).")
     device = models.CharField(max_length=32)
     dtype = models.CharField(max_length=16)
     load_ms = models.FloatField(null=True, blank=True)

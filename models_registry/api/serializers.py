@@ -129,7 +129,7 @@ class WeightFileSerializer(serializers.Serializer):
 
 
 class WarmLoadSerializer(serializers.Serializer):
-    worker = serializers.CharField(help_text="host:pid of the process holding the network.")
+    worker = serializers.CharField(help_text="node:pid:start of the process holding the network.")
     node = serializers.CharField()
     device = serializers.CharField()
     dtype = serializers.CharField()
