@@ -255,9 +255,10 @@ def _uncached_option(model: RegisteredModel, download_url, *, detailed: bool) ->
         return ModelOption(model.name, model.display_name, False, True,
                            f"not cached: copied from the local mirror on first use{size}")
     if settings.DEPTHSITE_OFFLINE:
+        # Operators get the command; everyone else only what it means for them.
+        how = f" (manage.py models import PATH --model {model.name})" if detailed else ""
         return ModelOption(model.name, model.display_name, False, False,
-                           "not cached, and this site is offline (DEPTHSITE_OFFLINE): an administrator must "
-                           f"import it first (manage.py models import PATH --model {model.name})")
+                           f"not cached, and this site is offline: an administrator must import it first{how}")
     host = urlsplit(url).hostname or url
     if not detailed and url != model.source_url:
         host = "the site's model mirror"

@@ -44,7 +44,7 @@ def test_upload_page_needs_login_unless_uploads_are_public(client, small_model, 
     assert client.get("/").status_code == 200
 
 
-def test_upload_page_lists_models_with_their_cache_status(web, cached_small, settings):
+def test_upload_page_lists_models_with_their_cache_status(web, cached_small, settings, staff):
     settings.DEPTHSITE_OFFLINE = False
     page = web.get("/").content.decode()
     assert 'enctype="multipart/form-data"' in page and "csrfmiddlewaretoken" in page
@@ -53,7 +53,11 @@ def test_upload_page_lists_models_with_their_cache_status(web, cached_small, set
     assert "jobs.js" in page and "jobs.css" in page
     settings.DEPTHSITE_OFFLINE = True
     page = web.get("/").content.decode()
-    assert "this site is offline" in page and "manage.py models import PATH --model DPT_Large" in page
+    # A user learns what it means for them; only staff get the operators' command.
+    assert "this site is offline: an administrator must import it first" in page and "manage.py" not in page
+    web.force_login(staff)
+    page = web.get("/").content.decode()
+    assert "manage.py models import PATH --model DPT_Large" in page
 
 
 def test_upload_runs_the_job_and_the_page_shows_the_result(web, cached_small, run_jobs, user):
