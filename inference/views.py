@@ -49,12 +49,9 @@ from inference.selectors import (
     uploads_allowed,
 )
 from inference.services.jobs import DEFAULT_MODEL, depth_job_create, depth_job_delete
-from inference.services.batches import (
-    depth_batch_archive_plan,
-    depth_batch_archive_stream,
-    depth_batch_create,
-    depth_batch_images_collect,
-)
+from inference.services.batch_images import depth_batch_images_collect
+from inference.services.batch_zip import depth_batch_archive_plan, depth_batch_archive_stream
+from inference.services.batches import depth_batch_create
 from inference.services.rerun import depth_job_run_again
 from models_registry.api.throttling import client_address
 from models_registry.catalogue import cpu_times_machine
@@ -454,7 +451,7 @@ def _batch_upload(request, *, limit: BatchUploadLimitHandler | None):
 
 
 def _batch_upload_page(request, form: DepthBatchForm, *, status: int, options=None, refusal: str = ""):
-    from inference.services.batches import batch_max_bytes, batch_max_files
+    from inference.services.batch_images import batch_max_bytes, batch_max_files
 
     return render(request, "inference/batch_upload.html", {
         **_job_options_context(request, form, options=options, refusal=refusal),
