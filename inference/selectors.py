@@ -228,7 +228,7 @@ def model_options(*, detailed: bool = False) -> list[ModelOption]:
 
 
 def _model_option(model: RegisteredModel, *, detailed: bool) -> ModelOption:
-    from models_registry.services.download import download_url
+    from models_registry.services.transfer import download_url
 
     files = weight_files_usable(model=model)
     if files:

@@ -1,6 +1,6 @@
 """Fetch one file into a partial file: over HTTP(S), resumable and retried, or copied from a file:// folder.
 
-Django-free: no settings, no rows, no wording for users. The download service (services/download.py) decides
+Django-free: no settings, no rows, no wording for users. The download's transfer (services/transfer.py) decides
 where the partial file lives, what limits apply, what a failure means for the model, and how to say it.
 What this module knows is bytes: it streams them into `part`, hashes them as they come, stops at the byte
 limit, never decodes a compressed body, and keeps a sidecar (`part` + ".json") with the source's validator so

@@ -16,7 +16,7 @@ from inference.images import ALPHA_NOTE
 from inference.models import DepthJob
 from inference.selectors import depth_job_public
 from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
-from models_registry.api.serializers import StrictSerializer, UploadField
+from models_registry.api.fields import StrictSerializer, UploadField
 from models_registry.catalogue import DEFAULT_MODEL
 
 

@@ -30,12 +30,9 @@ from inference.selectors import (
     depth_job_list,
     depth_job_may_delete,
 )
-from inference.services.batches import (
-    depth_batch_archive_plan,
-    depth_batch_archive_stream,
-    depth_batch_create,
-    depth_batch_images_collect,
-)
+from inference.services.batch_images import depth_batch_images_collect
+from inference.services.batch_zip import depth_batch_archive_plan, depth_batch_archive_stream
+from inference.services.batches import depth_batch_create
 from inference.media import media_open
 from inference.sessions import upload_session_key
 from inference.services.jobs import depth_job_create, depth_job_delete

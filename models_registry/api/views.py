@@ -18,7 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from depthsite.parsers import JSONParser
-from models_registry.api import serializers as s
+from models_registry.api import action_serializers as actions, serializers as s
 from models_registry.api.public import cache_info_public, registry_reader_is_public
 from models_registry.api.permissions import CanReadRegistry, IsStaff
 from models_registry.api.throttling import SettingsScopedRateThrottle
@@ -160,12 +160,12 @@ class CacheClearApi(RegistryWriteApi):
 
     @extend_schema(tags=[TAG], operation_id="models_cache_clear",
                    summary="Delete cached files and their records (all, one model, or one format)",
-                   request=s.CacheClearRequestSerializer,
-                   responses={200: s.CacheClearResultSerializer, **errors(*WRITE_ERRORS)})
+                   request=actions.CacheClearRequestSerializer,
+                   responses={200: actions.CacheClearResultSerializer, **errors(*WRITE_ERRORS)})
     def post(self, request):
         from models_registry.services.cache import cache_clear
 
-        data = _validated(s.CacheClearRequestSerializer, request.data)
+        data = _validated(actions.CacheClearRequestSerializer, request.data)
         if not data["confirm"]:
             raise InvalidRequestError('clearing deletes weight files: send {"confirm": true} to go ahead',
                                   extra={"field": "confirm"})
@@ -183,16 +183,16 @@ def _run_or_queue(request, *, kind: str, model, params: dict, sync: bool = False
     ManagementRun and answer 202 with it (and its URL in Location), as a download does."""
     from models_registry.services.runs import management_action, management_run_enqueue
 
-    if sync or _validated(s.WaitQuerySerializer, request.query_params)["wait"]:
+    if sync or _validated(actions.WaitQuerySerializer, request.query_params)["wait"]:
         return Response(management_action(kind=kind, model=model, params=params))
     run = management_run_enqueue(kind=kind, model=model, params=params, requested_by=request.user.get_username())
     run.refresh_from_db()  # with Q_CLUSTER sync the task has already run
-    body = s.ManagementRunSerializer(run, context={"request": request}).data
+    body = actions.ManagementRunSerializer(run, context={"request": request}).data
     return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body["url"]})
 
 
 def _run_responses(sync_serializer, *codes: int) -> dict:
-    return {202: s.ManagementRunSerializer, 200: sync_serializer, **errors(*WRITE_ERRORS, *codes)}
+    return {202: actions.ManagementRunSerializer, 200: sync_serializer, **errors(*WRITE_ERRORS, *codes)}
 
 
 class CacheOptimizeApi(RegistryWriteApi):
@@ -202,10 +202,10 @@ class CacheOptimizeApi(RegistryWriteApi):
     @extend_schema(tags=[TAG], operation_id="models_cache_optimize",
                    summary="Plan (dry_run, the default) or carry out the removal of corrupt, orphan, stale "
                            "and least recently used files",
-                   parameters=[WAIT_PARAMETER], request=s.CacheOptimizeRequestSerializer,
-                   responses=_run_responses(s.OptimizePlanSerializer))
+                   parameters=[WAIT_PARAMETER], request=actions.CacheOptimizeRequestSerializer,
+                   responses=_run_responses(actions.OptimizePlanSerializer))
     def post(self, request):
-        data = _validated(s.CacheOptimizeRequestSerializer, request.data)
+        data = _validated(actions.CacheOptimizeRequestSerializer, request.data)
         node_check(node=data.get("node") or "", action="optimize")
         params = {"dry_run": data["dry_run"], "max_bytes": data.get("max_bytes")}
         return _run_or_queue(request, kind="optimize", model=None, params=params, sync=data["dry_run"])
@@ -216,12 +216,12 @@ class ModelDownloadApi(RegistryWriteApi):
 
     @extend_schema(tags=[TAG], operation_id="models_download",
                    summary="Queue a download of the model's weights (from DEPTHSITE_MODEL_MIRROR or the catalogue)",
-                   parameters=[NAME_PARAMETER], request=s.DownloadRequestSerializer,
+                   parameters=[NAME_PARAMETER], request=actions.DownloadRequestSerializer,
                    responses={202: s.DownloadSerializer, **errors(*WRITE_ERRORS, 409, 503)})
     def post(self, request, name: str):
         from models_registry.services.download import download_enqueue
 
-        data = _validated(s.DownloadRequestSerializer, request.data)
+        data = _validated(actions.DownloadRequestSerializer, request.data)
         model = model_get(name=name, enabled_only=True)
         node_check(node=data.get("node") or "", action="download", model=model.name, fmt=data.get("format") or "")
         download = download_enqueue(model=model, fmt=data.get("format"), requested_by=request.user.get_username())
@@ -234,10 +234,10 @@ class ModelVerifyApi(RegistryWriteApi):
 
     @extend_schema(tags=[TAG], operation_id="models_verify",
                    summary="Check the model's cached files on this node (hash, layout, and a tiny forward pass)",
-                   parameters=[NAME_PARAMETER, WAIT_PARAMETER], request=s.VerifyRequestSerializer,
-                   responses=_run_responses(s.VerifyResponseSerializer))
+                   parameters=[NAME_PARAMETER, WAIT_PARAMETER], request=actions.VerifyRequestSerializer,
+                   responses=_run_responses(actions.VerifyResponseSerializer))
     def post(self, request, name: str):
-        data = _validated(s.VerifyRequestSerializer, request.data)
+        data = _validated(actions.VerifyRequestSerializer, request.data)
         model = model_get(name=name)
         node_check(node=data.get("node") or "", action="verify", model=model.name, fmt=data.get("format") or "")
         params = {"format": data.get("format"), "functional": data["functional"]}
@@ -249,10 +249,10 @@ class ModelConvertApi(RegistryWriteApi):
 
     @extend_schema(tags=[TAG], operation_id="models_convert",
                    summary="Add a cached copy in another format (same tensors, proven by the content digest)",
-                   parameters=[NAME_PARAMETER, WAIT_PARAMETER], request=s.ConvertRequestSerializer,
+                   parameters=[NAME_PARAMETER, WAIT_PARAMETER], request=actions.ConvertRequestSerializer,
                    responses=_run_responses(s.WeightFileSerializer, 409, 422, 507))
     def post(self, request, name: str):
-        data = _validated(s.ConvertRequestSerializer, request.data)
+        data = _validated(actions.ConvertRequestSerializer, request.data)
         return _run_or_queue(request, kind="convert", model=model_get(name=name), params={"format": data["format"]})
 
 
@@ -263,13 +263,13 @@ class ManagementRunDetailApi(RegistryApi):
 
     @extend_schema(tags=[TAG], operation_id="models_runs_retrieve",
                    summary="A background verify, convert or optimize: status, then result or error",
-                   responses={200: s.ManagementRunSerializer, **errors(*READ_ERRORS, 404)})
+                   responses={200: actions.ManagementRunSerializer, **errors(*READ_ERRORS, 404)})
     def get(self, request, pk: int):
         from models_registry.selectors import management_run_get
         from models_registry.services.runs import management_run_refresh
 
         run = management_run_refresh(run=management_run_get(pk=pk))
-        return Response(s.ManagementRunSerializer(run, context={"request": request}).data)
+        return Response(actions.ManagementRunSerializer(run, context={"request": request}).data)
 
 
 class _WeightFileRenderer(BaseRenderer):
@@ -313,14 +313,14 @@ class ModelExportApi(RegistryApi):
 
     @extend_schema(tags=[TAG], operation_id="models_export",
                    summary="Stream the model's weights in a format, or a bundle (.tar with a manifest)",
-                   parameters=[NAME_PARAMETER, s.ExportQuerySerializer],
+                   parameters=[NAME_PARAMETER, actions.ExportQuerySerializer],
                    responses={(200, "application/octet-stream"): OpenApiResponse(
                        OpenApiTypes.BINARY, description="The file; ETag, Digest and Repr-Digest carry its sha256."),
                        **errors(*READ_ERRORS, 400, 404, 409, 422, 507)})
     def get(self, request, name: str):
         from models_registry.services.export import weight_export_artifact
 
-        query = _validated(s.ExportQuerySerializer, request.query_params)
+        query = _validated(actions.ExportQuerySerializer, request.query_params)
         result = weight_export_artifact(model=model_get(name=name), fmt=query["format"], bundle=query["bundle"])
         response = FileResponse(result.open(), as_attachment=True, filename=result.download_name,
                                 content_type="application/x-tar" if result.bundle else "application/octet-stream")
@@ -354,13 +354,13 @@ class WeightImportApi(RegistryWriteApi):
 
     @extend_schema(tags=[TAG], operation_id="models_import",
                    summary="Upload a weight file or bundle: recognised by content, loaded safely, checked, cached",
-                   request={"multipart/form-data": s.ImportRequestSerializer},
-                   responses={201: s.ImportResultSerializer, 200: s.ImportResultSerializer,
+                   request={"multipart/form-data": actions.ImportRequestSerializer},
+                   responses={201: actions.ImportResultSerializer, 200: actions.ImportResultSerializer,
                               **errors(*WRITE_ERRORS, 409, 413, 422, 507)})
     def post(self, request):
         from models_registry.services.imports import weight_import
 
-        data = _validated(s.ImportRequestSerializer, request.data)
+        data = _validated(actions.ImportRequestSerializer, request.data)
         upload = data["file"]
         upload.close()
         # The file is saved under a temporary name; the service names it as the caller sent it.

@@ -181,7 +181,7 @@ def test_a_disk_that_fills_up_during_a_download_leaves_nothing(tiny_disk, small_
     from models_registry import fetch
     from depthsite.choices import RunStatus
     from models_registry.models import WeightDownload, WeightFile
-    from models_registry.services import download as download_service
+    from models_registry.services import transfer
     from models_registry.services.download import weight_download
 
     served = tmp_path / "served"
@@ -189,7 +189,7 @@ def test_a_disk_that_fills_up_during_a_download_leaves_nothing(tiny_disk, small_
     write_weights(small_arrays, served / "midas_v21_small_256.pt", "pt", {})
     size = (served / "midas_v21_small_256.pt").stat().st_size
     # Exactly what the pre-transfer check asks for (the file and its margin), and a little more.
-    cache = tiny_disk("cache", size + download_service.DISK_MARGIN_BYTES + 4 * 1024 * KB)
+    cache = tiny_disk("cache", size + transfer.DISK_MARGIN_BYTES + 4 * 1024 * KB)
     settings.DEPTHSITE_CACHE_DIR = cache
     monkeypatch.setattr(fetch, "RETRY_BACKOFF_SECONDS", 0.01)
     part = cache / "MiDaS_small" / "midas_v21_small_256.pt.part"

@@ -32,6 +32,7 @@ from depthsite.exceptions import (
 )
 from models_registry.models import WeightDownload, WeightFile
 from models_registry.services import download as download_service
+from models_registry.services import transfer
 from models_registry.services.catalogue import model_pin
 from models_registry.services.download import download_enqueue, weight_download
 from models_registry.services.records import weights_read
@@ -122,7 +123,7 @@ def test_clean_download_from_catalogue_url_is_recorded_and_pinned(small_model, s
     # Progress is saved on the row at most every PROGRESS_INTERVAL, not once per 1 MiB chunk.
     progress_writes = [q for q in queries.captured_queries
                        if q["sql"].startswith("UPDATE") and 'SET "bytes_done"' in q["sql"]]
-    assert 1 <= len(progress_writes) <= elapsed / download_service.PROGRESS_INTERVAL_SECONDS + 3
+    assert 1 <= len(progress_writes) <= elapsed / transfer.PROGRESS_INTERVAL_SECONDS + 3
     assert _leftovers() == [f"MiDaS_small/{FILE_NAME}"]
     assert [(r.status, r.range) for r in server.gets()] == [(200, None)]
 
@@ -631,8 +632,8 @@ def test_an_endless_body_is_cut_at_the_pinned_size(small_model, mirror, served):
 
 def test_an_endless_body_is_cut_at_the_catalogue_size_when_nothing_is_pinned(small_model, mirror, served,
                                                                              monkeypatch):
-    monkeypatch.setattr(download_service, "SIZE_MARGIN_RATIO", 0.0)
-    monkeypatch.setattr(download_service, "SIZE_MARGIN_BYTES", 2 * MB)
+    monkeypatch.setattr(transfer, "SIZE_MARGIN_RATIO", 0.0)
+    monkeypatch.setattr(transfer, "SIZE_MARGIN_BYTES", 2 * MB)
     mirror.configure(endless=True)
 
     with pytest.raises(DownloadError) as caught:

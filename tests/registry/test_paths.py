@@ -18,7 +18,8 @@ from models_registry.choices import Health
 from depthsite.exceptions import ApplicationError, InvalidRequestError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
 from models_registry.services.cache import cache_clear, cache_optimize_execute, cache_optimize_plan
-from models_registry.services.download import download_url, weight_download
+from models_registry.services.download import weight_download
+from models_registry.services.transfer import download_url
 
 pytestmark = pytest.mark.django_db
 

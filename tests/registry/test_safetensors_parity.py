@@ -57,11 +57,11 @@ def test_the_real_layout_reads_alike(tmp_path, small_arrays):
 
 def test_a_header_the_library_would_parse_but_over_our_cap_is_refused(tmp_path, monkeypatch):
     # Stricter on purpose: a header of many MB would be parsed into far more memory than the file holds.
-    from models_registry.formats import io
+    from models_registry.formats import safetensors_file
 
     path = tmp_path / "w.safetensors"
     save_file({"a": np.zeros(3, np.float32)}, str(path), metadata={"pad": "x" * 4096})
     assert np.array_equal(_library(path)["a"], np.zeros(3, np.float32))
-    monkeypatch.setattr(io, "ST_MAX_HEADER", 1024)
+    monkeypatch.setattr(safetensors_file, "ST_MAX_HEADER", 1024)
     with pytest.raises(WeightFileError, match="malformed safetensors header"):
         read_weights(path, "safetensors")
