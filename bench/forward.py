@@ -65,6 +65,30 @@ def build_network(name: str, weights: str):
     return create_model(name, state_dict=state_dict).eval()
 
 
+def _side_by_side(network, session, batch, repeats: int):
+    """Eager and the ONNX session on one input, alternating run by run after a warm-up that gives both outputs:
+    (eager output, eager seconds, ONNX seconds, max |diff| / range of the eager output)."""
+    import numpy as np
+    import torch
+
+    input_name = session.get_inputs()[0].name
+    eager_times, onnx_times = [], []
+    with torch.inference_mode():
+        eager = network(torch.from_numpy(batch)).float().numpy()
+        fast = session.run(None, {input_name: batch})[0]
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            network(torch.from_numpy(batch))
+            eager_times.append(time.perf_counter() - begin)
+            begin = time.perf_counter()
+            session.run(None, {input_name: batch})
+            onnx_times.append(time.perf_counter() - begin)
+    spread = float(eager.max() - eager.min())
+    # A randomly initialised head may output a constant (ReLU of all-negative): then there is no range to compare to.
+    diff = float(np.abs(fast.astype(np.float64) - eager).max() / spread) if spread > 0 else None
+    return eager, eager_times, onnx_times, diff
+
+
 def measure(name: str, repeats: int, threads: int, workdir: Path, weights: str = "det") -> dict:
     import numpy as np
     import torch
@@ -80,7 +104,6 @@ def measure(name: str, repeats: int, threads: int, workdir: Path, weights: str =
     network = build_network(name, weights)
     height, width = config.net_size
     batch = probe_input(height, width)
-    tensor = torch.from_numpy(batch)
     path = workdir / f"{name}.onnx"
     started = time.perf_counter()
     network_export(network, config, path)
@@ -88,22 +111,9 @@ def measure(name: str, repeats: int, threads: int, workdir: Path, weights: str =
     started = time.perf_counter()
     session = session_open(path, threads)
     open_s = time.perf_counter() - started
-    input_name = session.get_inputs()[0].name
 
-    eager_times, onnx_times = [], []
-    with torch.inference_mode():
-        eager = network(tensor).float().numpy()  # warm-up, and the reference output
-        fast = session.run(None, {input_name: batch})[0]
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            network(tensor)
-            eager_times.append(time.perf_counter() - begin)
-            begin = time.perf_counter()
-            session.run(None, {input_name: batch})
-            onnx_times.append(time.perf_counter() - begin)
+    eager, eager_times, onnx_times, diff = _side_by_side(network, session, batch, repeats)
     spread = float(eager.max() - eager.min())
-    # A randomly initialised head may output a constant (ReLU of all-negative): then there is no range to compare to.
-    diff = float(np.abs(fast.astype(np.float64) - eager).max() / spread) if spread > 0 else None
 
     # Pre- and postprocessing of one photo: the torch transforms (eager path) against the numpy twin.
     from models_registry.detweights import synthetic_image
@@ -123,24 +133,10 @@ def measure(name: str, repeats: int, threads: int, workdir: Path, weights: str =
         pre_numpy.append(time.perf_counter() - begin)
     # The same comparison at the photo's network input (4:3: not the export size), where the graph resizes its
     # position tables itself; fixed-size networks take their native square for every photo.
-    photo_eager, photo_onnx, photo_diff = [], [], diff
     if tuple(size) != (height, width):
-        photo_batch = probe_input(*size)
-        with torch.inference_mode():
-            reference = network(torch.from_numpy(photo_batch)).float().numpy()
-            photo_fast = session.run(None, {input_name: photo_batch})[0]
-            for _ in range(repeats):
-                begin = time.perf_counter()
-                network(torch.from_numpy(photo_batch))
-                photo_eager.append(time.perf_counter() - begin)
-                begin = time.perf_counter()
-                session.run(None, {input_name: photo_batch})
-                photo_onnx.append(time.perf_counter() - begin)
-        photo_spread = float(reference.max() - reference.min())
-        photo_diff = (float(np.abs(photo_fast.astype(np.float64) - reference).max() / photo_spread)
-                      if photo_spread > 0 else None)
+        _, photo_eager, photo_onnx, photo_diff = _side_by_side(network, session, probe_input(*size), repeats)
     else:
-        photo_eager, photo_onnx = eager_times, onnx_times
+        photo_eager, photo_onnx, photo_diff = eager_times, onnx_times, diff
     artifact_bytes = path.stat().st_size
     del session, network
     path.unlink()
