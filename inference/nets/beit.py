@@ -59,7 +59,7 @@ def relative_position_index(grid: tuple, device=None) -> torch.Tensor:
     distance = ((row.unsqueeze(1) - row.unsqueeze(0) + rows - 1) * (2 * cols - 1)
                 + col.unsqueeze(1) - col.unsqueeze(0) + cols - 1)
     first = (2 * rows - 1) * (2 * cols - 1)  # the three class-token entries follow the distances
-    to_patches = torch.full_like(patches, 0) + first
+    to_patches = torch.zeros_like(patches) + first
     corner = torch.zeros_like(patches[:1]) + first + 2
     top = torch.cat((corner, to_patches)).unsqueeze(0)
     below = torch.cat(((to_patches + 1).unsqueeze(1), distance), dim=1)
