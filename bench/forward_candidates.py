@@ -6,8 +6,10 @@
 Candidates, each on the same input at the native size (median of --repeats after a warm-up); the fp32
 eager baseline runs before each timed run of a candidate, and each ratio is against those baseline runs,
 so both saw the same load: channels_last, bfloat16 and
-float16 eager, torch.compile (its compile cost reported apart), and the ONNX artifact under each graph
-optimisation level and with 1 thread or all. max|diff|/range is against the fp32 eager output.
+float16 eager, torch.compile (its compile cost reported apart), the ONNX artifact under each graph
+optimisation level and with 1 thread or all, and the artifact after ORT's transformer fusions
+(onnxruntime.transformers: LayerNorm, GELU and attention subgraphs into its contrib operators).
+max|diff|/range is against the fp32 eager output.
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
     network_export(network, config, path)
     levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    for label, level in levels.items():
+    for label, level in levels.items() if "levels" not in skip else ():
         options = session_options(threads)
         options.graph_optimization_level = level
         started = time.perf_counter()
@@ -122,10 +124,32 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         open_s = time.perf_counter() - started
         seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
         add(f"onnx, optimisation {label}, {threads} threads", seconds, out, f"session open {open_s:.2f} s", base=base)
-    for count in sorted({1, threads}):
+    for count in sorted({1, threads}) if "levels" not in skip else (threads,):
         session = ort.InferenceSession(str(path), session_options(count), providers=["CPUExecutionProvider"])
         seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
         add(f"onnx, optimisation all, {count} thread{'s' if count != 1 else ''}", seconds, out, base=base)
+    del session
+    if "fusions" not in skip:
+        # ORT's transformer optimiser: LayerNorm, GELU and attention subgraphs fused into its contrib operators.
+        try:
+            from onnxruntime.transformers import optimizer
+
+            fused_path = workdir / f"{name}.fused.onnx"
+            started = time.perf_counter()
+            attention = next(m for m in network.modules() if hasattr(m, "num_heads") and hasattr(m, "qkv"))
+            fused = optimizer.optimize_model(str(path), model_type="vit", num_heads=attention.num_heads,
+                                             hidden_size=attention.qkv.in_features, opt_level=0, use_gpu=False)
+            fused.save_model_to_file(str(fused_path))
+            fuse_s = time.perf_counter() - started
+            counts = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+            session = ort.InferenceSession(str(fused_path), session_options(threads), providers=["CPUExecutionProvider"])
+            seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
+            add("onnx + transformer fusions", seconds, out, f"fusing {fuse_s:.1f} s; fused {counts}", base=base)
+            del session, fused
+            fused_path.unlink()
+        except Exception as exc:  # any failure is the finding
+            rows.append({"model": name, "candidate": "onnx + transformer fusions", "seconds": None, "ratio": None,
+                         "max_diff_of_range": None, "note": f"fails: {type(exc).__name__}: {str(exc)[:80]}"})
     path.unlink()
     return rows
 
@@ -137,7 +161,7 @@ def main() -> None:
     parser.add_argument("--models", default="MiDaS_small,DPT_Hybrid")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--skip", default="", help="comma-separated: channels_last,bf16,fp16,compile")
+    parser.add_argument("--skip", default="", help="comma-separated: channels_last,bf16,fp16,compile,levels,fusions")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
