@@ -162,6 +162,34 @@ def test_verify_checks_an_artifacts_bytes(cached_small):
     assert artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small) is None
 
 
+def test_an_artifact_is_hashed_again_only_when_its_inode_changed_after_it_was_hashed(cached_small, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    artifact = fake_artifact(cached_small.model, cached_small)
+    hashed = []
+    monkeypatch.setattr(artifacts, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+
+    def find() -> WeightFile | None:
+        return artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small)
+
+    # Never hashed since it was recorded: hashed.
+    assert find() == artifact and len(hashed) == 1
+    # Hashed well after its last change: trusted without reading its bytes.
+    WeightFile.objects.filter(pk=artifact.pk).update(verified_at=timezone.now() + timedelta(seconds=60))
+    assert find() == artifact and len(hashed) == 1
+    # Overwritten in place, same size, after it was last hashed: hashed, found damaged, never served.
+    WeightFile.objects.filter(pk=artifact.pk).update(verified_at=timezone.now() - timedelta(hours=1))
+    path = cachefs.absolute(artifact.path)
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert find() is None and len(hashed) == 2
+    artifact.refresh_from_db()
+    assert artifact.health == Health.CORRUPT
+
+
 # --- built, checked and used (real exports of MiDaS_small) ---------------------------------------------
 
 
