@@ -129,6 +129,11 @@ FP16 = get_bool("DEPTHSITE_FP16", False)
 RUNTIME = get_str("DEPTHSITE_RUNTIME", "auto").lower()
 if RUNTIME not in ("auto", "onnx", "eager"):
     raise EnvError(f"DEPTHSITE_RUNTIME={RUNTIME!r} is not one of auto, onnx, eager")
+# Where an artifact is exported on first use: "process" (a child process, so a worker keeps neither torch nor
+# the export's peak memory, 4.35x DPT_Large's weights when built inside it) or "inline" (this process).
+RUNTIME_BUILD = get_str("DEPTHSITE_RUNTIME_BUILD", "process").lower()
+if RUNTIME_BUILD not in ("process", "inline"):
+    raise EnvError(f"DEPTHSITE_RUNTIME_BUILD={RUNTIME_BUILD!r} is not one of process, inline")
 WARM_MODELS = get_int("DEPTHSITE_WARM_MODELS", 2)
 WARM_BYTES = get_size("DEPTHSITE_WARM_BYTES", None)  # tensor bytes kept loaded per worker; unset: no limit
 PRELOAD = get_list("DEPTHSITE_PRELOAD", [])  # models a worker warms before taking its first job

@@ -52,7 +52,8 @@ _failed_artifacts: set[tuple[str, str]] = set()  # (model, weights sha256) whose
 
 
 def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile) -> Estimator | None:
-    """The ONNX estimator of these weights, building and checking the artifact first when there is none.
+    """The ONNX estimator of these weights, building and checking the artifact first when there is none
+    (in a child process unless DEPTHSITE_RUNTIME_BUILD=inline).
 
     None when there can be none (export or check failed, the file does not open): the caller runs eager,
     and the reason is logged once."""
@@ -66,7 +67,12 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile) -> 
     artifact = runtime_artifact_find(model=model, weight_file=weight_file)
     if artifact is None:
         try:
-            artifact = runtime_artifact_build(model=model, weight_file=weight_file)
+            if settings.DEPTHSITE_RUNTIME_BUILD == "process":
+                from inference.runtime.build_process import artifact_build_in_child
+
+                artifact = artifact_build_in_child(model=model, weight_file=weight_file)
+            else:
+                artifact = runtime_artifact_build(model=model, weight_file=weight_file)
         except ApplicationError as exc:
             # Weights that do not load fail again in eager, which reports them (and they are marked corrupt).
             _failed_artifacts.add(failure_key)

@@ -19,6 +19,8 @@ DEPTHSITE_CACHE_MAX_BYTES = None
 DEPTHSITE_CACHE_FORMAT = ""
 # Exporting an ONNX artifact costs seconds per model: the runtime tests ask for it, the others run eager.
 DEPTHSITE_RUNTIME = "eager"
+# A child process would open the database the settings name, not the test database this process made.
+DEPTHSITE_RUNTIME_BUILD = "inline"
 
 Q_CLUSTER = {**Q_CLUSTER, "sync": True}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

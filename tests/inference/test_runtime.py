@@ -252,6 +252,35 @@ def test_damaged_or_missing_artifact_is_detected_and_rebuilt(cached_small, caplo
     assert again.runtime == "onnx" and path.exists()
 
 
+@pytest.mark.parametrize("exit_code, stderr, said", [
+    (1, "Traceback ...\nthe ONNX artifact of MiDaS_small differs from eager by 1.00e-03\n",
+     "differs from eager by 1.00e-03"),
+    (0, "", "the build process recorded no usable ONNX artifact of MiDaS_small"),
+])
+def test_a_child_build_that_made_no_artifact_falls_back_to_eager_said_once(cached_small, settings, monkeypatch,
+                                                                          caplog, pool, exit_code, stderr, said):
+    import subprocess
+
+    from inference.runtime import build_process
+
+    settings.DEPTHSITE_RUNTIME_BUILD = "process"
+    calls = []
+
+    def child(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, exit_code, stdout="", stderr=stderr)
+
+    monkeypatch.setattr(build_process.subprocess, "run", child)
+    with caplog.at_level(logging.WARNING, logger="inference.runtime"):
+        first = pool_warm(pool, "MiDaS_small")
+        second = pool_warm(EstimatorPool(capacity=1), "MiDaS_small")
+    assert first.runtime == "eager" and second.runtime == "eager"
+    assert calls == [[build_process.sys.executable, "-m", "inference.runtime.build_process", str(cached_small.pk)]]
+    fallbacks = [r.getMessage() for r in caplog.records if "runs in eager PyTorch" in r.getMessage()]
+    assert len(fallbacks) == 1 and said in fallbacks[0]
+    assert artifact_row() is None
+
+
 @pytest.mark.slow
 def test_artifact_failing_its_check_falls_back_to_eager_said_once(cached_small, monkeypatch, caplog, pool):
     real_compare = artifacts.artifact_compare

@@ -34,9 +34,8 @@ PROBE = textwrap.dedent("""
 """ % (HEAVY,))
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory, request):
-    root = tmp_path_factory.mktemp("runtime-site")
+def small_site(root):
+    """A site on the default runtime with MiDaS_small's weights imported and no artifact built yet."""
     site = make_site(root / "site", DEPTHSITE_RUNTIME="auto")
     arrays_path = root / "midas_v21_small_256.pt"
     from models_registry.formats import write_weights
@@ -46,6 +45,23 @@ def site(tmp_path_factory, request):
     imported = site.manage("models", "import", str(arrays_path), "--model", "MiDaS_small")
     assert imported.returncode == 0, imported.stderr
     return site
+
+
+def run_probe(site, photo, out, **env):
+    import subprocess
+    import sys
+
+    from depthsite.testing.cli import PROJECT_ROOT
+
+    probe = subprocess.run([sys.executable, "-c", PROBE, str(photo), str(out)], cwd=PROJECT_ROOT,
+                           env=site.env(**env), capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    return json.loads(probe.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, request):
+    return small_site(tmp_path_factory.mktemp("runtime-site"))
 
 
 def test_build_runtime_then_predict_and_a_job_without_torch(site, tmp_path):
@@ -61,18 +77,20 @@ def test_build_runtime_then_predict_and_a_job_without_torch(site, tmp_path):
     photo = tmp_path / "photo.png"
     Image.fromarray(synthetic_image(240, 320)).save(photo)
     out = tmp_path / "out"
-    import subprocess
-    import sys
-
-    from depthsite.testing.cli import PROJECT_ROOT
-
-    probe = subprocess.run([sys.executable, "-c", PROBE, str(photo), str(out)], cwd=PROJECT_ROOT, env=site.env(),
-                           capture_output=True, text=True, timeout=300)
-    assert probe.returncode == 0, probe.stderr
-    report = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert report == {"heavy": [], "job": "succeeded"}
+    assert run_probe(site, photo, out) == {"heavy": [], "job": "succeeded"}
     depth = np.load(out / "photo.npy")
     assert depth.shape == (240, 320) and np.isfinite(depth).all()
+
+
+def test_an_artifact_built_on_first_use_is_built_in_a_child_process(tmp_path):
+    site = small_site(tmp_path)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(synthetic_image(96, 128)).save(photo)
+    # No artifact yet: the probe's predict builds it, in a child process, so the probe never imports torch.
+    assert run_probe(site, photo, tmp_path / "out") == {"heavy": [], "job": "succeeded"}
+    info = json.loads(site.manage("models", "info", "--json").stdout)
+    files = {f["format"]: f for m in info["models"] for f in m["files"] if m["name"] == "MiDaS_small"}
+    assert files["onnx"]["health"] == "ok" and "checked against eager" in files["onnx"]["health_reason"]
 
 
 def test_eager_setting_imports_torch_as_before(site, tmp_path):
