@@ -12,7 +12,8 @@ isolated site (depthsite.testing.e2e) with MiDaS_small weights and one worker, t
   queries      database queries of one job run by the worker's task function (CaptureQueriesContext)
 
 and once, on the ORM site: the worker's peak RSS (VmHWM) after a DPT_Large job, against DPT_Large's weight
-bytes and the import floor (a process that imported Django, torch, timm and the estimator, nothing loaded).
+bytes and the import floor (a process that imported what the worker did, nothing loaded: Django, the estimator,
+onnxruntime, and torch and timm only where the worker had loaded libtorch).
 Every figure comes from this run; nothing is typed in from elsewhere. Bounded: each phase has a timeout.
 """
 from __future__ import annotations
@@ -120,11 +121,15 @@ get_broker().purge_queue()  # the task this job queued, on a queue of its own th
 print(json.dumps({"run_queries": len(run.captured_queries)}))
 """
 
+# What the worker imported, nothing loaded: torch and timm only where the worker has libtorch mapped (an
+# eager model); the ONNX path needs onnxruntime alone.
 FLOOR = """
 import json, django
 django.setup()
-import torch, timm
-import inference.estimator
+if WORKER_HAS_TORCH:
+    import torch, timm
+import onnxruntime
+import inference.estimator, inference.runtime.onnx
 print(json.dumps({"rss_kb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])}))
 """
 
@@ -146,9 +151,11 @@ def peak_rss_large(running: RunningSite, weights_large: Path) -> dict:
     pid = int(running.row(job["id"])["worker"].rsplit(":", 2)[1])
     status = Path(f"/proc/{pid}/status").read_text()
     peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
-    floor = site_python(running, FLOOR)["rss_kb"]
+    has_torch = "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    floor = site_python(running, FLOOR.replace("WORKER_HAS_TORCH", str(has_torch)))["rss_kb"]
     weight_bytes = weights_large.stat().st_size
-    return {"model": "DPT_Large", "worker_peak_rss_mb": peak_kb / 1024, "import_floor_mb": floor / 1024,
+    return {"model": "DPT_Large", "worker_has_torch": has_torch, "worker_peak_rss_mb": peak_kb / 1024,
+            "import_floor_mb": floor / 1024,
             "weights_mb": weight_bytes / 2**20,
             "peak_over_floor_per_weight_byte": (peak_kb - floor) * 1024 / weight_bytes}
 
@@ -219,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             m = row["memory"]
             print(f"\nworker peak RSS with DPT_Large warm: {m['worker_peak_rss_mb']:.0f} MB = import floor "
                   f"{m['import_floor_mb']:.0f} MB + {m['peak_over_floor_per_weight_byte']:.2f} x weights "
-                  f"({m['weights_mb']:.0f} MB)")
+                  f"({m['weights_mb']:.0f} MB); torch {'imported' if m['worker_has_torch'] else 'never imported'} "
+                  "in the worker")
     return 0
 
 
