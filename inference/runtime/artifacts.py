@@ -25,12 +25,12 @@ from models_registry.formats import file_sha256
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import weight_file_get
 from models_registry.services.records import weight_mark_corrupt
+from models_registry.services.verify import artifact_bytes_problem
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = RuntimeFormat.ONNX.value
 TOLERANCE = 2e-5  # of the eager output's range: what the fidelity tests hold the eager path to
-CTIME_MARGIN_S = 5.0
 
 
 def weights_key(weight_file: WeightFile) -> str:
@@ -58,23 +58,11 @@ def runtime_artifact_find(*, model: RegisteredModel, weight_file: WeightFile) ->
         artifact.set_health(Health.MISSING, "the artifact file is gone; it is rebuilt on next use")
         artifact.save(update_fields=["health", "health_reason", "verified_at"])
         return None
-    if stat.st_size != artifact.size or (_changed_since_verified(stat, artifact)
-                                          and file_sha256(path) != artifact.sha256):
-        weight_mark_corrupt(weight_file=artifact, reason=f"{path.name} is not the artifact that was built and "
-                                                         "checked (size or sha256 changed)")
+    reason = artifact_bytes_problem(artifact, path, stat, trust_unchanged=True)
+    if reason is not None:
+        weight_mark_corrupt(weight_file=artifact, reason=reason)
         return None
     return artifact
-
-
-def _changed_since_verified(stat: os.stat_result, artifact: WeightFile) -> bool:
-    """Whether the file's inode changed (written, replaced, renamed, chmod) after its bytes were last hashed.
-
-    Every change sets the inode's change time, which no call can set back, so an artifact untouched since it
-    was built or verified is not hashed again (1.3 s of DPT_Large's first depth map here). The kernel stamps
-    it from a coarse clock, hence the margin: a change within seconds of the hashing is hashed again."""
-    if artifact.verified_at is None:
-        return True
-    return stat.st_ctime >= artifact.verified_at.timestamp() - CTIME_MARGIN_S
 
 
 @dataclass

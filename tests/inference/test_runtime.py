@@ -168,8 +168,10 @@ def test_an_artifact_is_hashed_again_only_when_its_inode_changed_after_it_was_ha
     from django.utils import timezone
 
     artifact = fake_artifact(cached_small.model, cached_small)
+    from models_registry.services import verify
+
     hashed = []
-    monkeypatch.setattr(artifacts, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+    monkeypatch.setattr(verify, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
 
     def find() -> WeightFile | None:
         return artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small)
