@@ -1,15 +1,16 @@
 """Runtime artifacts in the weight cache: find the verified ONNX file built from given weights, or build one.
 
 An artifact is a WeightFile of format `onnx` whose content_digest is the digest of the weights it was
-exported from: it is served for those weights only. It is exported here (never imported from outside),
-checked against eager PyTorch on reference inputs (max |diff| <= TOLERANCE of the eager output's range),
-written under a temporary name and renamed into place only once it passed. Building needs torch; finding
-and using one does not.
+exported from: it is served for those weights only. It is exported here (never imported from outside), packed
+into one file with its weights as external data (inference.runtime.pack), checked against eager PyTorch on
+reference inputs (max |diff| <= TOLERANCE of the eager output's range) in a temporary folder, and renamed into
+place only once it passed. Building needs torch; finding and using one does not.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from django.utils import timezone
 
 from inference.exceptions import RuntimeArtifactError
 from inference.runtime.export import EXPORTER, check_shapes, network_export
+from inference.runtime.pack import pack_write
 
 from models_registry import cachefs
 from models_registry.choices import Health, RuntimeFormat
@@ -123,25 +125,34 @@ def runtime_artifact_build(*, model: RegisteredModel, weight_file: WeightFile,
         raise network_refused(model, exc) from None
     dest = runtime_artifact_path(model=model)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cachefs.temp_path_for(dest)
+    # A folder of its own: a packed artifact finds its weights by its file name, so it is written and checked
+    # under the name it will have, and only then renamed into place.
+    work = cachefs.temp_path_for(dest)
+    staged = work / dest.name
     try:
         with cachefs.disk_full_as_error(dest):
+            work.mkdir()
+            exported = work / f"export{RuntimeFormat.extension(ARTIFACT_FORMAT)}"
             try:
-                network_export(network, config, tmp)
+                network_export(network, config, exported)
+                pack_write(exported, staged, name=dest.name)
+            except OSError:
+                raise
             except Exception as exc:  # the exporter raises many kinds; each means "no artifact"
                 raise RuntimeArtifactError(f"exporting {model.name} to ONNX failed: {exc}",
                                            extra={"model": model.name}) from None
-            check = artifact_compare(network, config, tmp)
+            exported.unlink()
+            check = artifact_compare(network, config, staged)
             if check.worst > tolerance:
                 raise RuntimeArtifactError(
                     f"the ONNX artifact of {model.name} differs from eager by {check.worst:.2e} of the output "
                     f"range (tolerance {tolerance:g}); eager is used", extra={"model": model.name})
-            with open(tmp, "rb+") as handle:
+            with open(staged, "rb+") as handle:
                 os.fsync(handle.fileno())
-            sha256 = file_sha256(tmp)
-            size = tmp.stat().st_size
+            sha256 = file_sha256(staged)
+            size = staged.stat().st_size
             with cachefs.locked(model.name):
-                os.replace(tmp, dest)
+                os.replace(staged, dest)
                 cachefs.fsync_dir(dest.parent)
                 now = timezone.now()
                 artifact, _ = WeightFile.objects.update_or_create(
@@ -157,7 +168,6 @@ def runtime_artifact_build(*, model: RegisteredModel, weight_file: WeightFile,
         raise RuntimeArtifactError(f"writing the ONNX artifact of {model.name} failed: {exc}",
                                    extra={"model": model.name}) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(work, ignore_errors=True)
     logger.info("built the ONNX artifact of %s (%d MB): %s", model.name, size // 1_000_000, check.describe())
     return artifact

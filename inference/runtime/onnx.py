@@ -11,11 +11,16 @@ import numpy as np
 from depthsite.netspecs import net_spec
 from inference.exceptions import InferenceError, OutOfMemoryError
 from inference.runtime import transforms
+from inference.runtime.pack import pack_read
 from inference.runtime.base import DepthResult, depth_result, preprocessing_facts
 
 
-def session_options(threads: int = 0) -> Any:
-    """ORT's options as measured here (docs/performance.md): every graph optimisation, one inter-op thread, no spinning."""
+def session_options(threads: int = 0, *, prepack: bool = True) -> Any:
+    """ORT's options as measured here (docs/performance.md): every graph optimisation, one inter-op thread, no spinning.
+
+    `prepack=False` skips repacking the weights into the matrix kernels' layout when the session opens: DPT_Large
+    then opens in 0.5 s instead of 3 s, for a forward a few per cent slower. Worth it for a process that runs a
+    few images and exits (`manage.py predict`), not for a worker."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -28,13 +33,23 @@ def session_options(threads: int = 0) -> Any:
     # everything else in the worker (an eager fallback model ran 10x slower right after a run here).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
-def session_open(path: Path | str, threads: int = 0) -> Any:
+def session_open(path: Path | str, threads: int = 0, *, prepack: bool = True) -> Any:
+    """A session on an artifact: a packed one (inference.runtime.pack) or a plain ONNX file.
+
+    PackError when a packed file cannot be opened where it is."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    options = session_options(threads, prepack=prepack)
+    packed = pack_read(path)
+    if packed is None:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(packed.folder))
+    return ort.InferenceSession(packed.graph, options, providers=["CPUExecutionProvider"])
 
 
 class OnnxEstimator:
@@ -44,7 +59,7 @@ class OnnxEstimator:
 
     def __init__(self, *, model_name: str, architecture: str, semantics: str, weights_sha256: str,
                  weights_format: str, weight_file_id: int, artifact_path: Path, artifact_bytes: int,
-                 threads: int = 0):
+                 threads: int = 0, prepack: bool = True):
         started = time.perf_counter()
         self.model_name = model_name
         self.architecture = architecture
@@ -53,7 +68,8 @@ class OnnxEstimator:
         self.weights_format = weights_format
         self.weight_file_id = weight_file_id
         self.config = net_spec(architecture)
-        self.session = session_open(artifact_path, threads)
+        self.prepack = prepack
+        self.session = session_open(artifact_path, threads, prepack=prepack)
         self.input_name = self.session.get_inputs()[0].name
         self.bytes = artifact_bytes
         self.load_ms = (time.perf_counter() - started) * 1000

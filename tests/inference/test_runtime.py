@@ -12,6 +12,7 @@ from inference import runtime as runtime_module
 from tests.support.estimators import pool_warm
 from inference.estimator import EstimatorPool
 from inference.runtime import artifacts, runtime_select
+from inference.runtime.pack import pack_read
 from models_registry import cachefs
 from models_registry.choices import Health
 from depthsite.exceptions import WeightFileError
@@ -205,7 +206,9 @@ def test_artifact_is_built_recorded_and_matches_eager(cached_small, pool):
     assert artifact.size == path.stat().st_size and artifact.sha256 == file_sha256(path)
     assert artifact.content_digest == cached_small.content_digest
     assert "checked against eager at 256x256, 192x256" in artifact.health_reason
-    assert not list(path.parent.glob(f"{cachefs.TEMP_PREFIX}*"))  # no half-written file left beside it
+    assert not list(path.parent.glob(f"{cachefs.TEMP_PREFIX}*"))  # no half-written file or folder left beside it
+    packed = pack_read(path)  # one file: the graph, and its weights as external data in the same file
+    assert packed is not None and len(packed.graph) < artifact.size // 20
     for height, width in ((240, 320), (500, 375)):
         result = estimator.predict(synthetic_image(height, width))
         golden = np.load(FIXTURES / f"e2e_MiDaS_small_{height}x{width}.npy")

@@ -379,10 +379,15 @@ def test_optimize_plans_then_removes_corrupt_orphan_missing_and_stale(cached_sma
     old_partial.write_bytes(b"y" * 50)
     fresh_temp = root / "MiDaS_small" / ".tmp-abc-new.pt"
     fresh_temp.write_bytes(b"z")
+    # An artifact is checked in a temporary folder under its final name: a build that died leaves it there.
+    staged = root / "MiDaS_small" / ".tmp-def-midas_v21_small_256.onnx" / "midas_v21_small_256.onnx"
+    staged.parent.mkdir()
+    staged.write_bytes(b"w" * 30)
     stale_lock = cachefs.lock_path("DPT_Large")
     stale_lock.touch()
     hours_ago = time.time() - 2 * 3600
     os.utime(old_partial, (hours_ago, hours_ago))
+    os.utime(staged, (hours_ago, hours_ago))
     os.utime(stale_lock, (hours_ago, hours_ago))
 
     truncated_size = cached_path(h5).stat().st_size
@@ -393,16 +398,17 @@ def test_optimize_plans_then_removes_corrupt_orphan_missing_and_stale(cached_sma
     assert ("missing", pkl.path) in kinds
     assert ("orphan", "MiDaS_small/stray.bin") in kinds
     assert ("temporary", "MiDaS_small/midas_v21_small_256.pt.part") in kinds
+    assert ("temporary", "MiDaS_small/.tmp-def-midas_v21_small_256.onnx/midas_v21_small_256.onnx") in kinds
     assert ("stale_lock", ".locks/DPT_Large.lock") in kinds
     assert not any("new.pt" in item.path for item in plan.items)  # too young to be abandoned
     assert not any(item.path == cached_small.path for item in plan.items)
-    assert plan.bytes_to_free == truncated_size + 100 + 50
+    assert plan.bytes_to_free == truncated_size + 100 + 50 + 30
     assert cached_path(h5).exists()  # planning touches nothing
 
     done = cache_optimize_execute(plan=plan)
 
     assert done.freed_bytes == plan.bytes_to_free and not done.errors
-    assert not cached_path(h5).exists() and not orphan.exists() and not old_partial.exists()
+    assert not cached_path(h5).exists() and not orphan.exists() and not old_partial.exists() and not staged.exists()
     assert fresh_temp.exists() and cached_path(cached_small).exists()
     assert list(WeightFile.objects.values_list("format", flat=True)) == ["pt"]
 
