@@ -50,8 +50,13 @@ def estimator_build(*, model: RegisteredModel, weight_file: WeightFile, device, 
 
 _failed_artifacts: set[tuple[str, str]] = set()  # (model, weights sha256) whose artifact failed: eager from now on
 
+# Below this many images a process runs per model, its ONNX sessions skip repacking the weights when they open.
+# bench/session_open.py measured where repacking starts to pay: from 3 images (DPT_Hybrid) to 19 (DPT_Large);
+# one image without it: DPT_Large's open + forward 0.75x of repacked (docs/performance.md).
+PREPACK_FROM_RUNS = 8
 
-def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile) -> Estimator | None:
+
+def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, prepack: bool = True) -> Estimator | None:
     """The ONNX estimator of these weights, building and checking the artifact first when there is none
     (in a child process unless DEPTHSITE_RUNTIME_BUILD=inline).
 
@@ -85,7 +90,8 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile) -> 
         return OnnxEstimator(model_name=model.name, architecture=model.architecture, semantics=model.semantics,
                              weights_sha256=weight_file.sha256, weights_format=weight_file.format,
                              weight_file_id=weight_file.pk, artifact_path=cachefs.absolute(artifact.path),
-                             artifact_bytes=artifact.size, threads=settings.DEPTHSITE_TORCH_THREADS)
+                             artifact_bytes=artifact.size, threads=settings.DEPTHSITE_TORCH_THREADS,
+                             prepack=prepack)
     except Exception as exc:  # onnxruntime's errors share no base class; any means this file cannot be used
         weight_mark_corrupt(weight_file=artifact, reason=f"ONNX Runtime cannot open it: {exc}")
         _failed_artifacts.add(failure_key)
@@ -108,6 +114,13 @@ class EstimatorPool:
         self._estimators: OrderedDict[tuple, Estimator] = OrderedDict()
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
+        self.prepack = True  # a worker runs many images per model; see expect_runs
+
+    def expect_runs(self, count: int) -> None:
+        """Say how many images this process will run per model before it exits (`manage.py predict` knows).
+        Under PREPACK_FROM_RUNS, ONNX sessions open without repacking: for DPT_Large about 2.5 s less to open
+        against a few per cent more per forward. Estimators already warm keep how they were opened."""
+        self.prepack = count >= PREPACK_FROM_RUNS
 
     @property
     def capacity(self) -> int:
@@ -147,7 +160,7 @@ class EstimatorPool:
                 estimator = self._lookup(key)
                 if estimator is None:
                     self._evict(self._over_budget(incoming=approx_bytes(model.architecture), adding=1))
-                    estimator = onnx_estimator_build(model=model, weight_file=weight_file)
+                    estimator = onnx_estimator_build(model=model, weight_file=weight_file, prepack=self.prepack)
                     if estimator is not None:
                         self._admit(model, weight_file, estimator)
         return estimator

@@ -60,3 +60,21 @@ def test_unknown_format_is_refused_before_loading(cached_small, photo, tmp_path)
     with pytest.raises(CommandError) as caught:
         call_command("predict", str(photo), "--output", str(tmp_path), "--format", "exr")
     assert "unknown output format 'exr'" in str(caught.value)
+
+
+@pytest.mark.parametrize("copies", [1, 8])
+def test_predict_opens_its_onnx_session_without_repacking_for_a_few_images(cached_small, photo, tmp_path, settings,
+                                                                           monkeypatch, copies):
+    # Repacking the weights costs DPT_Large about 2.5 s at open and saves a few per cent per forward: a process
+    # that runs fewer than PREPACK_FROM_RUNS images skips it; a worker (the pool's default) never does.
+    from inference import estimator as estimator_module
+
+    settings.DEPTHSITE_RUNTIME = "onnx"
+    asked = []
+    monkeypatch.setattr(estimator_module, "onnx_estimator_build",
+                        lambda **kwargs: asked.append(kwargs["prepack"]))  # None: eager runs the images
+    monkeypatch.setattr(estimator_module, "_pool", estimator_module.EstimatorPool())
+    assert estimator_module.estimator_pool().prepack is True
+    call_command("predict", *[str(photo)] * copies, "--model", "MiDaS_small", "--output", str(tmp_path / "out"),
+                 "--format", "npy", stdout=io.StringIO())
+    assert asked == [copies >= estimator_module.PREPACK_FROM_RUNS]

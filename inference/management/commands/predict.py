@@ -33,6 +33,7 @@ class Command(RegistryCommand):
                fov=DEFAULT_FOV_DEGREES, **options):
         from tqdm import tqdm
 
+        from inference.estimator import estimator_pool
         from inference.images import image_open
         from inference.pipeline import depth_pass, estimator_ready
         from models_registry.selectors import model_get
@@ -41,6 +42,7 @@ class Command(RegistryCommand):
         fov = fov_check(fov)
         folder = Path(output).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
+        estimator_pool().expect_runs(len(images))  # a process that runs a few images opens its model faster
         _, estimator = estimator_ready(model=model_get(name=model, enabled_only=True), device=device,
                                        offline=offline or None)
         failures = 0
