@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from django.utils import timezone
+
 from depthsite.exceptions import WeightFileError
 from models_registry import cachefs
 from models_registry.choices import Health, RuntimeFormat
@@ -115,7 +117,15 @@ def artifact_bytes_problem(weight_file: WeightFile, path: Path, stat: os.stat_re
         return reason
     if trust_unchanged and not _changed_since_hashed(stat, weight_file):
         return None
-    return None if file_sha256(path) == weight_file.sha256 else reason
+    started = timezone.now()
+    if file_sha256(path) != weight_file.sha256:
+        return reason
+    if trust_unchanged:
+        # Intact when the hash began: recorded, so later lookups trust it until its inode changes again.
+        # Without this, an artifact hashed within the margin of its own rename was hashed at every open.
+        WeightFile.objects.filter(pk=weight_file.pk).update(verified_at=started)
+        weight_file.verified_at = started
+    return None
 
 
 def _artifact_problem(weight_file: WeightFile, path: Path) -> tuple[str, str]:

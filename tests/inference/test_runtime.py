@@ -193,6 +193,26 @@ def test_an_artifact_is_hashed_again_only_when_its_inode_changed_after_it_was_ha
     assert artifact.health == Health.CORRUPT
 
 
+def test_an_artifact_found_intact_by_hashing_is_not_hashed_again_at_the_next_lookup(cached_small, monkeypatch):
+    # The lookup used to hash without recording it: an artifact renamed into place moments before its record
+    # was written stayed "changed since hashed" for ever, and DPT_Large's 1.37 GB were read at every open.
+    from models_registry.services import verify
+
+    artifact = fake_artifact(cached_small.model, cached_small)
+    WeightFile.objects.filter(pk=artifact.pk).update(verified_at=None)
+    monkeypatch.setattr(verify, "CTIME_MARGIN_S", 0.0)  # as if the kernel's clock were exact
+    hashed = []
+    monkeypatch.setattr(verify, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+
+    def find() -> WeightFile | None:
+        return artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small)
+
+    assert find() == artifact and len(hashed) == 1
+    artifact.refresh_from_db()
+    assert artifact.verified_at is not None
+    assert find() == artifact and find() == artifact and len(hashed) == 1
+
+
 # --- built, checked and used (real exports of MiDaS_small) ---------------------------------------------
 
 
