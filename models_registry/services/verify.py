@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,41 @@ class VerifyResult:
         }
 
 
+# path -> (inode identity and times, format) of the files this process sniffed, so that a worker's every job does
+# not open the same checkpoint again (a .pt's zip directory: 4 % of a MiDaS_small job, docs/performance.md).
+_SNIFFED: dict[str, tuple[tuple[int, ...], str]] = {}
+_SNIFFED_MAX = 256
+
+
+def _sniffed_format(path: Path, stat: os.stat_result) -> str:
+    """sniff_format, remembered while the file is the same inode with the same size and times: a write, a
+    replace or a truncation changes one of them, and the file is sniffed again. Failures are not remembered,
+    nor files changed within CTIME_MARGIN_S (the kernel's clock for those times is coarse: a second write in
+    the same tick would keep them)."""
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    known = _SNIFFED.get(str(path))
+    if known is not None and known[0] == identity:
+        return known[1]
+    sniffed = sniff_format(path)
+    if time.time() - stat.st_ctime < CTIME_MARGIN_S:
+        return sniffed
+    if len(_SNIFFED) >= _SNIFFED_MAX:
+        _SNIFFED.clear()
+    _SNIFFED[str(path)] = (identity, sniffed)
+    return sniffed
+
+
 def weight_quick_problem(weight_file: WeightFile, path: Path) -> tuple[str, str] | None:
     """(health, reason) when a recorded file is visibly unusable, else None. Cheap (a stat and a sniff of its
     first bytes, no hashing): the resolution chain runs it before every load; `models verify` starts with it."""
     try:
-        size = path.stat().st_size
+        stat = path.stat()
     except FileNotFoundError:
         return Health.MISSING, (f"file not found at {path}: download or import {weight_file.model.name} again, "
                                 "or run `models optimize` to drop the record")
+    size = stat.st_size
     try:
-        sniffed = sniff_format(path)
+        sniffed = _sniffed_format(path, stat)
     except WeightFileError as exc:
         return Health.CORRUPT, exc.message
     claimed = extension_format(path)

@@ -232,6 +232,34 @@ def test_verify_reports_a_missing_file(cached_small):
     assert "not found" in result.reason
 
 
+def test_the_quick_check_sniffs_an_unchanged_file_once_and_a_replaced_one_again(cached_small, monkeypatch,
+                                                                                write_checkpoint):
+    # Every job resolves its weights through the quick check: an unchanged checkpoint is not reopened each time.
+    from models_registry.services import verify
+
+    sniffed = []
+    real_sniff = verify.sniff_format
+    monkeypatch.setattr(verify, "sniff_format", lambda path: sniffed.append(path) or real_sniff(path))
+    monkeypatch.setattr(verify, "_SNIFFED", {})
+    path = cached_path(cached_small)
+    # Changed a moment ago (the fixture copied it): the kernel's coarse clock could hide a second change, so it
+    # is sniffed every time.
+    assert verify.weight_quick_problem(cached_small, path) is None
+    assert verify.weight_quick_problem(cached_small, path) is None
+    assert len(sniffed) == 2
+    monkeypatch.setattr(verify, "CTIME_MARGIN_S", 0.0)  # as if the copy were older than the margin
+    assert verify.weight_quick_problem(cached_small, path) is None
+    assert verify.weight_quick_problem(cached_small, path) is None
+    assert len(sniffed) == 3
+    # Replaced by another file (a new inode): sniffed again, and what it holds is seen.
+    h5 = write_checkpoint("h5")
+    replacement = path.with_name("replacement.tmp")
+    replacement.write_bytes(h5.read_bytes())
+    os.replace(replacement, path)
+    health, reason = verify.weight_quick_problem(cached_small, path)
+    assert len(sniffed) == 4 and health == Health.CORRUPT and "h5 content" in reason
+
+
 def test_verify_catches_weights_the_network_cannot_run(cached_small, small_arrays, write_checkpoint):
     # Same layout and a consistent record, but a NaN in the weights: only running the network shows it.
     arrays = dict(small_arrays)
