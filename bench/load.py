@@ -159,6 +159,12 @@ def ensure_site(env: dict[str, str], checkpoints: dict[str, Path]) -> None:
                                 env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"import of {model} failed: {result.stderr}")
+        # The first map is that of a warm cache: the runtime artifact built, as after a first job or
+        # `models optimize --build-runtime` (found, not rebuilt, when it is already there).
+        result = subprocess.run([*manage, "models", "optimize", "--build-runtime", "--model", model], cwd=ROOT,
+                                env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"building the runtime artifact of {model} failed: {result.stderr}")
 
 
 def warm_page_cache(path: Path) -> None:
