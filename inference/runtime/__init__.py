@@ -22,12 +22,27 @@ def say_once(key: str, message: str, *args, level: int = logging.WARNING) -> Non
         logger.log(level, message, *args)
 
 
-def onnxruntime_available() -> bool:
+# The first release that opens a packed artifact (inference.runtime.pack): an ONNX graph handed over as bytes
+# whose external data lies in a named folder. 1.19 and 1.20 refuse it ("model_path must not be empty").
+ONNXRUNTIME_MIN = (1, 21)
+
+
+def onnxruntime_version() -> tuple[int, ...] | None:
+    """The installed onnxruntime's (major, minor), None when it is not installed."""
     try:
-        importlib.import_module("onnxruntime")
+        module = importlib.import_module("onnxruntime")
     except ImportError:
-        return False
-    return True
+        return None
+    parts = []
+    for part in str(getattr(module, "__version__", "0")).split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def onnxruntime_available() -> bool:
+    version = onnxruntime_version()
+    return version is not None and version >= ONNXRUNTIME_MIN
 
 
 def cuda_possible() -> bool:
@@ -54,7 +69,13 @@ def runtime_select(*, device: str | None = None) -> str:
     if not name and wanted == "auto" and cuda_possible():
         return "eager"
     if not onnxruntime_available():
-        say_once("no-onnxruntime", "onnxruntime is not installed: models run in eager PyTorch "
-                 "(pip install -r requirements.txt for the faster CPU runtime)")
+        version = onnxruntime_version()
+        if version is None:
+            say_once("no-onnxruntime", "onnxruntime is not installed: models run in eager PyTorch "
+                     "(pip install -r requirements.txt for the faster CPU runtime)")
+        else:
+            say_once("old-onnxruntime", "onnxruntime %s is older than %s, the first that opens depthsite's "
+                     "artifacts: models run in eager PyTorch (pip install -r requirements.txt)",
+                     ".".join(map(str, version)), ".".join(map(str, ONNXRUNTIME_MIN)))
         return "eager"
     return "onnx"

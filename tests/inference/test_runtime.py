@@ -88,6 +88,21 @@ def test_missing_onnxruntime_means_eager_said_once(settings, monkeypatch, caplog
     assert artifact_row() is None
 
 
+def test_an_onnxruntime_too_old_for_packed_artifacts_means_eager_said_once(monkeypatch, caplog):
+    # 1.19 and 1.20 cannot open an artifact whose graph is handed over as bytes with its weights beside it.
+    import types
+
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", types.SimpleNamespace(__version__="1.20.1"))
+    with caplog.at_level(logging.WARNING, logger="inference.runtime"):
+        assert runtime_select(device="cpu") == "eager"
+        assert runtime_select(device="cpu") == "eager"
+    said = [r.getMessage() for r in caplog.records if "older than" in r.getMessage()]
+    assert said == ["onnxruntime 1.20 is older than 1.21, the first that opens depthsite's artifacts: models run "
+                    "in eager PyTorch (pip install -r requirements.txt)"]
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", types.SimpleNamespace(__version__="1.21.0"))
+    assert runtime_select(device="cpu") == "onnx"
+
+
 def test_fp16_on_cpu_is_ignored_with_one_warning(settings, cached_small, pool, caplog):
     settings.DEPTHSITE_RUNTIME = "eager"
     with caplog.at_level(logging.WARNING, logger="inference.runtime"):
