@@ -99,14 +99,18 @@ def measure(name: str, repeats: int, threads: int, workdir: Path, weights: str =
     from inference.runtime import transforms as numpy_transforms
     from inference.runtime.export import network_export
     from inference.runtime.onnx import session_open
+    from inference.runtime.pack import pack_write
 
     config = get_config(name)
     network = build_network(name, weights)
     height, width = config.net_size
     batch = probe_input(height, width)
+    exported = workdir / f"{name}.export.onnx"
     path = workdir / f"{name}.onnx"
     started = time.perf_counter()
-    network_export(network, config, path)
+    network_export(network, config, exported)
+    pack_write(exported, path, name=path.name)  # the artifact as the cache stores it (inference.runtime.pack)
+    exported.unlink()
     export_s = time.perf_counter() - started
     started = time.perf_counter()
     session = session_open(path, threads)
