@@ -37,6 +37,9 @@ def normalise(depth: np.ndarray) -> np.ndarray:
 
 def colorize(depth: np.ndarray, name: str = DEFAULT_COLORMAP) -> np.ndarray:
     """(H, W) depth -> (H, W, 3) uint8 colour image."""
-    table = colormap_table(name)
-    indices = np.clip(np.round(normalise(depth) * 255), 0, 255).astype(np.uint8)
-    return table[indices]
+    return colormap_table(name)[colour_indices(depth)]
+
+
+def colour_indices(depth: np.ndarray) -> np.ndarray:
+    """(H, W) depth -> (H, W) uint8 rows of the colour table: the smallest value 0, the largest 255."""
+    return np.clip(np.round(normalise(depth) * 255), 0, 255).astype(np.uint8)

@@ -54,7 +54,9 @@ def test_every_output_is_written_atomically_with_its_suffix(tmp_path, depth):
     with Image.open(written["side"]) as side:
         assert side.size == (40 + 8 + 40, 30)
     with Image.open(written["png"]) as colour:
-        assert colour.mode == "RGB" and colour.size == (40, 30)
+        # Indexed: the colour map is the palette; the pixels are colorize()'s exactly.
+        assert colour.mode == "P" and colour.size == (40, 30)
+        np.testing.assert_array_equal(np.asarray(colour.convert("RGB")), colorize(depth))
 
 
 @pytest.mark.parametrize("name", COLORMAPS)
