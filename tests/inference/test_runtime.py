@@ -228,6 +228,48 @@ def test_an_artifact_found_intact_by_hashing_is_not_hashed_again_at_the_next_loo
     assert find() == artifact and find() == artifact and len(hashed) == 1
 
 
+@pytest.mark.parametrize("other_built", [True, False])
+def test_a_build_waits_for_another_process_building_the_same_model_and_uses_its_artifact(cached_small, monkeypatch,
+                                                                                         other_built):
+    # Two workers meeting the same missing artifact: the second waits on the model's build lock, then finds
+    # the first one's artifact instead of exporting it again (or builds, when the first made none).
+    import contextlib
+
+    exports = []
+
+    class Exported(Exception):
+        pass
+
+    def export(*args):
+        exports.append(args)
+        raise Exported  # far enough: the point is whether an export started
+
+    monkeypatch.setattr(artifacts, "network_export", export)
+    locks = []
+    real_locked = cachefs.locked
+
+    @contextlib.contextmanager
+    def held_by_another(name, timeout=600, on_wait=None):
+        locks.append(name)
+        if name != artifacts.build_lock_name(cached_small.model):
+            with real_locked(name, timeout, on_wait=on_wait) as waited:
+                yield waited
+            return
+        if other_built:  # what the other process recorded while this one waited
+            fake_artifact(cached_small.model, cached_small)
+        yield True
+
+    monkeypatch.setattr(artifacts.cachefs, "locked", held_by_another)
+    if other_built:
+        found = artifacts.runtime_artifact_build(model=cached_small.model, weight_file=cached_small)
+        assert found == artifact_row() and exports == []
+    else:
+        with pytest.raises(RuntimeArtifactError):
+            artifacts.runtime_artifact_build(model=cached_small.model, weight_file=cached_small)
+        assert len(exports) == 1
+    assert locks[0] == "MiDaS_small.build"
+
+
 # --- built, checked and used (real exports of MiDaS_small) ---------------------------------------------
 
 
