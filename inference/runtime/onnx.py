@@ -19,7 +19,7 @@ def session_options(threads: int = 0, *, prepack: bool = True) -> Any:
     """ORT's options as measured here (docs/performance.md): every graph optimisation, one inter-op thread, no spinning.
 
     `prepack=False` skips repacking the weights into the matrix kernels' layout when the session opens: DPT_Large
-    then opens in 0.5 s instead of 3 s, for a forward a few per cent slower. Worth it for a process that runs a
+    then opens in 0.5 s instead of 2.4 s, for a forward a few per cent slower. Worth it for a process that runs a
     few images and exits (`manage.py predict`), not for a worker."""
     import onnxruntime as ort
 
