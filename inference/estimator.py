@@ -51,9 +51,9 @@ def estimator_build(*, model: RegisteredModel, weight_file: WeightFile, device, 
 _failed_artifacts: set[tuple[str, str]] = set()  # (model, weights sha256) whose artifact failed: eager from now on
 
 # Below this many images a process runs per model, its ONNX sessions skip repacking the weights when they open.
-# bench/session_open.py measured where repacking starts to pay: from 3 images (DPT_Hybrid) to 19 (DPT_Large);
-# one image without it: DPT_Large's open + forward 0.75x of repacked (docs/performance.md).
-PREPACK_FROM_RUNS = 8
+# bench/session_open.py measured where repacking starts to pay: from 2.8 images (DPT_Hybrid) to 6.5 (DPT_Large,
+# 5 runs); one image without it: DPT_Large's open + first forward 0.79x of repacked (docs/performance.md).
+PREPACK_FROM_RUNS = 4
 
 
 def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, prepack: bool = True) -> Estimator | None:
