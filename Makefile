@@ -36,12 +36,15 @@ serve: install
 # ten slowest tests are listed at the end.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile --durations=10
+# pytest keeps its assertion-rewritten test modules as .pyc files; where PYTHONDONTWRITEBYTECODE is set it
+# rewrites all 361 again in every worker of every run (collection 13 s instead of 7 s per worker here).
+PYTEST = PYTHONDONTWRITEBYTECODE= $(PY) -m pytest
 
 test: install
-	$(PY) -m pytest $(PYTEST_PARALLEL)
+	$(PYTEST) $(PYTEST_PARALLEL)
 
 test-fast: install
-	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
+	$(PYTEST) $(PYTEST_PARALLEL) -m "not slow"
 
 bench: install
 	$(PY) bench/load.py
