@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = RuntimeFormat.ONNX.value
 TOLERANCE = 2e-5  # of the eager output's range: what the fidelity tests hold the eager path to
-BUILD_WAIT_S = 3600  # BEiT-L 512 exports and checks in minutes on two cores; an hour means the other build hangs
+# BEiT-L 512 exports and checks in minutes on two cores: a build (or a wait for another process's) that takes an
+# hour hangs. Bounds both the wait on a model's build lock and a child build process (build_process.py).
+BUILD_LIMIT_S = 3600
 
 
 def weights_key(weight_file: WeightFile) -> str:
@@ -113,13 +115,13 @@ def runtime_artifact_build(*, model: RegisteredModel, weight_file: WeightFile,
     """Export, check and record the ONNX artifact of these weights (torch is needed here).
 
     WeightFileError (or OSError) when the file does not load; RuntimeArtifactError when no artifact can be made;
-    ConflictError when another process's build of the model held its build lock for over BUILD_WAIT_S."""
+    ConflictError when another process's build of the model held its build lock for over BUILD_LIMIT_S."""
     existing = runtime_artifact_find(model=model, weight_file=weight_file)
     if existing is not None:
         return existing
     # One build of a model at a time on a node: two workers that meet the same missing artifact would each
     # export it (minutes of CPU, and the export's memory twice). The second waits, then uses the first's.
-    with cachefs.locked(build_lock_name(model), timeout=BUILD_WAIT_S) as waited:
+    with cachefs.locked(build_lock_name(model), timeout=BUILD_LIMIT_S) as waited:
         if waited:
             existing = runtime_artifact_find(model=model, weight_file=weight_file)
             if existing is not None:

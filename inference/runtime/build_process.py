@@ -19,20 +19,18 @@ from django.conf import settings
 if TYPE_CHECKING:
     from models_registry.models import RegisteredModel, WeightFile
 
-BUILD_TIMEOUT_S = 3600  # BEiT-L 512 exports and checks in minutes on two cores; an hour means it hangs
-
 
 def artifact_build_in_child(*, model: RegisteredModel, weight_file: WeightFile) -> WeightFile:
     """The artifact of these weights, built by a child process; RuntimeArtifactError when none was made."""
     from inference.exceptions import RuntimeArtifactError
-    from inference.runtime.artifacts import runtime_artifact_find
+    from inference.runtime.artifacts import BUILD_LIMIT_S, runtime_artifact_find
 
     try:
         result = subprocess.run([sys.executable, "-m", "inference.runtime.build_process", str(weight_file.pk)],
                                 cwd=settings.BASE_DIR, env=os.environ.copy(), capture_output=True, text=True,
-                                timeout=BUILD_TIMEOUT_S)
+                                timeout=BUILD_LIMIT_S)
     except subprocess.TimeoutExpired:
-        raise RuntimeArtifactError(f"building the ONNX artifact of {model.name} took over {BUILD_TIMEOUT_S} s",
+        raise RuntimeArtifactError(f"building the ONNX artifact of {model.name} took over {BUILD_LIMIT_S} s",
                                    extra={"model": model.name}) from None
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
