@@ -40,11 +40,6 @@ def onnxruntime_version() -> tuple[int, ...] | None:
     return tuple(parts)
 
 
-def onnxruntime_available() -> bool:
-    version = onnxruntime_version()
-    return version is not None and version >= ONNXRUNTIME_MIN
-
-
 def cuda_possible() -> bool:
     """Whether CUDA could be there: without an NVIDIA driver it cannot, and torch need not be imported to ask."""
     if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()):
@@ -68,8 +63,8 @@ def runtime_select(*, device: str | None = None) -> str:
         return "eager"
     if not name and wanted == "auto" and cuda_possible():
         return "eager"
-    if not onnxruntime_available():
-        version = onnxruntime_version()
+    version = onnxruntime_version()
+    if version is None or version < ONNXRUNTIME_MIN:
         if version is None:
             say_once("no-onnxruntime", "onnxruntime is not installed: models run in eager PyTorch "
                      "(pip install -r requirements.txt for the faster CPU runtime)")
