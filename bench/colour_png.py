@@ -43,14 +43,10 @@ def encode_rgb(depth) -> bytes:
 
 
 def encode_indexed(depth) -> bytes:
-    from PIL import Image
+    from inference.writers import color_image  # what write_color_png saves
 
-    from inference.colormaps import DEFAULT_COLORMAP, colormap_table, colour_indices
-
-    image = Image.fromarray(colour_indices(depth))
-    image.putpalette(colormap_table(DEFAULT_COLORMAP).tobytes())
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    color_image(depth).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
