@@ -111,7 +111,8 @@ def is_temporary(path: Path) -> bool:
     """A file being written: a temporary name, a partial download, or any file in a temporary folder (an
     artifact is checked in one under its final name)."""
     name = path.name
-    return name.startswith(TEMP_PREFIX) or path.parent.name.startswith(TEMP_PREFIX) or name.endswith(PARTIAL_SUFFIX) or name.endswith(PARTIAL_SUFFIX + ".json")
+    return (name.startswith(TEMP_PREFIX) or path.parent.name.startswith(TEMP_PREFIX)
+            or name.endswith((PARTIAL_SUFFIX, PARTIAL_SUFFIX + ".json")))
 
 
 def lock_path(model_name: str) -> Path:
