@@ -95,6 +95,10 @@ SETTINGS_MODULE = get_str("DJANGO_SETTINGS_MODULE", "")
 # --- storage and services ----------------------------------------------------------------------
 VAR_DIR = Path(get_str("DEPTHSITE_VAR_DIR", str(BASE_DIR / "var")))
 DATABASE_URL = get_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'depthsite.sqlite3'}")
+# How long a process keeps its database connection (seconds; 0 closes it after every request and task).
+# Kept, a worker does not reconnect for each job, nor the web server for each request (Django checks a kept
+# connection before reusing it).
+DATABASE_CONN_MAX_AGE = get_duration("DATABASE_CONN_MAX_AGE", 60)
 REDIS_URL = get_str("REDIS_URL", "")
 MEDIA_ROOT = Path(get_str("DEPTHSITE_MEDIA_ROOT", str(VAR_DIR / "media")))
 # Where uploads and results live: "local" (MEDIA_ROOT, or a shared file system mounted there) or "s3"

@@ -70,6 +70,22 @@ def test_media_storage_is_the_local_folder_by_default_and_s3_by_one_setting(tmp_
     assert unknown.returncode != 0 and "use local or s3" in unknown.stderr
 
 
+def test_processes_keep_their_database_connection_unless_told_not_to(tmp_path):
+    # A worker used to reconnect before every job and the web server for every request (CONN_MAX_AGE 0).
+    probe = ("from django.conf import settings; d = settings.DATABASES['default']; "
+             "print('KEEP', d['CONN_MAX_AGE'], d['CONN_HEALTH_CHECKS'])")
+    default = _manage(tmp_path, "shell", "-c", probe, DJANGO_SECRET_KEY="k")
+    assert default.returncode == 0, default.stderr
+    assert "KEEP 60 True" in default.stdout.splitlines()
+    for value, expected in (("0", "KEEP 0 True"), ("5m", "KEEP 300 True")):
+        told = _manage(tmp_path, "shell", "-c", probe, DJANGO_SECRET_KEY="k", DATABASE_CONN_MAX_AGE=value)
+        assert told.returncode == 0, told.stderr
+        assert expected in told.stdout.splitlines()
+    wrong = _manage(tmp_path, "shell", "-c", probe, DJANGO_SECRET_KEY="k", DATABASE_CONN_MAX_AGE="forever")
+    assert wrong.returncode != 0
+    assert "DATABASE_CONN_MAX_AGE='forever' is not a duration" in wrong.stderr
+
+
 def test_the_query_counter_counts_statements_per_kind_in_its_own_file(tmp_path):
     from depthsite import querycount
 

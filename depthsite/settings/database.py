@@ -3,7 +3,7 @@ import dj_database_url
 
 from depthsite import env
 
-_default = dj_database_url.parse(env.DATABASE_URL, conn_max_age=0)
+_default = dj_database_url.parse(env.DATABASE_URL, conn_max_age=env.DATABASE_CONN_MAX_AGE, conn_health_checks=True)
 if _default["ENGINE"] == "django.db.backends.sqlite3":
     # Web server and qcluster write concurrently: WAL lets readers proceed during a write, IMMEDIATE
     # transactions take the write lock up front (no deadlock-on-upgrade), and the timeout waits out
