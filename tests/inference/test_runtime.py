@@ -135,6 +135,25 @@ def test_numpy_transforms_match_the_torch_ones(name):
         assert relative_error(numpy_transforms.postprocess(prediction, (height, width), name), back) <= 5e-6
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_resize_in_blocks_and_from_uint8_gives_the_same_pixels(monkeypatch, mode):
+    from inference.runtime import transforms as numpy_transforms
+
+    pixels = synthetic_image(61, 83).transpose(2, 0, 1)  # uint8 (3, H, W), a strided view
+    as_float = pixels.astype(np.float64)
+    for size in ((37, 45), (130, 170)):  # down and up
+        whole = numpy_transforms.resize(pixels, size, mode=mode)
+        whole_float = numpy_transforms.resize(as_float, size, mode=mode)
+        assert whole.shape == (3, *size) and whole.dtype == np.float64
+        # Summed in float64 either way; only the order of a few additions may differ.
+        assert np.abs(whole - whole_float).max() <= 1e-10
+        monkeypatch.setattr(numpy_transforms, "GATHER_CHUNK", 500)  # many blocks, a ragged last one
+        # Every output row written (np.empty holds garbage otherwise), by the same taps and weights.
+        assert np.abs(numpy_transforms.resize(pixels, size, mode=mode) - whole).max() <= 1e-10
+        assert np.abs(numpy_transforms.resize(as_float, size, mode=mode) - whole_float).max() <= 1e-10
+        monkeypatch.undo()
+
+
 # --- the registry's side, without an export ----------------------------------------------------------
 
 
