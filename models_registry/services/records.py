@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
@@ -72,8 +73,16 @@ def weight_record(
     return weight_file
 
 
+# The cache's pruning evicts the least recently used files first: to the minute is precise enough, and a
+# busy worker then writes a file's row once a minute, not once a job.
+USED_RESOLUTION = timedelta(minutes=1)
+
+
 def weight_mark_used(*, weight_file: WeightFile) -> None:
+    """Record that the file was just used, unless the record read already says so to within USED_RESOLUTION."""
     now = timezone.now()
+    if weight_file.last_used_at is not None and timedelta(0) <= now - weight_file.last_used_at < USED_RESOLUTION:
+        return
     WeightFile.objects.filter(pk=weight_file.pk).update(last_used_at=now)
     weight_file.last_used_at = now
 

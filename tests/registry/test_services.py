@@ -5,6 +5,7 @@ import json
 import os
 import tarfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from models_registry.services.cache import cache_clear, cache_optimize_execute, 
 from models_registry.services.catalogue import catalogue_seed, model_pin
 from models_registry.services.export import weight_convert, weight_export
 from models_registry.services.imports import weight_import
-from models_registry.services.records import weight_mark_used
+from models_registry.services.records import USED_RESOLUTION, weight_mark_used
 from models_registry.services.verify import weight_verify, weights_verify
 
 pytestmark = pytest.mark.django_db
@@ -492,11 +493,23 @@ def test_cache_info_totals_and_formats(cached_small):
     assert info["health"] == "good"
 
 
-def test_mark_used_sets_last_used(cached_small):
+def test_mark_used_sets_last_used_and_writes_at_most_once_a_minute(cached_small, django_assert_num_queries):
     assert cached_small.last_used_at is None
-    weight_mark_used(weight_file=cached_small)
+    with django_assert_num_queries(1):
+        weight_mark_used(weight_file=cached_small)
     cached_small.refresh_from_db()
-    assert cached_small.last_used_at is not None
+    first = cached_small.last_used_at
+    assert first is not None
+    with django_assert_num_queries(0):  # a busy worker's next jobs: the record read says "just now"
+        weight_mark_used(weight_file=cached_small)
+    # A minute later, or a clock that went back: written again.
+    for stamp in (first - USED_RESOLUTION, first + timedelta(hours=1)):
+        WeightFile.objects.filter(pk=cached_small.pk).update(last_used_at=stamp)
+        cached_small.refresh_from_db()
+        with django_assert_num_queries(1):
+            weight_mark_used(weight_file=cached_small)
+        cached_small.refresh_from_db()
+        assert first <= cached_small.last_used_at < first + timedelta(minutes=1)
 
 
 @pytest.mark.slow
