@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/jobs.py [--brokers orm,redis] [--jobs 20] [--concurrency 1,4,16] [--no-large] [--json]
 
-For each broker (the ORM broker on SQLite, as `make run`; Redis with PostgreSQL, as a fleet) it starts an
-isolated site (depthsite.testing.e2e) with MiDaS_small weights and one worker, then measures:
+For each broker (the ORM broker on SQLite behind runserver, as `make run`; Redis with PostgreSQL behind
+gunicorn with deploy/gunicorn.conf.py, as a fleet; --web overrides the web server) it starts an isolated
+site (depthsite.testing.e2e) with MiDaS_small weights and one worker, then measures:
 
   overhead     submit -> result stored, minus the forward time the worker recorded on the job, over
                --jobs sequential jobs of distinct photos (no result reuse): p50 and p99
@@ -31,7 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from depthsite.testing.e2e import RunningSite, orm_site, redis_postgres_site, stop_site, unique_photo  # noqa: E402
+from depthsite.testing.e2e import (  # noqa: E402
+    WEB_SERVERS,
+    RunningSite,
+    orm_site,
+    redis_postgres_site,
+    stop_site,
+    unique_photo,
+)
 
 SITE_ENV = {"DEPTHSITE_WORKERS": "1", "DEPTHSITE_JOB_TIMEOUT": "600", "DEPTHSITE_WARM_MODELS": "2"}
 PHOTO = (384, 288)  # a phone photo scaled down: MiDaS_small runs it at 256 on the long side
@@ -160,11 +168,15 @@ def peak_rss_large(running: RunningSite, weights_large: Path) -> dict:
             "peak_over_floor_per_weight_byte": (peak_kb - floor) * 1024 / weight_bytes}
 
 
+WEB = {"orm": "runserver", "redis": "gunicorn"}  # as each is deployed: `make run`, deploy/
+
+
 def run_broker(broker: str, root: Path, weights: Path, args, weights_large: Path | None) -> dict:
     make = orm_site if broker == "orm" else redis_postgres_site
-    running, cleanup = make(root / broker, weights, **SITE_ENV)
+    web = args.web or WEB[broker]
+    running, cleanup = make(root / broker, weights, web=web, **SITE_ENV)
     try:
-        row: dict = {"broker": broker}
+        row: dict = {"broker": broker, "web": web}
         row.update(measure_overhead(running, args.jobs, seed=1000))
         bare = site_python(running, BARE.format(width=PHOTO[0], height=PHOTO[1], seed=5000, count=8))
         row["bare_images_per_s"] = bare["images_per_s"]
@@ -189,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--no-large", action="store_true", help="skip the DPT_Large memory figure")
+    parser.add_argument("--web", choices=WEB_SERVERS, help="one web server for both sites (default: as deployed)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     args.concurrency = [int(n) for n in args.concurrency.split(",")]
@@ -211,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"Job path, MiDaS_small on {PHOTO[0]}x{PHOTO[1]} photos, one worker ({args.jobs} sequential jobs)")
-    print(f"{'broker':7} {'overhead p50':>13} {'p99':>8} {'submit->done p50':>17} {'queries/job':>12}")
+    print(f"{'broker':7} {'web':10} {'overhead p50':>13} {'p99':>8} {'submit->done p50':>17} {'queries/job':>12}")
     for row in rows:
-        print(f"{row['broker']:7} {row['overhead_p50_ms']:>10.0f} ms {row['overhead_p99_ms']:>5.0f} ms "
+        print(f"{row['broker']:7} {row['web']:10} {row['overhead_p50_ms']:>10.0f} ms {row['overhead_p99_ms']:>5.0f} ms "
               f"{row['submit_to_done_p50_ms']:>14.0f} ms {row['run_queries']:>12}")
     print()
     print(f"{'broker':7} {'N':>3} {'jobs/s':>7} {'bare img/s':>11} {'ratio':>6}")

@@ -122,11 +122,13 @@ class RunningSite:
 
 
 def _start(site: Site, name: str, args: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
+    """`manage.py <args>`, or `python -m <module> ...` when args start with "-m", logging to <site>/<name>.log."""
     log = site.root / f"{name}.log"
     handle = open(log, "wb")
+    command = [sys.executable, *args] if args[0] == "-m" else [sys.executable, str(PROJECT_ROOT / "manage.py"), *args]
     # Its own session: teardown signals the whole group (the cluster's workers, monitor and pusher).
-    process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "manage.py"), *args], cwd=PROJECT_ROOT,
-                               env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     handle.close()
     return process, log
 
@@ -148,8 +150,20 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-def start_site(site: Site, weights: Path, database_url: str) -> RunningSite:
-    """Import the weights, create a user with a token, start the cluster and the web server."""
+WEB_SERVERS = ("runserver", "gunicorn")
+
+
+def _web_args(web: str, port: int) -> list[str]:
+    if web == "gunicorn":  # the deployed web tier (deploy/gunicorn.conf.py), on a port of its own
+        return ["-m", "gunicorn", "--config", str(PROJECT_ROOT / "deploy" / "gunicorn.conf.py"),
+                "--bind", f"127.0.0.1:{port}", "depthsite.wsgi:application"]
+    if web == "runserver":  # `make run`'s
+        return ["runserver", "--noreload", f"127.0.0.1:{port}"]
+    raise ValueError(f"web server {web!r} is not one of {WEB_SERVERS}")
+
+
+def start_site(site: Site, weights: Path, database_url: str, web: str = "runserver") -> RunningSite:
+    """Import the weights, create a user with a token, start the cluster and the web server (`web`)."""
     imported = site.manage("models", "import", str(weights), timeout=300)
     assert imported.returncode == 0, imported.stderr
     token = site.manage("shell", "-c", (
@@ -161,7 +175,7 @@ def start_site(site: Site, weights: Path, database_url: str) -> RunningSite:
     env = site.env(DEPTHSITE_LOG_LEVEL="INFO")
     running = RunningSite(site=site, base_url=f"http://127.0.0.1:{port}", token=token.stdout.strip().splitlines()[-1],
                           database_url=database_url)
-    for name, args in (("qcluster", ["qcluster"]), ("web", ["runserver", "--noreload", f"127.0.0.1:{port}"])):
+    for name, args in (("qcluster", ["qcluster"]), ("web", _web_args(web, port))):
         process, log = _start(site, name, args, env)
         running.processes[name], running.logs[name] = process, log
     deadline = time.monotonic() + 90
@@ -186,13 +200,14 @@ def stop_site(running: RunningSite) -> None:
         _stop(process)
 
 
-def orm_site(root: Path, weights: Path, **env: str) -> tuple[RunningSite, Callable[[], None]]:
+def orm_site(root: Path, weights: Path, web: str = "runserver", **env: str) -> tuple[RunningSite, Callable[[], None]]:
     """A running site on SQLite with the ORM broker (the `make run` defaults); (site, cleanup)."""
     site = make_site(root, **env)
-    return start_site(site, weights, database_url=site.env()["DATABASE_URL"]), lambda: None
+    return start_site(site, weights, database_url=site.env()["DATABASE_URL"], web=web), lambda: None
 
 
-def redis_postgres_site(root: Path, weights: Path, **env: str) -> tuple[RunningSite, Callable[[], None]]:
+def redis_postgres_site(root: Path, weights: Path, web: str = "runserver",
+                        **env: str) -> tuple[RunningSite, Callable[[], None]]:
     """A running site on a fresh PostgreSQL database with the Redis broker under a queue name of its own;
     (site, cleanup), where cleanup drops the database and the queue's keys."""
     import psycopg
@@ -212,7 +227,7 @@ def redis_postgres_site(root: Path, weights: Path, **env: str) -> tuple[RunningS
 
     try:
         site = make_site(root, DATABASE_URL=database_url, REDIS_URL=REDIS_URL, DEPTHSITE_QUEUE_NAME=name, **env)
-        running = start_site(site, weights, database_url=database_url)
+        running = start_site(site, weights, database_url=database_url, web=web)
     except BaseException:
         cleanup()
         raise
