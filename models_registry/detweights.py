@@ -21,16 +21,41 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
+# Values made at a time: uint64 and float64 scratch that stays in the CPU's cache, reused, instead of
+# temporaries the size of the tensor (DPT_Large's 344M weights took 10.8 s here, in blocks 2.1 s).
+STREAM_BLOCK = 1 << 15
+
+
+def _seed(key: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little"))
+
+
+def _unit_block(seed: np.uint64, first: int, stop: int, z: np.ndarray, scratch: np.ndarray,
+                unit: np.ndarray) -> np.ndarray:
+    """SplitMix64 outputs first..stop-1 of the seed's stream as float64 in [-1, 1), written into `unit`
+    (z and scratch: uint64 work space of the same length)."""
+    z[:] = np.arange(first, stop, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z *= _INCREMENT
+        z += seed
+        for shift, mix in ((30, _MIX1), (27, _MIX2)):
+            np.right_shift(z, np.uint64(shift), out=scratch)
+            z ^= scratch
+            z *= mix
+        np.right_shift(z, np.uint64(31), out=scratch)
+        z ^= scratch
+    z >>= np.uint64(11)
+    unit[:] = z
+    unit *= 2.0**-53  # both factors are powers of two: exact, as one expression would compute them
+    unit *= 2.0
+    unit -= 1.0
+    return unit
+
+
 def _unit_stream(key: str, count: int) -> np.ndarray:
     """`count` float64 values in [-1, 1) from SplitMix64 outputs 1..count, seeded by the key."""
-    seed = np.uint64(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little"))
-    steps = np.arange(1, count + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = seed + steps * _INCREMENT
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * (2.0**-53) * 2.0 - 1.0
+    z, scratch, unit = np.empty(count, np.uint64), np.empty(count, np.uint64), np.empty(count, np.float64)
+    return _unit_block(_seed(key), 1, count + 1, z, scratch, unit)
 
 
 def _centre_and_half_width(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -52,10 +77,20 @@ def det_array(key: str, shape: Iterable[int], dtype: str = "float32") -> np.ndar
         return np.zeros(shape, dtype=dtype)
     count = int(np.prod(shape)) if shape else 1
     centre, half = _centre_and_half_width(key, shape)
-    unit = _unit_stream(key, count)
-    if len(shape) == 4 and shape[0] == 1:
-        unit = np.abs(unit)
-    return (centre + half * unit).astype(np.float32).reshape(shape)
+    seed, absolute = _seed(key), len(shape) == 4 and shape[0] == 1
+    out = np.empty(count, dtype=np.float32)
+    block = min(count, STREAM_BLOCK)
+    z, scratch, unit = np.empty(block, np.uint64), np.empty(block, np.uint64), np.empty(block, np.float64)
+    for start in range(0, count, block):
+        stop = min(count, start + block)
+        n = stop - start
+        values = _unit_block(seed, start + 1, stop + 1, z[:n], scratch[:n], unit[:n])
+        if absolute:
+            np.abs(values, out=values)
+        values *= half  # centre + half * unit, rounded to float32 once, as before
+        values += centre
+        out[start:stop] = values
+    return out.reshape(shape)
 
 
 def official_layout(model: str) -> list[tuple[str, tuple[int, ...], str]]:

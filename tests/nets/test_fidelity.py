@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,17 @@ def test_registry_names():
         assert get_config(name).name == name
     with pytest.raises(KeyError):
         get_config("midas")
+
+
+def test_weight_rule_gives_the_same_values_whatever_its_block_size(monkeypatch):
+    from models_registry import detweights
+
+    shapes = {"a.weight": (3, 5, 7, 11), "b.bias": (1000,), "c.pos_embed": (1, 37, 19), "d.weight": (1, 4, 9, 3)}
+    whole = {key: detweights.det_array(key, shape) for key, shape in shapes.items()}
+    monkeypatch.setattr(detweights, "STREAM_BLOCK", 97)  # ragged blocks through every tensor
+    for key, shape in shapes.items():
+        blocked = detweights.det_array(key, shape)
+        assert blocked.dtype == np.float32 and np.array_equal(blocked, whole[key]), key
 
 
 # --- checkpoint handling (on the small network: cheap to build) ---------------------------------
