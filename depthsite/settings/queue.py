@@ -18,7 +18,9 @@ Q_CLUSTER = {
     "catch_up": False,
     "save_limit": 500,
     "label": "Task queue",
-    "poll": 0.5,
+    # The ORM broker looks for new tasks this often (Redis wakes the cluster at once): a job waits half of
+    # it on average. 0.2 s costs an idle cluster 10 ms of CPU a second here, against 7 at 0.5 s.
+    "poll": 0.2,
 }
 if env.REDIS_URL:
     Q_CLUSTER["redis"] = env.REDIS_URL
