@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -89,19 +90,38 @@ class RunningSite:
         pending = {job_id: self.row(job_id) for job_id in job_ids if job_id not in done}
         raise AssertionError(f"jobs still not finished after {timeout} s: {pending}\n{self.log_tail()}")
 
+    def _select(self, sql: str, job_ids: list[str]) -> list[tuple]:
+        """Rows of `sql` (its `IN %s` filled with the jobs' ids) from the site's database; the job's id first."""
+        if self.database_url.startswith("sqlite"):
+            marks = ", ".join("?" * len(job_ids))
+            with sqlite3.connect(self.database_url.split("///", 1)[1], timeout=30) as conn:
+                found = conn.execute(sql.replace("%s", f"({marks})"), [uuid.UUID(j).hex for j in job_ids]).fetchall()
+            return [(str(uuid.UUID(row[0])), *row[1:]) for row in found]
+        import psycopg
+
+        with psycopg.connect(self.database_url) as conn:
+            found = conn.execute(sql.replace("IN %s", "= ANY(%s)"), ([uuid.UUID(j) for j in job_ids],)).fetchall()
+        return [(str(row[0]), *row[1:]) for row in found]
+
     def row(self, job_id: str) -> dict:
         """status, attempts and worker of a job, from the database (the API does not show the worker)."""
-        sql = "SELECT status, attempts, worker FROM inference_depthjob WHERE id = %s"
-        if self.database_url.startswith("sqlite"):
-            with sqlite3.connect(self.database_url.split("///", 1)[1], timeout=30) as conn:
-                found = conn.execute(sql.replace("%s", "?"), (uuid.UUID(job_id).hex,)).fetchone()
-        else:
-            import psycopg
-
-            with psycopg.connect(self.database_url) as conn:
-                found = conn.execute(sql, (uuid.UUID(job_id),)).fetchone()
-        status, attempts, worker = found
+        (_, status, attempts, worker), = self._select(
+            "SELECT id, status, attempts, worker FROM inference_depthjob WHERE id IN %s", [job_id])
         return {"status": status, "attempts": attempts, "worker": worker}
+
+    def wait_rows(self, job_ids: list[str], timeout: float = 240, every: float = 0.05) -> dict[str, dict]:
+        """Wait for the jobs to end, reading their rows from the database (one query a round, the web server
+        untouched: a benchmark's own polling then takes no CPU from the site); {id: {status, finished_at (a
+        POSIX time), inference_ms}}."""
+        deadline = time.monotonic() + timeout
+        sql = "SELECT id, status, finished_at, inference_ms FROM inference_depthjob WHERE id IN %s"
+        while time.monotonic() < deadline:
+            rows = self._select(sql, job_ids)
+            if len(rows) == len(job_ids) and all(row[1] in TERMINAL for row in rows):
+                return {job_id: {"status": status, "finished_at": _posix(finished), "inference_ms": inference_ms}
+                        for job_id, status, finished, inference_ms in rows}
+            time.sleep(every)
+        raise AssertionError(f"jobs still not finished after {timeout} s\n{self.log_tail()}")
 
     def wait_running(self, job_id: str, attempts: int, timeout: float = 120) -> int:
         """Poll until the job's attempt `attempts` is running; the pid of its worker."""
@@ -119,6 +139,12 @@ class RunningSite:
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
+
+
+def _posix(value) -> float:
+    """A timestamp column as a POSIX time: a datetime (PostgreSQL) or ISO text in UTC (SQLite)."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _start(site: Site, name: str, args: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
