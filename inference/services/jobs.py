@@ -199,8 +199,11 @@ def depth_job_enqueue(job_id: uuid.UUID | str) -> None:
     from django_q.tasks import async_task
 
     try:
+        # save=False: the job's row records its outcome, so django-q2's monitor stores no success record per
+        # job (a count, a prune and an insert on the database the web and the worker write to); it still
+        # records a task that failed.
         task_id = async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs",
-                             broker=task_broker())
+                             broker=task_broker(), save=False)
     except Exception:
         # The row stays queued: the recovery queues it again, so a broker hiccup loses no job.
         logger.exception("could not queue depth job %s; the job recovery will queue it again", job_id)

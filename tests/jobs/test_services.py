@@ -491,3 +491,35 @@ def test_enqueues_of_one_process_share_one_broker_connection(small_model, monkey
     assert len(pushed) == 3 and len(made) == 1
     task_ids = {DepthJob.objects.get(pk=job.pk).task_id for job in jobs}
     assert len(task_ids) == 3 and "" not in task_ids
+
+
+def test_a_depth_task_leaves_no_success_record_but_a_failure_is_kept(small_model, monkeypatch):
+    """The job row records the outcome: django-q2's monitor wrote a success record (and pruned old ones) for
+    every job on the database the web server and the worker write to."""
+    import django_q.brokers
+    from django_q.models import Failure, Success
+    from django_q.monitor import save_task
+    from django_q.signing import SignedPackage
+    from django_q.tasks import Conf
+
+    pushed = []
+
+    class Broker:
+        list_key = "depthsite"
+
+        def enqueue(self, task):
+            pushed.append(task)
+            return "task-1"
+
+    monkeypatch.setattr(django_q.brokers, "get_broker", lambda *args: Broker())
+    monkeypatch.setattr(Conf, "SYNC", False)
+    monkeypatch.setattr(job_services, "_brokers", {})
+    job_services.depth_job_enqueue(job_services.depth_job_create(image=upload()).pk)
+    task = SignedPackage.loads(pushed[0])
+    now = timezone.now()
+    # "sync": the monitor's save without its reconnect, which would close the test's database connection.
+    done = {**task, "started": now, "stopped": now, "cluster": "test", "sync": True}
+    save_task({**done, "result": "succeeded", "success": True}, Broker())
+    assert not Success.objects.exists()
+    save_task({**done, "result": "Traceback ...", "success": False}, Broker())
+    assert Failure.objects.filter(id=task["id"]).exists()
