@@ -4,10 +4,11 @@
 
 For each broker (the ORM broker on SQLite behind runserver, as `make run`; Redis with PostgreSQL behind
 gunicorn with deploy/gunicorn.conf.py, as a fleet; --web overrides the web server) it starts an isolated
-site (depthsite.testing.e2e) with MiDaS_small weights and one worker, then measures:
+site (depthsite.testing.e2e) with --model's weights (MiDaS_small) and --workers workers (1), then measures:
 
   overhead     submit -> result stored, minus the forward time the worker recorded on the job, over
-               --jobs sequential jobs of distinct photos (no result reuse): p50 and p99
+               --jobs sequential jobs of distinct photos (no result reuse): p50 and p99; each job's end is
+               read from its row, so the bench's own polling puts no requests on the web server
   throughput   N jobs submitted at once (N in --concurrency), jobs/s from the first submit to the last
                finish (read from the job rows), against the bare estimator's images/s on the same photos
                in the same run
@@ -27,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,27 +46,26 @@ SITE_ENV = {"DEPTHSITE_WORKERS": "1", "DEPTHSITE_JOB_TIMEOUT": "600", "DEPTHSITE
 PHOTO = (384, 288)  # a phone photo scaled down: MiDaS_small runs it at 256 on the long side
 
 
-def _when(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[index]
 
 
-def measure_overhead(running: RunningSite, count: int, seed: int) -> dict:
+def measure_overhead(running: RunningSite, count: int, seed: int, model: str) -> dict:
     """Sequential jobs: each one's submit -> finished_at, minus its recorded forward time."""
-    warm_up = running.submit(unique_photo(*PHOTO, seed=seed - 1), "warm-up.jpg")  # the first job loads the model
-    running.wait([warm_up["id"]], timeout=300)
+    # The first job loads the model (and builds its artifact on a fresh site).
+    warm_up = running.submit(unique_photo(*PHOTO, seed=seed - 1), "warm-up.jpg", model=model)
+    running.wait_rows([warm_up["id"]], timeout=600)
     overheads, totals = [], []
     for index in range(count):
         submitted = time.time()
-        job = running.submit(unique_photo(*PHOTO, seed=seed + index), f"photo-{index}.jpg")
-        body = running.wait([job["id"]], timeout=120)[job["id"]]
+        job = running.submit(unique_photo(*PHOTO, seed=seed + index), f"photo-{index}.jpg", model=model)
+        # Completion read from the job's row (as for throughput): the API's status polling would add its own
+        # requests to the web server, on the cores the job runs on.
+        body = running.wait_rows([job["id"]], timeout=120)[job["id"]]
         assert body["status"] == "succeeded", body
-        total = _when(body["finished_at"]) - submitted
+        total = body["finished_at"] - submitted
         totals.append(total)
         overheads.append(total - body["inference_ms"] / 1000)
     return {"jobs": count, "overhead_p50_ms": 1000 * statistics.median(overheads),
@@ -74,12 +73,12 @@ def measure_overhead(running: RunningSite, count: int, seed: int) -> dict:
             "submit_to_done_p50_ms": 1000 * statistics.median(totals)}
 
 
-def measure_throughput(running: RunningSite, n: int, seed: int) -> dict:
+def measure_throughput(running: RunningSite, n: int, seed: int, model: str) -> dict:
     photos = [unique_photo(*PHOTO, seed=seed + i) for i in range(n)]
     jobs: list[dict] = [None] * n  # type: ignore[list-item]
 
     def send(i: int) -> None:
-        jobs[i] = running.submit(photos[i], f"c{n}-{i}.jpg")
+        jobs[i] = running.submit(photos[i], f"c{n}-{i}.jpg", model=model)
 
     started = time.time()
     threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
@@ -104,7 +103,7 @@ from inference.pipeline import estimator_ready
 from models_registry.selectors import model_get
 from depthsite.testing.e2e import unique_photo
 width, height, seed, count = {width}, {height}, {seed}, {count}
-_, estimator = estimator_ready(model=model_get(name="MiDaS_small"))
+_, estimator = estimator_ready(model=model_get(name="{model}"))
 photos = [np.asarray(Image.open(io.BytesIO(unique_photo(width, height, seed=seed + i))).convert("RGB")) for i in range(count)]
 estimator.predict(photos[0])
 started = time.perf_counter()
@@ -123,8 +122,9 @@ from inference.tasks import depth_job_task
 from inference.pipeline import estimator_ready
 from models_registry.selectors import model_get
 from depthsite.testing.e2e import unique_photo
-estimator_ready(model=model_get(name="MiDaS_small"))
-job = depth_job_create(image=SimpleUploadedFile("q.jpg", unique_photo(96, 72, seed=424242), content_type="image/jpeg"))
+estimator_ready(model=model_get(name="MODEL"))
+job = depth_job_create(image=SimpleUploadedFile("q.jpg", unique_photo(96, 72, seed=424242), content_type="image/jpeg"),
+                       model="MODEL")
 with CaptureQueriesContext(connection) as run:
     depth_job_task(str(job.pk))
 from django_q.brokers import get_broker
@@ -177,19 +177,23 @@ WEB = {"orm": "runserver", "redis": "gunicorn"}  # as each is deployed: `make ru
 def run_broker(broker: str, root: Path, weights: Path, args, weights_large: Path | None) -> dict:
     make = orm_site if broker == "orm" else redis_postgres_site
     web = args.web or WEB[broker]
-    running, cleanup = make(root / broker, weights, web=web, **SITE_ENV)
+    site_env = {**SITE_ENV, "DEPTHSITE_WORKERS": str(args.workers), "DEPTHSITE_TORCH_THREADS": str(args.threads)}
+    running, cleanup = make(root / broker, weights, web=web, **site_env)
     try:
-        row: dict = {"broker": broker, "web": web}
-        row.update(measure_overhead(running, args.jobs, seed=1000))
-        bare = site_python(running, BARE.format(width=PHOTO[0], height=PHOTO[1], seed=5000, count=8))
+        row: dict = {"broker": broker, "web": web, "workers": args.workers, "threads": args.threads}
+        row.update(measure_overhead(running, args.jobs, seed=1000, model=args.model))
+        # The bare estimator as a script would run it: one process, every core (whatever the workers use).
+        bare = site_python(running, BARE.format(width=PHOTO[0], height=PHOTO[1], seed=5000, count=16,
+                                                model=args.model), DEPTHSITE_TORCH_THREADS="0")
         row["bare_images_per_s"] = bare["images_per_s"]
         row["throughput"] = []
         for n in args.concurrency:
-            measured = measure_throughput(running, n, seed=10_000 * n)
+            measured = measure_throughput(running, n, seed=10_000 * n, model=args.model)
             measured["vs_bare"] = measured["jobs_per_s"] / bare["images_per_s"]
             row["throughput"].append(measured)
         # On a queue no cluster serves: the job is run here, once, by the task function, and counted.
-        row.update(site_python(running, QUERIES, DEPTHSITE_QUEUE_NAME=f"bench-queries-{broker}"))
+        row.update(site_python(running, QUERIES.replace("MODEL", args.model),
+                               DEPTHSITE_QUEUE_NAME=f"bench-queries-{broker}"))
         if weights_large is not None:
             row["memory"] = peak_rss_large(running, weights_large)
         return row
@@ -204,19 +208,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--no-large", action="store_true", help="skip the DPT_Large memory figure")
+    parser.add_argument("--model", default="MiDaS_small", help="the model of every job (its weights generated)")
+    parser.add_argument("--workers", type=int, default=1, help="qcluster worker processes (DEPTHSITE_WORKERS)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads of each worker's network (DEPTHSITE_TORCH_THREADS; 0: one per core)")
     parser.add_argument("--web", choices=WEB_SERVERS, help="one web server for both sites (default: as deployed)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     args.concurrency = [int(n) for n in args.concurrency.split(",")]
 
-    from models_registry.detweights import det_numpy_state_dict
+    from models_registry.detweights import CATALOGUE_DIR, det_numpy_state_dict
     from models_registry.formats import write_weights
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="depthsite-bench-jobs-") as tmp:
         root = Path(tmp)
-        weights = root / "midas_v21_small_256.pt"
-        write_weights(det_numpy_state_dict("MiDaS_small"), weights, "pt", {})
+        checkpoint = json.loads((CATALOGUE_DIR / f"keys_{args.model}.json").read_text())["checkpoint_file"]
+        weights = root / checkpoint  # the catalogue's file name: `models import` knows the model by it
+        write_weights(det_numpy_state_dict(args.model), weights, "pt", {})
         weights_large = None
         if not args.no_large:
             weights_large = root / "dpt_large_384.pt"
@@ -226,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"Job path, MiDaS_small on {PHOTO[0]}x{PHOTO[1]} photos, one worker ({args.jobs} sequential jobs)")
+    threads = args.threads or "all cores'"
+    print(f"Job path, {args.model} on {PHOTO[0]}x{PHOTO[1]} photos, {args.workers} worker(s) of {threads} thread(s) "
+          f"({args.jobs} sequential jobs)")
     print(f"{'broker':7} {'web':10} {'overhead p50':>13} {'p99':>8} {'submit->done p50':>17} {'queries/job':>12}")
     for row in rows:
         print(f"{row['broker']:7} {row['web']:10} {row['overhead_p50_ms']:>10.0f} ms {row['overhead_p99_ms']:>5.0f} ms "

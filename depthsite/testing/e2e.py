@@ -7,6 +7,7 @@ process it may kill.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -90,17 +91,24 @@ class RunningSite:
         pending = {job_id: self.row(job_id) for job_id in job_ids if job_id not in done}
         raise AssertionError(f"jobs still not finished after {timeout} s: {pending}\n{self.log_tail()}")
 
-    def _select(self, sql: str, job_ids: list[str]) -> list[tuple]:
-        """Rows of `sql` (its `IN %s` filled with the jobs' ids) from the site's database; the job's id first."""
+    def _connect(self):
         if self.database_url.startswith("sqlite"):
-            marks = ", ".join("?" * len(job_ids))
-            with sqlite3.connect(self.database_url.split("///", 1)[1], timeout=30) as conn:
-                found = conn.execute(sql.replace("%s", f"({marks})"), [uuid.UUID(j).hex for j in job_ids]).fetchall()
-            return [(str(uuid.UUID(row[0])), *row[1:]) for row in found]
+            return sqlite3.connect(self.database_url.split("///", 1)[1], timeout=30, isolation_level=None)
         import psycopg
 
-        with psycopg.connect(self.database_url) as conn:
-            found = conn.execute(sql.replace("IN %s", "= ANY(%s)"), ([uuid.UUID(j) for j in job_ids],)).fetchall()
+        return psycopg.connect(self.database_url, autocommit=True)
+
+    def _select(self, sql: str, job_ids: list[str], conn=None) -> list[tuple]:
+        """Rows of `sql` (its `IN %s` filled with the jobs' ids) from the site's database, on `conn` or a
+        connection of its own; the job's id first."""
+        if conn is None:
+            with contextlib.closing(self._connect()) as own:
+                return self._select(sql, job_ids, own)
+        if self.database_url.startswith("sqlite"):
+            marks = ", ".join("?" * len(job_ids))
+            found = conn.execute(sql.replace("%s", f"({marks})"), [uuid.UUID(j).hex for j in job_ids]).fetchall()
+            return [(str(uuid.UUID(row[0])), *row[1:]) for row in found]
+        found = conn.execute(sql.replace("IN %s", "= ANY(%s)"), ([uuid.UUID(j) for j in job_ids],)).fetchall()
         return [(str(row[0]), *row[1:]) for row in found]
 
     def row(self, job_id: str) -> dict:
@@ -109,18 +117,20 @@ class RunningSite:
             "SELECT id, status, attempts, worker FROM inference_depthjob WHERE id IN %s", [job_id])
         return {"status": status, "attempts": attempts, "worker": worker}
 
-    def wait_rows(self, job_ids: list[str], timeout: float = 240, every: float = 0.05) -> dict[str, dict]:
+    def wait_rows(self, job_ids: list[str], timeout: float = 240, every: float = 0.1) -> dict[str, dict]:
         """Wait for the jobs to end, reading their rows from the database (one query a round, the web server
         untouched: a benchmark's own polling then takes no CPU from the site); {id: {status, finished_at (a
         POSIX time), inference_ms}}."""
         deadline = time.monotonic() + timeout
         sql = "SELECT id, status, finished_at, inference_ms FROM inference_depthjob WHERE id IN %s"
-        while time.monotonic() < deadline:
-            rows = self._select(sql, job_ids)
-            if len(rows) == len(job_ids) and all(row[1] in TERMINAL for row in rows):
-                return {job_id: {"status": status, "finished_at": _posix(finished), "inference_ms": inference_ms}
-                        for job_id, status, finished, inference_ms in rows}
-            time.sleep(every)
+        # One connection: a new one each round would cost PostgreSQL a process each time.
+        with contextlib.closing(self._connect()) as conn:
+            while time.monotonic() < deadline:
+                rows = self._select(sql, job_ids, conn)
+                if len(rows) == len(job_ids) and all(row[1] in TERMINAL for row in rows):
+                    return {job_id: {"status": status, "finished_at": _posix(finished), "inference_ms": inference_ms}
+                            for job_id, status, finished, inference_ms in rows}
+                time.sleep(every)
         raise AssertionError(f"jobs still not finished after {timeout} s\n{self.log_tail()}")
 
     def wait_running(self, job_id: str, attempts: int, timeout: float = 120) -> int:
