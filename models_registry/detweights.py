@@ -52,12 +52,6 @@ def _unit_block(seed: np.uint64, first: int, stop: int, z: np.ndarray, scratch: 
     return unit
 
 
-def _unit_stream(key: str, count: int) -> np.ndarray:
-    """`count` float64 values in [-1, 1) from SplitMix64 outputs 1..count, seeded by the key."""
-    z, scratch, unit = np.empty(count, np.uint64), np.empty(count, np.uint64), np.empty(count, np.float64)
-    return _unit_block(_seed(key), 1, count + 1, z, scratch, unit)
-
-
 def _centre_and_half_width(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
     if key.endswith("running_var"):
         return 1.0, 0.25
@@ -79,7 +73,7 @@ def det_array(key: str, shape: Iterable[int], dtype: str = "float32") -> np.ndar
     centre, half = _centre_and_half_width(key, shape)
     seed, absolute = _seed(key), len(shape) == 4 and shape[0] == 1
     out = np.empty(count, dtype=np.float32)
-    block = min(count, STREAM_BLOCK)
+    block = max(1, min(count, STREAM_BLOCK))  # an empty tensor still gets its (empty) array
     z, scratch, unit = np.empty(block, np.uint64), np.empty(block, np.uint64), np.empty(block, np.float64)
     for start in range(0, count, block):
         stop = min(count, start + block)

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 from filelock import FileLock, Timeout
 
 from depthsite.units import format_size
@@ -18,6 +19,7 @@ from models_registry.choices import Health, WeightFormat
 from depthsite.exceptions import InvalidRequestError
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import weight_files
+from models_registry.services.records import USED_RESOLUTION
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +256,9 @@ def _execute_item(item: PlanItem, path: Path) -> int:
             raise _Changed("the file is back" if item.kind == "missing" else "the file changed since the plan")
         if item.kind == "evict" and record.model.pinned:
             raise _Changed("the model was pinned since the plan")
+        if item.kind == "evict" and record.last_used_at and record.last_used_at > timezone.now() - USED_RESOLUTION:
+            # A use is stamped at most once per USED_RESOLUTION: one since the plan may have left no new stamp.
+            raise _Changed("used in the last minute")
         record.delete()
         return cachefs.remove_file(path) if current is not None else 0
 

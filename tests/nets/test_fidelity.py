@@ -118,7 +118,8 @@ def test_registry_names():
 def test_weight_rule_gives_the_same_values_whatever_its_block_size(monkeypatch):
     from models_registry import detweights
 
-    shapes = {"a.weight": (3, 5, 7, 11), "b.bias": (1000,), "c.pos_embed": (1, 37, 19), "d.weight": (1, 4, 9, 3)}
+    shapes = {"a.weight": (3, 5, 7, 11), "b.bias": (1000,), "c.pos_embed": (1, 37, 19), "d.weight": (1, 4, 9, 3),
+              "e.weight": (300, 200)}  # e: more than one default block
     whole = {key: detweights.det_array(key, shape) for key, shape in shapes.items()}
     monkeypatch.setattr(detweights, "STREAM_BLOCK", 97)  # ragged blocks through every tensor
     for key, shape in shapes.items():

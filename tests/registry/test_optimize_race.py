@@ -140,6 +140,28 @@ def test_eviction_skips_a_model_pinned_or_used_since_the_plan(small_model):
     assert WeightFile.objects.filter(pk=row.pk).exists() and cachefs.absolute(row.path).exists()
 
 
+def test_eviction_skips_a_file_used_in_the_minute_before_the_plan(small_model):
+    # Uses are stamped at most once a minute: one after the plan may leave the stamp the plan saw.
+    from datetime import timedelta
+
+    from models_registry.services.records import USED_RESOLUTION, weight_mark_used
+
+    _write("MiDaS_small/a.h5", b"a" * 100)
+    row = _record(small_model, "h5", "MiDaS_small/a.h5", b"a" * 100)
+    WeightFile.objects.filter(pk=row.pk).update(last_used_at=timezone.now() - USED_RESOLUTION / 2)
+    plan = cache_optimize_plan(max_bytes=0)
+    assert [item.kind for item in plan.items] == ["evict"]
+    row.refresh_from_db()
+    weight_mark_used(weight_file=row)  # a job loads it now: no new stamp within the minute
+    cache_optimize_execute(plan=plan)
+    assert cachefs.absolute(row.path).exists() and plan.items[0].outcome == "skipped: used in the last minute"
+
+    WeightFile.objects.filter(pk=row.pk).update(last_used_at=timezone.now() - timedelta(hours=1))
+    plan = cache_optimize_plan(max_bytes=0)
+    cache_optimize_execute(plan=plan)
+    assert plan.items[0].outcome == "deleted" and not cachefs.absolute(row.path).exists()
+
+
 def test_a_stale_lock_taken_again_is_not_deleted(small_model):
     path = _write(".locks/MiDaS_small.lock", b"", age=2 * STALE_AFTER_SECONDS)
     plan = cache_optimize_plan()
