@@ -6,6 +6,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -468,8 +469,10 @@ def test_worker_identity_names_node_pid_and_start():
     assert start == worker_module._process_start(os.getpid())
 
 
-def test_enqueues_of_one_process_share_one_broker_connection(small_model, monkeypatch):
-    """A broker per enqueue opened a new Redis connection per job; one per process is enough."""
+@pytest.fixture
+def recording_broker(monkeypatch):
+    """Enqueues go through django-q2's real enqueue (not the tests' inline run) to a broker that keeps what it
+    is given: .pushed (the packages), .made (brokers built), .broker (its class)."""
     import django_q.brokers
     from django_q.tasks import Conf
 
@@ -482,44 +485,39 @@ def test_enqueues_of_one_process_share_one_broker_connection(small_model, monkey
             pushed.append(task)
             return f"task-{len(pushed)}"
 
-    monkeypatch.setattr(django_q.brokers, "get_broker", lambda *args: made.append(1) or Broker())
-    monkeypatch.setattr(Conf, "SYNC", False)  # a real enqueue through the broker, not the tests' inline run
+    def get_broker(*args):
+        made.append(1)
+        return Broker()
+
+    monkeypatch.setattr(django_q.brokers, "get_broker", get_broker)
+    monkeypatch.setattr(Conf, "SYNC", False)
     monkeypatch.setattr(job_services, "_brokers", {})
+    return SimpleNamespace(made=made, pushed=pushed, broker=Broker)
+
+
+def test_enqueues_of_one_process_share_one_broker_connection(small_model, recording_broker):
+    """A broker per enqueue opened a new Redis connection per job; one per process is enough."""
     jobs = [job_services.depth_job_create(image=upload()) for _ in range(3)]
     for job in jobs:
         job_services.depth_job_enqueue(job.pk)
-    assert len(pushed) == 3 and len(made) == 1
+    assert len(recording_broker.pushed) == 3 and len(recording_broker.made) == 1
     task_ids = {DepthJob.objects.get(pk=job.pk).task_id for job in jobs}
     assert len(task_ids) == 3 and "" not in task_ids
 
 
-def test_a_depth_task_leaves_no_success_record_but_a_failure_is_kept(small_model, monkeypatch):
+def test_a_depth_task_leaves_no_success_record_but_a_failure_is_kept(small_model, recording_broker):
     """The job row records the outcome: django-q2's monitor wrote a success record (and pruned old ones) for
     every job on the database the web server and the worker write to."""
-    import django_q.brokers
     from django_q.models import Failure, Success
     from django_q.monitor import save_task
     from django_q.signing import SignedPackage
-    from django_q.tasks import Conf
 
-    pushed = []
-
-    class Broker:
-        list_key = "depthsite"
-
-        def enqueue(self, task):
-            pushed.append(task)
-            return "task-1"
-
-    monkeypatch.setattr(django_q.brokers, "get_broker", lambda *args: Broker())
-    monkeypatch.setattr(Conf, "SYNC", False)
-    monkeypatch.setattr(job_services, "_brokers", {})
     job_services.depth_job_enqueue(job_services.depth_job_create(image=upload()).pk)
-    task = SignedPackage.loads(pushed[0])
+    task = SignedPackage.loads(recording_broker.pushed[0])
     now = timezone.now()
     # "sync": the monitor's save without its reconnect, which would close the test's database connection.
     done = {**task, "started": now, "stopped": now, "cluster": "test", "sync": True}
-    save_task({**done, "result": "succeeded", "success": True}, Broker())
+    save_task({**done, "result": "succeeded", "success": True}, recording_broker.broker())
     assert not Success.objects.exists()
-    save_task({**done, "result": "Traceback ...", "success": False}, Broker())
+    save_task({**done, "result": "Traceback ...", "success": False}, recording_broker.broker())
     assert Failure.objects.filter(id=task["id"]).exists()
