@@ -38,7 +38,7 @@ class DepthJobAdmin(admin.ModelAdmin):
     list_display = ("short_id", "status_badge", "model_name", "owner_display", "created_at", "attempts", "load",
                     "inference", "error_short")
     list_filter = ("status", "model_name", "error_code", ("owner", admin.EmptyFieldListFilter), "created_at")
-    search_fields = ("id", "image_name", "image_sha256", "owner__username", "task_id", "error")
+    search_fields = ("id", "image_name", "image_sha256", "owner__username", "error")
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
     actions = [rerun_jobs]
@@ -49,7 +49,7 @@ class DepthJobAdmin(admin.ModelAdmin):
         ("Input", {"fields": ("image", "image_name", "image_format", "image_width", "image_height", "image_size",
                               "image_sha256", "model", "model_name", "outputs", "colormap", "fov_degrees")}),
         ("Run", {"fields": ("created_at", "queued_at", "started_at", "finished_at", "load_ms", "inference_ms",
-                            "worker", "task_id", "device")}),
+                            "worker", "device")}),
         ("Result", {"fields": ("result_files", "depth_min", "depth_max", "semantics", "weights_sha256",
                                "weights_format", "reused_from")}),
     )

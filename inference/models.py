@@ -87,7 +87,6 @@ class DepthJob(models.Model):
     error_code = models.CharField(max_length=32, choices=JobErrorCode.choices, blank=True)
     attempts = models.PositiveIntegerField(default=0, help_text="Times a worker started this job.")
     worker = models.CharField(max_length=255, blank=True, help_text="node:pid:start of the process running it.")
-    task_id = models.CharField(max_length=64, blank=True, help_text="django-q2 task id, for debugging only.")
 
     created_at = models.DateTimeField(auto_now_add=True)
     queued_at = models.DateTimeField(default=timezone.now, help_text="Last time a task was queued for it.")

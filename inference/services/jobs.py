@@ -201,14 +201,13 @@ def depth_job_enqueue(job_id: uuid.UUID | str) -> None:
     try:
         # save=False: the job's row records its outcome, so django-q2's monitor stores no success record per
         # job (a count, a prune and an insert on the database the web and the worker write to); it still
-        # records a task that failed.
-        task_id = async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs",
-                             broker=task_broker(), save=False)
+        # records a task that failed, under the name depth-<job id>. The task's own id is not written back
+        # to the row: that was one more statement and commit per upload, for an id nothing looked up.
+        async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs", broker=task_broker(),
+                   save=False)
     except Exception:
         # The row stays queued: the recovery queues it again, so a broker hiccup loses no job.
         logger.exception("could not queue depth job %s; the job recovery will queue it again", job_id)
-        return
-    DepthJob.objects.filter(pk=job_id).update(task_id=task_id or "")
 
 
 def depth_job_delete(*, job: DepthJob) -> dict[str, Any]:

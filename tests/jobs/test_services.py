@@ -67,7 +67,7 @@ def test_create_stores_the_upload_and_runs_to_success(cached_small, user, run_jo
     assert "My Photo" not in job.image.name  # the client's name never reaches a path
     assert job.image_name == "My Photo.JPG" and (job.image_width, job.image_height) == (96, 72)
     assert len(job.image_sha256) == 64 and job.image_size == media(job.image.name).stat().st_size
-    assert job.attempts == 1 and job.task_id and job.started_at and job.finished_at >= job.started_at
+    assert job.attempts == 1 and job.started_at and job.finished_at >= job.started_at
     assert job.load_ms is not None and job.inference_ms > 0
     assert job.weights_sha256 == cached_small.sha256 and job.weights_format == "pt"
     assert "inverse depth" in job.semantics
@@ -141,7 +141,7 @@ def test_job_is_queued_only_when_the_transaction_commits(small_model, django_cap
         job = queued_job()
     assert len(callbacks) == 1
     job.refresh_from_db()
-    assert job.status == RunStatus.QUEUED and job.attempts == 0 and job.task_id == ""
+    assert job.status == RunStatus.QUEUED and job.attempts == 0
 
 
 # --- weights ---------------------------------------------------------------------------------------
@@ -495,14 +495,21 @@ def recording_broker(monkeypatch):
     return SimpleNamespace(made=made, pushed=pushed, broker=Broker)
 
 
-def test_enqueues_of_one_process_share_one_broker_connection(small_model, recording_broker):
-    """A broker per enqueue opened a new Redis connection per job; one per process is enough."""
+def test_enqueues_of_one_process_share_one_broker_connection_and_write_nothing(small_model, recording_broker,
+                                                                             django_assert_num_queries):
+    """A broker per enqueue opened a new Redis connection per job; one per process is enough. The enqueue
+    writes nothing back: the task's id was stored on the row (one more UPDATE and commit per upload) and
+    nothing read it."""
+    from django_q.signing import SignedPackage
+
     jobs = [job_services.depth_job_create(image=upload()) for _ in range(3)]
-    for job in jobs:
-        job_services.depth_job_enqueue(job.pk)
+    with django_assert_num_queries(0):
+        for job in jobs:
+            job_services.depth_job_enqueue(job.pk)
     assert len(recording_broker.pushed) == 3 and len(recording_broker.made) == 1
-    task_ids = {DepthJob.objects.get(pk=job.pk).task_id for job in jobs}
-    assert len(task_ids) == 3 and "" not in task_ids
+    tasks = [SignedPackage.loads(package) for package in recording_broker.pushed]
+    assert [task["args"] for task in tasks] == [(str(job.pk),) for job in jobs]  # the id only
+    assert [task["name"] for task in tasks] == [f"depth-{job.pk}" for job in jobs]  # how a failure is found
 
 
 def test_a_depth_task_leaves_no_success_record_but_a_failure_is_kept(small_model, recording_broker):
