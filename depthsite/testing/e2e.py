@@ -211,24 +211,31 @@ def start_site(site: Site, weights: Path, database_url: str, web: str = "runserv
     env = site.env(DEPTHSITE_LOG_LEVEL="INFO")
     running = RunningSite(site=site, base_url=f"http://127.0.0.1:{port}", token=token.stdout.strip().splitlines()[-1],
                           database_url=database_url)
-    for name, args in (("qcluster", ["qcluster"]), ("web", _web_args(web, port))):
-        process, log = _start(site, name, args, env)
-        running.processes[name], running.logs[name] = process, log
-    deadline = time.monotonic() + 90
+    try:
+        for name, args in (("qcluster", ["qcluster"]), ("web", _web_args(web, port))):
+            process, log = _start(site, name, args, env)
+            running.processes[name], running.logs[name] = process, log
+        _wait_answering(running)
+    except BaseException:
+        stop_site(running)  # whatever went wrong (a slow first answer raised here once), no process outlives it
+        raise
+    return running
+
+
+def _wait_answering(running: RunningSite, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name, process in running.processes.items():
             if process.poll() is not None:
-                stop_site(running)
                 raise RuntimeError(f"{name} exited with {process.returncode}\n{running.log_tail()}")
         try:
             if requests.get(f"{running.base_url}/api/predictions/", timeout=2,
                             headers={"Authorization": f"Token {running.token}"}).status_code == 200:
-                return running
-        except requests.ConnectionError:
-            pass
+                return
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or its first answer is slow (a cold start compiles the modules)
         time.sleep(0.3)
-    stop_site(running)
-    raise RuntimeError(f"the site did not answer within 90 s\n{running.log_tail()}")
+    raise RuntimeError(f"the site did not answer within {timeout:.0f} s\n{running.log_tail()}")
 
 
 def stop_site(running: RunningSite) -> None:
