@@ -1,4 +1,5 @@
 """WSGI entry point (gunicorn's `depthsite.wsgi:application`, runserver's WSGI_APPLICATION)."""
+import logging
 import os
 
 from django.core.wsgi import get_wsgi_application
@@ -34,4 +35,10 @@ def warm_up() -> None:
         connections[alias].close()
 
 
-warm_up()
+try:
+    warm_up()
+except Exception:
+    # A web server must still start when, say, the database is down (the ORM broker's client reads it): its
+    # requests then answer with the real error, as they did before the warm-up existed.
+    logging.getLogger("depthsite.wsgi").warning("warming the web process failed; its first request will do it",
+                                                exc_info=True)

@@ -36,3 +36,14 @@ def test_loading_the_wsgi_module_imports_the_views_and_opens_no_connection(tmp_p
     assert report == {"resolved": True, "views": ["inference.views", "inference.api.views",
                                                   "models_registry.api.views"],
                       "broker": 1, "connections": [], "heavy": []}
+
+
+def test_the_web_process_still_loads_when_the_warm_up_cannot_reach_the_database(tmp_path):
+    # The ORM broker's client reads the connection's autocommit state: with the database down, the warm-up
+    # fails, and the server must start anyway (its requests then get the real error).
+    site = Site(root=tmp_path, extra_env={"DATABASE_URL": "postgres://postgres@127.0.0.1:9/none"})
+    result = subprocess.run([sys.executable, "-c", "import depthsite.wsgi; print('loaded')"], cwd=PROJECT_ROOT,
+                            env=site.env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "loaded"
+    assert "warming the web process failed" in result.stderr
