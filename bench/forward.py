@@ -132,8 +132,8 @@ def measure(name: str, repeats: int, threads: int, workdir: Path, weights: str =
         torch_transforms.preprocess(image, config)
         pre_torch.append(time.perf_counter() - begin)
         begin = time.perf_counter()
-        numpy_transforms.postprocess(prediction, PHOTO, config)
-        numpy_transforms.preprocess(image, config)
+        numpy_transforms.postprocess(prediction, PHOTO, config, threads=threads)  # as a worker runs them
+        numpy_transforms.preprocess(image, config, threads=threads)
         pre_numpy.append(time.perf_counter() - begin)
     # The same comparison at the photo's network input (4:3: not the export size), where the graph resizes its
     # position tables itself; fixed-size networks take their native square for every photo.

@@ -70,6 +70,8 @@ class OnnxEstimator:
         self.config = net_spec(architecture)
         self.prepack = prepack
         self.session = session_open(artifact_path, threads, prepack=prepack)
+        # The resize around the forward runs while the session's threads wait: as many threads as the forward.
+        self.resize_threads = transforms.resize_threads(threads)
         self.input_name = self.session.get_inputs()[0].name
         self.bytes = artifact_bytes
         self.load_ms = (time.perf_counter() - started) * 1000
@@ -94,7 +96,7 @@ class OnnxEstimator:
         """uint8 RGB (H, W, 3) -> float32 relative inverse depth at (H, W)."""
         height, width = int(image.shape[0]), int(image.shape[1])
         try:
-            batch = transforms.preprocess(image, self.config)
+            batch = transforms.preprocess(image, self.config, threads=self.resize_threads)
         except ValueError as exc:
             raise InferenceError(f"cannot prepare the image for {self.model_name}: {exc}") from None
         started = time.perf_counter()
@@ -107,7 +109,7 @@ class OnnxEstimator:
                 raise
             raise OutOfMemoryError(f"out of memory running {self.model_name} on a {width}x{height} image; "
                                    "try a smaller image or a smaller model") from None
-        depth = transforms.postprocess(prediction, (height, width), self.config)
+        depth = transforms.postprocess(prediction, (height, width), self.config, threads=self.resize_threads)
         return depth_result(self, depth, started=started, height=height, width=width)
 
     def release(self) -> None:

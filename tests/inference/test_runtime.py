@@ -154,6 +154,24 @@ def test_resize_in_blocks_and_from_uint8_gives_the_same_pixels(monkeypatch, mode
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_resize_split_across_threads_gives_the_same_bits(monkeypatch, threads):
+    """Workers resize with as many threads as their forward uses; each block is the same computation in any
+    thread, so the depth map and the network input are bit for bit those of one thread."""
+    from inference.runtime import transforms as numpy_transforms
+
+    monkeypatch.setattr(numpy_transforms, "THREADED_FROM_TAPS", 0)  # small inputs threaded too
+    image = synthetic_image(61, 83)
+    for name in ("MiDaS_small", "Depth_Anything_V2_Small"):  # bicubic half-pixel, bilinear aligned
+        one = numpy_transforms.preprocess(image, name)
+        assert np.array_equal(numpy_transforms.preprocess(image, name, threads=threads), one)
+        prediction = one[0, :1]
+        for size in ((61, 83), (7, 300)):  # more threads than some passes have rows
+            expected = numpy_transforms.postprocess(prediction, size, name)
+            assert np.array_equal(numpy_transforms.postprocess(prediction, size, name, threads=threads), expected)
+    assert numpy_transforms.resize_threads(3) == 3 and 1 <= numpy_transforms.resize_threads(0) <= 4
+
+
 # --- the registry's side, without an export ----------------------------------------------------------
 
 
