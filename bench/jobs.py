@@ -59,8 +59,7 @@ def measure_overhead(running: RunningSite, count: int, seed: int, model: str) ->
     running.wait_rows([warm_up["id"]], timeout=600)
     overheads, totals = [], []
     for index in range(count):
-        # The photo is made before the clock starts: synthesising it takes the client 15 ms here, which the
-        # overhead counted until 2026-12-07 (measured with `unique_photo` alone).
+        # Made before the clock starts: synthesising a photo takes the client about 15 ms, none of it the job's.
         photo = unique_photo(*PHOTO, seed=seed + index)
         submitted = time.time()
         job = running.submit(photo, f"photo-{index}.jpg", model=model)

@@ -1,6 +1,6 @@
 """Pre- and postprocessing of one photo on the ONNX path (numpy): one thread against the worker's threads.
 
-    .venv/bin/python bench/resize.py [--models MiDaS_small,DPT_Large] [--threads 2] [--repeats 30] [--json]
+    .venv/bin/python bench/resize.py [--models MiDaS_small,DPT_Large] [--threads 0] [--repeats 30] [--json]
 
 For photos of three sizes (a phone photo scaled down, 640x480, 12 megapixels) and each model's network input,
 it times inference.runtime.transforms.preprocess + postprocess with threads=1 and threads=--threads,
@@ -52,10 +52,14 @@ def measure(model: str, photo: tuple[int, int], threads: int, repeats: int) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="MiDaS_small,DPT_Large")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads of the threaded runs; 0 (default): what a worker uses with DEPTHSITE_TORCH_THREADS=0")
     parser.add_argument("--repeats", type=int, default=30, help="alternating runs of each (fewer for 12 MP)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    from inference.runtime.transforms import resize_threads
+
+    args.threads = resize_threads(args.threads)
     rows = [measure(model, photo, args.threads, args.repeats if photo[0] < 1000 else max(3, args.repeats // 10))
             for model in args.models.split(",") for photo in PHOTOS]
     if args.json:

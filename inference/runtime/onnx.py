@@ -70,7 +70,8 @@ class OnnxEstimator:
         self.config = net_spec(architecture)
         self.prepack = prepack
         self.session = session_open(artifact_path, threads, prepack=prepack)
-        # The resize around the forward runs while the session's threads wait: as many threads as the forward.
+        # The resize around the forward runs while the session's threads wait: DEPTHSITE_TORCH_THREADS threads too
+        # (0: the cores this process may use, where ORT takes the physical cores; the same on these VMs).
         self.resize_threads = transforms.resize_threads(threads)
         self.input_name = self.session.get_inputs()[0].name
         self.bytes = artifact_bytes

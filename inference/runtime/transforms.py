@@ -90,11 +90,17 @@ THREADED_FROM_TAPS = 1 << 16
 
 
 def _threads_for(work: int, threads: int) -> int:
-    return max(1, threads) if work >= THREADED_FROM_TAPS else 1
+    # A pool thread never hands work to its own pool: it would wait for threads that are all busy waiting.
+    if work < THREADED_FROM_TAPS or threading.current_thread().name.startswith(_POOL_PREFIX):
+        return 1
+    return max(1, threads)
 
 
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+_POOL_PREFIX = "depthsite-resize"
+# More threads than this only cut one photo's passes into smaller blocks (measured: 1 against 2 threads).
+MAX_RESIZE_THREADS = 4
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -103,20 +109,19 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
-            pool = _pools[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="depthsite-resize")
+            pool = _pools[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_POOL_PREFIX)
         return pool
 
 
 def resize_threads(threads: int = 0) -> int:
-    """Threads for the resize: `threads`, or with 0 the cores this process may run on (at most 4: the passes
-    are bound by memory beyond that)."""
-    if threads > 0:
-        return threads
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    return max(1, min(4, available))
+    """Threads for the resize: `threads`, or with 0 the cores this process may run on; at most
+    MAX_RESIZE_THREADS either way."""
+    if threads <= 0:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            threads = os.cpu_count() or 1
+    return max(1, min(MAX_RESIZE_THREADS, threads))
 
 
 def _blockwise(count: int, step: int, shape: tuple[int, ...], axis: int, dtype: Any,
@@ -125,8 +130,10 @@ def _blockwise(count: int, step: int, shape: tuple[int, ...], axis: int, dtype: 
     as a new array, copied into place: asked to write into the output itself, einsum takes a slower loop (1.8 ms
     against 0.4 ms for a phone photo's width pass). One block is returned as it is, without a copy.
 
-    With `threads` > 1 there are at least that many blocks, computed in a pool (einsum releases the GIL): each
-    block is the same computation wherever it runs, so the output is bit-identical to one thread's."""
+    With `threads` > 1 there are at least that many blocks, computed in a pool (the gather and einsum release the
+    GIL). A block computes the same in any thread; its shape may change einsum's loop and so the order of a few
+    additions (as GATHER_CHUNK's blocks always could): differences near 1e-16 relative in float64, rarely one
+    float32 ulp. bench/resize.py found the outputs bit-identical at its sizes."""
     step = max(1, step)
     if threads > 1:
         step = min(step, -(-count // threads))
@@ -154,7 +161,7 @@ def resize(x: np.ndarray, size: tuple[int, int], *, mode: str = "bicubic", dtype
     """Resize the last two axes of x (…, H, W) to size; mode "bicubic" (half-pixel) or "bilinear" (aligned corners).
 
     x of another dtype (uint8 pixels) is read as is: only the taps are converted, never the whole input.
-    `threads` > 1 splits each pass across a pool of that many threads (same values)."""
+    `threads` > 1 splits each pass across a pool of that many threads (see _blockwise)."""
     if mode not in ("bicubic", "bilinear"):
         raise ValueError(f"unsupported interpolation {mode!r}")
     height, width = int(size[0]), int(size[1])

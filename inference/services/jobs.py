@@ -201,8 +201,8 @@ def depth_job_enqueue(job_id: uuid.UUID | str) -> None:
     try:
         # save=False: the job's row records its outcome, so django-q2's monitor stores no success record per
         # job (a count, a prune and an insert on the database the web and the worker write to); it still
-        # records a task that failed, under the name depth-<job id>. The task's own id is not written back
-        # to the row: that was one more statement and commit per upload, for an id nothing looked up.
+        # records a task that failed, under the name depth-<job id>; the job's id finds it, so the task's own
+        # id is not stored (it would cost a statement and a commit per upload).
         async_task(TASK, str(job_id), task_name=f"depth-{job_id}", group="depth-jobs", broker=task_broker(),
                    save=False)
     except Exception:
