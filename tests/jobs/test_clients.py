@@ -29,6 +29,7 @@ from inference.services.jobs import depth_job_create
 from inference.tasks import depth_jobs_expire_task, depth_jobs_recover_task
 from models_registry.api.throttling import SettingsScopedRateThrottle, client_address
 from depthsite.testing import images
+from tests.support.migrated import migrated_schedule
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db
@@ -180,7 +181,8 @@ def test_anonymous_jobs_expire_with_their_files(small_model, settings, user, run
 
 
 def test_the_expiry_schedule_exists():
-    schedule = Schedule.objects.get(name="depth-jobs-expire-anonymous")
+    schedule = migrated_schedule("0005_anonymous_jobs_expire_schedule")
+    assert schedule.name == "depth-jobs-expire-anonymous"
     assert schedule.func == "inference.tasks.depth_jobs_expire_task" and schedule.repeats == -1
     assert schedule.schedule_type == Schedule.MINUTES and schedule.minutes == 60
     module, name = schedule.func.rsplit(".", 1)

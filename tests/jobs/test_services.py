@@ -405,9 +405,10 @@ def test_recovery_requeues_jobs_queued_past_the_retry_window(cached_small, run_j
 
 
 def test_recovery_schedule_is_installed():
-    from django_q.models import Schedule
+    from tests.support.migrated import migrated_schedule
 
-    schedule = Schedule.objects.get(name="depth-jobs-recover")
+    schedule = migrated_schedule("0002_depth_jobs_recover_schedule")
+    assert schedule.name == "depth-jobs-recover"
     assert schedule.func == "inference.tasks.depth_jobs_recover_task" and schedule.repeats == -1
 
 
