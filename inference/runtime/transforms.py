@@ -71,17 +71,14 @@ def _resize_axis(x: np.ndarray, axis: int, size_out: int, mode: str, dtype: Any,
     taps = indices.shape[1]
     if axis == x.ndim - 1:
         rows = x.reshape(-1, size_in)
-        out = _blockwise(rows.shape[0], GATHER_CHUNK // max(1, size_out * taps), (rows.shape[0], size_out), 0, dtype,
+        out = _blockwise(rows.shape[0], size_out * taps, (rows.shape[0], size_out), 0, dtype,
                          lambda block: np.einsum("rok,ok->ro", rows[block][:, indices], weights, dtype=dtype,
-                                                 casting="same_kind"),
-                         threads=_threads_for(rows.shape[0] * size_out * taps, threads))
+                                                 casting="same_kind"), threads)
         return out.reshape(x.shape[:-1] + (size_out,))
     planes = x.reshape(-1, size_in, x.shape[-1])
-    out = _blockwise(size_out, GATHER_CHUNK // max(1, planes.shape[0] * taps * x.shape[-1]),
-                     (planes.shape[0], size_out, x.shape[-1]), 1, dtype,
-                     lambda block: np.einsum("bokw,ok->bow", planes[:, indices[block]], weights[block], dtype=dtype,
-                                             casting="same_kind"),
-                     threads=_threads_for(planes.shape[0] * size_out * taps * x.shape[-1], threads))
+    out = _blockwise(size_out, planes.shape[0] * taps * x.shape[-1], (planes.shape[0], size_out, x.shape[-1]), 1,
+                     dtype, lambda block: np.einsum("bokw,ok->bow", planes[:, indices[block]], weights[block],
+                                                    dtype=dtype, casting="same_kind"), threads)
     return out.reshape(x.shape[:-2] + (size_out, x.shape[-1]))
 
 
@@ -124,17 +121,19 @@ def resize_threads(threads: int = 0) -> int:
     return max(1, min(MAX_RESIZE_THREADS, threads))
 
 
-def _blockwise(count: int, step: int, shape: tuple[int, ...], axis: int, dtype: Any,
+def _blockwise(count: int, taps_each: int, shape: tuple[int, ...], axis: int, dtype: Any,
                part: Callable[[slice], np.ndarray], threads: int = 1) -> np.ndarray:
-    """The array of `shape` whose slices along `axis`, `step` at a time, are part(slice). part returns each block
-    as a new array, copied into place: asked to write into the output itself, einsum takes a slower loop (1.8 ms
-    against 0.4 ms for a phone photo's width pass). One block is returned as it is, without a copy.
+    """The array of `shape` whose `count` slices along `axis` are part(slice), taken in blocks of at most
+    GATHER_CHUNK taps (`taps_each` per slice). part returns each block as a new array, copied into place: asked
+    to write into the output itself, einsum takes a slower loop (1.8 ms against 0.4 ms for a phone photo's width
+    pass). One block is returned as it is, without a copy.
 
-    With `threads` > 1 there are at least that many blocks, computed in a pool (the gather and einsum release the
-    GIL). A block computes the same in any thread; its shape may change einsum's loop and so the order of a few
+    With `threads` > 1 and at least THREADED_FROM_TAPS taps in all, there are at least that many blocks, computed
+    in a pool (the gather and einsum release the GIL). A block computes the same in any thread; its shape may change einsum's loop and so the order of a few
     additions (as GATHER_CHUNK's blocks always could): differences near 1e-16 relative in float64, rarely one
     float32 ulp. bench/resize.py found the outputs bit-identical at its sizes."""
-    step = max(1, step)
+    step = max(1, GATHER_CHUNK // max(1, taps_each))
+    threads = _threads_for(count * taps_each, threads)
     if threads > 1:
         step = min(step, -(-count // threads))
     if step >= count:
