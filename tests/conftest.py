@@ -68,13 +68,23 @@ def _threads_per_process() -> int:
     return max(1, min(2, (os.cpu_count() or 2) // workers))
 
 
-# Before any test imports torch: a process started by a test inherits the same share.
+# Before any test imports torch: a process started by a test inherits the same share. DEPTHSITE_TORCH_THREADS too:
+# its default (0, every core) made each worker's ONNX sessions and resize pool run two threads on a one-core
+# share, and tests/inference took 107 s instead of 85 s under `-n 2`.
 os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_process()))
+_THREADS_SET = bool(os.environ.get("DEPTHSITE_TORCH_THREADS"))  # the caller's own setting stands
+if not _THREADS_SET:
+    os.environ["DEPTHSITE_TORCH_THREADS"] = os.environ["OMP_NUM_THREADS"]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
-    """Torch in this process uses this worker's share of the cores, not all of them."""
+    """Torch and ONNX Runtime in this process use this worker's share of the cores, not all of them. The
+    settings were read before this file, from the environment as it was."""
+    from django.conf import settings
+
+    if not _THREADS_SET:
+        settings.DEPTHSITE_TORCH_THREADS = int(os.environ["OMP_NUM_THREADS"])
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield

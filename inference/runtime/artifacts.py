@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from django.conf import settings
 from django.utils import timezone
 
 from inference.exceptions import RuntimeArtifactError
@@ -89,7 +90,8 @@ def artifact_compare(network, config, path: Path) -> ArtifactCheck:
     from inference.health import probe_input
     from inference.runtime.onnx import session_open
 
-    session = session_open(path)
+    # On the threads the operator gave the network (DEPTHSITE_TORCH_THREADS), as the worker that uses it will.
+    session = session_open(path, settings.DEPTHSITE_TORCH_THREADS)
     name = session.get_inputs()[0].name
     worst = 0.0
     shapes = check_shapes(config)

@@ -455,6 +455,23 @@ def test_vit_family_artifacts_hold_at_portrait_and_landscape_sizes(tmp_path, nam
     assert check.worst <= artifacts.TOLERANCE
 
 
+def test_the_artifact_check_runs_on_the_configured_threads(settings, monkeypatch, tmp_path):
+    # An operator who gives the network one thread gets one for the build's check too, not every core.
+    from inference.runtime import onnx as onnx_runtime
+
+    class Opened(Exception):
+        pass
+
+    def session_open(path, threads=0, **options):
+        raise Opened(threads)
+
+    settings.DEPTHSITE_TORCH_THREADS = 1
+    monkeypatch.setattr(onnx_runtime, "session_open", session_open)
+    with pytest.raises(Opened) as opened:
+        artifacts.artifact_compare(None, None, tmp_path / "a.onnx")
+    assert opened.value.args == (1,)
+
+
 def test_an_artifact_that_fails_at_another_input_size_is_a_failed_check_not_a_crash(tmp_path):
     # A graph exported with a fixed input shape: at the second, non-square check size ONNX Runtime raises its
     # own error. That must read as "no artifact" (eager runs), never escape.
