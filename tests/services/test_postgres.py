@@ -1,4 +1,5 @@
-"""The registry's test suite again, on PostgreSQL (skips with a reason where it is absent, except in CI)."""
+"""The registry's test suite and the rolling deploy's schema again, on PostgreSQL (skips with a reason where it
+is absent, except in CI)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,8 @@ POSTGRES_URL = os.environ.get("DEPTHSITE_TEST_POSTGRES_URL", "postgres://postgre
 # their own SQLite file: on PostgreSQL they would only repeat the SQLite run.
 ABOUT_THE_DATABASE = ("test_admin.py", "test_catalogue.py", "test_download.py", "test_licences.py",
                       "test_nodes.py", "test_optimize_race.py", "test_provenance.py", "test_services.py")
+# And the schema a rolling deploy leaves behind: PostgreSQL alters columns in place where SQLite rebuilds tables.
+ALSO = ("tests/deploy/test_rolling_deploy.py",)
 
 
 @pytest.mark.slow
@@ -26,7 +29,7 @@ def test_registry_suite_passes_on_postgresql():
     result = subprocess.run(
         # Two workers of its own: under `make test` this one test is among the last files handed out, often
         # with the other core idle (63-76 s on one core on the Intel machine of 2026-12-07).
-        [sys.executable, "-m", "pytest", *(f"tests/registry/{name}" for name in ABOUT_THE_DATABASE), "-q",
+        [sys.executable, "-m", "pytest", *(f"tests/registry/{name}" for name in ABOUT_THE_DATABASE), *ALSO, "-q",
          "-m", "not slow", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "--create-db"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
