@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 from types import SimpleNamespace
 
 
@@ -17,5 +18,12 @@ def migrated_schedule(migration: str):
     from django_q.models import Schedule
 
     module = import_module(f"inference.migrations.{migration}")
+    # Writing the row here must not hide a migration that stopped writing it, or a later one that removes it.
+    assert any(getattr(operation, "code", None) is module.add_schedule for operation in module.Migration.operations), \
+        f"{migration} no longer runs add_schedule"
+    folder = Path(module.__file__).parent
+    later = [path.name for path in sorted(folder.glob("[0-9]*.py")) if path.name > f"{migration}.py"
+             and module.NAME in path.read_text(encoding="utf-8")]
+    assert not later, f"later migrations touch the schedule {module.NAME!r}: {later}"
     module.add_schedule(apps, SimpleNamespace(connection=connection))
     return Schedule.objects.get(name=module.NAME)
