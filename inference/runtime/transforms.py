@@ -90,7 +90,7 @@ def _threads_for(work: int, threads: int) -> int:
     # A pool thread never hands work to its own pool: it would wait for threads that are all busy waiting.
     if work < THREADED_FROM_TAPS or threading.current_thread().name.startswith(_POOL_PREFIX):
         return 1
-    return max(1, threads)
+    return max(1, min(MAX_RESIZE_THREADS, threads))
 
 
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
@@ -108,6 +108,18 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         if pool is None:
             pool = _pools[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_POOL_PREFIX)
         return pool
+
+
+def _forget_pools_in_child() -> None:
+    # A fork copies the parent's pools without their threads, and the lock as it was: held, if another thread
+    # was making a pool at that moment, and then never released in the child.
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 def resize_threads(threads: int = 0) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -184,6 +185,33 @@ def test_resize_split_across_threads_gives_the_same_values(monkeypatch, threads)
     assert any(name.startswith("depthsite-resize") for name in ran_in)  # the pool did passes
     assert numpy_transforms.resize_threads(3) == 3 and numpy_transforms.resize_threads(64) == 4
     assert 1 <= numpy_transforms.resize_threads(0) <= 4
+    assert numpy_transforms._threads_for(1 << 20, 64) == numpy_transforms.MAX_RESIZE_THREADS  # resize(threads=64)
+
+
+def test_a_forked_child_resizes_on_threads_of_its_own(monkeypatch):
+    # django-q2 forks its workers. The child gets the parent's pools without their threads, and the pools' lock
+    # as it was at the fork: here held, as when another thread was making a pool. It must still resize.
+    import signal
+
+    from inference.runtime import transforms as numpy_transforms
+
+    monkeypatch.setattr(numpy_transforms, "THREADED_FROM_TAPS", 0)
+    pixels = synthetic_image(40, 50)
+    expected = numpy_transforms.resize(pixels.transpose(2, 0, 1).astype(np.float32), (20, 30), mode="bilinear",
+                                       threads=2)  # the parent's pool exists
+    with numpy_transforms._pools_lock:
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            code = 3
+            try:
+                signal.alarm(20)  # a child stuck on the inherited lock dies instead of hanging the suite
+                got = numpy_transforms.resize(pixels.transpose(2, 0, 1).astype(np.float32), (20, 30),
+                                              mode="bilinear", threads=2)
+                code = 0 if np.array_equal(got, expected) else 1
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # --- the registry's side, without an export ----------------------------------------------------------
