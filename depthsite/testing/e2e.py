@@ -216,8 +216,11 @@ def start_site(site: Site, weights: Path, database_url: str, web: str = "runserv
             process, log = _start(site, name, args, env)
             running.processes[name], running.logs[name] = process, log
         _wait_answering(running)
-    except BaseException:
-        stop_site(running)  # whatever went wrong (a slow first answer raised here once), no process outlives it
+    except BaseException as exc:
+        try:
+            stop_site(running)  # whatever went wrong (a slow first answer raised here once), no process outlives it
+        except Exception as stopping:
+            raise exc from stopping  # the failure to start is the one to read
         raise
     return running
 
@@ -239,8 +242,15 @@ def _wait_answering(running: RunningSite, timeout: float = 90) -> None:
 
 
 def stop_site(running: RunningSite) -> None:
+    """Stop every process, each even when stopping another failed; then raise the first failure."""
+    failures = []
     for process in running.processes.values():
-        _stop(process)
+        try:
+            _stop(process)
+        except Exception as exc:  # a process that would not die: still stop the others
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 def orm_site(root: Path, weights: Path, web: str = "runserver", **env: str) -> tuple[RunningSite, Callable[[], None]]:

@@ -30,7 +30,7 @@ def test_registry_suite_passes_on_postgresql():
         # Two workers of its own: under `make test` this one test is among the last files handed out, often
         # with the other core idle (63-76 s on one core on the Intel machine of 2026-12-07).
         [sys.executable, "-m", "pytest", *(f"tests/registry/{name}" for name in ABOUT_THE_DATABASE), *ALSO, "-q",
-         "-m", "not slow", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "--create-db"],
+         "-m", "not slow", "-p", "no:cacheprovider", "-n", str(min(2, os.cpu_count() or 1)), "--dist", "loadfile", "--create-db"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
