@@ -33,12 +33,7 @@ def session_options(threads: int = 0, *, prepack: bool = True) -> Any:
     # everything else in the worker (an eager fallback model ran 10x slower right after a run here).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if prepack:
-        # Repack the weight matrices on the session's threads, not one: DPT_Large opened in 0.91 s instead of
-        # 1.44 s on two cores, the packed weights and outputs the same (docs/performance.md). ORT before 1.31
-        # has no such entry and ignores it, as it ignores every key it does not know.
-        options.add_session_config_entry("session.prepack.enable_parallel", "1")
-    else:
+    if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 

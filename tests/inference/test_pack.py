@@ -5,11 +5,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pytest
 
 from inference.runtime import pack
-from inference.runtime.onnx import session_open, session_options
+from inference.runtime.onnx import session_open
 
 RNG = np.random.default_rng(7)
 WEIGHT = RNG.standard_normal((96, 64)).astype(np.float32)  # 24 KB: stored outside the graph
@@ -92,20 +91,6 @@ def test_without_prepacking_the_output_is_the_same(packed):
     with_prepack, _ = run(packed)
     without, _ = run(packed, prepack=False)
     assert np.allclose(with_prepack, without, rtol=0, atol=1e-5)
-
-
-def test_repacking_runs_on_the_session_threads_with_the_same_output(packed):
-    # Parallel repacking (ORT >= 1.31) opened DPT_Large in 0.91 s against 1.44 s; it must not change a value.
-    assert session_options(2).get_session_config_entry("session.prepack.enable_parallel") == "1"
-    assert session_options(2, prepack=False).get_session_config_entry("session.disable_prepacking") == "1"
-    serial = session_options(2)
-    serial.add_session_config_entry("session.prepack.enable_parallel", "0")
-    graph = pack.pack_read(packed)
-    serial.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.folder))
-    x = np.linspace(-1, 1, 3 * 96, dtype=np.float32).reshape(3, 96)
-    one = onnxruntime.InferenceSession(graph.graph, serial, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    both = session_open(packed, threads=2).run(None, {"x": x})[0]
-    assert np.array_equal(one, both)
 
 
 def test_a_plain_onnx_file_still_opens(plain):
