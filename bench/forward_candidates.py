@@ -7,7 +7,9 @@ Candidates, each on the same input at the native size (median of --repeats after
 eager baseline runs before each timed run of a candidate, and each ratio is against those baseline runs,
 so both saw the same load: channels_last, bfloat16 and
 float16 eager, torch.compile (its compile cost reported apart), the ONNX artifact under each graph
-optimisation level and with 1 thread or all, and the artifact after ORT's transformer fusions
+optimisation level and with 1 thread or all, the artifact against the same graph with timm's "same"
+padding worked out at run time (the ratio of that row is artifact / that graph), and the artifact after ORT's
+transformer fusions
 (onnxruntime.transformers: LayerNorm, GELU and attention subgraphs into its contrib operators).
 max|diff|/range is against the fp32 eager output.
 """
@@ -128,6 +130,20 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         session = ort.InferenceSession(str(path), session_options(count), providers=["CPUExecutionProvider"])
         seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
         add(f"onnx, optimisation all, {count} thread{'s' if count != 1 else ''}", seconds, out, base=base)
+    if "padding" not in skip:
+        # timm's TensorFlow-style "same" convolutions (MiDaS_small): the artifact fixes their padding and folds it
+        # into each Conv (inference/runtime/graph.py); before 2026-12-07 the graph worked it out at run time and
+        # kept a Pad before each stride-2 Conv. The ratio here is the artifact's time over that graph's.
+        unfixed_path = workdir / f"{name}.unfixed.onnx"
+        network_export(network, config, unfixed_path, fix_padding=False)
+        unfixed = ort.InferenceSession(str(unfixed_path), session_options(threads), providers=["CPUExecutionProvider"])
+        pads = sum(node.op_type == "Pad" for node in __import__("onnx").load(str(path)).graph.node)
+        seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats,
+                                   lambda: unfixed.run(None, {"image": batch})[0])
+        add("onnx, same padding fixed and folded (vs. worked out at run time)", seconds, out,
+            f"Pad nodes left {pads}; run-time padding graph {base:.4f} s", base=base)
+        del unfixed
+        unfixed_path.unlink()
     del session
     if "fusions" not in skip:
         # ORT's transformer optimiser: LayerNorm, GELU and attention subgraphs fused into its contrib operators.
@@ -161,7 +177,8 @@ def main() -> None:
     parser.add_argument("--models", default="MiDaS_small,DPT_Hybrid")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--skip", default="", help="comma-separated: channels_last,bf16,fp16,compile,levels,fusions")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: channels_last,bf16,fp16,compile,levels,padding,fusions")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,8 +1,11 @@
 """Exporting a network to ONNX (torch, no Django): the one export recipe the cache and bench/forward.py share."""
 from __future__ import annotations
 
+import types
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 OPSET = 17
 # The TorchScript exporter: the torch.export-based one (dynamo=True) took minutes for MiDaS_small here
@@ -20,8 +23,11 @@ def check_shapes(config) -> list[tuple[int, int]]:
     return [(height, width), (height - step, width), (height, width + step)]
 
 
-def network_export(network, config, path: Path) -> None:
-    """Write the network's ONNX graph to `path`: dynamic height and width unless it takes its native square only."""
+def network_export(network, config, path: Path, *, fix_padding: bool = True) -> None:
+    """Write the network's ONNX graph to `path`: dynamic height and width unless it takes its native square only.
+
+    `fix_padding=False` keeps timm's "same" padding worked out at run time (bench/forward_candidates.py's
+    comparison); artifacts are always built with it fixed where that is exact (fixed_same_padding)."""
     import torch
 
     from inference.health import probe_input
@@ -29,10 +35,95 @@ def network_export(network, config, path: Path) -> None:
     height, width = config.net_size
     example = torch.from_numpy(probe_input(height, width))
     dynamic = None if config.fixed_input_size else {"image": {2: "height", 3: "width"}}
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
+            fixed_same_padding(network, config, enabled=fix_padding) as fixed:
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings say nothing about the result
         torch.onnx.export(network, (example,), str(path), dynamo=False, opset_version=OPSET,
                           input_names=["image"], output_names=["depth"], dynamic_axes=dynamic,
                           do_constant_folding=True)
+    if fixed:
+        import onnx
+
+        from inference.runtime.graph import fold_pads_into_convs
+
+        model = onnx.load(str(path))
+        if fold_pads_into_convs(model):
+            onnx.save(model, str(path))
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's "same" padding of one axis, as timm computes it: (before, after)."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+@contextmanager
+def fixed_same_padding(network, config, *, enabled: bool = True) -> Iterator[int]:
+    """While exporting, timm's "same" convolutions pad by fixed amounts wherever every input the network is given
+    makes those amounts the same; yields how many were fixed.
+
+    Such a convolution works its padding out from its input's size at run time, and the graph then carries that
+    arithmetic and a Pad that ONNX Runtime does not fold into the Conv. With a stride s, the padding of an axis
+    does not depend on the size when the size is a multiple of s. A network input is always a multiple of
+    `ensure_multiple_of` (or the native square), so a layer that sees the input shrunk by r gets a multiple of s
+    whenever r * s divides it. That is checked for each layer at two input sizes (the ratio r is measured, not
+    assumed) before any is fixed; the artifact's check against eager at three sizes then proves the graph."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+    except ImportError:  # an older timm: nothing to fix
+        yield 0
+        return
+    convs = {name: module for name, module in network.named_modules() if isinstance(module, Conv2dSame)}
+    if not convs or not enabled:
+        yield 0
+        return
+    height, width = config.net_size
+    step = config.ensure_multiple_of
+    sizes = [(height, width)] if config.fixed_input_size else [(height, width), (height + step, width + 2 * step)]
+    seen: dict[str, list[tuple[int, int]]] = {name: [] for name in convs}
+    hooks = [module.register_forward_pre_hook(lambda _, args, name=name: seen[name].append(tuple(args[0].shape[-2:])))
+             for name, module in convs.items()]
+    try:
+        with torch.no_grad():
+            for size in sizes:
+                network(torch.zeros(1, 3, *size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fixed: dict[str, tuple[int, int, int, int]] = {}
+    for name, module in convs.items():
+        amounts = set()
+        for (net_h, net_w), (in_h, in_w) in zip(sizes, seen[name]):
+            per_axis = []
+            for net, got, kernel, stride, dilation in ((net_w, in_w, module.kernel_size[1], module.stride[1],
+                                                        module.dilation[1]),
+                                                       (net_h, in_h, module.kernel_size[0], module.stride[0],
+                                                        module.dilation[0])):
+                if not config.fixed_input_size and (net % got or step % (net // got * stride)):
+                    break  # this layer's input size is not always a multiple of its stride
+                per_axis.extend(_same_padding(got, kernel, stride, dilation))
+            else:
+                amounts.add(tuple(per_axis))
+                continue
+            amounts.add(None)
+        if len(amounts) == 1 and None not in amounts and len(seen[name]) == len(sizes):
+            fixed[name] = amounts.pop()
+
+    def padded_then_convolved(module, x):
+        return F.conv2d(F.pad(x, module.fixed_padding), module.weight, module.bias, module.stride, (0, 0),
+                        module.dilation, module.groups)
+
+    try:
+        for name, amounts in fixed.items():
+            module = convs[name]
+            module.fixed_padding = amounts
+            module.forward = types.MethodType(padded_then_convolved, module)
+        yield len(fixed)
+    finally:
+        for name in fixed:
+            del convs[name].forward, convs[name].fixed_padding
 
 
