@@ -166,8 +166,24 @@ def describe_machine(torch_version: str, ort_version: str, threads: int) -> str:
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     busy = f"; BUSY: load {load:.1f} on {cores} cores, absolute figures inflated (ratios less so)" if load > cores else ""
-    return (f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch_version}, onnxruntime "
+    return (f"{cpu_name()}, {cores} cores, torch {torch_version}, onnxruntime "
             f"{ort_version}, {threads} thread{'s' if threads != 1 else ''}, load {load:.1f} at start{busy}")
+
+
+def cpu_name() -> str:
+    """The processor as Linux names it, with its widest vector units: the same 2 cores time differently on an AVX2
+    and an AVX-512 machine (docs/performance.md has both)."""
+    arch = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            first = info.read().split("\n\n", 1)[0]  # the first processor's block
+    except OSError:
+        return arch
+    fields = {key.strip(): value for key, _, value in (line.partition(":") for line in first.splitlines())}
+    name = " ".join(fields.get("model name", "").split())
+    flags = set(fields.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{arch} {name}{f' ({vector})' if vector else ''}".strip() if name else arch
 
 
 def write(results: dict, *, threads: int, repeats: int, machine: str, path: Path = CPU_TIMES) -> None:
