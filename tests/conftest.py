@@ -70,11 +70,26 @@ def _threads_per_process() -> int:
 
 # Before any test imports torch: a process started by a test inherits the same share. DEPTHSITE_TORCH_THREADS too:
 # its default (0, every core) made each worker's ONNX sessions and resize pool run two threads on a one-core
-# share, and tests/inference took 107 s instead of 85 s under `-n 2`.
-os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_process()))
-_THREADS_SET = bool(os.environ.get("DEPTHSITE_TORCH_THREADS"))  # the caller's own setting stands
-if not _THREADS_SET:
-    os.environ["DEPTHSITE_TORCH_THREADS"] = os.environ["OMP_NUM_THREADS"]
+# share, and tests/inference took 107 s instead of 85 s under `-n 2`. A variable the caller set stands. pytest's
+# controller imports this file before it starts the xdist workers, which inherit its environment: the variables
+# set here are listed in _SHARED_BY_CONFTEST, so that each worker works its own share out again.
+_SHARED_BY_CONFTEST = "DEPTHSITE_TEST_THREADS_SET_BY_CONFTEST"
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "DEPTHSITE_TORCH_THREADS")
+
+
+def _share_threads() -> set[str]:
+    """Set each thread variable the caller did not set to this process's share; the names set."""
+    ours = set(filter(None, os.environ.get(_SHARED_BY_CONFTEST, "").split(",")))
+    share = str(_threads_per_process())
+    shared = {name for name in _THREAD_VARIABLES if name in ours or not os.environ.get(name)}
+    for name in _THREAD_VARIABLES:  # OMP_NUM_THREADS first: the other follows it
+        if name in shared:
+            os.environ[name] = share if name == "OMP_NUM_THREADS" else os.environ["OMP_NUM_THREADS"]
+    os.environ[_SHARED_BY_CONFTEST] = ",".join(sorted(shared))
+    return shared
+
+
+_THREADS_SHARED = _share_threads()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -83,8 +98,8 @@ def _torch_threads():
     settings were read before this file, from the environment as it was."""
     from django.conf import settings
 
-    if not _THREADS_SET:
-        settings.DEPTHSITE_TORCH_THREADS = int(os.environ["OMP_NUM_THREADS"])
+    if "DEPTHSITE_TORCH_THREADS" in _THREADS_SHARED:
+        settings.DEPTHSITE_TORCH_THREADS = int(os.environ["DEPTHSITE_TORCH_THREADS"])
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield
