@@ -220,8 +220,8 @@ def start_site(site: Site, weights: Path, database_url: str, web: str = "runserv
         try:
             stop_site(running)  # whatever went wrong (a slow first answer raised here once), no process outlives it
         except Exception as stopping:
-            raise exc from stopping  # the failure to start is the one to read
-        raise
+            exc.add_note(f"stopping the site's processes then failed too: {stopping!r}")
+        raise  # the failure to start is the one to read
     return running
 
 
@@ -250,6 +250,8 @@ def stop_site(running: RunningSite) -> None:
         except Exception as exc:  # a process that would not die: still stop the others
             failures.append(exc)
     if failures:
+        for other in failures[1:]:
+            failures[0].add_note(f"stopping another process failed too: {other!r}")
         raise failures[0]
 
 

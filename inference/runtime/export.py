@@ -1,11 +1,14 @@
 """Exporting a network to ONNX (torch, no Django): the one export recipe the cache and bench/forward.py share."""
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+logger = logging.getLogger(__name__)
 
 OPSET = 17
 # The TorchScript exporter: the torch.export-based one (dynamo=True) took minutes for MiDaS_small here
@@ -19,8 +22,10 @@ def check_shapes(config) -> list[tuple[int, int]]:
     height, width = config.net_size
     if config.fixed_input_size:
         return [(height, width)]
-    step = 2 * config.ensure_multiple_of
-    return [(height, width), (height - step, width), (height, width + step)]
+    # The portrait is one multiple shorter, the landscape two wider: with the native size an even multiple (every
+    # catalogue network's), both parities of a multiple are checked, which fixed_same_padding's exactness relies on.
+    step = config.ensure_multiple_of
+    return [(height, width), (height - step, width), (height, width + 2 * step)]
 
 
 def network_export(network, config, path: Path, *, fix_padding: bool = True) -> None:
@@ -47,7 +52,13 @@ def network_export(network, config, path: Path, *, fix_padding: bool = True) -> 
         from inference.runtime.graph import fold_pads_into_convs
 
         model = onnx.load(str(path))
-        if fold_pads_into_convs(model):
+        try:
+            folded = fold_pads_into_convs(model)
+        except Exception:  # the graph as exported is still right, a few per cent slower: keep it
+            logger.warning("folding the fixed padding of %s into its convolutions failed; the Pads stay",
+                           type(network).__name__, exc_info=True)
+            folded = 0
+        if folded:
             onnx.save(model, str(path))
 
 
@@ -67,7 +78,8 @@ def fixed_same_padding(network, config, *, enabled: bool = True) -> Iterator[int
     does not depend on the size when the size is a multiple of s. A network input is always a multiple of
     `ensure_multiple_of` (or the native square), so a layer that sees the input shrunk by r gets a multiple of s
     whenever r * s divides it. That is checked for each layer at two input sizes (the ratio r is measured, not
-    assumed) before any is fixed; the artifact's check against eager at three sizes then proves the graph."""
+    assumed) before any is fixed; the artifact's check against eager at three sizes (an odd and an even multiple
+    among them) then tests the graph."""
     import torch
     import torch.nn.functional as F
 
@@ -86,11 +98,14 @@ def fixed_same_padding(network, config, *, enabled: bool = True) -> Iterator[int
     seen: dict[str, list[tuple[int, int]]] = {name: [] for name in convs}
     hooks = [module.register_forward_pre_hook(lambda _, args, name=name: seen[name].append(tuple(args[0].shape[-2:])))
              for name, module in convs.items()]
+    training = network.training
     try:
+        network.eval()  # zeros through a network in training mode would move its batch-norm statistics
         with torch.no_grad():
             for size in sizes:
                 network(torch.zeros(1, 3, *size))
     finally:
+        network.train(training)
         for hook in hooks:
             hook.remove()
     fixed: dict[str, tuple[int, int, int, int]] = {}
@@ -116,6 +131,7 @@ def fixed_same_padding(network, config, *, enabled: bool = True) -> Iterator[int
         return F.conv2d(F.pad(x, module.fixed_padding), module.weight, module.bias, module.stride, (0, 0),
                         module.dilation, module.groups)
 
+    before = {name: vars(convs[name]).get("forward") for name in fixed}  # a forward set on the instance, if any
     try:
         for name, amounts in fixed.items():
             module = convs[name]
@@ -123,7 +139,9 @@ def fixed_same_padding(network, config, *, enabled: bool = True) -> Iterator[int
             module.forward = types.MethodType(padded_then_convolved, module)
         yield len(fixed)
     finally:
-        for name in fixed:
+        for name, forward in before.items():
             del convs[name].forward, convs[name].fixed_padding
+            if forward is not None:
+                convs[name].forward = forward
 
 

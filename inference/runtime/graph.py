@@ -67,7 +67,9 @@ def fold_pads_into_convs(model) -> int:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    # An initializer that is also a graph input is only a default: a caller may feed another value.
+    inputs = {value.name for value in graph.input}
+    initializers = {tensor.name: tensor for tensor in graph.initializer if tensor.name not in inputs}
     outputs = {output.name for output in graph.output}
     folded = []
     for pad in [node for node in graph.node if node.op_type == "Pad"]:

@@ -7,10 +7,16 @@ from django.db.migrations import operations as ops
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
 
-# Migrations that drop or rename a column or a table in the database, made before a fleet could run two releases
-# side by side. A new one must keep what the release before reads and writes (leave the model first, the
-# database in a later release), or be added here with the stop-first procedure in its release notes.
-CONTRACTIONS_BEFORE_ROLLING = {("models_registry", "0003_licences_warm_bytes_architecture_facts")}
+# Migrations that the release before them could not run beside, made before a fleet could run two releases side by
+# side: they drop or rename a column or a table, or add a NOT NULL column without a database default (the release
+# before inserts rows without it). A new one must keep what the release before reads and writes (leave the
+# model first and the database in a later release; give a new column a db_default or null=True), or be added
+# here with the stop-first procedure in its release notes.
+BEFORE_ROLLING = {
+    ("inference", "0003_depthjob_fov_degrees"), ("inference", "0004_depthjob_quota_and_preview"),
+    ("inference", "0008_depthjob_pixels_sha256"), ("models_registry", "0003_licences_warm_bytes_architecture_facts"),
+    ("models_registry", "0005_weight_provenance_and_download_codes"),
+}
 CONTRACTING = (ops.RemoveField, ops.RenameField, ops.DeleteModel, ops.RenameModel)
 
 
@@ -23,13 +29,36 @@ def database_operations(operation):
         yield operation
 
 
-def test_no_migration_drops_what_the_release_before_still_uses():
+def breaks_the_release_before(op) -> bool:
+    from django.db.models import NOT_PROVIDED
+
+    if isinstance(op, CONTRACTING):
+        return True
+    if isinstance(op, ops.RunSQL):  # the only way to drop a column the model no longer has
+        statements = op.sql if isinstance(op.sql, (list, tuple)) else [op.sql]
+        return any(word in str(statement).upper() for statement in statements for word in ("DROP", "RENAME"))
+    if isinstance(op, ops.AddField):  # a Python default is dropped from the column once the rows are filled
+        return not op.field.null and op.field.db_default is NOT_PROVIDED and not op.field.many_to_many
+    return False
+
+
+def test_no_migration_breaks_the_release_before_it():
     loader = MigrationLoader(None, ignore_no_migrations=True)
     ours = {"inference", "models_registry"}
-    dropping = sorted(key for key, migration in loader.disk_migrations.items() if key[0] in ours
-                      and any(isinstance(op, CONTRACTING) for operation in migration.operations
+    breaking = sorted(key for key, migration in loader.disk_migrations.items() if key[0] in ours
+                      and any(breaks_the_release_before(op) for operation in migration.operations
                               for op in database_operations(operation)))
-    assert set(dropping) <= CONTRACTIONS_BEFORE_ROLLING, dropping
+    assert set(breaking) <= BEFORE_ROLLING, breaking
+
+
+def test_the_check_sees_what_would_break_a_rolling_deploy():
+    from django.db import models
+
+    assert breaks_the_release_before(ops.RunSQL("ALTER TABLE inference_depthjob DROP COLUMN task_id"))
+    assert breaks_the_release_before(ops.AddField("depthjob", "x", models.CharField(max_length=4, default="")))
+    assert not breaks_the_release_before(ops.AddField("depthjob", "x", models.CharField(max_length=4,
+                                                                                          db_default="")))
+    assert not breaks_the_release_before(ops.AddField("depthjob", "x", models.IntegerField(null=True)))
 
 
 @pytest.mark.django_db(transaction=True)
