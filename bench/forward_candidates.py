@@ -137,7 +137,9 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         unfixed_path = workdir / f"{name}.unfixed.onnx"
         network_export(network, config, unfixed_path, fix_padding=False)
         unfixed = ort.InferenceSession(str(unfixed_path), session_options(threads), providers=["CPUExecutionProvider"])
-        pads = sum(node.op_type == "Pad" for node in __import__("onnx").load(str(path)).graph.node)
+        import onnx
+
+        pads = sum(node.op_type == "Pad" for node in onnx.load(str(path)).graph.node)
         seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats,
                                    lambda: unfixed.run(None, {"image": batch})[0])
         add("onnx, same padding fixed and folded (vs. worked out at run time)", seconds, out,

@@ -62,12 +62,6 @@ def network_export(network, config, path: Path, *, fix_padding: bool = True) -> 
             onnx.save(model, str(path))
 
 
-def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
-    """TensorFlow's "same" padding of one axis, as timm computes it: (before, after)."""
-    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
 @contextmanager
 def fixed_same_padding(network, config, *, enabled: bool = True) -> Iterator[int]:
     """While exporting, timm's "same" convolutions pad by fixed amounts wherever every input the network is given
@@ -85,6 +79,7 @@ def fixed_same_padding(network, config, *, enabled: bool = True) -> Iterator[int
 
     try:
         from timm.layers.conv2d_same import Conv2dSame
+        from timm.layers.padding import pad_same_arg  # the amounts timm's own pad_same computes
     except ImportError:  # an older timm: nothing to fix
         yield 0
         return
@@ -108,23 +103,17 @@ def fixed_same_padding(network, config, *, enabled: bool = True) -> Iterator[int
         network.train(training)
         for hook in hooks:
             hook.remove()
-    fixed: dict[str, tuple[int, int, int, int]] = {}
+    fixed: dict[str, tuple[int, ...]] = {}
     for name, module in convs.items():
-        amounts = set()
-        for (net_h, net_w), (in_h, in_w) in zip(sizes, seen[name]):
-            per_axis = []
-            for net, got, kernel, stride, dilation in ((net_w, in_w, module.kernel_size[1], module.stride[1],
-                                                        module.dilation[1]),
-                                                       (net_h, in_h, module.kernel_size[0], module.stride[0],
-                                                        module.dilation[0])):
-                if not config.fixed_input_size and (net % got or step % (net // got * stride)):
-                    break  # this layer's input size is not always a multiple of its stride
-                per_axis.extend(_same_padding(got, kernel, stride, dilation))
-            else:
-                amounts.add(tuple(per_axis))
-                continue
-            amounts.add(None)
-        if len(amounts) == 1 and None not in amounts and len(seen[name]) == len(sizes):
+        if len(seen[name]) != len(sizes):
+            continue  # called more or less than once a forward: not a layer this can reason about
+        if not config.fixed_input_size and any(net % got or step % (net // got * stride)
+                                               for size, got_size in zip(sizes, seen[name])
+                                               for net, got, stride in zip(size, got_size, module.stride)):
+            continue  # this layer's input size is not always a multiple of its stride
+        amounts = {tuple(pad_same_arg(list(got), module.kernel_size, module.stride, module.dilation))
+                   for got in seen[name]}
+        if len(amounts) == 1:
             fixed[name] = amounts.pop()
 
     def padded_then_convolved(module, x):
