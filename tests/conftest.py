@@ -65,10 +65,18 @@ def _isolated_storage(settings, tmp_path):
 def _threads_per_process() -> int:
     """The cores shared out between pytest-xdist's workers (at most two each: the goldens were made with two)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-    return max(1, min(2, (os.cpu_count() or 2) // workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, min(2, cores // workers))
 
 
-# Before any test imports torch: a process started by a test inherits the same share. DEPTHSITE_TORCH_THREADS too:
+def _leading_count(value: str) -> str | None:
+    """OMP_NUM_THREADS's count for the outermost level ("4" of "4,2"), None when it names none."""
+    head = value.split(",", 1)[0].strip()
+    return head if head.isdigit() and int(head) > 0 else None
+
+
+# Before any test imports torch (a plain subprocess a test starts inherits the share; the sites tests/support starts
+# get it passed on, with the rest of their environment built there). DEPTHSITE_TORCH_THREADS too:
 # its default (0, every core) made each worker's ONNX sessions and resize pool run two threads on a one-core
 # share, and tests/inference took 107 s instead of 85 s under `-n 2`. A variable the caller set stands. pytest's
 # controller imports this file before it starts the xdist workers, which inherit its environment: the variables
@@ -81,10 +89,11 @@ def _share_threads() -> set[str]:
     """Set each thread variable the caller did not set to this process's share; the names set."""
     ours = set(filter(None, os.environ.get(_SHARED_BY_CONFTEST, "").split(",")))
     share = str(_threads_per_process())
-    shared = {name for name in _THREAD_VARIABLES if name in ours or not os.environ.get(name)}
+    shared = {name for name in _THREAD_VARIABLES if name in ours or not os.environ.get(name, "").strip()}
     for name in _THREAD_VARIABLES:  # OMP_NUM_THREADS first: the other follows it
         if name in shared:
-            os.environ[name] = share if name == "OMP_NUM_THREADS" else os.environ["OMP_NUM_THREADS"]
+            os.environ[name] = share if name == "OMP_NUM_THREADS" else _leading_count(os.environ["OMP_NUM_THREADS"]) \
+                or share
     os.environ[_SHARED_BY_CONFTEST] = ",".join(sorted(shared))
     return shared
 

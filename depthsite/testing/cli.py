@@ -31,7 +31,9 @@ class Site:
             "DEPTHSITE_CACHE_DIR": str(self.cache_dir),
             "DEPTHSITE_MEDIA_ROOT": str(self.root / "media"),
             "DEPTHSITE_NODE": "test-node",
-            "OMP_NUM_THREADS": "2",
+            # The caller's share of the cores (tests/conftest.py gives each xdist worker its own), else two.
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "2",
+            "DEPTHSITE_TORCH_THREADS": os.environ.get("DEPTHSITE_TORCH_THREADS") or "0",
             "PYTHONUNBUFFERED": "1",
         })
         env.update(self.extra_env)
