@@ -23,7 +23,8 @@ def check_shapes(config) -> list[tuple[int, int]]:
     if config.fixed_input_size:
         return [(height, width)]
     # The portrait is one multiple shorter, the landscape two wider: with the native size an even multiple (every
-    # catalogue network's), both parities of a multiple are checked, which fixed_same_padding's exactness relies on.
+    # catalogue network's), both parities of a multiple are checked: fixed_same_padding's exactness follows from
+    # divisibility alone, and these sizes are where a wrong fixed padding would show against eager.
     step = config.ensure_multiple_of
     return [(height, width), (height - step, width), (height, width + 2 * step)]
 

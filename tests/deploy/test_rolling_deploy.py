@@ -1,6 +1,8 @@
 """A fleet rolls over one machine at a time: the release before must keep working on today's schema."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.db import connection
 from django.db.migrations import operations as ops
@@ -17,7 +19,11 @@ BEFORE_ROLLING = {
     ("inference", "0008_depthjob_pixels_sha256"), ("models_registry", "0003_licences_warm_bytes_architecture_facts"),
     ("models_registry", "0005_weight_provenance_and_download_codes"),
 }
-CONTRACTING = (ops.RemoveField, ops.RenameField, ops.DeleteModel, ops.RenameModel)
+CONTRACTING = (ops.RemoveField, ops.RenameField, ops.DeleteModel, ops.RenameModel, ops.AlterModelTable)
+# In raw SQL: a rename, a column made NOT NULL, or a DROP of anything but what only relaxes (an index, a default, a
+# constraint, a NOT NULL). PostgreSQL's ALTER TABLE t DROP c needs no COLUMN keyword.
+CONTRACTING_SQL = re.compile(r"\bRENAME\b|\bSET\s+NOT\s+NULL\b|\bDROP\b(?!\s+(INDEX|DEFAULT|CONSTRAINT|NOT\s+NULL)\b)",
+                             re.IGNORECASE)
 
 
 def database_operations(operation):
@@ -29,25 +35,48 @@ def database_operations(operation):
         yield operation
 
 
-def breaks_the_release_before(op) -> bool:
+def _column(field) -> str:
+    return field.db_column or (f"{field.name}_id" if field.many_to_one else field.name)
+
+
+def breaks_the_release_before(op, old_field=None) -> bool:
+    """Whether the release before `op` fails on the schema after it; for an AlterField, `old_field` is the field
+    it alters (the same field renamed in the database, made NOT NULL, or losing its database default breaks it)."""
     from django.db.models import NOT_PROVIDED
 
     if isinstance(op, CONTRACTING):
         return True
     if isinstance(op, ops.RunSQL):  # the only way to drop a column the model no longer has
         statements = op.sql if isinstance(op.sql, (list, tuple)) else [op.sql]
-        return any(word in str(statement).upper() for statement in statements for word in ("DROP", "RENAME"))
+        return any(CONTRACTING_SQL.search(str(statement)) for statement in statements)
     if isinstance(op, ops.AddField):  # a Python default is dropped from the column once the rows are filled
         return not op.field.null and op.field.db_default is NOT_PROVIDED and not op.field.many_to_many
+    if isinstance(op, ops.AlterField) and old_field is not None:
+        new = op.field
+        keeps_a_default = new.null or new.db_default is not NOT_PROVIDED
+        return (_column(old_field) != _column(new) or (old_field.null and not keeps_a_default)
+                or (old_field.db_default is not NOT_PROVIDED and not keeps_a_default))
     return False
+
+
+def breaking_operations(loader: MigrationLoader, key: tuple[str, str]):
+    """The database operations of one migration that break the release before it, each judged on the state it
+    finds (an AlterField against the field as the operations before it left it)."""
+    app = key[0]
+    state = loader.project_state(key, at_end=False)
+    for operation in loader.disk_migrations[key].operations:
+        for op in database_operations(operation):
+            old = state.models[app, op.model_name_lower].get_field(op.name) if isinstance(op, ops.AlterField) else None
+            if breaks_the_release_before(op, old):
+                yield op
+        operation.state_forwards(app, state)
 
 
 def test_no_migration_breaks_the_release_before_it():
     loader = MigrationLoader(None, ignore_no_migrations=True)
     ours = {"inference", "models_registry"}
-    breaking = sorted(key for key, migration in loader.disk_migrations.items() if key[0] in ours
-                      and any(breaks_the_release_before(op) for operation in migration.operations
-                              for op in database_operations(operation)))
+    breaking = sorted(key for key in loader.disk_migrations if key[0] in ours
+                      and any(True for _ in breaking_operations(loader, key)))
     assert set(breaking) <= BEFORE_ROLLING, breaking
 
 
@@ -59,6 +88,23 @@ def test_the_check_sees_what_would_break_a_rolling_deploy():
     assert not breaks_the_release_before(ops.AddField("depthjob", "x", models.CharField(max_length=4,
                                                                                           db_default="")))
     assert not breaks_the_release_before(ops.AddField("depthjob", "x", models.IntegerField(null=True)))
+    assert breaks_the_release_before(ops.AlterModelTable("depthjob", "jobs"))
+    assert breaks_the_release_before(ops.RunSQL("ALTER TABLE inference_depthjob DROP task_id"))  # PostgreSQL's form
+    assert breaks_the_release_before(ops.RunSQL("ALTER TABLE t ALTER COLUMN c SET NOT NULL"))
+    for relaxing in ("DROP INDEX i", "ALTER TABLE t ALTER COLUMN c DROP DEFAULT", "ALTER TABLE t DROP CONSTRAINT k",
+                     "ALTER TABLE t ALTER COLUMN c DROP NOT NULL"):
+        assert not breaks_the_release_before(ops.RunSQL(relaxing)), relaxing
+    text = models.CharField(max_length=4, db_default="")
+    for old, new, breaks in [
+        (text, models.CharField(max_length=4, db_default="", db_column="renamed"), True),  # a column rename
+        (models.CharField(max_length=4, null=True), models.CharField(max_length=4, default=""), True),  # NOT NULL now
+        (text, models.CharField(max_length=4, default=""), True),  # its database default gone
+        (text, models.CharField(max_length=8, db_default=""), False),  # wider
+        (models.CharField(max_length=4), models.CharField(max_length=4, null=True), False),  # relaxed
+    ]:
+        old.set_attributes_from_name("x")
+        new.set_attributes_from_name("x")
+        assert breaks_the_release_before(ops.AlterField("depthjob", "x", new), old) is breaks, (old, new)
 
 
 @pytest.mark.django_db(transaction=True)
