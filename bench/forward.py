@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -171,19 +170,11 @@ def describe_machine(torch_version: str, ort_version: str, threads: int) -> str:
 
 
 def cpu_name() -> str:
-    """The processor as Linux names it, with its widest vector units: the same 2 cores time differently on an AVX2
-    and an AVX-512 machine (docs/performance.md has both)."""
-    arch = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            first = info.read().split("\n\n", 1)[0]  # the first processor's block
-    except OSError:
-        return arch
-    fields = {key.strip(): value for key, _, value in (line.partition(":") for line in first.splitlines())}
-    name = " ".join(fields.get("model name", "").split())
-    flags = set(fields.get("flags", "").split())
-    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-    return f"{arch} {name}{f' ({vector})' if vector else ''}".strip() if name else arch
+    """The processor with its widest vector units (inference.runtime.cpu): the same 2 cores time differently on an
+    AVX2, an AVX-512 and an AMX machine (docs/performance.md has each)."""
+    from inference.runtime.cpu import cpu_name as name
+
+    return name()
 
 
 def write(results: dict, *, threads: int, repeats: int, machine: str, path: Path = CPU_TIMES) -> None:

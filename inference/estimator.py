@@ -4,20 +4,23 @@ It never resolves nor downloads: callers hand it a file through the registry's `
 marks a file the network refuses corrupt and picks the next (inference.pipeline.estimator_ready).
 An estimator runs one model from one cached weight file, in one of two runtimes (inference.runtime):
 a verified ONNX Runtime artifact built from those weights (CPU; numpy pre- and postprocessing, no torch
-in the process) or eager PyTorch (CUDA, the fallback, and DEPTHSITE_RUNTIME=eager). This module does not
+in the process) or eager PyTorch (CUDA, the fallback, DEPTHSITE_RUNTIME=eager, and DEPTHSITE_FP16's bfloat16
+on a CPU with AMX where it measures faster, `EstimatorPool._cpu_half`). This module does not
 import torch: the eager runtime is imported only when a request needs it.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from django.conf import settings
 
 from inference.runtime import runtime_select, say_once
 from inference.runtime.base import DepthResult, Estimator
+from inference.runtime.cpu import bf16_units
 from inference.worker import worker_id
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WeightFile
@@ -115,6 +118,7 @@ class EstimatorPool:
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
         self.prepack = True  # a worker runs many images per model; see expect_runs
+        self._half_choices: dict[tuple[str, str], str] = {}  # (model, weights sha256) -> dtype DEPTHSITE_FP16 runs
 
     def expect_runs(self, count: int) -> None:
         """Say how many images this process will run per model before it exits (`manage.py predict` knows).
@@ -143,10 +147,10 @@ class EstimatorPool:
         use_half = bool(settings.DEPTHSITE_FP16 if half is None else half)
         estimator = None
         if runtime_select(device=device) == "onnx":
-            if use_half:
-                say_once("fp16-cpu", "DEPTHSITE_FP16 is ignored on CPU: half precision is only used on CUDA "
-                         "(measured slower than float32 on this CPU, docs/performance.md)")
-            estimator = self._get_onnx(model=model, weight_file=weight_file)
+            def full() -> Estimator | None:
+                return self._get_onnx(model=model, weight_file=weight_file)
+
+            estimator = self._cpu_half(model=model, weight_file=weight_file, full=full) if use_half else full()
         if estimator is None:
             estimator = self._get_eager(model=model, weight_file=weight_file, device=device, use_half=use_half)
         weight_mark_used(weight_file=weight_file)
@@ -173,12 +177,10 @@ class EstimatorPool:
 
         configure_threads()
         target = device_select(device)
-        if use_half and target.type != "cuda":
-            say_once("fp16-cpu", "DEPTHSITE_FP16 is ignored on CPU: half precision is only used on CUDA "
-                     "(measured slower than float32 on this CPU, docs/performance.md)")
-            use_half = False
-        dtype = str(torch.float16 if use_half else torch.float32)
-        key = (model.name, weight_file.sha256, str(target), dtype, "eager")
+        if use_half and target.type == "cpu":
+            return self._cpu_half(model=model, weight_file=weight_file, full=lambda: self._get_eager(
+                model=model, weight_file=weight_file, device=device, use_half=False))
+        key = (model.name, weight_file.sha256, str(target), str(torch.float16 if use_half else torch.float32), "eager")
         estimator = self._lookup(key)
         if estimator is None:
             with self._build_lock(key):
@@ -190,6 +192,54 @@ class EstimatorPool:
                                                 half=use_half, compile=settings.DEPTHSITE_COMPILE)
                     self._admit(model, weight_file, estimator)
         return estimator
+
+    def _cpu_half(self, *, model: RegisteredModel, weight_file: WeightFile,
+                  full: Callable[[], Estimator | None]) -> Estimator | None:
+        """DEPTHSITE_FP16 on a CPU: bfloat16 eager where the CPU has AMX and it runs this model faster than `full()`,
+        its float32 estimator (the ONNX artifact or eager), timed against it once per process; else `full()`."""
+        units = bf16_units()
+        if units is None:
+            say_once("fp16-cpu", "DEPTHSITE_FP16 is ignored on this CPU: without AMX bfloat16 units, 16-bit floats "
+                     "ran slower than float32 on every CPU measured (docs/performance.md)")
+            return full()
+        choice_key = (model.name, weight_file.sha256)
+        if self._half_choices.get(choice_key) == "float32":
+            return full()
+        import torch
+
+        key = (model.name, weight_file.sha256, "cpu", str(torch.bfloat16), "eager")
+        half = self._lookup(key)
+        if half is not None:
+            return half
+        with self._build_lock(key):
+            half = self._lookup(key)
+            if half is not None:
+                return half
+            reference = None
+            if choice_key not in self._half_choices:
+                reference = full()
+                if reference is None:
+                    return None
+            # Room for it, but not at the cost of the estimator it is about to be timed against.
+            self._evict([old for old in self._over_budget(incoming=approx_bytes(model.architecture) // 2, adding=1)
+                         if old is not reference])
+            half = estimator_build(model=model, weight_file=weight_file, device=torch.device("cpu"), half=True,
+                                   compile=settings.DEPTHSITE_COMPILE)
+            if reference is not None:
+                half_s, full_s = forward_race(half, reference)
+                faster = half_s < full_s
+                self._half_choices[choice_key] = "bfloat16" if faster else "float32"
+                logger.log(logging.INFO if faster else logging.WARNING,
+                           "DEPTHSITE_FP16: %s runs in %s on this CPU (%s): bfloat16 eager took %.3f s, float32 "
+                           "(%s) %.3f s", model.name, "bfloat16" if faster else "float32", units, half_s,
+                               reference.runtime, full_s)
+                if not faster:
+                    half.release()
+                    return reference
+                # It was built to be measured against and no longer runs here.
+                self._evict([reference])
+            self._admit(model, weight_file, half)
+        return half
 
     def _admit(self, model: RegisteredModel, weight_file: WeightFile, estimator: Estimator) -> None:
         self._insert(estimator)
@@ -268,6 +318,26 @@ class EstimatorPool:
             self._estimators.clear()
             self._building.clear()
         warm_model_forget(worker=worker_id())
+
+
+def forward_race(first: Estimator, second: Estimator, *, runs: int = 1) -> tuple[float, float]:
+    """Seconds of one predict of each on a photo at the network's own input size, after one untimed predict of
+    each (which builds kernels and maps weights in); with more runs, alternating, the fastest of each."""
+    import numpy as np
+
+    height, width = first.config.net_size
+    rows = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    cols = np.linspace(255, 0, width, dtype=np.float32)[None, :, None]
+    image = np.broadcast_to((rows + cols) / 2, (height, width, 3)).astype(np.uint8)
+    times: tuple[list[float], list[float]] = ([], [])
+    for estimator in (first, second):
+        estimator.predict(image)
+    for _ in range(runs):
+        for estimator, seconds in zip((first, second), times):
+            started = time.perf_counter()
+            estimator.predict(image)
+            seconds.append(time.perf_counter() - started)
+    return min(times[0]), min(times[1])
 
 
 _pool = EstimatorPool()

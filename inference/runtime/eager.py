@@ -41,6 +41,12 @@ def device_select(requested: str | None = None) -> torch.device:
     return device
 
 
+def half_dtype(device: torch.device) -> torch.dtype:
+    """The 16-bit float a device runs fast: float16 on CUDA; on a CPU bfloat16, which AMX tiles multiply (the pool
+    only asks for it there, inference.runtime.cpu) and whose float32-wide exponent cannot overflow."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def configure_threads() -> None:
     threads = settings.DEPTHSITE_TORCH_THREADS
     if threads and torch.get_num_threads() != threads:
@@ -69,11 +75,11 @@ class DepthEstimator:
         self.weights_format = weight_file.format
         self.weight_file_id = weight_file.pk
         self.device = device
-        self.dtype = torch.float16 if half else torch.float32
+        self.dtype = half_dtype(device) if half else torch.float32
         self.config = get_config(model.architecture)
         network = create_model(model.architecture, state_dict=state_dict, device=str(device))
         if half:
-            network = network.half()
+            network = network.to(self.dtype)
         network.eval()
         if compile:
             network = torch.compile(network)

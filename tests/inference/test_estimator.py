@@ -202,12 +202,6 @@ def test_device_selection_errors(cached_small, pool, settings):
         assert "CUDA is not available" in caught.value.message
 
 
-def test_fp16_is_only_used_on_cuda(cached_small, pool, settings):
-    settings.DEPTHSITE_FP16 = True
-    estimator = pool_warm(pool, "MiDaS_small", device="cpu")
-    assert estimator.dtype == torch.float32
-
-
 def test_compile_option_compiles_the_network(cached_small, pool, settings, monkeypatch):
     compiled = []
 

@@ -105,15 +105,6 @@ def test_an_onnxruntime_too_old_for_packed_artifacts_means_eager_said_once(monke
     assert runtime_select(device="cpu") == "onnx"
 
 
-def test_fp16_on_cpu_is_ignored_with_one_warning(settings, cached_small, pool, caplog):
-    settings.DEPTHSITE_RUNTIME = "eager"
-    with caplog.at_level(logging.WARNING, logger="inference.runtime"):
-        first = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
-        pool_warm(pool, "MiDaS_small", device="cpu", half=True)
-    assert first.dtype_name == "float32"
-    assert sum("DEPTHSITE_FP16 is ignored on CPU" in r.message for r in caplog.records) == 1
-
-
 # --- numpy twin of the transforms ------------------------------------------------------------------
 
 

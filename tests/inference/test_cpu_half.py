@@ -1,0 +1,189 @@
+"""DEPTHSITE_FP16 on a CPU: bfloat16 where the CPU has AMX and it measures faster than float32, float32 otherwise."""
+from __future__ import annotations
+
+import logging
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from inference import estimator as estimator_module
+from inference import runtime as runtime_module
+from inference.estimator import EstimatorPool, forward_race
+from inference.runtime import cpu
+from models_registry.detweights import synthetic_image
+from tests.support.estimators import pool_warm
+
+AMX_FLAGS = "fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(settings):
+    settings.DEPTHSITE_RUNTIME = "onnx"
+    settings.DEPTHSITE_FP16 = False
+    runtime_module._said.clear()
+    estimator_module._failed_artifacts.clear()
+    yield
+    runtime_module._said.clear()
+    cpu.cpu_fields.cache_clear()
+
+
+@pytest.fixture
+def pool():
+    pool = EstimatorPool(capacity=2)
+    yield pool
+    pool.clear()
+
+
+class Race:
+    """forward_race's stand-in: the given (bfloat16 s, float32 s), and what it was handed."""
+
+    def __init__(self, half_s: float, full_s: float):
+        self.result = (half_s, full_s)
+        self.calls: list[tuple] = []
+
+    def __call__(self, half, full):
+        # Both must still run when they are timed: neither may have been released to make room.
+        assert getattr(full, "session", True) is not None
+        self.calls.append((half, full))
+        return self.result
+
+
+def with_amx(monkeypatch, race: Race | None = None) -> None:
+    monkeypatch.setattr(estimator_module, "bf16_units", lambda: "AMX")
+    if race is not None:
+        monkeypatch.setattr(estimator_module, "forward_race", race)
+
+
+def relative_error(candidate: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(candidate - reference).max() / (reference.max() - reference.min()))
+
+
+@pytest.mark.parametrize("flags, units", [
+    (AMX_FLAGS, "AMX"),
+    ("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni", None),  # bf16 dot products (Zen 4), no tiles: not enough
+    ("fpu sse2 avx2", None),
+])
+def test_bf16_units_are_read_from_cpuinfo(tmp_path, monkeypatch, flags, units):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: Some  CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: amx_bf16"
+                    " amx_tile\n")
+    monkeypatch.setattr(cpu, "CPUINFO", str(info))
+    cpu.cpu_fields.cache_clear()
+    assert cpu.bf16_units() == units
+    assert cpu.cpu_name().endswith("Some CPU (AVX-512, AMX)" if units else "Some CPU (AVX-512)" if "avx512f" in flags
+                                   else "Some CPU (AVX2)")
+
+
+def test_no_cpuinfo_means_no_bf16_units(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "CPUINFO", str(tmp_path / "absent"))
+    cpu.cpu_fields.cache_clear()
+    assert cpu.bf16_units() is None and cpu.cpu_flags() == frozenset()
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "eager"])
+def test_without_amx_fp16_is_ignored_with_one_warning(settings, cached_small, pool, caplog, monkeypatch, runtime):
+    settings.DEPTHSITE_RUNTIME = runtime
+    monkeypatch.setattr(estimator_module, "bf16_units", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="inference.runtime"):
+        first = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+        again = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+    assert first is again and first.dtype_name == "float32" and first.runtime == runtime
+    said = [r.getMessage() for r in caplog.records if "DEPTHSITE_FP16" in r.getMessage()]
+    assert said == ["DEPTHSITE_FP16 is ignored on this CPU: without AMX bfloat16 units, 16-bit floats ran slower "
+                    "than float32 on every CPU measured (docs/performance.md)"]
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "eager"])
+def test_with_amx_bfloat16_is_kept_where_it_is_faster(settings, cached_small, pool, caplog, monkeypatch, runtime):
+    settings.DEPTHSITE_RUNTIME = runtime
+    race = Race(0.1, 0.3)
+    with_amx(monkeypatch, race)
+    with caplog.at_level(logging.INFO, logger="inference.estimator"):
+        half = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+    assert (half.runtime, half.dtype_name) == ("eager", "bfloat16")
+    assert race.calls == [(half, race.calls[0][1])] and race.calls[0][1].runtime == runtime
+    assert race.calls[0][1].dtype_name == "float32"
+    # The float32 estimator was only there to be timed against: the pool holds the bfloat16 one alone.
+    assert [(w["runtime"], w["dtype"]) for w in pool.warm()] == [("eager", "bfloat16")]
+    said = [r.getMessage() for r in caplog.records if "DEPTHSITE_FP16" in r.getMessage()]
+    assert said == [f"DEPTHSITE_FP16: MiDaS_small runs in bfloat16 on this CPU (AMX): bfloat16 eager took 0.100 s, "
+                    f"float32 ({runtime}) 0.300 s"]
+    # Decided once per process: the next request neither times nor rebuilds anything.
+    assert pool_warm(pool, "MiDaS_small", device="cpu", half=True) is half
+    # Evicted, it is rebuilt as bfloat16 straight away, without its float32 twin and without a second race.
+    pool.clear()
+    again = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+    assert again is not half and again.dtype_name == "bfloat16" and len(race.calls) == 1
+    assert [(w["runtime"], w["dtype"]) for w in pool.warm()] == [("eager", "bfloat16")]
+    # A request without DEPTHSITE_FP16 still gets float32.
+    assert pool_warm(pool, "MiDaS_small", device="cpu", half=False).dtype_name == "float32"
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "eager"])
+def test_with_amx_float32_stays_where_bfloat16_is_slower(settings, cached_small, pool, caplog, monkeypatch, runtime):
+    settings.DEPTHSITE_RUNTIME = runtime
+    race = Race(0.5, 0.2)
+    with_amx(monkeypatch, race)
+    built = []
+    real_build = estimator_module.estimator_build
+    monkeypatch.setattr(estimator_module, "estimator_build",
+                        lambda **kw: built.append(kw["half"]) or real_build(**kw))
+    with caplog.at_level(logging.INFO, logger="inference.estimator"):
+        full = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+        again = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+    assert again is full and (full.runtime, full.dtype_name) == (runtime, "float32")
+    assert len(race.calls) == 1 and built.count(True) == 1  # the bfloat16 network was built once, to be timed
+    assert [(w["runtime"], w["dtype"]) for w in pool.warm()] == [(runtime, "float32")]
+    warned = [r for r in caplog.records if "DEPTHSITE_FP16" in r.getMessage()]
+    assert [r.levelno for r in warned] == [logging.WARNING]
+    assert "MiDaS_small runs in float32 on this CPU (AMX): bfloat16 eager took 0.500 s" in warned[0].getMessage()
+
+
+def test_a_full_pool_keeps_the_estimator_being_timed(settings, cached_small, monkeypatch):
+    """With room for one network, making room for the bfloat16 one must not release the float32 one first."""
+    pool = EstimatorPool(capacity=1)
+    race = Race(0.1, 0.3)  # asserts that the ONNX session it is handed is still open
+    with_amx(monkeypatch, race)
+    try:
+        half = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+        assert half.dtype_name == "bfloat16" and len(race.calls) == 1
+        assert race.calls[0][1].session is None  # released once it lost
+    finally:
+        pool.clear()
+
+
+@pytest.mark.slow
+def test_bfloat16_estimator_predicts_close_to_float32(settings, cached_small, pool, monkeypatch):
+    """The real bfloat16 network against float32, then a real race (no stand-in but the CPU's flags)."""
+    import torch
+
+    settings.DEPTHSITE_RUNTIME = "eager"
+    image = synthetic_image(96, 128)
+    full = pool_warm(EstimatorPool(capacity=1), "MiDaS_small", device="cpu", half=False).predict(image)
+    half = estimator_module.estimator_build(model=cached_small.model, weight_file=cached_small,
+                                            device=torch.device("cpu"), half=True, compile=False)
+    result = half.predict(image)
+    assert result.dtype == "bfloat16" and result.depth.dtype == np.float32
+    assert result.depth.shape == full.depth.shape == (96, 128)
+    # bfloat16 keeps 8 bits of mantissa: MiDaS_small's map measured 1.5e-2 of its range off float32's.
+    assert relative_error(result.depth, full.depth) < 5e-2
+    with_amx(monkeypatch)
+    chosen = pool_warm(pool, "MiDaS_small", device="cpu", half=True)
+    assert chosen.dtype_name == pool._half_choices[("MiDaS_small", cached_small.sha256)]
+
+
+def test_forward_race_times_both_after_an_untimed_run():
+    calls = []
+
+    def stand_in(name: str, seconds: float):
+        def predict(image):
+            assert image.shape == (32, 48, 3) and image.dtype == np.uint8
+            calls.append(name)
+            time.sleep(seconds)
+        return SimpleNamespace(config=SimpleNamespace(net_size=(32, 48)), predict=predict)
+
+    slow, fast = forward_race(stand_in("slow", 0.03), stand_in("fast", 0.0), runs=2)
+    assert calls == ["slow", "fast", "slow", "fast", "slow", "fast"]
+    assert slow >= 0.03 > fast
