@@ -58,6 +58,13 @@ _failed_artifacts: set[tuple[str, str]] = set()  # (model, weights sha256) whose
 # 5 runs); one image without it: DPT_Large's open + first forward 0.79x of repacked (docs/performance.md).
 PREPACK_FROM_RUNS = 4
 
+# DEPTHSITE_FP16 on a CPU with AMX: bfloat16 is timed against float32 only in a process that runs at least this many
+# images a model (the timing costs about four forwards and a second network), and kept only when it takes under
+# HALF_MARGIN of float32's time. Measured on AMX: DPT_Large 0.33x of fp32 eager and 0.35x of its ONNX artifact;
+# MiDaS_small 0.72x of eager but 1.5x its artifact (docs/performance.md).
+HALF_FROM_RUNS = 4
+HALF_MARGIN = 0.9
+
 
 def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, prepack: bool = True) -> Estimator | None:
     """The ONNX estimator of these weights, building and checking the artifact first when there is none
@@ -119,12 +126,15 @@ class EstimatorPool:
         self._building: dict[tuple, threading.Lock] = {}
         self.prepack = True  # a worker runs many images per model; see expect_runs
         self._half_choices: dict[tuple[str, str], str] = {}  # (model, weights sha256) -> dtype DEPTHSITE_FP16 runs
+        self.expected_runs: int | None = None  # images per model this process will run, where it knows (predict)
 
     def expect_runs(self, count: int) -> None:
         """Say how many images this process will run per model before it exits (`manage.py predict` knows).
         Under PREPACK_FROM_RUNS, ONNX sessions open without repacking: for DPT_Large about 2.5 s less to open
-        against a few per cent more per forward. Estimators already warm keep how they were opened."""
+        against a few per cent more per forward. Estimators already warm keep how they were opened. Under
+        HALF_FROM_RUNS, DEPTHSITE_FP16 is not timed on a CPU with AMX, and float32 runs."""
         self.prepack = count >= PREPACK_FROM_RUNS
+        self.expected_runs = count
 
     @property
     def capacity(self) -> int:
@@ -180,6 +190,10 @@ class EstimatorPool:
         if use_half and target.type == "cpu":
             return self._cpu_half(model=model, weight_file=weight_file, full=lambda: self._get_eager(
                 model=model, weight_file=weight_file, device=device, use_half=False))
+        if use_half and target.type != "cuda":
+            say_once(f"fp16-{target.type}", "DEPTHSITE_FP16 is ignored on %s: only CUDA and CPUs with AMX run 16-bit "
+                     "floats here", target.type)
+            use_half = False
         key = (model.name, weight_file.sha256, str(target), str(torch.float16 if use_half else torch.float32), "eager")
         estimator = self._lookup(key)
         if estimator is None:
@@ -195,18 +209,26 @@ class EstimatorPool:
 
     def _cpu_half(self, *, model: RegisteredModel, weight_file: WeightFile,
                   full: Callable[[], Estimator | None]) -> Estimator | None:
-        """DEPTHSITE_FP16 on a CPU: bfloat16 eager where the CPU has AMX and it runs this model faster than `full()`,
-        its float32 estimator (the ONNX artifact or eager), timed against it once per process; else `full()`."""
+        """DEPTHSITE_FP16 on a CPU: bfloat16 eager where the CPU has AMX and it runs this model clearly faster than
+        `full()`, its float32 estimator (the ONNX artifact or eager), timed against it once per process; else
+        `full()`. A process that runs only a few images does not pay for the timing, and runs float32."""
         units = bf16_units()
         if units is None:
             say_once("fp16-cpu", "DEPTHSITE_FP16 is ignored on this CPU: without AMX bfloat16 units, 16-bit floats "
                      "ran slower than float32 on every CPU measured (docs/performance.md)")
+            return full()
+        if self.expected_runs is not None and self.expected_runs < HALF_FROM_RUNS:
+            say_once("fp16-few", "DEPTHSITE_FP16 is not used for %d image(s) a model: timing bfloat16 against float32 "
+                     "would cost more than it could save", self.expected_runs)
             return full()
         choice_key = (model.name, weight_file.sha256)
         if self._half_choices.get(choice_key) == "float32":
             return full()
         import torch
 
+        from inference.runtime.eager import configure_threads
+
+        configure_threads()  # the bfloat16 network gets the threads the float32 one has
         key = (model.name, weight_file.sha256, "cpu", str(torch.bfloat16), "eager")
         half = self._lookup(key)
         if half is not None:
@@ -215,24 +237,36 @@ class EstimatorPool:
             half = self._lookup(key)
             if half is not None:
                 return half
+            if self._half_choices.get(choice_key) == "float32":  # decided while this thread waited
+                return full()
             reference = None
             if choice_key not in self._half_choices:
                 reference = full()
                 if reference is None:
                     return None
-            # Room for it, but not at the cost of the estimator it is about to be timed against.
-            self._evict([old for old in self._over_budget(incoming=approx_bytes(model.architecture) // 2, adding=1)
-                         if old is not reference])
-            half = estimator_build(model=model, weight_file=weight_file, device=torch.device("cpu"), half=True,
-                                   compile=settings.DEPTHSITE_COMPILE)
+            try:
+                # Room for it, but not at the cost of the estimator it is about to be timed against.
+                self._evict([old for old in self._over_budget(incoming=approx_bytes(model.architecture) // 2,
+                                                              adding=1) if old is not reference])
+                half = estimator_build(model=model, weight_file=weight_file, device=torch.device("cpu"), half=True,
+                                       compile=settings.DEPTHSITE_COMPILE)
+                if reference is not None:
+                    half_s, full_s = forward_race(half, reference, runs=2)
+            except Exception as exc:  # noqa: BLE001 - float32 runs these weights whatever failed in bfloat16
+                self._half_choices[choice_key] = "float32"
+                logger.warning("DEPTHSITE_FP16: %s runs in float32: its bfloat16 network failed (%s: %s)", model.name,
+                               type(exc).__name__, exc)
+                if half is not None:
+                    half.release()
+                return reference if reference is not None else full()
             if reference is not None:
-                half_s, full_s = forward_race(half, reference)
-                faster = half_s < full_s
+                # bfloat16 costs precision (about 2e-2 of the range): kept only for a clear gain, not for noise.
+                faster = half_s < HALF_MARGIN * full_s
                 self._half_choices[choice_key] = "bfloat16" if faster else "float32"
                 logger.log(logging.INFO if faster else logging.WARNING,
                            "DEPTHSITE_FP16: %s runs in %s on this CPU (%s): bfloat16 eager took %.3f s, float32 "
                            "(%s) %.3f s", model.name, "bfloat16" if faster else "float32", units, half_s,
-                               reference.runtime, full_s)
+                           reference.runtime, full_s)
                 if not faster:
                     half.release()
                     return reference
