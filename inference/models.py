@@ -106,6 +106,9 @@ class DepthJob(models.Model):
     weights_sha256 = models.CharField(max_length=64, blank=True, db_index=True)
     weights_format = models.CharField(max_length=16, blank=True)
     device = models.CharField(max_length=32, blank=True)
+    dtype = models.CharField(max_length=16, blank=True, default="", db_default="",
+                             help_text="The number format the network ran in: float32, or the 16-bit float "
+                                       "DEPTHSITE_FP16 chose; empty for jobs from before it was recorded.")
     batch = models.ForeignKey(DepthBatch, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs",
                               help_text="The batch this photo came in, if any.")
     reused_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reused_by",
@@ -145,7 +148,7 @@ class DepthJob(models.Model):
 
     def finish(self, *, result_files: dict[str, str], depth_min: float, depth_max: float, semantics: str,
                weights_sha256: str, weights_format: str, device: str, load_ms: float | None,
-               inference_ms: float | None, reused_from: "DepthJob | None" = None) -> None:
+               inference_ms: float | None, reused_from: "DepthJob | None" = None, dtype: str = "") -> None:
         self.status = RunStatus.SUCCEEDED
         self.lease_until = None
         self.result_files = result_files
@@ -155,6 +158,7 @@ class DepthJob(models.Model):
         self.weights_sha256 = weights_sha256
         self.weights_format = weights_format
         self.device = device
+        self.dtype = dtype
         self.load_ms = load_ms
         self.inference_ms = inference_ms
         self.reused_from = reused_from

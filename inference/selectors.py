@@ -175,6 +175,7 @@ def depth_job_public(*, job: DepthJob, user, session_key: str = "") -> dict[str,
         "weights_sha256": job.weights_sha256,
         "weights_format": job.weights_format,
         "device": job.device,
+        "dtype": job.dtype,
         "reused_from": depth_job_reused_from(job=job, user=user, session_key=session_key),
         "preview": depth_job_preview_format(job=job),
     }

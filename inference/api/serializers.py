@@ -78,6 +78,8 @@ class PredictionSerializer(serializers.Serializer):
     weights_sha256 = serializers.CharField(help_text="sha256 of the weight file used.")
     weights_format = serializers.CharField()
     device = serializers.CharField()
+    dtype = serializers.CharField(help_text="float32, or the 16-bit float DEPTHSITE_FP16 ran it in (less precise); "
+                                            "empty for predictions from before it was recorded.")
     reused_from = serializers.SerializerMethodField(
         help_text="An earlier prediction of yours whose result was reused (same image, weights and options); "
                   "null otherwise, and null when the earlier one is not yours.")

@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 import numpy as np
+from django.conf import settings
 
 from depthsite.choices import RunStatus
 from inference.images import BROWSER_IMAGE_TYPES
@@ -26,6 +27,7 @@ from inference.models import DepthJob
 from inference.services.job_state import Superseded, job_attempt_current, job_transition
 
 PREVIEW_SUFFIX = ".preview.png"
+FULL_PRECISION = ("float32", "")  # DepthJob.dtype of results any caller may be handed
 
 
 def results_folder(*, job_id) -> str:
@@ -105,6 +107,10 @@ def result_reusable(*, job: DepthJob, weights_sha256: str) -> DepthJob | None:
     candidates = (DepthJob.objects.filter(status=RunStatus.SUCCEEDED, pixels_sha256=job.pixels_sha256,
                                           weights_sha256=weights_sha256, colormap=job.colormap)
                   .exclude(pk=job.pk).order_by("-finished_at"))
+    if not settings.DEPTHSITE_FP16:
+        # A 16-bit result (about 2e-2 of the range off) is only handed to a caller who accepts 16-bit floats; a
+        # float32 one to anybody. Jobs from before the format was recorded count as float32.
+        candidates = candidates.filter(dtype__in=FULL_PRECISION)
     if "ply" in job.outputs:  # the point cloud depends on the camera too
         candidates = candidates.filter(fov_degrees=job.fov_degrees)
     for candidate in candidates[:20]:

@@ -53,7 +53,7 @@ def _claim(job: DepthJob, me: str) -> bool:
 
 
 _FINISH_FIELDS = ("status", "result_files", "depth_min", "depth_max", "semantics", "weights_sha256",
-                  "pixels_sha256", "weights_format", "device", "load_ms", "inference_ms", "reused_from",
+                  "pixels_sha256", "weights_format", "device", "dtype", "load_ms", "inference_ms", "reused_from",
                   "finished_at", "results_bytes", "lease_until")
 _FAIL_FIELDS = ("status", "error", "error_code", "finished_at", "lease_until")
 
@@ -166,7 +166,7 @@ def _execute(job: DepthJob) -> None:
         files = results_copy(earlier=ready, job=job)
         job.finish(result_files=files, depth_min=ready.depth_min, depth_max=ready.depth_max,
                    semantics=ready.semantics, weights_sha256=ready.weights_sha256,
-                   weights_format=ready.weights_format, device=ready.device, load_ms=None,
+                   weights_format=ready.weights_format, device=ready.device, dtype=ready.dtype, load_ms=None,
                    inference_ms=None, reused_from=ready)
         _commit_results(job)
         return
@@ -177,7 +177,7 @@ def _execute(job: DepthJob) -> None:
                                      previews=True)
     job.finish(result_files=results_names(job=job, written=written), depth_min=result.depth_min,
                depth_max=result.depth_max, semantics=result.semantics, weights_sha256=result.weights_sha256,
-               weights_format=result.weights_format, device=result.device, load_ms=load_ms,
+               weights_format=result.weights_format, device=result.device, dtype=result.dtype, load_ms=load_ms,
                inference_ms=result.inference_ms)
     _commit_results(job)
 

@@ -107,21 +107,39 @@ def test_the_check_sees_what_would_break_a_rolling_deploy():
         assert breaks_the_release_before(ops.AlterField("depthjob", "x", new), old) is breaks, (old, new)
 
 
+# The last migration of the release before this one: its processes run beside this release's while a fleet rolls over.
+PREVIOUS_RELEASE = ("inference", "0009_depthjob_remove_task_id")
+
+
 @pytest.mark.django_db(transaction=True)
-def test_the_release_before_0009_still_writes_and_reads_jobs():
-    # Its DepthJob still names task_id in every INSERT and SELECT; 0009 used to drop the column, which failed
-    # every upload and every job of a process not yet replaced.
+def test_the_release_before_still_writes_and_reads_jobs_on_todays_schema():
+    # 0009 once dropped task_id while the release before still wrote it, which failed every upload and every job
+    # of a process not yet replaced. Today's schema must take the previous release's inserts, updates and reads.
     executor = MigrationExecutor(connection)
     assert executor.migration_plan(executor.loader.graph.leaf_nodes()) == []  # the schema is today's
-    old_apps = executor.loader.project_state(("inference", "0008_depthjob_pixels_sha256")).apps
-    OldJob = old_apps.get_model("inference", "DepthJob")
+    OldJob = executor.loader.project_state(PREVIOUS_RELEASE).apps.get_model("inference", "DepthJob")
     fields = {"image": "uploads/x.jpg", "image_sha256": "0" * 64, "image_size": 1, "model_name": "MiDaS_small",
               "colormap": "inferno"}
-    old = OldJob.objects.create(task_id="abc", **fields)
-    OldJob.objects.filter(pk=old.pk).update(task_id="def")  # what the release before did after the enqueue
+    old = OldJob.objects.create(**fields)
+    OldJob.objects.filter(pk=old.pk).update(device="cpu", weights_format="pt")  # what its worker writes
     from inference.models import DepthJob
 
-    new = DepthJob.objects.create(**fields)  # today's insert leaves the column out: its default fills it
-    assert {job.pk: job.task_id for job in OldJob.objects.all()} == {old.pk: "def", new.pk: ""}
-    assert DepthJob.objects.get(pk=old.pk).model_name == "MiDaS_small"
+    new = DepthJob.objects.create(dtype="bfloat16", **fields)
+    assert {job.pk: job.device for job in OldJob.objects.all()} == {old.pk: "cpu", new.pk: ""}
+    assert {job.pk: job.dtype for job in DepthJob.objects.all()} == {old.pk: "", new.pk: "bfloat16"}
 
+
+@pytest.mark.django_db(transaction=True)
+def test_the_task_id_column_is_dropped_once_and_restored_on_the_way_back():
+    """0010 drops what 0009 left in the database, and leaves a database that has no such column as it is."""
+    import importlib
+
+    migration = importlib.import_module("inference.migrations.0010_depthjob_dtype_drop_task_id")
+    with connection.schema_editor() as editor:
+        assert not migration._has_task_id(editor)
+        migration.drop_task_id(None, editor)  # already gone (today's schema): nothing to do
+        migration.restore_task_id(None, editor)
+        assert migration._has_task_id(editor)
+        migration.restore_task_id(None, editor)  # there: nothing to do
+        migration.drop_task_id(None, editor)
+        assert not migration._has_task_id(editor)

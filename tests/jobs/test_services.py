@@ -223,6 +223,25 @@ def test_the_same_pixels_in_another_file_format_reuse_the_result(cached_small, r
 
 
 @pytest.mark.slow
+def test_a_16_bit_result_is_reused_only_where_16_bit_floats_are_accepted(cached_small, run_jobs, settings):
+    settings.DEPTHSITE_REUSE_RESULTS = True
+    data = images.jpeg(80, 60)
+    first = create(run_jobs, image=upload(data))
+    assert first.dtype == "float32" and first.reused_from is None
+    DepthJob.objects.filter(pk=first.pk).update(dtype="bfloat16")  # as a DEPTHSITE_FP16 worker on AMX records it
+    settings.DEPTHSITE_FP16 = True
+    accepting = create(run_jobs, image=upload(data))
+    assert accepting.reused_from_id == first.pk and accepting.dtype == "bfloat16"
+    settings.DEPTHSITE_FP16 = False
+    full = create(run_jobs, image=upload(data))
+    assert full.reused_from is None and full.inference_ms > 0 and full.dtype == "float32"
+    again = create(run_jobs, image=upload(data))
+    assert again.reused_from_id == full.pk and again.dtype == "float32"
+    DepthJob.objects.filter(pk__in=[full.pk, again.pk]).update(dtype="")  # from before the format was recorded
+    assert create(run_jobs, image=upload(data)).reused_from_id in (full.pk, again.pk)
+
+
+@pytest.mark.slow
 def test_other_options_or_disabled_reuse_compute_again(cached_small, run_jobs, settings):
     data = images.jpeg(80, 60)
     first = create(run_jobs, image=upload(data))
