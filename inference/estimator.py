@@ -59,10 +59,11 @@ _failed_artifacts: set[tuple[str, str]] = set()  # (model, weights sha256) whose
 PREPACK_FROM_RUNS = 4
 
 # DEPTHSITE_FP16 on a CPU with AMX: bfloat16 is timed against float32 only in a process that runs at least this many
-# images a model (the timing costs about four forwards and a second network), and kept only when it takes under
-# HALF_MARGIN of float32's time. Measured on AMX: DPT_Large 0.33x of fp32 eager and 0.35x of its ONNX artifact;
-# MiDaS_small 0.72x of eager but 1.5x its artifact (docs/performance.md).
-HALF_FROM_RUNS = 4
+# images a model, and kept only when it takes under HALF_MARGIN of float32's time. Measured on AMX: DPT_Large 0.33x
+# of fp32 eager and 0.35x of its ONNX artifact; MiDaS_small 0.72x of eager but 1.6x its artifact. The timing, torch's
+# import and the second network cost a DPT_Large `predict` about 14 s: whole processes took 1.35x fp32's time on
+# 4 photos and 0.90-0.96x on 8 (bench/half.py, docs/performance.md).
+HALF_FROM_RUNS = 8
 HALF_MARGIN = 0.9
 
 
