@@ -245,10 +245,10 @@ class EstimatorPool:
                 reference = full()
                 if reference is None:
                     return None
+            # Room for it, but not at the cost of the estimator it is about to be timed against.
+            self._evict([old for old in self._over_budget(incoming=approx_bytes(model.architecture) // 2, adding=1)
+                         if old is not reference])
             try:
-                # Room for it, but not at the cost of the estimator it is about to be timed against.
-                self._evict([old for old in self._over_budget(incoming=approx_bytes(model.architecture) // 2,
-                                                              adding=1) if old is not reference])
                 half = estimator_build(model=model, weight_file=weight_file, device=torch.device("cpu"), half=True,
                                        compile=settings.DEPTHSITE_COMPILE)
                 if reference is not None:
@@ -259,7 +259,7 @@ class EstimatorPool:
                                type(exc).__name__, exc)
                 if half is not None:
                     half.release()
-                return reference if reference is not None else full()
+                return full()  # not `reference`: another thread may have evicted (and released) it meanwhile
             if reference is not None:
                 # bfloat16 costs precision (about 2e-2 of the range): kept only for a clear gain, not for noise.
                 faster = half_s < HALF_MARGIN * full_s
@@ -270,7 +270,7 @@ class EstimatorPool:
                            reference.runtime, full_s)
                 if not faster:
                     half.release()
-                    return reference
+                    return full()
                 # It was built to be measured against and no longer runs here.
                 self._evict([reference])
             self._admit(model, weight_file, half)
