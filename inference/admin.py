@@ -49,7 +49,7 @@ class DepthJobAdmin(admin.ModelAdmin):
         ("Input", {"fields": ("image", "image_name", "image_format", "image_width", "image_height", "image_size",
                               "image_sha256", "model", "model_name", "outputs", "colormap", "fov_degrees")}),
         ("Run", {"fields": ("created_at", "queued_at", "started_at", "finished_at", "load_ms", "inference_ms",
-                            "worker", "device")}),
+                            "worker", "device", "dtype")}),
         ("Result", {"fields": ("result_files", "depth_min", "depth_max", "semantics", "weights_sha256",
                                "weights_format", "reused_from")}),
     )

@@ -7,6 +7,9 @@ task_id: 0009 took it out of the model and left the column, so that the release 
 it, kept working beside 0009's release. The release before this one is 0009's, which never names it: the column
 goes now. On SQLite it had to: any later change that rebuilds the table from the model (this AddField does) would
 drop it silently anyway. A database where an early draft of 0009 already dropped it is left as it is.
+
+A fleet must not skip 0009's release: from a release before it, roll over to 0009's first (or stop the old
+processes before `release`), as docs/deploy.md says.
 """
 from django.db import migrations, models
 
@@ -20,7 +23,10 @@ def _has_task_id(schema_editor) -> bool:
 
 
 def drop_task_id(apps, schema_editor):
-    if _has_task_id(schema_editor):
+    # SQLite before 3.35.5 has no usable DROP COLUMN: there the AddField below, which rebuilds the table from the
+    # model, leaves the column out anyway.
+    # (The flag is SQLite's own; every other backend drops columns.)
+    if getattr(schema_editor.connection.features, "can_alter_table_drop_column", True) and _has_task_id(schema_editor):
         quote = schema_editor.quote_name
         schema_editor.execute(f"ALTER TABLE {quote(TABLE)} DROP COLUMN {quote('task_id')}")
 

@@ -27,7 +27,9 @@ from inference.models import DepthJob
 from inference.services.job_state import Superseded, job_attempt_current, job_transition
 
 PREVIEW_SUFFIX = ".preview.png"
-FULL_PRECISION = ("float32", "")  # DepthJob.dtype of results any caller may be handed
+# DepthJob.dtype of results any caller may be handed. Not '': jobs from before it was recorded, or written by a
+# process of the release before during a rollover, may be CUDA float16 results.
+FULL_PRECISION = ("float32",)
 
 
 def results_folder(*, job_id) -> str:
@@ -109,7 +111,7 @@ def result_reusable(*, job: DepthJob, weights_sha256: str) -> DepthJob | None:
                   .exclude(pk=job.pk).order_by("-finished_at"))
     if not settings.DEPTHSITE_FP16:
         # A 16-bit result (about 2e-2 of the range off) is only handed to a caller who accepts 16-bit floats; a
-        # float32 one to anybody. Jobs from before the format was recorded count as float32.
+        # float32 one to anybody. Jobs that do not say are computed again, once.
         candidates = candidates.filter(dtype__in=FULL_PRECISION)
     if "ply" in job.outputs:  # the point cloud depends on the camera too
         candidates = candidates.filter(fov_degrees=job.fov_degrees)
