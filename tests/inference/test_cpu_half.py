@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from inference import estimator as estimator_module
-from inference import runtime as runtime_module
 from inference.estimator import EstimatorPool, forward_race
 from inference.runtime import cpu
 from models_registry.detweights import synthetic_image
@@ -20,22 +19,14 @@ from tests.support.estimators import pool_warm
 AMX_FLAGS = "fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
 
 
+pytestmark = pytest.mark.usefixtures("fresh_runtime_state")
+
+
 @pytest.fixture(autouse=True)
-def _fresh_state(settings):
-    settings.DEPTHSITE_RUNTIME = "onnx"
+def _fresh_cpu_state(settings):
     settings.DEPTHSITE_FP16 = False
-    runtime_module._said.clear()
-    estimator_module._failed_artifacts.clear()
     yield
-    runtime_module._said.clear()
     cpu.cpu_fields.cache_clear()
-
-
-@pytest.fixture
-def pool():
-    pool = EstimatorPool(capacity=2)
-    yield pool
-    pool.clear()
 
 
 class Race:

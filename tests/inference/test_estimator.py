@@ -31,13 +31,6 @@ def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
     return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
 
 
-@pytest.fixture
-def pool():
-    pool = EstimatorPool(capacity=2)
-    yield pool
-    pool.clear()
-
-
 @pytest.mark.slow
 def test_prediction_matches_the_official_end_to_end_output(cached_small, pool):
     estimator = pool_warm(pool, "MiDaS_small")

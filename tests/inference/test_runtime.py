@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference import estimator as estimator_module
-from inference import runtime as runtime_module
 from tests.support.estimators import pool_warm
 from inference.estimator import EstimatorPool
 from inference.runtime import artifacts, runtime_select
@@ -26,29 +24,12 @@ from models_registry.services.imports import weight_import
 from models_registry.services.verify import weight_verify
 from models_registry.detweights import synthetic_image
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_runtime_state")]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
 
 
 def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
     return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runtime_state(settings):
-    settings.DEPTHSITE_RUNTIME = "onnx"
-    runtime_module._said.clear()
-    estimator_module._failed_artifacts.clear()
-    yield
-    runtime_module._said.clear()
-    estimator_module._failed_artifacts.clear()
-
-
-@pytest.fixture
-def pool():
-    pool = EstimatorPool(capacity=2)
-    yield pool
-    pool.clear()
 
 
 def artifact_row(model_name: str = "MiDaS_small") -> WeightFile | None:
