@@ -8,7 +8,8 @@ eager baseline runs before each timed run of a candidate, and each ratio is agai
 so both saw the same load: channels_last, bfloat16 and
 float16 eager, torch.compile (its compile cost reported apart), the ONNX artifact under each graph
 optimisation level and with 1 thread or all, the artifact against the same graph with timm's "same"
-padding worked out at run time (the ratio of that row is artifact / that graph), and the artifact after ORT's
+padding worked out at run time (the ratio of that row is artifact / that graph), the artifact against the same
+graph with its attention unfused (likewise), and the artifact after ORT's
 transformer fusions
 (onnxruntime.transformers: LayerNorm, GELU and attention subgraphs into its contrib operators).
 max|diff|/range is against the fp32 eager output.
@@ -146,6 +147,22 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
             f"Pad nodes left {pads}; run-time padding graph {base:.4f} s", base=base)
         del unfixed
         unfixed_path.unlink()
+    if "attention" not in skip:
+        # ViT and DINOv2 blocks: the artifact runs each self-attention as ORT's fused MultiHeadAttention
+        # (inference/runtime/graph.py); before 2026-12-07 it ran MatMul, Softmax and MatMul. The ratio here is the
+        # artifact's time over that graph's.
+        unfused_path = workdir / f"{name}.unfused.onnx"
+        network_export(network, config, unfused_path, fuse_attention=False)
+        unfused = ort.InferenceSession(str(unfused_path), session_options(threads), providers=["CPUExecutionProvider"])
+        import onnx
+
+        fused = sum(node.op_type == "MultiHeadAttention" for node in onnx.load(str(path)).graph.node)
+        seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats,
+                                   lambda: unfused.run(None, {"image": batch})[0])
+        add("onnx, attention fused (vs. MatMul, Softmax, MatMul)", seconds, out,
+            f"fused attention nodes {fused}; unfused graph {base:.4f} s", base=base)
+        del unfused
+        unfused_path.unlink()
     del session
     if "fusions" not in skip:
         # ORT's transformer optimiser: LayerNorm, GELU and attention subgraphs fused into its contrib operators.
@@ -180,7 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip", default="",
-                        help="comma-separated: channels_last,bf16,fp16,compile,levels,padding,fusions")
+                        help="comma-separated: channels_last,bf16,fp16,compile,levels,padding,attention,fusions")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import types
 import warnings
 from contextlib import contextmanager
@@ -29,11 +30,13 @@ def check_shapes(config) -> list[tuple[int, int]]:
     return [(height, width), (height - step, width), (height, width + 2 * step)]
 
 
-def network_export(network, config, path: Path, *, fix_padding: bool = True) -> None:
+def network_export(network, config, path: Path, *, fix_padding: bool = True, fuse_attention: bool = True) -> None:
     """Write the network's ONNX graph to `path`: dynamic height and width unless it takes its native square only.
 
-    `fix_padding=False` keeps timm's "same" padding worked out at run time (bench/forward_candidates.py's
-    comparison); artifacts are always built with it fixed where that is exact (fixed_same_padding)."""
+    `fix_padding=False` keeps timm's "same" padding worked out at run time, `fuse_attention=False` the ViT blocks'
+    attention as separate MatMul, Softmax and MatMul nodes (bench/forward_candidates.py's comparisons); artifacts
+    are always built with the padding fixed where that is exact (fixed_same_padding) and the attention fused where
+    the graph has the pattern (inference.runtime.graph.fuse_attention)."""
     import torch
 
     from inference.health import probe_input
@@ -47,20 +50,33 @@ def network_export(network, config, path: Path, *, fix_padding: bool = True) -> 
         torch.onnx.export(network, (example,), str(path), dynamo=False, opset_version=OPSET,
                           input_names=["image"], output_names=["depth"], dynamic_axes=dynamic,
                           do_constant_folding=True)
+    from inference.runtime import graph
+
     if fixed:
-        import onnx
+        _graph_rewrite(path, graph.fold_pads_into_convs, f"folding the fixed padding of {type(network).__name__} "
+                       "into its convolutions")
+    if fuse_attention:
+        _graph_rewrite(path, graph.fuse_attention, f"fusing the self-attention of {type(network).__name__}")
 
-        from inference.runtime.graph import fold_pads_into_convs
 
-        model = onnx.load(str(path))
-        try:
-            folded = fold_pads_into_convs(model)
-        except Exception:  # the graph as exported is still right, a few per cent slower: keep it
-            logger.warning("folding the fixed padding of %s into its convolutions failed; the Pads stay",
-                           type(network).__name__, exc_info=True)
-            folded = 0
-        if folded:
-            onnx.save(model, str(path))
+def _graph_rewrite(path: Path, rewrite, what: str) -> int:
+    """Apply one rewrite of inference.runtime.graph to the ONNX file at `path`; how many places it changed.
+
+    Any failure leaves the file as it was (the graph as exported is right, only slower), said in the log."""
+    import onnx
+
+    model = onnx.load(str(path))
+    staged = path.with_name(f"{path.name}.rewrite")
+    try:
+        changed = rewrite(model)
+        if changed:
+            onnx.save(model, str(staged))
+            os.replace(staged, path)
+        return changed
+    except Exception:  # noqa: BLE001 - see above
+        logger.warning("%s failed; the graph stays as exported", what, exc_info=True)
+        staged.unlink(missing_ok=True)
+        return 0
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""One rewrite of an exported ONNX graph (onnx only, no torch, no Django): zero padding folded into the convolution.
+"""Rewrites of an exported ONNX graph (onnx only, no torch, no Django): zero padding folded into the convolution,
+and a ViT's self-attention run by ONNX Runtime's fused MultiHeadAttention (fuse_attention).
 
 timm's TensorFlow-style "same" convolutions (MiDaS_small's EfficientNet-Lite3) pad their input on one side more
 than the other before each stride-2 convolution. Exported with a fixed padding (inference.runtime.export), each
@@ -102,3 +103,132 @@ def fold_pads_into_convs(model) -> int:
         graph.node.remove(pad)
     # The constants that only fed the folded Pads are left: ONNX Runtime drops unused nodes when it loads.
     return len(folded)
+
+
+def _scalar_constant(model, name: str, producers: dict, initializers: dict) -> float | None:
+    value = _constant_value(model, name, producers, initializers)
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _is_default_scale_root(tensor: str, producers: dict, model, initializers: dict) -> bool:
+    """Whether `tensor` is torch's export of scaled_dot_product_attention's default scale, 1 / sqrt(head size)
+    (q and k are each multiplied by the square root of it): Cast(Div(1, Sqrt(...)))."""
+    cast = producers.get(tensor)
+    divide = producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+    if divide is None or divide.op_type != "Div":
+        return False
+    root = producers.get(divide.input[1])
+    return (root is not None and root.op_type == "Sqrt"
+            and _scalar_constant(model, divide.input[0], producers, initializers) == 1.0)
+
+
+def fuse_attention(model) -> int:
+    """Replace each self-attention of a ViT block, as torch exports scaled_dot_product_attention, by one
+    com.microsoft.MultiHeadAttention node; how many were replaced.
+
+    The exported pattern takes the packed projection (B, N, 3E), reshapes it to (B, N, 3, H, D), moves the axes,
+    splits q, k and v, scales q and k by the square root of 1/sqrt(D), and runs MatMul, Softmax and MatMul, then
+    merges the heads back to (B, N, E). ONNX Runtime fuses none of it, and materialises every (N, N) score matrix;
+    its MultiHeadAttention computes the same from q, k and v as (B, N, E) slices of the projection. Anything else
+    (a bias or mask added to the scores, another scale, another layout) is left as it is. `model` is changed in
+    place; nodes only the replaced attention used are removed."""
+    from onnx import helper
+
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inputs = {value.name for value in graph.input}
+    initializers = {tensor.name: tensor for tensor in graph.initializer if tensor.name not in inputs}
+    outputs = {output.name for output in graph.output}
+
+    def made_by(tensor: str, op_type: str):
+        node = producers.get(tensor)
+        return node if node is not None and node.op_type == op_type else None
+
+    def only_user(tensor: str, op_type: str):
+        users = consumers.get(tensor, [])
+        if tensor in outputs or len(users) != 1 or users[0].op_type != op_type:
+            return None
+        return users[0]
+
+    def constants(tensors) -> list[int] | None:
+        values = [_constant_value(model, name, producers, initializers) for name in tensors]
+        if any(value is None or value.size != 1 for value in values):
+            return None
+        return [int(value.reshape(-1)[0]) for value in values]
+
+    replacements = []
+    for softmax in [node for node in graph.node if node.op_type == "Softmax"]:
+        if _attribute(softmax, "axis", -1) not in (-1, 3):
+            continue
+        scores = made_by(softmax.input[0], "MatMul")
+        context = only_user(softmax.output[0], "MatMul")
+        if scores is None or context is None or context.input[0] != softmax.output[0]:
+            continue
+        q_scaled, k_scaled = made_by(scores.input[0], "Mul"), made_by(scores.input[1], "Mul")
+        if q_scaled is None or k_scaled is None:
+            continue
+        q_root, k_root = made_by(q_scaled.input[1], "Sqrt"), made_by(k_scaled.input[1], "Sqrt")
+        k_turned = made_by(k_scaled.input[0], "Transpose")
+        if (q_root is None or k_root is None or k_turned is None or q_root.input[0] != k_root.input[0]
+                or list(_attribute(k_turned, "perm", [])) != [0, 1, 3, 2]
+                or not _is_default_scale_root(q_root.input[0], producers, model, initializers)):
+            continue
+        q, k, v = (made_by(name, "Squeeze") for name in (q_scaled.input[0], k_turned.input[0], context.input[1]))
+        if q is None or k is None or v is None:
+            continue
+        split = made_by(q.input[0], "Split")
+        if (split is None or list(split.output) != [q.input[0], k.input[0], v.input[0]]
+                or _attribute(split, "axis", 0) != 0
+                or constants([squeeze.input[1] for squeeze in (q, k, v) if len(squeeze.input) > 1]) != [0, 0, 0]):
+            continue
+        if len(split.input) > 1 and split.input[1]:
+            sizes = _constant_value(model, split.input[1], producers, initializers)
+            if sizes is None or list(sizes.reshape(-1)) != [1, 1, 1]:
+                continue
+        heads_apart = made_by(split.input[0], "Transpose")
+        unpacked = made_by(heads_apart.input[0], "Reshape") if heads_apart is not None else None
+        if unpacked is None or list(_attribute(heads_apart, "perm", [])) != [2, 0, 3, 1, 4]:
+            continue
+        shape = made_by(unpacked.input[1], "Concat")
+        heads_together = only_user(context.output[0], "Transpose")
+        merged = only_user(heads_together.output[0], "Reshape") if heads_together is not None else None
+        if shape is None or len(shape.input) != 5 or merged is None:
+            continue
+        three, heads, size = constants(shape.input[2:]) or (0, 0, 0)
+        merged_shape = made_by(merged.input[1], "Concat")
+        if (three != 3 or heads < 1 or size < 1 or list(_attribute(heads_together, "perm", [])) != [0, 2, 1, 3]
+                or merged_shape is None or len(merged_shape.input) != 3
+                or constants(merged_shape.input[2:]) != [heads * size]):
+            continue
+        packed, out = unpacked.input[0], merged.output[0]
+        parts = [f"{out}/{part}" for part in ("query", "key", "value")]
+        replacements.append((merged, [
+            helper.make_node("Split", [packed], parts, name=f"{merged.name}/split_qkv", axis=-1),
+            helper.make_node("MultiHeadAttention", parts, [out], name=f"{merged.name}/attention",
+                             domain="com.microsoft", num_heads=heads),
+        ]))
+    for merged, new_nodes in replacements:
+        at = list(graph.node).index(merged)
+        graph.node.remove(merged)
+        for offset, node in enumerate(new_nodes):
+            graph.node.insert(at + offset, node)
+    if replacements:
+        _remove_unused_nodes(graph)
+        if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replacements)
+
+
+def _remove_unused_nodes(graph) -> None:
+    """Drop nodes whose outputs nothing reads (repeatedly: a removed node may leave its producers unused)."""
+    while True:
+        read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+        unused = [node for node in graph.node if not any(output in read for output in node.output)]
+        if not unused:
+            return
+        for node in unused:
+            graph.node.remove(node)

@@ -1,0 +1,120 @@
+"""A ViT block's self-attention, as torch exports scaled_dot_product_attention, runs as one fused ONNX Runtime
+node (inference.runtime.graph.fuse_attention); anything that is not exactly that pattern is left alone."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.runtime.export import network_export
+from inference.runtime.graph import fuse_attention
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+DIM, HEADS, PATCH = 32, 4, 8
+
+
+class Attention(nn.Module):
+    """timm's Attention, reduced: packed qkv, unbind, scaled_dot_product_attention, heads merged, projection."""
+
+    def __init__(self, *, bias: bool = False, scale: float | None = None):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.bias, self.scale = bias, scale
+
+    def forward(self, x):
+        # The head count and size are Python ints, as in timm's blocks: the graph holds them as constants.
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = torch.linspace(-1, 1, tokens * tokens).reshape(tokens, tokens) if self.bias else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, DIM))
+
+
+class DynamicHeads(Attention):
+    """The head size worked out from the input's shape at run time: the fusion cannot prove the layout, so it stays."""
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, HEADS, dim // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, depth: int = 2, block=Attention, **attention):
+        super().__init__()
+        self.embed = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.blocks = nn.ModuleList(block(**attention) for _ in range(depth))
+        self.head = nn.Linear(DIM, 1)
+
+    def forward(self, image):
+        x = self.embed(image)
+        batch, _, height, width = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x).transpose(1, 2).reshape(batch, 1, height, width)
+
+
+CONFIG = types.SimpleNamespace(net_size=(32, 48), fixed_input_size=False, ensure_multiple_of=PATCH)
+
+
+def export(network, path, **options):
+    torch.manual_seed(0)
+    network.eval()
+    network_export(network, CONFIG, path, **options)
+    return onnx.load(str(path))
+
+
+def run(path, image):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
+
+
+def ops(model) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+def test_each_block_runs_as_one_fused_attention_and_matches_eager(tmp_path):
+    torch.manual_seed(0)
+    network = TinyViT(depth=3).eval()
+    fused = export(network, tmp_path / "fused.onnx")
+    plain = export(network, tmp_path / "plain.onnx", fuse_attention=False)
+    assert ops(fused).count("MultiHeadAttention") == 3 and "Softmax" not in ops(fused)
+    assert ops(plain).count("Softmax") == 3 and "MultiHeadAttention" not in ops(plain)
+    assert any(opset.domain == "com.microsoft" for opset in fused.opset_import)
+    onnx.checker.check_model(fused)
+    for height, width in ((32, 48), (40, 24)):  # the export size and another (the graph's axes are dynamic)
+        image = np.random.default_rng(height).random((1, 3, height, width), dtype=np.float32)
+        with torch.inference_mode():
+            eager = network(torch.from_numpy(image)).numpy()
+        spread = eager.max() - eager.min()
+        assert np.abs(run(tmp_path / "fused.onnx", image) - eager).max() / spread < 1e-5
+        assert np.abs(run(tmp_path / "fused.onnx", image) - run(tmp_path / "plain.onnx", image)).max() / spread < 1e-5
+
+
+@pytest.mark.parametrize("attention", [{"bias": True}, {"scale": 0.5}, {"block": DynamicHeads}],
+                         ids=["scores-bias", "other-scale", "dynamic-head-size"])
+def test_attention_that_is_not_the_plain_pattern_is_left_alone(tmp_path, attention):
+    model = export(TinyViT(**attention), tmp_path / "a.onnx")
+    assert "MultiHeadAttention" not in ops(model) and ops(model).count("Softmax") == 2
+    assert fuse_attention(model) == 0
+
+
+def test_a_failing_rewrite_leaves_the_exported_graph(tmp_path, monkeypatch, caplog):
+    from inference.runtime import graph
+
+    def broken(model):
+        model.graph.node.pop()  # half-done, then it fails: none of it may reach the file
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(graph, "fuse_attention", broken)
+    model = export(TinyViT(), tmp_path / "a.onnx")
+    assert ops(model).count("Softmax") == 2 and "fusing the self-attention of TinyViT failed" in caplog.text
+    assert not list(tmp_path.glob("*.rewrite"))
+    onnx.checker.check_model(model)
