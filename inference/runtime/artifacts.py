@@ -91,7 +91,11 @@ def artifact_compare(network, config, path: Path) -> ArtifactCheck:
     from inference.runtime.onnx import session_open
 
     # On the threads the operator gave the network (DEPTHSITE_TORCH_THREADS), as the worker that uses it will.
-    session = session_open(path, settings.DEPTHSITE_TORCH_THREADS)
+    try:
+        session = session_open(path, settings.DEPTHSITE_TORCH_THREADS)
+    except Exception as exc:  # onnxruntime's errors share no base class: a graph it cannot load is no artifact
+        raise RuntimeArtifactError(f"ONNX Runtime cannot open the exported graph: {str(exc).splitlines()[0][:300]}") \
+            from None
     name = session.get_inputs()[0].name
     worst = 0.0
     shapes = check_shapes(config)

@@ -52,31 +52,46 @@ def network_export(network, config, path: Path, *, fix_padding: bool = True, fus
                           do_constant_folding=True)
     from inference.runtime import graph
 
-    if fixed:
-        _graph_rewrite(path, graph.fold_pads_into_convs, f"folding the fixed padding of {type(network).__name__} "
-                       "into its convolutions")
+    name = type(network).__name__
+    rewrites = [(graph.fold_pads_into_convs, f"folding the fixed padding of {name} into its convolutions")] if fixed \
+        else []
     if fuse_attention:
-        _graph_rewrite(path, graph.fuse_attention, f"fusing the self-attention of {type(network).__name__}")
+        rewrites.append((graph.fuse_attention, f"fusing the self-attention of {name}"))
+    if rewrites:
+        _graph_rewrite(path, rewrites)
 
 
-def _graph_rewrite(path: Path, rewrite, what: str) -> int:
-    """Apply one rewrite of inference.runtime.graph to the ONNX file at `path`; how many places it changed.
+def _graph_rewrite(path: Path, rewrites) -> int:
+    """Apply rewrites of inference.runtime.graph, each (function, what it does), to the ONNX file at `path`: one
+    load and one save for all of them (a large network's graph is over a GB); how many places they changed.
 
-    Any failure leaves the file as it was (the graph as exported is right, only slower), said in the log."""
+    A rewrite that fails leaves the file as the ones before it left it (the graph as exported is right, only
+    slower), said in the log; nothing half-written ever stands under `path`."""
     import onnx
 
     model = onnx.load(str(path))
     staged = path.with_name(f"{path.name}.rewrite")
+    changed = 0
+    for rewrite, what in rewrites:
+        before = model.SerializeToString() if len(rewrites) > 1 else None
+        try:
+            changed += rewrite(model)
+        except Exception:  # noqa: BLE001 - see above
+            logger.warning("%s failed; the graph stays as it was", what, exc_info=True)
+            if before is None:
+                return 0
+            model = onnx.load_model_from_string(before)
+    if not changed:
+        return 0
     try:
-        changed = rewrite(model)
-        if changed:
-            onnx.save(model, str(staged))
-            os.replace(staged, path)
-        return changed
-    except Exception:  # noqa: BLE001 - see above
-        logger.warning("%s failed; the graph stays as exported", what, exc_info=True)
+        onnx.save(model, str(staged))
+        os.replace(staged, path)
+    except Exception:  # noqa: BLE001 - e.g. over protobuf's 2 GB: the exported file stands
+        logger.warning("saving the rewritten graph of %s failed; the graph stays as exported", path.name,
+                       exc_info=True)
         staged.unlink(missing_ok=True)
         return 0
+    return changed
 
 
 @contextmanager

@@ -110,15 +110,24 @@ def _scalar_constant(model, name: str, producers: dict, initializers: dict) -> f
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
-def _is_default_scale_root(tensor: str, producers: dict, model, initializers: dict) -> bool:
-    """Whether `tensor` is torch's export of scaled_dot_product_attention's default scale, 1 / sqrt(head size)
-    (q and k are each multiplied by the square root of it): Cast(Div(1, Sqrt(...)))."""
-    cast = producers.get(tensor)
-    divide = producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
-    if divide is None or divide.op_type != "Div":
+def _is_default_scale_root(tensor: str, query: str, producers: dict, model, initializers: dict) -> bool:
+    """Whether `tensor` is torch's export of scaled_dot_product_attention's default scale for `query`,
+    1 / sqrt(its last dimension) (q and k are each multiplied by the square root of it):
+    Cast(Div(1, Sqrt(Cast(Slice(Shape(query), -1)))))."""
+    def made_by(name: str, op_type: str):
+        node = producers.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    cast = made_by(tensor, "Cast")
+    divide = made_by(cast.input[0], "Div") if cast is not None else None
+    root = made_by(divide.input[1], "Sqrt") if divide is not None else None
+    size = made_by(root.input[0], "Cast") if root is not None else None
+    last = made_by(size.input[0], "Slice") if size is not None else None
+    shape = made_by(last.input[0], "Shape") if last is not None else None
+    if shape is None or shape.input[0] != query or len(last.input) < 3:
         return False
-    root = producers.get(divide.input[1])
-    return (root is not None and root.op_type == "Sqrt"
+    starts = _constant_value(model, last.input[1], producers, initializers)
+    return (starts is not None and list(starts.reshape(-1)) == [-1]
             and _scalar_constant(model, divide.input[0], producers, initializers) == 1.0)
 
 
@@ -132,7 +141,7 @@ def fuse_attention(model) -> int:
     its MultiHeadAttention computes the same from q, k and v as (B, N, E) slices of the projection. Anything else
     (a bias or mask added to the scores, another scale, another layout) is left as it is. `model` is changed in
     place; nodes only the replaced attention used are removed."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
@@ -175,7 +184,7 @@ def fuse_attention(model) -> int:
         k_turned = made_by(k_scaled.input[0], "Transpose")
         if (q_root is None or k_root is None or k_turned is None or q_root.input[0] != k_root.input[0]
                 or list(_attribute(k_turned, "perm", [])) != [0, 1, 3, 2]
-                or not _is_default_scale_root(q_root.input[0], producers, model, initializers)):
+                or not _is_default_scale_root(q_root.input[0], q_scaled.input[0], producers, model, initializers)):
             continue
         q, k, v = (made_by(name, "Squeeze") for name in (q_scaled.input[0], k_turned.input[0], context.input[1]))
         if q is None or k is None or v is None:
@@ -204,18 +213,32 @@ def fuse_attention(model) -> int:
                 or merged_shape is None or len(merged_shape.input) != 3
                 or constants(merged_shape.input[2:]) != [heads * size]):
             continue
-        packed, out = unpacked.input[0], merged.output[0]
-        parts = [f"{out}/{part}" for part in ("query", "key", "value")]
-        replacements.append((merged, [
-            helper.make_node("Split", [packed], parts, name=f"{merged.name}/split_qkv", axis=-1),
-            helper.make_node("MultiHeadAttention", parts, [out], name=f"{merged.name}/attention",
-                             domain="com.microsoft", num_heads=heads),
+        # The projection is reshaped to (d0, d1, 3E) with the same two leading sizes the exported Reshape used,
+        # split into q, k and v, and attended; the exported merge Reshape then reads the result. Exact whatever
+        # those sizes are: (d0, d1, 3, H, D) and (d0, d1, 3E) hold the same numbers in the same order.
+        packed, out, width = unpacked.input[0], merged.output[0], heads * size
+        label = merged.name or out
+        names = {part: f"{out}/{part}" for part in ("width", "shape", "packed", "sizes", "query", "key", "value",
+                                                       "attended")}
+        replacements.append((merged, names["attended"], [
+            helper.make_node("Constant", [], [names["width"]], name=f"{label}/width",
+                             value=helper.make_tensor(names["width"], TensorProto.INT64, [1], [3 * width])),
+            helper.make_node("Concat", [shape.input[0], shape.input[1], names["width"]], [names["shape"]],
+                             name=f"{label}/packed_shape", axis=0),
+            helper.make_node("Reshape", [packed, names["shape"]], [names["packed"]], name=f"{label}/packed",
+                             allowzero=_attribute(unpacked, "allowzero", 0)),
+            helper.make_node("Constant", [], [names["sizes"]], name=f"{label}/sizes",
+                             value=helper.make_tensor(names["sizes"], TensorProto.INT64, [3], [width] * 3)),
+            helper.make_node("Split", [names["packed"], names["sizes"]],
+                             [names["query"], names["key"], names["value"]], name=f"{label}/split_qkv", axis=-1),
+            helper.make_node("MultiHeadAttention", [names["query"], names["key"], names["value"]],
+                             [names["attended"]], name=f"{label}/attention", domain="com.microsoft", num_heads=heads),
         ]))
-    for merged, new_nodes in replacements:
+    for merged, attended, new_nodes in replacements:
         at = list(graph.node).index(merged)
-        graph.node.remove(merged)
         for offset, node in enumerate(new_nodes):
             graph.node.insert(at + offset, node)
+        merged.input[0] = attended
     if replacements:
         _remove_unused_nodes(graph)
         if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
@@ -223,10 +246,27 @@ def fuse_attention(model) -> int:
     return len(replacements)
 
 
+def _names_read(graph) -> set[str]:
+    """Every tensor name a node of `graph` reads, in its subgraphs too (an If or Loop body reads outer names
+    without listing them as the node's inputs)."""
+    from onnx import AttributeProto
+
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.GRAPH:
+                read |= _names_read(attribute.g)
+            elif attribute.type == AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    read |= _names_read(subgraph)
+    return read
+
+
 def _remove_unused_nodes(graph) -> None:
     """Drop nodes whose outputs nothing reads (repeatedly: a removed node may leave its producers unused)."""
     while True:
-        read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+        read = _names_read(graph) | {output.name for output in graph.output}
         unused = [node for node in graph.node if not any(output in read for output in node.output)]
         if not unused:
             return

@@ -46,6 +46,17 @@ class DynamicHeads(Attention):
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
+class FlatProjection(Attention):
+    """The projection run on (B*N, C) rows, reshaped to (B, N, 3, H, D) only afterwards: other leading sizes."""
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        packed = self.qkv(x.reshape(batch * tokens, DIM))
+        q, k, v = packed.reshape(batch, tokens, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, DIM))
+
+
 class TinyViT(nn.Module):
     def __init__(self, depth: int = 2, block=Attention, **attention):
         super().__init__()
@@ -118,3 +129,43 @@ def test_a_failing_rewrite_leaves_the_exported_graph(tmp_path, monkeypatch, capl
     assert ops(model).count("Softmax") == 2 and "fusing the self-attention of TinyViT failed" in caplog.text
     assert not list(tmp_path.glob("*.rewrite"))
     onnx.checker.check_model(model)
+
+
+def test_other_leading_sizes_and_a_batch_of_two_stay_exact(tmp_path):
+    """The fused graph reshapes the projection with the exported Reshape's own leading sizes: exact for a projection
+    run on flattened rows, and for more than one image (the artifacts feed one; the rewrite must not depend on it)."""
+    torch.manual_seed(0)
+    network = TinyViT(block=FlatProjection).eval()
+    image = np.random.default_rng(1).random((2, 3, 24, 40), dtype=np.float32)
+    path = tmp_path / "batch.onnx"
+    with torch.no_grad():
+        torch.onnx.export(network, (torch.from_numpy(image),), str(path), dynamo=False, opset_version=17,
+                          input_names=["image"], output_names=["depth"], do_constant_folding=True,
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}})
+        eager = network(torch.from_numpy(image)).numpy()
+    model = onnx.load(str(path))
+    assert fuse_attention(model) == 2
+    onnx.save(model, str(path))
+    spread = eager.max() - eager.min()
+    assert np.abs(run(path, image) - eager).max() / spread < 1e-5
+    assert np.abs(run(path, image[:1]) - eager[:1]).max() / spread < 1e-5
+
+
+def test_pruning_keeps_what_a_subgraph_reads():
+    from onnx import TensorProto, helper
+
+    from inference.runtime.graph import _remove_unused_nodes
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("Identity", ["outer"], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1])])
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["outer"], name="read_by_branches"),
+         helper.make_node("Identity", ["x"], ["unused"], name="dead"),
+         helper.make_node("If", ["flag"], ["y"], name="if", then_branch=branch("then"), else_branch=branch("else"))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    _remove_unused_nodes(graph)
+    assert [node.name for node in graph.node] == ["read_by_branches", "if"]

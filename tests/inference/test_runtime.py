@@ -466,17 +466,20 @@ def test_the_artifact_check_runs_on_the_configured_threads(settings, monkeypatch
     # An operator who gives the network one thread gets one for the build's check too, not every core.
     from inference.runtime import onnx as onnx_runtime
 
-    class Opened(Exception):
-        pass
+    opened = []
 
     def session_open(path, threads=0, **options):
-        raise Opened(threads)
+        opened.append(threads)
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Load model failed\nmore")
 
     settings.DEPTHSITE_TORCH_THREADS = 1
     monkeypatch.setattr(onnx_runtime, "session_open", session_open)
-    with pytest.raises(Opened) as opened:
+    # A graph ONNX Runtime cannot load is a failed check (the model runs eager), not a crash of the request.
+    with pytest.raises(RuntimeArtifactError) as refused:
         artifacts.artifact_compare(None, None, tmp_path / "a.onnx")
-    assert opened.value.args == (1,)
+    assert opened == [1]
+    assert refused.value.message == ("ONNX Runtime cannot open the exported graph: [ONNXRuntimeError] : 1 : FAIL : "
+                                     "Load model failed")
 
 
 def test_an_artifact_that_fails_at_another_input_size_is_a_failed_check_not_a_crash(tmp_path):
