@@ -131,38 +131,32 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         session = ort.InferenceSession(str(path), session_options(count), providers=["CPUExecutionProvider"])
         seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
         add(f"onnx, optimisation all, {count} thread{'s' if count != 1 else ''}", seconds, out, base=base)
+    def against_plain_export(label: str, counted: str, **options) -> None:
+        # The artifact against the same network exported without one of its rewrites; the ratio is the
+        # artifact's time over that graph's.
+        other_path = workdir / f"{name}.other.onnx"
+        network_export(network, config, other_path, **options)
+        other = ort.InferenceSession(str(other_path), session_options(threads), providers=["CPUExecutionProvider"])
+        import onnx
+
+        count = sum(node.op_type == counted for node in onnx.load(str(path)).graph.node)
+        seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats,
+                                   lambda: other.run(None, {"image": batch})[0])
+        add(label, seconds, out, f"{counted} nodes in the artifact {count}; the other graph {base:.4f} s", base=base)
+        del other
+        other_path.unlink()
+
     if "padding" not in skip:
         # timm's TensorFlow-style "same" convolutions (MiDaS_small): the artifact fixes their padding and folds it
         # into each Conv (inference/runtime/graph.py); before 2026-12-07 the graph worked it out at run time and
-        # kept a Pad before each stride-2 Conv. The ratio here is the artifact's time over that graph's.
-        unfixed_path = workdir / f"{name}.unfixed.onnx"
-        network_export(network, config, unfixed_path, fix_padding=False)
-        unfixed = ort.InferenceSession(str(unfixed_path), session_options(threads), providers=["CPUExecutionProvider"])
-        import onnx
-
-        pads = sum(node.op_type == "Pad" for node in onnx.load(str(path)).graph.node)
-        seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats,
-                                   lambda: unfixed.run(None, {"image": batch})[0])
-        add("onnx, same padding fixed and folded (vs. worked out at run time)", seconds, out,
-            f"Pad nodes left {pads}; run-time padding graph {base:.4f} s", base=base)
-        del unfixed
-        unfixed_path.unlink()
+        # kept a Pad before each stride-2 Conv.
+        against_plain_export("onnx, same padding fixed and folded (vs. worked out at run time)", "Pad",
+                             fix_padding=False)
     if "attention" not in skip:
         # ViT and DINOv2 blocks: the artifact runs each self-attention as ORT's fused MultiHeadAttention
-        # (inference/runtime/graph.py); before 2026-12-07 it ran MatMul, Softmax and MatMul. The ratio here is the
-        # artifact's time over that graph's.
-        unfused_path = workdir / f"{name}.unfused.onnx"
-        network_export(network, config, unfused_path, fuse_attention=False)
-        unfused = ort.InferenceSession(str(unfused_path), session_options(threads), providers=["CPUExecutionProvider"])
-        import onnx
-
-        fused = sum(node.op_type == "MultiHeadAttention" for node in onnx.load(str(path)).graph.node)
-        seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats,
-                                   lambda: unfused.run(None, {"image": batch})[0])
-        add("onnx, attention fused (vs. MatMul, Softmax, MatMul)", seconds, out,
-            f"fused attention nodes {fused}; unfused graph {base:.4f} s", base=base)
-        del unfused
-        unfused_path.unlink()
+        # (inference/runtime/graph.py); before 2026-12-07 it ran MatMul, Softmax and MatMul.
+        against_plain_export("onnx, attention fused (vs. MatMul, Softmax, MatMul)", "MultiHeadAttention",
+                             fuse_attention=False)
     del session
     if "fusions" not in skip:
         # ORT's transformer optimiser: LayerNorm, GELU and attention subgraphs fused into its contrib operators.

@@ -55,14 +55,8 @@ def _constant_value(model, name: str, producers: dict, initializers: dict) -> np
     return np.asarray(ReferenceEvaluator(probe).run(None, {})[0])
 
 
-def fold_pads_into_convs(model) -> int:
-    """Fold each zero Pad of fixed amounts that feeds one Conv alone into that Conv's `pads`; how many were folded.
-
-    Only 4-D tensors padded in their two spatial axes, by amounts no graph input changes; the Conv must not set
-    auto_pad. `model` (an onnx ModelProto) is changed in place."""
-    from onnx import helper
-
-    graph = model.graph
+def _graph_index(graph) -> tuple[dict, dict, dict, set]:
+    """{tensor: the node making it}, {tensor: the nodes reading it}, {name: constant initializer}, output names."""
     producers = {output: node for node in graph.node for output in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
@@ -71,7 +65,18 @@ def fold_pads_into_convs(model) -> int:
     # An initializer that is also a graph input is only a default: a caller may feed another value.
     inputs = {value.name for value in graph.input}
     initializers = {tensor.name: tensor for tensor in graph.initializer if tensor.name not in inputs}
-    outputs = {output.name for output in graph.output}
+    return producers, consumers, initializers, {output.name for output in graph.output}
+
+
+def fold_pads_into_convs(model) -> int:
+    """Fold each zero Pad of fixed amounts that feeds one Conv alone into that Conv's `pads`; how many were folded.
+
+    Only 4-D tensors padded in their two spatial axes, by amounts no graph input changes; the Conv must not set
+    auto_pad. `model` (an onnx ModelProto) is changed in place."""
+    from onnx import helper
+
+    graph = model.graph
+    producers, consumers, initializers, outputs = _graph_index(graph)
     folded = []
     for pad in [node for node in graph.node if node.op_type == "Pad"]:
         mode = _attribute(pad, "mode", b"constant")
@@ -144,14 +149,7 @@ def fuse_attention(model) -> int:
     from onnx import TensorProto, helper
 
     graph = model.graph
-    producers = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    inputs = {value.name for value in graph.input}
-    initializers = {tensor.name: tensor for tensor in graph.initializer if tensor.name not in inputs}
-    outputs = {output.name for output in graph.output}
+    producers, consumers, initializers, outputs = _graph_index(graph)
 
     def made_by(tensor: str, op_type: str):
         node = producers.get(tensor)
