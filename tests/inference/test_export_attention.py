@@ -3,6 +3,7 @@ node (inference.runtime.graph.fuse_attention); anything that is not exactly that
 from __future__ import annotations
 
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -138,7 +139,8 @@ def test_other_leading_sizes_and_a_batch_of_two_stay_exact(tmp_path):
     network = TinyViT(block=FlatProjection).eval()
     image = np.random.default_rng(1).random((2, 3, 24, 40), dtype=np.float32)
     path = tmp_path / "batch.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, as in network_export
         torch.onnx.export(network, (torch.from_numpy(image),), str(path), dynamo=False, opset_version=17,
                           input_names=["image"], output_names=["depth"], do_constant_folding=True,
                           dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}})
