@@ -94,8 +94,8 @@ def artifact_compare(network, config, path: Path) -> ArtifactCheck:
     try:
         session = session_open(path, settings.DEPTHSITE_TORCH_THREADS)
     except Exception as exc:  # onnxruntime's errors share no base class: a graph it cannot load is no artifact
-        raise RuntimeArtifactError(f"ONNX Runtime cannot open the exported graph: {str(exc).splitlines()[0][:300]}") \
-            from None
+        said = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise RuntimeArtifactError(f"ONNX Runtime cannot open the exported graph: {said}") from None
     name = session.get_inputs()[0].name
     worst = 0.0
     shapes = check_shapes(config)

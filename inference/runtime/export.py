@@ -72,15 +72,16 @@ def _graph_rewrite(path: Path, rewrites) -> int:
     model = onnx.load(str(path))
     staged = path.with_name(f"{path.name}.rewrite")
     changed = 0
+    done = []
     for rewrite, what in rewrites:
-        before = model.SerializeToString() if len(rewrites) > 1 else None
         try:
             changed += rewrite(model)
+            done.append(rewrite)
         except Exception:  # noqa: BLE001 - see above
             logger.warning("%s failed; the graph stays as it was", what, exc_info=True)
-            if before is None:
-                return 0
-            model = onnx.load_model_from_string(before)
+            # `path` is untouched until the end: start again from it, with the rewrites that worked.
+            model = onnx.load(str(path))
+            changed = sum(earlier(model) for earlier in done)
     if not changed:
         return 0
     try:

@@ -224,7 +224,8 @@ def fuse_attention(model) -> int:
             helper.make_node("Concat", [shape.input[0], shape.input[1], names["width"]], [names["shape"]],
                              name=f"{label}/packed_shape", axis=0),
             helper.make_node("Reshape", [packed, names["shape"]], [names["packed"]], name=f"{label}/packed",
-                             allowzero=_attribute(unpacked, "allowzero", 0)),
+                             **({"allowzero": _attribute(unpacked, "allowzero")}
+                                if _attribute(unpacked, "allowzero") is not None else {})),
             helper.make_node("Constant", [], [names["sizes"]], name=f"{label}/sizes",
                              value=helper.make_tensor(names["sizes"], TensorProto.INT64, [3], [width] * 3)),
             helper.make_node("Split", [names["packed"], names["sizes"]],
@@ -253,11 +254,10 @@ def _names_read(graph) -> set[str]:
     for node in graph.node:
         read.update(node.input)
         for attribute in node.attribute:
-            if attribute.type == AttributeProto.GRAPH:
-                read |= _names_read(attribute.g)
-            elif attribute.type == AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    read |= _names_read(subgraph)
+            subgraphs = [attribute.g] if attribute.type == AttributeProto.GRAPH else \
+                list(attribute.graphs) if attribute.type == AttributeProto.GRAPHS else []
+            for subgraph in subgraphs:  # a body may also hand an outer tensor straight out as its output
+                read |= _names_read(subgraph) | {output.name for output in subgraph.output}
     return read
 
 

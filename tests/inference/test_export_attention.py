@@ -171,3 +171,24 @@ def test_pruning_keeps_what_a_subgraph_reads():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     _remove_unused_nodes(graph)
     assert [node.name for node in graph.node] == ["read_by_branches", "if"]
+
+
+def test_when_a_later_rewrite_fails_the_earlier_ones_still_land(tmp_path, caplog):
+    from inference.runtime.export import _graph_rewrite
+
+    path = tmp_path / "a.onnx"
+    export(TinyViT(), path, fuse_attention=False)
+
+    def rename(model):
+        model.graph.name = "renamed"
+        return 1
+
+    def broken(model):
+        model.graph.name = "half-done"
+        model.graph.node.pop()
+        raise RuntimeError("boom")
+
+    assert _graph_rewrite(path, [(rename, "renaming"), (broken, "breaking")]) == 1
+    kept = onnx.load(str(path))
+    assert kept.graph.name == "renamed" and ops(kept).count("Softmax") == 2 and "breaking failed" in caplog.text
+    assert not list(tmp_path.glob("*.rewrite"))

@@ -480,6 +480,11 @@ def test_the_artifact_check_runs_on_the_configured_threads(settings, monkeypatch
     assert opened == [1]
     assert refused.value.message == ("ONNX Runtime cannot open the exported graph: [ONNXRuntimeError] : 1 : FAIL : "
                                      "Load model failed")
+    monkeypatch.setattr(onnx_runtime, "session_open", lambda path, threads=0, **options: (_ for _ in ()).throw(
+        MemoryError()))  # an error with no text
+    with pytest.raises(RuntimeArtifactError) as refused:
+        artifacts.artifact_compare(None, None, tmp_path / "a.onnx")
+    assert refused.value.message == "ONNX Runtime cannot open the exported graph: MemoryError"
 
 
 def test_an_artifact_that_fails_at_another_input_size_is_a_failed_check_not_a_crash(tmp_path):
