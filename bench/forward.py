@@ -165,16 +165,11 @@ def describe_machine(torch_version: str, ort_version: str, threads: int) -> str:
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     busy = f"; BUSY: load {load:.1f} on {cores} cores, absolute figures inflated (ratios less so)" if load > cores else ""
+    # The processor with its widest vector units: the same 2 cores time differently on AVX2, AVX-512 and AMX.
+    from inference.runtime.cpu import cpu_name
+
     return (f"{cpu_name()}, {cores} cores, torch {torch_version}, onnxruntime "
             f"{ort_version}, {threads} thread{'s' if threads != 1 else ''}, load {load:.1f} at start{busy}")
-
-
-def cpu_name() -> str:
-    """The processor with its widest vector units (inference.runtime.cpu): the same 2 cores time differently on an
-    AVX2, an AVX-512 and an AMX machine (docs/performance.md has each)."""
-    from inference.runtime.cpu import cpu_name as name
-
-    return name()
 
 
 def write(results: dict, *, threads: int, repeats: int, machine: str, path: Path = CPU_TIMES) -> None:

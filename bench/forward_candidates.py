@@ -131,6 +131,7 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         session = ort.InferenceSession(str(path), session_options(count), providers=["CPUExecutionProvider"])
         seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
         add(f"onnx, optimisation all, {count} thread{'s' if count != 1 else ''}", seconds, out, base=base)
+
     def against_plain_export(label: str, counted: str, **options) -> None:
         # The artifact against the same network exported without one of its rewrites; the ratio is the
         # artifact's time over that graph's.

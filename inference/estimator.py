@@ -358,12 +358,9 @@ class EstimatorPool:
 def forward_race(first: Estimator, second: Estimator, *, runs: int = 1) -> tuple[float, float]:
     """Seconds of one predict of each on a photo at the network's own input size, after one untimed predict of
     each (which builds kernels and maps weights in); with more runs, alternating, the fastest of each."""
-    import numpy as np
+    from models_registry.detweights import synthetic_image
 
-    height, width = first.config.net_size
-    rows = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
-    cols = np.linspace(255, 0, width, dtype=np.float32)[None, :, None]
-    image = np.broadcast_to((rows + cols) / 2, (height, width, 3)).astype(np.uint8)
+    image = synthetic_image(*first.config.net_size)
     times: tuple[list[float], list[float]] = ([], [])
     for estimator in (first, second):
         estimator.predict(image)

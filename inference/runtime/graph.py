@@ -115,20 +115,22 @@ def _scalar_constant(model, name: str, producers: dict, initializers: dict) -> f
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
+def _made_by(producers: dict, tensor: str, op_type: str):
+    """The node of type `op_type` that makes `tensor`; None when another kind of node (or none) makes it."""
+    node = producers.get(tensor)
+    return node if node is not None and node.op_type == op_type else None
+
+
 def _is_default_scale_root(tensor: str, query: str, producers: dict, model, initializers: dict) -> bool:
     """Whether `tensor` is torch's export of scaled_dot_product_attention's default scale for `query`,
     1 / sqrt(its last dimension) (q and k are each multiplied by the square root of it):
     Cast(Div(1, Sqrt(Cast(Slice(Shape(query), -1)))))."""
-    def made_by(name: str, op_type: str):
-        node = producers.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
-    cast = made_by(tensor, "Cast")
-    divide = made_by(cast.input[0], "Div") if cast is not None else None
-    root = made_by(divide.input[1], "Sqrt") if divide is not None else None
-    size = made_by(root.input[0], "Cast") if root is not None else None
-    last = made_by(size.input[0], "Slice") if size is not None else None
-    shape = made_by(last.input[0], "Shape") if last is not None else None
+    cast = _made_by(producers, tensor, "Cast")
+    divide = _made_by(producers, cast.input[0], "Div") if cast is not None else None
+    root = _made_by(producers, divide.input[1], "Sqrt") if divide is not None else None
+    size = _made_by(producers, root.input[0], "Cast") if root is not None else None
+    last = _made_by(producers, size.input[0], "Slice") if size is not None else None
+    shape = _made_by(producers, last.input[0], "Shape") if last is not None else None
     if shape is None or shape.input[0] != query or len(last.input) < 3:
         return False
     starts = _constant_value(model, last.input[1], producers, initializers)
@@ -152,8 +154,7 @@ def fuse_attention(model) -> int:
     producers, consumers, initializers, outputs = _graph_index(graph)
 
     def made_by(tensor: str, op_type: str):
-        node = producers.get(tensor)
-        return node if node is not None and node.op_type == op_type else None
+        return _made_by(producers, tensor, op_type)
 
     def only_user(tensor: str, op_type: str):
         users = consumers.get(tensor, [])
@@ -216,6 +217,7 @@ def fuse_attention(model) -> int:
         # those sizes are: (d0, d1, 3, H, D) and (d0, d1, 3E) hold the same numbers in the same order.
         packed, out, width = unpacked.input[0], merged.output[0], heads * size
         label = merged.name or out
+        allowzero = _attribute(unpacked, "allowzero")  # only where the exported Reshape had it (opset 14 and on)
         names = {part: f"{out}/{part}" for part in ("width", "shape", "packed", "sizes", "query", "key", "value",
                                                        "attended")}
         replacements.append((merged, names["attended"], [
@@ -224,8 +226,7 @@ def fuse_attention(model) -> int:
             helper.make_node("Concat", [shape.input[0], shape.input[1], names["width"]], [names["shape"]],
                              name=f"{label}/packed_shape", axis=0),
             helper.make_node("Reshape", [packed, names["shape"]], [names["packed"]], name=f"{label}/packed",
-                             **({"allowzero": _attribute(unpacked, "allowzero")}
-                                if _attribute(unpacked, "allowzero") is not None else {})),
+                             **({} if allowzero is None else {"allowzero": allowzero})),
             helper.make_node("Constant", [], [names["sizes"]], name=f"{label}/sizes",
                              value=helper.make_tensor(names["sizes"], TensorProto.INT64, [3], [width] * 3)),
             helper.make_node("Split", [names["packed"], names["sizes"]],

@@ -15,6 +15,7 @@ from inference.estimator import EstimatorPool, forward_race
 from inference.runtime import cpu
 from models_registry.detweights import synthetic_image
 from tests.support.estimators import pool_warm
+from tests.nets.fidelity import relative_error
 
 AMX_FLAGS = "fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
 
@@ -48,10 +49,6 @@ def with_amx(monkeypatch, race: Race | None = None) -> None:
     monkeypatch.setattr(estimator_module, "bf16_units", lambda: "AMX")
     if race is not None:
         monkeypatch.setattr(estimator_module, "forward_race", race)
-
-
-def relative_error(candidate: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.abs(candidate - reference).max() / (reference.max() - reference.min()))
 
 
 @pytest.mark.parametrize("flags, units", [

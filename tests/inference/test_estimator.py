@@ -10,6 +10,7 @@ import torch
 
 from inference import estimator as estimator_module
 from tests.support.estimators import pool_warm
+from tests.nets.fidelity import relative_error
 from inference.worker import worker_id
 from inference.estimator import EstimatorPool, estimator_get
 from inference.exceptions import InferenceError
@@ -25,10 +26,6 @@ from models_registry.detweights import synthetic_image
 
 pytestmark = pytest.mark.django_db
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
-
-
-def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
-    return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
 
 
 @pytest.mark.slow
