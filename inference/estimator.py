@@ -14,9 +14,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from datetime import datetime
 from typing import Any, Callable
 
 from django.conf import settings
+from django.utils import timezone
 
 from inference.runtime import runtime_select, say_once
 from inference.runtime.base import DepthResult, Estimator
@@ -117,12 +119,17 @@ class EstimatorPool:
     At most `capacity` networks (DEPTHSITE_WARM_MODELS) and `max_bytes` of their tensors
     (DEPTHSITE_WARM_BYTES): room is made before a network is built, so a large model does not load
     next to the ones it will replace. One network larger than the budget alone is still kept (it must run).
+
+    A WarmModel row is one per (model, device, dtype) in a worker, but the pool may hold several estimators of
+    one such triple (old and new weights, ONNX and eager float32): the row describes the one admitted last, and
+    evicting one of them hands the row to the most recently used that remains (deleted only when none does).
     """
 
     def __init__(self, capacity: int | None = None, max_bytes: int | None = None):
         self._capacity = capacity
         self._max_bytes = max_bytes
         self._estimators: OrderedDict[tuple, Estimator] = OrderedDict()
+        self._loaded_at: dict[tuple, datetime] = {}  # by estimator key: when it was admitted, for its warm row
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
         self.prepack = True  # a worker runs many images per model; see expect_runs
@@ -277,12 +284,17 @@ class EstimatorPool:
         return half
 
     def _admit(self, model: RegisteredModel, weight_file: WeightFile, estimator: Estimator) -> None:
+        loaded_at = timezone.now()
+        with self._lock:
+            # Before the insert: evictions it makes may hand the warm row to this estimator.
+            self._loaded_at[estimator.key] = loaded_at
         self._insert(estimator)
         logger.info("%s ready on %s (%s) in %.0f ms (%d MB)", model.name, estimator.device_name, estimator.runtime,
                     estimator.load_ms, estimator.bytes // 1_000_000)
         me = worker_id()
         warm_model_record(model=model, weight_file=weight_file, worker=me, device=estimator.device_name,
-                          dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes)
+                          dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes,
+                          loaded_at=loaded_at)
         if not settings.Q_CLUSTER.get("sync"):
             # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests) belong to no
             # worker.
@@ -332,15 +344,39 @@ class EstimatorPool:
             for old in victims:
                 if self._estimators.get(old.key) is old:
                     del self._estimators[old.key]
+                    self._loaded_at.pop(old.key, None)
                     evicted.append(old)
         for old in evicted:
             logger.info("evicting warm %s (%s, %s) from this process", old.model_name, old.device_name, old.runtime)
             try:
                 model = RegisteredModel.objects.get(name=old.model_name)
-                warm_model_forget(worker=worker_id(), model=model, device=old.device_name, dtype=old.dtype_name)
+                survivor = self._row_survivor(old)
+                if survivor is None:
+                    warm_model_forget(worker=worker_id(), model=model, device=old.device_name, dtype=old.dtype_name)
+                else:
+                    self._row_rerecord(model, *survivor)
             except RegisteredModel.DoesNotExist:
                 pass
             old.release()
+
+    def _row_survivor(self, gone: Estimator) -> tuple[Estimator, datetime | None] | None:
+        """The most recently used estimator still held that shares `gone`'s warm row (model, device, dtype), and
+        when it was admitted."""
+        row = (gone.model_name, gone.device_name, gone.dtype_name)
+        with self._lock:
+            for estimator in reversed(self._estimators.values()):
+                if (estimator.model_name, estimator.device_name, estimator.dtype_name) == row:
+                    return estimator, self._loaded_at.get(estimator.key)
+        return None
+
+    def _row_rerecord(self, model: RegisteredModel, estimator: Estimator, loaded_at: datetime | None) -> None:
+        """Record the warm row for `estimator` (built from the file `weight_file_id` names, the one it was admitted
+        with), which an evicted estimator sharing the row may have written last."""
+        # The file's row may have gone while the network stayed loaded: the warm row still names its weights.
+        weight_file = WeightFile.objects.filter(pk=estimator.weight_file_id).first()
+        warm_model_record(model=model, weight_file=weight_file, worker=worker_id(), device=estimator.device_name,
+                          dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes,
+                          weights_sha256=estimator.weights_sha256, loaded_at=loaded_at)
 
     def warm(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -351,6 +387,7 @@ class EstimatorPool:
     def clear(self) -> None:
         with self._lock:
             self._estimators.clear()
+            self._loaded_at.clear()
             self._building.clear()
         warm_model_forget(worker=worker_id())
 

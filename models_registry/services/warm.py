@@ -5,7 +5,7 @@ import logging
 import multiprocessing.util
 import os
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import connection
 from django.utils import timezone
@@ -22,13 +22,19 @@ _exit_lock = threading.Lock()
 
 
 def warm_model_record(*, model: RegisteredModel, weight_file: WeightFile | None, worker: str, device: str,
-                      dtype: str, load_ms: float | None = None, bytes: int | None = None) -> WarmModel:
+                      dtype: str, load_ms: float | None = None, bytes: int | None = None,
+                      weights_sha256: str | None = None, loaded_at: datetime | None = None) -> WarmModel:
+    """Say that `worker` holds `model` loaded on `device` in `dtype`: one row per those four, the last record wins.
+
+    `weights_sha256` names the weights where `weight_file` cannot (its row was deleted while the network stayed
+    loaded); `loaded_at` is when the network loaded, where that was not just now."""
     now = timezone.now()
+    if weights_sha256 is None:
+        weights_sha256 = weight_file.sha256 if weight_file else ""
     warm, _ = WarmModel.objects.update_or_create(
         model=model, worker=worker, device=device, dtype=dtype,
-        defaults={"weight_file": weight_file, "weights_sha256": weight_file.sha256 if weight_file else "",
-                  "node": cachefs.node_name(), "load_ms": load_ms, "bytes": bytes, "loaded_at": now,
-                  "last_used_at": now},
+        defaults={"weight_file": weight_file, "weights_sha256": weights_sha256, "node": cachefs.node_name(),
+                  "load_ms": load_ms, "bytes": bytes, "loaded_at": loaded_at or now, "last_used_at": now},
     )
     return warm
 

@@ -17,7 +17,7 @@ from inference.exceptions import InferenceError
 from models_registry import cachefs
 from models_registry.choices import Health
 from depthsite.exceptions import OfflineError, WeightFileError
-from models_registry.models import RegisteredModel, WarmModel
+from models_registry.models import RegisteredModel, WarmModel, WeightFile
 from models_registry.selectors import warm_models
 from models_registry.services.export import weight_convert
 from models_registry.services.imports import weight_import
@@ -99,6 +99,79 @@ def test_pool_evicts_the_least_recently_used(cached_small, small_pt):
     finally:
         pool.clear()
     assert not WarmModel.objects.exists()
+
+
+class RowStub:
+    """An eager estimator's bookkeeping without a network: what the pool and its warm rows read of one."""
+
+    runtime = "eager"
+    device_name = "cpu"
+    dtype_name = "float32"
+
+    def __init__(self, *, model: RegisteredModel, weight_file: WeightFile, **_options):
+        self.model_name = model.name
+        self.weights_sha256 = weight_file.sha256
+        self.weights_format = weight_file.format
+        self.weight_file_id = weight_file.pk
+        self.bytes = 1_000_000 * weight_file.pk
+        self.load_ms = 10.0 * weight_file.pk
+        self.released = False
+
+    @property
+    def key(self) -> tuple:
+        return (self.model_name, self.weights_sha256, "cpu", "torch.float32", "eager")
+
+    def release(self) -> None:
+        self.released = True
+
+
+@pytest.fixture
+def stub_builds(monkeypatch):
+    monkeypatch.setattr(estimator_module, "estimator_build", lambda **options: RowStub(**options))
+
+
+def weights_row(model: RegisteredModel, sha256: str, fmt: str = "pt") -> WeightFile:
+    return WeightFile.objects.create(model=model, format=fmt, path=f"{model.name}/{sha256[:8]}.{fmt}", size=10,
+                                     sha256=sha256, node=cachefs.node_name())
+
+
+def other_model(name: str) -> tuple[RegisteredModel, WeightFile]:
+    model = RegisteredModel.objects.create(name=name, display_name=name, architecture="MiDaS_small",
+                                           file_name=f"{name}.pt")
+    return model, weights_row(model, name[-1] * 64)
+
+
+def test_evicting_one_of_two_warm_weights_of_a_model_hands_its_row_to_the_other(small_model, pool, stub_builds):
+    # Two weights of one model (another format, new weights) on one device and dtype share one WarmModel row.
+    old_file, new_file = weights_row(small_model, "1" * 64), weights_row(small_model, "2" * 64, "h5")
+    old = pool.get(model=small_model, weight_file=old_file, device="cpu")
+    old_loaded_at = WarmModel.objects.get().loaded_at
+    new = pool.get(model=small_model, weight_file=new_file, device="cpu")
+    assert WarmModel.objects.get().weights_sha256 == new_file.sha256
+    assert pool.get(model=small_model, weight_file=old_file, device="cpu") is old  # old is now the most recent
+    model_a, file_a = other_model("small_a")
+    pool.get(model=model_a, weight_file=file_a, device="cpu")  # capacity 2: evicts new, the least recently used
+    assert new.released and not old.released
+    warm = WarmModel.objects.get(model=small_model)
+    assert (warm.weights_sha256, warm.weight_file, warm.load_ms, warm.bytes, warm.loaded_at) == (
+        old_file.sha256, old_file, old.load_ms, old.bytes, old_loaded_at)
+    assert (warm.worker, warm.device, warm.dtype) == (worker_id(), "cpu", "float32")
+    model_b, file_b = other_model("small_b")
+    pool.get(model=model_b, weight_file=file_b, device="cpu")  # evicts old, the last of MiDaS_small
+    assert old.released
+    assert sorted(WarmModel.objects.values_list("model__name", flat=True)) == ["small_a", "small_b"]
+
+
+def test_a_survivor_whose_weight_file_row_went_keeps_the_row_by_its_sha256(small_model, pool, stub_builds):
+    first_file, last_file = weights_row(small_model, "1" * 64), weights_row(small_model, "2" * 64, "h5")
+    first = pool.get(model=small_model, weight_file=first_file, device="cpu")
+    last = pool.get(model=small_model, weight_file=last_file, device="cpu")
+    WeightFile.objects.filter(pk=last_file.pk).delete()  # e.g. removed from the cache while its network stays loaded
+    model_a, file_a = other_model("small_a")
+    pool.get(model=model_a, weight_file=file_a, device="cpu")  # evicts first, the least recently used
+    assert first.released and not last.released
+    warm = WarmModel.objects.get(model=small_model)
+    assert (warm.weights_sha256, warm.weight_file, warm.bytes) == (last_file.sha256, None, last.bytes)
 
 
 @pytest.mark.django_db(transaction=True)
