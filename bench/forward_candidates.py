@@ -154,8 +154,8 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         against_plain_export("onnx, same padding fixed and folded (vs. worked out at run time)", "Pad",
                              fix_padding=False)
     if "attention" not in skip:
-        # ViT and DINOv2 blocks: the artifact runs each self-attention as ORT's fused MultiHeadAttention
-        # (inference/runtime/graph.py); before 2026-12-07 it ran MatMul, Softmax and MatMul.
+        # ViT, DINOv2 and BEiT blocks: the artifact runs each self-attention as ORT's fused MultiHeadAttention
+        # (inference/runtime/graph.py; BEiT's since the 2026-12-07 evening); before it ran MatMul, Softmax and MatMul.
         against_plain_export("onnx, attention fused (vs. MatMul, Softmax, MatMul)", "MultiHeadAttention",
                              fuse_attention=False)
     del session

@@ -71,9 +71,13 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Ten
     batch, tokens, _ = x.shape
     qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None
     qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
-    q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    # The head count and size as Python ints: an exported graph then holds them as constants, which is what lets
+    # inference.runtime.graph.fuse_attention prove the layout and run this as one fused attention.
+    heads = attn.num_heads
+    size = attn.qkv.out_features // (3 * heads)
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
     scores = (q * attn.scale) @ k.transpose(-2, -1) + bias
-    out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, -1)
+    out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, heads * size)
     return attn.proj(out)
 
 

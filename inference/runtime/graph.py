@@ -1,5 +1,5 @@
 """Rewrites of an exported ONNX graph (onnx only, no torch, no Django): zero padding folded into the convolution,
-and a ViT's self-attention run by ONNX Runtime's fused MultiHeadAttention (fuse_attention).
+and the self-attention of ViT, DINOv2 and BEiT blocks run by ONNX Runtime's fused MultiHeadAttention (fuse_attention).
 
 timm's TensorFlow-style "same" convolutions (MiDaS_small's EfficientNet-Lite3) pad their input on one side more
 than the other before each stride-2 convolution. Exported with a fixed padding (inference.runtime.export), each
@@ -138,16 +138,60 @@ def _is_default_scale_root(tensor: str, query: str, producers: dict, model, init
             and _scalar_constant(model, divide.input[0], producers, initializers) == 1.0)
 
 
+def _scaled_query_key(model, scores, producers: dict, initializers: dict) -> tuple[str, str, float | None] | None:
+    """(q, k, scale) of a score MatMul of one of the two forms exported for q @ k^T scaled; None for any other.
+
+    - scaled_dot_product_attention with its default scale: q and k^T each multiplied by the square root of
+      1/sqrt(D); the scale is then MultiHeadAttention's own default (None).
+    - the explicit `(q * scale) @ k.transpose(-2, -1)` (BEiT): q times a constant scalar, k^T as it is."""
+    q_scaled = _made_by(producers, scores.input[0], "Mul")
+    if q_scaled is None:
+        return None
+    k_scaled = _made_by(producers, scores.input[1], "Mul")
+    if k_scaled is not None:
+        q_root, k_root = _made_by(producers, q_scaled.input[1], "Sqrt"), _made_by(producers, k_scaled.input[1], "Sqrt")
+        k_turned = _made_by(producers, k_scaled.input[0], "Transpose")
+        if (q_root is None or k_root is None or k_turned is None or q_root.input[0] != k_root.input[0]
+                or list(_attribute(k_turned, "perm", [])) != [0, 1, 3, 2]
+                or not _is_default_scale_root(q_root.input[0], q_scaled.input[0], producers, model, initializers)):
+            return None
+        return q_scaled.input[0], k_turned.input[0], None
+    k_turned = _made_by(producers, scores.input[1], "Transpose")
+    if k_turned is None or list(_attribute(k_turned, "perm", [])) != [0, 1, 3, 2]:
+        return None
+    for query, factor in ((0, 1), (1, 0)):
+        scale = _scalar_constant(model, q_scaled.input[factor], producers, initializers)
+        if scale is not None and scale > 0 and _made_by(producers, q_scaled.input[query], "Squeeze") is not None:
+            return q_scaled.input[query], k_turned.input[0], scale
+    return None
+
+
+def _is_head_bias(model, tensor: str, producers: dict, initializers: dict) -> bool:
+    """Whether `tensor`, added to the (B, H, N, N) scores, is provably of rank 4, as MultiHeadAttention's
+    attention_bias must be: a rank-3 tensor with its axes moved (a Transpose of three) and an axis of one put in
+    front (Unsqueeze at 0), as BEiT's relative position bias (H, N, N) -> (1, H, N, N) is exported. The sizes
+    themselves are checked by the runtime and, for an artifact, by its comparison with eager."""
+    unsqueeze = _made_by(producers, tensor, "Unsqueeze")
+    if unsqueeze is None:
+        return False
+    axes = (_constant_value(model, unsqueeze.input[1], producers, initializers) if len(unsqueeze.input) > 1
+            else _attribute(unsqueeze, "axes"))
+    turned = _made_by(producers, unsqueeze.input[0], "Transpose")
+    return (axes is not None and list(np.asarray(axes).reshape(-1)) == [0] and turned is not None
+            and len(_attribute(turned, "perm", [])) == 3)
+
 def fuse_attention(model) -> int:
-    """Replace each self-attention of a ViT block, as torch exports scaled_dot_product_attention, by one
+    """Replace each self-attention of a ViT, DINOv2 or BEiT block, as torch exports it, by one
     com.microsoft.MultiHeadAttention node; how many were replaced.
 
     The exported pattern takes the packed projection (B, N, 3E), reshapes it to (B, N, 3, H, D), moves the axes,
     splits q, k and v, scales q and k by the square root of 1/sqrt(D), and runs MatMul, Softmax and MatMul, then
     merges the heads back to (B, N, E). ONNX Runtime fuses none of it, and materialises every (N, N) score matrix;
-    its MultiHeadAttention computes the same from q, k and v as (B, N, E) slices of the projection. Anything else
-    (a bias or mask added to the scores, another scale, another layout) is left as it is. `model` is changed in
-    place; nodes only the replaced attention used are removed."""
+    its MultiHeadAttention computes the same from q, k and v as (B, N, E) slices of the projection. BEiT's explicit
+    form is matched too: q times a constant scale (the node's `scale`), and a relative position bias of rank 4
+    added to the scores (its `attention_bias`; _is_head_bias). Anything else (a mask of unproven rank, another
+    scale, another layout) is left as it is. `model` is changed in place; nodes only the replaced attention used
+    are removed."""
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -172,20 +216,22 @@ def fuse_attention(model) -> int:
     for softmax in [node for node in graph.node if node.op_type == "Softmax"]:
         if _attribute(softmax, "axis", -1) not in (-1, 3):
             continue
-        scores = made_by(softmax.input[0], "MatMul")
         context = only_user(softmax.output[0], "MatMul")
-        if scores is None or context is None or context.input[0] != softmax.output[0]:
+        if context is None or context.input[0] != softmax.output[0]:
             continue
-        q_scaled, k_scaled = made_by(scores.input[0], "Mul"), made_by(scores.input[1], "Mul")
-        if q_scaled is None or k_scaled is None:
+        scores, bias = made_by(softmax.input[0], "MatMul"), None
+        added = made_by(softmax.input[0], "Add") if scores is None else None
+        for mine, other in ((0, 1), (1, 0)) if added is not None else ():
+            if made_by(added.input[mine], "MatMul") is not None:
+                scores, bias = made_by(added.input[mine], "MatMul"), added.input[other]
+                break
+        if scores is None or (bias is not None and not _is_head_bias(model, bias, producers, initializers)):
             continue
-        q_root, k_root = made_by(q_scaled.input[1], "Sqrt"), made_by(k_scaled.input[1], "Sqrt")
-        k_turned = made_by(k_scaled.input[0], "Transpose")
-        if (q_root is None or k_root is None or k_turned is None or q_root.input[0] != k_root.input[0]
-                or list(_attribute(k_turned, "perm", [])) != [0, 1, 3, 2]
-                or not _is_default_scale_root(q_root.input[0], q_scaled.input[0], producers, model, initializers)):
+        matched = _scaled_query_key(model, scores, producers, initializers)
+        if matched is None:
             continue
-        q, k, v = (made_by(name, "Squeeze") for name in (q_scaled.input[0], k_turned.input[0], context.input[1]))
+        q_tensor, k_tensor, scale = matched
+        q, k, v = (made_by(name, "Squeeze") for name in (q_tensor, k_tensor, context.input[1]))
         if q is None or k is None or v is None:
             continue
         split = made_by(q.input[0], "Split")
@@ -231,8 +277,10 @@ def fuse_attention(model) -> int:
                              value=helper.make_tensor(names["sizes"], TensorProto.INT64, [3], [width] * 3)),
             helper.make_node("Split", [names["packed"], names["sizes"]],
                              [names["query"], names["key"], names["value"]], name=f"{label}/split_qkv", axis=-1),
-            helper.make_node("MultiHeadAttention", [names["query"], names["key"], names["value"]],
-                             [names["attended"]], name=f"{label}/attention", domain="com.microsoft", num_heads=heads),
+            helper.make_node("MultiHeadAttention",
+                             [names["query"], names["key"], names["value"]] + ([] if bias is None else ["", "", bias]),
+                             [names["attended"]], name=f"{label}/attention", domain="com.microsoft", num_heads=heads,
+                             **({} if scale is None else {"scale": scale})),
         ]))
     for merged, attended, new_nodes in replacements:
         at = list(graph.node).index(merged)

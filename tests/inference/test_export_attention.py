@@ -74,6 +74,47 @@ class TinyViT(nn.Module):
         return self.head(x).transpose(1, 2).reshape(batch, 1, height, width)
 
 
+
+class BeitAttention(nn.Module):
+    """A BEiT block's attention as depthsite's BEiT networks run it (inference.nets.beit.attention): q times a
+    constant scale, and the relative position bias of the token grid added to the scores."""
+
+    def __init__(self, *, bias_axis: int = 0):
+        super().__init__()
+        from timm.models.beit import Attention as TimmAttention
+
+        self.attn = TimmAttention(DIM, num_heads=HEADS, qkv_bias=True, window_size=(4, 4))
+        with torch.no_grad():
+            for tensor in (self.attn.q_bias, self.attn.v_bias, self.attn.relative_position_bias_table):
+                tensor.normal_(0, 0.5)
+            self.attn.k_bias.zero_()
+        self.bias_axis = bias_axis
+
+    def forward(self, x, grid):
+        from inference.nets import beit
+
+        bias = beit.relative_position_bias(self.attn, grid, beit.relative_position_index(grid))
+        if self.bias_axis:  # the same numbers, unsqueezed elsewhere: the rank is no longer proven by the layout
+            bias = bias.squeeze(0).unsqueeze(self.bias_axis).transpose(0, self.bias_axis)
+        return beit.attention(self.attn, x, bias)
+
+
+class TinyBeit(nn.Module):
+    def __init__(self, depth: int = 2, **attention):
+        super().__init__()
+        self.embed = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.cls = nn.Parameter(torch.randn(1, 1, DIM))
+        self.blocks = nn.ModuleList(BeitAttention(**attention) for _ in range(depth))
+        self.head = nn.Linear(DIM, 1)
+
+    def forward(self, image):
+        x = self.embed(image)
+        batch, _, height, width = x.shape
+        x = torch.cat((self.cls.expand(batch, -1, -1), x.flatten(2).transpose(1, 2)), dim=1)
+        for block in self.blocks:
+            x = x + block(x, (height, width))
+        return self.head(x[:, 1:]).transpose(1, 2).reshape(batch, 1, height, width)
+
 CONFIG = types.SimpleNamespace(net_size=(32, 48), fixed_input_size=False, ensure_multiple_of=PATCH)
 
 
@@ -192,3 +233,33 @@ def test_when_a_later_rewrite_fails_the_earlier_ones_still_land(tmp_path, caplog
     kept = onnx.load(str(path))
     assert kept.graph.name == "renamed" and ops(kept).count("Softmax") == 2 and "breaking failed" in caplog.text
     assert not list(tmp_path.glob("*.rewrite"))
+
+
+
+def test_beit_attention_with_its_relative_position_bias_runs_fused_and_matches_eager(tmp_path):
+    # BEiT's explicit form: (q * scale) @ k^T + bias. The bias goes to MultiHeadAttention's attention_bias, the
+    # scale to its `scale`; the exported grid and others give eager's output.
+    torch.manual_seed(0)
+    network = TinyBeit(depth=3).eval()
+    fused = export(network, tmp_path / "fused.onnx")
+    plain = export(network, tmp_path / "plain.onnx", fuse_attention=False)
+    assert ops(fused).count("MultiHeadAttention") == 3 and "Softmax" not in ops(fused)
+    assert ops(plain).count("Softmax") == 3
+    attention = next(node for node in fused.graph.node if node.op_type == "MultiHeadAttention")
+    assert len(attention.input) == 6 and attention.input[5]  # the bias, as attention_bias
+    scale = next(a.f for a in attention.attribute if a.name == "scale")
+    assert scale == pytest.approx((DIM // HEADS) ** -0.5)
+    onnx.checker.check_model(fused)
+    for height, width in ((32, 48), (48, 24), (32, 32)):  # (32, 32): the table's own 4 x 4 grid
+        image = np.random.default_rng(height).random((1, 3, height, width), dtype=np.float32)
+        with torch.inference_mode():
+            eager = network(torch.from_numpy(image)).numpy()
+        spread = eager.max() - eager.min()
+        assert np.abs(run(tmp_path / "fused.onnx", image) - eager).max() / spread < 1e-5
+        assert np.abs(run(tmp_path / "fused.onnx", image) - run(tmp_path / "plain.onnx", image)).max() / spread < 1e-5
+
+
+def test_a_bias_of_unproven_layout_is_left_alone(tmp_path):
+    # The same bias, reached through an Unsqueeze at another axis: the rewrite cannot prove (1, H, N, N).
+    model = export(TinyBeit(bias_axis=1), tmp_path / "a.onnx")
+    assert "MultiHeadAttention" not in ops(model) and ops(model).count("Softmax") == 2

@@ -453,12 +453,12 @@ def test_vit_family_artifacts_hold_at_portrait_and_landscape_sizes(tmp_path, nam
     check = artifacts.artifact_compare(network, config, path)
     assert len(check_shapes(config)) == 3 and check.shapes == check_shapes(config)
     assert check.worst <= artifacts.TOLERANCE
-    # ViT and DINOv2 attention runs as ONNX Runtime's fused MultiHeadAttention, one per block; BEiT's adds a
-    # relative position bias to the scores, which the fusion leaves as it is.
+    # ViT, DINOv2 and BEiT attention runs as ONNX Runtime's fused MultiHeadAttention, one per block (BEiT's
+    # relative position bias as its attention_bias).
     import onnx
 
     ops = [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
-    fused = {"DPT_Hybrid": 12, "DPT_BEiT_B_384": 0, "Depth_Anything_V2_Small": 12}[name]
+    fused = {"DPT_Hybrid": 12, "DPT_BEiT_B_384": 12, "Depth_Anything_V2_Small": 12}[name]
     assert ops.count("MultiHeadAttention") == fused and (ops.count("Softmax") == 0) == (fused > 0)
 
 
