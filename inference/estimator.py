@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 
 from inference.runtime import runtime_select, say_once
@@ -131,6 +132,9 @@ class EstimatorPool:
         self._estimators: OrderedDict[tuple, Estimator] = OrderedDict()
         self._loaded_at: dict[tuple, datetime] = {}  # by estimator key: when it was admitted, for its warm row
         self._lock = threading.Lock()
+        # Held while a warm row is written, with the check of what the pool holds that decided the write: without
+        # it, a thread could record a row for an estimator another thread has just evicted and released.
+        self._rows_lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
         self.prepack = True  # a worker runs many images per model; see expect_runs
         self._half_choices: dict[tuple[str, str], str] = {}  # (model, weights sha256) -> dtype DEPTHSITE_FP16 runs
@@ -292,9 +296,13 @@ class EstimatorPool:
         logger.info("%s ready on %s (%s) in %.0f ms (%d MB)", model.name, estimator.device_name, estimator.runtime,
                     estimator.load_ms, estimator.bytes // 1_000_000)
         me = worker_id()
-        warm_model_record(model=model, weight_file=weight_file, worker=me, device=estimator.device_name,
-                          dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes,
-                          loaded_at=loaded_at)
+        with self._rows_lock:
+            with self._lock:
+                held = self._estimators.get(estimator.key) is estimator
+            if held:  # not evicted meanwhile by another thread's insert
+                warm_model_record(model=model, weight_file=weight_file, worker=me, device=estimator.device_name,
+                                  dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes,
+                                  loaded_at=loaded_at)
         if not settings.Q_CLUSTER.get("sync"):
             # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests) belong to no
             # worker.
@@ -349,15 +357,22 @@ class EstimatorPool:
         for old in evicted:
             logger.info("evicting warm %s (%s, %s) from this process", old.model_name, old.device_name, old.runtime)
             try:
-                model = RegisteredModel.objects.get(name=old.model_name)
-                survivor = self._row_survivor(old)
-                if survivor is None:
-                    warm_model_forget(worker=worker_id(), model=model, device=old.device_name, dtype=old.dtype_name)
-                else:
-                    self._row_rerecord(model, *survivor)
+                with self._rows_lock:
+                    model = RegisteredModel.objects.get(name=old.model_name)
+                    survivor = self._row_survivor(old)
+                    if survivor is None:
+                        warm_model_forget(worker=worker_id(), model=model, device=old.device_name,
+                                          dtype=old.dtype_name)
+                    else:
+                        self._row_rerecord(model, *survivor)
             except RegisteredModel.DoesNotExist:
                 pass
-            old.release()
+            except DatabaseError as exc:
+                # The network goes all the same; a row left behind is removed when this worker exits or stops
+                # beating.
+                logger.warning("could not update the warm-model row of %s (%s)", old.model_name, exc)
+            finally:
+                old.release()
 
     def _row_survivor(self, gone: Estimator) -> tuple[Estimator, datetime | None] | None:
         """The most recently used estimator still held that shares `gone`'s warm row (model, device, dtype), and
@@ -373,7 +388,9 @@ class EstimatorPool:
         """Record the warm row for `estimator` (built from the file `weight_file_id` names, the one it was admitted
         with), which an evicted estimator sharing the row may have written last."""
         # The file's row may have gone while the network stayed loaded: the warm row still names its weights.
-        weight_file = WeightFile.objects.filter(pk=estimator.weight_file_id).first()
+        # A file row is updated in place when its weights change: it names this estimator's file only while the
+        # hash is the same.
+        weight_file = WeightFile.objects.filter(pk=estimator.weight_file_id, sha256=estimator.weights_sha256).first()
         warm_model_record(model=model, weight_file=weight_file, worker=worker_id(), device=estimator.device_name,
                           dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes,
                           weights_sha256=estimator.weights_sha256, loaded_at=loaded_at)
@@ -385,11 +402,12 @@ class EstimatorPool:
                     for e in self._estimators.values()]
 
     def clear(self) -> None:
-        with self._lock:
-            self._estimators.clear()
-            self._loaded_at.clear()
-            self._building.clear()
-        warm_model_forget(worker=worker_id())
+        with self._rows_lock:
+            with self._lock:
+                self._estimators.clear()
+                self._loaded_at.clear()
+                self._building.clear()
+            warm_model_forget(worker=worker_id())
 
 
 def forward_race(first: Estimator, second: Estimator, *, runs: int = 1) -> tuple[float, float]:

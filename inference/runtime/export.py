@@ -33,10 +33,10 @@ def check_shapes(config) -> list[tuple[int, int]]:
 def network_export(network, config, path: Path, *, fix_padding: bool = True, fuse_attention: bool = True) -> None:
     """Write the network's ONNX graph to `path`: dynamic height and width unless it takes its native square only.
 
-    `fix_padding=False` keeps timm's "same" padding worked out at run time, `fuse_attention=False` the ViT blocks'
-    attention as separate MatMul, Softmax and MatMul nodes (bench/forward_candidates.py's comparisons); artifacts
-    are always built with the padding fixed where that is exact (fixed_same_padding) and the attention fused where
-    the graph has the pattern (inference.runtime.graph.fuse_attention)."""
+    `fix_padding=False` keeps timm's "same" padding worked out at run time, `fuse_attention=False` the ViT, DINOv2
+    and BEiT blocks' attention as separate MatMul, Softmax and MatMul nodes (bench/forward_candidates.py's
+    comparisons); artifacts are always built with the padding fixed where that is exact (fixed_same_padding) and the
+    attention fused where the graph has the pattern (inference.runtime.graph.fuse_attention)."""
     import torch
 
     from inference.health import probe_input

@@ -143,7 +143,9 @@ def _scaled_query_key(model, scores, producers: dict, initializers: dict) -> tup
 
     - scaled_dot_product_attention with its default scale: q and k^T each multiplied by the square root of
       1/sqrt(D); the scale is then MultiHeadAttention's own default (None).
-    - the explicit `(q * scale) @ k.transpose(-2, -1)` (BEiT): q times a constant scalar, k^T as it is."""
+    - the explicit `(q * scale) @ k.transpose(-2, -1)` (BEiT): q times one positive constant, k^T as it is.
+      Positive, because the node reads a scale of 0 as unset (and then uses 1/sqrt(D)); no softmax scale is
+      negative in practice."""
     q_scaled = _made_by(producers, scores.input[0], "Mul")
     if q_scaled is None:
         return None
@@ -188,7 +190,7 @@ def fuse_attention(model) -> int:
     splits q, k and v, scales q and k by the square root of 1/sqrt(D), and runs MatMul, Softmax and MatMul, then
     merges the heads back to (B, N, E). ONNX Runtime fuses none of it, and materialises every (N, N) score matrix;
     its MultiHeadAttention computes the same from q, k and v as (B, N, E) slices of the projection. BEiT's explicit
-    form is matched too: q times a constant scale (the node's `scale`), and a relative position bias of rank 4
+    form is matched too: q times a positive constant (the node's `scale`), and a relative position bias of rank 4
     added to the scores (its `attention_bias`; _is_head_bias). Anything else (a mask of unproven rank, another
     scale, another layout) is left as it is. `model` is changed in place; nodes only the replaced attention used
     are removed."""

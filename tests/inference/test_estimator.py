@@ -174,6 +174,36 @@ def test_a_survivor_whose_weight_file_row_went_keeps_the_row_by_its_sha256(small
     assert (warm.weights_sha256, warm.weight_file, warm.bytes) == (last_file.sha256, None, last.bytes)
 
 
+def test_a_file_row_now_naming_other_weights_is_not_put_on_the_survivors_row(small_model, pool, stub_builds):
+    # A WeightFile row is updated in place when its model's weights change: it no longer names the survivor's file.
+    first_file, last_file = weights_row(small_model, "1" * 64), weights_row(small_model, "2" * 64, "h5")
+    pool.get(model=small_model, weight_file=first_file, device="cpu")
+    last = pool.get(model=small_model, weight_file=last_file, device="cpu")
+    WeightFile.objects.filter(pk=last_file.pk).update(sha256="3" * 64)
+    model_a, file_a = other_model("small_a")
+    pool.get(model=model_a, weight_file=file_a, device="cpu")  # evicts first
+    warm = WarmModel.objects.get(model=small_model)
+    assert (warm.weights_sha256, warm.weight_file) == (last.weights_sha256, None)
+
+
+def test_a_database_error_while_evicting_still_releases_the_network(small_model, pool, stub_builds, monkeypatch,
+                                                                     caplog):
+    from django.db import OperationalError
+
+    first = pool.get(model=small_model, weight_file=weights_row(small_model, "1" * 64), device="cpu")
+    model_a, file_a = other_model("small_a")
+    pool.get(model=model_a, weight_file=file_a, device="cpu")
+
+    def locked(**_kwargs):
+        raise OperationalError("database is locked")
+
+    model_b, file_b = other_model("small_b")
+    with monkeypatch.context() as patch:  # the pool fixture's own clearing at teardown must reach the database
+        patch.setattr(estimator_module, "warm_model_forget", locked)
+        admitted = pool.get(model=model_b, weight_file=file_b, device="cpu")  # evicts first; its row cannot go
+    assert first.released and not admitted.released
+    assert "could not update the warm-model row of MiDaS_small (database is locked)" in caplog.text
+
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_requests_build_once_and_agree(cached_small, pool, monkeypatch):
     builds = []

@@ -1,5 +1,6 @@
-"""A ViT block's self-attention, as torch exports scaled_dot_product_attention, runs as one fused ONNX Runtime
-node (inference.runtime.graph.fuse_attention); anything that is not exactly that pattern is left alone."""
+"""The self-attention of a ViT block (as torch exports scaled_dot_product_attention) and of a BEiT block (q times a
+constant scale, a relative position bias added to the scores) runs as one fused ONNX Runtime node
+(inference.runtime.graph.fuse_attention); anything that is not exactly one of those patterns is left alone."""
 from __future__ import annotations
 
 import types
@@ -74,7 +75,6 @@ class TinyViT(nn.Module):
         return self.head(x).transpose(1, 2).reshape(batch, 1, height, width)
 
 
-
 class BeitAttention(nn.Module):
     """A BEiT block's attention as depthsite's BEiT networks run it (inference.nets.beit.attention): q times a
     constant scale, and the relative position bias of the token grid added to the scores."""
@@ -114,6 +114,7 @@ class TinyBeit(nn.Module):
         for block in self.blocks:
             x = x + block(x, (height, width))
         return self.head(x[:, 1:]).transpose(1, 2).reshape(batch, 1, height, width)
+
 
 CONFIG = types.SimpleNamespace(net_size=(32, 48), fixed_input_size=False, ensure_multiple_of=PATCH)
 
@@ -235,7 +236,6 @@ def test_when_a_later_rewrite_fails_the_earlier_ones_still_land(tmp_path, caplog
     assert not list(tmp_path.glob("*.rewrite"))
 
 
-
 def test_beit_attention_with_its_relative_position_bias_runs_fused_and_matches_eager(tmp_path):
     # BEiT's explicit form: (q * scale) @ k^T + bias. The bias goes to MultiHeadAttention's attention_bias, the
     # scale to its `scale`; the exported grid and others give eager's output.
@@ -260,6 +260,65 @@ def test_beit_attention_with_its_relative_position_bias_runs_fused_and_matches_e
 
 
 def test_a_bias_of_unproven_layout_is_left_alone(tmp_path):
-    # The same bias, reached through an Unsqueeze at another axis: the rewrite cannot prove (1, H, N, N).
+    # The same numbers, their axes moved by a Transpose of four after the Unsqueeze: the rewrite cannot prove
+    # (1, H, N, N).
     model = export(TinyBeit(bias_axis=1), tmp_path / "a.onnx")
     assert "MultiHeadAttention" not in ops(model) and ops(model).count("Softmax") == 2
+    assert fuse_attention(model) == 0
+
+
+def _hand_graph(nodes, inputs, initializers=()):
+    from onnx import TensorProto, helper
+
+    from inference.runtime.graph import _graph_index
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                                           for name in inputs], [], list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    producers, _, constants, _ = _graph_index(model.graph)
+    return model, producers, constants
+
+
+def _int64s(name, values):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+@pytest.mark.parametrize("perm, axes, proven", [
+    ([2, 0, 1], [0], True),
+    ([2, 0, 1], [1], False),  # (H, 1, N, N): rank 4, but not the layout the rewrite proves
+    ([0, 2, 1, 3], [0], False),  # a Transpose of four: rank 5
+    ([2, 0, 1], None, False),  # axes fed by the graph: unknown
+], ids=["unsqueezed-in-front", "unsqueezed-at-1", "rank-4-transposed", "axes-from-an-input"])
+def test_the_bias_rank_proof(perm, axes, proven):
+    from onnx import helper
+
+    from inference.runtime.graph import _is_head_bias
+
+    nodes = [helper.make_node("Transpose", ["table"], ["turned"], perm=perm),
+             helper.make_node("Unsqueeze", ["turned", "axes"], ["bias"])]
+    model, producers, constants = _hand_graph(nodes, ["table"] + (["axes"] if axes is None else []),
+                                              [] if axes is None else [_int64s("axes", axes)])
+    assert _is_head_bias(model, "bias", producers, constants) is proven
+    assert _is_head_bias(model, "turned", producers, constants) is False  # not made by an Unsqueeze at all
+
+
+@pytest.mark.parametrize("scale, scale_first, expected", [
+    (0.25, False, 0.25), (0.25, True, 0.25),  # q * scale and scale * q
+    (0.0, False, None),  # ORT reads a scale of 0 as "unset" and would use 1/sqrt(D)
+    (-0.5, False, None), ([0.5, 0.25], False, None),  # negative; not one number
+], ids=["q-times-scale", "scale-times-q", "zero", "negative", "per-head"])
+def test_the_explicit_scale_is_one_positive_constant(scale, scale_first, expected):
+    from onnx import helper, numpy_helper
+
+    from inference.runtime.graph import _scaled_query_key
+
+    factor = numpy_helper.from_array(np.asarray(scale, dtype=np.float32), "scale")
+    nodes = [helper.make_node("Squeeze", ["packed_q", "zero"], ["q"]),
+             helper.make_node("Mul", ["scale", "q"] if scale_first else ["q", "scale"], ["q_scaled"]),
+             helper.make_node("Transpose", ["k"], ["k_turned"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q_scaled", "k_turned"], ["scores"])]
+    model, producers, constants = _hand_graph(nodes, ["packed_q", "k"], [factor, _int64s("zero", [0])])
+    matched = _scaled_query_key(model, producers["scores"], producers, constants)
+    assert (matched is None) if expected is None else (matched[:2] == ("q", "k") and matched[2] == expected)
