@@ -1,6 +1,8 @@
 """Fixtures shared by the estimator, runtime and half-precision tests."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from inference import estimator as estimator_module
@@ -25,3 +27,47 @@ def fresh_runtime_state(settings):
     yield
     runtime_module._said.clear()
     estimator_module._failed_artifacts.clear()
+
+
+# By (model, weights key): a copy of the artifact a real build made in this process, and its row's values.
+_built_artifacts: dict[tuple[str, str], dict] = {}
+_ARTIFACT_FIELDS_NOT_COPIED = ("id", "model", "node", "path", "verified_at", "created_at", "last_used_at")
+
+
+@pytest.fixture
+def artifact_builds_once(monkeypatch, tmp_path_factory):
+    """The ONNX artifact of given weights is built for real once per test process; a later build of the same
+    weights, in a test using this fixture, gets a copy of that file under its own cache's name and a row with the
+    same values (MiDaS_small's export and check: about 4.5 s a test on two cores). For tests about what runs on an
+    artifact, not about building one: tests/inference/test_runtime.py builds every time."""
+    from django.forms.models import model_to_dict
+    from django.utils import timezone
+
+    from inference.runtime import artifacts
+    from models_registry import cachefs
+    from models_registry.models import WeightFile
+
+    real_build = artifacts._build
+
+    def build(*, model, weight_file, tolerance):
+        key = (model.name, artifacts.weights_key(weight_file))
+        kept = _built_artifacts.get(key)
+        if kept is None:
+            artifact = real_build(model=model, weight_file=weight_file, tolerance=tolerance)
+            copy = tmp_path_factory.mktemp("built-artifact") / "artifact"
+            shutil.copyfile(cachefs.absolute(artifact.path), copy)
+            _built_artifacts[key] = {"file": copy, "values": {
+                name: value for name, value in model_to_dict(artifact).items()
+                if name not in _ARTIFACT_FIELDS_NOT_COPIED}}
+            return artifact
+        # A packed artifact finds its weights by its own file name: the copy takes the name a build would give it.
+        dest = artifacts.runtime_artifact_path(model=model)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept["file"], dest)
+        now = timezone.now()
+        artifact, _ = WeightFile.objects.update_or_create(
+            model=model, format=artifacts.ARTIFACT_FORMAT, node=cachefs.node_name(),
+            defaults={**kept["values"], "path": cachefs.relative(dest), "verified_at": now, "created_at": now})
+        return artifact
+
+    monkeypatch.setattr(artifacts, "_build", build)

@@ -90,6 +90,10 @@ def test_backbone_settings_the_goldens_cannot_see(loaded):
 @pytest.mark.parametrize("size", NET_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_net_output_matches_golden(loaded, dav2_dir, size):
     name, model, _ = loaded
+    if size != NET_SIZES[0] and name != "Depth_Anything_V2_Small":
+        # The position table interpolated to another grid is the family's code, proven on Small (Large's took
+        # 16 s on two cores); each encoder's native golden proves its network.
+        pytest.skip("same code path as the smaller model of its family; too slow to repeat on two cores")
     height, width = size
     assert_net_matches(model, height, width, dav2_dir / f"net_{ENCODERS[name]}_{height}x{width}.npy", name)
 
