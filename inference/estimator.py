@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from inference.runtime import runtime_select, say_once
@@ -357,7 +357,8 @@ class EstimatorPool:
         for old in evicted:
             logger.info("evicting warm %s (%s, %s) from this process", old.model_name, old.device_name, old.runtime)
             try:
-                with self._rows_lock:
+                # A savepoint of its own: a failed statement must not break a caller's surrounding transaction.
+                with self._rows_lock, transaction.atomic():
                     model = RegisteredModel.objects.get(name=old.model_name)
                     survivor = self._row_survivor(old)
                     if survivor is None:
@@ -368,8 +369,8 @@ class EstimatorPool:
             except RegisteredModel.DoesNotExist:
                 pass
             except DatabaseError as exc:
-                # The network goes all the same; a row left behind is removed when this worker exits or stops
-                # beating.
+                # The network goes all the same. A row left behind stays listed (the heartbeat refreshes all of
+                # this worker's rows) until this estimator's model is recorded again or the worker exits.
                 logger.warning("could not update the warm-model row of %s (%s)", old.model_name, exc)
             finally:
                 old.release()

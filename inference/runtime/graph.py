@@ -182,6 +182,7 @@ def _is_head_bias(model, tensor: str, producers: dict, initializers: dict) -> bo
     return (axes is not None and list(np.asarray(axes).reshape(-1)) == [0] and turned is not None
             and len(_attribute(turned, "perm", [])) == 3)
 
+
 def fuse_attention(model) -> int:
     """Replace each self-attention of a ViT, DINOv2 or BEiT block, as torch exports it, by one
     com.microsoft.MultiHeadAttention node; how many were replaced.

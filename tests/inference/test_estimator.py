@@ -204,6 +204,20 @@ def test_a_database_error_while_evicting_still_releases_the_network(small_model,
     assert first.released and not admitted.released
     assert "could not update the warm-model row of MiDaS_small (database is locked)" in caplog.text
 
+
+def test_an_estimator_evicted_before_its_row_is_written_gets_no_row(small_model, pool, stub_builds, monkeypatch):
+    # Another thread's insert can evict an estimator between its own insert and its row: no row may name it then.
+    real_insert = pool._insert
+
+    def insert_then_lose(estimator):
+        real_insert(estimator)
+        pool._evict([estimator])
+
+    monkeypatch.setattr(pool, "_insert", insert_then_lose)
+    gone = pool.get(model=small_model, weight_file=weights_row(small_model, "1" * 64), device="cpu")
+    assert gone.released and not WarmModel.objects.filter(model=small_model).exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_requests_build_once_and_agree(cached_small, pool, monkeypatch):
     builds = []
