@@ -134,16 +134,18 @@ def ops(model) -> list[str]:
     return [node.op_type for node in model.graph.node]
 
 
-def test_each_block_runs_as_one_fused_attention_and_matches_eager(tmp_path):
-    torch.manual_seed(0)
-    network = TinyViT(depth=3).eval()
+def fused_and_plain(network, tmp_path, blocks: int):
+    """The network exported with and without the fusion: one fused attention a block, the plain graph untouched."""
     fused = export(network, tmp_path / "fused.onnx")
     plain = export(network, tmp_path / "plain.onnx", fuse_attention=False)
-    assert ops(fused).count("MultiHeadAttention") == 3 and "Softmax" not in ops(fused)
-    assert ops(plain).count("Softmax") == 3 and "MultiHeadAttention" not in ops(plain)
-    assert any(opset.domain == "com.microsoft" for opset in fused.opset_import)
+    assert ops(fused).count("MultiHeadAttention") == blocks and "Softmax" not in ops(fused)
+    assert ops(plain).count("Softmax") == blocks and "MultiHeadAttention" not in ops(plain)
     onnx.checker.check_model(fused)
-    for height, width in ((32, 48), (40, 24)):  # the export size and another (the graph's axes are dynamic)
+    return fused
+
+
+def assert_fused_matches_eager(network, tmp_path, sizes) -> None:
+    for height, width in sizes:
         image = np.random.default_rng(height).random((1, 3, height, width), dtype=np.float32)
         with torch.inference_mode():
             eager = network(torch.from_numpy(image)).numpy()
@@ -151,6 +153,14 @@ def test_each_block_runs_as_one_fused_attention_and_matches_eager(tmp_path):
         assert np.abs(run(tmp_path / "fused.onnx", image) - eager).max() / spread < 1e-5
         assert np.abs(run(tmp_path / "fused.onnx", image) - run(tmp_path / "plain.onnx", image)).max() / spread < 1e-5
 
+
+def test_each_block_runs_as_one_fused_attention_and_matches_eager(tmp_path):
+    torch.manual_seed(0)
+    network = TinyViT(depth=3).eval()
+    fused = fused_and_plain(network, tmp_path, 3)
+    assert any(opset.domain == "com.microsoft" for opset in fused.opset_import)
+    # The export size and another (the graph's axes are dynamic).
+    assert_fused_matches_eager(network, tmp_path, ((32, 48), (40, 24)))
 
 @pytest.mark.parametrize("attention", [{"bias": True}, {"scale": 0.5}, {"block": DynamicHeads}],
                          ids=["scores-bias", "other-scale", "dynamic-head-size"])
@@ -241,23 +251,12 @@ def test_beit_attention_with_its_relative_position_bias_runs_fused_and_matches_e
     # scale to its `scale`; the exported grid and others give eager's output.
     torch.manual_seed(0)
     network = TinyBeit(depth=3).eval()
-    fused = export(network, tmp_path / "fused.onnx")
-    plain = export(network, tmp_path / "plain.onnx", fuse_attention=False)
-    assert ops(fused).count("MultiHeadAttention") == 3 and "Softmax" not in ops(fused)
-    assert ops(plain).count("Softmax") == 3
+    fused = fused_and_plain(network, tmp_path, 3)
     attention = next(node for node in fused.graph.node if node.op_type == "MultiHeadAttention")
     assert len(attention.input) == 6 and attention.input[5]  # the bias, as attention_bias
     scale = next(a.f for a in attention.attribute if a.name == "scale")
     assert scale == pytest.approx((DIM // HEADS) ** -0.5)
-    onnx.checker.check_model(fused)
-    for height, width in ((32, 48), (48, 24), (32, 32)):  # (32, 32): the table's own 4 x 4 grid
-        image = np.random.default_rng(height).random((1, 3, height, width), dtype=np.float32)
-        with torch.inference_mode():
-            eager = network(torch.from_numpy(image)).numpy()
-        spread = eager.max() - eager.min()
-        assert np.abs(run(tmp_path / "fused.onnx", image) - eager).max() / spread < 1e-5
-        assert np.abs(run(tmp_path / "fused.onnx", image) - run(tmp_path / "plain.onnx", image)).max() / spread < 1e-5
-
+    assert_fused_matches_eager(network, tmp_path, ((32, 48), (48, 24), (32, 32)))  # (32, 32): the table's 4 x 4
 
 def test_a_bias_of_unproven_layout_is_left_alone(tmp_path):
     # The same numbers, their axes moved by a Transpose of four after the Unsqueeze: the rewrite cannot prove
