@@ -13,6 +13,7 @@ from inference.nets import NET_NAMES, create_model, get_config
 from models_registry.detweights import array_digest16, det_state_dict, net_input, official_layout
 from tests.nets.fidelity import (
     IMAGE_SIZES,
+    SAME_PATH,
     TOLERANCE,
     assert_end_to_end_matches,
     assert_net_matches,
@@ -39,7 +40,6 @@ NET_SIZES = {
 # (the same Reassemble, tests/nets/test_fidelity_v31.py). So beyond its native golden it skips those (20-30 s on two
 # cores), as the MiDaS v3.1 and Depth Anything V2 goldens skip their larger members.
 LARGER_MEMBER = {"DPT_Large"}
-SAME_PATH = "same code path as the smaller model of its family; too slow to repeat on two cores"
 
 
 @pytest.fixture(scope="module", params=MODELS)

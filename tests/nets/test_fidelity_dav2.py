@@ -15,6 +15,7 @@ from inference.nets.depth_anything import interpolate_pos_embed
 from models_registry.detweights import det_array, net_input, official_layout, synthetic_image
 from tests.nets.fidelity import (
     IMAGE_SIZES,
+    SAME_PATH,
     TOLERANCE,
     assert_end_to_end_matches,
     assert_net_matches,
@@ -93,7 +94,7 @@ def test_net_output_matches_golden(loaded, dav2_dir, size):
     if size != NET_SIZES[0] and name != "Depth_Anything_V2_Small":
         # The position table interpolated to another grid is the family's code, proven on Small (Large's took
         # 16 s on two cores); each encoder's native golden proves its network.
-        pytest.skip("same code path as the smaller model of its family; too slow to repeat on two cores")
+        pytest.skip(SAME_PATH)
     height, width = size
     assert_net_matches(model, height, width, dav2_dir / f"net_{ENCODERS[name]}_{height}x{width}.npy", name)
 
@@ -104,7 +105,7 @@ def test_end_to_end_matches_golden(loaded, dav2_dir, image_size):
     name, model, _ = loaded
     if name != "Depth_Anything_V2_Small":
         # Preprocessing and output resize are the family's: the larger encoders' net goldens prove their networks.
-        pytest.skip("same code path as the smaller model of its family; too slow to repeat on two cores")
+        pytest.skip(SAME_PATH)
     height, width = image_size
     # The synthetic image is RGB; the official infer_image gets it as BGR and converts.
     assert tuple(preprocess(synthetic_image(height, width), name).shape[-2:]) == target_size(height, width, name)

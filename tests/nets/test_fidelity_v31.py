@@ -17,6 +17,7 @@ from inference.nets import NET_NAMES, create_model, get_config, target_size
 from models_registry.detweights import array_digest16, net_input, official_layout
 from tests.nets.fidelity import (
     IMAGE_SIZES,
+    SAME_PATH,
     TOLERANCE,
     assert_end_to_end_matches,
     assert_net_matches,
@@ -33,7 +34,6 @@ MODELS = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow) f
 # The smallest member of each family: preprocessing and output resize are the family's, so the end-to-end
 # goldens of its larger members repeat the same code around a network their net goldens already prove.
 E2E = FAST | {"DPT_Swin_L_384"}
-SAME_PATH = "same code path as the smaller model of its family; too slow to repeat on two cores"
 # Every net-only golden: the native square, and for BEiT (the only family that accepts other sizes) one more
 # (run for BEiT-B; the larger BEiTs' repeat its code path, and their files stay as the reference made them).
 NET_SIZES = {
