@@ -289,10 +289,7 @@ class EstimatorPool:
 
     def _admit(self, model: RegisteredModel, weight_file: WeightFile, estimator: Estimator) -> None:
         loaded_at = timezone.now()
-        with self._lock:
-            # Before the insert: evictions it makes may hand the warm row to this estimator.
-            self._loaded_at[estimator.key] = loaded_at
-        self._insert(estimator)
+        self._insert(estimator, loaded_at)
         logger.info("%s ready on %s (%s) in %.0f ms (%d MB)", model.name, estimator.device_name, estimator.runtime,
                     estimator.load_ms, estimator.bytes // 1_000_000)
         me = worker_id()
@@ -337,10 +334,12 @@ class EstimatorPool:
             total -= old.bytes
         return chosen
 
-    def _insert(self, estimator: Estimator) -> None:
+    def _insert(self, estimator: Estimator, loaded_at: datetime) -> None:
         with self._lock:
             self._estimators[estimator.key] = estimator
             self._estimators.move_to_end(estimator.key)
+            # With it: the evictions below may hand the warm row to this estimator.
+            self._loaded_at[estimator.key] = loaded_at
         self._evict(self._over_budget())
         if self.max_bytes is not None and estimator.bytes > self.max_bytes:
             logger.warning("%s alone holds %d bytes, over DEPTHSITE_WARM_BYTES=%d; kept while it is used",

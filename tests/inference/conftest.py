@@ -30,8 +30,8 @@ def fresh_runtime_state(settings):
     estimator_module._failed_artifacts.clear()
 
 
-# By (model, weights key): a copy of the artifact a real build made in this process, and its row's values.
-_built_artifacts: dict[tuple[str, str], dict] = {}
+# By (model, weights key, artifact file name): a copy of the artifact a real build made in this process, and its row's values.
+_built_artifacts: dict[tuple[str, str, str], dict] = {}
 _ARTIFACT_FIELDS_NOT_COPIED = ("id", "model", "node", "path", "verified_at", "created_at", "last_used_at")
 
 
@@ -51,10 +51,10 @@ def artifact_builds_once(monkeypatch, tmp_path_factory):
     real_build = artifacts._build
 
     def build(*, model, weight_file, tolerance):
-        key = (model.name, artifacts.weights_key(weight_file), artifacts.runtime_artifact_path(model=model).name)
-        kept = _built_artifacts.get(key)
         if tolerance != artifacts.TOLERANCE:  # a test asking for another check gets it
             return real_build(model=model, weight_file=weight_file, tolerance=tolerance)
+        key = (model.name, artifacts.weights_key(weight_file), artifacts.runtime_artifact_path(model=model).name)
+        kept = _built_artifacts.get(key)
         if kept is None:
             artifact = real_build(model=model, weight_file=weight_file, tolerance=tolerance)
             copy = tmp_path_factory.mktemp("built-artifact") / "artifact"

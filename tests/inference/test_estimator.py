@@ -209,8 +209,8 @@ def test_an_estimator_evicted_before_its_row_is_written_gets_no_row(small_model,
     # Another thread's insert can evict an estimator between its own insert and its row: no row may name it then.
     real_insert = pool._insert
 
-    def insert_then_lose(estimator):
-        real_insert(estimator)
+    def insert_then_lose(estimator, loaded_at):
+        real_insert(estimator, loaded_at)
         pool._evict([estimator])
 
     monkeypatch.setattr(pool, "_insert", insert_then_lose)
