@@ -161,9 +161,9 @@ def _scaled_query_key(model, scores, producers: dict, initializers: dict) -> tup
     k_turned = _made_by(producers, scores.input[1], "Transpose")
     if k_turned is None or list(_attribute(k_turned, "perm", [])) != [0, 1, 3, 2]:
         return None
-    for query, factor in ((0, 1), (1, 0)):
+    for query, factor in ((0, 1), (1, 0)):  # q * scale or scale * q; the caller checks that q is the split's
         scale = _scalar_constant(model, q_scaled.input[factor], producers, initializers)
-        if scale is not None and scale > 0 and _made_by(producers, q_scaled.input[query], "Squeeze") is not None:
+        if scale is not None and scale > 0:
             return q_scaled.input[query], k_turned.input[0], scale
     return None
 
@@ -224,9 +224,10 @@ def fuse_attention(model) -> int:
             continue
         scores, bias = made_by(softmax.input[0], "MatMul"), None
         added = made_by(softmax.input[0], "Add") if scores is None else None
-        for mine, other in ((0, 1), (1, 0)) if added is not None else ():
-            if made_by(added.input[mine], "MatMul") is not None:
-                scores, bias = made_by(added.input[mine], "MatMul"), added.input[other]
+        for mine, other in ((0, 1), (1, 0)) if added is not None else ():  # scores + bias, either way round
+            scores = made_by(added.input[mine], "MatMul")
+            if scores is not None:
+                bias = added.input[other]
                 break
         if scores is None or (bias is not None and not _is_head_bias(model, bias, producers, initializers)):
             continue
