@@ -30,7 +30,8 @@ def fresh_runtime_state(settings):
     estimator_module._failed_artifacts.clear()
 
 
-# By (model, weights key, artifact file name): a copy of the artifact a real build made in this process, and its row's values.
+# By (model, weights key, artifact file name): a copy of the artifact a real build made in this process, and its
+# row's values.
 _built_artifacts: dict[tuple[str, str, str], dict] = {}
 _ARTIFACT_FIELDS_NOT_COPIED = ("id", "model", "node", "path", "verified_at", "created_at", "last_used_at")
 
