@@ -43,11 +43,22 @@ function start(url) {
   controls.enableDamping = true;
   controls.zoomSpeed = 1.2;
 
+  // A frame only when something changed (a drag, a scroll, the damping settling, a resize): an open page that
+  // nobody touches draws nothing, instead of a frame per display refresh on the CPU or GPU of the visitor.
+  let framePending = false;
+  function redraw() {
+    if (!framePending) {
+      framePending = true;
+      window.requestAnimationFrame(draw);
+    }
+  }
   function draw() {
+    framePending = false;
+    // update() moves the camera by what is left of the damping and says "change" (a redraw) while it moves.
     controls.update();
     renderer.render(scene, camera);
-    window.requestAnimationFrame(draw);
   }
+  controls.addEventListener("change", redraw);
 
   new PLYLoader().load(url, (geometry) => {
     // The file's camera axes are OpenCV's (x right, y down, z forward); three.js looks down -z with y up.
@@ -87,6 +98,7 @@ function start(url) {
     renderer.setSize(next.width, next.height, false);
     camera.aspect = next.width / next.height;
     camera.updateProjectionMatrix();
+    redraw();
   });
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,31 @@ def test_the_upload_form_takes_the_fov_and_says_when_it_is_wrong(client, user, c
 
 
 BACKGROUND = (0x11, 0x14, 0x18)
+# Counts the page's requestAnimationFrame calls and the callbacks run (Playwright's own waits run in another world
+# and use other timers).
+COUNT_FRAMES = """
+window.frameRequests = 0;
+window.framesRun = 0;
+const requestFrame = window.requestAnimationFrame.bind(window);
+window.requestAnimationFrame = (callback) => {
+  window.frameRequests += 1;
+  return requestFrame((time) => { window.framesRun += 1; callback(time); });
+};
+"""
+FRAME_COUNTS = "[window.frameRequests, window.framesRun]"
+
+
+def wait_until_idle(page, quiet_ms: int = 400, timeout_s: float = 20.0) -> int:
+    """Wait until every frame asked for has been drawn and none was asked for in `quiet_ms`; the count asked."""
+    deadline = time.monotonic() + timeout_s
+    before = page.evaluate(FRAME_COUNTS)
+    while True:
+        page.wait_for_timeout(quiet_ms)
+        now = page.evaluate(FRAME_COUNTS)
+        if now == before and now[0] == now[1]:
+            return now[0]
+        assert time.monotonic() < deadline, f"still drawing after {timeout_s} s: {now[0]} frames asked for"
+        before = now
 
 
 @pytest.mark.browser
@@ -114,6 +140,7 @@ def test_the_job_page_shows_the_cloud_in_3d(transactional_db, live_server, cache
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
 
+    page.add_init_script(COUNT_FRAMES)
     page.goto(f"{live_server.url}/jobs/{with_ply.pk}/")
     page.wait_for_selector('#viewer3d[data-state="ready"]', timeout=30_000)
     assert int(page.get_attribute("#viewer3d", "data-points")) == 160 * 120
@@ -136,6 +163,12 @@ def test_the_job_page_shows_the_cloud_in_3d(transactional_db, live_server, cache
     page.wait_for_timeout(500)
     with Image.open(io.BytesIO(canvas.screenshot())) as rotated:
         assert not np.array_equal(np.asarray(rotated.convert("RGB")).reshape(-1, 3), pixels)
+    # Once the damping has settled, a page nobody touches asks for no more frames; a resize draws again.
+    asked = wait_until_idle(page)
+    page.wait_for_timeout(1000)
+    assert page.evaluate("window.frameRequests") == asked
+    page.set_viewport_size({"width": 900, "height": 700})
+    page.wait_for_function(f"window.frameRequests > {asked}", polling=100, timeout=5_000)
     assert foreign == [] and errors == []
     # The .ply is a download; the preview is the view's own file, not offered as one.
     assert page.locator('#downloads a[data-format="ply"]').count() == 1
