@@ -32,10 +32,10 @@ run: migrate
 serve: install
 	scripts/serve.sh all
 
-# One pytest-xdist worker per core (at most 4: each may hold a large network), a test file per worker; the
-# ten slowest tests are listed at the end.
+# One pytest-xdist worker per core (at most 4: each may hold a large network), a test file per worker, the longest
+# files handed out first (tests/conftest.py, LONGEST_FILES); the ten slowest tests are listed at the end.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
-PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile --durations=10
+PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --durations=10
 # pytest keeps its assertion-rewritten test modules as .pyc files; where PYTHONDONTWRITEBYTECODE is set it
 # rewrites all 361 again in every worker of every run (collection 13 s instead of 7 s per worker here).
 PYTEST = PYTHONDONTWRITEBYTECODE= $(PY) -m pytest

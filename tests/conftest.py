@@ -35,6 +35,48 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+# pytest-xdist hands out whole test files (`--dist loadfile`), by default the files with the most tests first: the
+# PostgreSQL re-run (one test, 70 s) and the real-process files (a few tests, 35-90 s each) came last, with one
+# worker finishing alone. The Makefile turns that order off (--no-loadscope-reorder) and the files are handed out in
+# the order below: those measured longest first (seconds of one run under `make test`, Zen 3, 2026-12-07), the
+# rest by their number of tests, so that the short files fill in at the end.
+LONGEST_FILES = (
+    "tests/nets/test_fidelity_v31.py",  # 165 s
+    "tests/inference/test_runtime.py",  # 130 s
+    "tests/jobs/test_e2e_qcluster.py",  # 91 s
+    "tests/inference/test_runtime_process.py",  # 81 s
+    "tests/nets/test_fidelity.py",  # 75 s
+    "tests/services/test_postgres.py",  # 70 s, two workers of its own
+    "tests/nets/test_fidelity_dav2.py",  # 53 s
+    "tests/services/test_nodes_qcluster.py",  # 52 s
+    "tests/registry/test_download.py",  # 51 s
+    "tests/registry/test_commands.py",  # 50 s
+    "tests/jobs/test_worker_exit.py",  # 42 s
+    "tests/inference/test_cpu_half.py",  # 31 s
+    "tests/jobs/test_point_cloud.py",  # 30 s
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put the test files in the order they are best handed out to pytest-xdist's workers (LONGEST_FILES)."""
+    missing = [name for name in LONGEST_FILES if not (Path(config.rootpath) / name).is_file()]
+    if missing:  # a renamed file would silently lose its place
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FILES names files that do not exist: {missing}")
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        name = item.nodeid.split("::", 1)[0]
+        counts[name] = counts.get(name, 0) + 1
+        first.setdefault(name, index)
+
+    def order(item) -> tuple[int, int, int]:
+        name = item.nodeid.split("::", 1)[0]
+        return (rank[name], 0, 0) if name in rank else (len(rank), -counts[name], first[name])
+
+    items.sort(key=order)  # stable: the tests of a file keep their order (pytest-django's, database tests last)
+
+
 def pytest_runtest_setup(item):
     """Every test marked `browser` skips (or, with DEPTHSITE_REQUIRE_BROWSER=1, fails) with one reason when
     Chromium is absent, before any of its fixtures (a live server, a checkpoint) is built."""
