@@ -121,6 +121,11 @@ class WeightFile(models.Model):
                                                "copy converted from.")
     origin_by = models.CharField(max_length=150, blank=True,
                                  help_text="Who: a user name, or 'cli' for a management command.")
+    # A database default too: the release before it inserts rows without the column during a rolling deploy.
+    export_recipe = models.PositiveSmallIntegerField(
+        default=0, db_default=0,
+        help_text="For a runtime artifact, the version of the export recipe that built it (0: recorded before "
+                  "versions were); one of another version than the running release's is rebuilt on next use.")
 
     class Meta:
         ordering = ["model__name", "format"]

@@ -15,6 +15,11 @@ OPSET = 17
 # The TorchScript exporter: the torch.export-based one (dynamo=True) took minutes for MiDaS_small here
 # against seconds, for the same graph (docs/performance.md).
 EXPORTER = f"torch.onnx.export (TorchScript exporter, opset {OPSET})"
+# The version of this file's recipe (the export, the padding fixed, the attention fused), recorded with each artifact
+# (WeightFile.export_recipe): an artifact of another recipe is rebuilt on its next use. Raise it with any change
+# after which an artifact built before it would run slower or compute otherwise than a rebuild. 1: the first
+# recorded, with BEiT's attention fused (artifacts from before it record 0).
+EXPORT_RECIPE = 1
 
 
 def check_shapes(config) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ import pytest
 from tests.support.estimators import pool_warm
 from inference.estimator import EstimatorPool
 from inference.runtime import artifacts, runtime_select
+from inference.runtime.export import EXPORT_RECIPE
 from inference.runtime.pack import pack_read
 from models_registry import cachefs
 from models_registry.choices import Health
@@ -36,13 +37,15 @@ def artifact_row(model_name: str = "MiDaS_small") -> WeightFile | None:
     return WeightFile.objects.filter(model__name=model_name, format="onnx").first()
 
 
-def fake_artifact(model: RegisteredModel, source: WeightFile, size: int = 4096) -> WeightFile:
+def fake_artifact(model: RegisteredModel, source: WeightFile, size: int = 4096,
+                  recipe: int = EXPORT_RECIPE) -> WeightFile:
     """An artifact row and file without an export: enough for what the registry does with it."""
     path = artifacts.runtime_artifact_path(model=model)
     path.write_bytes(bytes(range(256)) * (size // 256))
     return WeightFile.objects.create(model=model, format="onnx", path=cachefs.relative(path), size=path.stat().st_size,
                                      sha256=file_sha256(path), content_digest=source.content_digest,
-                                     health=Health.OK, node=cachefs.node_name(), origin="build")
+                                     health=Health.OK, node=cachefs.node_name(), origin="build",
+                                     export_recipe=recipe)
 
 
 # --- choosing the runtime ------------------------------------------------------------------------
@@ -229,6 +232,24 @@ def test_verify_checks_an_artifacts_bytes(cached_small):
     assert artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small) is None
 
 
+def test_an_artifact_of_another_export_recipe_is_not_served(cached_small, caplog):
+    # An artifact built by a release with another recipe (before BEiT's attention was fused, say) would run
+    # slower than a rebuild, or compute otherwise: not found, so the next use builds the release's own.
+    def find() -> WeightFile | None:
+        return artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small)
+
+    artifact = fake_artifact(cached_small.model, cached_small, recipe=0)  # a row from before recipes were recorded
+    with caplog.at_level(logging.INFO, logger="inference.runtime.artifacts"):
+        assert find() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the ONNX artifact of MiDaS_small was built by export recipe 0, this release's is {EXPORT_RECIPE}: "
+        "it is rebuilt"]
+    WeightFile.objects.filter(pk=artifact.pk).update(export_recipe=EXPORT_RECIPE + 1)  # a later release's
+    assert find() is None
+    WeightFile.objects.filter(pk=artifact.pk).update(export_recipe=EXPORT_RECIPE)
+    assert find() == artifact
+
+
 def test_an_artifact_is_hashed_again_only_when_its_inode_changed_after_it_was_hashed(cached_small, monkeypatch):
     from datetime import timedelta
 
@@ -362,6 +383,18 @@ def test_artifact_is_keyed_by_the_weights_digest(cached_small, small_arrays, wri
     assert new.content_digest == replaced.content_digest and new.sha256 != old.sha256
     image = synthetic_image(96, 128)
     assert not np.allclose(first.predict(image).depth, second.predict(image).depth)
+
+
+@pytest.mark.slow
+def test_an_artifact_of_an_older_export_recipe_is_rebuilt_and_recorded_with_the_current_one(cached_small, pool):
+    first = pool_warm(pool, "MiDaS_small")
+    built = artifact_row()
+    assert first.runtime == "onnx" and built.export_recipe == EXPORT_RECIPE
+    WeightFile.objects.filter(pk=built.pk).update(export_recipe=0)  # as an earlier release recorded it
+    again = pool_warm(EstimatorPool(capacity=1), "MiDaS_small")
+    rebuilt = artifact_row()
+    assert again.runtime == "onnx" and rebuilt.pk == built.pk and rebuilt.export_recipe == EXPORT_RECIPE
+    assert rebuilt.created_at > built.created_at and cachefs.absolute(rebuilt.path).is_file()
 
 
 @pytest.mark.slow
