@@ -27,10 +27,11 @@ def test_registry_suite_passes_on_postgresql():
     require_service("PostgreSQL", "127.0.0.1", 5432)
     env = {**os.environ, "DATABASE_URL": POSTGRES_URL, "DEPTHSITE_REQUIRE_SERVICES": "1"}
     result = subprocess.run(
-        # Two workers of its own: under `make test` this one test is among the last files handed out, often
-        # with the other core idle (63-76 s on one core on the Intel machine of 2026-12-07).
+        # One process: `make test` hands this file out early (tests/conftest.py, LONGEST_FILES), beside the other
+        # worker's files, so a second worker of its own only competed for the cores, and collected the tests,
+        # imported torch and made a database again (about 25 s of CPU time on a 2-core machine).
         [sys.executable, "-m", "pytest", *(f"tests/registry/{name}" for name in ABOUT_THE_DATABASE), *ALSO, "-q",
-         "-m", "not slow", "-p", "no:cacheprovider", "-n", str(min(2, os.cpu_count() or 1)), "--dist", "loadfile", "--create-db"],
+         "-m", "not slow", "-p", "no:cacheprovider", "-p", "no:xdist", "--create-db"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
