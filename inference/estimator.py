@@ -55,6 +55,8 @@ def estimator_build(*, model: RegisteredModel, weight_file: WeightFile, device, 
 
 
 _failed_artifacts: set[tuple[str, str]] = set()  # (model, weights sha256) whose artifact failed: eager from now on
+# (model, weights sha256) whose artifact of an earlier export recipe could not be rebuilt: that one is used from now on
+_kept_older_recipe: set[tuple[str, str]] = set()
 
 # Below this many images a process runs per model, its ONNX sessions skip repacking the weights when they open.
 # bench/session_open.py measured where repacking starts to pay: from 2.8 images (DPT_Hybrid) to 6.5 (DPT_Large,
@@ -83,7 +85,8 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
     failure_key = (model.name, weight_file.sha256)
     if failure_key in _failed_artifacts:
         return None
-    artifact = runtime_artifact_find(model=model, weight_file=weight_file)
+    artifact = runtime_artifact_find(model=model, weight_file=weight_file,
+                                     any_recipe=failure_key in _kept_older_recipe)
     if artifact is None:
         try:
             if settings.DEPTHSITE_RUNTIME_BUILD == "process":
@@ -93,11 +96,20 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
             else:
                 artifact = runtime_artifact_build(model=model, weight_file=weight_file)
         except ApplicationError as exc:
-            # Weights that do not load fail again in eager, which reports them (and they are marked corrupt).
-            _failed_artifacts.add(failure_key)
-            say_once(f"artifact:{failure_key}", "%s runs in eager PyTorch: no ONNX artifact (%s)", model.name,
-                     exc.message)
-            return None
+            # An artifact of an earlier recipe still serves these weights as it did (it passed its check when it
+            # was built) rather than eager; the rebuild is tried again by the next process.
+            kept = runtime_artifact_find(model=model, weight_file=weight_file, any_recipe=True)
+            if kept is not None:
+                _kept_older_recipe.add(failure_key)
+                say_once(f"artifact:{failure_key}", "%s keeps its ONNX artifact of export recipe %d: building this "
+                         "release's failed (%s)", model.name, kept.export_recipe, exc.message)
+                artifact = kept
+            else:
+                # Weights that do not load fail again in eager, which reports them (and they are marked corrupt).
+                _failed_artifacts.add(failure_key)
+                say_once(f"artifact:{failure_key}", "%s runs in eager PyTorch: no ONNX artifact (%s)", model.name,
+                         exc.message)
+                return None
     from inference.runtime.onnx import OnnxEstimator
 
     try:

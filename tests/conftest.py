@@ -46,7 +46,7 @@ LONGEST_FILES = (
     "tests/jobs/test_e2e_qcluster.py",  # 91 s
     "tests/inference/test_runtime_process.py",  # 81 s
     "tests/nets/test_fidelity.py",  # 75 s
-    "tests/services/test_postgres.py",  # 70 s, two workers of its own
+    "tests/services/test_postgres.py",  # 70 s
     "tests/nets/test_fidelity_dav2.py",  # 53 s
     "tests/services/test_nodes_qcluster.py",  # 52 s
     "tests/registry/test_download.py",  # 51 s
@@ -74,7 +74,7 @@ def pytest_collection_modifyitems(config, items):
         name = item.nodeid.split("::", 1)[0]
         return (rank[name], 0, 0) if name in rank else (len(rank), -counts[name], first[name])
 
-    items.sort(key=order)  # stable: the tests of a file keep their order (pytest-django's, database tests last)
+    items.sort(key=order)  # stable: the tests of a file keep their order (pytest-django's: transactional ones late)
 
 
 def pytest_runtest_setup(item):

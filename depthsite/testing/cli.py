@@ -76,13 +76,15 @@ def make_site(root: Path, **extra_env: str) -> Site:
     database = root / "db.sqlite3"
     key = tuple(sorted(extra_env.items())) if "DATABASE_URL" not in extra_env else None
     migrated = _MIGRATED.get(key) if key is not None else None
-    if migrated is not None and not database.exists():
+    fresh = not database.exists()
+    if migrated is not None and fresh:
         shutil.copyfile(migrated, database)
         return site
     result = site.manage("migrate", "--noinput", "-v0")
     if result.returncode != 0:
         raise RuntimeError(f"migrate failed: {result.stderr}")
-    # Kept only when `migrate` left every write in the file itself (its last connection closed the write-ahead log).
-    if key is not None and key not in _MIGRATED and not database.with_name(database.name + "-wal").exists():
+    # Kept only from a database `migrate` made (not one that held rows already), and when it left every write in
+    # the file itself (its last connection closed the write-ahead log).
+    if fresh and key is not None and key not in _MIGRATED and not database.with_name(database.name + "-wal").exists():
         _MIGRATED[key] = _migrated_copy(database)
     return site

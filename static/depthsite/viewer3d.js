@@ -43,22 +43,34 @@ function start(url) {
   controls.enableDamping = true;
   controls.zoomSpeed = 1.2;
 
-  // A frame only when something changed (a drag, a scroll, the damping settling, a resize): an open page that
+  // Frames only while something moves (a drag, a scroll, the damping settling, a resize): an open page that
   // nobody touches draws nothing, instead of a frame per display refresh on the CPU or GPU of the visitor.
+  // update() applies a share of what is left of the damping at each frame, but says "change" only once the camera
+  // has moved a visible step: frames go on for SETTLE_MS after the last such step, to draw the damping's tail (and a
+  // drag too slow to make a step per frame) where it ends, as a frame on every refresh would. In time, not frames:
+  // a slow renderer (software WebGL) is not kept busy for longer.
+  const SETTLE_MS = 1000;
   let framePending = false;
+  let lastMove = 0;
   function redraw() {
     if (!framePending) {
       framePending = true;
       window.requestAnimationFrame(draw);
     }
   }
+  function wake() {
+    lastMove = performance.now();
+    redraw();
+  }
   function draw() {
     framePending = false;
-    // update() moves the camera by what is left of the damping and says "change" (a redraw) while it moves.
-    controls.update();
+    if (controls.update()) { lastMove = performance.now(); }
     renderer.render(scene, camera);
+    if (performance.now() - lastMove < SETTLE_MS) { redraw(); }
   }
-  controls.addEventListener("change", redraw);
+  for (const event of ["start", "change", "end"]) { controls.addEventListener(event, wake); }
+  // A lost GPU context comes back blank: draw it again.
+  canvas.addEventListener("webglcontextrestored", wake);
 
   new PLYLoader().load(url, (geometry) => {
     // The file's camera axes are OpenCV's (x right, y down, z forward); three.js looks down -z with y up.
@@ -87,7 +99,7 @@ function start(url) {
     root.setAttribute("data-state", "ready");
     say("Drag to rotate, scroll to zoom, right-drag to pan. A downsampled preview: the .ply download has a point "
         + "per pixel.");
-    draw();
+    wake();
   }, undefined, () => {
     root.setAttribute("data-state", "error");
     say("The point cloud could not be loaded; the .ply download still has it.");
@@ -98,7 +110,7 @@ function start(url) {
     renderer.setSize(next.width, next.height, false);
     camera.aspect = next.width / next.height;
     camera.updateProjectionMatrix();
-    redraw();
+    wake();
   });
 }
 

@@ -25,9 +25,11 @@ def fresh_runtime_state(settings):
     settings.DEPTHSITE_RUNTIME = "onnx"
     runtime_module._said.clear()
     estimator_module._failed_artifacts.clear()
+    estimator_module._kept_older_recipe.clear()
     yield
     runtime_module._said.clear()
     estimator_module._failed_artifacts.clear()
+    estimator_module._kept_older_recipe.clear()
 
 
 # By (model, weights key, artifact file name): a copy of the artifact a real build made in this process, and its

@@ -107,7 +107,7 @@ window.requestAnimationFrame = (callback) => {
 FRAME_COUNTS = "[window.frameRequests, window.framesRun]"
 
 
-def wait_until_idle(page, quiet_ms: int = 400, timeout_s: float = 20.0) -> int:
+def wait_until_idle(page, quiet_ms: int = 400, timeout_s: float = 45.0) -> int:
     """Wait until every frame asked for has been drawn and none was asked for in `quiet_ms`; the count asked."""
     deadline = time.monotonic() + timeout_s
     before = page.evaluate(FRAME_COUNTS)
