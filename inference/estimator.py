@@ -79,6 +79,7 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
     None when there can be none (export or check failed, the file does not open): the caller runs eager,
     and the reason is logged once."""
     from inference.runtime.artifacts import runtime_artifact_build, runtime_artifact_find
+    from inference.runtime.export import EXPORT_RECIPE
     from models_registry import cachefs
     from depthsite.exceptions import ApplicationError
 
@@ -86,7 +87,7 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
     if failure_key in _failed_artifacts:
         return None
     artifact = runtime_artifact_find(model=model, weight_file=weight_file,
-                                     any_recipe=failure_key in _kept_older_recipe)
+                                     earlier_recipe=failure_key in _kept_older_recipe)
     if artifact is None:
         try:
             if settings.DEPTHSITE_RUNTIME_BUILD == "process":
@@ -98,11 +99,13 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
         except ApplicationError as exc:
             # An artifact of an earlier recipe still serves these weights as it did (it passed its check when it
             # was built) rather than eager; the rebuild is tried again by the next process.
-            kept = runtime_artifact_find(model=model, weight_file=weight_file, any_recipe=True)
-            if kept is not None:
+            kept = runtime_artifact_find(model=model, weight_file=weight_file, earlier_recipe=True)
+            if kept is not None and kept.export_recipe == EXPORT_RECIPE:
+                artifact = kept  # another process built this release's meanwhile
+            elif kept is not None:
                 _kept_older_recipe.add(failure_key)
-                say_once(f"artifact:{failure_key}", "%s keeps its ONNX artifact of export recipe %d: building this "
-                         "release's failed (%s)", model.name, kept.export_recipe, exc.message)
+                say_once(f"artifact-kept:{failure_key}", "%s keeps its ONNX artifact of export recipe %d: building "
+                         "this release's failed (%s)", model.name, kept.export_recipe, exc.message)
                 artifact = kept
             else:
                 # Weights that do not load fail again in eager, which reports them (and they are marked corrupt).

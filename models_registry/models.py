@@ -125,7 +125,7 @@ class WeightFile(models.Model):
     export_recipe = models.PositiveSmallIntegerField(
         default=0, db_default=0,
         help_text="For a runtime artifact, the version of the export recipe that built it (0: recorded before "
-                  "versions were); one of an earlier version than the running release's is rebuilt on next use.")
+                  "versions were); one of another version than the running release's is rebuilt on next use.")
 
     class Meta:
         ordering = ["model__name", "format"]

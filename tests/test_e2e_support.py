@@ -22,6 +22,7 @@ def test_stop_site_stops_every_process_when_one_will_not_stop(monkeypatch):
     assert stopped == ["qcluster", "web"]
 
 
+@pytest.mark.slow  # two `migrate` processes
 def test_a_second_site_starts_from_a_copy_of_the_first_sites_migrated_database(tmp_path, monkeypatch):
     import sqlite3
     import uuid

@@ -50,17 +50,19 @@ def runtime_artifact_path(*, model: RegisteredModel) -> Path:
 
 
 def runtime_artifact_find(*, model: RegisteredModel, weight_file: WeightFile,
-                          any_recipe: bool = False) -> WeightFile | None:
+                          earlier_recipe: bool = False) -> WeightFile | None:
     """The checked artifact built from exactly these weights, its bytes intact; None when there is none to use.
 
-    One built by an earlier export recipe than this release's is none to use (the next use rebuilds it) unless
-    `any_recipe`; one of a later recipe (a newer release on the same node) passed the same check, and is used.
-    A recorded artifact whose size changed, or whose sha256 changed when its inode changed after it was
-    hashed, is marked corrupt (and so rebuilt and pruned). `models verify` hashes it whatever its times say."""
+    One built by another export recipe than this release's is none to use (the next use rebuilds it): an earlier
+    one would run slower or compute otherwise, and a later one (a newer release on the node, or the release rolled
+    back from) was checked against another release's code. With `earlier_recipe`, one of an earlier recipe is
+    used (where its rebuild failed). A recorded artifact whose size changed, or whose sha256 changed when its inode
+    changed after it was hashed, is marked corrupt (and so rebuilt and pruned). `models verify` hashes it whatever
+    its times say."""
     artifact = weight_file_get(model=model, fmt=ARTIFACT_FORMAT)
     if artifact is None or artifact.health != Health.OK or artifact.content_digest != weights_key(weight_file):
         return None
-    if artifact.export_recipe < EXPORT_RECIPE and not any_recipe:
+    if artifact.export_recipe != EXPORT_RECIPE and not (earlier_recipe and artifact.export_recipe < EXPORT_RECIPE):
         logger.info("the ONNX artifact of %s was built by export recipe %d, this release's is %d: it is rebuilt",
                     model.name, artifact.export_recipe, EXPORT_RECIPE)
         return None

@@ -16,9 +16,10 @@ OPSET = 17
 # against seconds, for the same graph (docs/performance.md).
 EXPORTER = f"torch.onnx.export (TorchScript exporter, opset {OPSET})"
 # The version of this file's recipe (the export, the padding fixed, the attention fused), recorded with each artifact
-# (WeightFile.export_recipe): an artifact of an earlier recipe is rebuilt on its next use (and still used where the
-# rebuild fails). Raise it with any change after which an artifact built before it would run slower or compute
-# otherwise than a rebuild. 1: the first recorded, with BEiT's attention fused (artifacts from before it record 0).
+# (WeightFile.export_recipe): an artifact of another recipe is rebuilt on its next use (one of an earlier recipe is
+# still used where the rebuild fails). Raise it with any change after which an artifact built before it would run
+# slower or compute otherwise than a rebuild; a change to what the graph takes or gives is another artifact format.
+# 1: the first recorded, with BEiT's attention fused (artifacts from before it record 0).
 EXPORT_RECIPE = 1
 
 

@@ -13,6 +13,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='weightfile',
             name='export_recipe',
-            field=models.PositiveSmallIntegerField(db_default=0, default=0, help_text="For a runtime artifact, the version of the export recipe that built it (0: recorded before versions were); one of an earlier version than the running release's is rebuilt on next use."),
+            field=models.PositiveSmallIntegerField(db_default=0, default=0, help_text="For a runtime artifact, the version of the export recipe that built it (0: recorded before versions were); one of another version than the running release's is rebuilt on next use."),
         ),
     ]
