@@ -27,7 +27,8 @@ from inference.runtime.cpu import bf16_units
 from inference.worker import worker_id
 from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WeightFile
-from models_registry.services.warm import warm_model_forget, warm_model_record, warm_models_forget_at_exit
+from models_registry.services.warm import (warm_model_forget, warm_model_record, warm_models_forget_at_exit,
+                                           warm_models_heartbeat)
 from models_registry.services.records import weight_mark_corrupt, weight_mark_used
 
 logger = logging.getLogger(__name__)
@@ -383,8 +384,8 @@ class EstimatorPool:
             except RegisteredModel.DoesNotExist:
                 pass
             except DatabaseError as exc:
-                # The network goes all the same. A row left behind stays listed (the heartbeat refreshes all of
-                # this worker's rows) until this estimator's model is recorded again or the worker exits.
+                # The network goes all the same. A row left behind goes at the worker's next heartbeat
+                # (rows_heartbeat), or when this estimator's model is recorded again or the worker exits.
                 logger.warning("could not update the warm-model row of %s (%s)", old.model_name, exc)
             finally:
                 old.release()
@@ -409,6 +410,15 @@ class EstimatorPool:
         warm_model_record(model=model, weight_file=weight_file, worker=worker_id(), device=estimator.device_name,
                           dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes,
                           weights_sha256=estimator.weights_sha256, loaded_at=loaded_at)
+
+    def rows_heartbeat(self) -> int:
+        """This worker's warm rows, as the heartbeat keeps them: those of the networks held renewed, any other (an
+        eviction whose delete failed) deleted; the number renewed. Under the rows lock, so a network admitted or
+        evicted meanwhile records or deletes its row after this, not between the look and the write."""
+        with self._rows_lock:
+            with self._lock:
+                held = {(e.model_name, e.device_name, e.dtype_name) for e in self._estimators.values()}
+            return warm_models_heartbeat(worker=worker_id(), held=held)
 
     def warm(self) -> list[dict[str, Any]]:
         with self._lock:

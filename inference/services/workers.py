@@ -16,8 +16,8 @@ from django.utils import timezone
 from inference.models import DepthJob
 from inference.services.job_recovery import depth_jobs_leases_recover, depth_jobs_stranded_requeue
 from inference.services.job_state import job_attempt, job_transition
-from inference.worker import job_lease_seconds, worker_id
-from models_registry.services.warm import warm_models_exit_forget, warm_models_heartbeat
+from inference.worker import job_lease_seconds
+from models_registry.services.warm import warm_models_exit_forget
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ def worker_heartbeat() -> dict[str, int]:
     recovered = depth_jobs_leases_recover()
     if not attempts:
         recovered["requeued"] += depth_jobs_stranded_requeue()
-    warm = warm_models_heartbeat(worker=worker_id())
+    from inference.estimator import estimator_pool  # the pool of this process, whose networks the rows describe
+
+    warm = estimator_pool().rows_heartbeat()
     return {"leases": renewed, "warm": warm, "requeued": len(recovered["requeued"])}
 
 

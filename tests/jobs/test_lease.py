@@ -156,13 +156,60 @@ def warm_row(model: RegisteredModel, worker: str, age: timedelta) -> WarmModel:
                                     loaded_at=stamp, last_used_at=stamp)
 
 
-def test_the_heartbeat_keeps_a_long_loaded_models_row_listed(small_model, clock, monkeypatch):
+class HeldNetwork:
+    """What the pool and its heartbeat read of a warm network, without one."""
+
+    device_name = "cpu"
+    dtype_name = "float32"
+    bytes = 1_000_000
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.key = (model_name, "sha", "cpu", "torch.float32", "eager")
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.fixture
+def pool_holding(monkeypatch):
+    """This process's estimator pool, replaced by one holding networks of the given model names."""
+    from inference import estimator as estimator_module
+
+    def hold(*names: str):
+        pool = estimator_module.EstimatorPool()
+        for name in names:
+            pool._insert(HeldNetwork(name), timezone.now())
+        monkeypatch.setattr(estimator_module, "_pool", pool)
+        return pool
+
+    return hold
+
+
+def test_the_heartbeat_keeps_a_long_loaded_models_row_listed(small_model, clock, pool_holding):
     # Loaded 7 hours ago: past the status page's staleness bound unless the worker's heartbeat keeps it current.
+    pool_holding(small_model.name)
     warm_row(small_model, worker_id(), timedelta(hours=7))
     warm_row(small_model, "other-node:1:1", timedelta(hours=7))  # another worker's row: not this one's to renew
     assert not warm_models().exists()
     assert worker_heartbeat()["warm"] == 1
     assert [w.worker for w in warm_models()] == [worker_id()]
+
+
+def test_the_heartbeat_deletes_this_workers_rows_of_networks_it_no_longer_holds(small_model, clock, pool_holding):
+    # An eviction whose row delete failed (the database was away) left its row: it went on being renewed, and
+    # listed as warm, until the worker exited. The next beat deletes it; the held network's row stays.
+    other = RegisteredModel.objects.get(name="MiDaS")
+    pool_holding(small_model.name)
+    held = warm_row(small_model, worker_id(), timedelta(seconds=5))
+    warm_row(other, worker_id(), timedelta(seconds=5))  # no longer held
+    elsewhere = warm_row(other, "other-node:1:1", timedelta(seconds=5))  # another worker's: not this one's to judge
+    assert worker_heartbeat()["warm"] == 1
+    assert sorted(WarmModel.objects.values_list("pk", flat=True)) == sorted([held.pk, elsewhere.pk])
+    # Holding nothing: the worker's rows all go.
+    pool_holding()
+    assert worker_heartbeat()["warm"] == 0
+    assert list(WarmModel.objects.values_list("pk", flat=True)) == [elsewhere.pk]
 
 
 def test_recovery_removes_the_rows_of_workers_whose_heartbeat_stopped(small_model, clock):
