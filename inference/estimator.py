@@ -78,7 +78,8 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
     (in a child process unless DEPTHSITE_RUNTIME_BUILD=inline).
 
     None when there can be none (export or check failed, the file does not open): the caller runs eager,
-    and the reason is logged once."""
+    and the reason is logged once. Where the build fails and an artifact of an earlier export recipe serves these
+    weights, that one is used (said once)."""
     from inference.runtime.artifacts import runtime_artifact_build, runtime_artifact_find
     from inference.runtime.export import EXPORT_RECIPE
     from models_registry import cachefs
@@ -109,7 +110,8 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
                          "this release's failed (%s)", model.name, kept.export_recipe, exc.message)
                 artifact = kept
             else:
-                # Weights that do not load fail again in eager, which reports them (and they are marked corrupt).
+                # Weights that do not load fail again in eager, which reports them (and they are marked corrupt);
+                # behind a kept artifact they are found by `models verify` or the next weights in use.
                 _failed_artifacts.add(failure_key)
                 say_once(f"artifact:{failure_key}", "%s runs in eager PyTorch: no ONNX artifact (%s)", model.name,
                          exc.message)
