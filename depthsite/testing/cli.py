@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import subprocess
@@ -54,14 +55,18 @@ class Site:
 
 # Migrated SQLite databases of this process, by the sites' own environment: a copy is a new site's database.
 _MIGRATED: dict[tuple[tuple[str, str], ...], Path] = {}
-_MIGRATED_FOLDER: list[Path] = []
+
+
+@functools.cache
+def _migrated_folder() -> Path:
+    """This process's folder of migrated databases, removed when it exits."""
+    folder = Path(tempfile.mkdtemp(prefix="depthsite-migrated-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _migrated_copy(database: Path) -> Path:
-    if not _MIGRATED_FOLDER:
-        _MIGRATED_FOLDER.append(Path(tempfile.mkdtemp(prefix="depthsite-migrated-")))
-        atexit.register(shutil.rmtree, _MIGRATED_FOLDER[0], ignore_errors=True)
-    copy = _MIGRATED_FOLDER[0] / f"db-{len(_MIGRATED)}.sqlite3"
+    copy = _migrated_folder() / f"db-{len(_MIGRATED)}.sqlite3"
     shutil.copyfile(database, copy)
     return copy
 

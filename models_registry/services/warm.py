@@ -56,16 +56,15 @@ def warm_model_forget(*, worker: str, model: RegisteredModel | None = None, devi
     return deleted
 
 
-def warm_models_heartbeat(*, worker: str, held: set[tuple[str, str, str]] | None = None) -> int:
+def warm_models_heartbeat(*, worker: str, held: set[tuple[str, str, str]]) -> int:
     """The worker's heartbeat: its rows stay current (and listed) for as long as it lives and holds them; the
-    number renewed. With `held`, the (model name, device, dtype) of the networks it holds, its other rows go (an
+    number renewed. `held` is the (model name, device, dtype) of the networks it holds: its other rows go (an
     eviction whose delete failed left one behind)."""
     rows = WarmModel.objects.filter(worker=worker)
-    if held is not None:
-        gone = [pk for pk, name, device, dtype in rows.values_list("pk", "model__name", "device", "dtype")
-                if (name, device, dtype) not in held]
-        if gone:
-            WarmModel.objects.filter(pk__in=gone).delete()
+    gone = [pk for pk, name, device, dtype in rows.values_list("pk", "model__name", "device", "dtype")
+            if (name, device, dtype) not in held]
+    if gone:
+        WarmModel.objects.filter(pk__in=gone).delete()
     return rows.update(last_used_at=timezone.now())
 
 
