@@ -9,7 +9,8 @@ so both saw the same load: channels_last, bfloat16 and
 float16 eager, torch.compile (its compile cost reported apart), the ONNX artifact under each graph
 optimisation level and with 1 thread or all, the artifact against the same graph with timm's "same"
 padding worked out at run time (the ratio of that row is artifact / that graph), the artifact against the same
-graph with its attention unfused (likewise), and the artifact after ORT's
+graph with its attention unfused (likewise), SwinV2's artifact against the same graph with its score scale and
+normalisation as exported (likewise), and the artifact after ORT's
 transformer fusions
 (onnxruntime.transformers: LayerNorm, GELU and attention subgraphs into its contrib operators).
 max|diff|/range is against the fp32 eager output.
@@ -158,6 +159,11 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         # (inference/runtime/graph.py; BEiT's since the 2026-12-07 evening); before it ran MatMul, Softmax and MatMul.
         against_plain_export("onnx, attention fused (vs. MatMul, Softmax, MatMul)", "MultiHeadAttention",
                              fuse_attention=False)
+    if "cosine" not in skip and config.family == "swin2":
+        # SwinV2's cosine attention: the artifact multiplies the queries by each head's scale instead of the (N, N)
+        # scores, and divides by the q and k norms without expanding them (inference/runtime/graph.py; recipe 2).
+        against_plain_export("onnx, SwinV2 scale on the queries, norms not expanded (vs. as exported)", "Expand",
+                             cosine_attention=False)
     del session
     if "fusions" not in skip:
         # ORT's transformer optimiser: LayerNorm, GELU and attention subgraphs fused into its contrib operators.
@@ -192,7 +198,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip", default="",
-                        help="comma-separated: channels_last,bf16,fp16,compile,levels,padding,attention,fusions")
+                        help="comma-separated: channels_last,bf16,fp16,compile,levels,padding,attention,cosine,fusions")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -81,7 +81,7 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
     and the reason is logged once. Where the build fails and an artifact of an earlier export recipe serves these
     weights, that one is used (said once)."""
     from inference.runtime.artifacts import runtime_artifact_build, runtime_artifact_find
-    from inference.runtime.export import EXPORT_RECIPE
+    from inference.runtime.export import export_recipe
     from models_registry import cachefs
     from depthsite.exceptions import ApplicationError
 
@@ -102,7 +102,7 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
             # An artifact of an earlier recipe still serves these weights as it did (it passed its check when it
             # was built) rather than eager; the rebuild is tried again by the next process.
             kept = runtime_artifact_find(model=model, weight_file=weight_file, earlier_recipe=True)
-            if kept is not None and kept.export_recipe == EXPORT_RECIPE:
+            if kept is not None and kept.export_recipe == export_recipe(model.architecture):
                 artifact = kept  # another process built this release's meanwhile
             elif kept is not None:
                 _kept_older_recipe.add(failure_key)

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from inference.exceptions import RuntimeArtifactError
-from inference.runtime.export import EXPORT_RECIPE, EXPORTER, check_shapes, network_export
+from inference.runtime.export import EXPORTER, check_shapes, export_recipe, network_export
 from inference.runtime.pack import pack_write
 
 from models_registry import cachefs
@@ -62,9 +62,10 @@ def runtime_artifact_find(*, model: RegisteredModel, weight_file: WeightFile,
     artifact = weight_file_get(model=model, fmt=ARTIFACT_FORMAT)
     if artifact is None or artifact.health != Health.OK or artifact.content_digest != weights_key(weight_file):
         return None
-    if artifact.export_recipe != EXPORT_RECIPE and not (earlier_recipe and artifact.export_recipe < EXPORT_RECIPE):
+    recipe = export_recipe(model.architecture)
+    if artifact.export_recipe != recipe and not (earlier_recipe and artifact.export_recipe < recipe):
         logger.info("the ONNX artifact of %s was built by export recipe %d, this release's is %d: it is rebuilt",
-                    model.name, artifact.export_recipe, EXPORT_RECIPE)
+                    model.name, artifact.export_recipe, recipe)
         return None
     try:
         path = cachefs.absolute(artifact.path)
@@ -196,7 +197,8 @@ def _build(*, model: RegisteredModel, weight_file: WeightFile, tolerance: float)
                         "health_reason": check.describe(), "functional_hash": "", "license": model.license,
                         "verified_at": now, "created_at": now, "origin": "build",
                         "origin_source": f"{weight_file.format} copy, sha256 {weight_file.sha256}",
-                        "origin_by": "", "last_used_at": None, "export_recipe": EXPORT_RECIPE})
+                        "origin_by": "", "last_used_at": None,
+                        "export_recipe": export_recipe(model.architecture)})
     except OSError as exc:
         # Said apart from the weights' own OSError above: writing the artifact failed, the weights are fine.
         raise RuntimeArtifactError(f"writing the ONNX artifact of {model.name} failed: {exc}",

@@ -15,12 +15,24 @@ OPSET = 17
 # The TorchScript exporter: the torch.export-based one (dynamo=True) took minutes for MiDaS_small here
 # against seconds, for the same graph (docs/performance.md).
 EXPORTER = f"torch.onnx.export (TorchScript exporter, opset {OPSET})"
-# The version of this file's recipe (the export, the padding fixed, the attention fused), recorded with each artifact
-# (WeightFile.export_recipe): an artifact of another recipe is rebuilt on its next use (one of an earlier recipe is
-# still used where the rebuild fails). Raise it with any change after which an artifact built before it would run
-# slower or compute otherwise than a rebuild; a change to what the graph takes or gives is another artifact format.
+# The versions of this file's recipe (the export, the padding fixed, the attention fused, SwinV2's scores), each
+# with the network families whose graphs it changed (None: every family). An artifact records its family's latest
+# (WeightFile.export_recipe, export_recipe below): one of another recipe is rebuilt on its next use (one of an
+# earlier recipe is still used where the rebuild fails). Add a version with any change after which an artifact
+# built before it would run slower or compute otherwise than a rebuild, naming only the families whose graph it
+# changes, so that the others' artifacts are kept; a change to what the graph takes or gives is another format.
 # 1: the first recorded, with BEiT's attention fused (artifacts from before it record 0).
-EXPORT_RECIPE = 1
+# 2: SwinV2's per-head score scale moved onto the queries, its normalising Expands dropped (2026-12-07, Zen 5).
+RECIPES: tuple[tuple[int, frozenset[str] | None], ...] = ((1, None), (2, frozenset({"swin2"})))
+
+
+def export_recipe(architecture: str) -> int:
+    """The recipe an artifact of this network is built by, and must have been built by to be served: the latest
+    version that changed its family's graph (no torch: read from depthsite.netspecs)."""
+    from depthsite.netspecs import net_spec
+
+    family = net_spec(architecture).family
+    return max(number for number, families in RECIPES if families is None or family in families)
 
 
 def check_shapes(config) -> list[tuple[int, int]]:
@@ -36,13 +48,16 @@ def check_shapes(config) -> list[tuple[int, int]]:
     return [(height, width), (height - step, width), (height, width + 2 * step)]
 
 
-def network_export(network, config, path: Path, *, fix_padding: bool = True, fuse_attention: bool = True) -> None:
+def network_export(network, config, path: Path, *, fix_padding: bool = True, fuse_attention: bool = True,
+                   cosine_attention: bool = True) -> None:
     """Write the network's ONNX graph to `path`: dynamic height and width unless it takes its native square only.
 
     `fix_padding=False` keeps timm's "same" padding worked out at run time, `fuse_attention=False` the ViT, DINOv2
-    and BEiT blocks' attention as separate MatMul, Softmax and MatMul nodes (bench/forward_candidates.py's
-    comparisons); artifacts are always built with the padding fixed where that is exact (fixed_same_padding) and the
-    attention fused where the graph has the pattern (inference.runtime.graph.fuse_attention)."""
+    and BEiT blocks' attention as separate MatMul, Softmax and MatMul nodes, `cosine_attention=False` SwinV2's
+    score scale and normalisation as exported (bench/forward_candidates.py's comparisons); artifacts are always
+    built with the padding fixed where that is exact (fixed_same_padding), the attention fused where the graph has
+    the pattern (inference.runtime.graph.fuse_attention), and SwinV2's scale on its queries and its norms not
+    expanded (graph.scale_queries, graph.unexpand_divisors)."""
     import torch
 
     from inference.health import probe_input
@@ -63,6 +78,9 @@ def network_export(network, config, path: Path, *, fix_padding: bool = True, fus
         else []
     if fuse_attention:
         rewrites.append((graph.fuse_attention, f"fusing the self-attention of {name}"))
+    if cosine_attention:
+        rewrites.append((graph.scale_queries, f"moving the score scales of {name} onto its queries"))
+        rewrites.append((graph.unexpand_divisors, f"dividing by the unexpanded norms of {name}"))
     if rewrites:
         _graph_rewrite(path, rewrites)
 

@@ -1,5 +1,7 @@
 """Rewrites of an exported ONNX graph (onnx only, no torch, no Django): zero padding folded into the convolution,
-and the self-attention of ViT, DINOv2 and BEiT blocks run by ONNX Runtime's fused MultiHeadAttention (fuse_attention).
+the self-attention of ViT, DINOv2 and BEiT blocks run by ONNX Runtime's fused MultiHeadAttention (fuse_attention),
+and two passes over SwinV2's (N, N) scores and its normalised queries and keys saved (scale_queries,
+unexpand_divisors).
 
 timm's TensorFlow-style "same" convolutions (MiDaS_small's EfficientNet-Lite3) pad their input on one side more
 than the other before each stride-2 convolution. Exported with a fixed padding (inference.runtime.export), each
@@ -16,7 +18,7 @@ import numpy as np
 
 # What a constant subgraph may be made of: torch writes a fixed padding as a small chain of these.
 _CONSTANT_OPS = {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Squeeze",
-                 "Unsqueeze", "Identity"}
+                 "Unsqueeze", "Identity", "Clip", "Exp"}  # SwinV2's logit scale: exp(min(parameter, log 100))
 
 
 def _attribute(node, name: str, default: Any = None) -> Any:
@@ -296,6 +298,72 @@ def fuse_attention(model) -> int:
         if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(replacements)
+
+
+def scale_queries(model) -> int:
+    """Move each per-head scale of attention scores onto the queries: Mul(MatMul(q, k^T), s) becomes
+    MatMul(Mul(q, s), k^T); how many were moved.
+
+    SwinV2 multiplies its cosine scores, a (windows, H, N, N) tensor, by a learnt scale per head of shape (H, 1, 1);
+    ONNX Runtime runs that as a pass over every score (N is 576 in SwinV2-L's windows at 384), while the queries
+    are (windows, H, N, D) with D = 32. Only a constant scale whose last two axes are 1 is moved (it is then the
+    same for every element of each (N, D) and (N, N) matrix, so (q * s) @ k^T = s * (q @ k^T) up to the rounding of
+    one product), onto a MatMul whose right operand is a Transpose of the last two axes (attention scores) and
+    whose result nothing else reads. A one-element scale is left: ONNX Runtime already folds it into its
+    FusedMatMul. `model` is changed in place."""
+    from onnx import helper
+
+    graph = model.graph
+    producers, consumers, initializers, outputs = _graph_index(graph)
+    moved = 0
+    for scaled in [node for node in graph.node if node.op_type == "Mul"]:
+        for mine, other in ((0, 1), (1, 0)):
+            scores = _made_by(producers, scaled.input[mine], "MatMul")
+            if scores is None or scores.output[0] in outputs or len(consumers.get(scores.output[0], [])) != 1:
+                continue
+            keys = _made_by(producers, scores.input[1], "Transpose")
+            perm = list(_attribute(keys, "perm", [])) if keys is not None else []
+            if len(perm) < 2 or perm[-2:] != [len(perm) - 1, len(perm) - 2] or perm[:-2] != list(range(len(perm) - 2)):
+                continue
+            scale = _constant_value(model, scaled.input[other], producers, initializers)
+            if scale is None or scale.size < 2 or scale.ndim < 2 or scale.shape[-2:] != (1, 1):
+                continue
+            query = f"{scaled.output[0]}/scaled_query"
+            # The MatMul now makes the Mul's output (its readers are unchanged) and runs where the Mul ran, after
+            # every tensor it and the scale read; the old score tensor had no other reader.
+            graph.node.remove(scores)
+            at = list(graph.node).index(scaled)
+            graph.node.insert(at, helper.make_node("Mul", [scores.input[0], scaled.input[other]], [query],
+                                                   name=f"{scaled.name or scaled.output[0]}/on_query"))
+            scores.input[0], scores.output[0] = query, scaled.output[0]
+            graph.node.insert(at + 1, scores)
+            graph.node.remove(scaled)
+            moved += 1
+            break
+    return moved
+
+
+def unexpand_divisors(model) -> int:
+    """Divide by a tensor as it is where the graph first expands it to the dividend's shape: Div(x, Expand(n,
+    Shape(x))) becomes Div(x, n); how many were changed.
+
+    torch exports F.normalize (SwinV2's queries and keys) as x / expand(max(||x||, eps), x.shape). The Expand
+    writes the norms out in full before the Div reads them; Div broadcasts them itself, to the same shape (Expand
+    and Div broadcast alike), so the values are exactly the same. `model` is changed in place; an Expand nothing
+    else reads is removed."""
+    graph = model.graph
+    producers, _, _, _ = _graph_index(graph)
+    changed = 0
+    for divide in [node for node in graph.node if node.op_type == "Div"]:
+        expanded = _made_by(producers, divide.input[1], "Expand")
+        shape = _made_by(producers, expanded.input[1], "Shape") if expanded is not None else None
+        if shape is None or shape.input[0] != divide.input[0] or len(shape.attribute):  # all of x's shape
+            continue
+        divide.input[1] = expanded.input[0]
+        changed += 1
+    if changed:
+        _remove_unused_nodes(graph)
+    return changed
 
 
 def _names_read(graph) -> set[str]:

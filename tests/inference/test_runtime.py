@@ -12,7 +12,7 @@ import pytest
 from tests.support.estimators import pool_warm
 from inference.estimator import EstimatorPool
 from inference.runtime import artifacts, runtime_select
-from inference.runtime.export import EXPORT_RECIPE
+from inference.runtime.export import export_recipe
 from inference.runtime.pack import pack_read
 from models_registry import cachefs
 from models_registry.choices import Health
@@ -33,12 +33,15 @@ def relative_error(candidate: np.ndarray, golden: np.ndarray) -> float:
     return float(np.abs(candidate.astype(np.float64) - golden).max() / (golden.max() - golden.min()))
 
 
+SMALL_RECIPE = export_recipe("MiDaS_small")  # the recipe MiDaS_small's artifacts are built by in this release
+
+
 def artifact_row(model_name: str = "MiDaS_small") -> WeightFile | None:
     return WeightFile.objects.filter(model__name=model_name, format="onnx").first()
 
 
 def fake_artifact(model: RegisteredModel, source: WeightFile, size: int = 4096,
-                  recipe: int = EXPORT_RECIPE) -> WeightFile:
+                  recipe: int = SMALL_RECIPE) -> WeightFile:
     """An artifact row and file without an export: enough for what the registry does with it."""
     path = artifacts.runtime_artifact_path(model=model)
     path.write_bytes(bytes(range(256)) * (size // 256))
@@ -242,15 +245,32 @@ def test_an_artifact_of_another_export_recipe_is_not_served(cached_small, caplog
     with caplog.at_level(logging.INFO, logger="inference.runtime.artifacts"):
         assert find() is None
     assert [r.getMessage() for r in caplog.records] == [
-        f"the ONNX artifact of MiDaS_small was built by export recipe 0, this release's is {EXPORT_RECIPE}: "
+        f"the ONNX artifact of MiDaS_small was built by export recipe 0, this release's is {SMALL_RECIPE}: "
         "it is rebuilt"]
     assert find(earlier_recipe=True) == artifact  # what a failed rebuild falls back to
-    WeightFile.objects.filter(pk=artifact.pk).update(export_recipe=EXPORT_RECIPE)
+    WeightFile.objects.filter(pk=artifact.pk).update(export_recipe=SMALL_RECIPE)
     assert find() == artifact
     # A later release's (on the same node during a rolling deploy, or the one rolled back from) was checked against
     # another release's code: rebuilt too, even where a rebuild fails.
-    WeightFile.objects.filter(pk=artifact.pk).update(export_recipe=EXPORT_RECIPE + 1)
+    WeightFile.objects.filter(pk=artifact.pk).update(export_recipe=SMALL_RECIPE + 1)
     assert find() is None and find(earlier_recipe=True) is None
+
+
+def test_a_recipe_rebuilds_the_artifacts_of_the_families_it_changed_only(cached_small, monkeypatch):
+    # Recipe 2 changed SwinV2's graphs alone: the artifacts of every other family, built by recipe 1, are kept.
+    from inference.runtime import export
+
+    assert [export_recipe(name) for name in ("MiDaS_small", "DPT_Large", "DPT_Swin_L_384", "Depth_Anything_V2_Small",
+                                             "DPT_SwinV2_T_256", "DPT_SwinV2_B_384", "DPT_SwinV2_L_384")] == \
+        [1, 1, 1, 1, 2, 2, 2]
+    artifact = fake_artifact(cached_small.model, cached_small, recipe=1)
+    assert artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small) == artifact
+    # A later recipe that changes MiDaS v2.1's graphs makes this one an earlier recipe's, rebuilt on next use.
+    monkeypatch.setattr(export, "RECIPES", export.RECIPES + ((3, frozenset({"midas_v21"})),))
+    assert export_recipe("MiDaS_small") == 3 and export_recipe("DPT_SwinV2_T_256") == 2
+    assert artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small) is None
+    assert artifacts.runtime_artifact_find(model=cached_small.model, weight_file=cached_small,
+                                           earlier_recipe=True) == artifact
 
 
 def test_an_artifact_is_hashed_again_only_when_its_inode_changed_after_it_was_hashed(cached_small, monkeypatch):
@@ -395,7 +415,7 @@ def test_an_artifact_of_an_earlier_export_recipe_is_rebuilt_or_kept_where_the_re
 
     first = pool_warm(pool, "MiDaS_small")
     built = artifact_row()
-    assert first.runtime == "onnx" and built.export_recipe == EXPORT_RECIPE
+    assert first.runtime == "onnx" and built.export_recipe == SMALL_RECIPE
     WeightFile.objects.filter(pk=built.pk).update(export_recipe=0)  # as an earlier release recorded it
     # This release's export fails: the earlier artifact still serves the weights, in this process from now on.
     exports = []
@@ -419,7 +439,7 @@ def test_an_artifact_of_an_earlier_export_recipe_is_rebuilt_or_kept_where_the_re
     estimator_module._kept_older_recipe.clear()
     rebuilt_by = pool_warm(EstimatorPool(capacity=1), "MiDaS_small")
     rebuilt = artifact_row()
-    assert rebuilt_by.runtime == "onnx" and rebuilt.pk == built.pk and rebuilt.export_recipe == EXPORT_RECIPE
+    assert rebuilt_by.runtime == "onnx" and rebuilt.pk == built.pk and rebuilt.export_recipe == SMALL_RECIPE
     assert rebuilt.created_at > built.created_at and cachefs.absolute(rebuilt.path).is_file()
 
 
@@ -538,6 +558,29 @@ def test_vit_family_artifacts_hold_at_portrait_and_landscape_sizes(tmp_path, nam
     ops = [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
     assert blocks == {"DPT_Hybrid": 2}.get(name, 4)
     assert ops.count("MultiHeadAttention") == blocks and ops.count("Softmax") == 0
+
+
+@pytest.mark.slow
+def test_a_swinv2_artifact_scales_its_queries_and_matches_eager(tmp_path):
+    # SwinV2's cosine attention as timm writes it (recipe 2): each block's per-head scale multiplies the queries
+    # rather than its (N, N) scores, and no normalising Expand is left; the artifact still passes its check.
+    import onnx
+
+    from inference.nets import create_model, get_config
+    from inference.runtime.export import network_export
+    from models_registry.detweights import det_state_dict
+
+    name = "DPT_SwinV2_T_256"
+    network = create_model(name, state_dict=det_state_dict(name)).eval()
+    config = get_config(name)
+    path = tmp_path / "a.onnx"
+    network_export(network, config, path)
+    check = artifacts.artifact_compare(network, config, path)
+    assert check.shapes == [(256, 256)] and check.worst <= artifacts.TOLERANCE
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    blocks = sum(len(layer.blocks) for layer in network.pretrained.model.layers)
+    assert blocks == 12 and sum(node.name.endswith("/on_query") for node in nodes) == blocks
+    assert [node.op_type for node in nodes].count("Expand") == 0
 
 
 def test_the_artifact_check_runs_on_the_configured_threads(settings, monkeypatch, tmp_path):
