@@ -23,7 +23,8 @@ EXPORTER = f"torch.onnx.export (TorchScript exporter, opset {OPSET})"
 # changes, so that the others' artifacts are kept; a change to what the graph takes or gives is another format.
 # 1: the first recorded, with BEiT's attention fused (artifacts from before it record 0).
 # 2: SwinV2's per-head score scale moved onto the queries, its normalising Expands dropped (2026-12-07, Zen 5).
-RECIPES: tuple[tuple[int, frozenset[str] | None], ...] = ((1, None), (2, frozenset({"swin2"})))
+COSINE_ATTENTION_FAMILIES = frozenset({"swin2"})  # the families recipe 2's rewrites run on (network_export)
+RECIPES: tuple[tuple[int, frozenset[str] | None], ...] = ((1, None), (2, COSINE_ATTENTION_FAMILIES))
 
 
 def export_recipe(architecture: str) -> int:
@@ -32,7 +33,7 @@ def export_recipe(architecture: str) -> int:
     from depthsite.netspecs import net_spec
 
     family = net_spec(architecture).family
-    return max(number for number, families in RECIPES if families is None or family in families)
+    return max((number for number, families in RECIPES if families is None or family in families), default=0)
 
 
 def check_shapes(config) -> list[tuple[int, int]]:
@@ -57,7 +58,7 @@ def network_export(network, config, path: Path, *, fix_padding: bool = True, fus
     score scale and normalisation as exported (bench/forward_candidates.py's comparisons); artifacts are always
     built with the padding fixed where that is exact (fixed_same_padding), the attention fused where the graph has
     the pattern (inference.runtime.graph.fuse_attention), and SwinV2's scale on its queries and its norms not
-    expanded (graph.scale_queries, graph.unexpand_divisors)."""
+    expanded (graph.scale_queries, graph.unexpand_divisors; COSINE_ATTENTION_FAMILIES only)."""
     import torch
 
     from inference.health import probe_input
@@ -78,7 +79,8 @@ def network_export(network, config, path: Path, *, fix_padding: bool = True, fus
         else []
     if fuse_attention:
         rewrites.append((graph.fuse_attention, f"fusing the self-attention of {name}"))
-    if cosine_attention:
+    if cosine_attention and getattr(config, "family", None) in COSINE_ATTENTION_FAMILIES:
+        # Only where recipe 2 says it changed the graph: another family's recipe-1 artifacts are kept as they are.
         rewrites.append((graph.scale_queries, f"moving the score scales of {name} onto its queries"))
         rewrites.append((graph.unexpand_divisors, f"dividing by the unexpanded norms of {name}"))
     if rewrites:

@@ -70,6 +70,23 @@ def _graph_index(graph) -> tuple[dict, dict, dict, set]:
     return producers, consumers, initializers, {output.name for output in graph.output}
 
 
+def _ranks(model) -> dict[str, int]:
+    """{tensor: its rank} where ONNX's shape inference proves it, read from a copy of the graph whose initializers
+    are declared (type and shape) rather than carried: the weights' bytes are neither copied nor read."""
+    from onnx import helper, shape_inference
+
+    graph = model.graph
+    given = {value.name for value in graph.input}
+    declared = [helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                for tensor in graph.initializer if tensor.name not in given]
+    skeleton = helper.make_model(helper.make_graph(graph.node, "ranks", list(graph.input) + declared,
+                                                   list(graph.output)), opset_imports=model.opset_import)
+    inferred = shape_inference.infer_shapes(skeleton).graph
+    return {value.name: len(value.type.tensor_type.shape.dim)
+            for value in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")}
+
+
 def fold_pads_into_convs(model) -> int:
     """Fold each zero Pad of fixed amounts that feeds one Conv alone into that Conv's `pads`; how many were folded.
 
@@ -308,13 +325,15 @@ def scale_queries(model) -> int:
     ONNX Runtime runs that as a pass over every score (N is 576 in SwinV2-L's windows at 384), while the queries
     are (windows, H, N, D) with D = 32. Only a constant scale whose last two axes are 1 is moved (it is then the
     same for every element of each (N, D) and (N, N) matrix, so (q * s) @ k^T = s * (q @ k^T) up to the rounding of
-    one product), onto a MatMul whose right operand is a Transpose of the last two axes (attention scores) and
+    one product), onto a MatMul whose right operand is a Transpose of the last two axes (attention scores), whose
+    left operand is proven a matrix or a stack of them (a vector would take the scale's axes as its rows), and
     whose result nothing else reads. A one-element scale is left: ONNX Runtime already folds it into its
     FusedMatMul. `model` is changed in place."""
     from onnx import helper
 
     graph = model.graph
     producers, consumers, initializers, outputs = _graph_index(graph)
+    ranks = None  # shape inference over the whole graph, only once a candidate is found
     moved = 0
     for scaled in [node for node in graph.node if node.op_type == "Mul"]:
         for mine, other in ((0, 1), (1, 0)):
@@ -327,6 +346,9 @@ def scale_queries(model) -> int:
                 continue
             scale = _constant_value(model, scaled.input[other], producers, initializers)
             if scale is None or scale.size < 2 or scale.ndim < 2 or scale.shape[-2:] != (1, 1):
+                continue
+            ranks = _ranks(model) if ranks is None else ranks
+            if ranks.get(scores.input[0], 0) < 2:
                 continue
             query = f"{scaled.output[0]}/scaled_query"
             # The MatMul now makes the Mul's output (its readers are unchanged) and runs where the Mul ran, after

@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 DIM, HEADS, PATCH, WINDOW = 32, 4, 4, 4
-CONFIG = types.SimpleNamespace(net_size=(16, 16), fixed_input_size=True, ensure_multiple_of=PATCH)
+CONFIG = types.SimpleNamespace(net_size=(16, 16), fixed_input_size=True, ensure_multiple_of=PATCH, family="swin2")
 
 
 class TinySwinV2(nn.Module):
@@ -149,3 +149,39 @@ def test_a_scale_whose_scores_are_read_elsewhere_stays(tmp_path):
     assert scale_queries(model) == 1
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["Transpose", "Mul", "MatMul"]
+
+
+@pytest.mark.parametrize("query_shape, moved", [([3], 0), ([4, 3], 1), ([2, 4, 3], 1)], ids=["vector", "matrix", "stack"])
+def test_a_query_that_is_a_vector_keeps_the_scale_on_the_scores(query_shape, moved):
+    # MatMul takes a 1-D left operand as one row and drops that axis: a (2, 1, 1) scale on it would become a stack of
+    # two rows, a different product. Only a query proven a matrix or a stack of them takes the scale.
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, query_shape)
+    k = helper.make_tensor_value_info("k", TensorProto.FLOAT, [2, 4, 3])
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+             helper.make_node("Mul", ["scores", "s"], ["scaled"])]
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [2, 1, 1], [math.e, math.pi])
+    output = helper.make_tensor_value_info("scaled", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "g", [q, k], [output], [scale]))
+    feeds = {"q": np.random.default_rng(6).random(query_shape, dtype=np.float32),
+             "k": np.random.default_rng(7).random((2, 4, 3), dtype=np.float32)}
+    before = ReferenceEvaluator(model).run(None, feeds)[0]
+    assert scale_queries(model) == moved
+    after = ReferenceEvaluator(model).run(None, feeds)[0]
+    assert after.shape == before.shape and np.allclose(after, before, rtol=1e-6)
+
+
+def test_other_families_are_exported_as_before(tmp_path):
+    # Recipe 2 names SwinV2 alone: the same graph exported for another family keeps its scale and its Expands, so
+    # that family's artifacts of recipe 1 are still what a rebuild would give.
+    torch.manual_seed(0)
+    network = TinySwinV2().eval()
+    config = types.SimpleNamespace(**{**vars(CONFIG), "family": "levit"})
+    network_export(network, config, tmp_path / "other.onnx")
+    network_export(network, CONFIG, tmp_path / "plain.onnx", cosine_attention=False)
+    other, plain = (onnx.load(str(tmp_path / name)) for name in ("other.onnx", "plain.onnx"))
+    assert [n.op_type for n in other.graph.node] == [n.op_type for n in plain.graph.node]
+    assert scales_on_scores(other) == 2
