@@ -144,14 +144,18 @@ def fused_and_plain(network, tmp_path, blocks: int):
     return fused
 
 
-def assert_fused_matches_eager(network, tmp_path, sizes) -> None:
+def assert_fused_matches_eager(network, tmp_path, sizes, *, rewritten: str = "fused.onnx",
+                               against_plain: float = 1e-5) -> None:
+    """The rewritten graph (in tmp_path) against eager within 1e-5 of the range, and against plain.onnx, the graph
+    as exported, within `against_plain` (tests/inference/test_export_cosine_attention.py's rewrites too)."""
     for height, width in sizes:
         image = np.random.default_rng(height).random((1, 3, height, width), dtype=np.float32)
         with torch.inference_mode():
             eager = network(torch.from_numpy(image)).numpy()
         spread = eager.max() - eager.min()
-        assert np.abs(run(tmp_path / "fused.onnx", image) - eager).max() / spread < 1e-5
-        assert np.abs(run(tmp_path / "fused.onnx", image) - run(tmp_path / "plain.onnx", image)).max() / spread < 1e-5
+        assert np.abs(run(tmp_path / rewritten, image) - eager).max() / spread < 1e-5
+        assert np.abs(run(tmp_path / rewritten, image) - run(tmp_path / "plain.onnx", image)).max() / spread \
+            < against_plain
 
 
 def test_each_block_runs_as_one_fused_attention_and_matches_eager(tmp_path):

@@ -13,9 +13,10 @@ from torch import nn
 
 from inference.runtime.export import network_export
 from inference.runtime.graph import scale_queries
+from tests.inference.test_export_attention import assert_fused_matches_eager, run
 
 onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 
 DIM, HEADS, PATCH, WINDOW = 32, 4, 4, 4
 CONFIG = types.SimpleNamespace(net_size=(16, 16), fixed_input_size=True, ensure_multiple_of=PATCH, family="swin2")
@@ -69,10 +70,6 @@ def export(network, path, **options):
     return onnx.load(str(path))
 
 
-def run(path, image):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
-
-
 def scales_on_scores(model) -> int:
     """Muls that read a MatMul's result: the score scale as exported."""
     made_by = {output: node for node in model.graph.node for output in node.output}
@@ -91,14 +88,8 @@ def test_the_score_scale_moves_onto_the_queries_and_the_norms_are_not_expanded(t
     assert scales_on_scores(lean) == 0 and "Expand" not in lean_ops
     assert sum(node.name.endswith("/on_query") for node in lean.graph.node) == 2
     onnx.checker.check_model(lean)
-
-    image = np.random.default_rng(3).random((1, 3, *CONFIG.net_size), dtype=np.float32)
-    with torch.inference_mode():
-        eager = network(torch.from_numpy(image)).numpy()
-    spread = eager.max() - eager.min()
-    assert np.abs(run(tmp_path / "lean.onnx", image) - eager).max() / spread < 1e-5
     # The scale multiplies before the sums instead of after: the rounding of one product, no more.
-    assert np.abs(run(tmp_path / "lean.onnx", image) - run(tmp_path / "plain.onnx", image)).max() / spread < 1e-6
+    assert_fused_matches_eager(network, tmp_path, [CONFIG.net_size], rewritten="lean.onnx", against_plain=1e-6)
 
 
 def test_dividing_by_the_unexpanded_norms_is_exact(tmp_path):
