@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference import estimator as estimator_module
-from tests.support.estimators import pool_warm
+from tests.support.estimators import RowStub, pool_warm
 from tests.nets.fidelity import relative_error
 from inference.worker import worker_id
 from inference.estimator import EstimatorPool, estimator_get
@@ -99,30 +99,6 @@ def test_pool_evicts_the_least_recently_used(cached_small, small_pt):
     finally:
         pool.clear()
     assert not WarmModel.objects.exists()
-
-
-class RowStub:
-    """An eager estimator's bookkeeping without a network: what the pool and its warm rows read of one."""
-
-    runtime = "eager"
-    device_name = "cpu"
-    dtype_name = "float32"
-
-    def __init__(self, *, model: RegisteredModel, weight_file: WeightFile, **_options):
-        self.model_name = model.name
-        self.weights_sha256 = weight_file.sha256
-        self.weights_format = weight_file.format
-        self.weight_file_id = weight_file.pk
-        self.bytes = 1_000_000 * weight_file.pk
-        self.load_ms = 10.0 * weight_file.pk
-        self.released = False
-
-    @property
-    def key(self) -> tuple:
-        return (self.model_name, self.weights_sha256, "cpu", "torch.float32", "eager")
-
-    def release(self) -> None:
-        self.released = True
 
 
 @pytest.fixture

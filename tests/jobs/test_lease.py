@@ -4,6 +4,7 @@ Time is moved by patching `timezone.now`, never by sleeping.
 """
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from datetime import timedelta
 
@@ -25,6 +26,7 @@ from inference.worker import worker_id
 from models_registry.models import RegisteredModel, WarmModel
 from models_registry.selectors import warm_models
 from tests.jobs.conftest import upload
+from tests.support.estimators import RowStub
 
 pytestmark = pytest.mark.django_db
 
@@ -156,30 +158,17 @@ def warm_row(model: RegisteredModel, worker: str, age: timedelta) -> WarmModel:
                                     loaded_at=stamp, last_used_at=stamp)
 
 
-class HeldNetwork:
-    """What the pool and its heartbeat read of a warm network, without one."""
-
-    device_name = "cpu"
-    dtype_name = "float32"
-    bytes = 1_000_000
-
-    def __init__(self, model_name: str):
-        self.model_name = model_name
-        self.key = (model_name, "sha", "cpu", "torch.float32", "eager")
-
-    def release(self) -> None:
-        pass
-
-
 @pytest.fixture
 def pool_holding(monkeypatch):
-    """This process's estimator pool, replaced by one holding networks of the given model names."""
+    """This process's estimator pool, replaced by one holding networks of the given models (no weights needed: the
+    heartbeat reads what a network is, not what it computes)."""
     from inference import estimator as estimator_module
 
-    def hold(*names: str):
+    def hold(*models: RegisteredModel):
         pool = estimator_module.EstimatorPool()
-        for name in names:
-            pool._insert(HeldNetwork(name), timezone.now())
+        for model in models:
+            weights = types.SimpleNamespace(sha256="sha", format="pt", pk=1)
+            pool._insert(RowStub(model=model, weight_file=weights), timezone.now())
         monkeypatch.setattr(estimator_module, "_pool", pool)
         return pool
 
@@ -188,7 +177,7 @@ def pool_holding(monkeypatch):
 
 def test_the_heartbeat_keeps_a_long_loaded_models_row_listed(small_model, clock, pool_holding):
     # Loaded 7 hours ago: past the status page's staleness bound unless the worker's heartbeat keeps it current.
-    pool_holding(small_model.name)
+    pool_holding(small_model)
     warm_row(small_model, worker_id(), timedelta(hours=7))
     warm_row(small_model, "other-node:1:1", timedelta(hours=7))  # another worker's row: not this one's to renew
     assert not warm_models().exists()
@@ -200,7 +189,7 @@ def test_the_heartbeat_deletes_this_workers_rows_of_networks_it_no_longer_holds(
     # An eviction whose row delete failed (the database was away) left its row: it went on being renewed, and
     # listed as warm, until the worker exited. The next beat deletes it; the held network's row stays.
     other = RegisteredModel.objects.get(name="MiDaS")
-    pool_holding(small_model.name)
+    pool_holding(small_model)
     held = warm_row(small_model, worker_id(), timedelta(seconds=5))
     warm_row(other, worker_id(), timedelta(seconds=5))  # no longer held
     elsewhere = warm_row(other, "other-node:1:1", timedelta(seconds=5))  # another worker's: not this one's to judge
