@@ -344,3 +344,136 @@ def make_pt_compressed(path: Path, source_pt: Path) -> Path:
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info.filename))
     return Path(path)
+
+
+def make_h5_aliased_attribute(path: Path, string_bytes: int = 32 * 1024, count: int = 2048,
+                              as_array_type: bool = False) -> Path:
+    """A ~100 KB .h5 whose metadata attribute holds `count` + 1 variable-length strings, every one of them
+    pointing at the same `string_bytes`-byte string in the global heap: reading it decodes 64 MB.
+
+    Each string is a 16-byte record in the attribute (length, heap collection address, object index); the
+    records of entries 1..count are overwritten with entry 0's. `as_array_type` stores the strings as one
+    value of an HDF5 array type in a scalar dataspace instead of a one-dimensional dataspace of strings.
+    """
+    import h5py
+
+    values = np.array(["A" * string_bytes] + ["b"] * count, dtype=object)
+    with h5py.File(path, "w") as handle:
+        handle.attrs["format_version"] = "1"
+        if as_array_type:
+            handle.attrs.create("notes", values, dtype=np.dtype((h5py.string_dtype(), values.shape)))
+        else:
+            handle.attrs.create("notes", values, dtype=h5py.string_dtype())
+        handle.create_group("tensors").create_dataset("weight", data=np.zeros(4, "<f4"))
+    raw = bytearray(Path(path).read_bytes())
+    short = struct.pack("<I", 1)
+    start = raw.find(struct.pack("<I", string_bytes))
+    while start >= 0 and raw[start + 16:start + 20] != short:
+        start = raw.find(struct.pack("<I", string_bytes), start + 1)
+    if start < 0:
+        raise ValueError("the attribute's string records were not found in the file")
+    first = bytes(raw[start:start + 16])
+    for index in range(1, count + 1):
+        record = start + 16 * index
+        if raw[record:record + 4] != short:
+            raise ValueError(f"string record {index} is not where it was expected")
+        raw[record:record + 16] = first
+    Path(path).write_bytes(bytes(raw))
+    return Path(path)
+
+
+def make_pt_expanded(path: Path, shape: tuple[int, ...] = (40_000, 40_000)) -> Path:
+    """A ~1.5 KB torch zip holding one float32 element expanded (stride 0) to `shape`: 6.4 GB once copied."""
+    import torch
+
+    torch.save({"weight": torch.zeros(1).expand(*shape)}, path)
+    return Path(path)
+
+
+def make_pt_strided_overlap(path: Path, rows: int = 40_000) -> Path:
+    """A 320 KB torch zip whose one tensor is a (rows, rows) view with strides (1, 1) of 2 * rows elements:
+    no stride is zero, yet row i is row 0 shifted by i elements."""
+    import torch
+
+    torch.save({"weight": torch.zeros(2 * rows).as_strided((rows, rows), (1, 1))}, path)
+    return Path(path)
+
+
+def make_pkl_aliased(path: Path, count: int = 4096, elements: int = 16 * 1024) -> Path:
+    """A ~120 KB pickle naming one 64 KB float32 array under `count` keys (the pickle memo refers back to
+    it): 256 MB of tensors once each key is copied or converted."""
+    array = np.zeros(elements, "<f4")
+    Path(path).write_bytes(pickle.dumps({f"layer{index}.weight": array for index in range(count)}, protocol=4))
+    return Path(path)
+
+
+def make_zip_many_entries(path: Path, count: int = 30_000, name_length: int = 120, zip64: bool = False) -> Path:
+    """A torch-like zip (archive/data.pkl of an empty dict) with `count` more empty records whose names are
+    about `name_length` bytes: its central directory alone is a few MB, and zipfile keeps a ZipInfo per entry.
+
+    `zip64` rewrites the end of the archive as ZIP64 end records (as a writer does past 65,535 entries), with
+    the classic record's fields all set to "see the ZIP64 record"."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        for index in range(count):
+            archive.writestr(f"archive/data/{index:0{name_length - 13}d}", b"")
+    if zip64:
+        raw = Path(path).read_bytes()
+        end = raw.rindex(b"PK\x05\x06")
+        _, _, _, _, entries, directory_size, directory_offset, _ = struct.unpack("<4s4H2LH", raw[end:end + 22])
+        record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries,
+                             directory_size, directory_offset)
+        locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, end, 1)
+        classic = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+        Path(path).write_bytes(raw[:end] + record + locator + classic)
+    return Path(path)
+
+
+def make_tar_duplicate_members(path: Path, count: int = 20_000) -> Path:
+    """A ~10 MB bundle: a manifest, then `count` empty members all named as the manifest's weight file."""
+    member = "midas_v21_small_256.pt"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
+        _add(archive, "manifest.json", _bundle_manifest(member))
+        for _ in range(count):
+            _add(archive, member, b"")
+    return Path(path)
+
+
+def make_bundle_with_manifest(path: Path, manifest, weights: Path) -> Path:
+    """A bundle holding `weights` as midas_v21_small_256.pt and `manifest` (any JSON value) as its manifest."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        _add(archive, "manifest.json", json.dumps(manifest).encode())
+        archive.add(weights, arcname="midas_v21_small_256.pt")
+    return Path(path)
+
+
+def make_h5_deflate_bomb(path: Path, declared: int = DECLARED_BYTES, chunk_bytes: int = 1024 * 1024) -> Path:
+    """A ~600 KB .h5 whose chunked float32 dataset of `declared` bytes is every chunk written, each one a
+    deflated chunk of zeros (about 1 KB standing for `chunk_bytes`)."""
+    import zlib
+
+    import h5py
+
+    chunk = chunk_bytes // 4
+    with h5py.File(path, "w") as handle:
+        dataset = handle.create_group("tensors").create_dataset(
+            "weight", shape=(declared // 4,), dtype="<f4", chunks=(chunk,), compression="gzip")
+        deflated = zlib.compress(bytes(chunk_bytes))
+        for index in range(declared // chunk_bytes):
+            dataset.id.write_direct_chunk((index * chunk,), deflated)
+    return Path(path)
+
+
+def make_tar_header_chain(path: Path, count: int = 5000) -> Path:
+    """A ~5 MB bundle whose one member follows a chain of `count` GNU long-name headers (tarfile reads each
+    chain link by recursion)."""
+    link = tarfile.TarInfo("././@LongLink")
+    link.type = tarfile.GNUTYPE_LONGNAME
+    name = b"manifest.json\0"
+    link.size = len(name)
+    block = link.tobuf(format=tarfile.USTAR_FORMAT) + name.ljust(512, b"\0")
+    member = tarfile.TarInfo("manifest.json")
+    Path(path).write_bytes(block * count + member.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * 1024)
+    return Path(path)

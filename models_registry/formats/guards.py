@@ -160,3 +160,63 @@ def pickle_scan(data, name: str = "pickle", start: int = 0) -> int:
         if code == _STOP:
             return pos
     raise _bad_pickle(name, f"more than {MAX_OPCODES} opcodes; a weights pickle needs far fewer")
+
+
+# --- what the arrays a reader hands back stand for -----------------------------------------------
+
+# Tied weights (an encoder and a decoder sharing one embedding) may name one stored tensor twice; a checkpoint
+# never names its bytes more often than that, while a file whose few stored bytes stand for gigabytes does.
+MAX_ALIASING = 2
+
+
+def _elements_overlap(array: np.ndarray) -> bool:
+    """True unless its strides prove that no two elements of `array` share memory (a stride of 0 on an axis
+    longer than 1 is the plainest overlap).
+
+    The proof, sufficient for no overlap: with the axes longer than 1 sorted by |stride|, the smallest stride
+    is at least the element size and each other one at least the previous stride times its axis length (then
+    every element has bytes of its own). C, Fortran, transposed and sliced views pass; expanded views do not.
+    """
+    if array.size <= 1:
+        return False
+    axes = sorted((abs(stride), length) for stride, length in zip(array.strides, array.shape) if length > 1)
+    reach = array.itemsize
+    for stride, length in axes:
+        if stride < reach:
+            return True
+        reach = stride * length
+    return False
+
+
+def check_declared_total(path: Path, total: int, size: int, budget: int) -> None:
+    """Refuse `total` tensor bytes beyond MAX_ALIASING times the file's `size` or beyond `budget`."""
+    if total > MAX_ALIASING * size:
+        raise WeightFileError(
+            f"{path.name}: its tensors stand for {total} bytes, more than {MAX_ALIASING} times the {size} bytes "
+            "of the file: stored bytes named under many keys or inflated; a checkpoint stores its weights once "
+            "(tied ones may share)", extra={"kind": "aliased_tensors", "declared": total, "size": size},
+            file=path.name,
+        )
+    if total > budget:
+        raise too_large(path, total, budget)
+
+
+def check_tensor_bytes(path: Path, arrays, size: int, budget: int) -> None:
+    """Refuse arrays that stand for more bytes than the file holds: elements that overlap in memory, or
+    logical bytes beyond MAX_ALIASING times the file or beyond `budget`.
+
+    A reader's bounds count the bytes a file stores; these arrays' logical bytes are what a copy, a content
+    digest or a conversion allocates. They differ when a tensor is a strided view of fewer elements (torch's
+    expand: one stored float standing for 6.4 GB) or when one stored tensor is named under many keys (a
+    pickle's memo, torch's shared storages, HDF5 hard links).
+    """
+    total = 0
+    for key, array in arrays.items():
+        if _elements_overlap(array):
+            raise WeightFileError(
+                f"{path.name}: tensor {key!r} of shape {tuple(array.shape)} has strides {array.strides} under "
+                "which its elements overlap: a few stored bytes standing for many; a checkpoint stores every "
+                "element", extra={"kind": "aliased_tensors", "key": key}, file=path.name,
+            )
+        total += array.nbytes
+    check_declared_total(path, total, size, budget)

@@ -11,7 +11,7 @@ import numpy as np
 
 from depthsite.exceptions import WeightFileError
 from models_registry.formats.digest import c_order
-from models_registry.formats.guards import check_dtype, element_count, too_large
+from models_registry.formats.guards import check_declared_total, check_dtype, element_count
 from models_registry.formats.loaded import LoadedWeights
 
 H5_MAX_ATTRIBUTE = 1024 * 1024
@@ -99,16 +99,39 @@ def _h5_entry(path: Path, key: str, dataset, size: int) -> _H5Entry:
 
 
 def _h5_metadata(path: Path, handle) -> dict[str, str]:
+    """The root attributes as strings, each one a single string or number (what `_write_h5` writes).
+
+    An attribute's stored size says little about what decoding it allocates: a variable-length string is
+    stored as a 16-byte pointer into the global heap, and many pointers may name one large string. So an
+    attribute must hold one value (a scalar dataspace of a string or numeric type, never an array type or a
+    compound) before it is read, and the decoded values together may not pass H5_MAX_ATTRIBUTE characters: at
+    worst one string no larger than the file is decoded past the limit.
+    """
     import h5py
 
     metadata = {}
+    decoded = 0
+    single_values = {h5py.h5t.STRING, h5py.h5t.INTEGER, h5py.h5t.FLOAT}
     for name in list(handle.attrs.keys())[:256]:
         attribute = h5py.h5a.open(handle.id, name.encode("utf-8"))
         if attribute.get_storage_size() > H5_MAX_ATTRIBUTE:
             raise WeightFileError(f"{path.name}: attribute {name!r} is larger than {H5_MAX_ATTRIBUTE} bytes",
                                   extra={"kind": "too_large"}, file=path.name)
+        scalar = attribute.get_space().get_simple_extent_type() == h5py.h5s.SCALAR
+        if not scalar or attribute.get_type().get_class() not in single_values:
+            raise WeightFileError(
+                f"{path.name}: attribute {name!r} is not a single string or number; depthsite's metadata holds "
+                "one value per attribute, and an attribute of many values may decode to far more than it stores",
+                extra={"kind": "bad_metadata", "attribute": name}, file=path.name,
+            )
         value = handle.attrs[name]
-        metadata[name] = value.decode() if isinstance(value, bytes) else str(value)
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        decoded += len(text)
+        if decoded > H5_MAX_ATTRIBUTE:
+            raise WeightFileError(
+                f"{path.name}: its metadata decodes to more than {H5_MAX_ATTRIBUTE} characters (at attribute "
+                f"{name!r}); depthsite writes a few short strings", extra={"kind": "too_large"}, file=path.name)
+        metadata[name] = text
     return metadata
 
 
@@ -141,9 +164,9 @@ def _read_h5(path: Path, budget: int) -> LoadedWeights:
                         continue  # a flat file's other groups are not tensors
                     raise _h5_refused(path, key, "is not a dataset", kind="unreadable")
                 entries.append(_h5_entry(path, key, obj, size))
-            declared = sum(entry.nbytes for entry in entries)
-            if declared > budget:
-                raise too_large(path, declared, budget)
+            # Before a chunk is inflated: deflate turns a few KB of file into a gigabyte of zeros, and hard
+            # links name one dataset under many keys.
+            check_declared_total(path, sum(entry.nbytes for entry in entries), size, budget)
             for entry in entries:
                 if entry.offset is not None:
                     count = entry.nbytes // entry.dtype.itemsize

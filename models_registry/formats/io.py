@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from depthsite.exceptions import WeightFileError
-from models_registry.formats.guards import tensor_budget
+from models_registry.formats.guards import check_tensor_bytes, tensor_budget
 from models_registry.formats.h5 import _read_h5, _write_h5
 from models_registry.formats.loaded import LoadedWeights
 from models_registry.formats.pkl import _read_pkl, _write_pkl
@@ -46,14 +46,19 @@ def read_weights(path: Path | str, fmt: str | None = None, *, architecture: str 
     """Load every tensor of a weight file as numpy arrays; the format is sniffed unless given.
 
     What a reader allocates is bounded, before it allocates, by the bytes present in the file and by the
-    tensor bytes of `architecture` (of the largest architecture when it is not known).
+    tensor bytes of `architecture` (of the largest architecture when it is not known). What the arrays it
+    hands back stand for (their logical bytes, which a copy or a digest allocates) is bounded here, for every
+    format alike: a reader's arrays may be views that name one stored byte many times.
     """
     path = Path(path)
     fmt = _checked_format(path, fmt)
     if fmt == BUNDLE:
         raise WeightFileError(f"{path.name} is a bundle (.tar); import it instead of reading it as weights",
                               extra={"kind": "bundle"}, file=path.name)
-    return _READERS[fmt](path, tensor_budget(architecture))
+    budget = tensor_budget(architecture)
+    loaded = _READERS[fmt](path, budget)
+    check_tensor_bytes(path, loaded.arrays, path.stat().st_size, budget)
+    return loaded
 
 
 def write_weights(arrays: Mapping[str, np.ndarray], path: Path | str, fmt: str,

@@ -15,7 +15,7 @@ import numpy as np
 from depthsite.exceptions import WeightFileError
 from models_registry.formats.guards import check_dtype, pickle_scan, tensor_budget, too_large
 from models_registry.formats.loaded import LoadedWeights, _unwrap_state_dict
-from models_registry.formats.sniff import LEGACY_TORCH_MAGIC
+from models_registry.formats.sniff import LEGACY_TORCH_MAGIC, zip_directory_check
 
 
 # torch unpickles data.pkl in Python; a state_dict's is a few hundred KB, DPT_Large's included.
@@ -24,7 +24,9 @@ PT_MAX_PICKLE = 16 * 1024 * 1024
 
 def _pt_zip_check(path: Path, size: int, budget: int) -> None:
     """Every member of a torch zip stored uncompressed and inside the file, its pickle small and sound:
-    torch then maps the tensors' records and never inflates or allocates what the file does not hold."""
+    torch then maps the tensors' records and never inflates or allocates what the file does not hold.
+    The directory is bounded first, from the end records alone: zipfile (and torch) read all of it."""
+    zip_directory_check(path, size)
     try:
         with zipfile.ZipFile(path) as archive:
             declared = 0

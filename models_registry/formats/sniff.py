@@ -11,6 +11,16 @@ from depthsite.exceptions import WeightFileError
 HEAD_BYTES = 1024
 ZIP_MAGIC = b"PK\x03\x04"
 ZIP_EOCD = b"PK\x05\x06"
+ZIP64_EOCD = b"PK\x06\x06"
+ZIP64_LOCATOR = b"PK\x06\x07"
+ZIP_EOCD_SIZE, ZIP64_EOCD_SIZE, ZIP64_LOCATOR_SIZE = 22, 56, 20
+ZIP_COMMENT_SEARCH = 1 << 16  # how far before its last 22 bytes zipfile looks for the end record (a comment)
+# The largest catalogue checkpoint (DPT_BEiT_L_512) holds under 1,500 tensors, one zip entry each besides a
+# handful of torch's own records; 16,384 leaves ten times that room. zipfile keeps an object per entry, so this
+# bound also bounds what opening an archive costs.
+ZIP_MAX_ENTRIES = 16_384
+# A directory entry is 46 bytes, its name ("<stem>/data/<n>") and a ZIP64 extra field: under 256 on average.
+ZIP_MAX_DIRECTORY = ZIP_MAX_ENTRIES * 256
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 # torch's legacy (pre-1.6) serialisation: pickle protocol 2, then LONG1 of its 10-byte magic number.
 LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -24,19 +34,62 @@ def _bad(kind: str, message: str, *, file: str = "", **extra) -> WeightFileError
     return WeightFileError(message, extra={"kind": kind, **extra}, file=file)
 
 
-def _zip_has_central_directory(path: Path, size: int) -> bool:
-    # The end-of-central-directory record sits in the last 22 bytes plus an optional comment (<64 KiB).
-    tail = min(size, 22 + 65535)
+def _zip_end_records(path: Path, size: int) -> tuple[int, int] | None:
+    """(entries, directory bytes) as zipfile will take them from the archive's end records, or None when it
+    has none; read from the last ~64 KiB, never from the directory itself.
+
+    The records are found as zipfile finds them: the end-of-central-directory record in the last 22 bytes,
+    or else its last occurrence within the last 22 + 65536 bytes (a comment may follow it), and a ZIP64
+    end record only where its locator sits just before that record and the record just before the locator.
+    """
+    window = min(size, ZIP_EOCD_SIZE + ZIP_COMMENT_SEARCH)
+    start = size - min(size, window + ZIP64_LOCATOR_SIZE + ZIP64_EOCD_SIZE)
     with open(path, "rb") as handle:
-        handle.seek(size - tail)
-        return ZIP_EOCD in handle.read(tail)
+        handle.seek(start)
+        tail = handle.read()
+    searched = len(tail) - window
+    if tail[-ZIP_EOCD_SIZE:-ZIP_EOCD_SIZE + 4] == ZIP_EOCD and tail[-2:] == b"\0\0":
+        at = len(tail) - ZIP_EOCD_SIZE
+    else:
+        at = tail.rfind(ZIP_EOCD, searched)
+        if at < 0 or at + ZIP_EOCD_SIZE > len(tail):
+            return None
+    _, _, _, _, entries, directory, _, _ = struct.unpack("<4s4H2LH", tail[at:at + ZIP_EOCD_SIZE])
+    locator = at - ZIP64_LOCATOR_SIZE
+    record = locator - ZIP64_EOCD_SIZE
+    if record >= 0 and tail[locator:locator + 4] == ZIP64_LOCATOR and tail[record:record + 4] == ZIP64_EOCD:
+        _, _, _, _, _, _, _, entries, directory, _ = struct.unpack("<4sQ2H2L4Q", tail[record:locator])
+    return entries, directory
+
+
+def zip_directory_check(path: Path, size: int) -> None:
+    """Refuse a zip without end records (truncated), or whose central directory is larger than a torch
+    checkpoint's, before zipfile reads it: zipfile reads the whole directory and keeps a ZipInfo of about
+    half a KB per entry, so a directory of millions of empty records costs gigabytes."""
+    found = _zip_end_records(path, size)
+    if found is None:
+        raise _bad(
+            "truncated_zip",
+            f"{path.name} is a truncated zip archive ({size} bytes; torch says \"failed finding central "
+            "directory\"): the download was interrupted; delete it (models optimize) and download again",
+            file=path.name,
+        )
+    entries, directory = found
+    if entries > ZIP_MAX_ENTRIES or directory > ZIP_MAX_DIRECTORY:
+        raise _bad(
+            "zip_directory_too_large",
+            f"{path.name} is a zip archive of {entries} entries in a {directory}-byte directory; a torch "
+            f"checkpoint has one entry per tensor (at most {ZIP_MAX_ENTRIES} entries, {ZIP_MAX_DIRECTORY} bytes "
+            "of directory); refused before reading it", entries=entries, directory_bytes=directory,
+            file=path.name,
+        )
 
 
 def sniff_format(path: Path | str) -> str:
     """'pt', 'safetensors', 'h5', 'pkl' or 'bundle', decided by the bytes alone.
 
     Raises WeightFileError with `extra["kind"]` in: missing, empty, lfs_pointer, html, truncated_zip,
-    not_torch_zip, truncated_safetensors, unknown.
+    zip_directory_too_large, not_torch_zip, truncated_safetensors, unknown.
     """
     path = Path(path)
     try:
@@ -72,13 +125,7 @@ def sniff_format(path: Path | str) -> str:
             "or login page that was saved as the checkpoint; delete it and download again", file=path.name,
         )
     if head.startswith(ZIP_MAGIC):
-        if not _zip_has_central_directory(path, size):
-            raise _bad(
-                "truncated_zip",
-                f"{path.name} is a truncated zip archive ({size} bytes; torch says \"failed finding central "
-                "directory\"): the download was interrupted; delete it (models optimize) and download again",
-                file=path.name,
-            )
+        zip_directory_check(path, size)
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()

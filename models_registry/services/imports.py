@@ -51,19 +51,30 @@ BUNDLE_MAX_MEMBERS = 16
 BUNDLE_MAX_MANIFEST = 64 * 1024
 
 
-def _bad_bundle(path: Path, why: str) -> WeightFileError:
-    return WeightFileError(f"{path.name}: {why}", extra={"kind": "bad_bundle"}, file=path.name)
+# The manifest fields an import reads, each a string when present ("file" must be): JSON allows any value, and
+# a list where a name was expected would fail deep inside the import instead of naming the field.
+MANIFEST_STRINGS = ("file", "model", "file_sha256", "content_digest")
+
+
+def _bad_bundle(path: Path, why: str, **extra) -> WeightFileError:
+    return WeightFileError(f"{path.name}: {why}", extra={"kind": "bad_bundle", **extra}, file=path.name)
 
 
 def _bundle_members(path: Path, archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
-    """The bundle's members, read one header at a time: a few regular files, none sparse."""
+    """The bundle's members, read one header at a time: a few regular files, none sparse, no name twice.
+
+    Every header counts, not every distinct name: tarfile keeps each header it reads (a bundle of a million
+    empty members under one name would cost gigabytes), and of two members under one name, which one is
+    "the" file would depend on the reader.
+    """
     members: dict[str, tarfile.TarInfo] = {}
-    while True:
-        member = archive.next()
-        if member is None:
-            return members
-        if len(members) >= BUNDLE_MAX_MEMBERS:
+    headers = 0
+    while (member := archive.next()) is not None:
+        headers += 1
+        if headers > BUNDLE_MAX_MEMBERS:
             raise _bad_bundle(path, f"more than {BUNDLE_MAX_MEMBERS} members; a bundle holds a manifest and one file")
+        if member.name in members:
+            raise _bad_bundle(path, f"member {member.name!r} appears twice; a bundle holds each file once")
         sparse = (member.type == tarfile.GNUTYPE_SPARSE or member.sparse is not None
                   or any(key.startswith("GNU.sparse") for key in member.pax_headers))
         if sparse:
@@ -71,6 +82,21 @@ def _bundle_members(path: Path, archive: tarfile.TarFile) -> dict[str, tarfile.T
         if not member.isreg():
             raise _bad_bundle(path, f"member {member.name!r} is not a regular file")
         members[member.name] = member
+    return members
+
+
+def _bundle_manifest_check(path: Path, manifest: Any) -> dict:
+    """The manifest as a dict whose fields the import reads are strings (`file` present), or WeightFileError."""
+    if not isinstance(manifest, dict):
+        raise _bad_bundle(path, f"the bundle's manifest is a JSON {type(manifest).__name__}, not an object")
+    if "file" not in manifest:
+        raise _bad_bundle(path, "the bundle's manifest does not name its weight file (no 'file' field)", field="file")
+    for field in MANIFEST_STRINGS:
+        value = manifest.get(field)
+        if value is not None and not isinstance(value, str):
+            raise _bad_bundle(path, f"the bundle's manifest field {field!r} is a JSON {type(value).__name__}, "
+                                    "not a string", field=field)
+    return manifest
 
 
 def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
@@ -85,15 +111,17 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
         # tarfile reads a PAX or long-name header whole at the size it declares; from a map, a read
         # never returns (or allocates) more than the file holds.
         data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    # A member may be preceded by a chain of long-name or PAX headers, which tarfile reads recursively: a
+    # long chain ends in RecursionError, a damaged bundle like any other.
     try:
         archive = tarfile.open(fileobj=data, mode="r:")
-    except (tarfile.TarError, ValueError, MemoryError) as exc:
+    except (tarfile.TarError, ValueError, MemoryError, RecursionError) as exc:
         data.close()
         raise _bad_bundle(path, f"damaged bundle: {exc}") from None
     with data, archive:
         try:
             members = _bundle_members(path, archive)
-        except (tarfile.TarError, ValueError, MemoryError) as exc:
+        except (tarfile.TarError, ValueError, MemoryError, RecursionError) as exc:
             raise _bad_bundle(path, f"damaged bundle: {exc}") from None
         manifest_member = members.get(BUNDLE_MANIFEST)
         if manifest_member is None:
@@ -102,10 +130,14 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
             raise _bad_bundle(path, f"its manifest has {manifest_member.size} bytes (at most {BUNDLE_MAX_MANIFEST})")
         try:
             manifest = json.loads(archive.extractfile(manifest_member).read(BUNDLE_MAX_MANIFEST))
-            member = members[manifest["file"]]
-        except (ValueError, KeyError, TypeError, tarfile.TarError):
-            raise _bad_bundle(path, "the bundle's manifest is unreadable or names a missing file") from None
-        if not isinstance(manifest, dict) or member is manifest_member:
+        except (ValueError, RecursionError, tarfile.TarError):
+            raise _bad_bundle(path, "the bundle's manifest is unreadable (not JSON)") from None
+        manifest = _bundle_manifest_check(path, manifest)
+        member = members.get(manifest["file"])
+        if member is None:
+            raise _bad_bundle(path, f"the bundle's manifest names {manifest['file'][:256]!r}, which it does not hold",
+                              field="file")
+        if member is manifest_member:
             raise _bad_bundle(path, "the bundle's manifest does not name a weight file")
         limit = settings.DEPTHSITE_MAX_IMPORT_BYTES
         if limit and member.size > limit:
