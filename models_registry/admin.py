@@ -51,6 +51,12 @@ class WeightFileInline(admin.TabularInline):
         return _health_badge(obj)
 
 
+# Every action declares the model permission it needs (Django's `allowed_permissions`): the admin then offers it,
+# and runs a posted one, only for an account holding that permission, so view-only staff can read the registry
+# without being able to delete, convert, verify or export its files. Deleting files needs "delete"; the rest
+# writes files or records, or hands out a file, and needs "change".
+
+
 def _convert_action(fmt: str):
     def action(modeladmin, request, queryset):
         done, failed = [], []
@@ -63,10 +69,10 @@ def _convert_action(fmt: str):
         _report(modeladmin, request, done, failed)
 
     action.__name__ = f"convert_to_{fmt}"
-    return admin.action(description=f"Convert to {fmt}")(action)
+    return admin.action(description=f"Convert to {fmt}", permissions=["change"])(action)
 
 
-@admin.action(description="Verify cached files (this node)")
+@admin.action(description="Verify cached files (this node)", permissions=["change"])
 def verify_models(modeladmin, request, queryset):
     done, failed = [], []
     for model in queryset:
@@ -78,7 +84,7 @@ def verify_models(modeladmin, request, queryset):
     _report(modeladmin, request, done, failed)
 
 
-@admin.action(description="Clear cached files (this node)")
+@admin.action(description="Clear cached files (this node)", permissions=["delete"])
 def clear_models(modeladmin, request, queryset):
     _report(modeladmin, request, [cache_clear(model=model).summary for model in queryset], [])
 
@@ -135,7 +141,7 @@ class RegisteredModelAdmin(admin.ModelAdmin):
         return super().get_queryset(request).prefetch_related("weight_files")
 
 
-@admin.action(description="Verify")
+@admin.action(description="Verify", permissions=["change"])
 def verify_files(modeladmin, request, queryset):
     done, failed = [], []
     for weight_file in queryset.select_related("model"):
@@ -148,7 +154,7 @@ def verify_files(modeladmin, request, queryset):
     _report(modeladmin, request, done, failed)
 
 
-@admin.action(description="Export (download the file)")
+@admin.action(description="Export (download the file)", permissions=["change"])
 def export_file(modeladmin, request, queryset):
     if queryset.count() != 1:
         modeladmin.message_user(request, "select exactly one weight file to export", messages.ERROR)
@@ -163,7 +169,7 @@ def export_file(modeladmin, request, queryset):
     return _download_response(result)
 
 
-@admin.action(description="Delete file and record (clear)")
+@admin.action(description="Delete file and record (clear)", permissions=["delete"])
 def clear_files(modeladmin, request, queryset):
     done, failed = [], []
     for weight_file in queryset.select_related("model"):

@@ -9,21 +9,30 @@ that an interrupted transfer resumes with Range/If-Range instead of starting aga
 Retries: urllib3's `Retry` handles connection errors and answers worth another try (408, 429, 5xx, honouring
 Retry-After) with exponential backoff; DNS and TLS failures are not retried (they do not heal in seconds).
 A body cut short after some bytes moved is resumed by `fetch` itself: urllib3 cannot resume a body. Attempts
-that move no byte forward count towards RETRY_ATTEMPTS; attempts that do, do not.
+that move no byte forward count towards RETRY_ATTEMPTS; attempts that do count towards RESUME_ATTEMPTS instead, so
+that a server dropping every connection after a few bytes cannot hold the worker forever. The sha256 of the bytes
+so far is carried from one attempt to the next: a resume hashes only the new bytes.
+
+Redirects are followed here, not by requests, so that each hop is checked before it is contacted: only http(s),
+never from https down to http, at most MAX_REDIRECTS, and never from a public host to a private, loopback,
+link-local or otherwise non-global address (`host_is_public`). The URL the operator configured is trusted whatever
+it points at (an internal mirror is normal); what a server on the internet answers is not: a redirect must not
+turn the worker into a probe of the site's own network.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 from urllib.request import url2pathname
 
 import requests
@@ -38,12 +47,17 @@ logger = logging.getLogger(__name__)
 
 # Module constants rather than settings: operators never need them, tests shrink them.
 RETRY_ATTEMPTS = 4  # attempts in a row that move no byte forward before giving up
+RESUME_ATTEMPTS = 32  # resumes of one fetch after a connection that broke having moved bytes forward
+MAX_REDIRECTS = 10
 RETRY_BACKOFF_SECONDS = 1.0  # doubled after each failed attempt
 CONNECT_TIMEOUT_SECONDS = 15
 READ_TIMEOUT_SECONDS = 60  # a stalled server fails the attempt instead of holding the model's lock forever
 CHUNK_BYTES = 1024 * 1024
 SIDECAR_SUFFIX = ".json"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# IPv6 forms that carry an IPv4 address (NAT64's well-known prefix); the IPv4 address decides.
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 
 Progress = Callable[[int, "int | None"], None]  # (bytes done, total or None); called as bytes arrive
 
@@ -51,11 +65,12 @@ Progress = Callable[[int, "int | None"], None]  # (bytes done, total or None); c
 class FetchError(Exception):
     """A fetch that failed, as facts: `kind` says which way, the rest is what the caller needs to word it.
 
-    kinds: "unreachable" (gave up: no connection, DNS, TLS, timeouts, 5xx; `code` says which), "http" (an
-    answer that is no file and will not become one: 401/403/404/410, other 4xx), "not_found" (no such file
-    in a file:// folder), "html" (an HTML page instead of weights), "encoded" (a Content-Encoding although
-    identity was asked), "too_large" (declared or sent beyond `limit`), "size_mismatch" (a declared size
-    other than the exact size required).
+    kinds: "unreachable" (gave up: no connection, DNS, TLS, timeouts, 5xx, too many interruptions; `code` says
+    which), "http" (an answer that is no file and will not become one: 401/403/404/410, other 4xx), "redirect"
+    (a redirect that is not followed; `code` says why: download_redirect_scheme, _downgrade, _internal, _loop),
+    "not_found" (no such file in a file:// folder), "html" (an HTML page instead of weights), "encoded" (a
+    Content-Encoding although identity was asked), "too_large" (declared or sent beyond `limit`),
+    "size_mismatch" (a declared size other than the exact size required).
     """
 
     def __init__(self, kind: str, what: str, *, code: str = "", status: int | None = None, attempts: int = 1,
@@ -91,6 +106,15 @@ class Limits:
     ensure_room: Callable[[Path, int], None] = lambda folder, needed: None
 
 
+@dataclass
+class _Hashed:
+    """The sha256 of the partial file's first `length` bytes, carried from one attempt to the next: hashing the
+    partial file again on every resume costs time quadratic in its size when a server keeps dropping."""
+
+    digest: Any = field(default_factory=lambda: hashlib.sha256())
+    length: int = 0
+
+
 @dataclass(frozen=True)
 class Fetched:
     sha256: str
@@ -107,7 +131,35 @@ def host_of(url: str) -> str:
 def shown_url(url: str) -> str:
     """The URL as it may be shown or recorded: scheme, host and path, never credentials or a query."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{host_of(url)}{parts.path}"
+    return f"{parts.scheme}://{host_of(url) if parts.hostname else ''}{parts.path}"
+
+
+def _address_is_global(address: str) -> bool:
+    ip = ipaddress.ip_address(address.partition("%")[0])  # a link-local IPv6 address may carry a %scope
+    if ip.version == 6:
+        # An IPv6 spelling of an IPv4 address (mapped, 6to4, NAT64) is as internal as the address it carries.
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in NAT64_PREFIX:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
+    return ip.is_global and not ip.is_multicast
+
+
+def host_is_public(host: str) -> bool:
+    """Whether every address `host` resolves to is on the public internet (not private, loopback, link-local,
+    shared, reserved or multicast). A name that does not resolve is not public either: redirects from a public
+    server are followed only to hosts that are, and nothing is said about which internal names exist.
+
+    A module function so that tests can make a loopback server play a public one."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError, ValueError):
+        return False
+    try:
+        return bool(addresses) and all(_address_is_global(address) for address in addresses)
+    except ValueError:
+        return False
 
 
 # --- the partial file and its sidecar ---------------------------------------------------------------
@@ -253,28 +305,70 @@ def _too_large(url: str, size: int, limit: int, *, declared: bool) -> FetchError
                       size=size, limit=limit, declared=declared)
 
 
+def _redirect_target(url: str, location: str, *, status: int) -> str:
+    """Where a redirect from `url` to `location` leads; FetchError when it must not be followed (see the
+    module's docstring). The refusal names the hop, never an address the target resolved to."""
+    target = urljoin(url, location.strip())
+    scheme = urlsplit(target).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise FetchError("redirect", f"{shown_url(url)} redirected to a {scheme}: URL; only http and https are "
+                                     "followed", code="download_redirect_scheme", status=status)
+    if not urlsplit(target).hostname:
+        raise FetchError("redirect", f"{shown_url(url)} redirected to a URL without a host",
+                         code="download_redirect_scheme", status=status)
+    if urlsplit(url).scheme.lower() == "https" and scheme == "http":
+        raise FetchError("redirect", f"{shown_url(url)} redirected from https to plain http ({host_of(target)}); "
+                                     "refused", code="download_redirect_downgrade", status=status)
+    if host_is_public(urlsplit(url).hostname or "") and not host_is_public(urlsplit(target).hostname):
+        raise FetchError("redirect", f"{shown_url(url)} redirected to {host_of(target)}, which is not a public "
+                                     "address; a server on the internet may not send the download into the site's "
+                                     "own network", code="download_redirect_internal", status=status)
+    return target
+
+
+def _open(session: requests.Session, url: str, part: Path, headers: dict[str, str]) -> tuple[requests.Response, str]:
+    """GET `url` with its redirects followed one checked hop at a time; the response and the URL that gave it.
+
+    Credentials in `url` go to its own host only (as requests does): a hop elsewhere is asked without them."""
+    hop = url
+    user, password = requests.utils.get_auth_from_url(url)
+    origin = urlsplit(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        here = urlsplit(hop)
+        same_origin = (here.scheme, here.hostname, here.port) == (origin.scheme, origin.hostname, origin.port)
+        try:
+            response = session.get(hop, headers=headers, stream=True, allow_redirects=False,
+                                   auth=(user, password) if same_origin and (user or password) else None,
+                                   timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+        except requests.RequestException as exc:
+            code, what, attempts = _connection_problem(exc, hop)
+            raise FetchError("unreachable", what, code=code, attempts=attempts, partial=partial_size(part)) from None
+        location = response.headers.get("Location")
+        if response.status_code not in REDIRECT_STATUSES or not location:
+            return response, hop
+        response.close()
+        hop = _redirect_target(hop, location, status=response.status_code)
+    raise FetchError("redirect", f"{shown_url(url)} redirected more than {MAX_REDIRECTS} times",
+                     code="download_redirect_loop", status=response.status_code)
+
+
 def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limits,
-                  on_progress: Progress | None) -> Fetched:
+                  on_progress: Progress | None, hashed: _Hashed) -> Fetched:
     offset, validator = _resume_point(part, url)
     headers = {"Range": f"bytes={offset}-", "If-Range": validator} if offset else {}
-    try:
-        response = session.get(url, headers=headers, stream=True,
-                               timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
-    except requests.RequestException as exc:
-        code, what, attempts = _connection_problem(exc, url)
-        raise FetchError("unreachable", what, code=code, attempts=attempts, partial=partial_size(part)) from None
+    response, answered = _open(session, url, part, headers)
     with response:
         status = response.status_code
         if status in RETRY_STATUSES:  # urllib3 retried it and gave up
-            raise FetchError("unreachable", f"{shown_url(url)} answered {status} {response.reason}",
+            raise FetchError("unreachable", f"{shown_url(answered)} answered {status} {response.reason}",
                              code="download_http_5xx" if status >= 500 else f"download_http_{status}",
                              status=status, attempts=RETRY_ATTEMPTS, partial=partial_size(part))
         if status == 416:
             discard(part)  # the server has less than our partial: it is not the same file
-            raise _Transient(f"{url} could not resume at byte {offset} (416); starting again")
+            raise _Transient(f"{shown_url(answered)} could not resume at byte {offset} (416); starting again")
         if status not in (200, 206):
             missing = status in (401, 403, 404, 410)
-            raise FetchError("http", (f"{shown_url(url)} answered {status} {response.reason}: "
+            raise FetchError("http", (f"{shown_url(answered)} answered {status} {response.reason}: "
                                       + ("the file is not there or access is denied" if missing
                                          else "not a weight file")),
                              code=f"download_http_{status}", status=status)
@@ -290,11 +384,11 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
             first, total = _content_range(response.headers.get("Content-Range", ""))
             if first != offset:
                 discard(part)
-                raise _Transient(f"{url} resumed at byte {first} instead of {offset}; starting again")
+                raise _Transient(f"{shown_url(answered)} resumed at byte {first} instead of {offset}; starting again")
         else:
             if offset:
                 logger.info("%s: the server sent the whole file (no Range support, or the file changed); "
-                            "starting again from zero", url)
+                            "starting again from zero", shown_url(answered))
             offset = 0
             length = response.headers.get("Content-Length", "")
             total = int(length) if length.isdigit() else None
@@ -308,7 +402,9 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
             # Written before the first body byte, so a transfer killed at any point can be resumed.
             _write_sidecar(part, url=url, etag=response.headers.get("ETag", ""),
                            last_modified=response.headers.get("Last-Modified", ""), total=total)
-        digest = _hash_prefix(part, offset)
+        if hashed.length != offset:  # the first attempt of a process, or the partial file was started again
+            hashed.digest, hashed.length = _hash_prefix(part, offset), offset
+        digest = hashed.digest
         done = offset
         if on_progress is not None:
             on_progress(done, total)
@@ -334,6 +430,7 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
                 handle.write(chunk)
                 digest.update(chunk)
                 done += len(chunk)
+                hashed.length = done
                 if on_progress is not None:
                     on_progress(done, total)
             handle.flush()
@@ -345,16 +442,24 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
 
 
 def _http_fetch(url: str, part: Path, limits: Limits, on_progress: Progress | None, user_agent: str) -> Fetched:
-    failures = 0
+    failures = resumes = 0
     furthest = partial_size(part)
+    hashed = _Hashed()
     with _session(user_agent) as session:
         while True:
             try:
-                return _http_attempt(session, url, part, limits, on_progress)
+                return _http_attempt(session, url, part, limits, on_progress, hashed)
             except _Transient as exc:
                 size = partial_size(part)
                 if size > furthest:
-                    furthest = size  # a dropped connection that still moved bytes forward is not counted
+                    # A dropped connection that still moved bytes forward is not a failure, but the resumes are
+                    # bounded too: the bytes stay for the next download, this one ends with a clear error.
+                    furthest = size
+                    resumes += 1
+                    if resumes > RESUME_ATTEMPTS:
+                        raise FetchError("unreachable", f"the connection broke {resumes} times before the file was "
+                                                        f"complete ({size} bytes so far)",
+                                         code="download_interrupted", attempts=resumes, partial=size) from None
                 else:
                     failures += 1
                 if failures >= RETRY_ATTEMPTS:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import transaction
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 LOCK_WAIT_SECONDS = 3 * 3600
 QUEUED_STALE_SECONDS = 24 * 3600
+# The preview formats/sniff.py adds to an unknown file's error: "; first bytes: 3c 21 44 ..." (hex pairs).
+FIRST_BYTES = re.compile(r";? *first bytes: [0-9a-f]{2}(?: [0-9a-f]{2})*")
 
 Notify = Callable[[str], None]
 
@@ -170,6 +174,19 @@ def _is_stale(download: WeightDownload) -> bool:
     return (timezone.now() - download.created_at).total_seconds() > QUEUED_STALE_SECONDS
 
 
+def _recorded_error(message: str) -> str:
+    """The error as the download row keeps it, which every signed-in user can read: without the first bytes of
+    the fetched file that the format sniffer quotes (they may be a server's private answer), and without the
+    mirror's password should any message still carry it. The exception itself keeps the full wording for the
+    operator who ran the download."""
+    message = FIRST_BYTES.sub("", message)
+    try:
+        password = urlsplit(settings.DEPTHSITE_MODEL_MIRROR or "").password
+    except ValueError:  # a malformed setting: download_url has said so, in its own words
+        password = None
+    return message.replace(f":{password}@", ":***@") if password else message
+
+
 # --- services --------------------------------------------------------------------------------------
 
 
@@ -211,23 +228,25 @@ def weight_download(
                     download = WeightDownload.objects.create(model=model, node=cachefs.node_name(),
                                                              format=wanted or WeightFormat.PT,
                                                              requested_by=requested_by)
-                download.start(source_url=url)
+                shown = fetch.shown_url(url)  # the request alone uses the credentials a mirror URL may carry
+                download.start(source_url=shown)
                 download.save()
                 fetched, weight_file, pinned = _transfer(model=model, url=url, download=download,
                                                          on_progress=on_progress)
                 download.finish(weight_file)
                 download.bytes_done = fetched.size
                 download.save()
-                result = DownloadResult(weight_file=weight_file, transferred=True, source_url=url,
+                result = DownloadResult(weight_file=weight_file, transferred=True, source_url=shown,
                                         bytes_transferred=fetched.size - fetched.resumed_from,
                                         resumed_from=fetched.resumed_from, pinned=pinned, waited=waited,
                                         download=download)
-                logger.info("downloaded %s from %s (%d bytes%s)", model.name, url, fetched.size,
+                logger.info("downloaded %s from %s (%d bytes%s)", model.name, shown, fetched.size,
                             f", resumed at {fetched.resumed_from}" if fetched.resumed_from else "")
     except BaseException as exc:
         if download is not None and download.status in RunStatus.ACTIVE:
             code = exc.extra.get("code", "") if isinstance(exc, ApplicationError) else ""
-            download.fail(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}", code=code)
+            download.fail(_recorded_error(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"),
+                          code=code)
             download.save()
         raise
     if wanted and result.weight_file.format != wanted:

@@ -47,7 +47,9 @@ PROGRESS_INTERVAL_SECONDS = 0.5
 
 
 def download_url(*, model: RegisteredModel) -> str:
-    """Where the model's file comes from: DEPTHSITE_MODEL_MIRROR + "/" + file name, else the catalogue URL."""
+    """Where the model's file comes from: DEPTHSITE_MODEL_MIRROR + "/" + file name, else the catalogue URL.
+
+    The URL the request needs, credentials included; whatever is shown or stored is `fetch.shown_url` of it."""
     mirror = (settings.DEPTHSITE_MODEL_MIRROR or "").strip()
     if mirror:
         # One plain name, quoted whole: "../x" or "a/b" cannot walk out of the mirror's folder.
@@ -55,8 +57,11 @@ def download_url(*, model: RegisteredModel) -> str:
                                       what=f"the file name of {model.name}")
         scheme = urlsplit(mirror).scheme.lower()
         if scheme not in ("http", "https", "file"):
+            # Quoted without user:password (the message reaches the download row); a value without "://" is not
+            # quoted at all, since whatever follows its first colon may be a password.
+            shown = repr(fetch.shown_url(mirror)) if "://" in mirror else "(no scheme://)"
             raise InvalidRequestError(
-                f"DEPTHSITE_MODEL_MIRROR={mirror!r} is not an http(s):// base URL or a file:// folder",
+                f"DEPTHSITE_MODEL_MIRROR={shown} is not an http(s):// base URL or a file:// folder",
                 extra={"setting": "DEPTHSITE_MODEL_MIRROR"},
             )
         return f"{mirror.rstrip('/')}/{quote(file_name, safe='')}"
@@ -107,6 +112,12 @@ def _pin_hint(sha256: str = "") -> str:
     return "reset the pin (the next download pins again)" + (f" or pin sha256 {sha256}" if sha256 else "")
 
 
+def _pinned_from(model: RegisteredModel) -> str:
+    # A pin recorded before sources were stored in their shown form may still hold a mirror's user:password.
+    source = model.sha256_pinned_from
+    return fetch.shown_url(source) if "://" in source else source or "the catalogue"
+
+
 def _ways_out(model: RegisteredModel) -> str:
     # The same three ways out in every door (CLI, API, dashboard); the command line adds its own commands for them.
     return (f"Ways out: set DEPTHSITE_MODEL_MIRROR to a mirror that has {model.file_name or 'the file'}, import a "
@@ -131,10 +142,14 @@ def _unreachable_error(model: RegisteredModel, url: str, *, code: str, what: str
 
 
 def _fetch_failure(model: RegisteredModel, url: str, failure: fetch.FetchError, cap_source: str) -> ApplicationError:
-    """The fetcher's facts, worded for the person who asked for the model."""
-    if failure.kind in ("unreachable", "http"):
+    """The fetcher's facts, worded for the person who asked for the model.
+
+    Every message and `extra` names the URL as `fetch.shown_url` shows it: a mirror's user:password must not
+    reach a download row or an API answer, which every signed-in user can read."""
+    if failure.kind in ("unreachable", "http", "redirect"):
         return _unreachable_error(model, url, code=failure.code, what=failure.what, attempts=failure.attempts,
                                   partial=failure.partial, status=failure.status)
+    url = fetch.shown_url(url)
     if failure.kind == "not_found":
         return DownloadError(f"{failure.what} ({url})", extra={"url": url, "status": 404})
     if failure.kind == "html":
@@ -207,11 +222,14 @@ def _fetch(*, model: RegisteredModel, url: str, part: Path, on_progress: fetch.P
 
 def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: str,
             requested_by: str = "") -> tuple[WeightFile, bool]:
-    """Check the complete partial file, then rename it to its final name and record it, together."""
+    """Check the complete partial file, then rename it to its final name and record it, together.
+
+    `url` is only named and recorded, so it is the shown form throughout (the pin's source included)."""
+    url = fetch.shown_url(url)
     if model.expected_sha256 and fetched.sha256 != model.expected_sha256:
         raise DigestMismatchError(
             f"the bytes from {url} differ from the pinned sha256 of {model.name}: downloaded {fetched.sha256}, "
-            f"pinned {model.expected_sha256} (pinned from {model.sha256_pinned_from or 'the catalogue'}); "
+            f"pinned {model.expected_sha256} (pinned from {_pinned_from(model)}); "
             f"nothing was cached. If the new file is legitimate, {_pin_hint(fetched.sha256)}",
             extra={"kind": "pin_differs", "model": model.name, "url": url, "sha256": fetched.sha256,
                    "pinned": model.expected_sha256},
@@ -242,7 +260,7 @@ def _accept(*, model: RegisteredModel, part: Path, fetched: fetch.Fetched, url: 
         with transaction.atomic():
             weight_file = weight_record(model=model, fmt=inspection.format, path=dest, inspection=inspection,
                                         functional_hash=functional_hash, origin="download",
-                                        origin_source=fetch.shown_url(url), origin_by=requested_by)
+                                        origin_source=url, origin_by=requested_by)
             if pin_now:
                 model_pin(model=model, sha256=fetched.sha256, size=fetched.size, content_digest=inspection.digest,
                           source=url)

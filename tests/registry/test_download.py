@@ -300,13 +300,17 @@ def test_a_known_pin_is_accepted_and_kept(small_model, mirror, served):
 # --- mirrors and offline ---------------------------------------------------------------------------
 
 
-def test_http_mirror_is_base_url_plus_file_name(small_model, mirror, served):
+def test_http_mirror_is_base_url_plus_file_name(small_model, mirror, served, settings):
+    settings.DEPTHSITE_MODEL_MIRROR = mirror.url.replace("http://", "http://user:pw-mirror@")
+
     result = weight_download(model=small_model)
 
     assert [r.path for r in mirror.gets()] == [f"/{FILE_NAME}"]
+    # Recorded as shown: the mirror's credentials are for the request only (every signed-in user reads these).
     assert result.source_url == f"{mirror.url}/{FILE_NAME}"
     small_model.refresh_from_db()
     assert small_model.sha256_pinned_from == result.source_url
+    assert WeightDownload.objects.get(model=small_model).source_url == result.source_url
 
 
 @pytest.mark.slow
