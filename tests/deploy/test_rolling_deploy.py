@@ -25,6 +25,8 @@ REVIEWED_RUNPYTHON = {
     ("inference", "0002_depth_jobs_recover_schedule"): "writes a django-q2 schedule row",
     ("inference", "0005_anonymous_jobs_expire_schedule"): "writes a django-q2 schedule row",
     ("models_registry", "0003_licences_warm_bytes_architecture_facts"): "fills rows (and is in BEFORE_ROLLING)",
+    ("models_registry", "0009_redact_stored_credentials"): "rewrites stored URLs and errors without userinfo or a "
+                                                           "query; the release before reads them as plain text",
     ("inference", "0010_depthjob_dtype_drop_task_id"): "drops DepthJob.task_id, which the release before it (0009's) "
                                                         "no longer names; 0009's own release kept it for 0008's",
 }
