@@ -47,7 +47,10 @@ class LoadedImage:
     format: str  # what Pillow recognised: JPEG, PNG, ...
     mode: str  # the mode before conversion: RGB, L, P, CMYK, I;16, ...
     exif_transposed: bool
-    frames: int
+    # Whether the file holds frames after the first (an animation, a multi-page TIFF); only the first is used.
+    # Never a count: Pillow counts a TIFF's frames by reading every IFD in its chain, which one crafted file
+    # makes take minutes.
+    animated: bool
 
     @property
     def height(self) -> int:
@@ -208,11 +211,12 @@ def image_check(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels
 
 
 def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels: int | None = None) -> LoadedImage:
-    """Decode a photo to upright RGB uint8; ImageError (400) or ImageTooLargeError (413) with a clear message."""
+    """Decode a photo to upright RGB uint8; ImageError (400) or ImageTooLargeError (413) with a clear message.
+
+    Of a file with several frames, the first is the photo: Pillow opens it there, and nothing here walks the
+    frames after it (`is_animated` looks one frame ahead at most, where `n_frames` reads them all)."""
     with _opened(source, max_pixels or DEFAULT_MAX_PIXELS) as image:
-        frames = int(getattr(image, "n_frames", 1) or 1)
-        if frames > 1:
-            image.seek(0)  # an animation: its first frame is the photo
+        animated = bool(getattr(image, "is_animated", False))
         mode = image.mode
         image.load()
         transposed = _orientation(image) not in (0, 1)
@@ -220,7 +224,8 @@ def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels:
         upright = ImageOps.exif_transpose(image) if transposed else image
         rgb = _rgb_array(_to_rgb(upright))
         image_format = image.format or ""
-    return LoadedImage(rgb=rgb, format=image_format, mode=mode, exif_transposed=bool(transposed), frames=frames)
+    return LoadedImage(rgb=rgb, format=image_format, mode=mode, exif_transposed=bool(transposed),
+                       animated=animated)
 
 
 def _has_alpha(image: Image.Image) -> bool:
