@@ -14,6 +14,11 @@ from depthsite.exceptions import TooLargeError, InvalidRequestError
 
 # Room for the multipart envelope (boundaries, part headers, the small fields) around a file at the limit.
 ENVELOPE_BYTES = 64 * 1024
+# A web form reads on past its limit (dropping the file's bytes) to show itself again with the user's choices; it
+# does so for a body of up to this many times its limit (a phone's full-size photo where the limit is small).
+# A larger body is refused unread by depthsite.middleware_limits: what one request makes the server read stays
+# bounded, and the upload rate counts it (a failed CSRF check at a form included).
+FORM_DRAIN_FACTOR = 4
 
 
 def upload_too_large(size: int | None = None, *, name_field: bool = False, whole_body: bool = False) -> TooLargeError:
@@ -35,6 +40,9 @@ class UploadLimitHandler(FileUploadHandler):
     dropping the file's bytes but parsing the other fields, because a browser shows no response to a request
     whose body it could not finish, and the form is shown again with the user's choices kept.
     Either way `exceeded` tells the door to answer 413, and `file_size` says how big the refused file was.
+    A body whose Content-Length is over the limit plus ENVELOPE_BYTES (the API's), or over FORM_DRAIN_FACTOR
+    times the limit plus ENVELOPE_BYTES (a web form's), never gets here: the request body limit middleware
+    (depthsite/middleware_limits.py) refuses it unread, so what a form drains is bounded.
     """
 
     limit_setting = "DEPTHSITE_MAX_UPLOAD_BYTES"

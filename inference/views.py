@@ -15,6 +15,7 @@ from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.csrf import csrf_failure as django_csrf_failure
 
 from depthsite.units import format_size
 from inference.api.permissions import UploadThrottle
@@ -119,6 +120,20 @@ def _refused_before_reading(request, *, form_class, page):
         form = form_class(model_names=names, default_model=DEFAULT_MODEL)
         return page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
     return None
+
+
+# The upload forms, whose CSRF token is only found by reading the body (up to the upload limit).
+_UPLOAD_FORMS = ("inference:upload", "inference:batch_upload")
+
+
+def csrf_failure(request, reason: str = ""):
+    """Django's 403 for a failed CSRF check (CSRF_FAILURE_VIEW); at an upload form the request also counts as an
+    upload against the rate. Its body was read to find the token, and a client that sent bodies with wrong tokens
+    over and over was never counted, so the rate, which refuses before reading, never stopped it."""
+    match = request.resolver_match
+    if request.method == "POST" and match is not None and match.view_name in _UPLOAD_FORMS:
+        UploadThrottle().allow_request(request, None)
+    return django_csrf_failure(request, reason=reason)
 
 
 @csrf_protect

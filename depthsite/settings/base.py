@@ -1,6 +1,7 @@
 """Django core: apps, middleware, templates, static and media files, security."""
 import os
 import secrets
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -71,6 +72,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Before anything reads a body (the CSRF check reads a form's): a body over its address's limit is refused
+    # unread. After the security middleware, so its redirects and headers still apply.
+    "depthsite.middleware_limits.RequestBodyLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -78,6 +82,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+# Counts a failed CSRF check at an upload form against the upload rate (its body was read to find the token).
+CSRF_FAILURE_VIEW = "inference.views.csrf_failure"
 
 ROOT_URLCONF = "depthsite.urls"
 WSGI_APPLICATION = "depthsite.wsgi.application"
@@ -148,3 +155,41 @@ STORAGES = {
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Caches that live inside one process: what one gunicorn worker counts there, the others never see.
+PER_PROCESS_CACHES = ("django.core.cache.backends.locmem.LocMemCache", "django.core.cache.backends.dummy.DummyCache")
+
+
+def cache_settings(*, redis_url: str, var_dir: Path, key_prefix: str) -> dict:
+    """CACHES: one cache that every process of the site shares, because the upload and write rates are counted
+    there. Django's default keeps a cache per process: with gunicorn's workers (each restarted every couple of
+    thousand requests) every worker counted "30/hour" on its own.
+
+    Redis when REDIS_URL is set, so every machine of the site counts together; the keys carry the queue's name,
+    as deployments sharing one Redis keep their counts apart. Its `clear()` empties the whole Redis database,
+    django-q2's queue included: nothing in the site calls it. Otherwise a folder under the var/ folder, which
+    every process of one machine shares and which `make run` creates on first use."""
+    if redis_url:
+        # Bounded waits: a stuck Redis answers a request with an error, not a worker held until gunicorn's timeout.
+        return {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": redis_url,
+                            "KEY_PREFIX": key_prefix,
+                            "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 5}}}
+    # One file per client and rate: room for many more clients than Django's default of 300 entries, past which
+    # it deletes a third of them (their counts with them).
+    return {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                        "LOCATION": str(var_dir / "django-cache"), "KEY_PREFIX": key_prefix,
+                        "OPTIONS": {"MAX_ENTRIES": 10_000}}}
+
+
+def shared_caches(caches: dict) -> dict:
+    """`caches`, unless one of them lives inside each process (ImproperlyConfigured, naming it)."""
+    for alias, config in caches.items():
+        if config.get("BACKEND") in PER_PROCESS_CACHES:
+            raise ImproperlyConfigured(
+                f"CACHES[{alias!r}] is {config['BACKEND']}, a cache each process keeps for itself: the upload "
+                "rates counted in it would be counted per gunicorn worker. Use the shared cache the settings "
+                "choose (Redis with REDIS_URL, else a folder under DEPTHSITE_VAR_DIR)")
+    return caches
+
+
+CACHES = cache_settings(redis_url=env.REDIS_URL, var_dir=env.VAR_DIR, key_prefix=env.QUEUE_NAME)

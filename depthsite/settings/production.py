@@ -11,12 +11,16 @@ from django.core.exceptions import ImproperlyConfigured
 from depthsite import env
 from depthsite import settings as _base
 from depthsite.settings import *  # noqa: F401,F403
-from depthsite.settings import MIDDLEWARE
+from depthsite.settings import CACHES, MIDDLEWARE
+from depthsite.settings.base import shared_caches
 
 if env.DEBUG:
     # Refuse rather than silently override: a deployment that asks for debug pages is misconfigured.
     raise ImproperlyConfigured("depthsite.settings.production needs DJANGO_DEBUG=0")
 DEBUG = False
+# The upload rates are counted in the cache: one that each gunicorn worker keeps for itself would count them per
+# worker, several times the rate the settings name.
+CACHES = shared_caches(CACHES)
 
 # WhiteNoise serves collected static files straight after the security middleware (so redirects and
 # security headers still apply), with hashed names cached for a year and pre-compressed variants.

@@ -30,6 +30,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(_scratch / f"test-db-{os.getpid()}.sqlite3")}
 # A fixed key for tests only: DEBUG is off (as Django's test runner wants) and no key file is generated.
 SECRET_KEY = SECRET_KEY or "depthsite-tests-only-not-a-secret"  # noqa: F405
+# pytest-xdist's workers run side by side and each clears the cache between tests: each keeps its own (and none
+# writes into the var/ folder of the checkout).
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
