@@ -128,8 +128,9 @@ def depth_job_input(*, job: DepthJob) -> tuple[str, str]:
 def depth_job_reused_from(*, job: DepthJob, user, session_key: str = "") -> str | None:
     """The id of the job whose result this one reused, only for a caller who owns that job (or staff).
 
-    Reuse shares computed files between strangers; the other job's id would open its page (its file name,
-    its times), so nobody else learns it, nor that an identical photo was sent before."""
+    Reuse now stays within one client (see job_results.result_reusable), but a job reused before that may
+    point at a stranger's: its id would open that job's page (its file name, its times), so nobody else learns
+    it, nor that an identical photo was sent before."""
     earlier = job.reused_from if job.reused_from_id else None
     if earlier is None:
         return None

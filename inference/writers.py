@@ -313,6 +313,43 @@ def read_ply(path: Path) -> tuple[list[str], np.ndarray]:
     return header, vertices
 
 
+# What the writers put per pixel: float32 depth in .npy and .pfm, one _PLY_VERTEX a pixel in the .ply, and in the PNG
+# outputs a palette index (the colour map), a 16-bit grey level, or RGB photo beside depth.
+_PNG_SAMPLE_BYTES = {"png": 1, "png16": 2, "side": 3}
+_SIDE_GAP = 8  # the white columns write_side_by_side puts between the photo and its depth
+# Each file's header and trailer besides its pixels: PNG chunks (palette, text), the .npy dictionary, the PFM
+# lines, the .ply's comment lines (which quote the model name and semantics). All are well under this.
+_FILE_OVERHEAD = 8192
+
+
+def png_bytes_bound(*, width: int, height: int, sample_bytes: int) -> int:
+    """The most bytes a PNG of these pixels can take: deflate stores what it cannot shrink (noise, a dithered
+    colour map) at its raw size plus a few bytes a block, each row starts with one filter byte, and PNG cuts the
+    stream into chunks of 12 bytes' framing."""
+    raw = height * (width * sample_bytes + 1)
+    return raw + raw // 256 + _FILE_OVERHEAD
+
+
+def outputs_bytes_bound(*, formats: Iterable[str], width: int, height: int) -> int:
+    """The most bytes write_outputs can write for a photo of width x height (the depth map is as large as the
+    photo), the .ply's browser preview included: what a quota counts for a job before it has run.
+    tests/jobs/test_quota_pending.py holds it against what the writers write."""
+    pixels = width * height
+    total = 0
+    for fmt in formats:
+        if fmt in ("npy", "pfm"):
+            total += pixels * np.dtype(np.float32).itemsize + _FILE_OVERHEAD
+        elif fmt == "ply":
+            stride = ply_preview_stride(width=width, height=height)
+            preview = -(-width // stride) * -(-height // stride)  # rows and columns of one in `stride`, rounded up
+            total += (pixels + preview) * _PLY_VERTEX.itemsize + 2 * _FILE_OVERHEAD
+        elif fmt == "side":
+            total += png_bytes_bound(width=2 * width + _SIDE_GAP, height=height, sample_bytes=3)
+        else:
+            total += png_bytes_bound(width=width, height=height, sample_bytes=_PNG_SAMPLE_BYTES[fmt])
+    return total
+
+
 def write_outputs(*, depth: np.ndarray, image_rgb: np.ndarray, folder: Path, stem: str, formats: Iterable[str],
                   colormap: str = DEFAULT_COLORMAP, meta: DepthMeta = DepthMeta(),
                   fov_degrees: float = DEFAULT_FOV_DEGREES, previews: bool = False) -> dict[str, Path]:

@@ -1,7 +1,9 @@
 """Creating a batch (one DepthJob per photo under one DepthBatch, refused whole) and removing empty old batches.
 
-Each photo goes through `depth_job_create` like a single upload (format, pixels, bytes, anonymous quota);
-if any is refused, the whole batch is: no batch row, no job row, no stored upload remains.
+Each photo has the checks of a single upload (format, pixels, bytes, anonymous quota); if any is refused, the
+whole batch is: no batch row, no job row, no stored upload remains. The photos are decoded, hashed and stored
+before the transaction: on SQLite it holds the database's write lock (BEGIN IMMEDIATE), and every other writer
+(uploads, sessions, the workers' lease renewals) would wait on up to DEPTHSITE_BATCH_MAX_FILES decodes.
 """
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from depthsite.units import format_size
-from inference.exceptions import QuotaExceededError
+from depthsite.exceptions import ApplicationError
 from inference.models import DepthBatch, DepthJob
 from inference.services.batch_images import BatchImages
-from inference.services.jobs import anonymous_usage, depth_job_create
+from inference.services.jobs import (
+    anonymous_quota_check,
+    depth_job_insert,
+    depth_job_options,
+    depth_job_prepare,
+    depth_job_results_bound,
+    depth_job_upload_store,
+)
 from models_registry.catalogue import DEFAULT_MODEL
-from depthsite.exceptions import ApplicationError
 
 logger = logging.getLogger(__name__)
 
@@ -34,39 +41,50 @@ def depth_batch_create(
     session_key: str = "",
     client_address: str = "",
 ) -> DepthBatch:
-    """One DepthJob per photo (each through `depth_job_create`), all under one new DepthBatch, queued once the
-    transaction commits. Any refusal (a photo that is not one, a quota) refuses the batch whole, naming the
-    photo: the rows roll back and the uploads already stored are deleted."""
+    """One DepthJob per photo, all under one new DepthBatch, queued once the transaction commits. Any refusal (a
+    photo that is not one, a quota) refuses the batch whole, naming the photo; uploads already stored are deleted.
+
+    A batch counts against the anonymous quota as the same number of single uploads: checked up front on the
+    bytes sent, again once the photos are decoded (what their outputs will take), and last inside the
+    transaction, against concurrent uploads."""
     anonymous = owner is None or not owner.is_authenticated
+    quota = {"session_key": session_key, "client_address": client_address, "size": images.size,
+             "count": len(images)}
     if anonymous:
-        _anonymous_quota_check(session_key=session_key, client_address=client_address, count=len(images),
-                               size=images.size)
-    created: list[DepthJob] = []
+        anonymous_quota_check(**quota)
+    options = depth_job_options(model=model, outputs=outputs, colormap=colormap, fov=fov)
+    jobs: list[DepthJob] = []
+    for index, (upload, source) in enumerate(zip(images.files, images.sources), start=1):
+        try:
+            jobs.append(depth_job_prepare(image=upload, options=options, owner=owner, session_key=session_key,
+                                          client_address=client_address))
+        except ApplicationError as exc:
+            raise _naming_photo(exc, name=upload.name, index=index, source=source) from None
+    quota["results"] = sum(depth_job_results_bound(job=job) for job in jobs)
+    if anonymous:
+        anonymous_quota_check(**quota)
+    stored: list[DepthJob] = []
     try:
+        for job, upload in zip(jobs, images.files):
+            depth_job_upload_store(job=job, image=upload)
+            stored.append(job)
         with transaction.atomic():
             batch = DepthBatch.objects.create(
                 owner=None if anonymous else owner, session_key=session_key if anonymous else "",
                 client_address=client_address if anonymous else "", archive_name=images.archive_name,
-                skipped=images.skipped, model_name="",
+                skipped=images.skipped, model=options.model, model_name=options.model.name,
+                outputs=options.outputs, colormap=options.colormap, fov_degrees=options.fov_degrees,
             )
-            for index, (upload, source) in enumerate(zip(images.files, images.sources), start=1):
-                try:
-                    job = depth_job_create(image=upload, model=model, outputs=outputs,
-                                           colormap=colormap, fov=fov, owner=owner, session_key=session_key,
-                                           client_address=client_address)
-                except ApplicationError as exc:
-                    raise _naming_photo(exc, name=upload.name, index=index, source=source) from None
-                created.append(job)
-            DepthJob.objects.filter(pk__in=[job.pk for job in created]).update(batch=batch)
-            first = created[0]
-            batch.model_id, batch.model_name = first.model_id, first.model_name
-            batch.outputs, batch.colormap, batch.fov_degrees = first.outputs, first.colormap, first.fov_degrees
-            batch.save(update_fields=["model", "model_name", "outputs", "colormap", "fov_degrees"])
+            for job in jobs:
+                job.batch = batch
+                depth_job_insert(job=job)
+            if anonymous:
+                anonymous_quota_check(**quota, saved=True)
     except BaseException:
-        for job in created:
-            job.image.delete(save=False)  # their rows rolled back: nothing may point at these files any more
+        for job in stored:
+            job.image.delete(save=False)  # no row points at these files: never saved, or rolled back
         raise
-    logger.info("depth batch %s queued: %d photo(s), %s, %d skipped", batch.pk, len(created), batch.model_name,
+    logger.info("depth batch %s queued: %d photo(s), %s, %d skipped", batch.pk, len(jobs), batch.model_name,
                 len(images.skipped))
     return batch
 
@@ -83,24 +101,6 @@ def _naming_photo(exc: ApplicationError, *, name: str | None, index: int, source
     exc.message = f"{source}: {shown}: {message}"
     exc.extra["file"] = shown
     return exc
-
-
-def _anonymous_quota_check(*, session_key: str, client_address: str, count: int, size: int) -> None:
-    """A batch counts against the anonymous quota as the same number of single uploads; refused whole, up front
-    (`depth_job_create` checks each photo again inside the transaction, against concurrent uploads)."""
-    max_jobs = settings.DEPTHSITE_ANON_MAX_JOBS
-    max_bytes = settings.DEPTHSITE_ANON_MAX_BYTES
-    for label, jobs, stored in anonymous_usage(session_key=session_key, client_address=client_address):
-        if max_jobs and jobs + count > max_jobs:
-            raise QuotaExceededError(
-                f"anonymous quota: {label} has {jobs} jobs stored and this batch of {count} photos would pass the "
-                f"limit of {max_jobs} (DEPTHSITE_ANON_MAX_JOBS); send fewer photos, delete some jobs, or sign in",
-                extra={"kind": "quota_jobs", "limit": max_jobs, "used": jobs, "count": count})
-        if max_bytes and stored + size > max_bytes:
-            raise QuotaExceededError(
-                f"anonymous quota: {label} stores {format_size(stored)} and this batch of {format_size(size)} would "
-                f"pass the limit of {format_size(max_bytes)} (DEPTHSITE_ANON_MAX_BYTES); send fewer photos, delete "
-                "some jobs, or sign in", extra={"kind": "quota_bytes", "limit": max_bytes, "used": stored})
 
 
 def depth_batches_expire(*, now=None) -> int:

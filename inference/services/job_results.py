@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from django.conf import settings
+from django.db.models import Q
 
 from depthsite.choices import RunStatus
 from inference.images import BROWSER_IMAGE_TYPES
@@ -103,10 +104,31 @@ def results_names(*, job: DepthJob, written: dict[str, Path]) -> dict[str, str]:
     return {fmt: f"{results_folder(job_id=job.pk)}/{path.name}" for fmt, path in written.items()}
 
 
+def _same_client(job: DepthJob) -> Q | None:
+    """The jobs of the client that sent `job`, or None where no other job can be proven its own.
+
+    A signed-in user's own jobs; an anonymous browser's by its session (a secret cookie: an address alone may be
+    shared by a whole office behind one proxy, so an anonymous client without a session shares with nobody); jobs
+    made by service calls (no user, session or address: `manage.py` on the operator's side) with each other."""
+    if job.owner_id is not None:
+        return Q(owner_id=job.owner_id)
+    if job.session_key:
+        return Q(owner__isnull=True, session_key=job.session_key)
+    if not job.client_address:
+        return Q(owner__isnull=True, session_key="", client_address="")
+    return None
+
+
 def result_reusable(*, job: DepthJob, weights_sha256: str) -> DepthJob | None:
-    """An earlier succeeded job of the same pixels, weights and options whose files are all still stored."""
+    """An earlier succeeded job of the same client, pixels, weights and options whose files are all still stored.
+
+    Only the same client's: a reused job has no timings of its own (nothing ran), so a result handed to a stranger
+    told them that somebody had sent these very pixels before."""
+    client = _same_client(job)
+    if client is None:
+        return None
     # By the pixels the network saw, not the file's bytes: the same photo as PNG and as TIFF is one result.
-    candidates = (DepthJob.objects.filter(status=RunStatus.SUCCEEDED, pixels_sha256=job.pixels_sha256,
+    candidates = (DepthJob.objects.filter(client, status=RunStatus.SUCCEEDED, pixels_sha256=job.pixels_sha256,
                                           weights_sha256=weights_sha256, colormap=job.colormap)
                   .exclude(pk=job.pk).order_by("-finished_at"))
     if not settings.DEPTHSITE_FP16:

@@ -8,25 +8,33 @@ import hashlib
 import logging
 import os
 import uuid
-from functools import partial
+from dataclasses import dataclass
+from functools import partial, reduce
+from operator import or_
 from typing import Any, Iterable
 
 from django.conf import settings
 from django.core.files import File
 from django.db import transaction
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Count, Q, Sum
 
 from depthsite.choices import RunStatus
 from depthsite.exceptions import ConflictError, InvalidRequestError, NotFoundError, TooLargeError
 from depthsite.units import format_size
 from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.exceptions import ImageError, QuotaExceededError
-from inference.images import image_check
+from inference.images import BROWSER_IMAGE_TYPES, image_check
 from inference.media import media_exists, media_usage
 from inference.models import DepthJob
 from inference.services.job_results import depth_job_paths
 from inference.services.job_state import job_transition
-from inference.writers import DEFAULT_FOV_DEGREES, fov_check, parse_formats
+from inference.writers import (
+    DEFAULT_FOV_DEGREES,
+    fov_check,
+    outputs_bytes_bound,
+    parse_formats,
+    png_bytes_bound,
+)
 from models_registry.catalogue import DEFAULT_MODEL
 from models_registry.models import RegisteredModel
 from models_registry.selectors import model_get
@@ -84,6 +92,62 @@ def _client_name(name: str | None) -> str:
     return cleaned[-255:] or "upload"
 
 
+@dataclass(frozen=True)
+class DepthJobOptions:
+    """What a request asks of its jobs, checked once: a batch's photos all share one."""
+
+    model: RegisteredModel
+    outputs: list[str]
+    colormap: str
+    fov_degrees: float
+
+
+def depth_job_options(*, model: str = DEFAULT_MODEL, outputs: Iterable[str] | str | None = None,
+                      colormap: str = DEFAULT_COLORMAP, fov: float | str | None = None) -> DepthJobOptions:
+    """InvalidRequestError (400) for an unknown model, output, colormap or field of view; LicenseError (403) for a
+    model whose licence this site refuses."""
+    registered = _model_for_job(model)
+    formats = parse_formats(list(outputs) if outputs and not isinstance(outputs, str) else (outputs or DEFAULT_OUTPUTS))
+    return DepthJobOptions(model=registered, outputs=formats, colormap=_colormap(colormap),
+                           fov_degrees=fov_check(DEFAULT_FOV_DEGREES if fov is None or fov == "" else fov))
+
+
+def depth_job_prepare(*, image: File, options: DepthJobOptions, owner=None, session_key: str = "",
+                      client_address: str = "") -> DepthJob:
+    """The unsaved job of one upload, checked (bytes, format, pixels) and hashed; nothing stored or saved yet.
+
+    It decodes the photo, so callers run it before any transaction: on SQLite a transaction holds the write lock,
+    and every other writer would wait for the decode. ImageError (400), TooLargeError/ImageTooLargeError (413).
+    """
+    size = int(image.size or 0)
+    upload_size_check(size=size)
+    anonymous = owner is None or not owner.is_authenticated
+    image.seek(0)
+    # Header first (format, size, pixel limit), then a decode that converts and copies nothing (see image_check).
+    info = image_check(getattr(image, "file", image), max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
+    return DepthJob(
+        owner=None if anonymous else owner,
+        session_key=(session_key or "") if anonymous else "",
+        client_address=(client_address or "") if anonymous else "",
+        image_name=_client_name(image.name), image_sha256=_sha256(image), image_size=size, image_format=info.format,
+        image_width=info.width, image_height=info.height,
+        model=options.model, model_name=options.model.name, outputs=options.outputs, colormap=options.colormap,
+        fov_degrees=options.fov_degrees,
+    )
+
+
+def depth_job_upload_store(*, job: DepthJob, image: File) -> None:
+    """Copy a prepared job's photo into the media storage under a name of ours (the row is not saved)."""
+    image.seek(0)
+    job.image.save(f"upload{_EXTENSIONS.get(job.image_format, '.img')}", image, save=False)
+
+
+def depth_job_insert(*, job: DepthJob) -> None:
+    """Save a prepared job, its photo stored, and queue it once the caller's transaction commits (its id only)."""
+    job.save()
+    transaction.on_commit(partial(depth_job_enqueue, job.pk))
+
+
 def depth_job_create(
     *,
     image: File,
@@ -99,85 +163,126 @@ def depth_job_create(
 
     InvalidRequestError (400) for an unknown model, output or colormap; ImageError (400) for a file that is
     not a readable photo; TooLargeError/ImageTooLargeError (413) for too many bytes or pixels;
-    QuotaExceededError (429) when an anonymous session or address stores its quota already.
+    QuotaExceededError (429) when an anonymous session or address would store more than its quota, the results
+    this job will write counted (see anonymous_usage).
     """
-    registered = _model_for_job(model)
-    formats = parse_formats(list(outputs) if outputs and not isinstance(outputs, str) else (outputs or DEFAULT_OUTPUTS))
-    chosen_colormap = _colormap(colormap)
-    fov_degrees = fov_check(DEFAULT_FOV_DEGREES if fov is None or fov == "" else fov)
+    options = depth_job_options(model=model, outputs=outputs, colormap=colormap, fov=fov)
     size = int(image.size or 0)
     upload_size_check(size=size)
     anonymous = owner is None or not owner.is_authenticated
     if anonymous:
+        # Before the decode: a client already at its quota costs no decoding.
         anonymous_quota_check(session_key=session_key, client_address=client_address, size=size)
-    image.seek(0)
-    # Header first (format, size, pixel limit), then a decode that converts and copies nothing (see image_check).
-    info = image_check(getattr(image, "file", image), max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
-    sha256 = _sha256(image)
-
-    job = DepthJob(
-        owner=None if anonymous else owner,
-        session_key=(session_key or "") if anonymous else "",
-        client_address=(client_address or "") if anonymous else "",
-        image_name=_client_name(image.name), image_sha256=sha256, image_size=size, image_format=info.format,
-        image_width=info.width, image_height=info.height,
-        model=registered, model_name=registered.name, outputs=formats, colormap=chosen_colormap,
-        fov_degrees=fov_degrees,
-    )
-    extension = _EXTENSIONS.get(job.image_format, ".img")
-    job.image.save(f"upload{extension}", image, save=False)
+    job = depth_job_prepare(image=image, options=options, owner=owner, session_key=session_key,
+                            client_address=client_address)
+    results = depth_job_results_bound(job=job)
+    if anonymous:
+        anonymous_quota_check(session_key=job.session_key, client_address=job.client_address, size=size,
+                              results=results)
+    depth_job_upload_store(job=job, image=image)
     try:
         with transaction.atomic():
-            job.save()
+            depth_job_insert(job=job)
             if anonymous:
                 # Again with this row written: on SQLite the write lock now serialises concurrent uploads,
                 # so two of them cannot both take the last place of a quota.
                 anonymous_quota_check(session_key=job.session_key, client_address=job.client_address,
-                                      size=size, saved=True)
-            transaction.on_commit(partial(depth_job_enqueue, job.pk))
+                                      size=size, results=results, saved=True)
     except BaseException:
         job.image.delete(save=False)  # no row points at it
         raise
     logger.info("depth job %s queued: %s, %dx%d %s, %s", job.pk, job.model_name, job.image_width,
-                job.image_height, job.image_format, ",".join(formats))
+                job.image_height, job.image_format, ",".join(job.outputs))
     return job
 
 
+# --- the anonymous quota --------------------------------------------------------------------------
+
+
+def results_bytes_bound(*, outputs: Iterable[str], width: int, height: int, image_format: str) -> int:
+    """The most bytes a job's results can take in the media store: its outputs at the photo's full size
+    (inference.writers.outputs_bytes_bound), and the upright PNG the worker keeps of a photo browsers cannot show
+    (input_preview_write)."""
+    total = outputs_bytes_bound(formats=outputs, width=width, height=height)
+    if image_format not in BROWSER_IMAGE_TYPES:
+        total += png_bytes_bound(width=width, height=height, sample_bytes=3)
+    return total
+
+
+def depth_job_results_bound(*, job: DepthJob) -> int:
+    """results_bytes_bound of a job's own outputs and photo."""
+    return results_bytes_bound(outputs=job.outputs or [], width=job.image_width or 0, height=job.image_height or 0,
+                               image_format=job.image_format)
+
+
 def anonymous_usage(*, session_key: str, client_address: str) -> list[tuple[str, int, int]]:
-    """[(whose, jobs, bytes stored)] of an anonymous uploader: its browser session and its address, each
-    counted on its own (uploads and results)."""
-    scopes = [("this browser session", Q(session_key=session_key)) if session_key else None,
-              ("your address", Q(client_address=client_address)) if client_address else None]
+    """[(whose, jobs, bytes)] of an anonymous uploader: its browser session and its address, each counted on its
+    own. Bytes are the uploads, the results finished jobs store, and for each job not finished yet the most its
+    outputs can take: results_bytes is only known once a job ends, and a small file of many pixels asking for
+    every output writes gigabytes, so counting it at 0 until then let one batch pass the quota many times over."""
+    scopes = {"this browser session": ("session_key", session_key), "your address": ("client_address", client_address)}
+    scopes = {label: (field_name, value) for label, (field_name, value) in scopes.items() if value}
+    if not scopes:
+        return []
+    anonymous = DepthJob.objects.filter(owner__isnull=True).filter(
+        reduce(or_, (Q(**{field_name: value}) for field_name, value in scopes.values())))
+    # One query for the counts of every scope, one for the unfinished jobs of any of them.
+    finished = Q(status__in=RunStatus.TERMINAL)
+    aggregates = {}
+    for n, (field_name, value) in enumerate(scopes.values()):
+        mine = Q(**{field_name: value})
+        aggregates[f"jobs{n}"] = Count("pk", filter=mine)
+        aggregates[f"uploads{n}"] = Sum("image_size", filter=mine)
+        aggregates[f"results{n}"] = Sum("results_bytes", filter=mine & finished)
+    totals = anonymous.aggregate(**aggregates)
+    unfinished = list(anonymous.exclude(finished).values(
+        "session_key", "client_address", "outputs", "image_width", "image_height", "image_format"))
     counted = []
-    for label, condition in filter(None, scopes):
-        usage = DepthJob.objects.filter(condition, owner__isnull=True).aggregate(
-            jobs=Count("pk"), bytes=Sum(F("image_size") + F("results_bytes")))
-        counted.append((label, usage["jobs"] or 0, usage["bytes"] or 0))
+    for n, (label, (field_name, value)) in enumerate(scopes.items()):
+        pending = sum(results_bytes_bound(outputs=row["outputs"] or [], width=row["image_width"] or 0,
+                                          height=row["image_height"] or 0, image_format=row["image_format"])
+                      for row in unfinished if row[field_name] == value)
+        stored = (totals[f"uploads{n}"] or 0) + (totals[f"results{n}"] or 0) + pending
+        counted.append((label, totals[f"jobs{n}"] or 0, stored))
     return counted
 
 
-def anonymous_quota_check(*, session_key: str, client_address: str, size: int, saved: bool = False) -> None:
-    """QuotaExceededError (429) when this upload would take an anonymous session or address past
-    DEPTHSITE_ANON_MAX_JOBS jobs or DEPTHSITE_ANON_MAX_BYTES stored bytes (uploads and results).
+def anonymous_quota_check(*, session_key: str, client_address: str, size: int, results: int = 0, count: int = 1,
+                          saved: bool = False) -> None:
+    """QuotaExceededError (429) when `count` new jobs (one upload, or a batch) would take an anonymous session or
+    address past DEPTHSITE_ANON_MAX_JOBS jobs or DEPTHSITE_ANON_MAX_BYTES stored bytes (see anonymous_usage).
 
-    `saved`: the upload's own row is already counted (the re-check inside the creating transaction)."""
+    `size`: the bytes of their uploads; `results`: the most their results can take (results_bytes_bound; 0 before
+    the photos are decoded, when it is not known yet). `saved`: their rows are already counted (the re-check
+    inside the creating transaction)."""
     max_jobs = settings.DEPTHSITE_ANON_MAX_JOBS
     max_bytes = settings.DEPTHSITE_ANON_MAX_BYTES
     retention_days = max(1, round(settings.DEPTHSITE_ANON_RETENTION / 86400))
+    adding = size + results
     for label, jobs, stored in anonymous_usage(session_key=session_key, client_address=client_address):
         if saved:
-            jobs, stored = jobs - 1, stored - size
-        if max_jobs and jobs + 1 > max_jobs:
+            jobs, stored = jobs - count, stored - adding
+        if max_jobs and jobs + count > max_jobs:
+            if count == 1:
+                message = (f"anonymous quota reached: {label} already has {jobs} jobs stored (limit {max_jobs}, "
+                           f"DEPTHSITE_ANON_MAX_JOBS); delete some jobs, wait for them to expire after "
+                           f"{retention_days} day(s), or sign in")
+            else:
+                message = (f"anonymous quota reached: {label} has {jobs} jobs stored and this batch of {count} "
+                           f"photos would pass the limit of {max_jobs} (DEPTHSITE_ANON_MAX_JOBS); send fewer "
+                           "photos, delete some jobs, or sign in")
+            raise QuotaExceededError(message, extra={"kind": "quota_jobs", "limit": max_jobs, "used": jobs,
+                                                     "count": count})
+        if max_bytes and stored + adding > max_bytes:
+            what = "this upload" if count == 1 else f"this batch of {count} photos"
+            adds = format_size(size) + (f", and up to {format_size(results)} of results" if results else "")
             raise QuotaExceededError(
-                f"anonymous quota reached: {label} already has {jobs} jobs stored (limit {max_jobs}, "
-                f"DEPTHSITE_ANON_MAX_JOBS); delete some jobs, wait for them to expire after {retention_days} "
-                "day(s), or sign in", extra={"kind": "quota_jobs", "limit": max_jobs, "used": jobs})
-        if max_bytes and stored + size > max_bytes:
-            raise QuotaExceededError(
-                f"anonymous quota reached: {label} stores {format_size(stored)} and this upload would pass the "
-                f"limit of {format_size(max_bytes)} (DEPTHSITE_ANON_MAX_BYTES); delete some jobs, wait for them "
-                f"to expire after {retention_days} day(s), or sign in",
-                extra={"kind": "quota_bytes", "limit": max_bytes, "used": stored})
+                f"anonymous quota reached: {label} stores {format_size(stored)} (jobs not finished yet count at the "
+                f"most their outputs can take) and {what} ({adds}) would pass the limit "
+                f"of {format_size(max_bytes)} (DEPTHSITE_ANON_MAX_BYTES); ask for fewer outputs (npy, pfm and above "
+                f"all ply grow with the pixels) or send a smaller photo, wait for your jobs to finish, delete some, "
+                f"or sign in",
+                extra={"kind": "quota_bytes", "limit": max_bytes, "used": stored, "size": size, "results": results})
 
 
 _brokers: dict[int, Any] = {}

@@ -25,7 +25,7 @@ from inference.media import RESULTS_DIR
 from inference.services.job_recovery import depth_jobs_expire, results_staging_sweep
 from inference.services.job_results import results_folder
 from inference.services.job_runs import depth_job_run
-from inference.services.jobs import depth_job_create
+from inference.services.jobs import depth_job_create, results_bytes_bound
 from inference.tasks import depth_jobs_expire_task, depth_jobs_recover_task
 from models_registry.api.throttling import SettingsScopedRateThrottle, client_address
 from depthsite.testing import images
@@ -135,9 +135,11 @@ def test_the_anonymous_job_quota_holds_per_address_and_per_session(small_model, 
 def test_the_anonymous_byte_quota_counts_uploads_and_results(small_model, settings, user):
     settings.DEPTHSITE_PUBLIC_UPLOADS = True
     size = len(images.jpeg())
-    settings.DEPTHSITE_ANON_MAX_BYTES = 3 * size
+    # A queued job counts at the most its outputs can take; a finished one at what it stored.
+    pending = results_bytes_bound(outputs=["png"], width=96, height=72, image_format="JPEG")
+    settings.DEPTHSITE_ANON_MAX_BYTES = 3 * size + pending
     first = depth_job_create(image=upload(), session_key="s1", client_address="203.0.113.7")
-    DepthJob.objects.filter(pk=first.pk).update(results_bytes=size)  # its results, once written
+    DepthJob.objects.filter(pk=first.pk).update(status=RunStatus.SUCCEEDED, results_bytes=size)
     depth_job_create(image=upload(), session_key="s2", client_address="203.0.113.7")
     with pytest.raises(Exception) as caught:
         depth_job_create(image=upload(), session_key="s3", client_address="203.0.113.7")
