@@ -17,6 +17,8 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import Storage, default_storage
 
+from depthsite.exceptions import NotFoundError
+
 RESULTS_DIR = "results"
 STAGING_PREFIX = ".tmp-"
 _CHUNK = 1024 * 1024
@@ -84,6 +86,19 @@ def _missing(exc: Exception) -> bool:
 def media_open(name: str) -> File:
     """A stored file opened for reading (the caller closes it; FileResponse does)."""
     return media_storage().open(name, "rb")
+
+
+def media_open_served(name: str) -> File:
+    """media_open for a download view: NotFoundError (404) when the file is gone, e.g. its job was deleted between
+    the view's access check and this open; any other storage failure still raises as it is."""
+    try:
+        return media_open(name)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # botocore's ClientError for a missing key
+        if not _missing(exc):
+            raise
+    raise NotFoundError("the file is no longer stored (its job was deleted or expired)", extra={"kind": "gone"})
 
 
 def media_staging_root() -> Path:

@@ -22,7 +22,7 @@ from inference.api.permissions import UploadThrottle
 from inference.colormaps import DEFAULT_COLORMAP
 from inference.images import ALPHA_NOTE, BROWSER_IMAGE_TYPES, image_has_alpha
 from inference.forms import DepthJobForm, UploadLimitHandler
-from inference.media import media_name_check, media_open
+from inference.media import media_name_check, media_open, media_open_served
 from inference.models import DepthJob
 from depthsite.choices import RunStatus
 from inference.sessions import upload_session_key
@@ -310,11 +310,12 @@ def job_file(request, job_id, fmt: str):
     job = _job(request, job_id)
     try:
         result = depth_job_file(job=job, fmt=fmt)
+        # Streamed from the media storage, after the access check above (no public or presigned URL).
+        stored = media_open_served(result.name)
     except NotFoundError:
         raise Http404("no such output") from None
-    # Streamed from the media storage, after the access check above (no public or presigned URL).
-    return FileResponse(media_open(result.name), content_type=result.content_type,
-                        as_attachment=bool(request.GET.get("download")), filename=result.download_name)
+    return FileResponse(stored, content_type=result.content_type, as_attachment=bool(request.GET.get("download")),
+                        filename=result.download_name)
 
 
 @require_GET
@@ -323,9 +324,10 @@ def job_input(request, job_id):
     job = _job(request, job_id)
     try:
         name, content_type = depth_job_input(job=job)
+        stored = media_open_served(name)
     except NotFoundError as exc:
         raise Http404(exc.message) from None
-    return FileResponse(media_open(name), content_type=content_type)
+    return FileResponse(stored, content_type=content_type)
 
 
 @require_POST

@@ -33,7 +33,7 @@ from inference.selectors import (
 from inference.services.batch_images import depth_batch_images_collect
 from inference.services.batch_zip import depth_batch_archive_plan, depth_batch_archive_stream
 from inference.services.batches import depth_batch_create
-from inference.media import media_open
+from inference.media import media_open_served
 from inference.sessions import upload_session_key
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
@@ -158,7 +158,7 @@ class PredictionFileView(PredictionAPIView):
     def get(self, request, id, fmt):
         result = depth_job_file(job=self.get_object(), fmt=fmt)
         # Streamed from the media storage after the owner check (get_object): no public or presigned URL.
-        return FileResponse(media_open(result.name), content_type=result.content_type, as_attachment=True,
+        return FileResponse(media_open_served(result.name), content_type=result.content_type, as_attachment=True,
                             filename=result.download_name)
 
     def perform_content_negotiation(self, request, force=False):

@@ -74,6 +74,22 @@ def test_upload_runs_the_job_and_the_page_shows_the_result(web, cached_small, ru
     assert 'id="compare-slider"' in page and "ms</td>" in page
 
 
+def test_a_file_gone_between_the_access_check_and_the_read_is_a_404_not_a_500(web, api, cached_small, run_jobs,
+                                                                             monkeypatch):
+    # A job deleted (or expired) as its file was asked for: the selectors found the file, then it was gone.
+    post_photo(web, run_jobs)
+    job = DepthJob.objects.get()
+    media = Path(settings.MEDIA_ROOT)
+    (media / job.result_files["png"]).unlink()
+    (media / job.image.name).unlink()
+    monkeypatch.setattr("inference.selectors.media_exists", lambda name: True)  # the check ran before the delete
+    assert web.get(reverse("inference:job_file", args=[job.pk, "png"])).status_code == 404
+    assert web.get(reverse("inference:job_input", args=[job.pk])).status_code == 404
+    api.force_authenticate(job.owner)
+    response = api.get(f"/api/predictions/{job.pk}/files/png/")
+    assert response.status_code == 404 and response.json()["extra"]["kind"] == "gone"
+
+
 def test_job_status_json_is_small_and_complete(web, cached_small, run_jobs):
     post_photo(web, run_jobs)
     job = DepthJob.objects.get()
