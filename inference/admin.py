@@ -14,7 +14,8 @@ STATUS_COLOURS = {RunStatus.QUEUED: "#9a6700", RunStatus.RUNNING: "#9a6700", Run
                   RunStatus.FAILED: "#cf222e"}
 
 
-@admin.action(description="Re-run selected jobs")
+# Re-running replaces a job's results: only for an account that may change jobs (Django's model permission).
+@admin.action(description="Re-run selected jobs", permissions=["change"])
 def rerun_jobs(modeladmin, request, queryset):
     done, failed = [], []
     for job in queryset:

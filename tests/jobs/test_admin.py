@@ -60,6 +60,22 @@ def test_rerun_action_runs_failed_jobs_again_and_refuses_active_ones(admin_clien
     assert job.status == "succeeded" and job.error == "" and job.attempts == 1
 
 
+def test_a_view_only_staff_user_can_neither_see_nor_run_the_rerun(client, cached_small, run_jobs):
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+
+    viewer = get_user_model().objects.create_user("viewer", "viewer@example.com", "pw-viewer-123", is_staff=True)
+    viewer.user_permissions.set(Permission.objects.filter(codename="view_depthjob"))
+    client.force_login(viewer)
+    job = finished_job(run_jobs)
+    page = client.get(reverse(CHANGELIST))
+    assert page.status_code == 200 and "rerun_jobs" not in page.content.decode()
+    with run_jobs():
+        client.post(reverse(CHANGELIST), {"action": "rerun_jobs", "_selected_action": [str(job.pk)]})
+    after = DepthJob.objects.get(pk=job.pk)
+    assert (after.attempts, after.finished_at, after.result_files) == (job.attempts, job.finished_at, job.result_files)
+
+
 def test_admin_cannot_add_jobs_and_delete_removes_files(admin_client, cached_small, run_jobs):
     assert admin_client.get(reverse("admin:inference_depthjob_add")).status_code == 403
     job = finished_job(run_jobs)
