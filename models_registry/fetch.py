@@ -195,6 +195,18 @@ def _write_sidecar(part: Path, **values: Any) -> None:
         tmp.write_text(json.dumps({**values, "written": dt.datetime.now(dt.timezone.utc).isoformat()}))
 
 
+def _source_key(url: str) -> str:
+    """What a sidecar keeps to recognise its source: a hash of the whole URL, credentials included, which the
+    sidecar (a file in the cache folder, readable by whoever reads the cache) must not hold in clear."""
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()
+
+
+def _same_source(meta: dict[str, Any], url: str) -> bool:
+    if "source" in meta:
+        return meta["source"] == _source_key(url)
+    return meta.get("url") == url  # a sidecar written before sources were hashed
+
+
 def _resume_point(part: Path, url: str) -> tuple[int, str]:
     """(offset, If-Range validator) for continuing a partial file; (0, "") and no partial when it cannot be."""
     size = partial_size(part)
@@ -205,7 +217,7 @@ def _resume_point(part: Path, url: str) -> tuple[int, str]:
     # If-Range needs a strong validator: a weak ETag or none at all falls back to Last-Modified.
     validator = etag if etag and not etag.startswith("W/") else meta.get("last_modified") or ""
     total = meta.get("total")
-    if meta.get("url") != url or not validator or (total is not None and size > total):
+    if not _same_source(meta, url) or not validator or (total is not None and size > total):
         logger.info("%s: cannot resume (different source or no validator); starting again", part.name)
         discard(part)
         return 0, ""
@@ -400,7 +412,7 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
         limits.ensure_room(part.parent, (total if total is not None else limits.max_bytes) - offset)
         if offset == 0:
             # Written before the first body byte, so a transfer killed at any point can be resumed.
-            _write_sidecar(part, url=url, etag=response.headers.get("ETag", ""),
+            _write_sidecar(part, url=shown_url(url), source=_source_key(url), etag=response.headers.get("ETag", ""),
                            last_modified=response.headers.get("Last-Modified", ""), total=total)
         if hashed.length != offset:  # the first attempt of a process, or the partial file was started again
             hashed.digest, hashed.length = _hash_prefix(part, offset), offset

@@ -1,7 +1,7 @@
 """Rows written before downloads stored their sources in shown form may hold a mirror's user:password (the pin's
 source, the download row's URL and error), and every signed-in user can read them through the API. Rewrite them
-as fetch.shown_url shows a URL: scheme, host, port and path. Text is rewritten only where it carries userinfo or a
-query; nothing else changes."""
+as fetch.shown_url shows a URL: scheme, host, port and path; in an error, every URL it quotes. Rows whose fields
+carry no userinfo or query are left as they are."""
 import re
 from urllib.parse import urlsplit
 
@@ -10,6 +10,8 @@ from django.db.models import Q
 
 # scheme://user:password@  (userinfo ends at the last "@" before the host; it has no "/" or space)
 USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
+# A URL quoted in a stored error: up to the next space, quote or closing bracket.
+QUOTED_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()]+")
 
 
 def shown(url: str) -> str:
@@ -43,8 +45,9 @@ def redact(apps, schema_editor):
         if clean != weight_file.origin_source:
             WeightFile.objects.filter(pk=weight_file.pk).update(origin_source=clean)
     for download in WeightDownload.objects.filter(Q(source_url__contains="@") | Q(source_url__contains="?")
-                                                  | Q(error__contains="@")):
-        clean_url, clean_error = shown(download.source_url), USERINFO.sub(r"\g<scheme>", download.error)
+                                                  | Q(error__contains="://")):
+        clean_url = shown(download.source_url)
+        clean_error = QUOTED_URL.sub(lambda quoted: shown(quoted.group(0)), download.error)
         if (clean_url, clean_error) != (download.source_url, download.error):
             WeightDownload.objects.filter(pk=download.pk).update(source_url=clean_url, error=clean_error)
 

@@ -402,3 +402,24 @@ def test_the_download_row_says_why_and_keeps_the_bytes(small_model, settings, bl
     row = WeightDownload.objects.get(model=small_model)
     assert row.status == RunStatus.FAILED and row.error_code == "download_interrupted"
     assert "the next download resumes from there" in row.error
+
+
+
+def test_a_partial_download_keeps_no_password_beside_it_and_still_resumes(blob, tmp_path):
+    # The sidecar beside a .part lives in the cache folder: it names its source by a hash of the whole URL.
+    part = tmp_path / "out.part"
+    seen = []
+
+    def progress(done, total):
+        if fetch.sidecar_path(part).exists():
+            seen.append(fetch.sidecar_path(part).read_text())
+
+    with WeightServer(blob.parent) as server:
+        url = server.url_for(FILE_NAME).replace("http://", f"http://depthsite:{PASSWORD}@")
+        server.configure(drop_after=256 * KB, drop_times=1)
+        fetched = fetch.fetch(url, part, limits=fetch.Limits(max_bytes=10 * 1024 * KB), on_progress=progress)
+        gets = server.gets()
+    assert fetched.sha256 == hashlib.sha256(blob.read_bytes()).hexdigest()
+    assert len(gets) == 2 and fetched.resumed_from > 0  # the second connection resumed, the source recognised
+    assert seen and all(PASSWORD not in text for text in seen)
+    assert json.loads(seen[0])["url"] == fetch.shown_url(url)

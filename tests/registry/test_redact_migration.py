@@ -36,6 +36,6 @@ def test_pins_and_download_rows_written_before_are_rewritten_without_the_passwor
     failed.refresh_from_db()
     untouched.refresh_from_db()
     assert "s3cret" not in model.sha256_pinned_from and "s3cret" not in failed.source_url
-    assert "s3cret" not in failed.error and "alice" not in failed.error
+    assert "s3cret" not in failed.error and "alice" not in failed.error and "token=abc" not in failed.error
     assert failed.error.startswith("https://mirror.example:8443/weights/dpt_large_384.pt")
     assert (untouched.source_url, untouched.error) == ("https://h.example/w.pt", "no space left on device")
