@@ -55,12 +55,13 @@ _PAGE = """<!doctype html>
 
 def _declared_length(request) -> int | None:
     """The body's Content-Length; None when the request declares none; ValueError when it is not a byte count."""
-    text = request.META.get("CONTENT_LENGTH") or ""
+    text = (request.META.get("CONTENT_LENGTH") or "").strip()
     if not text:
         return None
-    if not text.isdigit():
+    length = int(text)  # as Django reads it (surrounding spaces, a sign); ValueError when it is no number
+    if length < 0:
         raise ValueError(text)
-    return int(text)
+    return length
 
 
 def _view_name(request) -> str | None:
@@ -115,7 +116,8 @@ def body_refusal(request) -> ApplicationError | None:
 class RequestBodyLimitMiddleware:
     """Answers a body over its address's limit (413), of unknown length (411) or with a malformed length (400)
     before anything reads it: JSON like every API error under /api/, a short page elsewhere. Placed before the
-    CSRF middleware and every door; the server closes the connection on the unread body."""
+    CSRF middleware and every door. gunicorn (deploy/) closes the connection on the unread body; Django's
+    runserver (`make run`, loopback only) still reads it before the next request on that connection."""
 
     def __init__(self, get_response):
         self.get_response = get_response

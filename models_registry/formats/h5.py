@@ -102,10 +102,10 @@ def _h5_metadata(path: Path, handle) -> dict[str, str]:
     """The root attributes as strings, each one a single string or number (what `_write_h5` writes).
 
     An attribute's stored size says little about what decoding it allocates: a variable-length string is
-    stored as a 16-byte pointer into the global heap, and many pointers may name one large string. So an
-    attribute must hold one value (a scalar dataspace of a string or numeric type, never an array type or a
-    compound) before it is read, and the decoded values together may not pass H5_MAX_ATTRIBUTE characters: at
-    worst one string no larger than the file is decoded past the limit.
+    stored as a 16-byte pointer into the global heap, and many pointers may name one large string. So only an
+    attribute holding one value (a scalar dataspace of a string or numeric type, never an array type or a
+    compound) is read, any other is left out undecoded, and the decoded values together may not pass
+    H5_MAX_ATTRIBUTE characters: at worst one string no larger than the file is decoded past the limit.
     """
     import h5py
 
@@ -119,11 +119,7 @@ def _h5_metadata(path: Path, handle) -> dict[str, str]:
                                   extra={"kind": "too_large"}, file=path.name)
         scalar = attribute.get_space().get_simple_extent_type() == h5py.h5s.SCALAR
         if not scalar or attribute.get_type().get_class() not in single_values:
-            raise WeightFileError(
-                f"{path.name}: attribute {name!r} is not a single string or number; depthsite's metadata holds "
-                "one value per attribute, and an attribute of many values may decode to far more than it stores",
-                extra={"kind": "bad_metadata", "attribute": name}, file=path.name,
-            )
+            continue  # not metadata depthsite writes (a Keras file's layer lists): left out, never decoded
         value = handle.attrs[name]
         text = value.decode() if isinstance(value, bytes) else str(value)
         decoded += len(text)

@@ -181,3 +181,13 @@ def test_failed_csrf_checks_at_the_upload_form_count_against_the_rate(small_mode
         seen.append((response.status_code, stream.bytes_read > 0))
     # Two bodies read and refused for their token; then the rate refuses before a byte is read.
     assert seen == [(403, True), (403, True), (429, False)]
+
+
+@pytest.mark.parametrize(("declared", "status"), [(" 512 ", None), ("+512", None), ("-1", 400), ("12ab", 400)])
+def test_the_declared_length_is_read_as_django_reads_it(rf, declared, status):
+    from depthsite.middleware_limits import body_refusal
+
+    request = rf.post("/no-such-address/", data=b"", content_type="application/octet-stream")
+    request.META["CONTENT_LENGTH"] = declared
+    refusal = body_refusal(request)
+    assert (refusal.status if refusal is not None else None) == status

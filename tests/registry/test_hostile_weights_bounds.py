@@ -21,16 +21,16 @@ from tests.registry.test_hostile_weights import PEAK_LIMIT, peak_while, refused
 
 
 @pytest.mark.parametrize("as_array_type", [False, True], ids=["string_array", "array_type"])
-def test_h5_attribute_of_aliased_strings_is_refused_before_decoding(tmp_path, as_array_type):
-    # 2049 heap pointers to one 32 KB string in a 140 KB file: h5py decoded 64 MB (136 MB peak with str()).
+def test_h5_attribute_of_aliased_strings_is_never_decoded(tmp_path, as_array_type):
+    # 2049 heap pointers to one 32 KB string in a 140 KB file: h5py decoded 64 MB (136 MB peak with str()). An
+    # attribute of many values is not metadata depthsite writes: the file reads without it, nothing decoded.
     import h5py  # noqa: F401  (imported before measuring)
 
     path = hostile.make_h5_aliased_attribute(tmp_path / "aliased.h5", as_array_type=as_array_type)
     assert path.stat().st_size < 256 * 1024
-    errors = []
-    peak = peak_while(lambda: errors.append(refused(path)))
-    assert errors[0].extra["kind"] == "bad_metadata", errors[0].message
-    assert "notes" in errors[0].message
+    loaded = []
+    peak = peak_while(lambda: loaded.append(read_weights(path)))
+    assert loaded[0].metadata == {"format_version": "1"} and list(loaded[0].arrays) == ["weight"]
     assert peak < PEAK_LIMIT, f"{peak} bytes allocated for a {path.stat().st_size}-byte file"
 
     # What the writer stores (scalar strings) still reads.
