@@ -15,7 +15,9 @@ so far is carried from one attempt to the next: a resume hashes only the new byt
 
 Redirects are followed here, not by requests, so that each hop is checked before it is contacted: only http(s),
 never from https down to http, at most MAX_REDIRECTS, and never from a public host to a private, loopback,
-link-local or otherwise non-global address (`host_is_public`). The URL the operator configured is trusted whatever
+link-local or otherwise non-global address (`host_is_public`). Once a public host has redirected, the address each
+later answer came from is checked too (a name may resolve elsewhere at connect time than when checked: DNS
+rebinding); such an answer is never read, although its request was sent. The URL the operator configured is trusted whatever
 it points at (an internal mirror is normal); what a server on the internet answers is not: a redirect must not
 turn the worker into a probe of the site's own network.
 """
@@ -30,6 +32,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit
@@ -146,6 +149,32 @@ def _address_is_global(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+def address_is_public(address: str) -> bool:
+    """Whether one IP address is on the public internet (what host_is_public asks of every address of a name).
+    A module function so that tests can make a loopback peer play a public one."""
+    try:
+        return _address_is_global(address)
+    except ValueError:
+        return False
+
+
+def _peer_address(response: requests.Response) -> str | None:
+    """The IP address the response came from, or None where it cannot be told (no socket, or through a proxy)."""
+    connection = getattr(response.raw, "connection", None)
+    if connection is None or getattr(connection, "proxy", None) is not None:
+        return None
+    sock = getattr(connection, "sock", None)
+    if sock is None:
+        # A server that closes after this answer (HTTP/1.0, "Connection: close"): http.client has let go of the
+        # connection's socket, and the response reads from it through its file object.
+        reader = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)
+    try:
+        return sock.getpeername()[0] if sock is not None else None
+    except (OSError, IndexError, TypeError):
+        return None
+
+
 def host_is_public(host: str) -> bool:
     """Whether every address `host` resolves to is on the public internet (not private, loopback, link-local,
     shared, reserved or multicast). A name that does not resolve is not public either: redirects from a public
@@ -196,9 +225,9 @@ def _write_sidecar(part: Path, **values: Any) -> None:
 
 
 def _source_key(url: str) -> str:
-    """What a sidecar keeps to recognise its source: a hash of the whole URL, credentials included, which the
+    """What a sidecar keeps to recognise its source: a hash (BLAKE2b) of the whole URL, credentials included, which the
     sidecar (a file in the cache folder, readable by whoever reads the cache) must not hold in clear."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()
+    return blake2b(url.encode("utf-8"), digest_size=32).hexdigest()
 
 
 def _same_source(meta: dict[str, Any], url: str) -> bool:
@@ -345,6 +374,7 @@ def _open(session: requests.Session, url: str, part: Path, headers: dict[str, st
     hop = url
     user, password = requests.utils.get_auth_from_url(url)
     origin = urlsplit(url)
+    must_be_public = False  # set once a public host redirected: the answer must then come from a public address
     for _ in range(MAX_REDIRECTS + 1):
         here = urlsplit(hop)
         same_origin = (here.scheme, here.hostname, here.port) == (origin.scheme, origin.hostname, origin.port)
@@ -355,10 +385,20 @@ def _open(session: requests.Session, url: str, part: Path, headers: dict[str, st
         except requests.RequestException as exc:
             code, what, attempts = _connection_problem(exc, hop)
             raise FetchError("unreachable", what, code=code, attempts=attempts, partial=partial_size(part)) from None
+        peer = _peer_address(response) if must_be_public else None
+        if peer is not None and not address_is_public(peer):
+            # The name was public when checked and is not now (DNS rebinding): nothing it answered is read. The
+            # request itself was sent; only connecting to the checked address would prevent that.
+            response.close()
+            raise FetchError("redirect", f"{shown_url(hop)} resolved to an address that is not public when it was "
+                                         "contacted; a server on the internet may not send the download into the "
+                                         "site's own network", code="download_redirect_internal",
+                             status=response.status_code)
         location = response.headers.get("Location")
         if response.status_code not in REDIRECT_STATUSES or not location:
             return response, hop
         response.close()
+        must_be_public = must_be_public or host_is_public(urlsplit(hop).hostname or "")
         hop = _redirect_target(hop, location, status=response.status_code)
     raise FetchError("redirect", f"{shown_url(url)} redirected more than {MAX_REDIRECTS} times",
                      code="download_redirect_loop", status=response.status_code)

@@ -291,8 +291,17 @@ def test_an_https_server_cannot_redirect_to_plain_http(small_model, settings, se
     assert error.extra["code"] == "download_redirect_downgrade" and origin.hits == 1
 
 
+def test_a_name_that_turns_internal_after_its_check_is_not_read(small_model, settings, served, monkeypatch):
+    # DNS rebinding: the redirect's host resolved to a public address when checked, then to loopback at connect.
+    monkeypatch.setattr(fetch, "host_is_public", lambda host: True)
+    with WeightServer(served["root"]) as store, _Redirector(f"{store.url}/{FILE_NAME}", status=307) as origin:
+        error = _download_refused(small_model, settings, origin.url)
+    assert error.extra["code"] == "download_redirect_internal" and "when it was contacted" in error.message
+
+
 def test_redirects_between_allowed_hosts_are_followed(small_model, settings, served, monkeypatch):
     monkeypatch.setattr(fetch, "host_is_public", lambda host: True)
+    monkeypatch.setattr(fetch, "address_is_public", lambda address: True)
     with WeightServer(served["root"]) as store, _Redirector(f"{store.url}/{FILE_NAME}", status=307) as origin:
         settings.DEPTHSITE_MODEL_MIRROR = origin.url
         result = weight_download(model=small_model)
