@@ -404,6 +404,11 @@ def test_import_under_a_pin_without_a_proven_digest_needs_the_pinned_file(two_co
     ("w.tar", lambda p, secret: hostile.make_sparse_tar(p), "bad_bundle"),
 ])
 def test_api_import_of_hostile_files_is_a_422_naming_the_kind(tmp_path, small_model, secret, name, make, kind):
+    assert_api_import_refused(make(tmp_path / name, secret), name, kind)
+
+
+def assert_api_import_refused(path: Path, name: str, kind: str) -> None:
+    """An operator's API import of the file at `path` (uploaded as `name`): 422 naming `kind`, nothing recorded."""
     from django.contrib.auth import get_user_model
     from django.core.cache import cache
     from django.core.files.uploadedfile import SimpleUploadedFile
@@ -414,7 +419,6 @@ def test_api_import_of_hostile_files_is_a_422_naming_the_kind(tmp_path, small_mo
     staff = get_user_model().objects.create_user("operator", "op@example.com", "pw-operator-123", is_staff=True)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=staff).key}")
-    path = make(tmp_path / name, secret)
     response = client.post("/api/models/import", {"file": SimpleUploadedFile(name, path.read_bytes())},
                            format="multipart")
     assert response.status_code == 422, response.content

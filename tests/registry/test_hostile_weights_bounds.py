@@ -14,7 +14,7 @@ from models_registry.formats import io as formats_io
 from models_registry.formats import read_weights, sniff_format, write_weights
 from models_registry.models import WeightFile
 from models_registry.services.imports import weight_import
-from tests.registry.test_hostile_weights import PEAK_LIMIT, peak_while, refused
+from tests.registry.test_hostile_weights import PEAK_LIMIT, assert_api_import_refused, peak_while, refused
 
 
 # --- HDF5 metadata -------------------------------------------------------------------------------
@@ -201,19 +201,4 @@ def test_bundle_manifest_field_of_the_wrong_type_is_a_clear_error(tmp_path, smal
     ("w.pt", lambda p, pt: hostile.make_zip_many_entries(p, count=20_000, name_length=20), "zip_directory_too_large"),
 ])
 def test_api_import_of_amplifying_files_is_a_422_naming_the_kind(tmp_path, small_model, small_pt, name, make, kind):
-    from django.contrib.auth import get_user_model
-    from django.core.cache import cache
-    from django.core.files.uploadedfile import SimpleUploadedFile
-    from rest_framework.authtoken.models import Token
-    from rest_framework.test import APIClient
-
-    cache.clear()  # throttle counters
-    staff = get_user_model().objects.create_user("operator", "op@example.com", "pw-operator-123", is_staff=True)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=staff).key}")
-    path = make(tmp_path / name, small_pt)
-    response = client.post("/api/models/import", {"file": SimpleUploadedFile(name, path.read_bytes())},
-                           format="multipart")
-    assert response.status_code == 422, response.content
-    assert response.json()["extra"]["kind"] == kind
-    assert not WeightFile.objects.exists()
+    assert_api_import_refused(make(tmp_path / name, small_pt), name, kind)
