@@ -15,9 +15,10 @@ so far is carried from one attempt to the next: a resume hashes only the new byt
 
 Redirects are followed here, not by requests, so that each hop is checked before it is contacted: only http(s),
 never from https down to http, at most MAX_REDIRECTS, and never from a public host to a private, loopback,
-link-local or otherwise non-global address (`host_is_public`). Once a public host has redirected, the address each
-later answer came from is checked too (a name may resolve elsewhere at connect time than when checked: DNS
-rebinding); such an answer is never read, although its request was sent. The URL the operator configured is trusted whatever
+link-local or otherwise non-global address (`host_is_public`). Whether a hop was public is taken from the address
+that answered it; once one did, the address each later answer came from is checked too (a name may resolve
+elsewhere at connect time than when checked: DNS rebinding), and such an answer is never read, although its request
+was sent. Through a proxy the answering address is the proxy's, so only the names are checked there. The URL the operator configured is trusted whatever
 it points at (an internal mirror is normal); what a server on the internet answers is not: a redirect must not
 turn the worker into a probe of the site's own network.
 """
@@ -32,7 +33,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit
@@ -41,6 +41,8 @@ from urllib.request import url2pathname
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
 from models_registry import cachefs
@@ -159,20 +161,51 @@ def address_is_public(address: str) -> bool:
 
 
 def _peer_address(response: requests.Response) -> str | None:
-    """The IP address the response came from, or None where it cannot be told (no socket, or through a proxy)."""
-    connection = getattr(response.raw, "connection", None)
-    if connection is None or getattr(connection, "proxy", None) is not None:
-        return None
-    sock = getattr(connection, "sock", None)
-    if sock is None:
-        # A server that closes after this answer (HTTP/1.0, "Connection: close"): http.client has let go of the
-        # connection's socket, and the response reads from it through its file object.
-        reader = getattr(getattr(response.raw, "_fp", None), "fp", None)
-        sock = getattr(getattr(reader, "raw", None), "_sock", None)
-    try:
-        return sock.getpeername()[0] if sock is not None else None
-    except (OSError, IndexError, TypeError):
-        return None
+    """The IP address the response came from, or None where it cannot be told (through a proxy, whose address it
+    would be). Recorded by the connection when it connected (_PeerConnectionPool): by the time a short answer
+    is seen, http.client may have let go of its socket."""
+    return getattr(response.raw, "peer_address", None)
+
+
+class _PeerHTTPConnection(HTTPConnection):
+    """An HTTP connection that notes the address it reached (what a name resolved to at connect time)."""
+
+    peer_address: str | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        if getattr(self, "proxy", None) is not None or getattr(self, "_socks_options", None) is not None:
+            self.peer_address = None  # the proxy's address, not the server's
+            return
+        try:
+            self.peer_address = self.sock.getpeername()[0]
+        except (OSError, IndexError, TypeError, AttributeError):
+            self.peer_address = None
+
+
+class _PeerHTTPSConnection(_PeerHTTPConnection, HTTPSConnection):
+    pass
+
+
+class _PeerConnectionPool(HTTPConnectionPool):
+    """Hands each response the address its connection reached (a reused keep-alive connection keeps its own)."""
+
+    ConnectionCls = _PeerHTTPConnection
+
+    def _make_request(self, conn, *args, **kwargs):
+        response = super()._make_request(conn, *args, **kwargs)
+        response.peer_address = getattr(conn, "peer_address", None)
+        return response
+
+
+class _PeerHTTPSConnectionPool(_PeerConnectionPool, HTTPSConnectionPool):
+    ConnectionCls = _PeerHTTPSConnection
+
+
+class _PeerAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PeerConnectionPool, "https": _PeerHTTPSConnectionPool}
 
 
 def host_is_public(host: str) -> bool:
@@ -224,16 +257,11 @@ def _write_sidecar(part: Path, **values: Any) -> None:
         tmp.write_text(json.dumps({**values, "written": dt.datetime.now(dt.timezone.utc).isoformat()}))
 
 
-def _source_key(url: str) -> str:
-    """What a sidecar keeps to recognise its source: a hash (BLAKE2b) of the whole URL, credentials included, which the
-    sidecar (a file in the cache folder, readable by whoever reads the cache) must not hold in clear."""
-    return blake2b(url.encode("utf-8"), digest_size=32).hexdigest()
-
-
 def _same_source(meta: dict[str, Any], url: str) -> bool:
-    if "source" in meta:
-        return meta["source"] == _source_key(url)
-    return meta.get("url") == url  # a sidecar written before sources were hashed
+    """Whether a sidecar was written for this source. It records the URL as shown (no user:password, no query):
+    a new password or a new signature on the same file is the same source, and the If-Range validator proves the
+    bytes are the same file. A sidecar of an earlier release recorded the whole URL."""
+    return meta.get("url") in (shown_url(url), url)
 
 
 def _resume_point(part: Path, url: str) -> tuple[int, str]:
@@ -250,6 +278,8 @@ def _resume_point(part: Path, url: str) -> tuple[int, str]:
         logger.info("%s: cannot resume (different source or no validator); starting again", part.name)
         discard(part)
         return 0, ""
+    if meta.get("url") != shown_url(url):  # an earlier release's sidecar, which may hold a password: rewritten
+        _write_sidecar(part, **{**meta, "url": shown_url(url)})
     if total is not None and size == total:
         # Complete but never accepted (the process died while checking it): fetch the last byte again,
         # which proves with If-Range that the server's file is still the one these bytes came from.
@@ -305,7 +335,7 @@ def _session(user_agent: str) -> requests.Session:
     retry = _Retry(total=tries, connect=tries, read=tries, other=0, status=tries, status_forcelist=RETRY_STATUSES,
                    allowed_methods={"GET"}, backoff_factor=RETRY_BACKOFF_SECONDS, respect_retry_after_header=True,
                    raise_on_status=False)
-    adapter = HTTPAdapter(max_retries=retry)
+    adapter = _PeerAdapter(max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     # identity: Content-Length and Range then count the file's own bytes, not a compressed stream.
@@ -346,9 +376,10 @@ def _too_large(url: str, size: int, limit: int, *, declared: bool) -> FetchError
                       size=size, limit=limit, declared=declared)
 
 
-def _redirect_target(url: str, location: str, *, status: int) -> str:
+def _redirect_target(url: str, location: str, *, status: int, public_seen: bool) -> str:
     """Where a redirect from `url` to `location` leads; FetchError when it must not be followed (see the
-    module's docstring). The refusal names the hop, never an address the target resolved to."""
+    module's docstring). `public_seen`: a public address has answered on the way here, so the target must be a
+    public host. The refusal names the hop, never an address the target resolved to."""
     target = urljoin(url, location.strip())
     scheme = urlsplit(target).scheme.lower()
     if scheme not in ("http", "https"):
@@ -360,7 +391,7 @@ def _redirect_target(url: str, location: str, *, status: int) -> str:
     if urlsplit(url).scheme.lower() == "https" and scheme == "http":
         raise FetchError("redirect", f"{shown_url(url)} redirected from https to plain http ({host_of(target)}); "
                                      "refused", code="download_redirect_downgrade", status=status)
-    if host_is_public(urlsplit(url).hostname or "") and not host_is_public(urlsplit(target).hostname):
+    if public_seen and not host_is_public(urlsplit(target).hostname):
         raise FetchError("redirect", f"{shown_url(url)} redirected to {host_of(target)}, which is not a public "
                                      "address; a server on the internet may not send the download into the site's "
                                      "own network", code="download_redirect_internal", status=status)
@@ -374,7 +405,7 @@ def _open(session: requests.Session, url: str, part: Path, headers: dict[str, st
     hop = url
     user, password = requests.utils.get_auth_from_url(url)
     origin = urlsplit(url)
-    must_be_public = False  # set once a public host redirected: the answer must then come from a public address
+    public_seen = False  # once a public address has answered, every later hop must be public, name and answer
     for _ in range(MAX_REDIRECTS + 1):
         here = urlsplit(hop)
         same_origin = (here.scheme, here.hostname, here.port) == (origin.scheme, origin.hostname, origin.port)
@@ -385,8 +416,8 @@ def _open(session: requests.Session, url: str, part: Path, headers: dict[str, st
         except requests.RequestException as exc:
             code, what, attempts = _connection_problem(exc, hop)
             raise FetchError("unreachable", what, code=code, attempts=attempts, partial=partial_size(part)) from None
-        peer = _peer_address(response) if must_be_public else None
-        if peer is not None and not address_is_public(peer):
+        peer = _peer_address(response)
+        if public_seen and peer is not None and not address_is_public(peer):
             # The name was public when checked and is not now (DNS rebinding): nothing it answered is read. The
             # request itself was sent; only connecting to the checked address would prevent that.
             response.close()
@@ -398,8 +429,11 @@ def _open(session: requests.Session, url: str, part: Path, headers: dict[str, st
         if response.status_code not in REDIRECT_STATUSES or not location:
             return response, hop
         response.close()
-        must_be_public = must_be_public or host_is_public(urlsplit(hop).hostname or "")
-        hop = _redirect_target(hop, location, status=response.status_code)
+        # Whether this hop was public is read from the address that answered, not from the name looked up again
+        # (which its owner may have pointed elsewhere since); the name only where no address can be told.
+        public_seen = public_seen or (address_is_public(peer) if peer is not None
+                                      else host_is_public(urlsplit(hop).hostname or ""))
+        hop = _redirect_target(hop, location, status=response.status_code, public_seen=public_seen)
     raise FetchError("redirect", f"{shown_url(url)} redirected more than {MAX_REDIRECTS} times",
                      code="download_redirect_loop", status=response.status_code)
 
@@ -452,7 +486,7 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
         limits.ensure_room(part.parent, (total if total is not None else limits.max_bytes) - offset)
         if offset == 0:
             # Written before the first body byte, so a transfer killed at any point can be resumed.
-            _write_sidecar(part, url=shown_url(url), source=_source_key(url), etag=response.headers.get("ETag", ""),
+            _write_sidecar(part, url=shown_url(url), etag=response.headers.get("ETag", ""),
                            last_modified=response.headers.get("Last-Modified", ""), total=total)
         if hashed.length != offset:  # the first attempt of a process, or the partial file was started again
             hashed.digest, hashed.length = _hash_prefix(part, offset), offset

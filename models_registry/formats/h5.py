@@ -114,12 +114,12 @@ def _h5_metadata(path: Path, handle) -> dict[str, str]:
     single_values = {h5py.h5t.STRING, h5py.h5t.INTEGER, h5py.h5t.FLOAT}
     for name in list(handle.attrs.keys())[:256]:
         attribute = h5py.h5a.open(handle.id, name.encode("utf-8"))
-        if attribute.get_storage_size() > H5_MAX_ATTRIBUTE:
-            raise WeightFileError(f"{path.name}: attribute {name!r} is larger than {H5_MAX_ATTRIBUTE} bytes",
-                                  extra={"kind": "too_large"}, file=path.name)
         scalar = attribute.get_space().get_simple_extent_type() == h5py.h5s.SCALAR
         if not scalar or attribute.get_type().get_class() not in single_values:
             continue  # not metadata depthsite writes (a Keras file's layer lists): left out, never decoded
+        if attribute.get_storage_size() > H5_MAX_ATTRIBUTE:
+            raise WeightFileError(f"{path.name}: attribute {name!r} is larger than {H5_MAX_ATTRIBUTE} bytes",
+                                  extra={"kind": "too_large"}, file=path.name)
         value = handle.attrs[name]
         text = value.decode() if isinstance(value, bytes) else str(value)
         decoded += len(text)

@@ -47,7 +47,9 @@ def redact(apps, schema_editor):
     for download in WeightDownload.objects.filter(Q(source_url__contains="@") | Q(source_url__contains="?")
                                                   | Q(error__contains="://")):
         clean_url = shown(download.source_url)
-        clean_error = QUOTED_URL.sub(lambda quoted: shown(quoted.group(0)), download.error)
+        # Userinfo first over the whole text (a password may hold quotes or brackets, which end a quoted URL),
+        # then each quoted URL in shown form (its query).
+        clean_error = QUOTED_URL.sub(lambda quoted: shown(quoted.group(0)), USERINFO.sub(r"\g<scheme>", download.error))
         if (clean_url, clean_error) != (download.source_url, download.error):
             WeightDownload.objects.filter(pk=download.pk).update(source_url=clean_url, error=clean_error)
 

@@ -206,9 +206,11 @@ class _Redirector:
 
 @pytest.fixture
 def loopback_is_public(monkeypatch):
-    """127.0.0.1 plays a public server; every other host (localhost included) is classified for real."""
-    real = fetch.host_is_public
-    monkeypatch.setattr(fetch, "host_is_public", lambda host: host == "127.0.0.1" or real(host))
+    """127.0.0.1 plays a public server, by name and by the address that answered; every other host (localhost
+    included) is classified for real."""
+    real_host, real_address = fetch.host_is_public, fetch.address_is_public
+    monkeypatch.setattr(fetch, "host_is_public", lambda host: host == "127.0.0.1" or real_host(host))
+    monkeypatch.setattr(fetch, "address_is_public", lambda address: address == "127.0.0.1" or real_address(address))
 
 
 @pytest.fixture
@@ -293,7 +295,11 @@ def test_an_https_server_cannot_redirect_to_plain_http(small_model, settings, se
 
 def test_a_name_that_turns_internal_after_its_check_is_not_read(small_model, settings, served, monkeypatch):
     # DNS rebinding: the redirect's host resolved to a public address when checked, then to loopback at connect.
+    # Here every name passes its check, the first answer (the origin's) comes from a "public" address, and the
+    # next from loopback, as it would once the name was pointed there.
+    answers = []
     monkeypatch.setattr(fetch, "host_is_public", lambda host: True)
+    monkeypatch.setattr(fetch, "address_is_public", lambda address: answers.append(address) or len(answers) == 1)
     with WeightServer(served["root"]) as store, _Redirector(f"{store.url}/{FILE_NAME}", status=307) as origin:
         error = _download_refused(small_model, settings, origin.url)
     assert error.extra["code"] == "download_redirect_internal" and "when it was contacted" in error.message
@@ -432,3 +438,35 @@ def test_a_partial_download_keeps_no_password_beside_it_and_still_resumes(blob, 
     assert len(gets) == 2 and fetched.resumed_from > 0  # the second connection resumed, the source recognised
     assert seen and all(PASSWORD not in text for text in seen)
     assert json.loads(seen[0])["url"] == fetch.shown_url(url)
+
+
+def test_a_sidecar_of_the_release_before_still_resumes_and_loses_its_password(blob, tmp_path):
+    # The release before recorded the whole URL, password included: it must still resume, and be rewritten.
+    import requests
+
+    part = tmp_path / "out.part"
+    data = blob.read_bytes()
+    with WeightServer(blob.parent) as server:
+        plain = server.url_for(FILE_NAME)
+        url = plain.replace("http://", f"http://depthsite:{PASSWORD}@")
+        head = requests.head(plain, timeout=5).headers
+        part.write_bytes(data[:300 * KB])
+        fetch.sidecar_path(part).write_text(json.dumps({"url": url, "etag": head["ETag"],
+                                                        "last_modified": head["Last-Modified"], "total": len(data)}))
+        seen = []
+        fetched = fetch.fetch(url, part, limits=fetch.Limits(max_bytes=10 * 1024 * KB),
+                              on_progress=lambda done, total: seen.append(fetch.sidecar_path(part).read_text()))
+    assert fetched.resumed_from == 300 * KB and fetched.sha256 == hashlib.sha256(data).hexdigest()
+    assert seen and all(PASSWORD not in text for text in seen)
+
+
+def test_a_hop_is_public_by_the_address_that_answered_not_by_its_name_looked_up_again(small_model, settings,
+                                                                                       monkeypatch, internal):
+    # The redirecting host answered from a public address (127.0.0.1 plays one here), then its owner pointed its
+    # name at an internal address: the name looked up again said "not public", and the redirect was let through.
+    monkeypatch.setattr(fetch, "address_is_public", lambda address: address == "127.0.0.1")
+    port = internal.httpd.server_address[1]
+    with _Redirector(f"http://localhost:{port}/meta-data") as origin:
+        error = _download_refused(small_model, settings, origin.url)
+    assert error.extra["code"] == "download_redirect_internal" and origin.hits == 1
+    assert internal.requests == []

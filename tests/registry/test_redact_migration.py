@@ -39,3 +39,16 @@ def test_pins_and_download_rows_written_before_are_rewritten_without_the_passwor
     assert "s3cret" not in failed.error and "alice" not in failed.error and "token=abc" not in failed.error
     assert failed.error.startswith("https://mirror.example:8443/weights/dpt_large_384.pt")
     assert (untouched.source_url, untouched.error) == ("https://h.example/w.pt", "no space left on device")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("password", ["pa(ss", "p'w", 'p"w', "p<w>"])
+def test_a_password_of_quotes_or_brackets_is_taken_out_of_stored_errors(password):
+    model = RegisteredModel.objects.create(name="Quoted", architecture="DPT_Large")
+    url = f"https://al:{password}@mirror.example/w.pt"
+    row = WeightDownload.objects.create(model=model, node="n", source_url=url, status="failed",
+                                        error=f"{url}?token=a'b answered 404 Not Found")
+    migration.redact(apps, None)
+    row.refresh_from_db()
+    assert password not in row.error and password not in row.source_url and "token" not in row.error
+
