@@ -3,7 +3,10 @@
 The hostile ones are the classes of issue 10 items 1-5: HDF5 whose tensors live elsewhere (external
 raw storage, external links, soft links, virtual datasets pointing at a secret file), declared sizes
 that the bytes do not back, pickles that reconstruct arrays without data or with object dtypes,
-malformed safetensors headers, and tar bundles with sparse members or oversized manifests. Wherever a
+malformed safetensors headers, and tar bundles with sparse members or oversized manifests; and files whose few
+bytes stand for far more once read (found in review on 2026-12-07: one array under thousands of pickle keys,
+deflated HDF5 chunks of zeros, a zip directory of tens of thousands of records, a bundle repeating one member
+name or chaining long-name headers). Wherever a
 class can ride along a file that is otherwise perfect (the MiDaS_small layout, so the layout check
 passes), it does: that is how the attack works. numpy and h5py only (no torch, no Django).
 """
@@ -22,7 +25,14 @@ from typing import Callable
 
 import numpy as np
 
-from depthsite.testing.hostile import make_safetensors_malformed
+from depthsite.testing.hostile import (
+    make_h5_deflate_bomb,
+    make_pkl_aliased,
+    make_safetensors_malformed,
+    make_tar_duplicate_members,
+    make_tar_header_chain,
+    make_zip_many_entries,
+)
 
 SECRET_BYTES = 72 * 8  # one 8-byte window per num_batches_tracked entry of MiDaS_small
 GIB = 1024**3
@@ -386,6 +396,13 @@ def _tar_oversized_manifest(m: Materials, path: Path) -> None:
     _bundle(path, manifest, "w.safetensors", data)
 
 
+def _amplified(maker: Callable[[Path], Path]) -> Callable[[Materials, Path], None]:
+    """A builder from one of depthsite.testing.hostile's makers that need no materials."""
+    def build(m: Materials, path: Path) -> None:
+        maker(path)
+    return build
+
+
 CASES: tuple[Case, ...] = (
     Case("empty file", "classic", ".pt", _empty),
     Case("Git LFS pointer", "classic", ".pt", _lfs_pointer),
@@ -415,6 +432,12 @@ CASES: tuple[Case, ...] = (
     Case("bundle with a sparse member", "5 tar bundles", ".tar", _tar_sparse_member),
     Case("bundle with a sparse manifest", "5 tar bundles", ".tar", _tar_sparse_manifest),
     Case("bundle with a 32 MiB manifest", "5 tar bundles", ".tar", _tar_oversized_manifest),
+    Case("pkl one array under 4096 keys", "6 amplification", ".pkl", _amplified(make_pkl_aliased)),
+    Case("h5 512 MiB of deflated zeros", "6 amplification", ".h5", _amplified(make_h5_deflate_bomb)),
+    Case("pt zip of 30,000 directory records", "6 amplification", ".pt", _amplified(make_zip_many_entries)),
+    Case("bundle repeating one member 20,000 times", "6 amplification", ".tar",
+         _amplified(make_tar_duplicate_members)),
+    Case("bundle behind 5,000 long-name headers", "6 amplification", ".tar", _amplified(make_tar_header_chain)),
 )
 # The classes --quick keeps: one per class, the cheap ones (no full-layout file to write or load).
 QUICK = ("empty file", "Git LFS pointer", "HTML error page", "pickle that runs code",
