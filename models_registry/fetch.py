@@ -18,14 +18,15 @@ never from https down to http, at most MAX_REDIRECTS, and never from a public ho
 link-local or otherwise non-global address (`host_is_public`). Whether a hop was public is taken from the address
 that answered it; once one did, the address each later answer came from is checked too (a name may resolve
 elsewhere at connect time than when checked: DNS rebinding), and such an answer is never read, although its request
-was sent. Through a proxy the answering address is the proxy's, so only the names are checked there. The URL the operator configured is trusted whatever
-it points at (an internal mirror is normal); what a server on the internet answers is not: a redirect must not
-turn the worker into a probe of the site's own network.
+was sent. Through a proxy the answering address is the proxy's, so only the names are checked there. The URL the
+operator configured is trusted whatever it points at (an internal mirror is normal); what a server on the internet
+answers is not: a redirect must not turn the worker into a probe of the site's own network.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -160,11 +161,11 @@ def address_is_public(address: str) -> bool:
         return False
 
 
-def _peer_address(response: requests.Response) -> str | None:
-    """The IP address the response came from, or None where it cannot be told (through a proxy, whose address it
-    would be). Recorded by the connection when it connected (_PeerConnectionPool): by the time a short answer
-    is seen, http.client may have let go of its socket."""
-    return getattr(response.raw, "peer_address", None)
+def _peer_address(response: requests.Response) -> tuple[bool, str | None]:
+    """(direct, the IP address the response came from). Recorded by the connection when it connected
+    (_PeerConnectionPool): by the time a short answer is seen, http.client may have let go of its socket.
+    A response through a proxy comes from urllib3's own proxy pools, which record nothing: not direct."""
+    return hasattr(response.raw, "peer_address"), getattr(response.raw, "peer_address", None)
 
 
 class _PeerHTTPConnection(HTTPConnection):
@@ -174,9 +175,6 @@ class _PeerHTTPConnection(HTTPConnection):
 
     def connect(self) -> None:
         super().connect()
-        if getattr(self, "proxy", None) is not None or getattr(self, "_socks_options", None) is not None:
-            self.peer_address = None  # the proxy's address, not the server's
-            return
         try:
             self.peer_address = self.sock.getpeername()[0]
         except (OSError, IndexError, TypeError, AttributeError):
@@ -257,11 +255,19 @@ def _write_sidecar(part: Path, **values: Any) -> None:
         tmp.write_text(json.dumps({**values, "written": dt.datetime.now(dt.timezone.utc).isoformat()}))
 
 
+def _source_key(url: str) -> str:
+    """What a sidecar keeps to recognise its source: an HMAC of the whole URL (query and credentials included),
+    keyed with the site's SECRET_KEY, which is not in the cache folder: whoever reads the sidecar can neither read
+    the URL's password or signature nor test guesses of them."""
+    from django.conf import settings
+
+    return hmac.new(str(settings.SECRET_KEY).encode("utf-8"), url.encode("utf-8"), "sha256").hexdigest()
+
+
 def _same_source(meta: dict[str, Any], url: str) -> bool:
-    """Whether a sidecar was written for this source. It records the URL as shown (no user:password, no query):
-    a new password or a new signature on the same file is the same source, and the If-Range validator proves the
-    bytes are the same file. A sidecar of an earlier release recorded the whole URL."""
-    return meta.get("url") in (shown_url(url), url)
+    if "source" in meta:
+        return meta["source"] == _source_key(url)
+    return meta.get("url") == url  # a sidecar of an earlier release, which recorded the whole URL
 
 
 def _resume_point(part: Path, url: str) -> tuple[int, str]:
@@ -278,8 +284,9 @@ def _resume_point(part: Path, url: str) -> tuple[int, str]:
         logger.info("%s: cannot resume (different source or no validator); starting again", part.name)
         discard(part)
         return 0, ""
-    if meta.get("url") != shown_url(url):  # an earlier release's sidecar, which may hold a password: rewritten
-        _write_sidecar(part, **{**meta, "url": shown_url(url)})
+    if "source" not in meta:  # an earlier release's sidecar, which may hold a password: rewritten without it
+        _write_sidecar(part, url=shown_url(url), source=_source_key(url), etag=meta.get("etag", ""),
+                       last_modified=meta.get("last_modified", ""), total=total)
     if total is not None and size == total:
         # Complete but never accepted (the process died while checking it): fetch the last byte again,
         # which proves with If-Range that the server's file is still the one these bytes came from.
@@ -416,14 +423,14 @@ def _open(session: requests.Session, url: str, part: Path, headers: dict[str, st
         except requests.RequestException as exc:
             code, what, attempts = _connection_problem(exc, hop)
             raise FetchError("unreachable", what, code=code, attempts=attempts, partial=partial_size(part)) from None
-        peer = _peer_address(response)
-        if public_seen and peer is not None and not address_is_public(peer):
+        direct, peer = _peer_address(response)
+        if public_seen and direct and (peer is None or not address_is_public(peer)):
             # The name was public when checked and is not now (DNS rebinding): nothing it answered is read. The
             # request itself was sent; only connecting to the checked address would prevent that.
             response.close()
-            raise FetchError("redirect", f"{shown_url(hop)} resolved to an address that is not public when it was "
-                                         "contacted; a server on the internet may not send the download into the "
-                                         "site's own network", code="download_redirect_internal",
+            raise FetchError("redirect", f"{shown_url(hop)} answered from an address that is not public (or not "
+                                         "known) when it was contacted; a server on the internet may not send the "
+                                         "download into the site's own network", code="download_redirect_internal",
                              status=response.status_code)
         location = response.headers.get("Location")
         if response.status_code not in REDIRECT_STATUSES or not location:
@@ -471,6 +478,12 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
             if first != offset:
                 discard(part)
                 raise _Transient(f"{shown_url(answered)} resumed at byte {first} instead of {offset}; starting again")
+            recorded = _read_sidecar(part).get("total")
+            if recorded is not None and total != recorded:
+                # A file of another size is another file, whatever a weak validator said: never stitch two.
+                discard(part)
+                raise _Transient(f"{shown_url(answered)} now has {total} bytes, not the {recorded} the partial file "
+                                 "was from; starting again")
         else:
             if offset:
                 logger.info("%s: the server sent the whole file (no Range support, or the file changed); "
@@ -486,7 +499,7 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
         limits.ensure_room(part.parent, (total if total is not None else limits.max_bytes) - offset)
         if offset == 0:
             # Written before the first body byte, so a transfer killed at any point can be resumed.
-            _write_sidecar(part, url=shown_url(url), etag=response.headers.get("ETag", ""),
+            _write_sidecar(part, url=shown_url(url), source=_source_key(url), etag=response.headers.get("ETag", ""),
                            last_modified=response.headers.get("Last-Modified", ""), total=total)
         if hashed.length != offset:  # the first attempt of a process, or the partial file was started again
             hashed.digest, hashed.length = _hash_prefix(part, offset), offset

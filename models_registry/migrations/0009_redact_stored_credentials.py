@@ -8,8 +8,9 @@ from urllib.parse import urlsplit
 from django.db import migrations
 from django.db.models import Q
 
-# scheme://user:password@  (userinfo ends at the last "@" before the host; it has no "/" or space)
-USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
+# scheme://user:password@  (userinfo ends at the last "@" before the host, as urlsplit and urllib3 read it: a raw
+# "@" may sit in the password; the authority ends at "/", "?", "#" or a space)
+USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 # A URL quoted in a stored error: up to the next space, quote or closing bracket.
 QUOTED_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()]+")
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
@@ -533,7 +534,9 @@ def _subprocess_env(db: Path, cache: Path, mirror: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DEPTHSITE_", "DJANGO_"))}
     env.update({
         "DJANGO_SETTINGS_MODULE": "depthsite.settings",
-        "DJANGO_SECRET_KEY": "tests-only",
+        # This process's key: a partial download's sidecar names its source by an HMAC keyed with it, and the
+        # site's processes share one key (the next download here must recognise the subprocess's partial).
+        "DJANGO_SECRET_KEY": str(django_settings.SECRET_KEY),
         "DATABASE_URL": f"sqlite:///{db}",
         "DEPTHSITE_VAR_DIR": str(db.parent / "var"),
         "DEPTHSITE_CACHE_DIR": str(cache),

@@ -470,3 +470,39 @@ def test_a_hop_is_public_by_the_address_that_answered_not_by_its_name_looked_up_
         error = _download_refused(small_model, settings, origin.url)
     assert error.extra["code"] == "download_redirect_internal" and origin.hits == 1
     assert internal.requests == []
+
+
+def _partial_for(part: Path, url: str, data: bytes, length: int, **meta) -> None:
+    """A partial file of `data`'s first `length` bytes with the sidecar a transfer from `url` writes."""
+    import requests
+
+    head = requests.head(fetch.shown_url(url), timeout=5).headers
+    part.write_bytes(data[:length])
+    fetch.sidecar_path(part).write_text(json.dumps({
+        "url": fetch.shown_url(url), "source": fetch._source_key(url), "etag": head["ETag"],
+        "last_modified": head["Last-Modified"], "total": len(data), **meta}))
+
+
+def test_a_partial_from_another_url_of_the_same_path_is_not_resumed(blob, tmp_path):
+    # The shown URL drops the query: ?file=a and ?file=b look alike there, and must not be stitched together.
+    part, data = tmp_path / "out.part", blob.read_bytes()
+    with WeightServer(blob.parent) as server:
+        file_a, file_b, limits = (server.url_for(FILE_NAME) + "?file=a", server.url_for(FILE_NAME) + "?file=b",
+                                  fetch.Limits(max_bytes=10 * 1024 * KB))
+        _partial_for(part, file_a, data, 300 * KB)
+        fetched = fetch.fetch(file_b, part, limits=limits)
+        again = tmp_path / "again.part"
+        _partial_for(again, file_a, data, 300 * KB)
+        resumed = fetch.fetch(file_a, again, limits=limits)
+    assert fetched.resumed_from == 0 and fetched.sha256 == hashlib.sha256(data).hexdigest()
+    assert resumed.resumed_from == 300 * KB and resumed.sha256 == fetched.sha256
+
+
+def test_a_partial_of_another_size_is_started_again_not_stitched(blob, tmp_path):
+    # A weak or shared validator can let a Range through onto another file; its size still tells them apart.
+    part, data = tmp_path / "out.part", blob.read_bytes()
+    with WeightServer(blob.parent) as server:
+        url = server.url_for(FILE_NAME)
+        _partial_for(part, url, data, 300 * KB, total=len(data) + 4096)
+        fetched = fetch.fetch(url, part, limits=fetch.Limits(max_bytes=10 * 1024 * KB))
+    assert fetched.resumed_from == 0 and fetched.sha256 == hashlib.sha256(data).hexdigest()

@@ -42,7 +42,7 @@ def test_pins_and_download_rows_written_before_are_rewritten_without_the_passwor
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("password", ["pa(ss", "p'w", 'p"w', "p<w>"])
+@pytest.mark.parametrize("password", ["pa(ss", "p'w", 'p"w', "p<w>", "p@s(s", "a@b'c"])
 def test_a_password_of_quotes_or_brackets_is_taken_out_of_stored_errors(password):
     model = RegisteredModel.objects.create(name="Quoted", architecture="DPT_Large")
     url = f"https://al:{password}@mirror.example/w.pt"
