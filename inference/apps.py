@@ -8,6 +8,8 @@ class InferenceConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self):
+        from inference import checks  # noqa: F401  (registers the system checks)
+
         from inference.health import weights_functional_hash
         from models_registry.services.inspection import functional_check_register
 

@@ -115,3 +115,16 @@ def test_production_refuses_to_start_with_a_per_process_cache(tmp_path):
                             timeout=120)
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr and "CACHES['default']" in result.stderr
+
+
+def test_a_file_cache_folder_that_cannot_be_written_fails_the_system_check(settings, tmp_path):
+    # Refused at `manage.py check` / `migrate` / `runserver`, not as a 500 on the first throttled upload.
+    from inference.checks import FILE_CACHE, shared_cache_writable
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    settings.CACHES = {"default": {"BACKEND": FILE_CACHE, "LOCATION": str(blocker / "django-cache")}}
+    errors = shared_cache_writable()
+    assert [error.id for error in errors] == ["depthsite.E010"] and "cannot be written" in errors[0].msg
+    settings.CACHES = {"default": {"BACKEND": FILE_CACHE, "LOCATION": str(tmp_path / "var" / "django-cache")}}
+    assert shared_cache_writable() == [] and (tmp_path / "var" / "django-cache").is_dir()
