@@ -29,7 +29,9 @@ def stopped_worker(site, mode: str) -> dict:
     result = subprocess.run([sys.executable, "-m", "tests.support.warm_worker", mode], cwd=PROJECT_ROOT,
                             env=site.env(), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not outcome["stuck"], f"the worker outlived its stop; its stacks:\n{result.stderr[-6000:]}"
+    return outcome
 
 
 def test_a_worker_stopped_by_its_cluster_removes_its_rows(site):

@@ -14,6 +14,11 @@ import sys
 
 def record_warm_row() -> str:
     """The task: what the estimator pool does when it has built a network (without torch)."""
+    import faulthandler
+
+    # Should the worker outlive the signal it is sent, SIGUSR1 makes it print every thread's stack to the
+    # stderr the test captures: the one time it did (a full run under load), nothing said where it was.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from inference.worker import worker_id
     from models_registry.models import RegisteredModel
     from models_registry.services.warm import warm_model_record, warm_models_forget_at_exit
@@ -52,9 +57,15 @@ def main(mode: str) -> None:
     else:
         os.kill(process.pid, signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
     process.join(60)
+    exitcode, stuck = process.exitcode, process.exitcode is None
+    if stuck:  # alive a minute after its stop: its stacks to stderr, then gone (else this script hangs at exit)
+        os.kill(process.pid, signal.SIGUSR1)
+        process.join(5)
+        process.kill()
+        process.join(10)
     after = WarmModel.objects.filter(worker=name).count()
     print(json.dumps({"worker": name, "success": done["success"], "before": before, "after": after,
-                      "exitcode": process.exitcode}))
+                      "exitcode": exitcode, "stuck": stuck}))
 
 
 if __name__ == "__main__":
