@@ -98,22 +98,38 @@ def worker_exit_hooks_install() -> bool:
 
     A clean stop (`qcluster` sent SIGTERM or Ctrl-C, a recycled worker) runs the multiprocessing finalizer that
     the estimator pool arranged (`warm_models_forget_at_exit`). A worker sent SIGTERM itself (`systemctl stop`
-    signals every process of the service, `kill PID`) would die at once by django-q2's default: this handler
-    deletes the rows first, then restores the default and sends the signal again, so the exit status and the
-    cluster's reaction stay those of a SIGTERM. False when tasks run inline (no worker) or already installed.
+    signals every process of the service, `kill PID`) would die at once by django-q2's default: here one thread
+    of ours takes the signal (sigwait), deletes the rows, and lets the signal's default action end the process,
+    so the exit status and the cluster's reaction stay those of a SIGTERM.
+
+    Not a Python signal handler: one runs only in the main thread, between bytecodes, and the kernel may hand a
+    process's signal to any thread that does not block it. An idle worker's main thread sits in a read of its task
+    queue; a SIGTERM given to the heartbeat or the result queue's feeder thread then ran no handler until a task
+    came, and the worker outlived its stop. So SIGTERM is blocked here, before the worker starts any thread (they
+    inherit the mask), and only the waiting thread receives it. False when tasks run inline (no worker) or when
+    already installed.
     """
     global _installed_pid
     if settings.Q_CLUSTER.get("sync") or _installed_pid == os.getpid():
         return False
     _installed_pid = os.getpid()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_waiter, name="depthsite-sigterm", daemon=True).start()
     return True
 
 
-def _on_sigterm(signum, frame) -> None:
-    # The main thread may be inside a query on its own connection: the rows go from a thread with its own.
+def _sigterm_waiter() -> None:
+    signal.sigwait({signal.SIGTERM})
+    # The rows go from a thread with its own connection, bounded: a database that hangs does not keep the worker.
     forgetting = threading.Thread(target=warm_models_exit_forget, name="depthsite-warm-exit", daemon=True)
     forgetting.start()
     forgetting.join(EXIT_FORGET_SECONDS)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+    _die_of(signal.SIGTERM)
+
+
+def _die_of(signum: int) -> None:
+    """End the process as `signum`'s default action would: this thread unblocks it and sends it to itself."""
+    if signal.getsignal(signum) == signal.SIG_DFL:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+        signal.pthread_kill(threading.get_ident(), signum)
+    os._exit(128 + signum)  # a handler someone else set kept the process: leave as the shell reports a signal

@@ -46,6 +46,15 @@ def test_a_worker_sent_sigterm_removes_its_rows_and_still_dies_of_it(site):
     assert outcome["exitcode"] == -signal.SIGTERM  # the cluster sees the death it would have seen
 
 
+def test_a_sigterm_the_kernel_hands_to_another_thread_still_ends_the_worker(site):
+    # An idle worker's main thread sits in a read of its task queue; a Python signal handler runs only there. The
+    # main thread here blocks SIGTERM, so the kernel must give it to another thread (the heartbeat, the feeder):
+    # with a handler, the worker outlived its stop (its stacks printed by the harness); a thread in sigwait takes it.
+    outcome = stopped_worker(site, "sigterm-to-another-thread")
+    assert outcome["before"] == 1 and outcome["after"] == 0
+    assert outcome["exitcode"] == -signal.SIGTERM
+
+
 def test_a_killed_worker_leaves_its_rows_to_the_staleness_sweep(site):
     # SIGKILL runs no code: the rows stay until the heartbeat-based sweep removes them (tested in test_lease).
     outcome = stopped_worker(site, "sigkill")

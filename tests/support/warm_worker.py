@@ -1,6 +1,6 @@
 """A real django-q2 worker process that records a warm-model row, then is stopped (run by test_worker_exit.py).
 
-`python -m tests.support.warm_worker stop|sigterm|sigkill` in a site's environment (depthsite/testing/cli.py):
+`python -m tests.support.warm_worker stop|sigterm|sigterm-to-another-thread|sigkill` in a site's environment (depthsite/testing/cli.py):
 forks `django_q.worker.worker` as the sentinel does, has it run `record_warm_row`, stops it the chosen way,
 and prints one JSON line: the worker's name, its rows before and after, and its exit code.
 """
@@ -30,6 +30,14 @@ def record_warm_row() -> str:
     return worker
 
 
+def record_warm_row_main_deaf() -> str:
+    """record_warm_row, then the worker's main thread blocks SIGTERM: the kernel must hand the signal to another
+    thread, as it may do to any idle worker (whose main thread sits in a read of its task queue)."""
+    worker = record_warm_row()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    return worker
+
+
 def main(mode: str) -> None:
     import django
 
@@ -48,14 +56,15 @@ def main(mode: str) -> None:
     connections.close_all()
     process = context.Process(target=worker, args=(tasks, results, context.Value("f", -1), 60))
     process.start()
-    tasks.put({"id": "warm-1", "name": "warm-1", "func": f"{__name__}.record_warm_row", "args": (), "kwargs": {}})
+    task = "record_warm_row_main_deaf" if mode == "sigterm-to-another-thread" else "record_warm_row"
+    tasks.put({"id": "warm-1", "name": "warm-1", "func": f"{__name__}.{task}", "args": (), "kwargs": {}})
     done = results.get(timeout=120)
     name = done["result"]
     before = WarmModel.objects.filter(worker=name).count()
     if mode == "stop":
         tasks.put("STOP")  # what the sentinel sends every worker when qcluster gets SIGTERM or Ctrl-C
     else:
-        os.kill(process.pid, signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
+        os.kill(process.pid, signal.SIGKILL if mode == "sigkill" else signal.SIGTERM)
     process.join(60)
     exitcode, stuck = process.exitcode, process.exitcode is None
     if stuck:  # alive a minute after its stop: its stacks to stderr, then gone (else this script hangs at exit)
