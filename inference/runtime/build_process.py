@@ -43,7 +43,17 @@ def artifact_build_in_child(*, model: RegisteredModel, weight_file: WeightFile) 
     return artifact
 
 
+def accept_sigterm() -> None:
+    """Let SIGTERM end this process again. A qcluster worker blocks SIGTERM in its threads (one thread of its own
+    takes it: inference.services.workers), and a child inherits its parent's signal mask, exec included: without
+    this, `systemctl stop` would leave a build running until systemd's SIGKILL."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def main(argv: list[str]) -> int:
+    accept_sigterm()
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "depthsite.settings")

@@ -106,8 +106,9 @@ def worker_exit_hooks_install() -> bool:
     process's signal to any thread that does not block it. An idle worker's main thread sits in a read of its task
     queue; a SIGTERM given to the heartbeat or the result queue's feeder thread then ran no handler until a task
     came, and the worker outlived its stop. So SIGTERM is blocked here, before the worker starts any thread (they
-    inherit the mask), and only the waiting thread receives it. False when tasks run inline (no worker) or when
-    already installed.
+    inherit the mask), and only the waiting thread receives it. A child process inherits the mask too: the one a
+    worker starts, the artifact build (inference.runtime.build_process), unblocks it first. False when tasks run
+    inline (no worker) or when already installed.
     """
     global _installed_pid
     if settings.Q_CLUSTER.get("sync") or _installed_pid == os.getpid():

@@ -85,3 +85,33 @@ def test_stopping_qcluster_removes_the_warm_rows_of_its_workers(tmp_path):
     finally:
         stop_site(running)
     assert _warm_rows(site.root / "db.sqlite3") == [], running.log_tail()
+
+
+def test_the_artifact_build_a_worker_starts_can_be_stopped_by_sigterm():
+    # A worker blocks SIGTERM (a thread of its own takes it) and a child inherits the mask across exec: the build
+    # child unblocks it, so `systemctl stop` ends a build too. Run as the worker runs it, with SIGTERM blocked.
+    script = ("import signal, sys, time; from inference.runtime import build_process as b; "
+              "b.accept_sigterm(); print('ready', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.stdout.close()
+
+
+def test_the_build_child_unblocks_sigterm_before_anything_else(monkeypatch):
+    from inference.runtime import build_process
+
+    class Called(Exception):
+        pass
+
+    def accept():
+        raise Called
+
+    monkeypatch.setattr(build_process, "accept_sigterm", accept)
+    with pytest.raises(Called):
+        build_process.main(["1"])
