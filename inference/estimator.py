@@ -312,16 +312,16 @@ class EstimatorPool:
                     estimator.load_ms, estimator.bytes // 1_000_000)
         me = worker_id()
         with self._rows_lock:
+            if not settings.Q_CLUSTER.get("sync"):
+                # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests) belong to no
+                # worker. Arranged before the row is written: a stop between the two would miss it.
+                warm_models_forget_at_exit(worker=me)
             with self._lock:
                 held = self._estimators.get(estimator.key) is estimator
             if held:  # not evicted meanwhile by another thread's insert
                 warm_model_record(model=model, weight_file=weight_file, worker=me, device=estimator.device_name,
                                   dtype=estimator.dtype_name, load_ms=estimator.load_ms, bytes=estimator.bytes,
                                   loaded_at=loaded_at)
-        if not settings.Q_CLUSTER.get("sync"):
-            # A worker (or `predict`) that exits takes its rows with it; tasks run inline (tests) belong to no
-            # worker.
-            warm_models_forget_at_exit(worker=me)
 
     def _lookup(self, key: tuple) -> Estimator | None:
         with self._lock:
@@ -421,6 +421,12 @@ class EstimatorPool:
             with self._lock:
                 held = {(e.model_name, e.device_name, e.dtype_name) for e in self._estimators.values()}
             return warm_models_heartbeat(worker=worker_id(), held=held)
+
+    def rows_freeze(self, timeout: float) -> bool:
+        """Stop this pool writing warm rows, for good: the process is ending and its rows are about to go (a row
+        written after their delete would stay until the staleness sweep). False when a write did not end within
+        `timeout` seconds."""
+        return self._rows_lock.acquire(timeout=timeout)
 
     def warm(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -114,6 +114,9 @@ def worker_exit_hooks_install() -> bool:
     if settings.Q_CLUSTER.get("sync") or _installed_pid == os.getpid():
         return False
     _installed_pid = os.getpid()
+    if threading.active_count() > 1:  # threads started before this one may still take SIGTERM (and skip the rows)
+        logger.warning("%d thread(s) already run in this worker; SIGTERM may reach one of them and end the process "
+                       "without removing its warm rows", threading.active_count() - 1)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_sigterm_waiter, name="depthsite-sigterm", daemon=True).start()
     return True
@@ -121,7 +124,12 @@ def worker_exit_hooks_install() -> bool:
 
 def _sigterm_waiter() -> None:
     signal.sigwait({signal.SIGTERM})
-    # The rows go from a thread with its own connection, bounded: a database that hangs does not keep the worker.
+    from inference.estimator import estimator_pool
+
+    # The task goes on running meanwhile: from here the pool writes no row (one written after the delete would
+    # stay until the staleness sweep). The rows then go from a thread with its own connection, and both waits are
+    # bounded: a database that hangs does not keep the worker.
+    estimator_pool().rows_freeze(timeout=EXIT_FORGET_SECONDS)
     forgetting = threading.Thread(target=warm_models_exit_forget, name="depthsite-warm-exit", daemon=True)
     forgetting.start()
     forgetting.join(EXIT_FORGET_SECONDS)

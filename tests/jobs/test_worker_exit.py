@@ -25,13 +25,27 @@ def site(tmp_path_factory):
     return make_site(tmp_path_factory.mktemp("warm-exit"))
 
 
-def stopped_worker(site, mode: str) -> dict:
+def worker_script(site, mode: str) -> dict:
     result = subprocess.run([sys.executable, "-m", "tests.support.warm_worker", mode], cwd=PROJECT_ROOT,
                             env=site.env(), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not outcome["stuck"], f"the worker outlived its stop; its stacks:\n{result.stderr[-6000:]}"
+    assert not outcome.get("stuck"), f"the worker outlived its stop; its stacks:\n{result.stderr[-6000:]}"
     return outcome
+
+
+stopped_worker = worker_script
+
+
+def test_every_thread_of_a_worker_leaves_sigterm_to_the_one_that_waits_for_it(site):
+    # The kernel hands a process's SIGTERM to any thread that does not block it: every thread a worker runs (the
+    # heartbeat, the task's own) blocks it, and only the one in sigwait can take it (the kernel lifts the block for
+    # the thread while it waits, which is how sigwait receives).
+    outcome = worker_script(site, "masks")
+    assert outcome["success"], outcome
+    masks = outcome["masks"]
+    assert {"MainThread", "depthsite-sigterm", "depthsite-heartbeat", "task-thread"} <= set(masks), masks
+    assert [name for name, blocked in masks.items() if not blocked] == ["depthsite-sigterm"], masks
 
 
 def test_a_worker_stopped_by_its_cluster_removes_its_rows(site):

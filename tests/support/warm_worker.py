@@ -1,6 +1,6 @@
 """A real django-q2 worker process that records a warm-model row, then is stopped (run by test_worker_exit.py).
 
-`python -m tests.support.warm_worker stop|sigterm|sigterm-to-another-thread|sigkill` in a site's environment (depthsite/testing/cli.py):
+`python -m tests.support.warm_worker stop|sigterm|sigterm-to-another-thread|sigkill|masks` in a site's environment (depthsite/testing/cli.py):
 forks `django_q.worker.worker` as the sentinel does, has it run `record_warm_row`, stops it the chosen way,
 and prints one JSON line: the worker's name, its rows before and after, and its exit code.
 """
@@ -38,6 +38,24 @@ def record_warm_row_main_deaf() -> str:
     return worker
 
 
+def sigterm_blocked_per_thread() -> dict:
+    """record_warm_row, then a thread of the task's own; {thread name: whether SIGTERM is in its blocked mask},
+    read from /proc for every thread of the worker (the kernel's view, whatever Python thinks)."""
+    import threading
+    from pathlib import Path
+
+    record_warm_row()
+    done = threading.Event()
+    threading.Thread(target=done.wait, name="task-thread", daemon=True).start()
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    masks = {}
+    for task in Path("/proc/self/task").iterdir():
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        masks[names.get(int(task.name), task.name)] = bool(int(status["SigBlk"], 16) & (1 << (signal.SIGTERM - 1)))
+    done.set()
+    return masks
+
+
 def main(mode: str) -> None:
     import django
 
@@ -56,9 +74,15 @@ def main(mode: str) -> None:
     connections.close_all()
     process = context.Process(target=worker, args=(tasks, results, context.Value("f", -1), 60))
     process.start()
-    task = "record_warm_row_main_deaf" if mode == "sigterm-to-another-thread" else "record_warm_row"
+    task = {"sigterm-to-another-thread": "record_warm_row_main_deaf", "masks": "sigterm_blocked_per_thread"}.get(
+        mode, "record_warm_row")
     tasks.put({"id": "warm-1", "name": "warm-1", "func": f"{__name__}.{task}", "args": (), "kwargs": {}})
     done = results.get(timeout=120)
+    if mode == "masks":
+        tasks.put("STOP")
+        process.join(60)
+        print(json.dumps({"masks": done["result"], "success": done["success"]}))
+        return
     name = done["result"]
     before = WarmModel.objects.filter(worker=name).count()
     if mode == "stop":
