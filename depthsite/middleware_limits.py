@@ -21,7 +21,7 @@ from django.urls import Resolver404, resolve
 
 from depthsite.exceptions import ApplicationError, InvalidRequestError, TooLargeError
 from depthsite.units import format_size
-from inference.forms import ENVELOPE_BYTES, FORM_DRAIN_FACTOR, BatchUploadLimitHandler, UploadLimitHandler
+from inference.forms import ENVELOPE_BYTES, BatchUploadLimitHandler, UploadLimitHandler
 from models_registry.api.uploads import ImportUploadHandler
 
 
@@ -36,8 +36,9 @@ def _import_handler() -> ImportUploadHandler:
 
 
 # The addresses that take uploads (URL names), each with the upload handler its door installs: asked about the
-# declared length alone, it refuses exactly what the door would, in the door's words, so the two never disagree.
-# The web forms' handlers read an oversized body on to show the form again, up to FORM_DRAIN_FACTOR times their limit.
+# declared length alone (its `unread_refusal`), it refuses exactly what the door would, in the door's words, so the
+# two never disagree. The web forms' handlers read an oversized body on to show the form again, up to
+# FORM_DRAIN_FACTOR times their limit (inference.forms).
 UPLOAD_DOORS: dict[str, Callable[[], FileUploadHandler]] = {
     "inference:upload": lambda: UploadLimitHandler(drain=True),
     "inference:batch_upload": lambda: BatchUploadLimitHandler(drain=True),
@@ -71,20 +72,6 @@ def _view_name(request) -> str | None:
         return None
 
 
-def _door_refusal(door: FileUploadHandler, length: int) -> TooLargeError | None:
-    """The door's own answer to a body of `length` bytes, before it reads any: the API's handlers and the
-    import raise it, the web forms' handlers note it for the form they would show again."""
-    if getattr(door, "drain", False) and door.limit and length <= FORM_DRAIN_FACTOR * door.limit + ENVELOPE_BYTES:
-        return None  # the form drains it and shows itself again with the size next to the file
-    try:
-        door.handle_raw_input(None, {}, length, b"")
-    except TooLargeError as exc:
-        return exc
-    if getattr(door, "exceeded", False):
-        return door.refusal()
-    return None
-
-
 def _default_refusal(length: int) -> TooLargeError | None:
     if settings.DATA_UPLOAD_MAX_MEMORY_SIZE is None:  # Django's own bound turned off: so is this one
         return None
@@ -110,7 +97,7 @@ def body_refusal(request) -> ApplicationError | None:
     if length == 0:
         return None
     door = UPLOAD_DOORS.get(_view_name(request) or "")
-    return _door_refusal(door(), length) if door is not None else _default_refusal(length)
+    return door().unread_refusal(length) if door is not None else _default_refusal(length)
 
 
 class RequestBodyLimitMiddleware:

@@ -58,6 +58,16 @@ class UploadLimitHandler(FileUploadHandler):
     def too_large(self, size: int | None, *, whole_body: bool = False) -> TooLargeError:
         return upload_too_large(size, name_field=True, whole_body=whole_body)
 
+    def unread_refusal(self, length: int) -> TooLargeError | None:
+        """This door's answer to a body of `length` bytes before any of it is read (depthsite.middleware_limits):
+        the API's past the limit and the envelope; a form's only past FORM_DRAIN_FACTOR times the limit, since up
+        to there it reads on to show itself again with the size next to the file."""
+        allowance = (FORM_DRAIN_FACTOR if self.drain else 1) * self.limit + ENVELOPE_BYTES
+        if not self.limit or length <= allowance:
+            return None
+        self.exceeded, self.body_size = True, length
+        return self.refusal() if self.drain else self.too_large(length, whole_body=True)
+
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
         if self.limit and content_length and content_length > self.limit + ENVELOPE_BYTES:
             self.exceeded = True

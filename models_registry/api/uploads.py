@@ -98,10 +98,17 @@ class ImportUploadHandler(FileUploadHandler):
         self.file = None
         self.received = 0
 
+    def unread_refusal(self, length: int) -> TooLargeError | None:
+        """The 413 of a body of `length` bytes, known before any of it is read (also depthsite.middleware_limits)."""
+        if self.max_bytes is not None and length > self.max_bytes + ENVELOPE_BYTES:
+            return _too_large(length, self.max_bytes)
+        return None
+
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
         # Before a byte of the body is read: the client learns at once, and nothing is written.
-        if self.max_bytes is not None and content_length > self.max_bytes + ENVELOPE_BYTES:
-            raise _too_large(content_length, self.max_bytes)
+        refusal = self.unread_refusal(content_length)
+        if refusal is not None:
+            raise refusal
         return None
 
     def new_file(self, *args, **kwargs):
