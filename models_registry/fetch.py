@@ -141,7 +141,10 @@ def shown_url(url: str) -> str:
 
 
 def _address_is_global(address: str) -> bool:
-    ip = ipaddress.ip_address(address.partition("%")[0])  # a link-local IPv6 address may carry a %scope
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])  # a link-local IPv6 address may carry a %scope
+    except ValueError:  # not an address
+        return False
     if ip.version == 6:
         # An IPv6 spelling of an IPv4 address (mapped, 6to4, NAT64) is as internal as the address it carries.
         embedded = ip.ipv4_mapped or ip.sixtofour
@@ -155,10 +158,7 @@ def _address_is_global(address: str) -> bool:
 def address_is_public(address: str) -> bool:
     """Whether one IP address is on the public internet (what host_is_public asks of every address of a name).
     A module function so that tests can make a loopback peer play a public one."""
-    try:
-        return _address_is_global(address)
-    except ValueError:
-        return False
+    return _address_is_global(address)
 
 
 def _peer_address(response: requests.Response) -> tuple[bool, str | None]:
@@ -216,10 +216,7 @@ def host_is_public(host: str) -> bool:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
     except (OSError, UnicodeError, ValueError):
         return False
-    try:
-        return bool(addresses) and all(_address_is_global(address) for address in addresses)
-    except ValueError:
-        return False
+    return bool(addresses) and all(_address_is_global(address) for address in addresses)
 
 
 # --- the partial file and its sidecar ---------------------------------------------------------------
@@ -270,11 +267,12 @@ def _same_source(meta: dict[str, Any], url: str) -> bool:
     return meta.get("url") == url  # a sidecar of an earlier release, which recorded the whole URL
 
 
-def _resume_point(part: Path, url: str) -> tuple[int, str]:
-    """(offset, If-Range validator) for continuing a partial file; (0, "") and no partial when it cannot be."""
+def _resume_point(part: Path, url: str) -> tuple[int, str, int | None]:
+    """(offset, If-Range validator, the whole file's size as recorded) for continuing a partial file; (0, "",
+    None) and no partial when it cannot be."""
     size = partial_size(part)
     if not size:
-        return 0, ""
+        return 0, "", None
     meta = _read_sidecar(part)
     etag = meta.get("etag") or ""
     # If-Range needs a strong validator: a weak ETag or none at all falls back to Last-Modified.
@@ -283,7 +281,7 @@ def _resume_point(part: Path, url: str) -> tuple[int, str]:
     if not _same_source(meta, url) or not validator or (total is not None and size > total):
         logger.info("%s: cannot resume (different source or no validator); starting again", part.name)
         discard(part)
-        return 0, ""
+        return 0, "", None
     if "source" not in meta:  # an earlier release's sidecar, which may hold a password: rewritten without it
         _write_sidecar(part, url=shown_url(url), source=_source_key(url), etag=meta.get("etag", ""),
                        last_modified=meta.get("last_modified", ""), total=total)
@@ -293,7 +291,7 @@ def _resume_point(part: Path, url: str) -> tuple[int, str]:
         with open(part, "rb+") as handle:
             handle.truncate(total - 1)
         size = total - 1
-    return size, validator
+    return size, validator, total
 
 
 def _hash_prefix(part: Path, length: int) -> "hashlib._Hash":
@@ -447,7 +445,7 @@ def _open(session: requests.Session, url: str, part: Path, headers: dict[str, st
 
 def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limits,
                   on_progress: Progress | None, hashed: _Hashed) -> Fetched:
-    offset, validator = _resume_point(part, url)
+    offset, validator, recorded = _resume_point(part, url)
     headers = {"Range": f"bytes={offset}-", "If-Range": validator} if offset else {}
     response, answered = _open(session, url, part, headers)
     with response:
@@ -478,7 +476,6 @@ def _http_attempt(session: requests.Session, url: str, part: Path, limits: Limit
             if first != offset:
                 discard(part)
                 raise _Transient(f"{shown_url(answered)} resumed at byte {first} instead of {offset}; starting again")
-            recorded = _read_sidecar(part).get("total")
             if recorded is not None and total != recorded:
                 # A file of another size is another file, whatever a weak validator said: never stitch two.
                 discard(part)
