@@ -34,9 +34,6 @@ def worker_script(site, mode: str) -> dict:
     return outcome
 
 
-stopped_worker = worker_script
-
-
 def test_every_thread_of_a_worker_leaves_sigterm_to_the_one_that_waits_for_it(site):
     # The kernel hands a process's SIGTERM to any thread that does not block it: every thread a worker runs (the
     # heartbeat, the task's own) blocks it, and only the one in sigwait can take it (the kernel lifts the block for
@@ -49,13 +46,13 @@ def test_every_thread_of_a_worker_leaves_sigterm_to_the_one_that_waits_for_it(si
 
 
 def test_a_worker_stopped_by_its_cluster_removes_its_rows(site):
-    outcome = stopped_worker(site, "stop")
+    outcome = worker_script(site, "stop")
     assert outcome["success"] and outcome["before"] == 1
     assert outcome["exitcode"] == 0 and outcome["after"] == 0
 
 
 def test_a_worker_sent_sigterm_removes_its_rows_and_still_dies_of_it(site):
-    outcome = stopped_worker(site, "sigterm")
+    outcome = worker_script(site, "sigterm")
     assert outcome["before"] == 1 and outcome["after"] == 0
     assert outcome["exitcode"] == -signal.SIGTERM  # the cluster sees the death it would have seen
 
@@ -64,14 +61,14 @@ def test_a_sigterm_the_kernel_hands_to_another_thread_still_ends_the_worker(site
     # An idle worker's main thread sits in a read of its task queue; a Python signal handler runs only there. The
     # main thread here blocks SIGTERM, so the kernel must give it to another thread (the heartbeat, the feeder):
     # with a handler, the worker outlived its stop (its stacks printed by the harness); a thread in sigwait takes it.
-    outcome = stopped_worker(site, "sigterm-to-another-thread")
+    outcome = worker_script(site, "sigterm-to-another-thread")
     assert outcome["before"] == 1 and outcome["after"] == 0
     assert outcome["exitcode"] == -signal.SIGTERM
 
 
 def test_a_killed_worker_leaves_its_rows_to_the_staleness_sweep(site):
     # SIGKILL runs no code: the rows stay until the heartbeat-based sweep removes them (tested in test_lease).
-    outcome = stopped_worker(site, "sigkill")
+    outcome = worker_script(site, "sigkill")
     assert outcome["before"] == 1 and outcome["after"] == 1 and outcome["exitcode"] == -signal.SIGKILL
 
 
