@@ -6,6 +6,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from depthsite.rates import parse_rate
 from depthsite.units import parse_size
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -80,6 +81,15 @@ def get_list(name: str, default: list[str]) -> list[str]:
     if value is None or value == "":
         return list(default)
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def get_rate(name: str, default: str) -> str | None:
+    """An attempt rate ('10/15m', '30/hour'; depthsite.rates); None for 'off'."""
+    value = get_str(name, default)
+    try:
+        return None if parse_rate(value) is None else value
+    except ValueError as exc:
+        raise EnvError(f"{name}: {exc}") from None
 
 
 # --- Django core -------------------------------------------------------------------------------
@@ -172,6 +182,12 @@ TRUSTED_PROXIES = get_int("DEPTHSITE_TRUSTED_PROXIES", 0)
 ANON_MAX_JOBS = get_int("DEPTHSITE_ANON_MAX_JOBS", 50)
 ANON_MAX_BYTES = get_size("DEPTHSITE_ANON_MAX_BYTES", 500 * 1000**2)
 ANON_RETENTION = get_duration("DEPTHSITE_ANON_RETENTION", 7 * 86400)
+# Sign-in limits (depthsite.auth_limits): failed logins per user name and per address, reset requests per e-mail
+# and per address.
+LOGIN_RATE = get_rate("DEPTHSITE_LOGIN_RATE", "10/15m")
+LOGIN_ADDRESS_RATE = get_rate("DEPTHSITE_LOGIN_ADDRESS_RATE", "30/15m")
+PASSWORD_RESET_RATE = get_rate("DEPTHSITE_PASSWORD_RESET_RATE", "5/hour")
+PASSWORD_RESET_ADDRESS_RATE = get_rate("DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE", "5/hour")
 
 # --- production web server (used by depthsite.settings.production only; secure unless told otherwise) --
 SECURE_SSL_REDIRECT = get_bool("DJANGO_SECURE_SSL_REDIRECT", True)

@@ -4,11 +4,16 @@ from django.contrib import admin
 from django.http import HttpResponsePermanentRedirect
 from django.templatetags.static import static
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from depthsite.auth_limits import (LimitedAdminAuthenticationForm, LimitedLoginView, LimitedPasswordResetView,
+                                   admin_login)
+from depthsite.schema_views import SchemaView, SwaggerView
 
 admin.site.site_header = "depthsite administration"
 admin.site.site_title = "depthsite administration"
 admin.site.index_title = "Models, weight files, downloads and depth jobs"
+# Failed admin sign-ins count with the site's (depthsite.auth_limits); admin_login below answers a refusal 429.
+admin.site.login_form = LimitedAdminAuthenticationForm
 
 
 def favicon(request):
@@ -22,9 +27,15 @@ urlpatterns = [
     path("models/", include("models_registry.urls")),
     path("api/predictions/", include("inference.api.urls")),
     path("api/models/", include("models_registry.api.urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    # Served to whoever may use the API (depthsite.schema_access): anyone on an open site, else signed-in users.
+    path("api/schema/", SchemaView.as_view(), name="schema"),
+    path("api/docs/", SwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    # Sign-in and password reset with their attempt limits (depthsite.auth_limits), ahead of Django's own views
+    # at the same addresses; the rest of django.contrib.auth.urls (logout, the reset links) as they are.
+    path("accounts/login/", LimitedLoginView.as_view(), name="login"),
+    path("accounts/password_reset/", LimitedPasswordResetView.as_view(), name="password_reset"),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("admin/login/", admin_login),
     path("admin/", admin.site.urls),
 ]
 

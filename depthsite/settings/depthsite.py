@@ -1,4 +1,4 @@
-"""depthsite's own settings: the weight cache, downloads, inference and uploads."""
+"""depthsite's own settings: the weight cache, downloads, inference, uploads and the sign-in limits."""
 from depthsite import env
 
 DEPTHSITE_CACHE_DIR = env.CACHE_DIR
@@ -38,6 +38,14 @@ DEPTHSITE_ANON_MAX_JOBS = env.ANON_MAX_JOBS
 DEPTHSITE_ANON_MAX_BYTES = env.ANON_MAX_BYTES
 # Seconds an anonymous job and its files are kept; a schedule deletes older ones.
 DEPTHSITE_ANON_RETENTION = env.ANON_RETENTION
+
+# Sign-in limits (depthsite.auth_limits), counted in the default cache: failed logins per user name (any case) and
+# per client address, at /accounts/login/ and /admin/login/; password-reset requests per e-mail address and per
+# client address. Past one, the form answers 429 without checking the password or sending an e-mail.
+DEPTHSITE_LOGIN_RATE = env.LOGIN_RATE
+DEPTHSITE_LOGIN_ADDRESS_RATE = env.LOGIN_ADDRESS_RATE
+DEPTHSITE_PASSWORD_RESET_RATE = env.PASSWORD_RESET_RATE
+DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE = env.PASSWORD_RESET_ADDRESS_RATE
 
 # Uploads larger than this spill to a temporary file instead of memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1000**2

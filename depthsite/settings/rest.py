@@ -29,6 +29,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Monocular depth estimation with MiDaS: predictions and the model registry.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and its docs list every operator endpoint: served to whoever may use the API (anyone while
+    # DEPTHSITE_PUBLIC_UPLOADS or DEPTHSITE_PUBLIC_STATUS is on, else signed-in users), not to anyone at all.
+    "SERVE_PERMISSIONS": ["depthsite.schema_access.CanReadApiSchema"],
     # Separate request and response components, so file fields are documented as binary uploads.
     "COMPONENT_SPLIT_REQUEST": True,
     "SWAGGER_UI_DIST": "SIDECAR",

@@ -55,7 +55,9 @@ def test_the_schema_is_valid_openapi_and_documents_every_endpoint():
 
 
 @pytest.mark.django_db
-def test_schema_and_swagger_ui_are_served_without_a_cdn(client):
+def test_schema_and_swagger_ui_are_served_without_a_cdn(client, django_user_model):
+    # A closed site (the default) serves them to signed-in users (tests/test_schema_access.py).
+    client.force_login(django_user_model.objects.create_user("reader"))
     response = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
     assert response.status_code == 200 and "/api/models/status" in response.json()["paths"]
     page = client.get("/api/docs/")
@@ -71,7 +73,7 @@ def test_schema_and_swagger_ui_are_served_without_a_cdn(client):
 
 
 @pytest.fixture
-def api_schema(db, settings, operator, cached_record):
+def api_schema(db, settings, operator, cached_record, staff_token):
     """The live schema of the whole site, from the WSGI app in this process (same test database), with
     MiDaS_small cached so that verify, convert and export reach real files."""
     from depthsite.wsgi import application
@@ -85,7 +87,9 @@ def api_schema(db, settings, operator, cached_record):
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
     try:
-        yield schemathesis.openapi.from_wsgi("/api/schema/", application)
+        # A closed site serves its schema to signed-in callers only.
+        yield schemathesis.openapi.from_wsgi("/api/schema/", application,
+                                             headers={"Authorization": f"Token {staff_token}"})
     finally:
         request_started.connect(close_old_connections)
         request_finished.connect(close_old_connections)
