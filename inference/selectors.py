@@ -16,6 +16,7 @@ from inference.media import RESULTS_DIR, media_exists, media_name_check, media_s
 from inference.models import DepthBatch, DepthJob
 from inference.writers import CONTENT_TYPES, OUTPUT_FORMATS, SUFFIXES
 from depthsite.exceptions import ApplicationError, NotFoundError
+from models_registry.api.permissions import may_operate
 from models_registry.models import RegisteredModel
 from models_registry.selectors import download_active, model_list, weight_files_usable
 
@@ -26,11 +27,18 @@ def uploads_allowed(*, user) -> bool:
     return bool(user.is_authenticated or settings.DEPTHSITE_PUBLIC_UPLOADS)
 
 
+def depth_job_may_list_everyone(*, user) -> bool:
+    """Whether the caller may list and read every user's jobs: staff holding inference.view_depthjob
+    (models_registry.api.permissions.OPERATOR_PERMISSIONS)."""
+    return may_operate(user, "jobs_view_others")
+
+
 def depth_job_list(*, user, session_key: str = "", everyone: bool = False) -> QuerySet[DepthJob]:
-    """The caller's jobs, newest first: a user's own, an anonymous session's own; staff may ask for all."""
+    """The caller's jobs, newest first: a user's own, an anonymous session's own; staff who may view every job
+    (depth_job_may_list_everyone) may ask for all."""
     queryset = DepthJob.objects.select_related("owner", "model", "reused_from").order_by("-created_at", "id")
     if user.is_authenticated:
-        return queryset if (everyone and user.is_staff) else queryset.filter(owner=user)
+        return queryset if (everyone and depth_job_may_list_everyone(user=user)) else queryset.filter(owner=user)
     if session_key and settings.DEPTHSITE_PUBLIC_UPLOADS:
         return queryset.filter(owner__isnull=True, session_key=session_key)
     return queryset.none()
@@ -68,17 +76,41 @@ def depth_job_get(*, job_id, user) -> DepthJob:
     return job
 
 
-def _may_see(job: DepthJob, user) -> bool:
-    if user.is_authenticated and (user.is_staff or job.owner_id == user.pk):
+def _may_see(job: DepthJob | DepthBatch, user) -> bool:
+    if user.is_authenticated and job.owner_id == user.pk:
         return True
-    return job.owner_id is None and uploads_allowed(user=user)
+    if job.owner_id is not None:
+        # Another user's: for staff with the view permission of jobs (of batches, whose archive holds jobs' results).
+        return may_operate(user, "batches_view_others" if isinstance(job, DepthBatch) else "jobs_view_others")
+    return uploads_allowed(user=user)
+
+
+def depth_job_is_another_users(*, job: DepthJob, user) -> bool:
+    """Whether the job belongs to a signed-in user other than the caller: a job the caller can only reach through
+    an operator permission, whose refusal is a 403 (not the 404 of a job they cannot see)."""
+    return bool(user.is_authenticated and job.owner_id is not None and job.owner_id != user.pk)
+
+
+def _owns(job: DepthJob, user, session_key: str) -> bool:
+    if user.is_authenticated:
+        return job.owner_id == user.pk
+    return job.owner_id is None and bool(session_key) and job.session_key == session_key
 
 
 def depth_job_may_delete(*, job: DepthJob, user, session_key: str = "") -> bool:
-    """Owners and staff; an anonymous job only from the session that uploaded it."""
-    if user.is_authenticated:
-        return user.is_staff or job.owner_id == user.pk
-    return job.owner_id is None and bool(session_key) and job.session_key == session_key
+    """Owners, and an anonymous job the session that uploaded it; any other job only staff holding
+    inference.view_depthjob and inference.delete_depthjob."""
+    if _owns(job, user, session_key):
+        return True
+    return may_operate(user, "jobs_delete_others")
+
+
+def depth_job_may_run_again(*, job: DepthJob, user, session_key: str = "") -> bool:
+    """Owners (or the uploading session); any other job only staff holding what the admin's re-run needs
+    (inference.change_depthjob, with inference.view_depthjob)."""
+    if _owns(job, user, session_key):
+        return True
+    return may_operate(user, "jobs_run_again_others")
 
 
 @dataclass(frozen=True)
@@ -126,7 +158,8 @@ def depth_job_input(*, job: DepthJob) -> tuple[str, str]:
 
 
 def depth_job_reused_from(*, job: DepthJob, user, session_key: str = "") -> str | None:
-    """The id of the job whose result this one reused, only for a caller who owns that job (or staff).
+    """The id of the job whose result this one reused, only for a caller who owns that job (or staff who may view
+    every job).
 
     Reuse now stays within one client (see job_results.result_reusable), but a job reused before that may
     point at a stranger's: its id would open that job's page (its file name, its times), so nobody else learns
@@ -135,7 +168,8 @@ def depth_job_reused_from(*, job: DepthJob, user, session_key: str = "") -> str 
     if earlier is None:
         return None
     if user.is_authenticated:
-        mine = user.is_staff or (earlier.owner_id is not None and earlier.owner_id == user.pk)
+        mine = ((earlier.owner_id is not None and earlier.owner_id == user.pk)
+                or depth_job_may_list_everyone(user=user))
     else:
         mine = earlier.owner_id is None and bool(session_key) and earlier.session_key == session_key
     return str(earlier.pk) if mine else None
@@ -279,8 +313,8 @@ def output_choices() -> list[tuple[str, str]]:
 
 
 def depth_batch_get(*, batch_id, user) -> DepthBatch:
-    """A batch the caller may see, by the rule of jobs: a user's to that user and staff; an anonymous one to
-    whoever holds its random id (while anonymous uploads are on). Else NotFoundError."""
+    """A batch the caller may see, by the rule of jobs: a user's to that user and to staff who may view every batch
+    and job; an anonymous one to whoever holds its random id (while anonymous uploads are on). Else NotFoundError."""
     batch = DepthBatch.objects.select_related("owner", "model").filter(pk=batch_id).first()
     if batch is None or not _may_see(batch, user):
         raise NotFoundError(f"no batch with id {batch_id}", extra={"id": str(batch_id)})

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
@@ -32,9 +33,12 @@ from inference.selectors import (
     depth_job_get,
     depth_job_history,
     depth_job_input,
+    depth_job_is_another_users,
     depth_job_list,
     depth_job_model_names,
     depth_job_may_delete,
+    depth_job_may_list_everyone,
+    depth_job_may_run_again,
     depth_job_reused_from,
     depth_job_summary,
     model_options,
@@ -230,10 +234,20 @@ def _job_page(request, job: DepthJob, *, run_again_error: str = "", status: int 
     }, status=status)
 
 
+def _refused(request, job: DepthJob, what: str):
+    """The refusal of an action on a job the caller may see but not act on: 403 for another user's job (seen through
+    the view permission, acted on only with the action's own: models_registry.api.permissions), else the 404 of a
+    job that is not theirs."""
+    if depth_job_is_another_users(job=job, user=request.user):
+        raise PermissionDenied(f"you may see this job but not {what} it: that needs another permission")
+    raise Http404("no such job")
+
+
 def _run_again_context(request, job: DepthJob, *, error: str = "") -> dict:
-    """The "run again with another model" form: for a finished job, to its owner (or uploading session) and staff."""
+    """The "run again with another model" form: for a finished job, to its owner (or uploading session) and staff
+    holding the re-run permission."""
     allowed = (job.status in RunStatus.TERMINAL
-               and depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)))
+               and depth_job_may_run_again(job=job, user=request.user, session_key=upload_session_key(request)))
     names = [option.name for option in model_options(detailed=request.user.is_staff)] if allowed else []
     return {"can_run_again": allowed, "run_again_models": [name for name in names if name != job.model_name],
             "run_again_error": error}
@@ -251,8 +265,8 @@ def job_run_again(request, job_id):
 @csrf_protect
 def _job_run_again(request, job_id):
     job = _job(request, job_id)
-    if not depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)):
-        raise Http404("no such job")  # someone else's job: not theirs to spend a quota or a worker on
+    if not depth_job_may_run_again(job=job, user=request.user, session_key=upload_session_key(request)):
+        _refused(request, job, "run again")  # someone else's job: not theirs to spend a quota or a worker on
     throttle = UploadThrottle()
     if not throttle.allow_request(request, None):
         return _job_page_with_error(request, job, _too_many_uploads(throttle.wait()), status=429)
@@ -335,7 +349,7 @@ def job_input(request, job_id):
 def job_delete(request, job_id):
     job = _job(request, job_id)
     if not depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)):
-        raise Http404("no such job")
+        _refused(request, job, "delete")
     short_id = job.short_id
     outcome = depth_job_delete(job=job)
     messages.success(request, f"Deleted job {short_id} and its files ({format_size(outcome['bytes'])}).")
@@ -345,16 +359,19 @@ def job_delete(request, job_id):
 # --- history -------------------------------------------------------------------------------------
 
 
-def _history_filters(request) -> tuple[dict, list[str]]:
-    """`status`, `model` and (staff) `everyone` from the query, each checked; the problems as sentences."""
+def _history_filters(request) -> tuple[dict, list[str], bool]:
+    """`status`, `model` and (staff who may view every job) `everyone` from the query, each checked; the problems
+    as sentences, and whether one of them is a refused permission (a 403, not a 400)."""
     problems = []
+    refused = False
     everyone = request.GET.get("everyone", "")
     if everyone not in ("", "0", "1"):
         problems.append("everyone is 1 (every user's jobs) or 0 (yours)")
         everyone = ""
-    if everyone == "1" and not request.user.is_staff:
-        problems.append("only staff can list everyone's jobs")
+    if everyone == "1" and not depth_job_may_list_everyone(user=request.user):
+        problems.append("only staff can list everyone's jobs, and only with the permission to view depth jobs")
         everyone = ""
+        refused = True
     status = request.GET.get("status", "")
     if status and status not in RunStatus.values:
         problems.append(f"unknown status {status[:40]!r}; one of: {', '.join(RunStatus.values)}")
@@ -366,13 +383,13 @@ def _history_filters(request) -> tuple[dict, list[str]]:
         problems.append(f"unknown model {model[:64]!r}; one of: {', '.join(names)}")
         model = ""
     return {"status": status, "model": model, "everyone": everyone == "1", "model_names": names,
-            "statuses": RunStatus.values}, problems
+            "statuses": RunStatus.values}, problems, refused
 
 
 @require_GET
 @_uploads_allowed
 def job_list(request):
-    filters, problems = _history_filters(request)
+    filters, problems, refused = _history_filters(request)
     jobs = depth_job_history(user=request.user, session_key=upload_session_key(request), everyone=filters["everyone"],
                              status=filters["status"], model=filters["model"])
     page = Paginator(jobs, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
@@ -386,5 +403,6 @@ def job_list(request):
     return render(request, "inference/job_list.html", {
         "page": page, "jobs": jobs, "filters": filters, "problems": problems, "query": urlencode(query),
         "filtered": bool(filters["status"] or filters["model"]), "show_owner": filters["everyone"],
-    }, status=400 if problems else 200)
+        "may_list_everyone": depth_job_may_list_everyone(user=request.user),
+    }, status=403 if refused else 400 if problems else 200)
 

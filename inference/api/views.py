@@ -7,6 +7,7 @@ from django.http import FileResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.generics import GenericAPIView
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
@@ -27,6 +28,7 @@ from inference.selectors import (
     depth_batch_summary,
     depth_job_file,
     depth_job_get,
+    depth_job_is_another_users,
     depth_job_list,
     depth_job_may_delete,
 )
@@ -37,6 +39,7 @@ from inference.media import media_open_served
 from inference.sessions import upload_session_key
 from inference.services.jobs import depth_job_create, depth_job_delete
 from inference.writers import OUTPUT_FORMATS
+from models_registry.api.permissions import missing_permission_message
 from models_registry.api.throttling import client_address
 from models_registry.api.uploads import BodyGate
 from depthsite.exceptions import ApplicationError, ConflictError, NotFoundError
@@ -142,6 +145,9 @@ class PredictionDetailView(PredictionAPIView):
     def delete(self, request, id):
         job = self.get_object()
         if not depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(self.request)):
+            if depth_job_is_another_users(job=job, user=request.user):
+                # Seen through the view permission of jobs, deleted only with the delete permission.
+                raise PermissionDenied(missing_permission_message("jobs_delete_others"))
             raise NotFoundError(f"no prediction with id {id} that you may delete", extra={"id": str(id)})
         depth_job_delete(job=job)
         return Response(status=status.HTTP_204_NO_CONTENT)

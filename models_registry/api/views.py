@@ -20,7 +20,7 @@ from rest_framework.views import APIView
 from depthsite.parsers import JSONParser
 from models_registry.api import action_serializers as actions, serializers as s
 from models_registry.api.public import cache_info_public, registry_reader_is_public
-from models_registry.api.permissions import CanReadRegistry, IsStaff
+from models_registry.api.permissions import CanReadRegistry, IsStaff, MayOperate
 from models_registry.api.throttling import SettingsScopedRateThrottle
 from models_registry.api.uploads import BodyGate, ImportUploadHandler
 from depthsite.exceptions import InvalidRequestError
@@ -42,7 +42,7 @@ NAME_PARAMETER = OpenApiParameter("name", OpenApiTypes.STR, OpenApiParameter.PAT
 _ERROR_TEXT = {
     400: "Invalid request (unknown format, missing confirmation, bad field).",
     401: "No credentials: sign in or send `Authorization: Token <key>`.",
-    403: "Signed in, but not allowed (writes and exports need a staff user).",
+    403: "Signed in, but not allowed (writes and exports need a staff user holding the action's model permission).",
     404: "Unknown model, or nothing cached to act on.",
     409: "Collides with the cache's state (a download already running, a changed file, a pinned hash).",
     413: "Upload larger than DEPTHSITE_MAX_IMPORT_BYTES.",
@@ -74,9 +74,11 @@ class RegistryApi(APIView):
 
 
 class RegistryWriteApi(RegistryApi):
-    """Writes: staff only, rate-limited by the "writes" scope."""
+    """Writes: staff holding the permission of the view's `operator_action` (models_registry.api.permissions
+    .OPERATOR_PERMISSIONS), rate-limited by the "writes" scope."""
 
-    permission_classes = [IsStaff]
+    permission_classes = [MayOperate]
+    operator_action = ""  # each write names its own: none is refused
     throttle_classes = [SettingsScopedRateThrottle]
     throttle_scope = "writes"
     parser_classes = [JSONParser, FormParser, MultiPartParser]
@@ -156,7 +158,10 @@ class DownloadDetailApi(RegistryApi):
 
 
 class CacheClearApi(RegistryWriteApi):
-    """Staff only. Needs `{"confirm": true}`; files and records go together, under each model's lock."""
+    """Staff with models_registry.delete_weightfile. Needs `{"confirm": true}`; files and records go together, under
+    each model's lock."""
+
+    operator_action = "cache_clear"
 
     @extend_schema(tags=[TAG], operation_id="models_cache_clear",
                    summary="Delete cached files and their records (all, one model, or one format)",
@@ -196,8 +201,10 @@ def _run_responses(sync_serializer, *codes: int) -> dict:
 
 
 class CacheOptimizeApi(RegistryWriteApi):
-    """Staff only. A plan (dry_run, the default) is answered at once; carrying it out is queued (202) unless
-    `?wait=1`."""
+    """Staff with models_registry.delete_weightfile (it deletes files). A plan (dry_run, the default) is answered at
+    once; carrying it out is queued (202) unless `?wait=1`."""
+
+    operator_action = "cache_optimize"
 
     @extend_schema(tags=[TAG], operation_id="models_cache_optimize",
                    summary="Plan (dry_run, the default) or carry out the removal of corrupt, orphan, stale "
@@ -212,7 +219,10 @@ class CacheOptimizeApi(RegistryWriteApi):
 
 
 class ModelDownloadApi(RegistryWriteApi):
-    """Staff only. 202 with a job to poll; 409 while another download of the model runs on this node."""
+    """Staff with models_registry.change_registeredmodel. 202 with a job to poll; 409 while another download of the
+    model runs on this node."""
+
+    operator_action = "download"
 
     @extend_schema(tags=[TAG], operation_id="models_download",
                    summary="Queue a download of the model's weights (from DEPTHSITE_MODEL_MIRROR or the catalogue)",
@@ -230,7 +240,10 @@ class ModelDownloadApi(RegistryWriteApi):
 
 
 class ModelVerifyApi(RegistryWriteApi):
-    """Staff only. Records each file's health and reason, as `models verify` does; queued (202) unless `?wait=1`."""
+    """Staff with models_registry.change_registeredmodel. Records each file's health and reason, as `models verify`
+    does; queued (202) unless `?wait=1`."""
+
+    operator_action = "verify"
 
     @extend_schema(tags=[TAG], operation_id="models_verify",
                    summary="Check the model's cached files on this node (hash, layout, and a tiny forward pass)",
@@ -245,7 +258,10 @@ class ModelVerifyApi(RegistryWriteApi):
 
 
 class ModelConvertApi(RegistryWriteApi):
-    """Staff only. Same as `models convert --to FORMAT`; queued (202) unless `?wait=1`."""
+    """Staff with models_registry.change_registeredmodel. Same as `models convert --to FORMAT`; queued (202) unless
+    `?wait=1`."""
+
+    operator_action = "convert"
 
     @extend_schema(tags=[TAG], operation_id="models_convert",
                    summary="Add a cached copy in another format (same tensors, proven by the content digest)",
@@ -304,10 +320,12 @@ def _digest_headers(sha256: str) -> dict[str, str]:
 
 
 class ModelExportApi(RegistryApi):
-    """Staff only: it streams whole weight files. The cached file itself when it exists in that format."""
+    """Staff with models_registry.change_weightfile (the admin's export action needs it): it streams whole weight
+    files. The cached file itself when it exists in that format."""
 
-    # Not a write, but it streams gigabytes and hands out the weights: staff only, like the writes.
-    permission_classes = [IsStaff]
+    # Not a write, but it streams gigabytes and hands out the weights: the admin's export permission, not a reader's.
+    permission_classes = [MayOperate]
+    operator_action = "export"
     renderer_classes = [JSONRenderer, _WeightFileRenderer, _TarRenderer]
     content_negotiation_class = _WeightFormatNegotiation
 
@@ -332,13 +350,15 @@ class ModelExportApi(RegistryApi):
 
 
 class WeightImportApi(RegistryWriteApi):
-    """Staff only. Multipart field `file` (and optional `model`); the same checks as `models import`."""
+    """Staff with models_registry.change_registeredmodel. Multipart field `file` (and optional `model`); the same
+    checks as `models import`."""
 
     parser_classes = [MultiPartParser]
     throttle_scope = "uploads"
+    operator_action = "import"
 
     def initial(self, request, *args, **kwargs):
-        # Nothing of the body is read until the caller is known, is staff and is within the rate: a session
+        # Nothing of the body is read until the caller is known, may import and is within the rate: a session
         # login's CSRF check would otherwise parse (and write) the whole upload first.
         self.upload_handler = ImportUploadHandler(request._request, max_bytes=settings.DEPTHSITE_MAX_IMPORT_BYTES)
         request._request.upload_handlers = [self.upload_handler]

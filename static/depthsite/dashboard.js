@@ -285,7 +285,8 @@
     var row = button.closest("tr");
     var model = row.dataset.model;
     var result = row.querySelector(".result");
-    var format = row.querySelector("select[name=format]").value;
+    var select = row.querySelector("select[name=format]");
+    var format = select ? select.value : "";
     var request;
     if (action === "download") request = call("POST", row.dataset.downloadUrl, {});
     else if (action === "verify") request = call("POST", row.dataset.verifyUrl, {});
@@ -346,6 +347,7 @@
     if (event.target.name !== "format") return;
     var row = event.target.closest("tr");
     var link = row.querySelector("a[data-action=export]");
+    if (!link) return;  // no export permission: no link to point at the format
     link.href = row.dataset.exportUrl + "?format=" + encodeURIComponent(event.target.value);
   });
 

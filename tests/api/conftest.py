@@ -12,6 +12,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from depthsite.testing.weightserver import WeightServer
+from tests.support.operators import grant_operator_permissions
 
 MIRROR_FILE = "midas_v21_small_256.pt"
 
@@ -38,7 +39,9 @@ def reader(db):
 
 @pytest.fixture
 def operator(db):
-    return get_user_model().objects.create_user("operator", "operator@example.com", "pw-operator-123", is_staff=True)
+    """A staff user holding the registry's operator permissions (is_staff alone may change nothing)."""
+    user = get_user_model().objects.create_user("operator", "operator@example.com", "pw-operator-123", is_staff=True)
+    return grant_operator_permissions(user)
 
 
 @pytest.fixture
@@ -54,7 +57,7 @@ def user_client(reader) -> APIClient:
 
 @pytest.fixture
 def staff_client(operator) -> APIClient:
-    """A staff user, authenticated by token (as a script would be)."""
+    """A staff operator (with the registry's permissions), authenticated by token (as a script would be)."""
     return _token_client(operator)
 
 

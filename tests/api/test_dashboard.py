@@ -12,6 +12,7 @@ from depthsite.choices import RunStatus
 from models_registry.choices import Health
 from models_registry.models import WarmModel, WeightDownload, WeightFile
 from models_registry.services.catalogue import model_pin
+from tests.support.operators import grant_operator_permissions
 
 pytestmark = pytest.mark.django_db
 
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.django_db
 def login(client, *, staff: bool):
     user = get_user_model().objects.create_user("staff" if staff else "viewer", password="pw-123-dash",
                                                 is_staff=staff)
+    if staff:
+        grant_operator_permissions(user)  # a cache operator: the buttons follow the model permissions
     client.force_login(user)
     return client
 

@@ -314,7 +314,7 @@ connection.creation.create_test_db(verbosity=0)
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 client = APIClient()
-client.force_login(get_user_model().objects.create_user("s", is_staff=True))
+client.force_login(get_user_model().objects.create_superuser("s", "s@example.com", "pw-s-12345"))
 codes = [client.get(p).status_code for p in ("/api/models/", "/api/models/MiDaS_small/", "/api/models/status",
                                               "/api/models/cache/info", "/models/", "/models/chart.svg")]
 codes.append(client.post("/api/models/cache/optimize", {"dry_run": True}, format="json").status_code)

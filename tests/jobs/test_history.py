@@ -62,7 +62,7 @@ def test_staff_see_everyone_with_the_owner_and_others_cannot(client, small_model
     mine, theirs = _job(user), _job(other_user)
     client.force_login(user)
     response = client.get(HISTORY + "?everyone=1")
-    assert response.status_code == 400 and "only staff can list everyone" in response.content.decode()
+    assert response.status_code == 403 and "only staff can list everyone" in response.content.decode()
     assert _rows(response.content.decode()) == [str(mine.pk)]
     client.force_login(staff)
     html = client.get(HISTORY + "?everyone=1").content.decode()

@@ -17,6 +17,7 @@ from depthsite.exceptions import DownloadError
 from models_registry.models import WeightDownload, WeightFile
 from models_registry.services.download import weight_download
 from depthsite.testing.weightserver import WeightServer
+from tests.support.operators import grant_operator_permissions
 
 WAYS_OUT = ("DEPTHSITE_MODEL_MIRROR", "import a file you have", "work from the cache only (DEPTHSITE_OFFLINE)")
 
@@ -134,6 +135,7 @@ def test_api_job_and_dashboard_status_carry_message_and_code(small_model, settin
                                                             django_capture_on_commit_callbacks):
     settings.DEPTHSITE_MODEL_MIRROR = "http://weights.nonexistent.invalid"
     operator = get_user_model().objects.create_user("op", "op@example.com", "pw-op-12345", is_staff=True)
+    grant_operator_permissions(operator)  # downloading needs models_registry.change_registeredmodel
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=operator).key}")
 

@@ -416,7 +416,10 @@ def assert_api_import_refused(path: Path, name: str, kind: str) -> None:
     from rest_framework.test import APIClient
 
     cache.clear()  # throttle counters
+    from tests.support.operators import grant_operator_permissions
+
     staff = get_user_model().objects.create_user("operator", "op@example.com", "pw-operator-123", is_staff=True)
+    grant_operator_permissions(staff)  # importing needs models_registry.change_registeredmodel
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=staff).key}")
     response = client.post("/api/models/import", {"file": SimpleUploadedFile(name, path.read_bytes())},

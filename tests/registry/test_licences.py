@@ -20,6 +20,7 @@ from models_registry.services.resolve import weights_resolve
 from models_registry.services.licences import license_accepted, model_license_check
 from models_registry.services.imports import weight_import
 from depthsite.testing import images
+from tests.support.operators import grant_operator_permissions
 
 pytestmark = pytest.mark.django_db
 SETTING = "DEPTHSITE_ACCEPTED_LICENSES"
@@ -41,6 +42,7 @@ def non_commercial_small(small_model):
 @pytest.fixture
 def staff():
     user = get_user_model().objects.create_user("boss", "boss@example.com", "pw-boss-123", is_staff=True)
+    grant_operator_permissions(user)  # the registry's writes need their model permissions
     client = APIClient()
     client.force_authenticate(user)
     return client

@@ -17,6 +17,7 @@ from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.export import weight_export
 from models_registry.services.imports import weight_import
 from depthsite.testing.weightserver import WeightServer
+from tests.support.operators import grant_operator_permissions
 
 
 def _model() -> RegisteredModel:
@@ -68,6 +69,7 @@ def test_non_pt_import_pins_the_digest_only_so_the_released_pt_still_downloads(s
 
 def test_api_import_records_the_name_sent_and_the_user_and_pin_false(small_model, small_pt):
     operator = get_user_model().objects.create_user("alice", "a@example.com", "pw-alice-12345", is_staff=True)
+    grant_operator_permissions(operator)  # importing needs models_registry.change_registeredmodel
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=operator).key}")
     with open(small_pt, "rb") as handle:

@@ -1,0 +1,186 @@
+"""Registry operations need the Django model permission the admin action of the same kind needs, not just is_staff:
+a staff account that may only view the registry can neither clear, optimize, download, verify, convert, import
+nor export through the API, and the dashboard offers it no button; one granted the permission (or a superuser) can.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from models_registry import cachefs
+from models_registry.models import WeightDownload, WeightFile
+
+pytestmark = pytest.mark.django_db
+
+# Each write, with a body that needs no weights and no network, the status an allowed caller gets, and the one
+# permission it needs (the admin's: "delete" on weight files for what deletes them, "change" for the rest).
+WRITES = {
+    "clear": ("post", "/api/models/cache/clear", {"confirm": True}, 200, "models_registry.delete_weightfile"),
+    "optimize": ("post", "/api/models/cache/optimize", {"dry_run": True}, 200, "models_registry.delete_weightfile"),
+    "download": ("post", "/api/models/MiDaS_small/download", {}, 202, "models_registry.change_registeredmodel"),
+    "verify": ("post", "/api/models/MiDaS_small/verify?wait=1", {}, 200, "models_registry.change_registeredmodel"),
+    "convert": ("post", "/api/models/MiDaS_small/convert", {"format": "h5"}, 404,
+                "models_registry.change_registeredmodel"),  # nothing cached to convert: let in, then 404
+    "export": ("get", "/api/models/MiDaS_small/export?format=pt", None, 404, "models_registry.change_weightfile"),
+    "import": ("post", "/api/models/import", "multipart", 422, "models_registry.change_registeredmodel"),
+}
+REGISTRY_VIEW = ("models_registry.view_registeredmodel", "models_registry.view_weightfile",
+                 "models_registry.view_weightdownload")
+REGISTRY_WRITE = ("models_registry.delete_weightfile", "models_registry.change_weightfile",
+                  "models_registry.change_registeredmodel", "models_registry.delete_registeredmodel",
+                  "models_registry.add_weightfile", "models_registry.add_registeredmodel")
+
+
+def _staff(username: str, *perms: str):
+    user = get_user_model().objects.create_user(username, f"{username}@example.com", "pw-staff-12345", is_staff=True)
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+    return user
+
+
+def _client(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+def send(client: APIClient, method: str, path: str, body):
+    if body == "multipart":
+        upload = SimpleUploadedFile("notes.txt", b"these are not weights\n", content_type="text/plain")
+        return client.post(path, {"file": upload}, format="multipart")
+    if method == "get":
+        return client.get(path)
+    return client.post(path, body, format="json")
+
+
+@pytest.fixture
+def viewer():
+    """The account of the review: staff, allowed to view the registry and jobs, nothing more."""
+    return _staff("viewer", *REGISTRY_VIEW, "inference.view_depthjob")
+
+
+@pytest.mark.parametrize("action", list(WRITES))
+def test_a_view_only_staff_user_is_refused_every_write_with_the_error_body(viewer, small_model, action):
+    method, path, body, _, perm = WRITES[action]
+    response = send(_client(viewer), method, path, body)
+    assert response.status_code == 403, response.content[:300]
+    payload = response.json()
+    assert set(payload) == {"message", "extra"} and perm in payload["message"], payload
+    assert not WeightDownload.objects.exists()
+
+
+def test_a_view_only_staff_user_can_neither_clear_nor_optimize_away_a_file(viewer, cached_record):
+    stray = cachefs.cache_root() / "MiDaS_small" / "stray.bin"
+    stray.write_bytes(b"x")
+    client = _client(viewer)
+    assert client.post("/api/models/cache/clear", {"confirm": True}, format="json").status_code == 403
+    assert client.post("/api/models/cache/optimize", {"dry_run": False, "max_bytes": 0},
+                       format="json").status_code == 403
+    assert cachefs.absolute(cached_record.path).exists() and stray.exists()
+    assert WeightFile.objects.count() == 1
+
+
+def test_a_view_only_staff_user_cannot_export_a_cached_file(viewer, cached_record):
+    response = _client(viewer).get("/api/models/MiDaS_small/export?format=pt")
+    assert response.status_code == 403 and "attachment" not in response.get("Content-Disposition", "")
+    assert response.json()["message"]
+
+
+@pytest.mark.parametrize("action", list(WRITES))
+def test_each_write_needs_its_own_permission_not_another(small_model, action):
+    """Every other write permission of the registry is not enough: only the one the table names lets it in."""
+    method, path, body, _, perm = WRITES[action]
+    others = [p for p in REGISTRY_WRITE if p != perm]
+    response = send(_client(_staff("almost", *REGISTRY_VIEW, *others)), method, path, body)
+    assert response.status_code == 403, response.content[:300]
+    assert not WeightDownload.objects.exists()
+
+
+@pytest.mark.parametrize("action", list(WRITES))
+def test_staff_with_the_permission_are_let_in(small_model, action):
+    method, path, body, status, perm = WRITES[action]
+    response = send(_client(_staff("holder", perm)), method, path, body)
+    assert response.status_code == status, response.content[:300]
+    if action == "download":
+        assert WeightDownload.objects.exists()
+
+
+@pytest.mark.parametrize("action", list(WRITES))
+def test_superusers_hold_every_permission(small_model, action):
+    method, path, body, status, _ = WRITES[action]
+    root = get_user_model().objects.create_superuser("root", "root@example.com", "pw-root-12345")
+    assert send(_client(root), method, path, body).status_code == status
+
+
+def test_staff_with_the_delete_permission_clear_the_cache(cached_record):
+    client = _client(_staff("cleaner", "models_registry.delete_weightfile"))
+    response = client.post("/api/models/cache/clear", {"confirm": True}, format="json")
+    assert response.status_code == 200, response.content[:300]
+    assert not WeightFile.objects.exists() and not cachefs.absolute(cached_record.path).exists()
+
+
+def test_a_permission_without_is_staff_is_not_enough(small_model):
+    user = get_user_model().objects.create_user("notstaff", "n@example.com", "pw-not-12345")
+    user.user_permissions.add(Permission.objects.get(codename="delete_weightfile"))
+    response = _client(user).post("/api/models/cache/clear", {"confirm": True}, format="json")
+    assert response.status_code == 403
+
+
+# --- the dashboard -------------------------------------------------------------------------------
+
+BUTTONS = {"download": "download", "verify": "verify", "convert": "convert", "export": "export", "clear": "clear",
+           "optimize-plan": "optimize", "optimize-run": "optimize"}
+
+
+def _buttons(client, user) -> set[str]:
+    client.force_login(user)
+    html = client.get("/models/").content.decode()
+    return set(re.findall(r'data-action="([\w-]+)"', html))
+
+
+def test_a_view_only_staff_user_sees_no_action_button(client, viewer, small_model):
+    assert _buttons(client, viewer) == set()
+
+
+@pytest.mark.parametrize("perm", sorted({WRITES[a][4] for a in WRITES}))
+def test_the_dashboard_shows_the_buttons_the_permission_allows(client, small_model, perm):
+    shown = _buttons(client, _staff("holder", perm))
+    allowed = {button for button, action in BUTTONS.items() if WRITES[action][4] == perm}
+    assert shown == allowed
+
+
+def test_superusers_see_every_button(client, small_model):
+    root = get_user_model().objects.create_superuser("root", "root@example.com", "pw-root-12345")
+    assert _buttons(client, root) == set(BUTTONS)
+
+
+# --- one table, the admin's permissions ------------------------------------------------------------
+
+
+def test_the_table_names_the_permissions_these_tests_and_the_admin_use():
+    from models_registry import admin as registry_admin
+    from models_registry.api.permissions import OPERATOR_PERMISSIONS
+    from models_registry.models import RegisteredModel, WeightFile as WeightFileModel
+
+    table = {"clear": "cache_clear", "optimize": "cache_optimize", "download": "download", "verify": "verify",
+             "convert": "convert", "export": "export", "import": "import"}
+    for action, name in table.items():
+        assert OPERATOR_PERMISSIONS[name] == (WRITES[action][4],), action
+
+    def admin_perms(action, model) -> set[str]:
+        return {f"models_registry.{kind}_{model._meta.model_name}" for kind in action.allowed_permissions}
+
+    # The API's clear, export and verify need what the admin's actions on the same rows need.
+    assert set(OPERATOR_PERMISSIONS["cache_clear"]) == admin_perms(registry_admin.clear_files, WeightFileModel)
+    assert set(OPERATOR_PERMISSIONS["export"]) == admin_perms(registry_admin.export_file, WeightFileModel)
+    assert set(OPERATOR_PERMISSIONS["verify"]) == admin_perms(registry_admin.verify_models, RegisteredModel)
+    convert = next(a for a in registry_admin.RegisteredModelAdmin.actions if getattr(a, "__name__", "").startswith(
+        "convert_to_"))
+    assert set(OPERATOR_PERMISSIONS["convert"]) == admin_perms(convert, RegisteredModel)
