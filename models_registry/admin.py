@@ -7,6 +7,7 @@ from django.http import FileResponse
 from django.utils.html import format_html
 
 from depthsite.units import format_size
+from models_registry.api.permissions import OPERATOR_PERMISSIONS
 from models_registry.choices import Health, WeightFormat
 from depthsite.exceptions import ApplicationError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
@@ -84,7 +85,9 @@ def verify_models(modeladmin, request, queryset):
     _report(modeladmin, request, done, failed)
 
 
-@admin.action(description="Clear cached files (this node)", permissions=["delete"])
+# Deletes weight files, so it asks what the API's cache clear asks (models_registry.api.permissions), not the
+# permission to delete model records: RegisteredModelAdmin.has_cache_clear_permission.
+@admin.action(description="Clear cached files (this node)", permissions=["cache_clear"])
 def clear_models(modeladmin, request, queryset):
     _report(modeladmin, request, [cache_clear(model=model).summary for model in queryset], [])
 
@@ -108,6 +111,9 @@ class RegisteredModelAdmin(admin.ModelAdmin):
     inlines = [WeightFileInline]
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     actions = [verify_models, *(_convert_action(fmt) for fmt in WeightFormat.values), clear_models]
+
+    def has_cache_clear_permission(self, request) -> bool:
+        return request.user.is_active and request.user.has_perms(OPERATOR_PERMISSIONS["cache_clear"])
 
     # Facts of the architecture (depthsite.netspecs), shown read-only: editing them could not change the network.
     @admin.display(description="native input")

@@ -74,8 +74,17 @@ def test_a_view_only_staff_user_posting_an_action_changes_nothing(viewer, cached
     assert cached_small.health == Health.OK and cached_small.verified_at == verified_at  # verify stamps it
 
 
+def test_clearing_a_models_files_asks_what_the_apis_cache_clear_asks(client, cached_small):
+    # Deleting model records is not deleting weight files: the model admin's clear asks delete_weightfile, as the API
+    # and the dashboard do (models_registry.api.permissions.OPERATOR_PERMISSIONS).
+    client.force_login(_staff("recorder", "view_registeredmodel", "delete_registeredmodel"))
+    assert "clear_models" not in _offered(client, "registeredmodel")
+    _post_action(client, "registeredmodel", "clear_models", [cached_small.model.pk])  # refused: not an offered action
+    assert WeightFile.objects.filter(pk=cached_small.pk).exists() and cachefs.absolute(cached_small.path).exists()
+
+
 def test_a_staff_user_with_delete_permission_can_still_clear(client, cached_small):
-    client.force_login(_staff("cleaner", "view_registeredmodel", "delete_registeredmodel"))
+    client.force_login(_staff("cleaner", "view_registeredmodel", "delete_weightfile"))
     path = cachefs.absolute(cached_small.path)
 
     assert "clear_models" in _offered(client, "registeredmodel")
