@@ -30,6 +30,15 @@ def rerun_jobs(modeladmin, request, queryset):
         modeladmin.message_user(request, failure, messages.ERROR)
 
 
+# session_key holds a digest of an anonymous uploader's session, which the views compare; the admin shows only
+# whether there is one, and never offers it as a form field.
+HIDDEN_FIELDS = ("session_key",)
+
+
+def _shown_fields(model) -> list[str]:
+    return [field.name for field in model._meta.fields if field.name not in HIDDEN_FIELDS]
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
 
@@ -43,10 +52,11 @@ class DepthJobAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
     actions = [rerun_jobs]
-    readonly_fields = [field.name for field in DepthJob._meta.fields] + ["page_link"]
+    exclude = HIDDEN_FIELDS
+    readonly_fields = _shown_fields(DepthJob) + ["page_link", "anonymous_session"]
     fieldsets = (
-        (None, {"fields": ("id", "page_link", "status", "error", "error_code", "attempts", "owner", "session_key",
-                           "batch")}),
+        (None, {"fields": ("id", "page_link", "status", "error", "error_code", "attempts", "owner",
+                           "anonymous_session", "batch")}),
         ("Input", {"fields": ("image", "image_name", "image_format", "image_width", "image_height", "image_size",
                               "image_sha256", "model", "model_name", "outputs", "colormap", "fov_degrees")}),
         ("Run", {"fields": ("created_at", "queued_at", "started_at", "finished_at", "load_ms", "inference_ms",
@@ -83,6 +93,10 @@ class DepthJobAdmin(admin.ModelAdmin):
     def error_short(self, obj):
         return (obj.error[:80] + "…") if len(obj.error) > 80 else obj.error
 
+    @admin.display(description="anonymous browser session", boolean=True)
+    def anonymous_session(self, obj):
+        return bool(obj.session_key)
+
     @admin.display(description="page")
     def page_link(self, obj):
         url = reverse("inference:job_detail", args=[obj.pk])
@@ -98,7 +112,8 @@ class DepthBatchAdmin(admin.ModelAdmin):
     search_fields = ("id", "owner__username", "archive_name")
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
-    readonly_fields = [field.name for field in DepthBatch._meta.fields] + ["page_link"]
+    exclude = HIDDEN_FIELDS
+    readonly_fields = _shown_fields(DepthBatch) + ["page_link", "anonymous_session"]
 
     def has_add_permission(self, request):
         return False
@@ -119,6 +134,10 @@ class DepthBatchAdmin(admin.ModelAdmin):
     @admin.display(description="jobs", ordering="job_total")
     def job_count(self, obj):
         return obj.job_total
+
+    @admin.display(description="anonymous browser session", boolean=True)
+    def anonymous_session(self, obj):
+        return bool(obj.session_key)
 
     @admin.display(description="page")
     def page_link(self, obj):

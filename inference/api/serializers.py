@@ -15,6 +15,7 @@ from inference.colormaps import COLORMAPS, DEFAULT_COLORMAP
 from inference.images import ALPHA_NOTE
 from inference.models import DepthJob
 from inference.selectors import depth_job_public
+from inference.sessions import upload_session_key
 from inference.writers import DEFAULT_FOV_DEGREES, FOV_RANGE, OUTPUT_FORMATS
 from models_registry.api.fields import StrictSerializer, UploadField
 from models_registry.catalogue import DEFAULT_MODEL
@@ -93,8 +94,7 @@ class PredictionSerializer(serializers.Serializer):
         # The fields read the selector's facts; the job rides along for what only the API shows.
         request = self._request()
         user = request.user if request is not None else AnonymousUser()
-        session = getattr(getattr(request, "_request", request), "session", None)
-        session_key = "" if user.is_authenticated or session is None else (session.session_key or "")
+        session_key = upload_session_key(request) if request is not None else ""  # the stored digest, as views use
         facts = depth_job_public(job=job, user=user, session_key=session_key)
         return super().to_representation({**facts, "job": job})
 

@@ -29,6 +29,9 @@ REVIEWED_RUNPYTHON = {
                                                            "query; the release before reads them as plain text",
     ("inference", "0010_depthjob_dtype_drop_task_id"): "drops DepthJob.task_id, which the release before it (0009's) "
                                                         "no longer names; 0009's own release kept it for 0008's",
+    ("inference", "0011_session_key_digest"): "rewrites raw session keys to their digests, same column; the release "
+                                              "before reads them as opaque text (its visitors' lookups miss until "
+                                              "they are served by this release)",
 }
 CONTRACTING = (ops.RemoveField, ops.RenameField, ops.DeleteModel, ops.RenameModel, ops.AlterModelTable)
 # In raw SQL: a rename, a column made NOT NULL, or a DROP of anything but what only relaxes (an index, a default, a

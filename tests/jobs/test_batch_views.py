@@ -12,6 +12,7 @@ from django.test import Client
 from django.urls import reverse
 
 from inference.models import DepthBatch, DepthJob
+from inference.sessions import session_digest
 from depthsite.testing import images
 from tests.jobs.conftest import upload
 from tests.jobs.test_batch import assert_nothing_created, make_zip
@@ -164,7 +165,9 @@ def test_an_anonymous_batch_is_reachable_by_its_random_id_like_an_anonymous_job(
     response = post_batch(client, run_jobs, photos=[("a.jpg", images.jpeg())])
     assert response.status_code == 302
     batch = DepthBatch.objects.get()
-    assert batch.owner is None and batch.session_key == client.session.session_key
+    # The stored key is a digest of the session key, never the sessionid cookie itself.
+    assert batch.owner is None and batch.session_key == session_digest(client.session.session_key)
+    assert client.session.session_key not in batch.session_key
     assert DepthJob.objects.get().session_key == batch.session_key
     assert client.get(response["Location"]).status_code == 200
     assert Client().get(response["Location"]).status_code == 200

@@ -13,6 +13,7 @@ from PIL import Image
 
 from depthsite.choices import RunStatus
 from inference.models import DepthJob
+from inference.sessions import session_digest
 from depthsite.testing import images
 from tests.jobs.conftest import upload
 
@@ -196,7 +197,9 @@ def test_anonymous_uploads_are_throttled(client, small_model, public, monkeypatc
 def test_anonymous_history_is_per_session(client, small_model, public, run_jobs):
     post_photo(client, run_jobs)
     job = DepthJob.objects.get()
-    assert job.owner is None and job.session_key == client.session.session_key
+    # The stored key is a digest of the session key, never the sessionid cookie itself.
+    assert job.owner is None and job.session_key == session_digest(client.session.session_key)
+    assert client.session.session_key not in job.session_key
     assert job.short_id in client.get(reverse("inference:job_list")).content.decode()
     stranger = Client()
     assert job.short_id not in stranger.get(reverse("inference:job_list")).content.decode()
