@@ -13,9 +13,19 @@ from datetime import timedelta
 from django.conf import settings
 
 from depthsite.choices import RunStatus
-from depthsite.exceptions import ApplicationError, DownloadError, NotFoundError, OfflineError, WeightFileError
+from depthsite.exceptions import (
+    ApplicationError,
+    DigestMismatchError,
+    DiskFullError,
+    DownloadError,
+    InvalidRequestError,
+    LicenseError,
+    NotFoundError,
+    OfflineError,
+    WeightFileError,
+)
 from inference.choices import JobErrorCode
-from inference.exceptions import ImageError, InferenceError, OutOfMemoryError
+from inference.exceptions import ImageError, InferenceError, OutOfMemoryError, RuntimeArtifactError
 from inference.images import image_open, pixels_digest
 from inference.media import media_open, media_remove
 from inference.models import DepthJob
@@ -58,32 +68,62 @@ _FINISH_FIELDS = ("status", "result_files", "depth_min", "depth_max", "semantics
 _FAIL_FIELDS = ("status", "error", "error_code", "finished_at", "lease_until")
 
 
+class ModelGoneError(NotFoundError):
+    """The job's model left the registry, or was disabled, after the upload: a message written for the uploader."""
+
+
+# A job's error is read by whoever holds its id (anonymous uploaders included). Only the errors below are written
+# for them and keep their words; every other ApplicationError comes from the registry, the cache or the
+# configuration, and its text may name server paths, free bytes, settings or a mirror's URL: the job stores a
+# fixed sentence for its kind, and the worker's log keeps the text (depth_job_run logs it with the job's id).
+ERROR_DISK_FULL = "the server is out of disk space for this model; try again later or ask the operator"
+ERROR_CONFIGURATION = "the server cannot fetch this model; ask the operator"
+ERROR_LICENSE = "this site does not accept the licence of this model's weights; submit the photo again with another model"
+ERROR_DOWNLOAD_CHECK = ("the model's downloaded weights did not pass their check; an administrator can see why on "
+                        "the models page and retry the download")
+
+
+def _offline_sentence(exc: OfflineError) -> str:
+    model = exc.extra.get("model") or "the model"
+    return (f"{model} is not cached on this node and the site is offline, so it cannot be downloaded; "
+            "submit the photo again with another model, or ask the operator to import it")
+
+
 def error_for(exc: BaseException) -> tuple[str, str]:
     """(message, code) stored on a failed job: what happened and what the user can do about it."""
     if isinstance(exc, OfflineError):
-        return exc.message, JobErrorCode.OFFLINE
-    # A job's error is read by whoever holds its id (anonymous jobs included); download and weight-file
-    # messages name mirror folders, cache paths and may quote a file's first bytes, so they stay in the log
-    # and on the registry's own records, which operators read.
+        return _offline_sentence(exc), JobErrorCode.OFFLINE
+    # Download and weight-file messages name mirror folders, cache paths and may quote a file's first bytes, so
+    # they stay in the log and on the registry's own records, which operators read.
     if isinstance(exc, DownloadError):
         return ("the model's weights could not be downloaded; an administrator can see why on the models page "
                 "and retry the download", JobErrorCode.DOWNLOAD)
     if isinstance(exc, WeightFileError):
         return ("the model's cached weights are unusable; an administrator must check them "
                 "(manage.py models verify)", JobErrorCode.WEIGHTS)
-    if isinstance(exc, NotFoundError):
-        return exc.message, JobErrorCode.MODEL
     if isinstance(exc, ImageError):
         return f"the uploaded image cannot be read: {exc.message}", JobErrorCode.IMAGE
+    if isinstance(exc, ModelGoneError):
+        return exc.message, JobErrorCode.MODEL
     if isinstance(exc, OutOfMemoryError):
         return exc.message, JobErrorCode.OUT_OF_MEMORY
-    if isinstance(exc, InferenceError):
+    if isinstance(exc, InferenceError) and not isinstance(exc, RuntimeArtifactError):  # not a build's paths, stderr
         return exc.message, JobErrorCode.INTERNAL
     if isinstance(exc, MemoryError):
         return ("out of memory while processing this image; try a smaller image or a smaller model",
                 JobErrorCode.OUT_OF_MEMORY)
+    if isinstance(exc, DiskFullError):
+        return ERROR_DISK_FULL, JobErrorCode.INTERNAL
+    if isinstance(exc, LicenseError):
+        return ERROR_LICENSE, JobErrorCode.MODEL
+    if isinstance(exc, (InvalidRequestError, NotFoundError)):  # DEPTHSITE_MODEL_MIRROR, a catalogue URL, no copy
+        return ERROR_CONFIGURATION, JobErrorCode.MODEL
+    if isinstance(exc, DigestMismatchError) and exc.extra.get("url"):
+        return ERROR_DOWNLOAD_CHECK, JobErrorCode.DOWNLOAD
     if isinstance(exc, ApplicationError):
-        return exc.message, JobErrorCode.INTERNAL
+        return (f"the server could not run this job (error {JobErrorCode.INTERNAL.value}: {type(exc).__name__}); "
+                "the details are in the worker's log: re-running it may help, otherwise tell the site's "
+                "administrator", JobErrorCode.INTERNAL)
     return ERROR_GENERIC, JobErrorCode.INTERNAL
 
 
@@ -122,8 +162,9 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
         if code == JobErrorCode.INTERNAL and not isinstance(exc, ApplicationError):
             logger.exception("depth job %s failed unexpectedly", job.pk)
         else:
-            logger.warning("depth job %s failed: %s", job.pk, exc.message if isinstance(exc, ApplicationError)
-                           else message)
+            # The whole text, for the operator: the job itself may keep only a fixed sentence (error_for).
+            logger.warning("depth job %s failed (%s, %s): %s", job.pk, type(exc).__name__, code,
+                           exc.message if isinstance(exc, ApplicationError) else message)
         job.fail(message, code)
         job_attempt_save(job, _FAIL_FIELDS)
     return job
@@ -132,11 +173,11 @@ def depth_job_run(*, job: DepthJob) -> DepthJob:
 def _execute(job: DepthJob) -> None:
     model = job.model
     if model is None:
-        raise NotFoundError(f"the model {job.model_name} no longer exists in the registry; "
-                            "submit the photo again with another model", extra={"model": job.model_name})
+        raise ModelGoneError(f"the model {job.model_name} no longer exists in the registry; "
+                             "submit the photo again with another model", extra={"model": job.model_name})
     if not model.enabled:
-        raise NotFoundError(f"the model {model.name} was disabled after this job was submitted; "
-                            "submit the photo again with another model", extra={"model": model.name})
+        raise ModelGoneError(f"the model {model.name} was disabled after this job was submitted; "
+                             "submit the photo again with another model", extra={"model": model.name})
     if not job.image or not job.image.name:
         raise ImageError("the job has no stored image", extra={"field": "image"})
     try:
