@@ -7,7 +7,8 @@ Candidates, each on the same input at the native size (median of --repeats after
 eager baseline runs before each timed run of a candidate, and each ratio is against those baseline runs,
 so both saw the same load: channels_last, bfloat16 and
 float16 eager, torch.compile (its compile cost reported apart), the ONNX artifact under each graph
-optimisation level and with 1 thread or all, the artifact against the same graph with timm's "same"
+optimisation level and with 1 thread or all, OpenVINO's CPU plugin on the same graph where it is installed
+(the ratio of that row is OpenVINO / ONNX Runtime), the artifact against the same graph with timm's "same"
 padding worked out at run time (the ratio of that row is artifact / that graph), the artifact against the same
 graph with its attention unfused (likewise), SwinV2's artifact against the same graph with its score scale and
 normalisation as exported (likewise), and the artifact after ORT's
@@ -133,6 +134,28 @@ def candidates_for(name: str, repeats: int, threads: int, skip: set[str], workdi
         seconds, out, base = timed(lambda: session.run(None, {"image": batch})[0], repeats, base_run)
         add(f"onnx, optimisation all, {count} thread{'s' if count != 1 else ''}", seconds, out, base=base)
 
+    if "openvino" not in skip:
+        # OpenVINO's CPU plugin on the same ONNX graph, in float32 (on a CPU with bfloat16 units it would otherwise
+        # pick bfloat16), one stream, the same threads. Its ratio is against ONNX Runtime on that graph, the two
+        # alternating: against eager it would be flattered, as the eager run right after it was slowed here.
+        try:
+            import openvino
+        except ImportError:
+            rows.append({"model": name, "candidate": "openvino", "seconds": None, "ratio": None,
+                         "max_diff_of_range": None, "note": "not installed (pip install openvino)"})
+        else:
+            started = time.perf_counter()
+            compiled = openvino.Core().compile_model(str(path), "CPU", {
+                "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+                "INFERENCE_NUM_THREADS": str(threads)})
+            compile_s = time.perf_counter() - started
+            request = compiled.create_infer_request()
+            seconds, out, base = timed(lambda: request.infer({0: batch})[0].copy(), repeats,
+                                       lambda: session.run(None, {"image": batch})[0])
+            add(f"openvino {openvino.__version__.split('-')[0]} f32 (vs. onnx)", seconds, out,
+                f"compile {compile_s:.2f} s; ONNX Runtime on the same graph {base:.4f} s", base=base)
+            del request, compiled
+
     def against_plain_export(label: str, counted: str, **options) -> None:
         # The artifact against the same network exported without one of its rewrites; the ratio is the
         # artifact's time over that graph's.
@@ -198,7 +221,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip", default="",
-                        help="comma-separated: channels_last,bf16,fp16,compile,levels,padding,attention,cosine,fusions")
+                        help="comma-separated: channels_last,bf16,fp16,compile,levels,openvino,padding,attention,cosine,fusions")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
