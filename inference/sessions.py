@@ -34,3 +34,27 @@ def upload_session_key(request, *, create: bool = False) -> str:
         session["depthsite_uploads"] = True  # marks the session modified, so its cookie is sent
         session.save()
     return session_digest(session.session_key or "")
+
+
+def session_keys_digest_stragglers(*, batch: int = 500) -> int:
+    """Digest the raw session keys still stored (how many rows changed). Migration 0011 digested the rows before
+    it; during a rolling deploy, web processes of the release before it go on storing raw keys until they stop.
+    The hourly anonymous expiry calls this, so such a key stays at most an hour, and its visitor finds the job
+    again (by its digest) from then on. A raw key is never 40 characters long, a digest always is."""
+    from django.db.models.functions import Length
+
+    from inference.models import DepthBatch, DepthJob
+
+    changed = 0
+    for model in (DepthJob, DepthBatch):
+        raw = (model.objects.annotate(key_length=Length("session_key")).exclude(session_key="")
+               .exclude(key_length=DIGEST_LENGTH).only("pk", "session_key").order_by("pk"))
+        while True:
+            rows = list(raw[:batch])
+            if not rows:
+                break
+            for row in rows:
+                row.session_key = session_digest(row.session_key)
+            model.objects.bulk_update(rows, ["session_key"])
+            changed += len(rows)
+    return changed

@@ -32,10 +32,15 @@ def depth_jobs_recover_task() -> str:
 
 
 def depth_jobs_expire_task() -> str:
-    """The scheduled expiry (see migration 0004): anonymous jobs past DEPTHSITE_ANON_RETENTION go, files too."""
+    """The scheduled expiry (see migration 0005): anonymous jobs past DEPTHSITE_ANON_RETENTION go, files too; raw
+    session keys stored by an older release during a rolling deploy become digests (inference.sessions)."""
     from inference.services.batches import depth_batches_expire
     from inference.services.job_recovery import depth_jobs_expire
 
+    from inference.sessions import session_keys_digest_stragglers
+
     outcome = depth_jobs_expire()
     batches = depth_batches_expire()
-    return f"deleted {outcome['jobs']} anonymous job(s), {outcome['bytes']} bytes, {batches} empty batch(es)"
+    digested = session_keys_digest_stragglers()
+    return (f"deleted {outcome['jobs']} anonymous job(s), {outcome['bytes']} bytes, {batches} empty batch(es)"
+            + (f"; digested {digested} raw session key(s)" if digested else ""))

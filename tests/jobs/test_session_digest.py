@@ -226,3 +226,20 @@ def test_a_visitor_finds_their_jobs_from_before_the_migration(client, small_mode
     assert job.short_id in client.get(reverse("inference:job_list")).content.decode()
     assert client.post(reverse("inference:job_delete", args=[job.pk])).status_code in (302, 303)
     assert not DepthJob.objects.filter(pk=job.pk).exists()
+
+
+def test_the_hourly_expiry_digests_keys_an_older_release_stored_during_a_deploy(client, small_model, public,
+                                                                              django_capture_on_commit_callbacks):
+    # After migration 0011, web processes of the release before it go on storing the raw key until they stop.
+    from inference.tasks import depth_jobs_expire_task
+
+    job = _web_upload(client, django_capture_on_commit_callbacks)
+    cookie = _cookie(client)
+    DepthJob.objects.filter(pk=job.pk).update(session_key=cookie)  # as an old process stores it
+    DepthBatch.objects.create(session_key=cookie, model_name="MiDaS_small", colormap="inferno")
+    assert job.short_id not in client.get(reverse("inference:job_list")).content.decode()
+    assert depth_jobs_expire_task().endswith("; digested 2 raw session key(s)")
+    assert not DepthJob.objects.filter(session_key=cookie).exists()
+    assert not DepthBatch.objects.filter(session_key=cookie).exists()
+    assert job.short_id in client.get(reverse("inference:job_list")).content.decode()
+    assert "digested" not in depth_jobs_expire_task()  # nothing left: the usual summary
