@@ -1,142 +1,337 @@
 """Limits on guessing passwords and on password-reset e-mails, counted in the default (shared) cache.
 
-Failed sign-ins are counted per user name (in any case) and per client address, at /accounts/login/ and at
-/admin/login/ alike (DEPTHSITE_LOGIN_RATE, DEPTHSITE_LOGIN_ADDRESS_RATE); password-reset requests per e-mail address
-and per client address (DEPTHSITE_PASSWORD_RESET_RATE, DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE). Past a limit the form
-comes back with a message and HTTP 429, and nothing is checked or sent: not the password (a right one fails too
-until the window has passed, or guessing would go on at full speed), not the e-mail. The message is the same
-whether the user name exists or not, as names that match no user are counted the same way.
+Failed sign-ins are counted three ways, at /accounts/login/ and at /admin/login/ alike:
 
-Counted as the API's throttles count (DRF's SimpleRateThrottle: the times of recent attempts under one cache key,
-pruned to the window), under keys of their own, with the client address the throttles and quotas use
-(models_registry.api.throttling.client_address, which trusts X-Forwarded-For only as DEPTHSITE_TRUSTED_PROXIES says).
-Rates are read from the settings per request, so an override applies without a restart.
+- per (user name, client address), DEPTHSITE_LOGIN_RATE (10/15m): what stops one client guessing one account;
+- per client address, DEPTHSITE_LOGIN_ADDRESS_RATE (30/15m): what stops one client guessing at many names;
+- per user name from every address, DEPTHSITE_LOGIN_USER_RATE (100/15m): what slows a guess spread over many
+  addresses. It is the only count a stranger at another address can fill, so it is the trade-off: set high, a
+  botnet gets that many guesses per window at one account; set low, anyone can keep an account's owner out (the
+  owner is then refused at every address until the window ends, or until `manage.py signin_limits clear`).
+
+Password-reset requests are counted per e-mail address and per client address (DEPTHSITE_PASSWORD_RESET_RATE,
+DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE). Past a limit the form comes back with a message and HTTP 429, and nothing
+is checked or sent: not the password (a right one fails too until the window has passed, or guessing would go on
+at full speed), not the e-mail. The message is the same whether the user name exists or not, as names that match
+no user are counted the same way. User names and e-mail addresses count in any case and Unicode form (folded).
+
+Counting: fixed windows (a count per window of the rate's length, the windows starting at multiples of it since
+the epoch), each an integer in the cache under a key naming the window. An attempt is reserved before the password
+is checked, by an atomic increment of every count it touches (the cache's `incr` on Redis and LocMem; under a lock
+file for the folder cache, whose `incr` is a read and a write), so parallel requests never check more passwords than
+the limit allows: one whose increment passes a limit is refused and gives its increments back, so refusals fill
+no count. A failure keeps its reservations. A success gives back its reservation on the address and the user
+name's total (it was no failed attempt) and clears the (name, address) count of that client, the only count it
+proves anything about; it never clears another address's counts, nor the address's (an address guessing at many
+names is not let off by also knowing one password). That count is keyed by the folded name, which two users may
+share ("Alice" and "alice": Django's user names are case-sensitive): it is cleared only when exactly one user
+has the name (found case-insensitively by the database, so only for names in ASCII, where databases agree on
+case; otherwise the success just gives its reservation back), so that one user's success never wipes the
+guesses at another's account. Fixed windows let up to twice a limit through across a window's end; in return a
+count is one integer, Retry-After is exact (the seconds until the window ends), and nothing is lost or raced.
+
+The client address is the one the throttles and quotas use (models_registry.api.throttling.client_address, which
+trusts X-Forwarded-For only as DEPTHSITE_TRUSTED_PROXIES says). Rates are read from the settings per request, so
+an override applies without a restart. `manage.py signin_limits show|clear --user NAME --address ADDR` shows the
+counts and clears them (a user name's through a generation in its keys, so that every address's count of the
+name goes at once without listing the cache).
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import secrets
 import time
 import unicodedata
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 from django.conf import settings
 from django.contrib import admin
 from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 from django.contrib.auth.views import LoginView, PasswordResetView
+from django.core.cache import caches
+from django.core.cache.backends.filebased import FileBasedCache
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from rest_framework.throttling import SimpleRateThrottle
 
 from depthsite.rates import parse_rate
-from models_registry.api.throttling import client_address
+from models_registry.api.throttling import UNKNOWN_ADDRESS, client_address
 
 LOGIN_REFUSED = "too_many_login_attempts"
 RESET_REFUSED = "too_many_reset_requests"
 
+KEY_PREFIX = "auth_limit"
+# A window's count outlives the window by this much, for clocks of several machines that disagree a little.
+EXPIRY_MARGIN = 60
 
-class AttemptCounter(SimpleRateThrottle):
-    """One counted thing (a user name's failed sign-ins, an address's reset requests) at the rate a setting
-    names; counted only when told (`add`), never by asking (`full`)."""
 
-    cache_format = "auth_limit_%(scope)s_%(ident)s"
+def _cache():
+    return caches["default"]
 
-    def __init__(self, setting: str, scope: str, ident: str):
-        # SimpleRateThrottle's constructor reads REST_FRAMEWORK's rates; these come from their own settings.
-        self.rate = getattr(settings, setting, None)
-        self.num_requests, self.duration = parse_rate(self.rate) or (None, None)
-        self.key = self.cache_format % {"scope": scope, "ident": ident}
 
-    def timer(self) -> float:
-        return time.time()  # looked up per call, so a test can move the clock
+@contextmanager
+def _folder_lock(cache: FileBasedCache):
+    """The folder cache's counts changed one process (and thread) at a time: an flock on a file beside them."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unlocked, as Django's own incr is
+        yield
+        return
+    folder = getattr(cache, "_dir", None) or "."
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "auth_limits.lock"), "a+b") as handle:  # not *.djcache: never culled
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _load(self) -> None:
-        self.now = self.timer()
-        self.history = self.cache.get(self.key, [])
-        while self.history and self.history[-1] <= self.now - self.duration:
-            self.history.pop()
 
-    def full(self) -> bool:
-        """Whether the window holds as many attempts as the rate allows (nothing counted)."""
-        if self.num_requests is None:
-            return False
-        self._load()
-        return len(self.history) >= self.num_requests
+def _change(key: str, delta: int, timeout: int) -> int | None:
+    """Add `delta` to the count under `key` at once (no other change in between) and return the new count. A
+    missing count starts at 0 when adding; taking away from a missing one (cleared, expired) changes nothing."""
+    cache = _cache()
+    if isinstance(cache, FileBasedCache):
+        with _folder_lock(cache):
+            value = cache.get(key)
+            if value is None and delta < 0:
+                return None
+            value = int(value or 0) + delta
+            cache.set(key, value, timeout)
+            return value
+    if delta < 0:
+        try:
+            return cache.incr(key, delta)
+        except ValueError:
+            return None
+    for _ in range(3):
+        cache.add(key, 0, timeout)
+        try:
+            return cache.incr(key, delta)
+        except ValueError:  # gone between the two (cleared, evicted): add it again
+            continue
+    return delta  # a cache that keeps nothing (DummyCache) counts nothing
 
-    def add(self) -> None:
-        """Count one attempt now (read again just before, so a concurrent one is lost only in that instant)."""
-        if self.num_requests is None:
-            return
-        self._load()
-        self.history.insert(0, self.now)
-        self.cache.set(self.key, self.history, self.duration)
 
-    def reset(self) -> None:
-        self.cache.delete(self.key)
+@dataclass
+class Counter:
+    """One counted thing (a user name's failed sign-ins, an address's reset requests) at the rate a setting names,
+    in fixed windows of the rate's length."""
 
-    def seconds_left(self) -> int:
-        """Seconds until the oldest attempt in the window leaves it (after `full` said True)."""
-        if not self.history:
-            return 0
-        return max(1, math.ceil(self.history[-1] + self.duration - self.now))
+    setting: str
+    kind: str  # what is counted, in the keys and in `signin_limits show`
+    ident: str  # who, hashed
+
+    def __post_init__(self):
+        self.rate = getattr(settings, self.setting, None)
+        self.limit, self.window = parse_rate(self.rate) or (None, None)
+
+    @property
+    def on(self) -> bool:
+        return self.limit is not None
+
+    def key(self, now: float) -> str:
+        return f"{KEY_PREFIX}:{self.kind}:{self.ident}:{self.window}s{int(now // self.window)}"
+
+    def seconds_left(self, now: float) -> int:
+        """Seconds until the window holding `now` ends (rounded up, at least 1)."""
+        end = (int(now // self.window) + 1) * self.window
+        return max(1, math.ceil(end - now))
+
+    def count(self, now: float) -> int:
+        return int(_cache().get(self.key(now)) or 0) if self.on else 0
+
+    def full(self, now: float) -> bool:
+        return self.on and self.count(now) >= self.limit
+
+    def add(self, now: float, delta: int = 1) -> int | None:
+        return _change(self.key(now), delta, self.window + EXPIRY_MARGIN)
+
+    def clear(self, now: float) -> None:
+        if self.on:
+            _cache().delete(self.key(now))
+
+
+class Attempt:
+    """One sign-in or reset request against its counters, all read at one instant: `reserve` counts it in every
+    one at once (or in none, when one is past its limit), `give_back` takes it out again."""
+
+    def __init__(self, counters: list[Counter | None], now: float | None = None):
+        self.now = time.time() if now is None else now  # time.time looked up per call: tests move the clock
+        self.counters = [counter for counter in counters if counter is not None and counter.on]
+        self.taken: list[Counter] = []
+        self.refused_for: int | None = None  # seconds until every full counter's window has ended
+
+    def _refuse(self, over: list[Counter]) -> None:
+        full = set(map(id, over))
+        over = over + [c for c in self.counters if id(c) not in full and c.full(self.now)]
+        self.refused_for = max(counter.seconds_left(self.now) for counter in over)
+
+    def peek(self) -> bool:
+        """Whether a request would be let through now (nothing counted)."""
+        over = [counter for counter in self.counters if counter.full(self.now)]
+        if over:
+            self._refuse(over)
+        return not over
+
+    def reserve(self) -> bool:
+        """Count this attempt in every counter; False (nothing counted, `refused_for` set) past any limit."""
+        for counter in self.counters:
+            count = counter.add(self.now)
+            self.taken.append(counter)
+            if count is not None and count > counter.limit:
+                self.give_back()
+                self._refuse([counter])
+                return False
+        return True
+
+    def give_back(self, *counters: Counter) -> None:
+        for counter in counters or list(self.taken):
+            if counter in self.taken:
+                self.taken.remove(counter)
+                counter.add(self.now, -1)
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).strip().casefold()
 
 
 def _ident(text: str) -> str:
-    """A user name or e-mail address as one identity whatever its case or Unicode form, hashed: a key of fixed
-    length and alphabet, and no addresses in the cache."""
-    folded = unicodedata.normalize("NFKC", text).strip().casefold()
-    return hashlib.sha256(folded.encode()).hexdigest()[:40]
+    """A user name, e-mail or client address as one identity whatever its case or Unicode form, hashed: a key of
+    fixed length and alphabet, and no addresses in the cache."""
+    return hashlib.sha256(_fold(text).encode()).hexdigest()[:40]
 
 
 def _wait_words(seconds: int) -> str:
-    if seconds < 90:
-        return "a minute"
+    if seconds < 60:
+        return "less than a minute"
     minutes = math.ceil(seconds / 60)
-    if minutes < 90:
+    if minutes == 1:
+        return "a minute"
+    if minutes <= 60:
         return f"{minutes} minutes"
     return f"{math.ceil(minutes / 60)} hours"
-
-
-def _refusal(counters: list[AttemptCounter]) -> int | None:
-    """Seconds until every full counter has room again; None when none is full."""
-    full = [counter for counter in counters if counter.full()]
-    return max(counter.seconds_left() for counter in full) if full else None
 
 
 # --- signing in --------------------------------------------------------------------------------------------
 
 
-def login_counters(request, username: str) -> tuple[AttemptCounter | None, AttemptCounter]:
-    """(this user name's failed sign-ins or None when none was given, this address's)."""
-    by_name = AttemptCounter("DEPTHSITE_LOGIN_RATE", "login_user", _ident(username)) if username.strip() else None
-    by_address = AttemptCounter("DEPTHSITE_LOGIN_ADDRESS_RATE", "login_address", client_address(request))
-    return by_name, by_address
+def address_from_text(text: str) -> str | None:
+    """An address an operator typed, as the limits count it (an IPv6 address, or its "/64", as its /64 network);
+    None when it is not one."""
+    text = text.strip()
+    if text == UNKNOWN_ADDRESS:
+        return text
+    if text.endswith("/64") and ":" in text:
+        text = text.removesuffix("/64")
+    found = client_address(SimpleNamespace(META={"REMOTE_ADDR": text}))
+    return None if found == UNKNOWN_ADDRESS else found
+
+
+def _generation_key(name: str) -> str:
+    return f"{KEY_PREFIX}:login_generation:{_ident(name)}"
+
+
+def _generation(name: str) -> str:
+    """The user name's generation: part of its keys, so that a new one (`clear_login_user`) clears them all."""
+    return str(_cache().get(_generation_key(name)) or "0")
+
+
+def login_user_counter(name: str, generation: str | None = None) -> Counter:
+    """The user name's failed sign-ins from every address."""
+    generation = _generation(name) if generation is None else generation
+    return Counter("DEPTHSITE_LOGIN_USER_RATE", "login_user", f"{_ident(name)}.{generation}")
+
+
+def login_pair_counter(name: str, address: str, generation: str | None = None) -> Counter:
+    """The user name's failed sign-ins from one client address."""
+    generation = _generation(name) if generation is None else generation
+    ident = hashlib.sha256(f"{_ident(name)}.{generation}\n{address}".encode()).hexdigest()[:40]
+    return Counter("DEPTHSITE_LOGIN_RATE", "login_user_address", ident)
+
+
+def login_address_counter(address: str) -> Counter:
+    """The client address's failed sign-ins, whatever the names."""
+    return Counter("DEPTHSITE_LOGIN_ADDRESS_RATE", "login_address", _ident(address))
+
+
+def login_counters(address: str, username: str) -> list[Counter]:
+    """The counts a sign-in as `username` from `address` touches, in the order they are reserved: the address's
+    first (what most often refuses), the name's total from every address last (the count shared with others)."""
+    if not username.strip():
+        return [login_address_counter(address)]
+    generation = _generation(username)
+    return [login_address_counter(address), login_pair_counter(username, address, generation),
+            login_user_counter(username, generation)]
+
+
+def clear_login_user(name: str) -> None:
+    """Clear the user name's counts: its total and its count from every address (a new generation)."""
+    _cache().set(_generation_key(name), secrets.token_hex(6), None)
+
+
+def clear_login_address(address: str) -> None:
+    """Clear the address's own count (the user names' counts from it are theirs: `clear_login_user`)."""
+    login_address_counter(address).clear(time.time())
+
+
+def _only_user_named(name: str) -> bool:
+    """Whether exactly one user has this name in its folded form (see the module's docstring)."""
+    folded = _fold(name)
+    if not folded.isascii():
+        return False
+    model = get_user_model()
+    field = model.USERNAME_FIELD
+    names = list(model._default_manager.filter(**{f"{field}__iexact": folded}).values_list(field, flat=True)[:2])
+    return len(names) == 1 and _fold(names[0]) == folded
 
 
 class LimitedLoginMixin:
-    """For an AuthenticationForm: refuses before any password is checked while the user name or the address is
-    over its limit, and counts each failed attempt against both. A success clears the user name's count only (an
-    address guessing at many names is not let off by also knowing one password)."""
+    """For an AuthenticationForm: reserves the attempt in every count before any password is checked, and refuses
+    without checking it past any limit; a failure keeps the reservation, a success gives it back (and clears the
+    client's own count of the name; see the module's docstring)."""
 
     refused_for: int | None = None  # seconds to wait, when refused
+
+    def _refusal(self) -> ValidationError:
+        return ValidationError(
+            f"Too many failed sign-in attempts for this user name or from your address: signing in is paused. "
+            f"Try again in {_wait_words(self.refused_for)}.", code=LOGIN_REFUSED)
 
     def clean(self):
         if self.request is None:
             return super().clean()
-        by_name, by_address = login_counters(self.request, str(self.data.get("username") or ""))
-        counters = [counter for counter in (by_name, by_address) if counter is not None]
-        self.refused_for = _refusal(counters)
-        if self.refused_for is not None:
-            raise ValidationError(
-                f"Too many failed sign-in attempts for this user name or from your address: signing in is paused. "
-                f"Try again in {_wait_words(self.refused_for)}.", code=LOGIN_REFUSED)
+        username, password = self.cleaned_data.get("username"), self.cleaned_data.get("password")
+        name = username if username is not None else str(self.data.get("username") or "")
+        counters = login_counters(client_address(self.request), name)
+        attempt = Attempt(counters)
+        if username is None or not password:
+            # No password is checked (the form says what is missing): nothing counted, but refused the same way.
+            if not attempt.peek():
+                self.refused_for = attempt.refused_for
+                raise self._refusal()
+            return super().clean()
+        if not attempt.reserve():
+            self.refused_for = attempt.refused_for
+            raise self._refusal()
         try:
             cleaned = super().clean()
         except ValidationError:
-            for counter in counters:
-                counter.add()
+            raise  # a failed attempt: its reservations stay counted
+        except BaseException:
+            attempt.give_back()  # no answer about the password was given
             raise
-        if self.get_user() is not None and by_name is not None:
-            by_name.reset()
+        if self.get_user() is not None and len(counters) == 3:
+            by_address, by_pair, by_user = counters
+            attempt.give_back(by_address, by_user)
+            if _only_user_named(name):
+                by_pair.clear(attempt.now)
+            else:
+                attempt.give_back(by_pair)
         return cleaned
 
 
@@ -183,16 +378,17 @@ def admin_login(request, extra_context=None):
 # --- password reset ----------------------------------------------------------------------------------------
 
 
-def reset_counters(request, email: str) -> list[AttemptCounter]:
+def reset_counters(request, email: str) -> list[Counter]:
     """This address's reset requests, and this e-mail address's when one was given."""
-    counters = [AttemptCounter("DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE", "reset_address", client_address(request))]
+    counters = [Counter("DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE", "reset_address", _ident(client_address(request)))]
     if email.strip():
-        counters.append(AttemptCounter("DEPTHSITE_PASSWORD_RESET_RATE", "reset_email", _ident(email)))
+        counters.append(Counter("DEPTHSITE_PASSWORD_RESET_RATE", "reset_email", _ident(email)))
     return counters
 
 
 class LimitedPasswordResetForm(PasswordResetForm):
-    """Every request counts against its address and its e-mail address; past either limit none is sent."""
+    """Every request is counted (reserved before anything is sent) against its address and its e-mail address;
+    past either limit none is sent, and the refused request is not counted."""
 
     refused_for: int | None = None
 
@@ -204,16 +400,13 @@ class LimitedPasswordResetForm(PasswordResetForm):
         cleaned = super().clean()
         if self.request is None:
             return cleaned
-        counters = reset_counters(self.request, str(self.data.get("email") or ""))
-        self.refused_for = _refusal(counters)
-        if self.refused_for is not None:
+        attempt = Attempt(reset_counters(self.request, str(self.data.get("email") or "")))
+        if not attempt.reserve():
+            self.refused_for = attempt.refused_for
             # On the e-mail field: the reset page shows that field's errors only.
             self.add_error("email", ValidationError(
                 f"Too many password-reset requests for this e-mail address or from your address. "
                 f"Try again in {_wait_words(self.refused_for)}.", code=RESET_REFUSED))
-            return cleaned
-        for counter in counters:
-            counter.add()
         return cleaned
 
 

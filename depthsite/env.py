@@ -182,10 +182,11 @@ TRUSTED_PROXIES = get_int("DEPTHSITE_TRUSTED_PROXIES", 0)
 ANON_MAX_JOBS = get_int("DEPTHSITE_ANON_MAX_JOBS", 50)
 ANON_MAX_BYTES = get_size("DEPTHSITE_ANON_MAX_BYTES", 500 * 1000**2)
 ANON_RETENTION = get_duration("DEPTHSITE_ANON_RETENTION", 7 * 86400)
-# Sign-in limits (depthsite.auth_limits): failed logins per user name and per address, reset requests per e-mail
-# and per address.
+# Sign-in limits (depthsite.auth_limits): failed logins per (user name, address), per address and per user name
+# from every address; reset requests per e-mail and per address.
 LOGIN_RATE = get_rate("DEPTHSITE_LOGIN_RATE", "10/15m")
 LOGIN_ADDRESS_RATE = get_rate("DEPTHSITE_LOGIN_ADDRESS_RATE", "30/15m")
+LOGIN_USER_RATE = get_rate("DEPTHSITE_LOGIN_USER_RATE", "100/15m")
 PASSWORD_RESET_RATE = get_rate("DEPTHSITE_PASSWORD_RESET_RATE", "5/hour")
 PASSWORD_RESET_ADDRESS_RATE = get_rate("DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE", "5/hour")
 

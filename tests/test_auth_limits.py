@@ -1,14 +1,23 @@
-"""Password guessing and reset e-mails are limited (depthsite.auth_limits): failed sign-ins per user name and per
-client address at /accounts/login/ and /admin/login/, reset requests per e-mail address and per client address."""
+"""Password guessing and reset e-mails are limited (depthsite.auth_limits): failed sign-ins per (user name, client
+address), per client address and per user name from every address, at /accounts/login/ and /admin/login/; reset
+requests per e-mail address and per client address. Counted in fixed windows, reserved before the password is
+checked; `manage.py signin_limits` shows and clears the counts."""
 from __future__ import annotations
 
+import io
+import json
 import re
+import threading
 import time
 
 import pytest
 from django.contrib.auth import SESSION_KEY, get_user_model
 from django.core import mail
 from django.core.cache import cache
+from django.core.management import call_command, load_command_class
+from django.core.management.base import CommandError
+from django.db import connections
+from django.test import RequestFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -22,6 +31,7 @@ def _fresh_counts(settings):
     """The counts live in the default cache, which outlives a test; the rates are the documented defaults."""
     settings.DEPTHSITE_LOGIN_RATE = "10/15m"
     settings.DEPTHSITE_LOGIN_ADDRESS_RATE = "30/15m"
+    settings.DEPTHSITE_LOGIN_USER_RATE = "100/15m"
     settings.DEPTHSITE_PASSWORD_RESET_RATE = "5/hour"
     settings.DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE = "5/hour"
     settings.DEPTHSITE_TRUSTED_PROXIES = 0
@@ -35,20 +45,27 @@ def alice(db):
     return get_user_model().objects.create_user("alice", "alice@example.com", PASSWORD)
 
 
-@pytest.fixture
+# The start of a quarter of an hour and of an hour (the windows are fixed: they start at multiples of their length).
+WINDOW_START = 1_800_000_000.0
+
+
+@pytest.fixture(autouse=True)
 def clock(monkeypatch):
-    """time.time() moved on by `clock.skip(seconds)` (the counts and the cache's expiry both read it)."""
-    real = time.time
+    """time.time() held still at the start of a window, moved by `clock.skip(seconds)` or `clock.at(seconds into
+    the window)` (the counts and the cache's expiry both read it): no test meets a window's end by chance."""
 
     class Clock:
-        offset = 0.0
+        now = WINDOW_START
 
         def skip(self, seconds: float) -> None:
-            self.offset += seconds
+            self.now += seconds
 
-    moved = Clock()
-    monkeypatch.setattr(time, "time", lambda: real() + moved.offset)
-    return moved
+        def at(self, seconds: float) -> None:
+            self.now = WINDOW_START + seconds
+
+    held = Clock()
+    monkeypatch.setattr(time, "time", lambda: held.now)
+    return held
 
 
 def _login(client, username, password, url=LOGIN, address="203.0.113.7", **extra):
@@ -106,10 +123,10 @@ def test_other_names_are_let_through_until_the_address_limit(client, alice, sett
         _fail(client, name, 10)  # the address's 30th failure
     refused = _login(client, "bob", "pw-bob-right-123")
     assert refused.status_code == 429 and REFUSED in refused.content.decode() and not _signed_in(client)
-    # Another address may sign in as bob, but not as alice, whose name is over its limit wherever it comes from.
+    # Another address may sign in as bob, and as alice: her name's count from 203.0.113.7 is that address's own.
     assert _login(client, "bob", "pw-bob-right-123", address="198.51.100.9").status_code == 302
     client.logout()
-    assert _login(client, "alice", PASSWORD, address="198.51.100.9").status_code == 429
+    assert _login(client, "alice", PASSWORD, address="198.51.100.9").status_code == 302
 
 
 def test_a_forwarded_for_header_is_no_way_around_the_address_limit(client, alice, settings):
@@ -130,12 +147,17 @@ def test_a_success_clears_the_name_count_but_not_the_address_count(client, alice
     assert _login(client, "alice", PASSWORD).status_code == 429
 
 
-def test_a_post_without_a_password_checks_nothing_and_clears_nothing(client, alice):
+def test_a_post_without_a_password_checks_nothing_counts_nothing_and_clears_nothing(client, alice):
+    _fail(client, "alice", 9, address="198.51.100.9")
+    for _ in range(5):  # not counted: no password was checked
+        client.post(LOGIN, {"username": "alice", "password": ""}, REMOTE_ADDR="198.51.100.9")
+    assert _login(client, "alice", PASSWORD, address="198.51.100.9").status_code == 302
+    client.logout()
     _fail(client, "alice", 10)
     response = client.post(LOGIN, {"username": "alice", "password": ""}, REMOTE_ADDR="203.0.113.7")
-    assert response.status_code == 429
-    client.post(LOGIN, {"username": "alice"}, REMOTE_ADDR="198.51.100.9")
-    assert _login(client, "alice", PASSWORD, address="198.51.100.9").status_code == 429
+    assert response.status_code == 429  # refused in the same words, though nothing would have been checked
+    client.post(LOGIN, {"username": "alice"}, REMOTE_ADDR="203.0.113.7")
+    assert _login(client, "alice", PASSWORD).status_code == 429
 
 
 def test_the_admin_login_is_limited_and_shares_the_count(client, db):
@@ -159,20 +181,154 @@ def test_the_counts_expire_with_their_window(client, alice, clock):
     assert response.status_code == 302 and _signed_in(client)
 
 
-def test_the_window_slides_from_the_oldest_failure(client, alice, clock):
+def test_the_counts_start_again_when_their_window_ends(client, alice, clock):
     _fail(client, "alice", 5)
     clock.skip(10 * 60)
     _fail(client, "alice", 5)
     assert _login(client, "alice", PASSWORD).status_code == 429
-    clock.skip(5 * 60 + 1)  # the first five have left the window: five of ten remain
+    clock.skip(5 * 60)  # the next quarter of an hour: a fixed window, counted from nothing
+    _fail(client, "alice", 9)
     assert _login(client, "alice", PASSWORD).status_code == 302
 
 
 def test_a_limit_can_be_turned_off(client, alice, settings):
     settings.DEPTHSITE_LOGIN_RATE = "off"
     settings.DEPTHSITE_LOGIN_ADDRESS_RATE = "off"
-    _fail(client, "alice", 40)
+    settings.DEPTHSITE_LOGIN_USER_RATE = "off"
+    _fail(client, "alice", 120)
     assert _login(client, "alice", PASSWORD).status_code == 302
+
+
+A, B = "203.0.113.7", "198.51.100.9"
+
+
+def test_a_lockout_from_one_address_does_not_refuse_the_right_password_from_another(client, alice, settings):
+    settings.DEPTHSITE_LOGIN_USER_RATE = "20/15m"
+    _fail(client, "alice", 10, address=A)
+    for _ in range(30):  # refused, so not counted: a refusal fills neither alice's total nor the address's count
+        assert _login(client, "alice", PASSWORD, address=A).status_code == 429
+    response = _login(client, "alice", PASSWORD, address=B)
+    assert response.status_code == 302 and _signed_in(client)
+
+
+def test_the_user_name_total_from_every_address_refuses_every_address(client, alice, settings):
+    settings.DEPTHSITE_LOGIN_USER_RATE = "25/15m"
+    _fail(client, "alice", 10, address=A)
+    assert _login(client, "alice", PASSWORD, address=B).status_code == 302  # not counted: a success gives back
+    client.logout()
+    _fail(client, "alice", 10, address="192.0.2.1")
+    _fail(client, "alice", 5, address="192.0.2.2")  # 25 failures for the name, from three addresses
+    for url in (LOGIN, ADMIN_LOGIN):
+        refused = _login(client, "alice", PASSWORD, url=url, address=B)
+        assert refused.status_code == 429 and REFUSED in refused.content.decode() and not _signed_in(client)
+    get_user_model().objects.create_user("bob", "bob@example.com", "pw-bob-right-123")
+    assert _login(client, "bob", "pw-bob-right-123", address=B).status_code == 302  # other names: not refused
+
+
+def test_a_success_does_not_clear_the_count_of_another_user_whose_name_differs_in_case(client, alice):
+    get_user_model().objects.create_user("Alice", "big-alice@example.com", "pw-big-alice-123")
+    _fail(client, "alice", 9)
+    # "Alice" is another user: her success is not counted, but it clears nothing of the name they share.
+    assert _login(client, "Alice", "pw-big-alice-123").status_code == 302
+    client.logout()
+    _fail(client, "alice", 1)
+    assert _login(client, "alice", PASSWORD).status_code == 429
+
+
+def _guess_at_once(monkeypatch, threads: int, *, username="alice", address=A) -> tuple[list[str], list[bool]]:
+    """`threads` wrong guesses at the same moment, each through the limited form in a thread of its own, with the
+    password check slowed down so that they overlap: (the names whose password was checked, refused or not)."""
+    import django.contrib.auth.forms as auth_forms
+    from django.core.exceptions import NON_FIELD_ERRORS
+
+    from depthsite.auth_limits import LOGIN_REFUSED, LimitedAuthenticationForm
+
+    lock, barrier = threading.Lock(), threading.Barrier(threads, timeout=30)
+    checked: list[str] = []
+    refused: list[bool] = []
+
+    def slow_authenticate(request=None, **credentials):
+        with lock:
+            checked.append(credentials["username"])
+        time.sleep(0.05)
+        return None
+
+    monkeypatch.setattr(auth_forms, "authenticate", slow_authenticate)
+
+    def guess():
+        request = RequestFactory().post(LOGIN, REMOTE_ADDR=address)
+        form = LimitedAuthenticationForm(request, data={"username": username, "password": "wrong-guess"})
+        barrier.wait()
+        form.is_valid()
+        with lock:
+            refused.append(form.has_error(NON_FIELD_ERRORS, LOGIN_REFUSED))
+
+    workers = [threading.Thread(target=guess) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert len(refused) == threads
+    return checked, refused
+
+
+@pytest.fixture(params=["locmem", "files"])
+def any_shared_cache(request, settings, tmp_path):
+    """The test settings' cache (LocMem), and the folder cache a site without Redis counts in."""
+    if request.param == "files":
+        settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                                       "LOCATION": str(tmp_path / "cache")}}
+    return request.param
+
+
+def test_parallel_guesses_never_check_more_passwords_than_the_limit(monkeypatch, any_shared_cache):
+    checked, refused = _guess_at_once(monkeypatch, 30)
+    assert len(checked) == 10 and refused.count(True) == 20
+    counts = _counts(user="alice", address=A)
+    assert [counts[kind]["attempts"] for kind in ("user_address", "address", "user")] == [10, 10, 10]
+
+
+def test_parallel_failures_are_all_counted(monkeypatch, settings, any_shared_cache):
+    settings.DEPTHSITE_LOGIN_RATE = settings.DEPTHSITE_LOGIN_ADDRESS_RATE = "100/15m"
+    checked, refused = _guess_at_once(monkeypatch, 30)
+    assert len(checked) == 30 and not any(refused)
+    counts = _counts(user="alice", address=A)
+    assert [counts[kind]["attempts"] for kind in ("user_address", "address", "user")] == [30, 30, 30]
+
+
+def test_retry_after_is_the_time_left_in_the_window(client, alice, clock):
+    clock.at(600.25)
+    _fail(client, "alice", 10)
+    refused = _login(client, "alice", PASSWORD)
+    assert refused.status_code == 429 and refused["Retry-After"] == "300"  # 900 - 600.25, rounded up
+    assert "Try again in 5 minutes." in refused.content.decode()
+    clock.at(899.5)
+    refused = _login(client, "alice", PASSWORD)
+    assert refused.status_code == 429 and refused["Retry-After"] == "1"
+    assert "Try again in less than a minute." in refused.content.decode()
+    clock.at(900)
+    assert _login(client, "alice", PASSWORD).status_code == 302
+
+
+def test_retry_after_waits_for_the_last_full_count(client, alice, settings, clock):
+    settings.DEPTHSITE_LOGIN_RATE = "3/15m"
+    settings.DEPTHSITE_LOGIN_ADDRESS_RATE = "3/1h"
+    clock.at(600)
+    _fail(client, "alice", 3)
+    refused = _login(client, "alice", PASSWORD)
+    assert refused["Retry-After"] == "3000" and "Try again in 50 minutes." in refused.content.decode()
+    clock.at(900)  # the name's window has ended, the address's has not
+    assert _login(client, "alice", PASSWORD)["Retry-After"] == "2700"
+
+
+@pytest.mark.parametrize(("seconds", "words"), [
+    (1, "less than a minute"), (59, "less than a minute"), (60, "a minute"), (61, "2 minutes"),
+    (900, "15 minutes"), (3600, "60 minutes"), (7200, "2 hours"),
+])
+def test_the_wait_is_worded_to_the_minute(seconds, words):
+    from depthsite.auth_limits import _wait_words
+
+    assert _wait_words(seconds) == words
 
 
 # --- password reset --------------------------------------------------------------------------------------
@@ -213,6 +369,45 @@ def test_reset_counts_expire(client, alice, clock):
     assert len(mail.outbox) == 6
 
 
+def test_parallel_reset_requests_never_pass_the_limit(alice, monkeypatch):
+    from django.core.cache.backends.locmem import LocMemCache
+
+    from depthsite.auth_limits import LimitedPasswordResetForm
+
+    real_get = LocMemCache.get
+
+    def slow_get(self, *args, **kwargs):  # widens the gap between reading a count and writing it back
+        time.sleep(0.02)
+        return real_get(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocMemCache, "get", slow_get)
+    lock, barrier, accepted = threading.Lock(), threading.Barrier(20, timeout=30), []
+
+    def ask():
+        request = RequestFactory().post(RESET, REMOTE_ADDR=A)
+        form = LimitedPasswordResetForm(data={"email": "alice@example.com"}, request=request)
+        barrier.wait()
+        valid = form.is_valid()
+        with lock:
+            accepted.append(valid)
+
+    workers = [threading.Thread(target=ask) for _ in range(20)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert len(accepted) == 20 and accepted.count(True) == 5
+
+
+def test_reset_retry_after_is_the_time_left_in_the_hour(client, alice, clock):
+    clock.at(1800)
+    for _ in range(5):
+        _reset(client, "alice@example.com")
+    refused = _reset(client, "alice@example.com")
+    assert refused.status_code == 429 and refused["Retry-After"] == "1800"
+    assert "Try again in 30 minutes." in refused.content.decode()
+
+
 def test_the_pages_still_show_their_forms(client):
     assert client.get(LOGIN).status_code == 200
     assert client.get(ADMIN_LOGIN).status_code == 200
@@ -251,3 +446,83 @@ def test_a_malformed_rate_in_the_environment_stops_the_start(monkeypatch):
     assert _rate("DEPTHSITE_LOGIN_RATE", "10/15m") is None
     monkeypatch.delenv("DEPTHSITE_LOGIN_RATE")
     assert _rate("DEPTHSITE_LOGIN_RATE", "10/15m") == "10/15m"
+
+
+# --- manage.py signin_limits ---------------------------------------------------------------------------------
+
+
+def _counts(user=None, address=None) -> dict:
+    """`signin_limits show --json`'s counts by kind (user, user_address, address)."""
+    out = io.StringIO()
+    options = [*(["--user", user] if user else []), *(["--address", address] if address else [])]
+    call_command("signin_limits", "show", *options, "--json", stdout=out)
+    return {row["kind"]: row for row in json.loads(out.getvalue())["counts"]}
+
+
+def test_the_command_shows_the_counts_and_their_limits(client, alice, clock):
+    clock.at(300)
+    _fail(client, "alice", 3, address=A)
+    _fail(client, "alice", 2, address="2001:db8::5")
+    assert _login(client, "alice", PASSWORD, address=B).status_code == 302  # a success counts nowhere
+    counts = _counts(user="ALICE", address=A)
+    assert counts["user"] == {"kind": "user", "setting": "DEPTHSITE_LOGIN_USER_RATE", "rate": "100/15m",
+                              "attempts": 5, "limit": 100, "window_seconds": 900, "seconds_left": 600, "full": False}
+    assert (counts["user_address"]["attempts"], counts["user_address"]["limit"]) == (3, 10)
+    assert (counts["address"]["attempts"], counts["address"]["limit"]) == (3, 30)
+    assert _counts(address=B)["address"]["attempts"] == 0
+    assert set(_counts(address="2001:db8::1234")) == {"address"}  # an IPv6 address counts as its /64
+    assert _counts(address="2001:db8::1234")["address"]["attempts"] == 2
+    out = io.StringIO()
+    call_command("signin_limits", "show", "--user", "alice", "--address", A, stdout=out)
+    text = out.getvalue()
+    assert "5 of 100" in text and "3 of 10" in text and "3 of 30" in text and "DEPTHSITE_LOGIN_USER_RATE" in text
+
+
+def test_clearing_a_user_name_lets_it_sign_in_again_from_every_address(client, alice, settings):
+    settings.DEPTHSITE_LOGIN_USER_RATE = "20/15m"
+    _fail(client, "alice", 10, address=A)
+    _fail(client, "alice", 10, address="192.0.2.1")
+    assert _login(client, "alice", PASSWORD, address=B).status_code == 429  # the name's total is reached
+    out = io.StringIO()
+    call_command("signin_limits", "clear", "--user", "ALICE", stdout=out)  # the name in any case
+    assert "alice" in out.getvalue().lower()
+    assert _counts(user="alice", address=A)["user_address"]["attempts"] == 0
+    for address in (A, "192.0.2.1", B):
+        assert _login(client, "alice", PASSWORD, address=address).status_code == 302
+        client.logout()
+    assert _counts(address=A)["address"]["attempts"] == 10  # the addresses' own counts are left alone
+
+
+def test_clearing_an_address(client, alice, settings):
+    settings.DEPTHSITE_LOGIN_ADDRESS_RATE = "12/15m"
+    get_user_model().objects.create_user("bob", "bob@example.com", "pw-bob-right-123")
+    _fail(client, "alice", 10)
+    _fail(client, "carol", 2)
+    assert _login(client, "bob", "pw-bob-right-123").status_code == 429
+    out = io.StringIO()
+    call_command("signin_limits", "clear", "--address", A, "--json", stdout=out)
+    assert json.loads(out.getvalue())["cleared"] == ["address"]
+    assert _login(client, "bob", "pw-bob-right-123").status_code == 302
+    client.logout()
+    assert _login(client, "alice", PASSWORD).status_code == 429  # alice's count from this address is her own
+    call_command("signin_limits", "clear", "--user", "alice", "--address", A, stdout=io.StringIO())
+    assert _login(client, "alice", PASSWORD).status_code == 302
+
+
+@pytest.mark.parametrize("argv", [
+    ["show"], ["clear"], ["show", "--address", "not-an-address"], ["clear", "--user", "  "],
+    ["show", "--user", "alice", "--address", "999.1.1.1"], ["clear", "--address", ""],
+])
+def test_the_command_refuses_bad_input_in_one_line(argv, capsys, monkeypatch):
+    with pytest.raises(CommandError):
+        call_command("signin_limits", *argv, stdout=io.StringIO())
+    monkeypatch.setattr(connections, "close_all", lambda: None)  # manage.py's; here they hold the test's transaction
+    with pytest.raises(SystemExit) as exited:
+        load_command_class("inference", "signin_limits").run_from_argv(["manage.py", "signin_limits", *argv])
+    out, err = capsys.readouterr()
+    assert exited.value.code not in (0, None) and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    with pytest.raises(SystemExit):
+        load_command_class("inference", "signin_limits").run_from_argv(["manage.py", "signin_limits", *argv, "--json"])
+    out, _ = capsys.readouterr()
+    assert set(json.loads(out)) == {"error"}

@@ -39,11 +39,14 @@ DEPTHSITE_ANON_MAX_BYTES = env.ANON_MAX_BYTES
 # Seconds an anonymous job and its files are kept; a schedule deletes older ones.
 DEPTHSITE_ANON_RETENTION = env.ANON_RETENTION
 
-# Sign-in limits (depthsite.auth_limits), counted in the default cache: failed logins per user name (any case) and
-# per client address, at /accounts/login/ and /admin/login/; password-reset requests per e-mail address and per
-# client address. Past one, the form answers 429 without checking the password or sending an e-mail.
+# Sign-in limits (depthsite.auth_limits), counted in the default cache: failed logins per (user name in any case,
+# client address), per client address, and per user name from every address (higher: the one count a stranger
+# can fill), at /accounts/login/ and /admin/login/; password-reset requests per e-mail address and per client
+# address. Past one, the form answers 429 without checking the password or sending an e-mail.
+# `manage.py signin_limits show|clear --user NAME --address ADDR` shows and clears the sign-in counts.
 DEPTHSITE_LOGIN_RATE = env.LOGIN_RATE
 DEPTHSITE_LOGIN_ADDRESS_RATE = env.LOGIN_ADDRESS_RATE
+DEPTHSITE_LOGIN_USER_RATE = env.LOGIN_USER_RATE
 DEPTHSITE_PASSWORD_RESET_RATE = env.PASSWORD_RESET_RATE
 DEPTHSITE_PASSWORD_RESET_ADDRESS_RATE = env.PASSWORD_RESET_ADDRESS_RATE
 
