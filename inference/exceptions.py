@@ -20,6 +20,11 @@ class InferenceError(ApplicationError):
     status = 503
 
 
+class DeviceError(InferenceError):
+    """The device asked for (DEPTHSITE_DEVICE, --device) is unknown or absent on this machine: the configuration's
+    fault, which a job's uploader can do nothing about (inference.services.job_runs.error_for)."""
+
+
 class OutOfMemoryError(InferenceError):
     """The network ran out of memory on this input (CPU or GPU): a smaller image or model may fit."""
 

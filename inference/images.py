@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from inference.exceptions import ImageError, ImageTooLargeError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 50_000_000
 # The formats a photo may come in: the Pillow readers tried, in this order (a JPEG with extra frames, as some
@@ -180,10 +183,12 @@ def _opened(source, limit: int):
         raise ImageTooLargeError(f"the image{size} is over the limit of {limit / 1e6:.0f} megapixels",
                                  extra={"field": "image", "kind": "too_many_pixels"}) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # The decoder's own text stays in the log: an OSError may name the file it read (a server path, in a
+        # worker) and its errno; the uploader learns what it means for the photo.
         text = str(exc)
         kind = "truncated" if "truncated" in text or "broken" in text else "damaged"
-        raise ImageError(f"the image is {'truncated' if kind == 'truncated' else 'damaged'} and cannot be decoded "
-                         f"({text})", extra={"field": "image", "kind": kind}) from None
+        logger.info("an image could not be decoded (%s, %s): %s", kind, type(exc).__name__, text)
+        raise ImageError(f"the image is {kind} and cannot be decoded", extra={"field": "image", "kind": kind}) from None
     finally:
         if isinstance(source, (str, Path)):
             stream.close()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from django.conf import settings
 
-from inference.exceptions import InferenceError, OutOfMemoryError
+from inference.exceptions import DeviceError, InferenceError, OutOfMemoryError
 from inference.nets import create_model, get_config, postprocess, preprocess, target_size
 from inference.runtime.base import DepthResult, depth_result, preprocessing_facts
 from depthsite.exceptions import WeightFileError
@@ -32,12 +32,12 @@ def device_select(requested: str | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise InferenceError(f"unknown device {name!r} (use cpu, cuda or cuda:N)", extra={"field": "device"}) from None
+        raise DeviceError(f"unknown device {name!r} (use cpu, cuda or cuda:N)", extra={"field": "device"}) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"device {name} was asked for but CUDA is not available on this machine",
-                             extra={"field": "device"})
+        raise DeviceError(f"device {name} was asked for but CUDA is not available on this machine",
+                          extra={"field": "device"})
     if device.type not in ("cpu", "cuda", "mps"):
-        raise InferenceError(f"device type {device.type} is not supported", extra={"field": "device"})
+        raise DeviceError(f"device type {device.type} is not supported", extra={"field": "device"})
     return device
 
 

@@ -25,7 +25,7 @@ from depthsite.exceptions import (
     WeightFileError,
 )
 from inference.choices import JobErrorCode
-from inference.exceptions import ImageError, InferenceError, OutOfMemoryError, RuntimeArtifactError
+from inference.exceptions import DeviceError, ImageError, InferenceError, OutOfMemoryError, RuntimeArtifactError
 from inference.images import image_open, pixels_digest
 from inference.media import media_open, media_remove
 from inference.models import DepthJob
@@ -81,6 +81,12 @@ ERROR_CONFIGURATION = "the server cannot fetch this model; ask the operator"
 ERROR_LICENSE = "this site does not accept the licence of this model's weights; submit the photo again with another model"
 ERROR_DOWNLOAD_CHECK = ("the model's downloaded weights did not pass their check; an administrator can see why on "
                         "the models page and retry the download")
+ERROR_DOWNLOAD = ("the model's weights could not be downloaded; an administrator can see why on the models page and "
+                  "retry the download")
+ERROR_WEIGHTS = "the model's cached weights are unusable; an administrator must check them (manage.py models verify)"
+ERROR_OUT_OF_MEMORY = "out of memory while processing this image; try a smaller image or a smaller model"
+# DEPTHSITE_DEVICE (or a worker's --device) names a device this machine cannot run: the operator's configuration.
+ERROR_DEVICE = "the server cannot run models on the device it is configured for; ask the operator"
 
 
 def _offline_sentence(exc: OfflineError) -> str:
@@ -96,22 +102,21 @@ def error_for(exc: BaseException) -> tuple[str, str]:
     # Download and weight-file messages name mirror folders, cache paths and may quote a file's first bytes, so
     # they stay in the log and on the registry's own records, which operators read.
     if isinstance(exc, DownloadError):
-        return ("the model's weights could not be downloaded; an administrator can see why on the models page "
-                "and retry the download", JobErrorCode.DOWNLOAD)
+        return ERROR_DOWNLOAD, JobErrorCode.DOWNLOAD
     if isinstance(exc, WeightFileError):
-        return ("the model's cached weights are unusable; an administrator must check them "
-                "(manage.py models verify)", JobErrorCode.WEIGHTS)
+        return ERROR_WEIGHTS, JobErrorCode.WEIGHTS
     if isinstance(exc, ImageError):
         return f"the uploaded image cannot be read: {exc.message}", JobErrorCode.IMAGE
     if isinstance(exc, ModelGoneError):
         return exc.message, JobErrorCode.MODEL
     if isinstance(exc, OutOfMemoryError):
         return exc.message, JobErrorCode.OUT_OF_MEMORY
+    if isinstance(exc, DeviceError) or (isinstance(exc, InferenceError) and exc.extra.get("field") == "device"):
+        return ERROR_DEVICE, JobErrorCode.INTERNAL  # names the setting's value and this machine's hardware
     if isinstance(exc, InferenceError) and not isinstance(exc, RuntimeArtifactError):  # not a build's paths, stderr
-        return exc.message, JobErrorCode.INTERNAL
+        return exc.message, JobErrorCode.INTERNAL  # preparing the uploader's image for the network
     if isinstance(exc, MemoryError):
-        return ("out of memory while processing this image; try a smaller image or a smaller model",
-                JobErrorCode.OUT_OF_MEMORY)
+        return ERROR_OUT_OF_MEMORY, JobErrorCode.OUT_OF_MEMORY
     if isinstance(exc, DiskFullError):
         return ERROR_DISK_FULL, JobErrorCode.INTERNAL
     if isinstance(exc, LicenseError):

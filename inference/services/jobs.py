@@ -56,7 +56,8 @@ def _model_for_job(name: str) -> RegisteredModel:
     except NotFoundError as exc:
         # An unknown model is a mistake in the request (400), not a missing resource.
         raise InvalidRequestError(exc.message, extra={**exc.extra, "field": "model"}) from None
-    model_license_check(model=model)  # refused before the upload is stored (403, under the model field)
+    # Refused before the upload is stored (403, under the model field), in words that do not quote the setting.
+    model_license_check(model=model, uploader=True)
     return model
 
 

@@ -29,13 +29,24 @@ def license_accepted(license: str) -> bool:
     return (license or "").strip().lower() in {item.lower() for item in accepted}
 
 
-def model_license_check(*, model: RegisteredModel, weight_file: WeightFile | None = None) -> None:
-    """LicenseError (403 / exit 2) naming the licence and the setting when the weights may not be used here."""
+def model_license_check(*, model: RegisteredModel, weight_file: WeightFile | None = None,
+                        uploader: bool = False) -> None:
+    """LicenseError (403 / exit 2) naming the licence and the setting when the weights may not be used here.
+
+    `uploader`: the refusal of an upload (web form, API, batch), read by anyone who may upload, anonymous visitors
+    included: it names the model's licence, which the form shows anyway, but not the setting nor what it holds;
+    the operators' doors (commands, registry API, admin) keep the whole wording."""
     for license in dict.fromkeys([model.license, *([weight_file.license] if weight_file is not None else [])]):
         if weight_file is not None and not license:
             continue  # a file recorded before licences were: its model's licence was checked
         if license_accepted(license):
             continue
+        if uploader:
+            raise LicenseError(
+                f"{model.name} is licensed {license or 'with no stated licence'} ({license_note(license)}), which "
+                "this site does not accept; choose another model",
+                extra={"field": "model", "model": model.name, "license": license},
+            )
         accepted = ", ".join(accepted_licenses() or ())
         raise LicenseError(
             f"{model.name} is licensed {license or 'with no stated licence'} ({license_note(license)}), which this "

@@ -32,6 +32,8 @@ REVIEWED_RUNPYTHON = {
     ("inference", "0011_session_key_digest"): "rewrites raw session keys to their digests, same column; the release "
                                               "before reads them as opaque text (its visitors' lookups miss until "
                                               "they are served by this release)",
+    ("inference", "0012_redact_job_errors"): "rewrites failed jobs' errors to fixed sentences, same column; the "
+                                             "release before shows them as plain text",
 }
 CONTRACTING = (ops.RemoveField, ops.RenameField, ops.DeleteModel, ops.RenameModel, ops.AlterModelTable)
 # In raw SQL: a rename, a column made NOT NULL, or a DROP of anything but what only relaxes (an index, a default, a

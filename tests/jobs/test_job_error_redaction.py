@@ -39,6 +39,10 @@ def _fails_with(monkeypatch, exc: BaseException) -> DepthJob:
     def raising(**kwargs):
         raise exc
 
+    # inference.pipeline binds weights_use when first imported: imported here under the patch, it would keep the
+    # raising stand-in for every later test of the process (the predict command's, for one).
+    import inference.pipeline  # noqa: F401
+
     monkeypatch.setattr("models_registry.services.resolve.weights_use", raising)
     job = depth_job_create(image=upload(), session_key="s" * 40)
     depth_job_run(job=job)
@@ -135,6 +139,49 @@ def test_errors_written_for_the_uploader_keep_their_words(small_model, monkeypat
     assert job.error == about_the_image and job.error_code == JobErrorCode.INTERNAL
     oom = "out of memory running MiDaS_small on a 8000x6000 image; try a smaller image or a smaller model"
     assert error_for(OutOfMemoryError(oom)) == (oom, JobErrorCode.OUT_OF_MEMORY)
+    # An InferenceError about the server's device is its configuration, not the uploader's image.
+    device = InferenceError("device cuda:1 was asked for but CUDA is not available on this machine",
+                            extra={"field": "device"})
+    assert error_for(device) == (job_runs.ERROR_DEVICE, JobErrorCode.INTERNAL)
+
+
+@pytest.mark.parametrize("name", ["tpu:7", "meta", "cuda:1"])
+def test_the_servers_device_setting_is_not_quoted_to_the_uploader(small_model, monkeypatch, caplog, name):
+    from inference.runtime.eager import device_select
+    import torch
+
+    if name.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is there: cuda:1 is a device this machine may have")
+    with pytest.raises(InferenceError) as caught:
+        device_select(name)
+    with caplog.at_level(logging.WARNING, logger="inference.services.job_runs"):
+        job = _fails_with(monkeypatch, caught.value)
+    assert job.error == job_runs.ERROR_DEVICE and name not in job.error and "CUDA" not in job.error
+    assert job.error_code == JobErrorCode.INTERNAL
+    assert name in caplog.text and str(job.pk) in caplog.text  # the operator's log says which device
+
+
+def test_a_decoder_error_naming_a_file_is_not_quoted(monkeypatch, caplog):
+    # Pillow's decoders raise OSError, whose text may name the file it read from (a server path, for the worker).
+    from PIL import ImageFile
+
+    from inference.exceptions import ImageError
+    from inference.images import image_check, image_open
+    from depthsite.testing import images
+
+    def failing(self, *args, **kwargs):
+        raise OSError(f"[Errno 5] Input/output error: '{CACHE_PATH}/uploads/x.jpg'")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", failing)
+    for read in (image_check, image_open):
+        with caplog.at_level(logging.INFO, logger="inference.images"), pytest.raises(ImageError) as caught:
+            read(images.png())
+        message, code = error_for(caught.value)
+        assert code == JobErrorCode.IMAGE and message.startswith("the uploaded image cannot be read: ")
+        assert "damaged" in message and CACHE_PATH not in message and not PATH.search(message)
+        assert "Errno" not in message and "Errno" not in caught.value.message
+        assert CACHE_PATH in caplog.text  # the detail is logged
+        caplog.clear()
 
 
 def test_a_model_gone_after_upload_still_says_so(small_model):

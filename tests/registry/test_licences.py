@@ -80,6 +80,12 @@ def test_refusal_is_a_403_naming_the_licence_and_the_setting(commercial_only):
     model_license_check(model=RegisteredModel.objects.get(name="Depth_Anything_V2_Small"))  # Apache-2.0 passes
 
 
+def assert_names_licence_not_the_setting(message: str):
+    """What an uploader reads: the model's licence, never the deployment's setting or what it holds."""
+    assert "CC-BY-NC-4.0" in message and "MiDaS_small" in message, message
+    assert SETTING not in message and "Apache-2.0" not in message and "DEPTHSITE_" not in message, message
+
+
 def test_job_creation_is_refused_before_anything_is_stored(cached_small, non_commercial_small, commercial_only,
                                                           settings, client):
     api = APIClient()
@@ -87,14 +93,32 @@ def test_job_creation_is_refused_before_anything_is_stored(cached_small, non_com
     photo = SimpleUploadedFile("photo.jpg", images.jpeg(), content_type="image/jpeg")
     response = api.post("/api/predictions/", {"image": photo, "model": "MiDaS_small"}, format="multipart")
     assert response.status_code == 403, response.content
-    assert_names_licence_and_setting(response.json()["message"])
-    assert response.json()["extra"]["field"] == "model"
+    assert_names_licence_not_the_setting(response.json()["message"])
+    extra = response.json()["extra"]
+    assert extra["field"] == "model" and extra["license"] == "CC-BY-NC-4.0"
+    assert "accepted" not in extra and "setting" not in extra
 
     settings.DEPTHSITE_PUBLIC_UPLOADS = True
+    anonymous = APIClient()
+    photo = SimpleUploadedFile("photo.jpg", images.jpeg(), content_type="image/jpeg")
+    response = anonymous.post("/api/predictions/", {"image": photo, "model": "MiDaS_small"}, format="multipart")
+    assert response.status_code == 403, response.content
+    assert_names_licence_not_the_setting(str(response.json()))
+    photos = [SimpleUploadedFile(name, images.jpeg(), content_type="image/jpeg") for name in ("a.jpg", "b.jpg")]
+    response = anonymous.post("/api/predictions/batch", {"images": photos, "model": "MiDaS_small"},
+                              format="multipart")
+    assert response.status_code == 403, response.content
+    assert_names_licence_not_the_setting(str(response.json()))
+
     photo = SimpleUploadedFile("photo.jpg", images.jpeg(), content_type="image/jpeg")
     page = client.post("/", {"image": photo, "model": "MiDaS_small", "colormap": "inferno", "outputs": ["png"]})
     assert page.status_code == 403  # the form again, with the message under the model field
-    assert_names_licence_and_setting(page.content.decode())
+    assert_names_licence_not_the_setting(" ".join(page.context["form"].errors["model"]))
+    photos = [SimpleUploadedFile(name, images.jpeg(), content_type="image/jpeg") for name in ("a.jpg", "b.jpg")]
+    page = client.post("/batch/", {"images": photos, "model": "MiDaS_small", "colormap": "inferno",
+                                   "outputs": ["png"]})
+    assert page.status_code == 403
+    assert_names_licence_not_the_setting(" ".join(page.context["form"].errors["model"]))
     assert not DepthJob.objects.exists()
     uploads = settings.MEDIA_ROOT / "uploads"
     assert not uploads.exists() or not any(path.is_file() for path in uploads.rglob("*"))
