@@ -12,7 +12,13 @@ from depthsite.units import format_size
 from inference.api.permissions import UploadThrottle
 from inference.forms import BatchUploadLimitHandler, DepthBatchForm, batch_upload_handlers_install
 from inference.sessions import upload_session_key
-from inference.selectors import depth_batch_get, depth_batch_jobs, depth_batch_summary, model_options
+from inference.selectors import (
+    depth_batch_get,
+    depth_batch_jobs,
+    depth_batch_summary,
+    model_notes_detailed,
+    model_options,
+)
 from inference.services.jobs import DEFAULT_MODEL
 from inference.services.batch_images import batch_max_bytes, batch_max_files, depth_batch_images_collect
 from inference.services.batch_zip import depth_batch_archive_plan, depth_batch_archive_stream
@@ -50,7 +56,7 @@ def batch_upload(request):
 @csrf_protect
 @_uploads_allowed
 def _batch_upload(request, *, limit: BatchUploadLimitHandler | None):
-    options = model_options(detailed=request.user.is_staff)
+    options = model_options(detailed=model_notes_detailed(user=request.user))
     names = [option.name for option in options]
     if request.method != "POST":
         form = DepthBatchForm(model_names=names, default_model=DEFAULT_MODEL)

@@ -244,11 +244,18 @@ class ModelOption:
         return self.facts.get("family_label", "")
 
 
+def model_notes_detailed(*, user) -> bool:
+    """Whether the upload forms show `user` the operators' notes on each model (model_options' `detailed`): staff
+    who may download models (the download permission of OPERATOR_PERMISSIONS), who are the ones to fix what they
+    say. is_staff alone is not enough: such an account may change nothing in the registry."""
+    return may_operate(user, "download")
+
+
 def model_options(*, detailed: bool = False) -> list[ModelOption]:
     """The enabled models, grouped by family, with what the upload page says about each: cached, will be
     downloaded, or why not (a licence this site refuses included).
 
-    Only `detailed` (staff) notes name a mirror's host or quote a configuration error: the page is public
+    Only `detailed` notes (model_notes_detailed) name a mirror's host or quote a configuration error: the page is public
     when anonymous uploads are, and DEPTHSITE_MODEL_MIRROR is the operators' business."""
     from models_registry.selectors import models_by_family
 

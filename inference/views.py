@@ -41,6 +41,7 @@ from inference.selectors import (
     depth_job_may_run_again,
     depth_job_reused_from,
     depth_job_summary,
+    model_notes_detailed,
     model_options,
     output_choices,
     uploads_allowed,
@@ -120,7 +121,7 @@ def _refused_before_reading(request, *, form_class, page):
         return redirect_to_login(request.get_full_path())
     throttle = UploadThrottle()
     if not throttle.would_allow(request):
-        names = [option.name for option in model_options(detailed=request.user.is_staff)]
+        names = [option.name for option in model_options(detailed=model_notes_detailed(user=request.user))]
         form = form_class(model_names=names, default_model=DEFAULT_MODEL)
         return page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
     return None
@@ -143,7 +144,7 @@ def csrf_failure(request, reason: str = ""):
 @csrf_protect
 @_uploads_allowed
 def _upload(request, *, limit: UploadLimitHandler | None):
-    options = model_options(detailed=request.user.is_staff)
+    options = model_options(detailed=model_notes_detailed(user=request.user))
     names = [option.name for option in options]
     status = 200
     if request.method == "POST":
@@ -182,7 +183,8 @@ def _job_options_context(request, form, *, options=None, refusal: str = "") -> d
     single upload form and the batch form alike."""
     return {
         "form": form,
-        "model_options": model_options(detailed=request.user.is_staff) if options is None else options,
+        "model_options": (model_options(detailed=model_notes_detailed(user=request.user)) if options is None
+                          else options),
         "cpu_times_machine": cpu_times_machine(),
         "selected_model": form["model"].value() or DEFAULT_MODEL,
         "selected_outputs": form["outputs"].value() or ["png"],
@@ -239,7 +241,7 @@ def _refused(request, job: DepthJob, what: str):
     the view permission, acted on only with the action's own: models_registry.api.permissions), else the 404 of a
     job that is not theirs."""
     if depth_job_is_another_users(job=job, user=request.user):
-        raise PermissionDenied(f"you may see this job but not {what} it: that needs another permission")
+        raise PermissionDenied(f"you may see this job but not {what}: that needs another permission")
     raise Http404("no such job")
 
 
@@ -248,7 +250,8 @@ def _run_again_context(request, job: DepthJob, *, error: str = "") -> dict:
     holding the re-run permission."""
     allowed = (job.status in RunStatus.TERMINAL
                and depth_job_may_run_again(job=job, user=request.user, session_key=upload_session_key(request)))
-    names = [option.name for option in model_options(detailed=request.user.is_staff)] if allowed else []
+    names = ([option.name for option in model_options(detailed=model_notes_detailed(user=request.user))]
+             if allowed else [])
     return {"can_run_again": allowed, "run_again_models": [name for name in names if name != job.model_name],
             "run_again_error": error}
 
@@ -266,7 +269,7 @@ def job_run_again(request, job_id):
 def _job_run_again(request, job_id):
     job = _job(request, job_id)
     if not depth_job_may_run_again(job=job, user=request.user, session_key=upload_session_key(request)):
-        _refused(request, job, "run again")  # someone else's job: not theirs to spend a quota or a worker on
+        _refused(request, job, "run it again")  # someone else's job: not theirs to spend a quota or a worker on
     throttle = UploadThrottle()
     if not throttle.allow_request(request, None):
         return _job_page_with_error(request, job, _too_many_uploads(throttle.wait()), status=429)
@@ -349,7 +352,7 @@ def job_input(request, job_id):
 def job_delete(request, job_id):
     job = _job(request, job_id)
     if not depth_job_may_delete(job=job, user=request.user, session_key=upload_session_key(request)):
-        _refused(request, job, "delete")
+        _refused(request, job, "delete it")
     short_id = job.short_id
     outcome = depth_job_delete(job=job)
     messages.success(request, f"Deleted job {short_id} and its files ({format_size(outcome['bytes'])}).")

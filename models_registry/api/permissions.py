@@ -31,6 +31,10 @@ OPERATOR_PERMISSIONS: dict[str, tuple[str, ...]] = {
     "batches_view_others": ("inference.view_depthbatch", "inference.view_depthjob"),
 }
 
+# A background run (models_registry.models.ManagementRun, by its kind) is read with the permission of the action that
+# queued it: its result names files and paths, and ids are sequential.
+RUN_ACTIONS: dict[str, str] = {"verify": "verify", "convert": "convert", "optimize": "cache_optimize"}
+
 NOT_STAFF = "only staff users may change the model cache or export weights"
 
 

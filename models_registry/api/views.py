@@ -20,7 +20,14 @@ from rest_framework.views import APIView
 from depthsite.parsers import JSONParser
 from models_registry.api import action_serializers as actions, serializers as s
 from models_registry.api.public import cache_info_public, registry_reader_is_public
-from models_registry.api.permissions import CanReadRegistry, IsStaff, MayOperate
+from models_registry.api.permissions import (
+    RUN_ACTIONS,
+    CanReadRegistry,
+    IsStaff,
+    MayOperate,
+    may_operate,
+    missing_permission_message,
+)
 from models_registry.api.throttling import SettingsScopedRateThrottle
 from models_registry.api.uploads import BodyGate, ImportUploadHandler
 from depthsite.exceptions import InvalidRequestError
@@ -273,7 +280,8 @@ class ModelConvertApi(RegistryWriteApi):
 
 
 class ManagementRunDetailApi(RegistryApi):
-    """Staff only: poll a verify, convert or optimize queued by its POST (the result can name files and paths)."""
+    """Staff holding the permission of the run's action (RUN_ACTIONS): poll a verify, convert or optimize queued by
+    its POST (the result can name files and paths)."""
 
     permission_classes = [IsStaff]
 
@@ -284,7 +292,11 @@ class ManagementRunDetailApi(RegistryApi):
         from models_registry.selectors import management_run_get
         from models_registry.services.runs import management_run_refresh
 
-        run = management_run_refresh(run=management_run_get(pk=pk))
+        run = management_run_get(pk=pk)
+        action = RUN_ACTIONS.get(run.kind, "")
+        if not may_operate(request.user, action):
+            raise PermissionDenied(missing_permission_message(action))
+        run = management_run_refresh(run=run)
         return Response(actions.ManagementRunSerializer(run, context={"request": request}).data)
 
 

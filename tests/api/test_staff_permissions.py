@@ -184,3 +184,51 @@ def test_the_table_names_the_permissions_these_tests_and_the_admin_use():
     convert = next(a for a in registry_admin.RegisteredModelAdmin.actions if getattr(a, "__name__", "").startswith(
         "convert_to_"))
     assert set(OPERATOR_PERMISSIONS["convert"]) == admin_perms(convert, RegisteredModel)
+
+
+# --- the results of background runs --------------------------------------------------------------
+
+# A run's result names files and paths: reading it needs the permission of the action that queued it.
+RUNS = {"verify": "verify", "convert": "convert", "optimize": "optimize"}  # run kind -> WRITES key
+
+
+def _run(kind: str, model):
+    from models_registry.models import ManagementRun
+
+    return ManagementRun.objects.create(kind=kind, model=None if kind == "optimize" else model, node="test-node",
+                                        status="succeeded", result={"path": "/var/cache/depthsite/x.pt"})
+
+
+@pytest.mark.parametrize("kind", list(RUNS))
+def test_a_run_needs_the_permission_of_its_action(small_model, viewer, kind):
+    run = _run(kind, small_model)
+    url = f"/api/models/runs/{run.pk}"
+    perm = WRITES[RUNS[kind]][4]
+    response = _client(viewer).get(url)
+    assert response.status_code == 403 and perm in response.json()["message"], response.content[:300]
+    assert "/var/cache" not in response.content.decode()
+    others = [p for p in REGISTRY_WRITE if p != perm]
+    assert _client(_staff("almost", *REGISTRY_VIEW, *others)).get(url).status_code == 403
+    response = _client(_staff("holder", perm)).get(url)
+    assert response.status_code == 200 and response.json()["result"] == {"path": "/var/cache/depthsite/x.pt"}
+
+
+def test_runs_keep_their_other_answers(small_model, viewer):
+    run = _run("verify", small_model)
+    url = f"/api/models/runs/{run.pk}"
+    reader = get_user_model().objects.create_user("reader2", "r2@example.com", "pw-reader-12345")
+    reader.user_permissions.add(Permission.objects.get(codename="change_registeredmodel"))
+    assert _client(reader).get(url).status_code == 403  # not staff
+    assert APIClient().get(url).status_code == 401
+    assert _client(_staff("holder", "models_registry.change_registeredmodel")).get(
+        "/api/models/runs/999999").status_code == 404
+    root = get_user_model().objects.create_superuser("root", "root@example.com", "pw-root-12345")
+    assert _client(root).get(url).status_code == 200
+
+
+def test_every_run_kind_names_an_operator_action():
+    from models_registry.api.permissions import OPERATOR_PERMISSIONS, RUN_ACTIONS
+    from models_registry.models import ManagementRun
+
+    assert set(RUN_ACTIONS) == set(ManagementRun.Kind.values)
+    assert all(action in OPERATOR_PERMISSIONS for action in RUN_ACTIONS.values())

@@ -176,3 +176,92 @@ def test_the_table_matches_the_admins_rerun_action():
     assert "inference.change_depthjob" in OPERATOR_PERMISSIONS["jobs_run_again_others"]
     assert "inference.delete_depthjob" in OPERATOR_PERMISSIONS["jobs_delete_others"]
     assert OPERATOR_PERMISSIONS["jobs_view_others"] == ("inference.view_depthjob",)
+
+
+# --- the model notes of the upload forms: detail for who may fix it --------------------------------
+
+MIRROR = "ftp://alice:s3cret@mirror.internal.example/weights"
+
+
+def _form_pages(client) -> list[str]:
+    return [client.get(url).content.decode() for url in (reverse("inference:upload"),
+                                                         reverse("inference:batch_upload"))]
+
+
+def test_staff_without_the_download_permission_get_the_public_model_notes(client, bare_staff, small_model, settings):
+    """is_staff alone is not an operator: the raw download error (the mirror setting, its password) and the
+    operators' command are for who may download or import models."""
+    client.force_login(_staff("registry_viewer"))  # staff, no registry permission
+    settings.DEPTHSITE_OFFLINE = False
+    settings.DEPTHSITE_MODEL_MIRROR = MIRROR
+    for page in _form_pages(client):
+        assert "cannot be downloaded here (an administrator can see why)" in page
+        assert "mirror.internal.example" not in page and "DEPTHSITE_MODEL_MIRROR" not in page
+        assert "s3cret" not in page
+    settings.DEPTHSITE_OFFLINE = True
+    settings.DEPTHSITE_MODEL_MIRROR = ""
+    for page in _form_pages(client):
+        assert "an administrator must import it first" in page and "manage.py" not in page
+
+
+def test_staff_who_may_download_models_get_the_detailed_notes(client, small_model, settings):
+    from tests.support.operators import grant_operator_permissions
+
+    operator = grant_operator_permissions(_staff("operator"))
+    client.force_login(operator)
+    settings.DEPTHSITE_OFFLINE = False
+    settings.DEPTHSITE_MODEL_MIRROR = MIRROR
+    for page in _form_pages(client):
+        assert "DEPTHSITE_MODEL_MIRROR" in page
+    settings.DEPTHSITE_OFFLINE = True
+    settings.DEPTHSITE_MODEL_MIRROR = ""
+    for page in _form_pages(client):
+        assert "manage.py models import PATH --model DPT_Large" in page
+
+
+# --- other users' batches: inference.view_depthbatch (with view_depthjob, whose results they hold) -------------
+
+
+def _batch(owner):
+    from inference.services.batch_images import depth_batch_images_collect
+    from inference.services.batches import depth_batch_create
+
+    # Queued, not run (commit callbacks do not run here): the pages read the batch's rows.
+    with depth_batch_images_collect(images=[upload(name="a.jpg"), upload(name="b.jpg")]) as photos:
+        return depth_batch_create(images=photos, owner=owner, model="MiDaS_small")
+
+
+def _batch_urls(batch) -> dict[str, str]:
+    return {name: reverse(f"inference:{name}", args=[batch.pk])
+            for name in ("batch_detail", "batch_status", "batch_archive")}
+
+
+def test_staff_without_the_batch_view_permission_cannot_see_another_users_batch(client, small_model, other_user):
+    batch = _batch(other_user)
+    for user in (_staff("bare_batch"), _staff("jobs_only", "view_depthjob"), _staff("batch_only", "view_depthbatch")):
+        client.force_login(user)
+        for name, url in _batch_urls(batch).items():
+            assert client.get(url).status_code == 404, (user.username, name)
+
+
+def test_the_batch_view_permission_shows_another_users_batch(client, small_model, other_user):
+    batch = _batch(other_user)
+    client.force_login(_staff("batch_viewer", "view_depthbatch", "view_depthjob"))
+    for name, url in _batch_urls(batch).items():
+        response = client.get(url)
+        assert response.status_code == 200, name
+    assert "a.jpg" in client.get(_batch_urls(batch)["batch_detail"]).content.decode()
+    assert len(client.get(_batch_urls(batch)["batch_status"]).json()["jobs"]) == 2
+
+
+def test_the_refusal_says_what_was_refused(rf, viewer, theirs):
+    from django.core.exceptions import PermissionDenied
+
+    from inference import views
+
+    request = rf.post("/")
+    request.user = viewer
+    for what in ("run it again", "delete it"):  # as job_run_again and job_delete say it
+        with pytest.raises(PermissionDenied) as caught:
+            views._refused(request, theirs, what)
+        assert str(caught.value).startswith(f"you may see this job but not {what}: "), str(caught.value)
