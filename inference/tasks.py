@@ -33,14 +33,18 @@ def depth_jobs_recover_task() -> str:
 
 def depth_jobs_expire_task() -> str:
     """The scheduled expiry (see migration 0005): anonymous jobs past DEPTHSITE_ANON_RETENTION go, files too; raw
-    session keys stored by an older release during a rolling deploy become digests (inference.sessions)."""
+    session keys stored by an older release during a rolling deploy become digests (inference.sessions); the folder
+    cache's expired entries are deleted (depthsite.cache_sweep)."""
     from inference.services.batches import depth_batches_expire
     from inference.services.job_recovery import depth_jobs_expire
 
+    from depthsite.cache_sweep import cache_sweep_expired
     from inference.sessions import session_keys_digest_stragglers
 
     outcome = depth_jobs_expire()
     batches = depth_batches_expire()
     digested = session_keys_digest_stragglers()
+    swept = cache_sweep_expired()
     return (f"deleted {outcome['jobs']} anonymous job(s), {outcome['bytes']} bytes, {batches} empty batch(es)"
-            + (f"; digested {digested} raw session key(s)" if digested else ""))
+            + (f"; digested {digested} raw session key(s)" if digested else "")
+            + (f"; swept {swept} expired cache entries" if swept else ""))

@@ -128,3 +128,31 @@ def test_a_file_cache_folder_that_cannot_be_written_fails_the_system_check(setti
     assert [error.id for error in errors] == ["depthsite.E010"] and "cannot be written" in errors[0].msg
     settings.CACHES = {"default": {"BACKEND": FILE_CACHE, "LOCATION": str(tmp_path / "var" / "django-cache")}}
     assert shared_cache_writable() == [] and (tmp_path / "var" / "django-cache").is_dir()
+
+
+@pytest.mark.django_db
+def test_the_hourly_sweep_deletes_the_folder_caches_expired_entries_and_keeps_live_ones(settings, tmp_path):
+    # Django deletes an expired file only when its key is read again; windowed counters are never read again, and
+    # culling at MAX_ENTRIES would then delete live counts at random.
+    import time
+
+    from django.core.cache import caches
+
+    from depthsite.cache_sweep import cache_sweep_expired
+    from inference.tasks import depth_jobs_expire_task
+
+    settings.CACHES = {**settings.CACHES, "default": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(tmp_path / "cache")}}
+    cache = caches["default"]
+    cache.set("live", 1, 3600)
+    cache.set("forever", 1, None)
+    for n in range(5):
+        cache.set(f"old-window-{n}", n, 1)
+    assert len(cache._list_cache_files()) == 7
+    time.sleep(1.1)
+    assert cache_sweep_expired() == 5
+    assert len(cache._list_cache_files()) == 2 and cache.get("live") == 1 and cache.get("forever") == 1
+    cache.set("another-old-window", 1, 1)
+    time.sleep(1.1)
+    assert depth_jobs_expire_task().endswith("; swept 1 expired cache entries")
+    assert cache_sweep_expired() == 0

@@ -26,6 +26,7 @@ from inference.services.job_recovery import depth_jobs_expire, results_staging_s
 from inference.services.job_results import results_folder
 from inference.services.job_runs import depth_job_run
 from inference.services.jobs import depth_job_create, results_bytes_bound
+from inference.sessions import session_digest
 from inference.tasks import depth_jobs_expire_task, depth_jobs_recover_task
 from models_registry.api.throttling import SettingsScopedRateThrottle, client_address
 from depthsite.testing import images
@@ -163,8 +164,9 @@ def test_the_web_form_shows_the_quota_as_a_form_error(client, small_model, setti
 
 def test_anonymous_jobs_expire_with_their_files(small_model, settings, user, run_jobs):
     settings.DEPTHSITE_ANON_RETENTION = 7 * 86400
-    old = depth_job_create(image=upload(), session_key="s1")
-    recent = depth_job_create(image=upload(), session_key="s1")
+    key = session_digest("s1")  # as upload_session_key stores it
+    old = depth_job_create(image=upload(), session_key=key)
+    recent = depth_job_create(image=upload(), session_key=key)
     owned = depth_job_create(image=upload(), owner=user)
     week_ago = timezone.now() - timedelta(days=7, minutes=1)
     DepthJob.objects.filter(pk__in=[old.pk, owned.pk]).update(created_at=week_ago)
