@@ -5,13 +5,19 @@ may name a cache path, quote a mirror's URL with its password, a setting, an OSE
 rewrites those to the sentence of their code (the code itself is kept, for API clients that branch on it).
 
 The rule: a failed job's error is rewritten when
-- it holds server detail (SERVER_DETAIL): "://", "DEPTHSITE_", "Traceback", "[Errno N]", or an absolute path
-  (a "/" or "~/" that starts a word, followed by a name; a Windows drive path);
+- its code is `download_failed`, `weights` or `offline` and it is not one of the sentences workers store for that
+  code today (FIXED, OFFLINE_KEPT): every older text of these codes was the exception's own (a mirror's host and
+  port, a cache path, the last error of a cached file), and nothing else is written for them now;
+- it holds server detail (SERVER_DETAIL): "://", "DEPTHSITE_", "Traceback", "[Errno N]", a path (absolute, "~/",
+  "./", a Windows drive, a UNC share, "file:", or a relative one: word/word/..., word/name.ext), a host's port
+  (host:8443, [fd00::5]:8443);
+- or it is a device error of an older release ("unknown device ...", "device ... was asked for but ...", "device
+  type ..."): the device sentence (ERROR_DEVICE), which names neither the setting's value nor the hardware;
 - or its code is `model` and it is not the model-gone wording (MODEL_GONE) nor one of the sentences: every other
   model error came from the registry or the configuration (no download URL, a licence refused);
 - or its code is `internal` and it is none of what is written for uploaders (KEPT_INTERNAL): the generic
-  sentences and an image the network could not be given ("cannot prepare the image for ..."); every other
-  internal error was an exception's own text (a conflict, a build, a device).
+  sentences and an image the network could not be given ("cannot prepare the image for <model>: <one line of
+  plain words>"); every other internal error was an exception's own text (a conflict, a build, a device).
 Every other error (a timeout, an interruption, an unreadable image, out of memory, all in words written for the
 uploader) is left as it is, and so is every sentence below: running this again changes nothing. Going back leaves
 the sentences (the logs of the workers that failed the jobs keep the text).
@@ -26,6 +32,9 @@ ERROR_GENERIC = ("an internal error stopped this job (the details are in the wor
                  "re-running it may help, otherwise tell the site's administrator")
 ERROR_CONFIGURATION = "the server cannot fetch this model; ask the operator"
 ERROR_LICENSE = "this site does not accept the licence of this model's weights; submit the photo again with another model"
+ERROR_DEVICE = "the server cannot run models on the device it is configured for; ask the operator"
+ERROR_DOWNLOAD_CHECK = ("the model's downloaded weights did not pass their check; an administrator can see why on "
+                        "the models page and retry the download")
 SENTENCES = {
     "download_failed": ("the model's weights could not be downloaded; an administrator can see why on the models "
                         "page and retry the download"),
@@ -38,15 +47,32 @@ KEPT_INTERNAL = re.compile(
     r"|the server could not run this job \(error internal: \w+\); .*"
     r"|the server is out of disk space for this model; .*"
     r"|the server cannot run models on the device it is configured for; ask the operator"
-    r"|cannot prepare the image for \S+: .*",
+    # A preprocessing ValueError about the uploader's image: one line of plain words (no slash, backslash, bracket,
+    # double quote, "@" or "%": a path, a URL or a build's output is rewritten).
+    r"|cannot prepare the image for [\w.+-]+: [\w .,;:()'=*+-]*",
     re.DOTALL,
 )
+# The only texts these codes get today (error_for); any other was an older release's raw exception text.
+FIXED = {
+    "download_failed": (SENTENCES["download_failed"], ERROR_DOWNLOAD_CHECK),
+    "weights": (SENTENCES["weights"],),
+}
+OFFLINE_KEPT = re.compile(r"(?:the model|[\w.+-]+) is not cached on this node and the site is offline, so it cannot "
+                          r"be downloaded; submit the photo again with another model, or ask the operator to import it")
+# DEPTHSITE_DEVICE (or a worker's --device) that the machine could not run, in an older release's words.
+DEVICE = re.compile(r"unknown device |device \S+ was asked for but |device type \S+ is not supported")
 MODEL_GONE = re.compile(r"the model \S+ (no longer exists in the registry|was disabled after this job was submitted); "
                         r"submit the photo again with another model")
 SERVER_DETAIL = re.compile(
     r"://|DEPTHSITE_|Traceback|\[Errno \d+\]"
-    r"|(?:^|[\s'\"(\[=:,])~?/[\w.~-]"  # /var/cache/..., '/srv/...', ~/models, path=/tmp/x
-    r"|\b[A-Za-z]:\\"  # C:\\...
+    r"|(?:^|[\s'\"(\[=:,])(?:~|\.\.?)?/[\w.~-]"  # /var/cache/..., '/srv/...', ~/models, path=/tmp/x, ./w.pt
+    r"|\b[A-Za-z]:[\\/]"  # C:\\..., C:/...
+    r"|\\\\[^\\\s]+\\"  # \\srv\share (a UNC share)
+    r"|\b(?i:file):(?=\S)"  # file:relative/w.pt, file:w.pt
+    r"|\w[\w.+-]*/[\w.+-]+/[\w.+-]"  # var/cache/x (one slash between words, "and/or", is no path)
+    r"|\w[\w.+-]*/[\w+-]+\.[A-Za-z]\w*"  # uploads/x.jpg, models/w.pt
+    r"|\b[A-Za-z0-9][\w.-]*:\d{2,5}\b"  # mirror.internal:8443, 10.0.0.5:8443 (not cuda:1)
+    r"|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%\w+)?\]"  # [fd00::5], [::1]:8443, [fe80::1%eth0]
 )
 BATCH = 500
 
@@ -66,11 +92,17 @@ def redacted(error: str, code: str, model_name: str) -> str:
         sentence = offline_sentence(model_name)
     elif code == "model":
         sentence = _model_sentence(error)
+    elif code in ("internal", "") and DEVICE.match(error):
+        sentence = ERROR_DEVICE
     else:
         sentence = SENTENCES.get(code, ERROR_GENERIC)
     if error in (sentence, ERROR_GENERIC, ERROR_CONFIGURATION, ERROR_LICENSE):
         return error
-    if SERVER_DETAIL.search(error):
+    if code in FIXED:
+        return error if error in FIXED[code] else sentence
+    if code == "offline":
+        return error if OFFLINE_KEPT.fullmatch(error) else sentence
+    if sentence == ERROR_DEVICE or SERVER_DETAIL.search(error):
         return sentence
     if code == "model" and not MODEL_GONE.fullmatch(error):
         return sentence
