@@ -264,7 +264,11 @@ def model_options(*, detailed: bool = False) -> list[ModelOption]:
         for model, facts in members:
             option = _model_option(model, detailed=detailed)
             if not facts["license_accepted"]:
-                note = f"refused here: its licence {model.license} is not in DEPTHSITE_ACCEPTED_LICENSES"
+                # The setting and what it holds are the operators' business (as in model_license_check's
+                # uploader wording); the licence itself is on the page anyway.
+                license = model.license or "(none stated)"
+                note = (f"refused here: its licence {license} is not in DEPTHSITE_ACCEPTED_LICENSES" if detailed
+                        else f"refused here: this site does not accept its licence {license}")
                 option = replace(option, usable=False, note=note)
             options.append(replace(option, facts=facts))
     return options

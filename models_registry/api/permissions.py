@@ -48,8 +48,11 @@ def may_operate(user, action: str) -> bool:
 
 
 def missing_permission_message(action: str) -> str:
-    return (f"only staff users with the {', '.join(OPERATOR_PERMISSIONS.get(action, ('unknown',)))} permission "
-            f"may do this ({action.replace('_', ' ')}); ask an administrator to grant it")
+    permissions = OPERATOR_PERMISSIONS.get(action)
+    if not permissions:  # may_operate refuses it to everyone: no permission to ask for
+        return "this action is not open to staff accounts"
+    return (f"only staff users with the {', '.join(permissions)} permission may do this "
+            f"({action.replace('_', ' ')}); ask an administrator to grant it")
 
 
 class CanReadRegistry(BasePermission):

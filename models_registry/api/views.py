@@ -21,6 +21,7 @@ from depthsite.parsers import JSONParser
 from models_registry.api import action_serializers as actions, serializers as s
 from models_registry.api.public import cache_info_public, registry_reader_is_public
 from models_registry.api.permissions import (
+    OPERATOR_PERMISSIONS,
     RUN_ACTIONS,
     CanReadRegistry,
     IsStaff,
@@ -279,6 +280,12 @@ class ModelConvertApi(RegistryWriteApi):
         return _run_or_queue(request, kind="convert", model=model_get(name=name), params={"format": data["format"]})
 
 
+_NO_RUN_PERMISSION = (
+    "only staff users with the permission of a background run's action may read it ("
+    + "; ".join(f"{kind}: {', '.join(OPERATOR_PERMISSIONS[action])}" for kind, action in RUN_ACTIONS.items())
+    + "); ask an administrator to grant it")
+
+
 class ManagementRunDetailApi(RegistryApi):
     """Staff holding the permission of the run's action (RUN_ACTIONS): poll a verify, convert or optimize queued by
     its POST (the result can name files and paths)."""
@@ -292,6 +299,10 @@ class ManagementRunDetailApi(RegistryApi):
         from models_registry.selectors import management_run_get
         from models_registry.services.runs import management_run_refresh
 
+        # Refused before the lookup unless the user may read some kind of run: a staff user holding none of their
+        # permissions gets the same 403 for a run that exists and one that does not, so ids cannot be probed.
+        if not any(may_operate(request.user, action) for action in dict.fromkeys(RUN_ACTIONS.values())):
+            raise PermissionDenied(_NO_RUN_PERMISSION)
         run = management_run_get(pk=pk)
         action = RUN_ACTIONS.get(run.kind, "")
         if not may_operate(request.user, action):

@@ -226,6 +226,32 @@ def test_runs_keep_their_other_answers(small_model, viewer):
     assert _client(root).get(url).status_code == 200
 
 
+def test_a_staff_user_without_a_run_permission_cannot_probe_which_runs_exist(small_model, viewer):
+    # 403 for an existing run and for a missing one alike: the ids cannot be enumerated.
+    run = _run("verify", small_model)
+    client = _client(viewer)
+    here, missing = client.get(f"/api/models/runs/{run.pk}"), client.get("/api/models/runs/999999")
+    assert here.status_code == missing.status_code == 403, (here.content[:300], missing.content[:300])
+    assert here.json() == missing.json()
+    for perm in ("models_registry.change_registeredmodel", "models_registry.delete_weightfile"):
+        assert perm in missing.json()["message"]
+    assert "/var/cache" not in here.content.decode()
+    # Holding one run action's permission: a missing run is missing, another kind's run is still refused.
+    holder = _client(_staff("optimizer", "models_registry.delete_weightfile"))
+    assert holder.get("/api/models/runs/999999").status_code == 404
+    response = holder.get(f"/api/models/runs/{run.pk}")
+    assert response.status_code == 403 and "models_registry.change_registeredmodel" in response.json()["message"]
+
+
+def test_an_unknown_action_is_refused_in_words():
+    from models_registry.api.permissions import missing_permission_message
+
+    message = missing_permission_message("no_such_action")
+    assert message == "this action is not open to staff accounts"
+    assert "unknown" not in missing_permission_message("") and "()" not in missing_permission_message("")
+    assert "models_registry.change_registeredmodel" in missing_permission_message("verify")
+
+
 def test_every_run_kind_names_an_operator_action():
     from models_registry.api.permissions import OPERATOR_PERMISSIONS, RUN_ACTIONS
     from models_registry.models import ManagementRun

@@ -9,6 +9,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
+from django.test import Client
 from rest_framework.test import APIClient
 
 from inference.models import DepthJob
@@ -203,7 +204,16 @@ def test_every_surface_shows_licences_and_refusals(commercial_only, staff, clien
     status = {row["name"]: row for row in staff.get("/api/models/status").json()["models"]}
     assert status["Depth_Anything_V2_Large"]["license_accepted"] is False
 
+    # The upload page is public here: it names the licence, not the setting nor what it holds...
     form = client.get("/").content.decode()
+    assert "refused here: this site does not accept its licence CC-BY-NC-4.0" in form
+    assert SETTING not in form
+    # ...which the operators who can change it read there.
+    operator = get_user_model().objects.create_user("op", "op@example.com", "pw-op-12345", is_staff=True)
+    grant_operator_permissions(operator)
+    operator_client = Client()
+    operator_client.force_login(operator)
+    form = operator_client.get("/").content.decode()
     assert "refused here: its licence CC-BY-NC-4.0 is not in DEPTHSITE_ACCEPTED_LICENSES" in form
     dashboard = client.get("/models/").content.decode()
     assert "CC-BY-NC-4.0" in dashboard and "refused here" in dashboard and "Apache-2.0" in dashboard
