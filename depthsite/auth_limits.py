@@ -56,6 +56,7 @@ from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 from django.contrib.auth.views import LoginView, PasswordResetView
 from django.core.cache import caches
 from django.core.cache.backends.filebased import FileBasedCache
+from django.core.cache.backends.redis import RedisCache
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 
 from depthsite.rates import parse_rate
@@ -91,6 +92,28 @@ def _folder_lock(cache: FileBasedCache):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# One step on Redis: Django's RedisCache.incr asks EXISTS, then INCRBY, so a count cleared in between (a sign-in's
+# success, `signin_limits clear`) came back as -1 with no expiry; and add-then-incr could leave a count without one.
+_REDIS_CHANGE = """
+local delta = tonumber(ARGV[1])
+if redis.call('exists', KEYS[1]) == 0 then
+    if delta < 0 then return false end
+    local value = redis.call('incrby', KEYS[1], delta)
+    redis.call('expire', KEYS[1], tonumber(ARGV[2]))
+    return value
+end
+return redis.call('incrby', KEYS[1], delta)
+"""
+
+
+def _redis_change(cache: RedisCache, key: str, delta: int, timeout: int) -> int | None:
+    """_change on Redis, as one script (a missing count is created with its expiry, never taken below nothing)."""
+    full_key = cache.make_and_validate_key(key)
+    client = cache._cache.get_client(full_key, write=True)  # the client Django's own incr uses
+    value = client.eval(_REDIS_CHANGE, 1, full_key, delta, max(1, int(timeout)))
+    return None if value is None else int(value)
+
+
 def _change(key: str, delta: int, timeout: int) -> int | None:
     """Add `delta` to the count under `key` at once (no other change in between) and return the new count. A
     missing count starts at 0 when adding; taking away from a missing one (cleared, expired) changes nothing."""
@@ -103,6 +126,8 @@ def _change(key: str, delta: int, timeout: int) -> int | None:
             value = int(value or 0) + delta
             cache.set(key, value, timeout)
             return value
+    if isinstance(cache, RedisCache):
+        return _redis_change(cache, key, delta, timeout)
     if delta < 0:
         try:
             return cache.incr(key, delta)

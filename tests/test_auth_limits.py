@@ -272,13 +272,87 @@ def _guess_at_once(monkeypatch, threads: int, *, username="alice", address=A) ->
     return checked, refused
 
 
-@pytest.fixture(params=["locmem", "files"])
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_cache(settings):
+    """Redis as the site's cache, under a key prefix of this test's own (its keys removed afterwards)."""
+    import uuid
+
+    import redis
+
+    from tests.conftest import require_service
+
+    require_service("Redis", "127.0.0.1", 6379)
+    prefix = f"test-auth-limits-{uuid.uuid4().hex[:12]}"
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                                   "KEY_PREFIX": prefix}}
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client, prefix
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(params=["locmem", "files", pytest.param("redis", marks=pytest.mark.services)])
 def any_shared_cache(request, settings, tmp_path):
-    """The test settings' cache (LocMem), and the folder cache a site without Redis counts in."""
+    """The test settings' cache (LocMem), the folder cache a site without Redis counts in, and Redis."""
     if request.param == "files":
         settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
                                        "LOCATION": str(tmp_path / "cache")}}
+    if request.param == "redis":
+        request.getfixturevalue("redis_cache")
     return request.param
+
+
+@pytest.mark.services
+def test_on_redis_a_count_is_created_with_its_expiry_and_a_give_back_never_makes_one(redis_cache):
+    # Django's RedisCache.incr asks EXISTS and then INCRBY: a count cleared between the two came back as -1, with
+    # no expiry. depthsite.auth_limits changes counts on Redis in one script.
+    from depthsite.auth_limits import _change
+
+    client, prefix = redis_cache
+    assert _change("pair", 1, 960) == 1 and _change("pair", 1, 960) == 2
+    (stored,) = client.keys(f"{prefix}:*pair")
+    assert 900 < client.ttl(stored) <= 960
+    assert _change("pair", -1, 960) == 1
+    client.delete(stored)  # cleared (a success, `signin_limits clear`) while an attempt was under way
+    assert _change("pair", -1, 960) is None
+    assert not client.exists(stored)
+    assert cache.get("pair") is None and _change("pair", 1, 960) == 1 and cache.get("pair") == 1
+
+
+@pytest.mark.services
+def test_on_redis_a_clear_racing_a_give_back_leaves_no_negative_count_without_expiry(redis_cache, monkeypatch):
+    from django.core.cache.backends.redis import RedisCacheClient
+
+    from depthsite.auth_limits import _change
+
+    client, prefix = redis_cache
+    assert _change("pair", 2, 960) == 2
+    (stored,) = client.keys(f"{prefix}:*pair")
+    real_get_client = RedisCacheClient.get_client
+
+    class ClearedRightAfterExists:
+        """A client on which the count is cleared just after any EXISTS about it answers (another request)."""
+
+        def __init__(self, real):
+            self.real = real
+
+        def exists(self, *keys):
+            answer = self.real.exists(*keys)
+            self.real.delete(*keys)
+            return answer
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(RedisCacheClient, "get_client",
+                        lambda self, *a, **k: ClearedRightAfterExists(real_get_client(self, *a, **k)))
+    _change("pair", -1, 960)
+    if client.exists(stored):
+        assert int(client.get(stored)) >= 0 and client.ttl(stored) > 0
 
 
 def test_parallel_guesses_never_check_more_passwords_than_the_limit(monkeypatch, any_shared_cache):
