@@ -1,6 +1,8 @@
 """Limits on guessing passwords and on password-reset e-mails, counted in the default (shared) cache.
 
-Failed sign-ins are counted three ways, at /accounts/login/ and at /admin/login/ alike:
+Failed sign-ins are counted three ways, at /accounts/login/ and at /admin/login/ alike, and so are wrong old
+passwords at /accounts/password_change/ and /admin/password_change/ (counted as failed sign-ins as the signed-in
+user from the client's address: one count for every door, so a stolen session cannot guess the password there):
 
 - per (user name, client address), DEPTHSITE_LOGIN_RATE (10/15m): what stops one client guessing one account;
 - per client address, DEPTHSITE_LOGIN_ADDRESS_RATE (30/15m): what stops one client guessing at many names;
@@ -50,14 +52,16 @@ from types import SimpleNamespace
 
 from django.conf import settings
 from django.contrib import admin
-from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.admin.forms import AdminAuthenticationForm, AdminPasswordChangeForm
 from django.contrib.auth import get_user_model
-from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
-from django.contrib.auth.views import LoginView, PasswordResetView
+from django.contrib.auth.forms import AuthenticationForm, PasswordChangeForm, PasswordResetForm
+from django.contrib.auth.views import LoginView, PasswordChangeView, PasswordResetView
 from django.core.cache import caches
 from django.core.cache.backends.filebased import FileBasedCache
 from django.core.cache.backends.redis import RedisCache
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.urls import reverse
+from django.views.decorators.debug import sensitive_variables
 
 from depthsite.rates import parse_rate
 from models_registry.api.throttling import UNKNOWN_ADDRESS, client_address
@@ -315,6 +319,49 @@ def _only_user_named(name: str) -> bool:
     return len(names) == 1 and _fold(names[0]) == folded
 
 
+def _login_refusal(seconds: int) -> ValidationError:
+    return ValidationError(
+        f"Too many failed sign-in attempts for this user name or from your address: signing in is paused. "
+        f"Try again in {_wait_words(seconds)}.", code=LOGIN_REFUSED)
+
+
+def _succeeded(attempt: Attempt, counters: list[Counter], name: str) -> None:
+    """A right password: its reservation on the address and the name's total given back, and the client's own
+    count of the name cleared (given back instead when the folded name is not one user's alone)."""
+    if len(counters) != 3:
+        attempt.give_back()
+        return
+    by_address, by_pair, by_user = counters
+    attempt.give_back(by_address, by_user)
+    if _only_user_named(name):
+        by_pair.clear(attempt.now)
+    else:
+        attempt.give_back(by_pair)
+
+
+@sensitive_variables()
+def _check_within_limits(form, request, name: str, check):
+    """Check a password as `name` from the request's client address, within the sign-in limits: the attempt is
+    reserved in every count first, and past any limit `check` is not called (form.refused_for set, the refusal
+    raised). `check()` raises ValidationError for a wrong password (the reservation stays counted) and otherwise
+    returns (its result, whether a right password was proved), the reservation given back on a right one."""
+    counters = login_counters(client_address(request), name)
+    attempt = Attempt(counters)
+    if not attempt.reserve():
+        form.refused_for = attempt.refused_for
+        raise _login_refusal(form.refused_for)
+    try:
+        result, right = check()
+    except ValidationError:
+        raise  # a failed attempt: its reservations stay counted
+    except BaseException:
+        attempt.give_back()  # no answer about the password was given
+        raise
+    if right:
+        _succeeded(attempt, counters, name)
+    return result
+
+
 class LimitedLoginMixin:
     """For an AuthenticationForm: reserves the attempt in every count before any password is checked, and refuses
     without checking it past any limit; a failure keeps the reservation, a success gives it back (and clears the
@@ -323,41 +370,26 @@ class LimitedLoginMixin:
     refused_for: int | None = None  # seconds to wait, when refused
 
     def _refusal(self) -> ValidationError:
-        return ValidationError(
-            f"Too many failed sign-in attempts for this user name or from your address: signing in is paused. "
-            f"Try again in {_wait_words(self.refused_for)}.", code=LOGIN_REFUSED)
+        return _login_refusal(self.refused_for)
 
     def clean(self):
         if self.request is None:
             return super().clean()
         username, password = self.cleaned_data.get("username"), self.cleaned_data.get("password")
         name = username if username is not None else str(self.data.get("username") or "")
-        counters = login_counters(client_address(self.request), name)
-        attempt = Attempt(counters)
         if username is None or not password:
             # No password is checked (the form says what is missing): nothing counted, but refused the same way.
+            attempt = Attempt(login_counters(client_address(self.request), name))
             if not attempt.peek():
                 self.refused_for = attempt.refused_for
                 raise self._refusal()
             return super().clean()
-        if not attempt.reserve():
-            self.refused_for = attempt.refused_for
-            raise self._refusal()
-        try:
-            cleaned = super().clean()
-        except ValidationError:
-            raise  # a failed attempt: its reservations stay counted
-        except BaseException:
-            attempt.give_back()  # no answer about the password was given
-            raise
-        if self.get_user() is not None and len(counters) == 3:
-            by_address, by_pair, by_user = counters
-            attempt.give_back(by_address, by_user)
-            if _only_user_named(name):
-                by_pair.clear(attempt.now)
-            else:
-                attempt.give_back(by_pair)
-        return cleaned
+
+        def check():
+            cleaned = super(LimitedLoginMixin, self).clean()
+            return cleaned, self.get_user() is not None
+
+        return _check_within_limits(self, self.request, name, check)
 
 
 class LimitedAuthenticationForm(LimitedLoginMixin, AuthenticationForm):
@@ -398,6 +430,63 @@ def admin_login(request, extra_context=None):
     response = admin.site.login(request, extra_context)
     form = (getattr(response, "context_data", None) or {}).get("form")
     return _too_many(response, form, NON_FIELD_ERRORS, LOGIN_REFUSED)
+
+
+# --- changing a password --------------------------------------------------------------------------------------
+
+
+class LimitedPasswordChangeMixin:
+    """For a PasswordChangeForm: the old password is checked as a sign-in as the form's user from the request's
+    client address would be, in the same counts (reserved first, refused unchecked past any limit, a wrong one
+    kept counted, a right one given back). The form takes the request as `request`."""
+
+    refused_for: int | None = None  # seconds to wait, when refused
+
+    def __init__(self, *args, request=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request = request
+
+    @sensitive_variables()
+    def clean_old_password(self):
+        if self.request is None:
+            return super().clean_old_password()
+        return _check_within_limits(self, self.request, self.user.get_username(),
+                                    lambda: (super(LimitedPasswordChangeMixin, self).clean_old_password(), True))
+
+
+class LimitedPasswordChangeForm(LimitedPasswordChangeMixin, PasswordChangeForm):
+    pass
+
+
+class LimitedAdminPasswordChangeForm(LimitedPasswordChangeMixin, AdminPasswordChangeForm):
+    """The admin's password-change form (which AdminSite.password_change names itself), limited the same way."""
+
+
+class LimitedPasswordChangeView(PasswordChangeView):
+    """/accounts/password_change/ with the sign-in limits on the old password; a refused form is answered 429."""
+
+    form_class = LimitedPasswordChangeForm
+
+    def get_form_kwargs(self):
+        return {**super().get_form_kwargs(), "request": self.request}
+
+    def form_invalid(self, form):
+        return _too_many(super().form_invalid(form), form, "old_password", LOGIN_REFUSED)
+
+
+def admin_password_change(request, extra_context=None):
+    """AdminSite.password_change (its template, context and success page) with the limited form. Mounted behind
+    admin.site.admin_view, as the admin's own is (staff only, CSRF-protected)."""
+    site = admin.site
+    defaults = {
+        "form_class": LimitedAdminPasswordChangeForm,
+        "success_url": reverse("admin:password_change_done", current_app=site.name),
+        "extra_context": {**site.each_context(request), **(extra_context or {})},
+    }
+    if site.password_change_template is not None:
+        defaults["template_name"] = site.password_change_template
+    request.current_app = site.name
+    return LimitedPasswordChangeView.as_view(**defaults)(request)
 
 
 # --- password reset ----------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from django.http import HttpResponsePermanentRedirect
 from django.templatetags.static import static
 from django.urls import include, path
 
-from depthsite.auth_limits import (LimitedAdminAuthenticationForm, LimitedLoginView, LimitedPasswordResetView,
-                                   admin_login)
+from depthsite.auth_limits import (LimitedAdminAuthenticationForm, LimitedLoginView, LimitedPasswordChangeView,
+                                   LimitedPasswordResetView, admin_login, admin_password_change)
 from depthsite.schema_views import SchemaView, SwaggerView
 
 admin.site.site_header = "depthsite administration"
@@ -30,12 +30,16 @@ urlpatterns = [
     # Served to whoever may use the API (depthsite.schema_access): anyone on an open site, else signed-in users.
     path("api/schema/", SchemaView.as_view(), name="schema"),
     path("api/docs/", SwaggerView.as_view(url_name="schema"), name="swagger-ui"),
-    # Sign-in and password reset with their attempt limits (depthsite.auth_limits), ahead of Django's own views
-    # at the same addresses; the rest of django.contrib.auth.urls (logout, the reset links) as they are.
+    # Sign-in, password change and password reset with their attempt limits (depthsite.auth_limits), ahead of
+    # Django's own views at the same addresses; the rest of django.contrib.auth.urls (logout, the reset links) as
+    # they are.
     path("accounts/login/", LimitedLoginView.as_view(), name="login"),
+    path("accounts/password_change/", LimitedPasswordChangeView.as_view(), name="password_change"),
     path("accounts/password_reset/", LimitedPasswordResetView.as_view(), name="password_reset"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/login/", admin_login),
+    # The admin's own password change checks the old password unlimited: this one counts it with the sign-ins.
+    path("admin/password_change/", admin.site.admin_view(admin_password_change, cacheable=True)),
     path("admin/", admin.site.urls),
 ]
 

@@ -405,6 +405,121 @@ def test_the_wait_is_worded_to_the_minute(seconds, words):
     assert _wait_words(seconds) == words
 
 
+# --- changing a password ----------------------------------------------------------------------------------
+
+CHANGE, ADMIN_CHANGE = "/accounts/password_change/", "/admin/password_change/"
+NEW_PASSWORD = "new-pw-alice-456-xyz"
+WRONG_OLD = "Your old password was entered incorrectly"
+
+
+def _change(client, old, url=CHANGE, address=A):
+    return client.post(url, {"old_password": old, "new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD},
+                       REMOTE_ADDR=address)
+
+
+def _wrong_old(client, times, url=CHANGE, address=A):
+    for _ in range(times):
+        response = _change(client, "wrong-guess", url=url, address=address)
+        page = response.content.decode()
+        assert response.status_code == 200 and WRONG_OLD in page and REFUSED not in page
+
+
+def _password_is(user, password) -> bool:
+    user.refresh_from_db()
+    return user.check_password(password)
+
+
+@pytest.mark.parametrize("url", [CHANGE, ADMIN_CHANGE])
+def test_wrong_old_passwords_past_the_limit_refuse_even_the_right_one(client, alice, url):
+    # A stolen session cookie is no way to guess the account's password at either password-change page.
+    alice.is_staff = True
+    alice.save()
+    client.force_login(alice)
+    _wrong_old(client, 10, url=url)
+    refused = _change(client, PASSWORD, url=url)
+    page = refused.content.decode()
+    assert refused.status_code == 429 and REFUSED in page and int(refused["Retry-After"]) > 0
+    assert WRONG_OLD not in page  # refused unchecked, not told the password is wrong
+    assert _password_is(alice, PASSWORD)
+    # The other page is refused as well (one count), and so is signing in as alice from this address.
+    other = ADMIN_CHANGE if url == CHANGE else CHANGE
+    assert _change(client, PASSWORD, url=other).status_code == 429 and _password_is(alice, PASSWORD)
+    client.logout()
+    assert _login(client, "alice", PASSWORD, address=A).status_code == 429
+
+
+def test_the_admin_password_change_keeps_its_template_login_and_success_page(client, alice):
+    assert client.get(ADMIN_CHANGE).status_code == 302  # anonymous: to the admin's login
+    client.force_login(alice)  # not staff
+    response = client.get(ADMIN_CHANGE)
+    assert response.status_code == 302 and response["Location"].startswith(ADMIN_LOGIN)
+    alice.is_staff = True
+    alice.save()
+    client.force_login(alice)
+    page = client.get(ADMIN_CHANGE)
+    assert page.status_code == 200 and "depthsite administration" in page.content.decode()
+    changed = _change(client, PASSWORD, url=ADMIN_CHANGE)
+    assert changed.status_code == 302 and changed["Location"] == "/admin/password_change/done/"
+    assert _password_is(alice, NEW_PASSWORD) and _signed_in(client)
+
+
+def test_failed_sign_ins_and_wrong_old_passwords_add_up(client, alice):
+    _fail(client, "alice", 6, address=A)
+    client.force_login(alice)
+    _wrong_old(client, 4)
+    assert _change(client, PASSWORD).status_code == 429 and _password_is(alice, PASSWORD)
+    client.logout()
+    refused = _login(client, "alice", PASSWORD, address=A)
+    assert refused.status_code == 429 and not _signed_in(client)
+    counts = _counts(user="alice", address=A)
+    assert [counts[kind]["attempts"] for kind in ("user_address", "address", "user")] == [10, 10, 10]
+    # Another address's count of the name has room: its sign-in and password change go through.
+    assert _login(client, "alice", PASSWORD, address=B).status_code == 302
+    assert _change(client, PASSWORD, address=B).status_code == 302 and _password_is(alice, NEW_PASSWORD)
+
+
+def test_the_address_limit_counts_wrong_old_passwords_of_any_user(client, alice, settings):
+    settings.DEPTHSITE_LOGIN_ADDRESS_RATE = "5/15m"
+    _fail(client, "carol", 3, address=A)
+    client.force_login(alice)
+    _wrong_old(client, 2)
+    assert _change(client, PASSWORD).status_code == 429 and _password_is(alice, PASSWORD)
+
+
+def test_a_right_old_password_gives_its_reservation_back(client, alice):
+    _fail(client, "alice", 3, address=A)
+    client.force_login(alice)
+    _wrong_old(client, 6)
+    changed = _change(client, PASSWORD)
+    assert changed.status_code == 302 and _password_is(alice, NEW_PASSWORD)
+    counts = _counts(user="alice", address=A)
+    # Not counted in the address's count nor the name's total; the client's own count of the name is cleared,
+    # as a sign-in's success clears it.
+    assert [counts[kind]["attempts"] for kind in ("user_address", "address", "user")] == [0, 9, 9]
+
+
+def test_a_right_old_password_with_unusable_new_ones_is_not_counted(client, alice):
+    client.force_login(alice)
+    _wrong_old(client, 9)
+    for _ in range(3):  # the old password is right: not a failure, though the new ones do not match
+        response = client.post(CHANGE, {"old_password": PASSWORD, "new_password1": NEW_PASSWORD,
+                                        "new_password2": NEW_PASSWORD + "x"}, REMOTE_ADDR=A)
+        assert response.status_code == 200 and WRONG_OLD not in response.content.decode()
+    assert _counts(user="alice", address=A)["address"]["attempts"] == 9
+    assert _password_is(alice, PASSWORD)
+
+
+def test_the_password_change_retry_after_is_the_time_left_in_the_window(client, alice, clock):
+    clock.at(600.25)
+    client.force_login(alice)
+    _wrong_old(client, 10)
+    refused = _change(client, PASSWORD)
+    assert refused.status_code == 429 and refused["Retry-After"] == "300"
+    assert "Try again in 5 minutes." in refused.content.decode()
+    clock.at(900)
+    assert _change(client, PASSWORD).status_code == 302 and _password_is(alice, NEW_PASSWORD)
+
+
 # --- password reset --------------------------------------------------------------------------------------
 
 
