@@ -63,6 +63,12 @@ def clock(monkeypatch):
         def at(self, seconds: float) -> None:
             self.now = WINDOW_START + seconds
 
+    # Modules first imported while time.time is patched would keep the patch for good where they take it as a class
+    # attribute (DRF's SimpleRateThrottle.timer = time.time, imported with the URLconf at the first request): later
+    # files' requests then failed, in whatever process ran this file first.
+    import depthsite.urls  # noqa: F401
+    import rest_framework.throttling  # noqa: F401
+
     held = Clock()
     monkeypatch.setattr(time, "time", lambda: held.now)
     return held
