@@ -462,16 +462,24 @@ class LimitedAdminPasswordChangeForm(LimitedPasswordChangeMixin, AdminPasswordCh
     """The admin's password-change form (which AdminSite.password_change names itself), limited the same way."""
 
 
-class LimitedPasswordChangeView(PasswordChangeView):
-    """/accounts/password_change/ with the sign-in limits on the old password; a refused form is answered 429."""
+class _RefusedAs429:
+    """For a form view whose form takes the request and may be refused by a limit: 429 (with Retry-After) then."""
 
-    form_class = LimitedPasswordChangeForm
+    refused_field: str
+    refused_code: str
 
     def get_form_kwargs(self):
         return {**super().get_form_kwargs(), "request": self.request}
 
     def form_invalid(self, form):
-        return _too_many(super().form_invalid(form), form, "old_password", LOGIN_REFUSED)
+        return _too_many(super().form_invalid(form), form, self.refused_field, self.refused_code)
+
+
+class LimitedPasswordChangeView(_RefusedAs429, PasswordChangeView):
+    """/accounts/password_change/ with the sign-in limits on the old password; a refused form is answered 429."""
+
+    form_class = LimitedPasswordChangeForm
+    refused_field, refused_code = "old_password", LOGIN_REFUSED
 
 
 def admin_password_change(request, extra_context=None):
@@ -524,13 +532,8 @@ class LimitedPasswordResetForm(PasswordResetForm):
         return cleaned
 
 
-class LimitedPasswordResetView(PasswordResetView):
+class LimitedPasswordResetView(_RefusedAs429, PasswordResetView):
     """/accounts/password_reset/ with the reset limits; a refused form is answered 429 and sends nothing."""
 
     form_class = LimitedPasswordResetForm
-
-    def get_form_kwargs(self):
-        return {**super().get_form_kwargs(), "request": self.request}
-
-    def form_invalid(self, form):
-        return _too_many(super().form_invalid(form), form, "email", RESET_REFUSED)
+    refused_field, refused_code = "email", RESET_REFUSED

@@ -9,12 +9,12 @@ import re
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
-from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from models_registry import cachefs
 from models_registry.models import WeightDownload, WeightFile
+from tests.api.test_permissions import send
 
 pytestmark = pytest.mark.django_db
 
@@ -49,15 +49,6 @@ def _client(user) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
     return client
-
-
-def send(client: APIClient, method: str, path: str, body):
-    if body == "multipart":
-        upload = SimpleUploadedFile("notes.txt", b"these are not weights\n", content_type="text/plain")
-        return client.post(path, {"file": upload}, format="multipart")
-    if method == "get":
-        return client.get(path)
-    return client.post(path, body, format="json")
 
 
 @pytest.fixture
