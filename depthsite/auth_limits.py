@@ -98,6 +98,8 @@ def _folder_lock(cache: FileBasedCache):
 
 # One step on Redis: Django's RedisCache.incr asks EXISTS, then INCRBY, so a count cleared in between (a sign-in's
 # success, `signin_limits clear`) came back as -1 with no expiry; and add-then-incr could leave a count without one.
+# Never below 0 (give-backs of reservations made before a clear), and a count without an expiry (left by the
+# two-step incr before this script) is given one.
 _REDIS_CHANGE = """
 local delta = tonumber(ARGV[1])
 if redis.call('exists', KEYS[1]) == 0 then
@@ -106,7 +108,15 @@ if redis.call('exists', KEYS[1]) == 0 then
     redis.call('expire', KEYS[1], tonumber(ARGV[2]))
     return value
 end
-return redis.call('incrby', KEYS[1], delta)
+local value = redis.call('incrby', KEYS[1], delta)
+if value < 0 then
+    redis.call('set', KEYS[1], 0, 'KEEPTTL')
+    value = 0
+end
+if redis.call('ttl', KEYS[1]) == -1 then
+    redis.call('expire', KEYS[1], tonumber(ARGV[2]))
+end
+return value
 """
 
 
@@ -209,14 +219,26 @@ class Attempt:
 
     def reserve(self) -> bool:
         """Count this attempt in every counter; False (nothing counted, `refused_for` set) past any limit."""
-        for counter in self.counters:
-            count = counter.add(self.now)
-            self.taken.append(counter)
-            if count is not None and count > counter.limit:
-                self.give_back()
-                self._refuse([counter])
-                return False
+        try:
+            for counter in self.counters:
+                count = counter.add(self.now)
+                self.taken.append(counter)
+                if count is not None and count > counter.limit:
+                    self.give_back()
+                    self._refuse([counter])
+                    return False
+        except BaseException:
+            # The cache failed partway (a Redis timeout): no password was checked, so nothing stays counted.
+            self._give_back_quietly()
+            raise
         return True
+
+    def _give_back_quietly(self) -> None:
+        """give_back, as far as the cache lets it, while another error is on its way out."""
+        try:
+            self.give_back()
+        except Exception:  # the cache is failing; that error is the one to report
+            pass
 
     def give_back(self, *counters: Counter) -> None:
         for counter in counters or list(self.taken):
@@ -333,7 +355,12 @@ def _succeeded(attempt: Attempt, counters: list[Counter], name: str) -> None:
         return
     by_address, by_pair, by_user = counters
     attempt.give_back(by_address, by_user)
-    if _only_user_named(name):
+    try:
+        only_one = _only_user_named(name)
+    except BaseException:  # the database failed: a right password leaves nothing counted all the same
+        attempt._give_back_quietly()
+        raise
+    if only_one:
         by_pair.clear(attempt.now)
     else:
         attempt.give_back(by_pair)

@@ -356,9 +356,58 @@ def test_on_redis_a_clear_racing_a_give_back_leaves_no_negative_count_without_ex
 
     monkeypatch.setattr(RedisCacheClient, "get_client",
                         lambda self, *a, **k: ClearedRightAfterExists(real_get_client(self, *a, **k)))
-    _change("pair", -1, 960)
+    result = _change("pair", -1, 960)
+    # Either the count was there (and is now 1, with its expiry) or it was gone (and stays gone): never -1.
     if client.exists(stored):
-        assert int(client.get(stored)) >= 0 and client.ttl(stored) > 0
+        assert result == 1 == int(client.get(stored)) and client.ttl(stored) > 0
+    else:
+        assert result is None
+
+
+@pytest.mark.services
+def test_on_redis_a_count_never_goes_below_nothing_and_an_old_one_gets_an_expiry(redis_cache):
+    from depthsite.auth_limits import _change
+
+    client, prefix = redis_cache
+    assert _change("pair", 1, 960) == 1
+    (stored,) = client.keys(f"{prefix}:*pair")
+    # Give-backs of reservations made before a clear and a new guess: the count stops at 0, its expiry kept.
+    assert _change("pair", -1, 960) == 0 and _change("pair", -1, 960) == 0
+    assert int(client.get(stored)) == 0 and client.ttl(stored) > 0
+    # A count the two-step incr left at -1 without an expiry is mended at its next change.
+    client.set(stored, -1)
+    assert client.ttl(stored) == -1
+    assert _change("pair", 1, 960) == 0 and client.ttl(stored) > 0
+
+
+def test_a_cache_failing_partway_through_a_reservation_leaves_nothing_counted(monkeypatch):
+    import depthsite.auth_limits as limits
+
+    counters = limits.login_counters("203.0.113.7", "alice")
+    real_add = limits.Counter.add
+
+    def failing_on_the_pair(counter, now, delta=1):
+        if counter.kind == "login_user_address" and delta > 0:
+            raise ConnectionError("the cache timed out")
+        return real_add(counter, now, delta)
+
+    monkeypatch.setattr(limits.Counter, "add", failing_on_the_pair)
+    attempt = limits.Attempt(counters)
+    with pytest.raises(ConnectionError):
+        attempt.reserve()
+    assert [counter.count(attempt.now) for counter in counters] == [0, 0, 0]
+
+
+def test_the_admins_password_change_address_is_the_limited_view():
+    # Where the admin is mounted, its own password-change URL (which its templates link to) must reach this view.
+    from django.urls import resolve, reverse
+
+    from depthsite.auth_limits import admin_password_change
+
+    view = resolve(reverse("admin:password_change")).func
+    while view is not admin_password_change and hasattr(view, "__wrapped__"):
+        view = view.__wrapped__
+    assert view is admin_password_change
 
 
 def test_parallel_guesses_never_check_more_passwords_than_the_limit(monkeypatch, any_shared_cache):
