@@ -12,6 +12,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from depthsite.units import format_size
+from models_registry.api.permissions import may_operate
 from models_registry.api.public import model_status_public, registry_reader_is_public
 from models_registry.choices import WeightFormat
 from models_registry.selectors import model_status
@@ -25,6 +26,11 @@ CHART_TOTAL_WIDTH = 90
 CHART_ROW_HEIGHT = 30
 CHART_BAR_HEIGHT = 18
 CHART_LEGEND_HEIGHT = 30
+
+
+# Each button of a model's row and the operator action (OPERATOR_PERMISSIONS) it calls.
+DASHBOARD_ACTIONS = {"download": "download", "verify": "verify", "convert": "convert", "export": "export",
+                     "clear": "cache_clear"}
 
 
 def _may_view(request: HttpRequest) -> bool:
@@ -127,8 +133,11 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "warm_workers": [{**w, "size_human": format_size(w["bytes"])} for w in warm_workers.values()],
         "formats": WeightFormat.values,
         "refresh_ms": REFRESH_MS,
-        "is_staff": request.user.is_staff,
+        # The buttons follow the table the API reads (models_registry.api.permissions.OPERATOR_PERMISSIONS).
+        "may_optimize": may_operate(request.user, "cache_optimize"),
+        "may": {action: may_operate(request.user, operator) for action, operator in DASHBOARD_ACTIONS.items()},
     }
+    context["may_any"] = context["may_optimize"] or any(context["may"].values())
     return render(request, "models_registry/dashboard.html", context)
 
 
