@@ -51,7 +51,7 @@ WINDOW_START = 1_800_000_000.0
 
 @pytest.fixture(autouse=True)
 def clock(monkeypatch):
-    """time.time() held still at the start of a window, moved by `clock.skip(seconds)` or `clock.at(seconds into
+    """The clock held still at the start of a window, moved by `clock.skip(seconds)` or `clock.at(seconds into
     the window)` (the counts and the cache's expiry both read it): no test meets a window's end by chance."""
 
     class Clock:
@@ -63,14 +63,31 @@ def clock(monkeypatch):
         def at(self, seconds: float) -> None:
             self.now = WINDOW_START + seconds
 
-    # Modules first imported while time.time is patched would keep the patch for good where they take it as a class
-    # attribute (DRF's SimpleRateThrottle.timer = time.time, imported with the URLconf at the first request): later
-    # files' requests then failed, in whatever process ran this file first.
-    import depthsite.urls  # noqa: F401
-    import rest_framework.throttling  # noqa: F401
+    # The clock is moved where the counts and the caches' expiry read it, not in the time module itself: a module
+    # first imported under a patched time.time keeps it for good where it takes it as a class attribute (DRF's
+    # SimpleRateThrottle.timer, imported with the URLconf at the first request), and later files' requests failed.
+    import django.core.cache.backends.base
+    import django.core.cache.backends.filebased
+    import django.core.cache.backends.locmem
+
+    import depthsite.auth_limits
+    import inference.management.commands.signin_limits
 
     held = Clock()
-    monkeypatch.setattr(time, "time", lambda: held.now)
+
+    class HeldTime:
+        """The time module, its time() held."""
+
+        def time(self) -> float:
+            return held.now
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    for module in (depthsite.auth_limits, inference.management.commands.signin_limits,
+                   django.core.cache.backends.base, django.core.cache.backends.filebased,
+                   django.core.cache.backends.locmem):
+        monkeypatch.setattr(module, "time", HeldTime())
     return held
 
 
