@@ -16,7 +16,6 @@ from inference.selectors import (
     depth_batch_get,
     depth_batch_jobs,
     depth_batch_summary,
-    model_notes_detailed,
     model_options,
 )
 from inference.services.jobs import DEFAULT_MODEL
@@ -56,7 +55,7 @@ def batch_upload(request):
 @csrf_protect
 @_uploads_allowed
 def _batch_upload(request, *, limit: BatchUploadLimitHandler | None):
-    options = model_options(detailed=model_notes_detailed(user=request.user))
+    options = model_options(user=request.user)
     names = [option.name for option in options]
     if request.method != "POST":
         form = DepthBatchForm(model_names=names, default_model=DEFAULT_MODEL)

@@ -251,14 +251,16 @@ def model_notes_detailed(*, user) -> bool:
     return may_operate(user, "download")
 
 
-def model_options(*, detailed: bool = False) -> list[ModelOption]:
-    """The enabled models, grouped by family, with what the upload page says about each: cached, will be
+def model_options(*, user=None) -> list[ModelOption]:
+    """The enabled models, grouped by family, with what the upload page says about each to `user`: cached, will be
     downloaded, or why not (a licence this site refuses included).
 
-    Only `detailed` notes (model_notes_detailed) name a mirror's host or quote a configuration error: the page is public
-    when anonymous uploads are, and DEPTHSITE_MODEL_MIRROR is the operators' business."""
+    Only the notes for an operator (model_notes_detailed) name a mirror's host or quote a configuration error: the
+    page is public when anonymous uploads are, and DEPTHSITE_MODEL_MIRROR is the operators' business. Without a
+    user, the notes anyone may read (the names and choices are the same either way)."""
     from models_registry.selectors import models_by_family
 
+    detailed = user is not None and model_notes_detailed(user=user)
     options = []
     for _, members in models_by_family(model_list(enabled_only=True)):
         for model, facts in members:

@@ -41,7 +41,6 @@ from inference.selectors import (
     depth_job_may_run_again,
     depth_job_reused_from,
     depth_job_summary,
-    model_notes_detailed,
     model_options,
     output_choices,
     uploads_allowed,
@@ -121,7 +120,7 @@ def _refused_before_reading(request, *, form_class, page):
         return redirect_to_login(request.get_full_path())
     throttle = UploadThrottle()
     if not throttle.would_allow(request):
-        names = [option.name for option in model_options(detailed=model_notes_detailed(user=request.user))]
+        names = [option.name for option in model_options()]
         form = form_class(model_names=names, default_model=DEFAULT_MODEL)
         return page(request, form, status=429, refusal=_too_many_uploads(throttle.wait()))
     return None
@@ -144,7 +143,7 @@ def csrf_failure(request, reason: str = ""):
 @csrf_protect
 @_uploads_allowed
 def _upload(request, *, limit: UploadLimitHandler | None):
-    options = model_options(detailed=model_notes_detailed(user=request.user))
+    options = model_options(user=request.user)
     names = [option.name for option in options]
     status = 200
     if request.method == "POST":
@@ -183,8 +182,7 @@ def _job_options_context(request, form, *, options=None, refusal: str = "") -> d
     single upload form and the batch form alike."""
     return {
         "form": form,
-        "model_options": (model_options(detailed=model_notes_detailed(user=request.user)) if options is None
-                          else options),
+        "model_options": model_options(user=request.user) if options is None else options,
         "cpu_times_machine": cpu_times_machine(),
         "selected_model": form["model"].value() or DEFAULT_MODEL,
         "selected_outputs": form["outputs"].value() or ["png"],
@@ -250,8 +248,7 @@ def _run_again_context(request, job: DepthJob, *, error: str = "") -> dict:
     holding the re-run permission."""
     allowed = (job.status in RunStatus.TERMINAL
                and depth_job_may_run_again(job=job, user=request.user, session_key=upload_session_key(request)))
-    names = ([option.name for option in model_options(detailed=model_notes_detailed(user=request.user))]
-             if allowed else [])
+    names = [option.name for option in model_options()] if allowed else []
     return {"can_run_again": allowed, "run_again_models": [name for name in names if name != job.model_name],
             "run_again_error": error}
 
