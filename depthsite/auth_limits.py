@@ -382,7 +382,7 @@ def _check_within_limits(form, request, name: str, check):
     except ValidationError:
         raise  # a failed attempt: its reservations stay counted
     except BaseException:
-        attempt.give_back()  # no answer about the password was given
+        attempt._give_back_quietly()  # no answer about the password was given; that error is the one to report
         raise
     if right:
         _succeeded(attempt, counters, name)
@@ -396,9 +396,6 @@ class LimitedLoginMixin:
 
     refused_for: int | None = None  # seconds to wait, when refused
 
-    def _refusal(self) -> ValidationError:
-        return _login_refusal(self.refused_for)
-
     def clean(self):
         if self.request is None:
             return super().clean()
@@ -409,7 +406,7 @@ class LimitedLoginMixin:
             attempt = Attempt(login_counters(client_address(self.request), name))
             if not attempt.peek():
                 self.refused_for = attempt.refused_for
-                raise self._refusal()
+                raise _login_refusal(self.refused_for)
             return super().clean()
 
         def check():
@@ -462,16 +459,21 @@ def admin_login(request, extra_context=None):
 # --- changing a password --------------------------------------------------------------------------------------
 
 
-class LimitedPasswordChangeMixin:
-    """For a PasswordChangeForm: the old password is checked as a sign-in as the form's user from the request's
-    client address would be, in the same counts (reserved first, refused unchecked past any limit, a wrong one
-    kept counted, a right one given back). The form takes the request as `request`."""
+class _TakesRequest:
+    """For a form a limit may refuse: it takes the request (`request=`, as _RefusedAs429 hands it over) and says
+    how long to wait when refused."""
 
     refused_for: int | None = None  # seconds to wait, when refused
 
     def __init__(self, *args, request=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.request = request
+
+
+class LimitedPasswordChangeMixin(_TakesRequest):
+    """For a PasswordChangeForm: the old password is checked as a sign-in as the form's user from the request's
+    client address would be, in the same counts (reserved first, refused unchecked past any limit, a wrong one
+    kept counted, a right one given back)."""
 
     @sensitive_variables()
     def clean_old_password(self):
@@ -535,15 +537,9 @@ def reset_counters(request, email: str) -> list[Counter]:
     return counters
 
 
-class LimitedPasswordResetForm(PasswordResetForm):
+class LimitedPasswordResetForm(_TakesRequest, PasswordResetForm):
     """Every request is counted (reserved before anything is sent) against its address and its e-mail address;
     past either limit none is sent, and the refused request is not counted."""
-
-    refused_for: int | None = None
-
-    def __init__(self, *args, request=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.request = request
 
     def clean(self):
         cleaned = super().clean()

@@ -15,11 +15,11 @@ from depthsite.commands import CliError, RegistryCommand
 
 
 def _row(counter: auth_limits.Counter, now: float) -> dict:
-    on = counter.on
+    on, attempts = counter.on, counter.count(now)  # one read of the count
     return {"kind": counter.kind.removeprefix("login_"), "setting": counter.setting,
-            "rate": counter.rate if on else "off", "attempts": counter.count(now), "limit": counter.limit,
+            "rate": counter.rate if on else "off", "attempts": attempts, "limit": counter.limit,
             "window_seconds": counter.window, "seconds_left": counter.seconds_left(now) if on else None,
-            "full": counter.full(now)}
+            "full": on and attempts >= counter.limit}
 
 
 class Command(RegistryCommand):
