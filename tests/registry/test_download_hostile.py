@@ -21,7 +21,7 @@ from django.contrib.auth import get_user_model
 
 from depthsite.choices import RunStatus
 from depthsite.exceptions import ApplicationError, DownloadError
-from depthsite.testing.weightserver import WeightServer
+from depthsite.testing.weightserver import POLL_INTERVAL, WeightServer
 from models_registry import cachefs, fetch
 from models_registry.models import WeightDownload, WeightFile
 from models_registry.services.download import weight_download
@@ -196,7 +196,7 @@ class _Redirector:
         return f"{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self) -> "_Redirector":
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": POLL_INTERVAL}, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
