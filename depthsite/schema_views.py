@@ -5,7 +5,7 @@ depthsite.schema_access, through SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"]): the
 from __future__ import annotations
 
 from django.contrib.auth.views import redirect_to_login
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework import exceptions
 from rest_framework.renderers import JSONRenderer
 
@@ -21,8 +21,11 @@ class SchemaView(SpectacularAPIView):
         return response
 
 
-class SwaggerView(SpectacularSwaggerView):
-    """The Swagger UI page; an anonymous visitor of a closed site is sent to the login page and back."""
+class SwaggerView(SpectacularSwaggerSplitView):
+    """The Swagger UI page; an anonymous visitor of a closed site is sent to the login page and back.
+
+    The split view serves the page's start-up script from its own URL (`?script`): inline, the site's
+    Content-Security-Policy (depthsite.csp) would refuse to run it."""
 
     def handle_exception(self, exc):
         if isinstance(exc, exceptions.NotAuthenticated) and not self.request.user.is_authenticated:

@@ -72,6 +72,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Every response's Content-Security-Policy, and the nonce a template's inline script needs (depthsite.csp).
+    "depthsite.csp.ContentSecurityPolicyMiddleware",
     # Before anything reads a body (the CSRF check reads a form's): a body over its address's limit is refused
     # unread. After the security middleware, so its redirects and headers still apply.
     "depthsite.middleware_limits.RequestBodyLimitMiddleware",

@@ -15,6 +15,7 @@ from inference.models import DepthJob
 from inference.writers import read_ply
 from depthsite.testing import images
 from tests.jobs.conftest import upload
+from tests.support.browser import policy_refusals
 
 pytestmark = pytest.mark.django_db
 LIST = "/api/predictions/"
@@ -139,6 +140,7 @@ def test_the_job_page_shows_the_cloud_in_3d(transactional_db, live_server, cache
     page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(live_server.url) else None)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    refused = policy_refusals(page)  # the import map runs under the site's policy, by its nonce
 
     page.add_init_script(COUNT_FRAMES)
     page.goto(f"{live_server.url}/jobs/{with_ply.pk}/")
@@ -168,8 +170,8 @@ def test_the_job_page_shows_the_cloud_in_3d(transactional_db, live_server, cache
     page.wait_for_timeout(1000)
     assert page.evaluate("window.frameRequests") == asked
     page.set_viewport_size({"width": 900, "height": 700})
-    page.wait_for_function(f"window.frameRequests > {asked}", polling=100, timeout=5_000)
-    assert foreign == [] and errors == []
+    page.wait_for_function("(asked) => window.frameRequests > asked", arg=asked, polling=100, timeout=5_000)
+    assert foreign == [] and errors == [] and refused == []
     # The .ply is a download; the preview is the view's own file, not offered as one.
     assert page.locator('#downloads a[data-format="ply"]').count() == 1
     assert page.locator('#downloads a[data-format="ply_preview"]').count() == 0

@@ -62,3 +62,12 @@ def chromium_browser() -> Iterator:
             yield browser
         finally:
             browser.close()
+
+
+def policy_refusals(page) -> list[str]:
+    """A list that fills with every message in which the page's browser reports refusing something under the
+    Content-Security-Policy (depthsite.csp): attach before the page loads, assert it empty afterwards."""
+    refused: list[str] = []
+    page.on("console", lambda message: refused.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    return refused
