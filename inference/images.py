@@ -126,6 +126,87 @@ class ImageInfo:
     mode: str
     width: int  # upright
     height: int
+    alpha: bool = False  # transparency, which image_open drops (ALPHA_NOTE)
+
+
+# A JPEG's decoding work grows with its scans, not its bytes: libjpeg walks every block of the image once per
+# progressive scan, and a scan can be 75 bytes, so one small file of many scans held a web worker for minutes (at
+# 49 megapixels, 30 ms a scan). Encoders write up to about a dozen (libjpeg's default progression 10, mozjpeg's
+# 10-14); past MAX_JPEG_SCANS the file is refused before Pillow sees it. Markers before and between the scans
+# (tables, APPn, comments) are read by Pillow one by one in Python, so they are bounded too.
+MAX_JPEG_SCANS = 40
+MAX_JPEG_SEGMENTS = 1000
+_FILL = re.compile(rb"\xff+")
+# The marker that ends a scan's entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a restart
+# marker (inside the data) or another 0xFF (fill).
+_SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+
+
+def _jpeg_work_check(stream: BinaryIO) -> None:
+    """ImageError when a JPEG holds more scans or marker segments than a photo needs; other data passes untouched.
+
+    Reads the file once (a memory map where it has a file descriptor), never decodes, and leaves the stream
+    where it was. Damage is not judged here: wherever the walk cannot go on, Pillow reports it."""
+    start = stream.tell()
+    if stream.read(3) != b"\xff\xd8\xff":
+        stream.seek(start)
+        return
+    stream.seek(start)
+    data = None
+    try:
+        import mmap
+
+        data = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+        position = start
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        data = stream.read()
+        stream.seek(start)
+        position = 0
+    try:
+        _jpeg_walk(data, position + 2)
+    finally:
+        if not isinstance(data, bytes):
+            data.close()
+
+
+def _jpeg_walk(data, position: int) -> None:
+    end = len(data)
+    scans = segments = 0
+    while position < end:
+        fill = _FILL.match(data, position)
+        if fill is None:
+            return
+        position = fill.end()
+        if position >= end:
+            return
+        marker = data[position]
+        position += 1
+        if marker == 0xD9:  # end of image
+            return
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise ImageError(f"the JPEG holds more than {MAX_JPEG_SEGMENTS} marker segments, far more than a "
+                             f"photo has; save it again from an image editor",
+                             extra={"field": "image", "kind": "too_many_segments", "limit": MAX_JPEG_SEGMENTS})
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length follows
+            continue
+        if position + 2 > end:
+            return
+        length = (data[position] << 8) | data[position + 1]
+        if length < 2:
+            return
+        position += length
+        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageError(f"the JPEG has more than {MAX_JPEG_SCANS} progressive scans (photos have about "
+                                 f"10), each of which decodes the whole image again; save it again from an "
+                                 f"image editor", extra={"field": "image", "kind": "too_many_scans",
+                                                         "limit": MAX_JPEG_SCANS})
+            found = _SCAN_END.search(data, position)
+            if found is None:
+                return
+            position = found.start()
 
 
 def _stream(source: bytes | bytearray | Path | str | BinaryIO) -> BinaryIO:
@@ -155,6 +236,7 @@ def _opened(source, limit: int):
     Every Pillow failure inside the block becomes an ImageError with a kind."""
     stream = _stream(source)
     try:
+        _jpeg_work_check(stream)
         with warnings.catch_warnings():
             # Our limit is checked below; Pillow's own (higher) one only raises DecompressionBombError,
             # caught below, and its warning is noise here.
@@ -207,12 +289,13 @@ def image_check(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels
         mode = image.mode
         image_format = image.format or ""
         rotated = _orientation(image) in (5, 6, 7, 8)
+        alpha = _has_alpha(image)
         if image_format in ("JPEG", "MPO"):
             image.draft(None, (max(1, width // 8), max(1, height // 8)))
         if image_format not in _DECODED_BY_THE_WORKER:
             image.load()
     return ImageInfo(format=image_format, mode=mode, width=height if rotated else width,
-                     height=width if rotated else height)
+                     height=width if rotated else height, alpha=alpha)
 
 
 def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels: int | None = None) -> LoadedImage:

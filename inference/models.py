@@ -71,6 +71,9 @@ class DepthJob(models.Model):
     image_format = models.CharField(max_length=16, blank=True)
     image_width = models.PositiveIntegerField(null=True, blank=True, help_text="Upright width in pixels.")
     image_height = models.PositiveIntegerField(null=True, blank=True, help_text="Upright height in pixels.")
+    image_alpha = models.BooleanField(null=True, blank=True,
+                                      help_text="Whether the photo carried transparency (dropped), read once at upload; "
+                                                "empty for jobs made before 0013.")
     input_preview = models.CharField(max_length=255, blank=True,
                                      help_text="An upright PNG of a photo browsers cannot show, made once by the "
                                                "worker (relative to MEDIA_ROOT).")

@@ -21,9 +21,9 @@ from django.views.csrf import csrf_failure as django_csrf_failure
 from depthsite.units import format_size
 from inference.api.permissions import UploadThrottle
 from inference.colormaps import DEFAULT_COLORMAP
-from inference.images import ALPHA_NOTE, BROWSER_IMAGE_TYPES, image_has_alpha
+from inference.images import ALPHA_NOTE, BROWSER_IMAGE_TYPES
 from inference.forms import DepthJobForm, UploadLimitHandler
-from inference.media import media_name_check, media_open, media_open_served
+from inference.media import media_open_served
 from inference.models import DepthJob
 from depthsite.choices import RunStatus
 from inference.sessions import upload_session_key
@@ -286,15 +286,10 @@ def _job_page_with_error(request, job: DepthJob, error: str, *, status: int):
 
 
 def _input_had_alpha(job: DepthJob) -> bool:
-    """Read from the stored upload's header (no pixels decoded); an unreadable or missing file says nothing."""
-    name = media_name_check(job.image.name if job.image else None)
-    if name is None:
-        return False
-    try:
-        with media_open(name) as stored:
-            return image_has_alpha(stored, max_pixels=settings.DEPTHSITE_MAX_IMAGE_PIXELS)
-    except (ApplicationError, FileNotFoundError):
-        return False
+    """Recorded at upload: a page view never reads the stored photo, whose header a stranger wrote (a JPEG of
+    millions of empty markers cost seconds and hundreds of MB to parse, on every view). Jobs from before the
+    column (empty) say nothing."""
+    return bool(job.image_alpha)
 
 
 @never_cache

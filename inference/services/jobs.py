@@ -131,7 +131,7 @@ def depth_job_prepare(*, image: File, options: DepthJobOptions, owner=None, sess
         session_key=(session_key or "") if anonymous else "",
         client_address=(client_address or "") if anonymous else "",
         image_name=_client_name(image.name), image_sha256=_sha256(image), image_size=size, image_format=info.format,
-        image_width=info.width, image_height=info.height,
+        image_width=info.width, image_height=info.height, image_alpha=info.alpha,
         model=options.model, model_name=options.model.name, outputs=options.outputs, colormap=options.colormap,
         fov_degrees=options.fov_degrees,
     )

@@ -55,11 +55,24 @@ def test_form_and_api_docs_state_it(client, user):
 
 
 @pytest.mark.parametrize(("data", "shown"), [(_png("RGBA", (9, 9, 9, 0)), True), (_png("RGB", (9, 9, 9)), False)])
-def test_job_page_says_it_when_the_photo_had_alpha(client, user, small_model, run_jobs, data, shown):
+def test_job_page_says_it_when_the_photo_had_alpha(client, user, small_model, run_jobs, data, shown, monkeypatch):
     client.force_login(user)
     with run_jobs():
         client.post(reverse("inference:upload"), {"image": upload(data, "a.png", "image/png"),
                                                   "model": "MiDaS_small", "colormap": "inferno", "outputs": ["png"]})
     job = DepthJob.objects.get()
+    assert job.image_alpha is shown  # read once, at upload
+    # A page view never parses the stored photo again (its header is a stranger's: per-view work must not be).
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("the job page opened the stored photo"))
     page = client.get(reverse("inference:job_detail", args=[job.pk])).content.decode()
     assert ("This photo had transparency" in page) is shown
+
+
+def test_a_job_from_before_the_column_shows_no_note(client, user, small_model, run_jobs):
+    client.force_login(user)
+    with run_jobs():
+        client.post(reverse("inference:upload"), {"image": upload(_png("RGBA", (9, 9, 9, 0)), "a.png", "image/png"),
+                                                  "model": "MiDaS_small", "colormap": "inferno", "outputs": ["png"]})
+    DepthJob.objects.update(image_alpha=None)
+    page = client.get(reverse("inference:job_detail", args=[DepthJob.objects.get().pk])).content.decode()
+    assert "This photo had transparency" not in page
