@@ -22,7 +22,13 @@ from inference.services.jobs import DEFAULT_MODEL
 from inference.services.batch_images import batch_max_bytes, batch_max_files, depth_batch_images_collect
 from inference.services.batch_zip import depth_batch_archive_plan, depth_batch_archive_stream
 from inference.services.batches import depth_batch_create
-from inference.views import _job_options_context, _polled, _refused_before_reading, _uploads_allowed
+from inference.views import (
+    _job_options_context,
+    _polled,
+    _refused_before_reading,
+    _too_many_uploads,
+    _uploads_allowed,
+)
 from models_registry.api.throttling import client_address
 from depthsite.exceptions import ApplicationError, NotFoundError
 
@@ -61,6 +67,12 @@ def _batch_upload(request, *, limit: BatchUploadLimitHandler | None):
         form = DepthBatchForm(model_names=names, default_model=DEFAULT_MODEL)
         return _batch_upload_page(request, form, status=200, options=options)
     form = DepthBatchForm(request.POST, request.FILES, model_names=names, default_model=DEFAULT_MODEL)
+    # Its body has been read (the CSRF token is in it): the request counts one upload whatever becomes of it, as
+    # at the single upload; the other N-1 photos count once known.
+    throttle = UploadThrottle()
+    if not throttle.allow_request(request, None):
+        form.add_error(None, _too_many_uploads(throttle.wait()))
+        return _batch_upload_page(request, form, status=429, options=options)
     if limit is not None and (limit.exceeded or limit.too_many_files):
         form.is_valid()
         form.errors.pop("images", None)
@@ -72,8 +84,7 @@ def _batch_upload(request, *, limit: BatchUploadLimitHandler | None):
     data = form.cleaned_data
     try:
         with depth_batch_images_collect(images=data["images"], archive=data["archive"]) as photos:
-            throttle = UploadThrottle()
-            if not throttle.allow_uploads(request, len(photos)):
+            if not throttle.allow_uploads(request, len(photos) - 1):
                 form.add_error(None, _too_many_batch_uploads(len(photos), throttle.remaining, throttle.wait()))
                 return _batch_upload_page(request, form, status=429, options=options)
             batch = depth_batch_create(images=photos, model=data["model"], outputs=data["outputs"],

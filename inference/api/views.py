@@ -213,9 +213,11 @@ class BatchCreateView(BatchAPIView):
         gate.open(request)
 
     def check_throttles(self, request):
-        # The rate is counted once the photos are known: a batch of N counts as N uploads (see post).
+        # The request counts one upload before its body is read, whatever becomes of it: a refused archive or an
+        # oversized body costs the server its reading too. The other N-1 photos of a batch count once known
+        # (see post).
         throttle = UploadThrottle()
-        if not throttle.would_allow(request):
+        if not throttle.allow_request(request, self):
             self.throttled(request, throttle.wait())
 
     @extend_schema(
@@ -234,7 +236,7 @@ class BatchCreateView(BatchAPIView):
         try:
             with depth_batch_images_collect(images=data["images"], archive=data["archive"]) as photos:
                 throttle = UploadThrottle()
-                if not throttle.allow_uploads(request, len(photos)):
+                if not throttle.allow_uploads(request, len(photos) - 1):  # the first counted at the door
                     raise _batch_throttled(len(photos), throttle)
                 batch = depth_batch_create(images=photos, model=data["model"], outputs=data["outputs"],
                                            colormap=data["colormap"], fov=data["fov"], owner=request.user,

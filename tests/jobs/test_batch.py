@@ -277,10 +277,24 @@ def test_a_batch_of_n_counts_as_n_uploads_against_the_rate(api, small_model, run
                                "DEFAULT_THROTTLE_RATES": {"uploads": "4/hour", "writes": "4/hour"}}
     photos = [(f"{n}.jpg", images.jpeg()) for n in range(3)]
     assert post_batch(api, run_jobs, photos=photos).status_code == 202
+    assert post_batch(api, run_jobs, photos=photos[:1]).status_code == 202  # the 4th upload of the hour
+    assert DepthJob.objects.count() == 4
+    response = post_batch(api, run_jobs, photos=photos[:1])
+    assert response.status_code == 429 and DepthJob.objects.count() == 4
+
+
+def test_a_batch_over_the_rate_still_counts_the_request_it_read(api, small_model, run_jobs, settings):
+    """The request counts one upload at the door, before its body is read; its other photos once known. A
+    batch refused for the rate has still been read, so it costs that one."""
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {"uploads": "5/hour", "writes": "5/hour"}}
+    photos = [(f"{n}.jpg", images.jpeg()) for n in range(3)]
+    assert post_batch(api, run_jobs, photos=photos).status_code == 202
     response = post_batch(api, run_jobs, photos=photos)
     assert response.status_code == 429
     assert "batch of 3 photos would pass your upload rate (1 more now)" in response.json()["message"]
     assert post_batch(api, run_jobs, photos=photos[:1]).status_code == 202
+    assert post_batch(api, run_jobs, photos=photos[:1]).status_code == 429
     assert DepthJob.objects.count() == 4
 
 

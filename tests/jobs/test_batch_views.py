@@ -183,3 +183,17 @@ def test_staff_find_batches_in_the_admin(client, staff, cached_small, run_jobs):
     assert batch.short_id in listing and '<td class="field-job_count">2</td>' in listing
     page = client.get(f"/admin/inference/depthbatch/{batch.pk}/change/").content.decode()
     assert f"/batch/{batch.pk}/" in page
+
+
+@pytest.mark.parametrize("door", ["web", "api"])
+def test_refused_batches_count_against_the_rate_too(web, api, small_model, run_jobs, settings, door):
+    """Every batch request counts one upload before its body is read: a refused archive or an oversized body
+    cost the server its reading, and before they were never counted, so they could be repeated without end."""
+    from tests.jobs.test_batch import post_batch as post_api_batch
+
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {"uploads": "3/hour", "writes": "3/hour"}}
+    post = (lambda: post_batch(web, run_jobs, archive=b"not a zip at all")) if door == "web" else (
+        lambda: post_api_batch(api, run_jobs, archive=b"not a zip at all"))
+    assert [post().status_code for _ in range(4)] == [400, 400, 400, 429]
+    assert DepthJob.objects.count() == 0
