@@ -2,7 +2,8 @@
 the archive passed its checks. Nothing here imports torch.
 
 A hostile archive is refused whole, before any job exists: encrypted members, symlinks, absolute or `..`
-names, names listed twice, more members or bytes than the limits, a compression ratio or an unpacked size
+names, names listed twice, photos packed other than stored or deflate, more members or bytes than the limits
+(its central directory counted before zipfile reads it), a compression ratio or an unpacked size
 that gives it away as a zip bomb, damaged data. What is merely not a photo (a nested archive, a text file,
 macOS `__MACOSX/` metadata, hidden files, folders) is skipped, and the batch lists it with the reason.
 """
@@ -31,9 +32,18 @@ NESTED_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", 
 # megabyte unpacked, so a tiny flat picture may compress as it likes) is a bomb, refused before it is unpacked.
 MAX_COMPRESSION_RATIO = 200
 RATIO_FREE_BYTES = 1_000_000
-_SUPPORTED_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# Only these are unpacked: zipfile bounds what each read of a stored or deflate member yields, while it hands a
+# bzip2 or LZMA decompressor a whole compressed read with no limit on the output (a few hundred bytes of bzip2 can
+# stand for hundreds of megabytes, allocated before a single byte could be counted). Every OS's zip tool writes
+# photos with one of these two.
+_SUPPORTED_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _CHUNK = 1024 * 1024
 _END_OF_CENTRAL_DIRECTORY = b"PK\x05\x06"
+_END_OF_CENTRAL_DIRECTORY_64 = b"PK\x06\x06"
+_ZIP64_END_RECORDS_SIZE = 56 + 20  # the zip64 end record and its locator, between the directory and the end record
+_CENTRAL_HEADER = b"PK\x01\x02"
+_CENTRAL_HEADER_SIZE = 46  # then the name, the extra field and the comment, whose lengths it gives at offset 28
+_CENTRAL_RECORD_MAX = _CENTRAL_HEADER_SIZE + 3 * 0xFFFF
 
 
 def batch_max_files() -> int:
@@ -150,6 +160,50 @@ def _declared_entries(handle: BinaryIO) -> int:
     return total
 
 
+def _too_many_members(listed: str) -> InvalidRequestError:
+    return _refused(f"it lists {listed} members; at most {_archive_max_members()} are read", kind="too_many_members")
+
+
+def _central_directory_count(handle: BinaryIO) -> None:
+    """Counts the records of the central directory, found where zipfile finds it, and refuses the archive as soon
+    as there are more than the limit: zipfile reads the directory by its size in bytes (not by the count the end
+    record declares) and builds an entry for each record, so a body of small records would cost it far more memory
+    and time than was sent. At most limit + 1 records are looked at here."""
+    limit = _archive_max_members()
+    try:
+        # zipfile's own reading of the end record (zip64 included), so the directory counted is the one it reads.
+        end = zipfile._EndRecData(handle)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+        raise _refused(f"not a readable zip file ({exc})", kind="not_a_zip") from None
+    if not end:
+        raise _refused("not a readable zip file (no end of central directory)", kind="not_a_zip")
+    signature, size, location = end[0], end[5], end[9]
+    if size > limit * _CENTRAL_RECORD_MAX:  # not even `limit` records of the largest size fill that much
+        raise _refused(f"its directory is {format_size(size)}, more than {limit} members can take; at most {limit} "
+                       "are read", kind="too_many_members")
+    # As zipfile: bytes before the archive (a self-extracting stub) shift every offset; the directory ends where
+    # the end records begin.
+    start = location - size - (_ZIP64_END_RECORDS_SIZE if signature == _END_OF_CENTRAL_DIRECTORY_64 else 0)
+    if start < 0:
+        raise _refused("not a readable zip file (bad offset for central directory)", kind="not_a_zip")
+    counted = walked = 0
+    while walked < size:
+        if size - walked < _CENTRAL_HEADER_SIZE:
+            raise _refused("not a readable zip file (truncated central directory)", kind="not_a_zip")
+        handle.seek(start + walked)
+        header = handle.read(_CENTRAL_HEADER_SIZE)
+        if len(header) != _CENTRAL_HEADER_SIZE:
+            raise _refused("not a readable zip file (truncated central directory)", kind="not_a_zip")
+        if header[:4] != _CENTRAL_HEADER:
+            raise _refused("not a readable zip file (bad magic number for central directory)", kind="not_a_zip")
+        counted += 1
+        if counted > limit:
+            raise _too_many_members(f"more than {limit}")
+        name_length, extra_length, comment_length = struct.unpack_from("<3H", header, 28)
+        walked += _CENTRAL_HEADER_SIZE + name_length + extra_length + comment_length
+    handle.seek(0)
+
+
 def _member_name_problem(name: str) -> str:
     """Why a member's name is unsafe to have in an archive (the name is never used as a path, but such names
     are how archives attack extractors, so the archive is refused); empty when fine."""
@@ -181,8 +235,8 @@ def _archive_unpack(archive: File, *, into: BatchImages) -> None:
     into.archive_name = _client_name(archive.name or "archive.zip")
     entries = _declared_entries(handle)
     if entries > _archive_max_members():
-        raise _refused(f"it lists {entries if entries != 0xFFFF else 'more than 65535'} members; at most "
-                       f"{_archive_max_members()} are read", kind="too_many_members")
+        raise _too_many_members(str(entries) if entries != 0xFFFF else "more than 65535")
+    _central_directory_count(handle)  # the end record's count may lie; the directory zipfile will read cannot
     try:
         bundle = zipfile.ZipFile(handle)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as exc:
@@ -190,8 +244,7 @@ def _archive_unpack(archive: File, *, into: BatchImages) -> None:
     with bundle:
         infos = bundle.infolist()
         if len(infos) > _archive_max_members():
-            raise _refused(f"it lists {len(infos)} members; at most {_archive_max_members()} are read",
-                           kind="too_many_members")
+            raise _too_many_members(str(len(infos)))
         selected = _members_select(infos, skipped=into.skipped)
         if len(into.files) + len(selected) > batch_max_files():
             raise _too_many(len(into.files) + len(selected), field_name="archive")
@@ -229,11 +282,21 @@ def _members_select(infos: Iterable[zipfile.ZipInfo], *, skipped: list[dict]) ->
         if reason:
             skipped.append({"name": name[:255], "reason": reason})
             continue
+        # A photo packed another way refuses the whole archive, like an encrypted one: skipping it would drop a
+        # photo the sender meant to send without a word. A member skipped by its name is never opened, so its
+        # method does not matter.
         if info.compress_type not in _SUPPORTED_COMPRESSION:
-            raise _refused(f"member {name[:200]!r} uses a compression method zip readers rarely know "
-                           f"({info.compress_type}); use deflate", kind="compression", member=name[:200])
+            raise _compression_refused(info)
         selected.append(info)
     return selected
+
+
+def _compression_refused(info: zipfile.ZipInfo) -> InvalidRequestError:
+    name = info.filename[:200]
+    method = zipfile.compressor_names.get(info.compress_type, "an unknown method")
+    return _refused(f"member {name!r} is compressed with {method} (method {info.compress_type}); only stored or "
+                    "deflate members are read: re-create the archive with standard (deflate) compression",
+                    kind="compression", member=name)
 
 
 def _members_sizes_check(selected: Sequence[zipfile.ZipInfo], *, already: int) -> None:
@@ -258,6 +321,8 @@ def _members_sizes_check(selected: Sequence[zipfile.ZipInfo], *, already: int) -
 def _member_unpack(bundle: zipfile.ZipFile, info: zipfile.ZipInfo, *, room: int | None) -> File:
     """One member into a temporary file, counting what really comes out: never more than it declared, than a
     photo may be, or than the batch has room for (the directory can lie; the bytes cannot)."""
+    if info.compress_type not in _SUPPORTED_COMPRESSION:  # never a decompressor whose output is not bounded
+        raise _compression_refused(info)
     per_file = settings.DEPTHSITE_MAX_UPLOAD_BYTES
     bounds = [info.file_size] + [limit for limit in (per_file, room) if limit]
     bound = min(bounds)
