@@ -58,6 +58,25 @@ class WeightFileInline(admin.TabularInline):
 # writes files or records, or hands out a file, and needs "change".
 
 
+class OperatorActionPermissions:
+    """Every registry action asks the permission table (models_registry.api.permissions.OPERATOR_PERMISSIONS) by
+    its key, `permissions=["verify"]` and so on, as the API, the pages and the dashboard do: an admin action that
+    asked a model permission of its own would let a staff user do here what the API refuses them (the weight file
+    Verify action asked change_weightfile, the export permission, where verifying needs change_registeredmodel)."""
+
+
+def _asks_the_table(key: str):
+    def has_permission(self, request) -> bool:
+        return request.user.is_active and request.user.is_staff and request.user.has_perms(OPERATOR_PERMISSIONS[key])
+
+    has_permission.__name__ = f"has_{key}_permission"
+    return has_permission
+
+
+for _key in OPERATOR_PERMISSIONS:
+    setattr(OperatorActionPermissions, f"has_{_key}_permission", _asks_the_table(_key))
+
+
 def _convert_action(fmt: str):
     def action(modeladmin, request, queryset):
         done, failed = [], []
@@ -70,10 +89,10 @@ def _convert_action(fmt: str):
         _report(modeladmin, request, done, failed)
 
     action.__name__ = f"convert_to_{fmt}"
-    return admin.action(description=f"Convert to {fmt}", permissions=["change"])(action)
+    return admin.action(description=f"Convert to {fmt}", permissions=["convert"])(action)
 
 
-@admin.action(description="Verify cached files (this node)", permissions=["change"])
+@admin.action(description="Verify cached files (this node)", permissions=["verify"])
 def verify_models(modeladmin, request, queryset):
     done, failed = [], []
     for model in queryset:
@@ -85,8 +104,6 @@ def verify_models(modeladmin, request, queryset):
     _report(modeladmin, request, done, failed)
 
 
-# Deletes weight files, so it asks what the API's cache clear asks (models_registry.api.permissions), not the
-# permission to delete model records: RegisteredModelAdmin.has_cache_clear_permission.
 @admin.action(description="Clear cached files (this node)", permissions=["cache_clear"])
 def clear_models(modeladmin, request, queryset):
     _report(modeladmin, request, [cache_clear(model=model).summary for model in queryset], [])
@@ -100,7 +117,7 @@ def _download_response(result) -> FileResponse:
 
 
 @admin.register(RegisteredModel)
-class RegisteredModelAdmin(admin.ModelAdmin):
+class RegisteredModelAdmin(OperatorActionPermissions, admin.ModelAdmin):
     # Fits a laptop's viewport: the display name is on the change page, the pin shows as its hash.
     list_display = ("name", "architecture", "native_input", "license", "enabled", "cached_formats", "cached_size",
                     "pinned_hash")
@@ -111,9 +128,6 @@ class RegisteredModelAdmin(admin.ModelAdmin):
     inlines = [WeightFileInline]
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     actions = [verify_models, *(_convert_action(fmt) for fmt in WeightFormat.values), clear_models]
-
-    def has_cache_clear_permission(self, request) -> bool:
-        return request.user.is_active and request.user.has_perms(OPERATOR_PERMISSIONS["cache_clear"])
 
     # Facts of the architecture (depthsite.netspecs), shown read-only: editing them could not change the network.
     @admin.display(description="native input")
@@ -147,7 +161,7 @@ class RegisteredModelAdmin(admin.ModelAdmin):
         return super().get_queryset(request).prefetch_related("weight_files")
 
 
-@admin.action(description="Verify", permissions=["change"])
+@admin.action(description="Verify", permissions=["verify"])
 def verify_files(modeladmin, request, queryset):
     done, failed = [], []
     for weight_file in queryset.select_related("model"):
@@ -160,7 +174,7 @@ def verify_files(modeladmin, request, queryset):
     _report(modeladmin, request, done, failed)
 
 
-@admin.action(description="Export (download the file)", permissions=["change"])
+@admin.action(description="Export (download the file)", permissions=["export"])
 def export_file(modeladmin, request, queryset):
     if queryset.count() != 1:
         modeladmin.message_user(request, "select exactly one weight file to export", messages.ERROR)
@@ -175,7 +189,7 @@ def export_file(modeladmin, request, queryset):
     return _download_response(result)
 
 
-@admin.action(description="Delete file and record (clear)", permissions=["delete"])
+@admin.action(description="Delete file and record (clear)", permissions=["cache_clear"])
 def clear_files(modeladmin, request, queryset):
     done, failed = [], []
     for weight_file in queryset.select_related("model"):
@@ -189,7 +203,7 @@ def clear_files(modeladmin, request, queryset):
 
 
 @admin.register(WeightFile)
-class WeightFileAdmin(admin.ModelAdmin):
+class WeightFileAdmin(OperatorActionPermissions, admin.ModelAdmin):
     list_display = ("model", "format", "human_size", "health_badge", "health_reason", "last_used_at", "node",
                     "verified_at")
     list_filter = ("format", "health", "node", "model")

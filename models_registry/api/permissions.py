@@ -6,8 +6,9 @@ from django.conf import settings
 from rest_framework.permissions import BasePermission, IsAdminUser
 
 # Every operator action of the site (REST API, web pages, dashboard buttons) and the Django model permissions it
-# needs, all of them, on top of is_staff (superusers hold every permission). They are the permissions the admin
-# actions of the same kind declare (`permissions=[...]` in models_registry/admin.py and inference/admin.py):
+# needs, all of them, on top of is_staff (superusers hold every permission). The registry's admin actions ask this
+# table by its keys (models_registry.admin.OperatorActionPermissions); inference/admin.py's declare the same model
+# permissions (`permissions=[...]`):
 # "delete" for what deletes files or jobs, "change" for what writes files or records, runs a job again or hands out
 # a weight file, "view" to read other users' jobs. The registry's strings name `inference` permissions as plain text:
 # the registry never imports inference (tests/test_layering.py). A user's own jobs need none of these.

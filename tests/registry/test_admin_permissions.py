@@ -95,14 +95,47 @@ def test_a_staff_user_with_delete_permission_can_still_clear(client, cached_smal
     assert not WeightFile.objects.exists() and not path.exists()
 
 
-def test_a_staff_user_with_change_permission_can_still_verify_and_export(client, cached_small):
-    client.force_login(_staff("keeper", "view_weightfile", "change_weightfile"))
+def test_the_export_permission_exports_but_does_not_verify(client, cached_small):
+    """Each action asks the permission table, as the API does: change_weightfile is the export permission;
+    verifying writes health and needs change_registeredmodel (the Verify action once asked change_weightfile)."""
+    client.force_login(_staff("exporter", "view_weightfile", "change_weightfile"))
+    before = cached_small.verified_at
+
+    offered = _offered(client, "weightfile")
+    assert "export_file" in offered and "verify_files" not in offered and "clear_files" not in offered
+    _post_action(client, "weightfile", "verify_files", [cached_small.pk])
+    cached_small.refresh_from_db()
+    assert cached_small.verified_at == before
+
+
+def test_a_staff_user_with_the_verify_permission_can_verify_files(client, cached_small):
+    client.force_login(_staff("keeper", "view_weightfile", "change_registeredmodel"))
     cachefs.absolute(cached_small.path).write_bytes(b"")
 
-    assert {"verify_files", "export_file"} <= _offered(client, "weightfile")
-    assert "clear_files" not in _offered(client, "weightfile")  # deleting needs delete
+    assert "verify_files" in _offered(client, "weightfile")
+    assert {"export_file", "clear_files"}.isdisjoint(_offered(client, "weightfile"))
     response = _post_action(client, "weightfile", "verify_files", [cached_small.pk])
 
     assert response.status_code == 302
     cached_small.refresh_from_db()
     assert cached_small.health == Health.CORRUPT
+
+
+@pytest.mark.parametrize("key", ["verify", "convert", "export", "cache_clear"])
+def test_the_admins_answer_as_the_table_for_every_user(key, cached_small):
+    from django.contrib.admin.sites import site
+    from django.test import RequestFactory
+
+    from models_registry.admin import RegisteredModelAdmin, WeightFileAdmin
+    from models_registry.api.permissions import OPERATOR_PERMISSIONS, may_operate
+    from models_registry.models import RegisteredModel
+
+    codenames = [p.split(".", 1)[1] for p in OPERATOR_PERMISSIONS[key]]
+    users = [_staff(f"u{n}", *perms) for n, perms in enumerate(
+        [(), ("view_weightfile",), ("change_weightfile",), ("change_registeredmodel",), ("delete_weightfile",),
+         tuple(codenames)])]
+    for user in users:
+        request = RequestFactory().get("/")
+        request.user = user
+        for model_admin in (RegisteredModelAdmin(RegisteredModel, site), WeightFileAdmin(WeightFile, site)):
+            assert getattr(model_admin, f"has_{key}_permission")(request) == may_operate(user, key), (key, user)
