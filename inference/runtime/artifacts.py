@@ -23,7 +23,7 @@ from inference.runtime.pack import pack_write
 
 from models_registry import cachefs
 from models_registry.choices import Health, RuntimeFormat
-from depthsite.exceptions import ApplicationError
+from depthsite.exceptions import ApplicationError, WeightFileError
 from models_registry.formats import file_sha256
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import weight_file_get
@@ -145,6 +145,30 @@ def runtime_artifact_build(*, model: RegisteredModel, weight_file: WeightFile,
         return _build(model=model, weight_file=weight_file, tolerance=tolerance)
 
 
+def _built_from(weight_file: WeightFile, state_dict) -> str:
+    """The key the artifact is recorded under, computed from the tensors it is built from, never taken from the
+    row: a file whose tensors changed while its size did not (bit rot, another fine-tune copied over it, a crash
+    between an import's rename and its record) passes the quick checks before a build, and an artifact recorded
+    under the row's digest would then be served for the genuine weights, even after they were repaired.
+    Tensors that disagree with their record mark the file corrupt (WeightFileError). About 1 s a GB of hashing,
+    against the minutes of the export."""
+    from models_registry.formats.digest import content_digest
+
+    if weight_file.content_digest:
+        computed = content_digest({name: tensor.numpy() for name, tensor in state_dict.items()})
+        recorded = weight_file.content_digest
+    else:  # recorded before content digests: the file's own bytes are its key
+        computed = file_sha256(cachefs.absolute(weight_file.path))
+        recorded = weight_file.sha256
+    if computed != recorded:
+        reason = (f"its tensors changed since they were recorded (digest {computed[:16]}..., recorded "
+                  f"{recorded[:16]}...)")
+        weight_mark_corrupt(weight_file=weight_file, reason=reason)
+        raise WeightFileError(f"{weight_file.model.name} [{weight_file.format}]: {reason}; verify or download it again",
+                              extra={"model": weight_file.model.name, "format": weight_file.format})
+    return computed
+
+
 def build_lock_name(model: RegisteredModel) -> str:
     return f"{model.name}.build"
 
@@ -154,8 +178,10 @@ def _build(*, model: RegisteredModel, weight_file: WeightFile, tolerance: float)
     from inference.runtime.eager import network_refused, state_dict_read
 
     config = get_config(model.architecture)
+    state_dict = state_dict_read(weight_file)
+    key = _built_from(weight_file, state_dict)
     try:
-        network = create_model(model.architecture, state_dict=state_dict_read(weight_file), device="cpu").eval()
+        network = create_model(model.architecture, state_dict=state_dict, device="cpu").eval()
     except ValueError as exc:
         raise network_refused(model, exc) from None
     dest = runtime_artifact_path(model=model)
@@ -193,7 +219,7 @@ def _build(*, model: RegisteredModel, weight_file: WeightFile, tolerance: float)
                 artifact, _ = WeightFile.objects.update_or_create(
                     model=model, format=ARTIFACT_FORMAT, node=cachefs.node_name(), defaults={
                         "path": cachefs.relative(dest), "size": size, "sha256": sha256,
-                        "content_digest": weights_key(weight_file), "dtype": "float32", "health": Health.OK,
+                        "content_digest": key, "dtype": "float32", "health": Health.OK,
                         "health_reason": check.describe(), "functional_hash": "", "license": model.license,
                         "verified_at": now, "created_at": now, "origin": "build",
                         "origin_source": f"{weight_file.format} copy, sha256 {weight_file.sha256}",
