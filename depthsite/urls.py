@@ -47,3 +47,9 @@ if settings.DEBUG:
     from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 
     urlpatterns += staticfiles_urlpatterns()
+
+# Under /api/, Django's own error answers in the API's JSON shape (depthsite.error_pages).
+handler400 = "depthsite.error_pages.bad_request"
+handler403 = "depthsite.error_pages.permission_denied"
+handler404 = "depthsite.error_pages.not_found"
+handler500 = "depthsite.error_pages.server_error"

@@ -74,6 +74,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # Every response's Content-Security-Policy, and the nonce a template's inline script needs (depthsite.csp).
     "depthsite.csp.ContentSecurityPolicyMiddleware",
+    # Cache-Control: private, no-store on whatever names no caching itself (depthsite.cache_headers).
+    "depthsite.cache_headers.PrivateByDefaultMiddleware",
     # Before anything reads a body (the CSRF check reads a form's): a body over its address's limit is refused
     # unread. After the security middleware, so its redirects and headers still apply.
     "depthsite.middleware_limits.RequestBodyLimitMiddleware",
