@@ -1,14 +1,17 @@
 """Cached files' records: write, mark used or corrupt, prove the pin, refuse another node's, pick the next usable."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from django.utils import timezone
 
-from depthsite.exceptions import ConflictError, NotFoundError, WeightFileError
+from depthsite.exceptions import ApplicationError, ConflictError, NotFoundError, WeightFileError
 from models_registry import cachefs
 from models_registry.choices import Health, WeightFormat
 from models_registry.formats import LoadedWeights, read_weights
@@ -140,17 +143,91 @@ def _best_source(model: RegisteredModel, exclude: Iterable[str] = ()) -> WeightF
     return best_first(files)[0]
 
 
+# Errors of the moment, not of the bytes: the process or the machine ran short (file descriptors, memory, a
+# read interrupted or refused for now, an I/O error of the disk or the network filesystem). A file that meets one
+# keeps its health (marking it corrupt would have `models optimize` delete what may be the only copy); the caller
+# is told to try again. EIO is counted here on purpose: a failing sector makes the file unreadable every time, and
+# `models verify` (the operator's deliberate check) is what condemns it then, not one load under pressure.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR,
+                             errno.EIO, errno.ENOBUFS, errno.EBUSY, errno.ETIMEDOUT})
+# torch reports a failed open or map of a file in its own words (a RuntimeError): "unable to mmap N bytes from
+# file <PATH>: Cannot allocate memory (12)", "unable to open file <PATH> in read-write mode: ... (24)".
+_TORCH_FILE_ERROR = re.compile(r"^unable to (?:mmap|open) .*\((\d+)\)\s*$", re.DOTALL)
+_CHAIN_LIMIT = 16
+
+
+class WeightsUnavailableNowError(ApplicationError):
+    """Cached weights could not be opened because of a shortage of the moment (file descriptors, memory, I/O);
+    the file is left as it was. 503: the same request may work in a moment."""
+
+    status = 503
+    code = "temporary"
+    hint = "try again in a moment; if it keeps happening, the machine is short of memory or file descriptors"
+
+
+def _chain(exc: BaseException):
+    """`exc` and the errors it was raised from or while handling (the format readers raise `from None`,
+    which hides the cause from tracebacks but keeps it as __context__)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < _CHAIN_LIMIT:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def resource_error_code(exc: BaseException) -> int | None:
+    """The errno when `exc` (or what it was raised from) is a shortage of the moment rather than bad bytes:
+    an OSError with an errno of RESOURCE_ERRNOS, torch's failed map or open with one, or a MemoryError (ENOMEM).
+    None otherwise. Only the OS's and torch's own errors are read, never a message that may quote the file."""
+    for link in _chain(exc):
+        if isinstance(link, MemoryError):
+            return errno.ENOMEM
+        if isinstance(link, OSError):
+            if link.errno in RESOURCE_ERRNOS:
+                return link.errno
+            continue
+        if type(link) is RuntimeError:
+            match = _TORCH_FILE_ERROR.match(str(link))
+            if match and int(match.group(1)) in RESOURCE_ERRNOS:
+                return int(match.group(1))
+    return None
+
+
+def _no_space(exc: BaseException) -> bool:
+    return any(isinstance(link, OSError) and link.errno in cachefs.NO_SPACE_ERRNOS for link in _chain(exc))
+
+
+def weights_unavailable_now(what: str, code: int, *, doing: str = "opened", file: str = "",
+                            **extra) -> WeightsUnavailableNowError:
+    """The temporary error for `what` that could not be `doing` because of errno `code` (its text, never a path)."""
+    name = errno.errorcode.get(code, str(code))
+    return WeightsUnavailableNowError(
+        f"{what} could not be {doing} now ({os.strerror(code)}, {name}); try again",
+        extra={"kind": "temporary", "errno": name, **extra}, file=file)
+
+
 def weights_first_usable(*, model: RegisteredModel, pick: Callable[[], WeightFile],
                          use: Callable[[WeightFile], T], rounds: int = len(SOURCE_PREFERENCE) + 1) -> tuple[WeightFile, T]:
-    """`use` applied to the file `pick` chooses; a file that fails there (WeightFileError, or the OS cannot read
-    it) is marked corrupt, so the next `pick` passes it over. The one "try the next file" loop: loading,
-    converting and building an estimator all go through it."""
+    """`use` applied to the file `pick` chooses; a file whose bytes fail there (WeightFileError, or the OS cannot
+    read it) is marked corrupt, so the next `pick` passes it over. The one "try the next file" loop: loading,
+    converting and building an estimator all go through it.
+
+    A failure of the moment instead (too many open files, no memory to map it, an I/O error: resource_error_code)
+    leaves the file as it was and raises WeightsUnavailableNowError (503); no space left raises DiskFullError."""
     last_error = ""
     for _ in range(rounds):
         weight_file = pick()
         try:
             return weight_file, use(weight_file)
         except (WeightFileError, OSError) as exc:
+            code = resource_error_code(exc)
+            if code is not None:
+                logger.warning("%s could not be used now (%s); its health is left as it was", weight_file,
+                               os.strerror(code))
+                raise weights_unavailable_now(f"the weights of {model.name} [{weight_file.format}]", code,
+                                              model=model.name, format=weight_file.format) from exc
+            if _no_space(exc):
+                raise cachefs.disk_full_error(cachefs.absolute(weight_file.path), exc) from exc
             last_error = getattr(exc, "message", None) or str(exc)
             weight_mark_corrupt(weight_file=weight_file, reason=last_error)
     raise WeightFileError(f"no cached file of {model.name} is usable (last error: {last_error}); each is marked "
