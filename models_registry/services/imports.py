@@ -1,9 +1,11 @@
 """Import a weight file or a bundle into the cache: extract safely, identify, check against the pin, record."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,12 @@ from models_registry.selectors import model_get, weight_file_get
 from models_registry.services.export import BUNDLE_MANIFEST
 from models_registry.services.inspection import Inspection, model_identify, weights_functional_check, weights_inspect
 from models_registry.services.licences import model_license_check
-from models_registry.services.records import cache_file_path, weight_record
+from models_registry.services.records import (
+    cache_file_path,
+    resource_error_code,
+    weight_record,
+    weights_unavailable_now,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,17 @@ BUNDLE_MAX_MANIFEST = 64 * 1024
 MANIFEST_STRINGS = ("file", "model", "file_sha256", "content_digest")
 
 
+# A member's name is untrusted and may be as long as its PAX header: messages quote at most this much of it.
+MEMBER_NAME_SHOWN = 200
+
+
+def _member_shown(name: str) -> str:
+    """A member's name as messages quote it: repr'd, at most MEMBER_NAME_SHOWN characters of it."""
+    if len(name) <= MEMBER_NAME_SHOWN:
+        return repr(name)
+    return f"{name[:MEMBER_NAME_SHOWN]!r}... ({len(name)} characters)"
+
+
 def _bad_bundle(path: Path, why: str, **extra) -> WeightFileError:
     return WeightFileError(f"{path.name}: {why}", extra={"kind": "bad_bundle", **extra}, file=path.name)
 
@@ -74,13 +92,14 @@ def _bundle_members(path: Path, archive: tarfile.TarFile) -> dict[str, tarfile.T
         if headers > BUNDLE_MAX_MEMBERS:
             raise _bad_bundle(path, f"more than {BUNDLE_MAX_MEMBERS} members; a bundle holds a manifest and one file")
         if member.name in members:
-            raise _bad_bundle(path, f"member {member.name!r} appears twice; a bundle holds each file once")
+            raise _bad_bundle(path, f"member {_member_shown(member.name)} appears twice; a bundle holds each file once")
         sparse = (member.type == tarfile.GNUTYPE_SPARSE or member.sparse is not None
                   or any(key.startswith("GNU.sparse") for key in member.pax_headers))
         if sparse:
-            raise _bad_bundle(path, f"member {member.name!r} is a sparse file; a bundle holds regular files only")
+            raise _bad_bundle(path, f"member {_member_shown(member.name)} is a sparse file; a bundle holds regular "
+                                    "files only")
         if not member.isreg():
-            raise _bad_bundle(path, f"member {member.name!r} is not a regular file")
+            raise _bad_bundle(path, f"member {_member_shown(member.name)} is not a regular file")
         members[member.name] = member
     return members
 
@@ -103,7 +122,10 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
     """Read a bundle's manifest and copy its one weight file out (no extractall: member names are untrusted).
 
     Sizes are checked against the import limit and the free disk before a byte is written, and the copy
-    gets a name of its own, so concurrent imports never write into a file another one has mapped.
+    gets a name of its own, so concurrent imports never write into a file another one has mapped. That name
+    is fixed (`.tmp-<hex>-bundle`): no part of a member's name is ever part of a path (weights are identified by
+    their content, not by a name's extension). An OSError while copying is a full disk (DiskFullError), a
+    shortage of the moment (WeightsUnavailableNowError, 503) or else a bundle that cannot be extracted (422).
     """
     from django.conf import settings
 
@@ -135,8 +157,8 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
         manifest = _bundle_manifest_check(path, manifest)
         member = members.get(manifest["file"])
         if member is None:
-            raise _bad_bundle(path, f"the bundle's manifest names {manifest['file'][:256]!r}, which it does not hold",
-                              field="file")
+            raise _bad_bundle(path, f"the bundle's manifest names {_member_shown(manifest['file'])}, which it does "
+                                    "not hold", field="file")
         if member is manifest_member:
             raise _bad_bundle(path, "the bundle's manifest does not name a weight file")
         limit = settings.DEPTHSITE_MAX_IMPORT_BYTES
@@ -145,13 +167,13 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
                 f"{path.name}: its weight file has {member.size} bytes, over the import limit of {limit} "
                 "(DEPTHSITE_MAX_IMPORT_BYTES)", extra={"size": member.size, "limit": limit}, file=path.name)
         if member.offset_data + member.size > path.stat().st_size:
-            raise _bad_bundle(path, f"member {member.name!r} extends past the end of the bundle")
+            raise _bad_bundle(path, f"member {_member_shown(member.name)} extends past the end of the bundle")
         free = cachefs.disk_free(workdir)
         if member.size > free:
             raise DiskFullError(f"{path.name}: extracting {member.size} bytes needs more than the {free} bytes "
                                 f"free under {workdir}; free some space (models optimize) and try again",
                                 extra={"size": member.size, "free": free}, file=path.name)
-        target = cachefs.temp_path_for(workdir / f"bundle-{Path(member.name).name}")
+        target = cachefs.temp_path_for(workdir / "bundle")
         try:
             with cachefs.disk_full_as_error(target), archive.extractfile(member) as reader, \
                     open(target, "xb") as writer:
@@ -159,13 +181,26 @@ def _bundle_extract(path: Path, workdir: Path) -> tuple[Path, dict]:
                 while remaining > 0:
                     chunk = reader.read(min(cachefs.COPY_CHUNK, remaining))
                     if not chunk:
-                        raise _bad_bundle(path, f"member {member.name!r} is shorter than its header says")
+                        raise _bad_bundle(path, f"member {_member_shown(member.name)} is shorter than its header says")
                     writer.write(chunk)
                     remaining -= len(chunk)
-        except BaseException:
-            target.unlink(missing_ok=True)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                target.unlink(missing_ok=True)
+            if isinstance(exc, (OSError, tarfile.TarError)):  # no space left is already a DiskFullError
+                raise _extract_error(path, member, exc) from exc
             raise
     return target, manifest
+
+
+def _extract_error(path: Path, member: tarfile.TarInfo, exc: BaseException) -> ApplicationError:
+    """What copying `member` out of the bundle failing with `exc` means, in words without a path."""
+    code = resource_error_code(exc)
+    if code is not None:
+        return weights_unavailable_now(f"{path.name}: member {_member_shown(member.name)}", code,
+                                       doing="extracted", file=path.name)
+    why = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
+    return _bad_bundle(path, f"member {_member_shown(member.name)} cannot be extracted ({why})")
 
 
 def weight_import(*, path: Path, model_name: str | None = None, original_name: str = "", imported_by: str = "",
@@ -212,7 +247,8 @@ def weight_import(*, path: Path, model_name: str | None = None, original_name: s
         if exc.file == path.name:
             exc.file_named(shown)
         elif extracted is not None and exc.file == extracted.name:
-            exc.file_named(f"{shown}/{manifest['file']}")
+            exc.file_named(f"{shown}/{manifest['file'][:MEMBER_NAME_SHOWN]}"
+                           + ("..." if len(manifest["file"]) > MEMBER_NAME_SHOWN else ""))
         raise
     finally:
         if extracted is not None:
