@@ -17,7 +17,12 @@ from models_registry.formats import extension_format, file_sha256, sniff_format
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import weight_files
 from models_registry.services.inspection import Inspection, weights_functional_check, weights_inspect
-from models_registry.services.records import node_check, weight_pin_problem
+from models_registry.services.records import (
+    node_check,
+    resource_error_code,
+    weight_pin_problem,
+    weights_unavailable_now,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +111,10 @@ def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Ins
         return (*quick, None)
     try:
         inspection = weights_inspect(path=path, architecture=weight_file.model.architecture, fmt=weight_file.format)
-    except WeightFileError as exc:
+    except (WeightFileError, OSError) as exc:
+        _temporary_check(weight_file, exc)
+        if isinstance(exc, OSError):
+            raise
         return Health.CORRUPT, exc.message, None
     if inspection.sha256 != weight_file.sha256:
         return Health.CORRUPT, (f"{path.name} sha256 {inspection.sha256[:16]}... differs from the recorded "
@@ -154,6 +162,16 @@ def artifact_bytes_problem(weight_file: WeightFile, path: Path, stat: os.stat_re
     return None
 
 
+def _temporary_check(weight_file: WeightFile, exc: BaseException) -> None:
+    """A check that failed for a shortage of the moment (file descriptors, memory, I/O) says nothing of the bytes:
+    WeightsUnavailableNowError (503), the file's health left as it was, as when a job loads it (records)."""
+    code = resource_error_code(exc)
+    if code is not None:
+        raise weights_unavailable_now(f"the weights of {weight_file.model.name} [{weight_file.format}]", code,
+                                      doing="checked", model=weight_file.model.name,
+                                      format=weight_file.format) from exc
+
+
 def _artifact_problem(weight_file: WeightFile, path: Path) -> tuple[str, str]:
     """A runtime artifact's bytes against its record; its output was compared with eager when it was built."""
     try:
@@ -183,6 +201,7 @@ def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> Verify
             weight_file.functional_hash = weights_functional_check(weight_file.model, inspection.loaded,
                                                                    digest=inspection.digest)
         except WeightFileError as exc:
+            _temporary_check(weight_file, exc)
             health, reason = Health.CORRUPT, exc.message
     weight_file.set_health(health, reason)
     weight_file.save(update_fields=["health", "health_reason", "verified_at", "functional_hash"])

@@ -139,3 +139,20 @@ def test_a_missing_file_is_not_reported_as_temporary(cached_small, small_model):
     cachefs.absolute(cached_small.path).unlink()
     with pytest.raises(OfflineError):
         weights_use(model=small_model, use=records.weights_read, offline=True)
+
+
+@pytest.mark.parametrize("where", ["inspect", "functional"])
+def test_models_verify_under_a_shortage_keeps_the_file_too(cached_small, small_model, monkeypatch, where):
+    """`models verify` is the operator's check, but a shortage while it runs says nothing of the bytes either:
+    the same 503, the health left as it was (it once marked the file corrupt, and optimize then deleted it)."""
+    from models_registry.services import verify
+
+    shortage = _wrapped_like_the_formats(OSError(errno.EMFILE, "Too many open files"))
+
+    def fail(*args, **kwargs):
+        raise shortage
+
+    monkeypatch.setattr(verify, "weights_inspect" if where == "inspect" else "weights_functional_check", fail)
+    with pytest.raises(ApplicationError) as refused:
+        verify.weight_verify(weight_file=cached_small)
+    _assert_kept(cached_small, refused.value)
