@@ -136,10 +136,13 @@ class ImageInfo:
 # (tables, APPn, comments) are read by Pillow one by one in Python, so they are bounded too.
 MAX_JPEG_SCANS = 40
 MAX_JPEG_SEGMENTS = 1000
-_FILL = re.compile(rb"\xff+")
-# The marker that ends a scan's entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a restart
-# marker (inside the data) or another 0xFF (fill).
-_SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+# Bytes between markers before the first scan (fill 0xFF runs, junk a decoder skips): Pillow steps over them one by
+# one in Python, so 2 MB of fill cost it 1.8 s.
+MAX_JPEG_HEADER_JUNK = 64 * 1024
+# The next marker, found as libjpeg finds it: skip anything, then a run of 0xFF, then the marker's byte (not 0x00,
+# which stuffs a data byte, and not 0xFF, which is more fill). A walk that stopped at the first unexpected byte
+# instead would pass a file whose scans follow one junk byte, which Pillow and libjpeg skip with a warning.
+_MARKER = re.compile(rb"\xff+([^\x00\xff])")
 
 
 def _jpeg_work_check(stream: BinaryIO) -> None:
@@ -170,43 +173,44 @@ def _jpeg_work_check(stream: BinaryIO) -> None:
 
 
 def _jpeg_walk(data, position: int) -> None:
-    end = len(data)
-    scans = segments = 0
-    while position < end:
-        fill = _FILL.match(data, position)
-        if fill is None:
+    header = True  # before the first scan: what Pillow reads itself, in Python
+    scans = segments = junk = 0
+    while True:
+        found = _MARKER.search(data, position)
+        if found is None:
             return
-        position = fill.end()
-        if position >= end:
-            return
-        marker = data[position]
-        position += 1
+        marker = data[found.start(1)]
+        if header:
+            junk += found.start(1) - 1 - position  # what lay between the last segment and this marker's 0xFF
+            if junk > MAX_JPEG_HEADER_JUNK:
+                raise ImageError(f"the JPEG's header holds more than {MAX_JPEG_HEADER_JUNK // 1024} kB of filler "
+                                 "between its markers; save it again from an image editor",
+                                 extra={"field": "image", "kind": "too_much_filler",
+                                        "limit": MAX_JPEG_HEADER_JUNK})
+        position = found.end()
         if marker == 0xD9:  # end of image
             return
+        standalone = 0xD0 <= marker <= 0xD7 or marker == 0x01  # no length follows
+        if standalone and not header:
+            continue  # restart markers inside a scan's data: libjpeg's, read in C
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
             raise ImageError(f"the JPEG holds more than {MAX_JPEG_SEGMENTS} marker segments, far more than a "
                              f"photo has; save it again from an image editor",
                              extra={"field": "image", "kind": "too_many_segments", "limit": MAX_JPEG_SEGMENTS})
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length follows
+        if standalone:
             continue
-        if position + 2 > end:
+        if position + 2 > len(data):
             return
-        length = (data[position] << 8) | data[position + 1]
-        if length < 2:
-            return
-        position += length
+        position += (data[position] << 8) | data[position + 1]  # the length counts its own two bytes
         if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            header = False
             scans += 1
             if scans > MAX_JPEG_SCANS:
                 raise ImageError(f"the JPEG has more than {MAX_JPEG_SCANS} progressive scans (photos have about "
                                  f"10), each of which decodes the whole image again; save it again from an "
                                  f"image editor", extra={"field": "image", "kind": "too_many_scans",
                                                          "limit": MAX_JPEG_SCANS})
-            found = _SCAN_END.search(data, position)
-            if found is None:
-                return
-            position = found.start()
 
 
 def _stream(source: bytes | bytearray | Path | str | BinaryIO) -> BinaryIO:

@@ -121,3 +121,44 @@ def test_the_api_answers_a_scan_bomb_with_a_400_naming_it(settings, client):
         "scans.jpg", with_scans(images.MAX_JPEG_SCANS + 1), content_type="image/jpeg")})
     assert response.status_code == 400, response.content
     assert response.json()["extra"]["kind"] == "too_many_scans"
+
+
+def _after_first_segment(data: bytes, junk: bytes) -> bytes:
+    _, _, end = _segments(data)[0]  # APP0
+    return data[:end] + junk + data[end:]
+
+
+@pytest.mark.parametrize("junk", [b"\x00", b"junk", b"\xff\x00\xff\xff"], ids=["zero", "text", "stuffed-and-fill"])
+def test_junk_between_segments_does_not_hide_the_scans_after_it(junk):
+    """Pillow and libjpeg skip bytes that are not a marker (with a warning); the walk finds the next marker as
+    libjpeg does, so one junk byte after a segment cannot end it early and pass every scan behind it."""
+    data = _after_first_segment(with_scans(images.MAX_JPEG_SCANS + 1), junk)
+    with pytest.raises(ImageError) as refused:
+        images.image_check(data)
+    assert refused.value.extra["kind"] == "too_many_scans"
+    # The same junk in a photo with few scans still passes, as the decoders take it.
+    assert images.image_check(_after_first_segment(progressive(), junk)).width == 64
+
+
+def test_a_marker_without_length_inside_a_scan_does_not_end_the_walk():
+    data = with_scans(images.MAX_JPEG_SCANS + 1)
+    _, _, end = [s for s in _segments(data) if s[0] == 0xDA][0]
+    with pytest.raises(ImageError, match="progressive scans"):
+        images.image_check(data[:end] + b"\xff\x01\x00" + data[end:])
+
+
+def test_filler_before_the_first_scan_is_bounded():
+    """Pillow steps over fill and junk bytes one at a time in Python (2 MB of fill cost 1.8 s)."""
+    with pytest.raises(ImageError) as refused:
+        images.image_check(_after_first_segment(progressive(), b"\xff" * (images.MAX_JPEG_HEADER_JUNK + 10)))
+    assert refused.value.extra["kind"] == "too_much_filler"
+    assert images.image_check(_after_first_segment(progressive(), b"\xff" * 1000)).height == 48
+
+
+def test_restart_markers_in_the_data_are_not_segments():
+    """A photo written with restart intervals has a marker every few blocks: thousands in a large one."""
+    buffer = io.BytesIO()
+    Image.effect_noise((1024, 768), 40).convert("RGB").save(buffer, "JPEG", restart_marker_blocks=1)
+    data = buffer.getvalue()
+    assert sum(data.count(bytes([0xFF, code])) for code in range(0xD0, 0xD8)) > images.MAX_JPEG_SEGMENTS
+    assert images.image_check(data).width == 1024
