@@ -73,6 +73,23 @@ HALF_FROM_RUNS = 8
 HALF_MARGIN = 0.9
 
 
+def _weights_still_usable(weight_file) -> None:
+    """After a failed build: WeightFileError when the build condemned the weights themselves (their tensors no longer
+    match their record: inference.runtime.artifacts._built_from, in this process or a build process). Eager would
+    load the same changed tensors and serve them under the record's sha256; the caller tries the next copy."""
+    from depthsite.exceptions import WeightFileError
+    from models_registry.choices import Health
+
+    try:
+        weight_file.refresh_from_db(fields=["health", "health_reason"])
+    except type(weight_file).DoesNotExist:
+        raise WeightFileError(f"{weight_file.model.name} [{weight_file.format}]: its record was removed while its "
+                              "runtime artifact was built", extra={"model": weight_file.model.name}) from None
+    if weight_file.health not in Health.USABLE:
+        raise WeightFileError(f"{weight_file.model.name} [{weight_file.format}]: {weight_file.health_reason}",
+                              extra={"model": weight_file.model.name, "format": weight_file.format})
+
+
 def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, prepack: bool = True) -> Estimator | None:
     """The ONNX estimator of these weights, building and checking the artifact first when there is none
     (in a child process unless DEPTHSITE_RUNTIME_BUILD=inline).
@@ -99,6 +116,7 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
             else:
                 artifact = runtime_artifact_build(model=model, weight_file=weight_file)
         except ApplicationError as exc:
+            _weights_still_usable(weight_file)
             # An artifact of an earlier recipe still serves these weights as it did (it passed its check when it
             # was built) rather than eager; the rebuild is tried again by the next process.
             kept = runtime_artifact_find(model=model, weight_file=weight_file, earlier_recipe=True)

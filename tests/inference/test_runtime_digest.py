@@ -62,3 +62,15 @@ def test_a_row_without_a_content_digest_is_checked_by_its_sha256(cached_small, s
     _overwrite_same_size(cached_small, small_arrays, tmp_path)
     with pytest.raises(WeightFileError, match="tensors changed"):
         artifacts.runtime_artifact_build(model=small_model, weight_file=cached_small)
+
+
+def test_weights_condemned_by_the_build_are_not_run_in_eager_either(cached_small, small_model, small_arrays,
+                                                                     tmp_path, quick_build, pool,
+                                                                     fresh_runtime_state):
+    """The build refused the changed tensors and marked them corrupt; falling back to eager would load those same
+    tensors and store their results under the record's sha256 (where result reuse would hand them out)."""
+    _overwrite_same_size(cached_small, small_arrays, tmp_path)
+    with pytest.raises(WeightFileError, match="tensors changed"):
+        pool.get(model=small_model, weight_file=cached_small)
+    cached_small.refresh_from_db()
+    assert cached_small.health == Health.CORRUPT
