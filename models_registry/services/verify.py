@@ -1,6 +1,7 @@
 """Verify recorded files against their bytes, their layout, the pin and the functional check."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ from models_registry.models import RegisteredModel, WeightFile
 from models_registry.selectors import weight_files
 from models_registry.services.inspection import Inspection, weights_functional_check, weights_inspect
 from models_registry.services.records import (
+    WeightsUnavailableNowError,
     node_check,
     resource_error_code,
     weight_pin_problem,
@@ -33,10 +35,11 @@ class VerifyResult:
     health: str
     reason: str
     path: str
+    checked: bool = True  # False: a shortage of the moment stopped the check, the health is the one recorded before
 
     @property
     def ok(self) -> bool:
-        return self.health == Health.OK
+        return self.health == Health.OK and self.checked
 
     @property
     def summary(self) -> str:
@@ -113,9 +116,9 @@ def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Ins
         inspection = weights_inspect(path=path, architecture=weight_file.model.architecture, fmt=weight_file.format)
     except (WeightFileError, OSError) as exc:
         _temporary_check(weight_file, exc)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and resource_error_code(exc) != errno.EIO:
             raise
-        return Health.CORRUPT, exc.message, None
+        return Health.CORRUPT, getattr(exc, "message", None) or f"{path.name} cannot be read: {exc.strerror}", None
     if inspection.sha256 != weight_file.sha256:
         return Health.CORRUPT, (f"{path.name} sha256 {inspection.sha256[:16]}... differs from the recorded "
                                 f"{weight_file.sha256[:16]}...: the file changed after it was cached"), inspection
@@ -166,7 +169,9 @@ def _temporary_check(weight_file: WeightFile, exc: BaseException) -> None:
     """A check that failed for a shortage of the moment (file descriptors, memory, I/O) says nothing of the bytes:
     WeightsUnavailableNowError (503), the file's health left as it was, as when a job loads it (records)."""
     code = resource_error_code(exc)
-    if code is not None:
+    # An I/O error is the one a deliberate check condemns: a failing sector fails every read, and a file only ever
+    # answered "try again" would never be replaced (loading a file leaves it alone, records.RESOURCE_ERRNOS).
+    if code is not None and code != errno.EIO:
         raise weights_unavailable_now(f"the weights of {weight_file.model.name} [{weight_file.format}]", code,
                                       doing="checked", model=weight_file.model.name,
                                       format=weight_file.format) from exc
@@ -215,7 +220,14 @@ def weights_verify(*, model: RegisteredModel | None = None, fmt: str | None = No
     queryset = weight_files(model=model)
     if fmt:
         queryset = queryset.filter(format=fmt)
-    return [weight_verify(weight_file=weight_file, functional=functional) for weight_file in queryset]
+    results = []
+    for weight_file in queryset:
+        try:
+            results.append(weight_verify(weight_file=weight_file, functional=functional))
+        except WeightsUnavailableNowError as exc:  # this file could not be checked now; the others still are
+            results.append(VerifyResult(weight_file=weight_file, health=weight_file.health, reason=exc.message,
+                                        path=str(cachefs.absolute(weight_file.path)), checked=False))
+    return results
 
 
 def verify_nothing_summary(*, model: RegisteredModel | None = None) -> str:

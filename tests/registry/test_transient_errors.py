@@ -156,3 +156,32 @@ def test_models_verify_under_a_shortage_keeps_the_file_too(cached_small, small_m
     with pytest.raises(ApplicationError) as refused:
         verify.weight_verify(weight_file=cached_small)
     _assert_kept(cached_small, refused.value)
+
+
+def test_models_verify_condemns_a_file_that_gives_io_errors(cached_small, small_model, monkeypatch):
+    """A job that meets EIO leaves the file alone (one load under pressure); the deliberate check condemns it,
+    or a failing sector would be answered "try again" for ever and never replaced."""
+    from models_registry.services import verify
+
+    def fail(*args, **kwargs):
+        raise _wrapped_like_the_formats(OSError(errno.EIO, "Input/output error"))
+
+    monkeypatch.setattr(verify, "weights_inspect", fail)
+    result = verify.weight_verify(weight_file=cached_small)
+    assert result.health == Health.CORRUPT and not result.ok
+    cached_small.refresh_from_db()
+    assert cached_small.health == Health.CORRUPT
+
+
+def test_a_shortage_on_one_file_does_not_stop_verifying_the_others(cached_small, small_model, monkeypatch):
+    from models_registry.services import verify
+
+    def fail(*args, **kwargs):
+        raise _wrapped_like_the_formats(OSError(errno.EMFILE, "Too many open files"))
+
+    monkeypatch.setattr(verify, "weights_inspect", fail)
+    [result] = verify.weights_verify(model=small_model)
+    assert not result.checked and not result.ok and result.health == Health.OK
+    assert "try again" in result.reason and "try again" in result.summary
+    cached_small.refresh_from_db()
+    assert cached_small.health == Health.OK
