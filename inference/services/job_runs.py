@@ -44,6 +44,7 @@ from inference.services.job_state import Superseded, job_attempt_save, job_seen,
 from inference.services.workers import attempt_heartbeat
 from inference.worker import job_lease_seconds, job_timeout, worker_alive, worker_id
 from models_registry.models import WeightFile
+from models_registry.services.records import WeightsUnavailableNowError
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ ERROR_DOWNLOAD = ("the model's weights could not be downloaded; an administrator
                   "retry the download")
 ERROR_WEIGHTS = "the model's cached weights are unusable; an administrator must check them (manage.py models verify)"
 ERROR_OUT_OF_MEMORY = "out of memory while processing this image; try a smaller image or a smaller model"
+ERROR_BUSY = ("the server was short of memory or open files while loading the model (nothing is wrong with your "
+              "photo); run the job again in a moment")
 # DEPTHSITE_DEVICE (or a worker's --device) names a device this machine cannot run: the operator's configuration.
 ERROR_DEVICE = "the server cannot run models on the device it is configured for; ask the operator"
 
@@ -119,6 +122,8 @@ def error_for(exc: BaseException) -> tuple[str, str]:
         return ERROR_OUT_OF_MEMORY, JobErrorCode.OUT_OF_MEMORY
     if isinstance(exc, DiskFullError):
         return ERROR_DISK_FULL, JobErrorCode.INTERNAL
+    if isinstance(exc, WeightsUnavailableNowError):  # a shortage of the moment: the weights are fine
+        return ERROR_BUSY, JobErrorCode.INTERNAL
     if isinstance(exc, LicenseError):
         return ERROR_LICENSE, JobErrorCode.MODEL
     if isinstance(exc, (InvalidRequestError, NotFoundError)):  # DEPTHSITE_MODEL_MIRROR, a catalogue URL, no copy

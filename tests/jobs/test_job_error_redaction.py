@@ -2,6 +2,8 @@
 their words; disk, configuration and other server errors become a fixed sentence, their text stays in the log."""
 from __future__ import annotations
 
+import errno
+
 import logging
 import re
 from pathlib import Path
@@ -25,6 +27,7 @@ from inference.services import job_runs
 from inference.services.job_runs import depth_job_run, error_for
 from inference.services.jobs import depth_job_create
 from models_registry import cachefs
+from models_registry.services.records import weights_unavailable_now
 from tests.jobs.conftest import upload
 
 pytestmark = pytest.mark.django_db
@@ -107,6 +110,9 @@ def test_a_bad_mirror_setting_is_not_quoted_to_the_uploader(small_model, setting
      job_runs.ERROR_LICENSE, JobErrorCode.MODEL),
     (DigestMismatchError(f"{MIRROR}/w.pt gave 10 bytes but the pinned file has 12", extra={"url": MIRROR}),
      job_runs.ERROR_DOWNLOAD_CHECK, JobErrorCode.DOWNLOAD),
+    # A shortage of the moment while loading: not the class name, not "tell the administrator"; try again.
+    (weights_unavailable_now("the weights of MiDaS_small [pt]", errno.EMFILE, model="MiDaS_small"),
+     job_runs.ERROR_BUSY, JobErrorCode.INTERNAL),
 ])
 def test_server_errors_become_a_fixed_sentence_per_kind(exc, sentence, code):
     assert error_for(exc) == (sentence, code)
