@@ -12,7 +12,8 @@ API_PREFIX = "/api/"
 
 
 def _wants_api(request) -> bool:
-    return request.path.startswith(API_PREFIX)
+    # path_info: the address within the site, also when it is served under a prefix (SCRIPT_NAME).
+    return request.path_info.startswith(API_PREFIX)
 
 
 def _api_error(status: int, message: str, code: str) -> JsonResponse:

@@ -73,3 +73,8 @@ def test_a_server_error_under_the_api_is_json_and_says_nothing_of_the_failure(us
     response = client.get("/api/predictions/")
     assert response.status_code == 500 and response["Content-Type"] == "application/json"
     assert response.json()["extra"] == {"code": "server_error"} and "secret" not in response.content.decode()
+
+
+def test_under_a_prefix_the_api_is_told_by_its_address_within_the_site(api):
+    response = api.get("/api/nothing-here/", SCRIPT_NAME="/depth")
+    assert response.status_code == 404 and response["Content-Type"] == "application/json"
