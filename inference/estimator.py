@@ -29,7 +29,7 @@ from models_registry.catalogue import approx_bytes
 from models_registry.models import RegisteredModel, WeightFile
 from models_registry.services.warm import (warm_model_forget, warm_model_record, warm_models_forget_at_exit,
                                            warm_models_heartbeat)
-from models_registry.services.records import weight_mark_corrupt, weight_mark_used
+from models_registry.services.records import resource_error_code, weight_mark_corrupt, weight_mark_used
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,13 @@ def onnx_estimator_build(*, model: RegisteredModel, weight_file: WeightFile, pre
                              artifact_bytes=artifact.size, threads=settings.DEPTHSITE_TORCH_THREADS,
                              prepack=prepack)
     except Exception as exc:  # onnxruntime's errors share no base class; any means this file cannot be used
+        if resource_error_code(exc) is not None:
+            # Short of file descriptors or memory for now: the artifact is not to blame (marking it corrupt would
+            # cost a rebuild of minutes and eager for the rest of the process). Eager this once; the next load
+            # tries the artifact again.
+            say_once(f"artifact-short:{failure_key}", "%s runs in eager PyTorch this time: its ONNX artifact could "
+                     "not be opened now (%s)", model.name, exc)
+            return None
         weight_mark_corrupt(weight_file=artifact, reason=f"ONNX Runtime cannot open it: {exc}")
         _failed_artifacts.add(failure_key)
         say_once(f"artifact:{failure_key}", "%s runs in eager PyTorch: its ONNX artifact does not open (%s)",

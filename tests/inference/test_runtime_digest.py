@@ -2,6 +2,7 @@
 under the digest its weights' row claims: tensors that disagree with their record are refused and marked corrupt."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 
@@ -74,3 +75,24 @@ def test_weights_condemned_by_the_build_are_not_run_in_eager_either(cached_small
         pool.get(model=small_model, weight_file=cached_small)
     cached_small.refresh_from_db()
     assert cached_small.health == Health.CORRUPT
+
+
+@pytest.mark.parametrize("shortage", [OSError(errno.EMFILE, "Too many open files"), MemoryError()],
+                         ids=["EMFILE", "MemoryError"])
+def test_an_artifact_that_cannot_be_opened_for_a_shortage_keeps_its_health(cached_small, small_model, monkeypatch,
+                                                                         fresh_runtime_state, shortage):
+    """Opening the artifact ran short of file descriptors or memory: eager this once, the artifact neither marked
+    corrupt (a rebuild of minutes) nor remembered as failed for the rest of the process."""
+    from inference import estimator
+    from inference.runtime import onnx
+
+    stand_in = cached_small  # plays the artifact's row
+    monkeypatch.setattr(artifacts, "runtime_artifact_find", lambda **kwargs: stand_in)
+
+    def short(**kwargs):
+        raise shortage
+
+    monkeypatch.setattr(onnx, "OnnxEstimator", short)
+    assert estimator.onnx_estimator_build(model=small_model, weight_file=cached_small) is None
+    stand_in.refresh_from_db()
+    assert stand_in.health == Health.OK and not estimator._failed_artifacts
