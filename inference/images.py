@@ -188,9 +188,11 @@ def _jpeg_walk(data, position: int) -> None:
                                  extra={"field": "image", "kind": "too_much_filler",
                                         "limit": MAX_JPEG_HEADER_JUNK})
         position = found.end()
-        if marker == 0xD9:  # end of image
+        if marker == 0xD9 and not header:  # end of image
             return
-        standalone = 0xD0 <= marker <= 0xD7 or marker == 0x01  # no length follows
+        # No length follows these. Pillow's header loop steps over a stray start or end of image too and reads on,
+        # so there they are counted like any other segment, and the walk goes on.
+        standalone = 0xD0 <= marker <= 0xD9 or marker == 0x01
         if standalone and not header:
             continue  # restart markers inside a scan's data: libjpeg's, read in C
         segments += 1

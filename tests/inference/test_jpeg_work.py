@@ -162,3 +162,13 @@ def test_restart_markers_in_the_data_are_not_segments():
     data = buffer.getvalue()
     assert sum(data.count(bytes([0xFF, code])) for code in range(0xD0, 0xD8)) > images.MAX_JPEG_SEGMENTS
     assert images.image_check(data).width == 1024
+
+
+@pytest.mark.parametrize("stray", [b"\xff\xd8", b"\xff\xd9"], ids=["start", "end"])
+def test_a_stray_start_or_end_of_image_in_the_header_does_not_end_the_count(stray):
+    """Pillow's header loop steps over a stray SOI or EOI and reads on: the segments behind it are counted."""
+    data = progressive()
+    crafted = data[:2] + stray + b"\xff\xfe\x00\x02" * (images.MAX_JPEG_SEGMENTS + 1) + data[2:]
+    with pytest.raises(ImageError) as refused:
+        images.image_check(crafted)
+    assert refused.value.extra["kind"] == "too_many_segments"
