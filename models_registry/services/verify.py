@@ -44,7 +44,7 @@ class VerifyResult:
     @property
     def summary(self) -> str:
         """One line for people: "MiDaS_small [pt]: corrupt - why"."""
-        line = self.weight_file.label(self.health)
+        line = self.weight_file.label(self.health if self.checked else "not checked")
         return f"{line} - {self.reason}" if self.reason else line
 
     def as_dict(self) -> dict[str, Any]:
@@ -53,6 +53,8 @@ class VerifyResult:
             "format": self.weight_file.format,
             "path": self.path,
             "health": self.health,
+            "checked": self.checked,  # False: not judged this time (a shortage of the moment); health as recorded
+            "ok": self.ok,
             "reason": self.reason,
             "sha256": self.weight_file.sha256,
             "functional_hash": self.weight_file.functional_hash,
@@ -177,6 +179,15 @@ def _temporary_check(weight_file: WeightFile, exc: BaseException) -> None:
                                       format=weight_file.format) from exc
 
 
+def _unreadable(weight_file: WeightFile, path: Path, exc: OSError) -> tuple[str, str]:
+    """An OSError anywhere in a check: a shortage of the moment is WeightsUnavailableNowError (the file unjudged),
+    an I/O error condemns the file, anything else (a permission, say) is raised as it was."""
+    _temporary_check(weight_file, exc)
+    if resource_error_code(exc) == errno.EIO:
+        return Health.CORRUPT, f"{path.name} cannot be read: {exc.strerror or exc}"
+    raise exc
+
+
 def _artifact_problem(weight_file: WeightFile, path: Path) -> tuple[str, str]:
     """A runtime artifact's bytes against its record; its output was compared with eager when it was built."""
     try:
@@ -194,13 +205,19 @@ def weight_verify(*, weight_file: WeightFile, functional: bool = True) -> Verify
     node_check(node=weight_file.node, action="verify", model=weight_file.model.name, fmt=weight_file.format)
     path = cachefs.absolute(weight_file.path)
     if weight_file.format in RuntimeFormat.values:
-        health, reason = _artifact_problem(weight_file, path)
+        try:
+            health, reason = _artifact_problem(weight_file, path)
+        except OSError as exc:
+            health, reason = _unreadable(weight_file, path, exc)
         if health == Health.OK and weight_file.health != Health.OK:
             health, reason = weight_file.health, weight_file.health_reason  # bytes intact, but it failed its check
         weight_file.set_health(health, reason)
         weight_file.save(update_fields=["health", "health_reason", "verified_at"])
         return VerifyResult(weight_file=weight_file, health=health, reason=reason, path=str(path))
-    health, reason, inspection = _verify_problems(weight_file, path)
+    try:
+        health, reason, inspection = _verify_problems(weight_file, path)
+    except OSError as exc:  # the quick check's stat and sniff, or the inspection, could not read the file
+        (health, reason), inspection = _unreadable(weight_file, path, exc), None
     if health == Health.OK and functional and inspection is not None:
         try:
             weight_file.functional_hash = weights_functional_check(weight_file.model, inspection.loaded,

@@ -4,6 +4,7 @@ an interrupted or failing read) keeps its health: the caller gets a temporary er
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -185,3 +186,22 @@ def test_a_shortage_on_one_file_does_not_stop_verifying_the_others(cached_small,
     assert "try again" in result.reason and "try again" in result.summary
     cached_small.refresh_from_db()
     assert cached_small.health == Health.OK
+
+
+@pytest.mark.parametrize("code, judged", [(errno.EMFILE, False), (errno.EIO, True)], ids=["EMFILE", "EIO"])
+def test_a_raw_os_error_in_the_quick_check_neither_stops_verify_nor_hides(cached_small, small_model, monkeypatch,
+                                                                         code, judged):
+    """The quick check's sniff opens the file itself: its OSError is judged as the inspection's is."""
+    from models_registry.services import verify
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(verify, "_sniffed_format", fail)
+    [result] = verify.weights_verify(model=small_model)
+    assert result.checked is judged and not result.ok
+    assert result.health == (Health.CORRUPT if judged else Health.OK)
+    shown = result.as_dict()
+    assert shown["checked"] is judged and shown["ok"] is False
+    if not judged:
+        assert result.summary.startswith("MiDaS_small [pt]: not checked - ")
