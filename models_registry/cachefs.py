@@ -183,7 +183,9 @@ _NO_SPACE_TEXT = re.compile(
 NEARLY_FULL_BYTES = 1024 * 1024
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the errors it was raised from or while handling (readers that raise `from None` hide the cause
+    from tracebacks but keep it as __context__); at most 16, each once."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen and len(seen) < 16:
         seen.add(id(exc))
@@ -195,7 +197,7 @@ def is_no_space(exc: BaseException, path: Path | None = None) -> bool:
     """Whether `exc` (raised while writing `path`) means there was no room for the bytes, whoever raised it."""
     if not isinstance(exc, Exception) or isinstance(exc, ApplicationError):
         return False
-    for link in _chain(exc):
+    for link in error_chain(exc):
         if isinstance(link, OSError) and link.errno in NO_SPACE_ERRNOS:
             return True
         if not isinstance(link, ApplicationError) and _NO_SPACE_TEXT.search(str(link)):

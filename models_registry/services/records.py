@@ -153,7 +153,6 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAG
 # torch reports a failed open or map of a file in its own words (a RuntimeError): "unable to mmap N bytes from
 # file <PATH>: Cannot allocate memory (12)", "unable to open file <PATH> in read-write mode: ... (24)".
 _TORCH_FILE_ERROR = re.compile(r"^unable to (?:mmap|open) .*\((\d+)\)\s*$", re.DOTALL)
-_CHAIN_LIMIT = 16
 
 
 class WeightsUnavailableNowError(ApplicationError):
@@ -165,21 +164,11 @@ class WeightsUnavailableNowError(ApplicationError):
     hint = "try again in a moment; if it keeps happening, the machine is short of memory or file descriptors"
 
 
-def _chain(exc: BaseException):
-    """`exc` and the errors it was raised from or while handling (the format readers raise `from None`,
-    which hides the cause from tracebacks but keeps it as __context__)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen and len(seen) < _CHAIN_LIMIT:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def resource_error_code(exc: BaseException) -> int | None:
     """The errno when `exc` (or what it was raised from) is a shortage of the moment rather than bad bytes:
     an OSError with an errno of RESOURCE_ERRNOS, torch's failed map or open with one, or a MemoryError (ENOMEM).
     None otherwise. Only the OS's and torch's own errors are read, never a message that may quote the file."""
-    for link in _chain(exc):
+    for link in cachefs.error_chain(exc):
         if isinstance(link, MemoryError):
             return errno.ENOMEM
         if isinstance(link, OSError):
@@ -194,7 +183,8 @@ def resource_error_code(exc: BaseException) -> int | None:
 
 
 def _no_space(exc: BaseException) -> bool:
-    return any(isinstance(link, OSError) and link.errno in cachefs.NO_SPACE_ERRNOS for link in _chain(exc))
+    return any(isinstance(link, OSError) and link.errno in cachefs.NO_SPACE_ERRNOS
+               for link in cachefs.error_chain(exc))
 
 
 def weights_unavailable_now(what: str, code: int, *, doing: str = "opened", file: str = "",
