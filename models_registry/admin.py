@@ -7,7 +7,7 @@ from django.http import FileResponse
 from django.utils.html import format_html
 
 from depthsite.units import format_size
-from models_registry.api.permissions import OPERATOR_PERMISSIONS
+from models_registry.api.permissions import OPERATOR_PERMISSIONS, may_operate
 from models_registry.choices import Health, WeightFormat
 from depthsite.exceptions import ApplicationError
 from models_registry.models import RegisteredModel, WeightDownload, WeightFile
@@ -52,22 +52,22 @@ class WeightFileInline(admin.TabularInline):
         return _health_badge(obj)
 
 
-# Every action declares the model permission it needs (Django's `allowed_permissions`): the admin then offers it,
-# and runs a posted one, only for an account holding that permission, so view-only staff can read the registry
-# without being able to delete, convert, verify or export its files. Deleting files needs "delete"; the rest
-# writes files or records, or hands out a file, and needs "change".
+# Every action declares what it needs (Django's `allowed_permissions`): the admin then offers it, and runs a posted
+# one, only for an account allowed it, so view-only staff can read the registry without being able to delete,
+# convert, verify or export its files.
 
 
 class OperatorActionPermissions:
     """Every registry action asks the permission table (models_registry.api.permissions.OPERATOR_PERMISSIONS) by
-    its key, `permissions=["verify"]` and so on, as the API, the pages and the dashboard do: an admin action that
-    asked a model permission of its own would let a staff user do here what the API refuses them (the weight file
-    Verify action asked change_weightfile, the export permission, where verifying needs change_registeredmodel)."""
+    its key, `permissions=["verify"]` and so on, through `may_operate` as the API, the pages and the dashboard do:
+    an admin action that asked a model permission of its own would let a staff user do here what the API refuses
+    them (the weight file Verify action asked change_weightfile, the export permission, where verifying needs
+    change_registeredmodel)."""
 
 
 def _asks_the_table(key: str):
     def has_permission(self, request) -> bool:
-        return request.user.is_active and request.user.is_staff and request.user.has_perms(OPERATOR_PERMISSIONS[key])
+        return may_operate(request.user, key)
 
     has_permission.__name__ = f"has_{key}_permission"
     return has_permission
