@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import mmap
 import re
 import warnings
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ class ImageInfo:
     mode: str
     width: int  # upright
     height: int
-    alpha: bool = False  # transparency, which image_open drops (ALPHA_NOTE)
+    alpha: bool = False  # transparency, which image_open drops (ALPHA_NOTE); read from the header
 
 
 # A JPEG's decoding work grows with its scans, not its bytes: libjpeg walks every block of the image once per
@@ -155,10 +156,7 @@ def _jpeg_work_check(stream: BinaryIO) -> None:
         stream.seek(start)
         return
     stream.seek(start)
-    data = None
     try:
-        import mmap
-
         data = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
         position = start
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
@@ -325,12 +323,6 @@ def image_open(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels:
 def _has_alpha(image: Image.Image) -> bool:
     # A palette or grey image can be transparent through a tRNS/transparency entry instead of an alpha band.
     return image.mode in _ALPHA_MODES or "transparency" in image.info
-
-
-def image_has_alpha(source: bytes | bytearray | Path | str | BinaryIO, *, max_pixels: int | None = None) -> bool:
-    """Whether the photo carries transparency (which `image_open` drops, see ALPHA_NOTE); reads the header only."""
-    with _opened(source, max_pixels or DEFAULT_MAX_PIXELS) as image:
-        return _has_alpha(image)
 
 
 def _rgb_array(image: Image.Image) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 from django.urls import reverse
 from PIL import Image
 
-from inference.images import ALPHA_NOTE, image_has_alpha, image_open
+from inference.images import ALPHA_NOTE, image_check, image_open
 from inference.models import DepthJob
 from tests.jobs.conftest import upload
 
@@ -41,7 +41,7 @@ def test_alpha_is_dropped_and_stored_colours_kept_as_the_note_says():
     (_png("L", 7), False),
 ])
 def test_transparency_is_found_from_the_header(data, expected):
-    assert image_has_alpha(data) is expected
+    assert image_check(data).alpha is expected
 
 
 def test_form_and_api_docs_state_it(client, user):
