@@ -154,12 +154,11 @@ def _built_from(weight_file: WeightFile, state_dict) -> str:
     against the minutes of the export."""
     from models_registry.formats.digest import content_digest
 
+    recorded = weights_key(weight_file)
     if weight_file.content_digest:
         computed = content_digest({name: tensor.numpy() for name, tensor in state_dict.items()})
-        recorded = weight_file.content_digest
     else:  # recorded before content digests: the file's own bytes are its key
         computed = file_sha256(cachefs.absolute(weight_file.path))
-        recorded = weight_file.sha256
     if computed != recorded:
         reason = (f"its tensors changed since they were recorded (digest {computed[:16]}..., recorded "
                   f"{recorded[:16]}...)")
