@@ -116,11 +116,9 @@ def _verify_problems(weight_file: WeightFile, path: Path) -> tuple[str, str, Ins
         return (*quick, None)
     try:
         inspection = weights_inspect(path=path, architecture=weight_file.model.architecture, fmt=weight_file.format)
-    except (WeightFileError, OSError) as exc:
+    except WeightFileError as exc:  # a raw OSError is judged by weight_verify (_unreadable)
         _temporary_check(weight_file, exc)
-        if isinstance(exc, OSError) and resource_error_code(exc) != errno.EIO:
-            raise
-        return Health.CORRUPT, getattr(exc, "message", None) or f"{path.name} cannot be read: {exc.strerror}", None
+        return Health.CORRUPT, exc.message, None
     if inspection.sha256 != weight_file.sha256:
         return Health.CORRUPT, (f"{path.name} sha256 {inspection.sha256[:16]}... differs from the recorded "
                                 f"{weight_file.sha256[:16]}...: the file changed after it was cached"), inspection
